@@ -1,0 +1,1 @@
+"""The ``cryptfs`` command: thin click wrappers around the library."""

@@ -1,0 +1,79 @@
+"""What every command shares: error reporting and passphrase input."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from cryptfs.errors import EXIT_CODES, BackingIOError, CryptfsError
+from cryptfs.secret import Secret
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODE_HELP = "Exit codes:\n\n\b\n" + "\n".join(
+    f"  {code}  {text}" for code, text in EXIT_CODES.items()
+)
+
+
+def fail(message: str, code: int = 1, hint: str | None = None) -> None:
+    click.echo(f"cryptfs: error: {message}", err=True)
+    if hint:
+        click.echo(f"cryptfs: hint: {hint}", err=True)
+    sys.exit(code)
+
+
+def reports_errors(fn: F) -> F:
+    """Turn library errors into one line on stderr and a documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CryptfsError as e:
+            fail(str(e), e.exit_code, e.hint)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"{where}{e.strerror or e}", BackingIOError.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def passphrase_option(name: str = "--passphrase-file", help_text: str | None = None
+                      ) -> Callable[[F], F]:
+    return click.option(
+        name,
+        type=click.Path(dir_okay=False, allow_dash=True),
+        default=None,
+        help=help_text or "Read the passphrase from this file's first line "
+        "('-' for standard input) instead of prompting.",
+    )
+
+
+def read_passphrase(path: str | None, prompt: str, confirm: bool = False) -> Secret:
+    """From a file (first line), else from the terminal (twice if ``confirm``)."""
+    if path is not None:
+        try:
+            if path == "-":
+                line = sys.stdin.buffer.readline()
+            else:
+                with open(path, "rb") as f:
+                    line = f.readline()
+        except OSError as e:
+            raise CryptfsError(f"cannot read passphrase file {path}: {e.strerror}") from None
+        value = line.rstrip(b"\r\n")
+    else:
+        if not (sys.stdin.isatty() and os.isatty(sys.stderr.fileno())):
+            raise CryptfsError("no terminal to ask for the passphrase",
+                               hint="pass --passphrase-file FILE (or '-' for standard input)")
+        text = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
+        value = text.encode()
+    if not value:
+        raise CryptfsError("the passphrase is empty")
+    return Secret(value)

@@ -1,0 +1,46 @@
+"""mount and unmount."""
+
+from __future__ import annotations
+
+import click
+
+from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.mount import check_mountpoint, mount_volume
+from cryptfs.mount import unmount as do_unmount
+from cryptfs.volume import open_volume
+
+
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-f", "--foreground", is_flag=True,
+              help="Stay attached; Ctrl-C (SIGINT) or SIGTERM unmounts.")
+@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
+              help="FUSE mount options, e.g. allow_other,ro.")
+@click.option("--log-file", type=click.Path(dir_okay=False),
+              help="Write the daemon's log here (default: syslog; stderr in --foreground).")
+@passphrase_option()
+@reports_errors
+def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
+          log_file: str | None, passphrase_file: str | None) -> None:
+    """Unlock BACKING and mount its plaintext view on MOUNTPOINT.
+
+    Returns once the filesystem is ready; the filesystem daemon stays in the
+    background until `cryptfs unmount MOUNTPOINT`.
+    """
+    check_mountpoint(mountpoint)  # fail before asking for a passphrase
+    opts = [o.strip() for group in options for o in group.split(",") if o.strip()]
+    pw = read_passphrase(passphrase_file, "Passphrase")
+    with pw:
+        vol = open_volume(backing, pw)
+    mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file)
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-z", "--lazy", is_flag=True,
+              help="Detach now even if files are open; finish when they close.")
+@reports_errors
+def unmount(mountpoint: str, lazy: bool) -> None:
+    """Unmount a cryptfs volume (its daemon then exits)."""
+    do_unmount(mountpoint, lazy=lazy)

@@ -1,0 +1,3 @@
+"""cryptfs: transparent per-file encryption for Linux, as a FUSE filesystem."""
+
+__version__ = "0.1.0"

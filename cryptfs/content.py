@@ -1,0 +1,257 @@
+"""File content on a backing file descriptor: block arithmetic, seal and open.
+
+Pure of FUSE: works on any open backing fd.  A regular file's backing file is
+``header || block 0 || block 1 || ... || block n-1``; every block but the last
+holds exactly 4096 bytes of plaintext, the last holds 0..4096 and is sealed
+with ``last = 1``.  A file always has at least one (possibly empty) block, so
+cutting a file short at any point is detected.
+
+Offsets: ``p_off`` counts plaintext bytes, ``c_off`` backing bytes.  With
+``H`` the header length, ``O`` the per-block overhead and ``B = 4096 + O``,
+block ``i`` starts at ``c_off = H + i * B``.
+
+Holes: a write or truncate past the end leaves the blocks in between
+unwritten (the backing file has a hole there) and sets the header's sparse
+flag; in a file so flagged, a non-final block that is all zero bytes reads as
+4096 zero bytes.  In a file without the flag, it is an integrity error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from cryptfs.header import FLAG_SPARSE, MAX_HEADER_LEN, FileHeader, KeyWrapper, peek
+from cryptfs.modes import BLOCK_SIZE, IntegrityError
+from cryptfs.modes.content import ContentMode
+
+BS = BLOCK_SIZE
+_ZERO_PLAIN = bytes(BS)
+
+
+class BlockError(IntegrityError):
+    """An integrity failure located at one block (``block`` is None for the header)."""
+
+    def __init__(self, block: int | None, what: str = "authentication failed") -> None:
+        super().__init__(what)
+        self.block = block
+
+
+def n_blocks(p_size: int) -> int:
+    return max(1, -(-p_size // BS))
+
+
+def plain_size(c_size: int, h_len: int, overhead: int) -> int:
+    """Plaintext size of a backing file of ``c_size`` bytes."""
+    d = c_size - h_len
+    if d < overhead:
+        raise BlockError(0, "file shorter than its header and final block")
+    q, m = divmod(d, BS + overhead)
+    if m == 0:
+        return q * BS
+    if m < overhead:
+        raise BlockError(q, "final block truncated")
+    return q * BS + (m - overhead)
+
+
+def backing_size(p_size: int, h_len: int, overhead: int) -> int:
+    n = n_blocks(p_size)
+    return h_len + (n - 1) * (BS + overhead) + (p_size - (n - 1) * BS) + overhead
+
+
+def read_header_bytes(fd: int) -> bytes:
+    buf = os.pread(fd, 4096, 0)
+    _, h_len = peek(buf)
+    if h_len > len(buf):
+        buf = os.pread(fd, MAX_HEADER_LEN, 0)
+    return buf
+
+
+def stat_size(fd: int, c_size: int) -> tuple[int, ContentMode, int]:
+    """(plaintext size, mode, header length) of a backing file, from its first bytes."""
+    if c_size == 0:
+        raise BlockError(None, "empty backing file (header missing)")
+    mode, h_len = peek(os.pread(fd, 12, 0))
+    return plain_size(c_size, h_len, mode.overhead), mode, h_len
+
+
+class ContentFile:
+    """Read, write and truncate one file's plaintext through its backing fd.
+
+    One instance per inode: it caches the plaintext size and the final
+    block, so every change of the backing file must go through it.
+    """
+
+    def __init__(self, fd: int, header: FileHeader, p_size: int) -> None:
+        self.fd = fd
+        self.header = header
+        self.cipher = header.cipher()
+        self.h_len = header.length
+        self.overhead = header.mode.overhead
+        self.c_block = BS + self.overhead
+        self.size = p_size
+        self._tail: tuple[int, bytes] | None = None  # (block_no, plaintext) of the final block
+
+    # -- construction ------------------------------------------------------------
+    @classmethod
+    def create(cls, fd: int, mode: ContentMode, wrapper: KeyWrapper) -> ContentFile:
+        """Initialise an empty backing file: header plus one empty final block."""
+        hdr = FileHeader.new(mode, wrapper)
+        cf = cls(fd, hdr, 0)
+        os.pwrite(fd, hdr.encode() + cf.cipher.seal(0, b"", True), 0)
+        cf._tail = (0, b"")
+        return cf
+
+    @classmethod
+    def load(cls, fd: int, wrapper: KeyWrapper) -> ContentFile:
+        c_size = os.fstat(fd).st_size
+        if c_size == 0:
+            raise BlockError(None, "empty backing file (header missing)")
+        try:
+            hdr = FileHeader.decode(read_header_bytes(fd), wrapper)
+        except IntegrityError:
+            raise BlockError(None, "header failed authentication") from None
+        return cls(fd, hdr, plain_size(c_size, hdr.length, hdr.mode.overhead))
+
+    # -- block helpers -------------------------------------------------------------
+    def _c_off(self, block: int) -> int:
+        return self.h_len + block * self.c_block
+
+    def _sealed_len(self, block: int, p_size: int) -> int:
+        last = n_blocks(p_size) - 1
+        if block < last:
+            return self.c_block
+        return p_size - last * BS + self.overhead
+
+    def _open(self, block: int, sealed: bytes | memoryview, last: bool) -> bytes:
+        try:
+            return self.cipher.open(block, sealed, last)
+        except IntegrityError:
+            if (self.header.sparse and not last and len(sealed) == self.c_block
+                    and not any(sealed)):
+                return _ZERO_PLAIN
+            raise BlockError(block) from None
+
+    def _read_blocks(self, first: int, last: int) -> list[bytes]:
+        """Decrypt blocks ``first..last`` (inclusive) of the current content."""
+        final = n_blocks(self.size) - 1
+        if self._tail is not None and first == last == self._tail[0] == final:
+            return [self._tail[1]]
+        c_len = (last - first) * self.c_block + self._sealed_len(last, self.size)
+        ct = os.pread(self.fd, c_len, self._c_off(first))
+        if len(ct) != c_len:
+            raise BlockError(first + len(ct) // self.c_block, "backing file truncated")
+        mv = memoryview(ct)
+        out = []
+        for i in range(first, last + 1):
+            pos = (i - first) * self.c_block
+            end = pos + (self.c_block if i < last else c_len - (last - first) * self.c_block)
+            out.append(self._open(i, mv[pos:end], i == final))
+        if last == final:
+            self._tail = (final, out[-1])
+        return out
+
+    def _write_blocks(self, blocks: Iterable[tuple[int, bytes]], final: int) -> None:
+        """Seal and write ``(block_no, plaintext)`` pairs, grouped into contiguous runs."""
+        run: list[bytes] = []
+        run_start = next_no = -1
+        for no, pt in sorted(blocks, key=lambda b: b[0]):
+            if run and no != next_no:
+                os.pwrite(self.fd, b"".join(run), self._c_off(run_start))
+                run = []
+            if not run:
+                run_start = no
+            run.append(self.cipher.seal(no, pt, no == final))
+            next_no = no + 1
+            if no == final:
+                self._tail = (no, bytes(pt))
+        if run:
+            os.pwrite(self.fd, b"".join(run), self._c_off(run_start))
+
+    def _mark_sparse(self) -> None:
+        if not self.header.sparse:
+            self.header = self.header.with_flags(self.header.flags | FLAG_SPARSE)
+            os.pwrite(self.fd, self.header.encode(), 0)
+
+    # -- the three operations ----------------------------------------------------------
+    def read(self, p_off: int, length: int) -> bytes:
+        if p_off >= self.size or length <= 0:
+            return b""
+        end = min(self.size, p_off + length)
+        first, last = p_off // BS, (end - 1) // BS
+        data = b"".join(self._read_blocks(first, last))
+        return data[p_off - first * BS : end - first * BS]
+
+    def write(self, p_off: int, data: bytes | memoryview) -> int:
+        length = len(data)
+        if length == 0:
+            return 0
+        end = p_off + length
+        old_size = self.size
+        new_size = max(old_size, end)
+        old_final = n_blocks(old_size) - 1
+        new_final = n_blocks(new_size) - 1
+        first, last = p_off // BS, (end - 1) // BS
+        todo: dict[int, bytes] = {}
+
+        if new_final > old_final and old_final < first:
+            # The old final block stops being final: reseal it, padded to a full block.
+            (old_pt,) = self._read_blocks(old_final, old_final)
+            todo[old_final] = old_pt + bytes(BS - len(old_pt))
+            if first > old_final + 1:
+                self._mark_sparse()
+
+        mv = memoryview(data)
+        for i in range(first, last + 1):
+            b_start = i * BS
+            b_len = min(BS, new_size - b_start)
+            lo = max(p_off, b_start)
+            hi = min(end, b_start + b_len)
+            piece = mv[lo - p_off : hi - p_off]
+            if lo == b_start and hi == b_start + b_len:
+                todo[i] = bytes(piece)
+                continue
+            old = self._read_blocks(i, i)[0] if i <= old_final else b""
+            buf = bytearray(b_len)
+            buf[: min(len(old), b_len)] = old[:b_len]
+            buf[lo - b_start : hi - b_start] = piece
+            todo[i] = bytes(buf)
+
+        self._write_blocks(todo.items(), new_final)
+        self.size = new_size
+        return length
+
+    def truncate(self, new_size: int) -> None:
+        old_size = self.size
+        if new_size == old_size:
+            return
+        old_final = n_blocks(old_size) - 1
+        new_final = n_blocks(new_size) - 1
+        if new_size < old_size:
+            (pt,) = self._read_blocks(new_final, new_final)
+            keep = new_size - new_final * BS
+            self._write_blocks([(new_final, pt[:keep])], new_final)
+            os.ftruncate(self.fd, backing_size(new_size, self.h_len, self.overhead))
+        else:
+            (pt,) = self._read_blocks(old_final, old_final)
+            if new_final == old_final:
+                todo = [(old_final, pt + bytes(new_size - old_size))]
+            else:
+                if new_final > old_final + 1:
+                    self._mark_sparse()
+                todo = [(old_final, pt + bytes(BS - len(pt))),
+                        (new_final, bytes(new_size - new_final * BS))]
+            self._write_blocks(todo, new_final)
+        self.size = new_size
+
+    def verify(self) -> list[int]:
+        """Check every block; return the numbers of those that fail (fsck)."""
+        bad = []
+        final = n_blocks(self.size) - 1
+        for i in range(final + 1):
+            ct = os.pread(self.fd, self._sealed_len(i, self.size), self._c_off(i))
+            try:
+                self._open(i, ct, i == final)
+            except IntegrityError:
+                bad.append(i)
+        return bad

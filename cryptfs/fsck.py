@@ -1,0 +1,149 @@
+"""Offline check of a whole volume: every name, header, block, link and xattr."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptfs import tree
+from cryptfs.content import BlockError, ContentFile
+from cryptfs.modes import IntegrityError
+from cryptfs.names import DIRIV_NAME, LONG_PREFIX, LONG_SUFFIX, TMP_PREFIX, NameCodec
+from cryptfs.volume import Volume
+
+
+@dataclass
+class Problem:
+    path: str  # plaintext path where known, else the backing path
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    blocks: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+def _show(p: bytes) -> str:
+    return p.decode("utf-8", "backslashreplace")
+
+
+class Checker:
+    def __init__(self, vol: Volume, on_problem: Callable[[Problem], None] | None = None) -> None:
+        self.vol = vol
+        self.codec: NameCodec = vol.codec()
+        self.report = Report()
+        self.on_problem = on_problem
+
+    def problem(self, path: str, what: str) -> None:
+        p = Problem(path, what)
+        self.report.problems.append(p)
+        if self.on_problem:
+            self.on_problem(p)
+
+    def run(self) -> Report:
+        fd = os.open(self.vol.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._dir(fd, b"/", "tree")
+        finally:
+            os.close(fd)
+        return self.report
+
+    def _dir(self, dfd: int, p_path: bytes, c_path: str) -> None:
+        self.report.dirs += 1
+        names = sorted(os.listdir(dfd))
+        try:
+            diriv = tree.read_diriv(dfd)
+        except IntegrityError as e:
+            self.problem(_show(p_path), f"{e}; its {len(names)} entries cannot be named")
+            return
+        present = set(names)
+        for n in names:
+            if n == DIRIV_NAME:
+                continue
+            if n.startswith(TMP_PREFIX):
+                self.problem(f"{c_path}/{n}", "leftover temporary entry (interrupted create)")
+                continue
+            if n.startswith(LONG_PREFIX) and n.endswith(LONG_SUFFIX):
+                if n[: -len(LONG_SUFFIX)] not in present:
+                    self.problem(f"{c_path}/{n}", "long-name file without its entry")
+                continue
+            if "." in n and not n.startswith(LONG_PREFIX):
+                self.problem(f"{c_path}/{n}", "foreign file (not created by cryptfs)")
+                continue
+            try:
+                p_name = tree.decrypt_entry(dfd, n, diriv, self.codec)
+            except (IntegrityError, OSError) as e:
+                self.problem(f"{c_path}/{n}", f"name does not decrypt ({e})")
+                continue
+            self._entry(dfd, n, p_path.rstrip(b"/") + b"/" + p_name, f"{c_path}/{n}")
+
+    def _entry(self, dfd: int, n: str, p_path: bytes, c_path: str) -> None:
+        shown = _show(p_path)
+        st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            sub = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
+            try:
+                self._xattrs(sub, shown)
+                self._dir(sub, p_path, c_path)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            self._file(dfd, n, shown)
+        elif stat.S_ISLNK(st.st_mode):
+            self.report.symlinks += 1
+            try:
+                self.codec.open_target(os.readlink(n, dir_fd=dfd))
+            except IntegrityError:
+                self.problem(shown, "symlink target does not decrypt")
+        elif not (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+            self.problem(shown, "unexpected file type (device node)")
+
+    def _file(self, dfd: int, n: str, shown: str) -> None:
+        self.report.files += 1
+        fd = os.open(n, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
+        try:
+            try:
+                cf = ContentFile.load(fd, self.vol.keys.wrapper)
+            except BlockError as e:
+                where = "header" if e.block is None else f"block {e.block}"
+                self.problem(shown, f"{where}: {e}")
+                return
+            bad = cf.verify()
+            self.report.blocks += -(-max(cf.size, 1) // 4096)
+            if bad:
+                listed = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
+                self.problem(shown, f"{len(bad)} damaged block(s): {listed}")
+            self._xattrs(fd, shown)
+        finally:
+            os.close(fd)
+
+    def _xattrs(self, fd: int, shown: str) -> None:
+        try:
+            names = os.listxattr(fd)
+        except OSError:
+            return
+        for c_name in names:
+            if not c_name.startswith("user.cryptfs."):
+                continue
+            try:
+                self.codec.xattr_name_decrypt(c_name)
+                self.codec.open_xattr(c_name, os.getxattr(fd, c_name))
+            except IntegrityError:
+                self.problem(shown, f"extended attribute {c_name[:40]}... does not decrypt")
+
+
+def check(vol: Volume, on_problem: Callable[[Problem], None] | None = None) -> Report:
+    return Checker(vol, on_problem).run()

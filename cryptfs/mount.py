@@ -1,0 +1,210 @@
+"""Running a mount: checks, daemonising, signals, clean unmount.
+
+``mount_volume`` returns in the parent once the filesystem is mounted (or
+raises with the reason); the child serves requests until it is unmounted or
+receives SIGINT/SIGTERM, then unmounts cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import resource
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable
+
+from cryptfs.errors import MountError
+from cryptfs.volume import Volume
+
+log = logging.getLogger("cryptfs")
+
+FSNAME = "cryptfs"
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    mnt = os.path.abspath(mountpoint)
+    if not os.path.exists(mnt):
+        raise MountError(f"mountpoint {mnt} does not exist", hint=f"mkdir -p {mnt}")
+    if not os.path.isdir(mnt):
+        raise MountError(f"mountpoint {mnt} is not a directory")
+    if os.path.ismount(mnt) or is_fuse_mount(mnt):
+        raise MountError(f"mountpoint {mnt} is busy: something is already mounted there",
+                         hint=f"cryptfs unmount {mnt}")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: the fuse kernel module is not loaded",
+                         hint="modprobe fuse (or run where FUSE is available)")
+    return mnt
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, source) from /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) >= 5 and len(rfields) >= 2:
+                mp = fields[4].encode().decode("unicode_escape")
+                out.append((mp, rfields[0], rfields[1]))
+    return out
+
+
+def is_fuse_mount(mnt: str, fstype: str | None = None) -> bool:
+    for mp, typ, _src in mounts():
+        if mp == mnt and (typ == fstype if fstype else typ.startswith("fuse")):
+            return True
+    return False
+
+
+def setup_logging(log_file: str | None, foreground: bool, verbose: bool = False) -> None:
+    root = logging.getLogger("cryptfs")
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.handlers.clear()
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] "
+                                               "%(levelname)s: %(message)s"))
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("cryptfs: %(levelname)s: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("cryptfs[%(process)d]: %(levelname)s: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+
+
+def _raise_fd_limit() -> None:
+    """Each inode the kernel remembers holds one descriptor: allow many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def fuse_options(vol: Volume, extra: Iterable[str]) -> set[str]:
+    import pyfuse3
+
+    opts = set(pyfuse3.default_options)
+    opts.add(f"fsname={FSNAME}:{os.path.abspath(vol.backing)}")
+    opts.add(f"subtype={FSNAME}")
+    for o in extra:
+        if o in ("", "default_permissions"):
+            continue
+        opts.add(o)
+    return opts
+
+
+def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None) -> int:
+    """Mount, signal readiness on ``ready_fd``, serve until unmounted."""
+    import pyfuse3
+    import trio
+
+    from cryptfs.ops import CryptOperations
+
+    _raise_fd_limit()
+    ops = CryptOperations(vol)
+    try:
+        pyfuse3.init(ops, mnt, options)
+    except RuntimeError as e:
+        raise MountError(f"FUSE mount failed: {e}",
+                         hint="is the mountpoint busy, or allow_other not permitted "
+                              "(user_allow_other in /etc/fuse.conf)?") from None
+    log.info("mounted %s on %s", vol.backing, mnt)
+    if ready_fd is not None:
+        os.write(ready_fd, b"OK")
+        os.close(ready_fd)
+        os.dup2(os.open(os.devnull, os.O_RDWR), 2)  # libfuse's messages are no longer wanted
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                               signal.SIGHUP) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: unmounting", signum)
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    finally:
+        pyfuse3.close(unmount=True)
+        ops.close()
+        vol.close()
+        log.info("unmounted %s", mnt)
+    return 0
+
+
+def mount_volume(vol: Volume, mountpoint: str, *, foreground: bool, options: Iterable[str],
+                 log_file: str | None = None) -> None:
+    mnt = check_mountpoint(mountpoint)
+    opts = fuse_options(vol, options)
+    if log_file:
+        log_file = os.path.abspath(log_file)
+    if foreground:
+        setup_logging(log_file, foreground=True)
+        serve(vol, mnt, opts, None)
+        return
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        code = 1
+        try:
+            os.setsid()
+            os.chdir("/")
+            setup_logging(log_file, foreground=False)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            code = serve(vol, mnt, opts, w)
+        except MountError as e:
+            os.write(w, f"ERR{e}".encode())
+        except BaseException as e:  # report, never a traceback on the user's terminal
+            try:
+                os.write(w, f"ERRinternal error: {type(e).__name__}: {e}".encode())
+            except OSError:
+                log.exception("mount daemon failed")
+        finally:
+            os._exit(code)
+    os.close(w)
+    msg = b""
+    while chunk := os.read(r, 4096):
+        msg += chunk
+    os.close(r)
+    if msg != b"OK":
+        os.waitpid(pid, 0)
+        text = msg[3:].decode(errors="replace") if msg.startswith(b"ERR") else (
+            "the mount daemon exited before the filesystem was ready")
+        raise MountError(text)
+    vol.close()  # the parent's copy of the keys
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    mnt = os.path.abspath(mountpoint)
+    if not any(mp == mnt and typ.startswith("fuse") for mp, typ, _ in mounts()):
+        raise MountError(f"{mnt} is not a mounted cryptfs volume")
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        res = subprocess.run(["umount"] + (["-l"] if lazy else []) + [mnt],
+                             capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        detail = (res.stderr or res.stdout).strip().splitlines()
+        raise MountError(f"unmount of {mnt} failed: {detail[-1] if detail else 'unknown error'}",
+                         hint="close the files open there, or use --lazy")

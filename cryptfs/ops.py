@@ -1,0 +1,679 @@
+"""The pyfuse3 operations: the only module of cryptfs that imports pyfuse3.
+
+Design (as passthrough_ll and gocryptfs do it): every inode the kernel knows
+holds an O_PATH descriptor of its backing object, so renames, hard links and
+unlinked-but-open files need no path bookkeeping.  FUSE inode numbers are the
+backing inode numbers (the root is swapped with inode 1).  Regular files get
+one read-write backing descriptor and one :class:`ContentFile` per inode while
+any handle is open, shared by all handles.
+
+Handlers are ``async`` but never await: each runs to completion on the trio
+thread, so no locks are needed.  Only ``FUSEError`` leaves a handler; see
+:func:`_edge`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from cryptfs import sysio, tree
+from cryptfs.content import BlockError, ContentFile, plain_size
+from cryptfs.header import peek
+from cryptfs.modes import IntegrityError
+from cryptfs.modes.content import ContentMode
+from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX
+from cryptfs.tree import O_PATH_FLAGS, proc_path
+from cryptfs.volume import Volume
+
+log = logging.getLogger("cryptfs")
+
+ROOT = pyfuse3.ROOT_INODE
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+class Inode:
+    """What the filesystem holds for one inode the kernel has looked up."""
+
+    __slots__ = ("ino", "fd", "kind", "nlookup", "opens", "diriv", "meta",
+                 "content", "data_fd", "writable")
+
+    def __init__(self, ino: int, fd: int, kind: int) -> None:
+        self.ino = ino
+        self.fd = fd  # O_PATH descriptor of the backing object
+        self.kind = kind  # stat.S_IFMT bits
+        self.nlookup = 0
+        self.opens = 0
+        self.diriv: bytes | None = None  # directories
+        self.meta: Any = None  # regular: (mode, header length); symlink: target
+        self.content: ContentFile | None = None  # regular files while open
+        self.data_fd = -1
+        self.writable = False
+
+
+class _Dir:
+    __slots__ = ("inode", "entries")
+
+    def __init__(self, inode: Inode) -> None:
+        self.inode = inode
+        self.entries: list[tuple[bytes, str | None]] | None = None
+
+
+def _edge(target: str) -> Callable[[_F], _F]:
+    """Turn every failure of a handler into a FUSEError (and a log line).
+
+    ``target`` says what the handler's first argument is ("inode", "fh",
+    "dir" or "none"), so an integrity failure can name the inode.
+    """
+
+    def deco(fn: _F) -> _F:
+        @functools.wraps(fn)
+        async def wrapped(self: CryptOperations, *args: Any) -> Any:
+            try:
+                return await fn(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except IntegrityError as e:
+                self.report_integrity(self.ino_of(target, args), e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            except Exception:
+                log.exception("internal error in %s (request failed with EIO)", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return wrapped  # type: ignore[return-value]
+
+    return deco
+
+
+class CryptOperations(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, vol: Volume, *, timeout: float = 60.0) -> None:
+        super().__init__()
+        self.vol = vol
+        self.codec = vol.codec()
+        self.wrapper = vol.keys.wrapper
+        self.timeout = timeout
+        self.is_root = os.geteuid() == 0
+        root_fd = os.open(vol.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(root_fd)
+        self._root_st_ino = st.st_ino
+        self._dev = st.st_dev
+        root = Inode(ROOT, root_fd, stat.S_IFDIR)
+        root.nlookup = 1
+        self._inodes: dict[int, Inode] = {ROOT: root}
+        self._files: dict[int, Inode] = {}
+        self._dirs: dict[int, _Dir] = {}
+        self._next_fh = 1
+        self.integrity_failures = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def ino_of(self, target: str, args: tuple[Any, ...]) -> int | None:
+        if not args:
+            return None
+        if target == "inode":
+            return int(args[0])
+        if target == "fh" and args[0] in self._files:
+            return self._files[args[0]].ino
+        if target == "dir" and args[0] in self._dirs:
+            return self._dirs[args[0]].inode.ino
+        return None
+
+    def report_integrity(self, ino: int | None, e: IntegrityError) -> None:
+        self.integrity_failures += 1
+        block = getattr(e, "block", None)
+        where = "header" if block is None else f"block {block}"
+        log.error("integrity failure: inode %s %s: %s", ino, where, e)
+
+    def _fuse_ino(self, st_ino: int) -> int:
+        if st_ino == self._root_st_ino:
+            return ROOT
+        if st_ino == ROOT:
+            return self._root_st_ino
+        return st_ino
+
+    def _inode(self, ino: int) -> Inode:
+        try:
+            return self._inodes[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _remember(self, dir_fd: int, backing: str, st: os.stat_result, count: int = 1
+                  ) -> tuple[Inode, os.stat_result]:
+        """The Inode for a backing entry (opened if new), its lookup count raised by ``count``."""
+        if st.st_dev != self._dev:
+            log.error("backing entry on another filesystem refused (inode %d)", st.st_ino)
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        inode = self._inodes.get(self._fuse_ino(st.st_ino))
+        if inode is None:
+            fd = os.open(backing, O_PATH_FLAGS, dir_fd=dir_fd)
+            st = os.fstat(fd)
+            ino = self._fuse_ino(st.st_ino)
+            inode = self._inodes.get(ino)
+            if inode is None:
+                inode = Inode(ino, fd, stat.S_IFMT(st.st_mode))
+                self._inodes[ino] = inode
+            else:
+                os.close(fd)
+        inode.nlookup += count
+        return inode, st
+
+    def _maybe_drop(self, inode: Inode) -> None:
+        if inode.nlookup <= 0 and inode.opens == 0 and inode.ino != ROOT:
+            del self._inodes[inode.ino]
+            os.close(inode.fd)
+
+    def _backing(self, parent: Inode, name: bytes) -> tuple[str, str | None]:
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return self.codec.backing_name(name, self._diriv(parent))
+
+    def _diriv(self, inode: Inode) -> bytes:
+        if inode.diriv is None:
+            if inode.kind != stat.S_IFDIR:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            inode.diriv = tree.read_diriv(inode.fd)
+        return inode.diriv
+
+    def _owner(self, ctx: pyfuse3.RequestContext, parent: Inode) -> tuple[int, int] | None:
+        """Owner for a new entry created by ``ctx`` (None: leave the backing default)."""
+        if not self.is_root:
+            return None
+        gid = ctx.gid
+        if os.fstat(parent.fd).st_mode & stat.S_ISGID:
+            gid = -1  # the backing filesystem already inherited the directory's group
+        return ctx.uid, gid
+
+    def _mode_for(self, parent: Inode) -> ContentMode:
+        return self.vol.default_mode
+
+    # -- attributes ------------------------------------------------------------------------
+    def _attr(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode.ino
+        e.generation = 0
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = self._plain_size(inode, st)
+        e.st_blksize = 65536
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _plain_size(self, inode: Inode, st: os.stat_result) -> int:
+        if inode.kind == stat.S_IFREG:
+            if inode.content is not None:
+                return inode.content.size
+            try:
+                if inode.meta is None:
+                    fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        mode, h_len = peek(os.pread(fd, 12, 0))
+                    finally:
+                        os.close(fd)
+                    inode.meta = (mode.overhead, h_len)
+                return plain_size(st.st_size, inode.meta[1], inode.meta[0])
+            except (IntegrityError, OSError):
+                # Shown with size 0 so it can still be listed and removed;
+                # opening it fails with EIO (and logs).
+                return 0
+        if inode.kind == stat.S_IFLNK:
+            try:
+                return len(self._target(inode))
+            except (IntegrityError, OSError):
+                return 0
+        return st.st_size
+
+    def _target(self, inode: Inode) -> bytes:
+        if inode.meta is None:
+            inode.meta = self.codec.open_target(os.readlink("", dir_fd=inode.fd))
+        return inode.meta  # type: ignore[no-any-return]
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.timeout
+        return e
+
+    # -- content ---------------------------------------------------------------------------
+    def _load_content(self, inode: Inode, want_write: bool) -> ContentFile:
+        if inode.content is not None:
+            if want_write and not inode.writable:
+                fd = os.open(proc_path(inode.fd), os.O_RDWR | os.O_CLOEXEC)
+                os.close(inode.data_fd)
+                inode.data_fd = inode.content.fd = fd
+                inode.writable = True
+            return inode.content
+        try:
+            fd = os.open(proc_path(inode.fd), os.O_RDWR | os.O_CLOEXEC)
+            writable = True
+        except (PermissionError, OSError) as e:
+            if want_write or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+            writable = False
+        try:
+            inode.content = ContentFile.load(fd, self.wrapper)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode.data_fd = fd
+        inode.writable = writable
+        inode.meta = (inode.content.overhead, inode.content.h_len)
+        return inode.content
+
+    def _unload_content(self, inode: Inode) -> None:
+        if inode.opens == 0 and inode.content is not None:
+            inode.content = None
+            os.close(inode.data_fd)
+            inode.data_fd = -1
+
+    def _open_handle(self, inode: Inode) -> int:
+        fh = self._new_fh()
+        self._files[fh] = inode
+        inode.opens += 1
+        return fh
+
+    # -- lookups and attributes -------------------------------------------------------------
+    @_edge("inode")
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        backing, _ = self._backing(parent, name)
+        try:
+            st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return self._negative()
+        return self._attr(*self._remember(parent.fd, backing, st))
+
+    @_edge("none")
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            inode = self._inodes.get(ino)
+            if inode is not None:
+                inode.nlookup -= n
+                self._maybe_drop(inode)
+
+    @_edge("inode")
+    async def getattr(self, inode_no: int, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        inode = self._inode(inode_no)
+        return self._attr(inode, os.fstat(inode.fd))
+
+    @_edge("inode")
+    async def setattr(self, inode_no: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self._inode(inode_no)
+        if fields.update_size:
+            if inode.kind != stat.S_IFREG:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            try:
+                self._load_content(inode, want_write=True).truncate(attr.st_size)
+            finally:
+                self._unload_content(inode)
+        if fields.update_mode and inode.kind != stat.S_IFLNK:
+            os.chmod(proc_path(inode.fd), stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            sysio.fchown_empty(inode.fd, attr.st_uid if fields.update_uid else -1,
+                               attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(inode.fd)
+            sysio.utimens_empty(
+                inode.fd,
+                attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
+            )
+        return self._attr(inode, os.fstat(inode.fd))
+
+    @_edge("inode")
+    async def readlink(self, inode_no: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self._target(self._inode(inode_no))
+
+    # -- creating and removing entries -------------------------------------------------------
+    @_edge("inode")
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise pyfuse3.FUSEError(errno.EPERM)  # device nodes have no place in a volume
+        parent = self._inode(parent_inode)
+        backing, full = self._backing(parent, name)
+        if full:
+            tree.write_long_name(parent.fd, backing, full)
+        os.mknod(backing, mode, dir_fd=parent.fd)
+        return self._finish_new(parent, backing, ctx)
+
+    def _finish_new(self, parent: Inode, backing: str, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        owner = self._owner(ctx, parent)
+        if owner is not None:
+            os.chown(backing, *owner, dir_fd=parent.fd, follow_symlinks=False)
+        st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
+        return self._attr(*self._remember(parent.fd, backing, st))
+
+    @_edge("inode")
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        backing, full = self._backing(parent, name)
+        try:
+            os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        except FileNotFoundError:
+            pass
+        if full:
+            tree.write_long_name(parent.fd, backing, full)
+        if os.fstat(parent.fd).st_mode & stat.S_ISGID:
+            mode |= stat.S_ISGID
+        diriv = tree.make_dir(parent.fd, backing, mode, self._owner(ctx, parent))
+        st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
+        inode, st = self._remember(parent.fd, backing, st)
+        inode.diriv = diriv
+        return self._attr(inode, st)
+
+    @_edge("inode")
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._inode(parent_inode)
+        backing, full = self._backing(parent, name)
+        if full:
+            tree.write_long_name(parent.fd, backing, full)
+        fd = os.open(backing, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     stat.S_IMODE(mode), dir_fd=parent.fd)
+        try:
+            owner = self._owner(ctx, parent)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            content = ContentFile.create(fd, self._mode_for(parent), self.wrapper)
+            inode, st = self._remember(parent.fd, backing, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            os.unlink(backing, dir_fd=parent.fd)
+            raise
+        inode.content = content
+        inode.data_fd = fd
+        inode.writable = True
+        inode.meta = (content.overhead, content.h_len)
+        fh = self._open_handle(inode)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(inode, st)
+
+    @_edge("inode")
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if len(target) > MAX_SYMLINK_TARGET:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        parent = self._inode(parent_inode)
+        backing, full = self._backing(parent, name)
+        if full:
+            tree.write_long_name(parent.fd, backing, full)
+        os.symlink(self.codec.seal_target(target), backing, dir_fd=parent.fd)
+        return self._finish_new(parent, backing, ctx)
+
+    @_edge("inode")
+    async def link(self, inode_no: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self._inode(inode_no)
+        parent = self._inode(new_parent_inode)
+        backing, full = self._backing(parent, new_name)
+        if full:
+            tree.write_long_name(parent.fd, backing, full)
+        sysio.link_empty(inode.fd, parent.fd, backing)
+        st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
+        inode.nlookup += 1
+        return self._attr(inode, st)
+
+    @_edge("inode")
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._inode(parent_inode)
+        backing, full = self._backing(parent, name)
+        os.unlink(backing, dir_fd=parent.fd)
+        if full:
+            tree.remove_long_name(parent.fd, backing)
+
+    @_edge("inode")
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._inode(parent_inode)
+        backing, full = self._backing(parent, name)
+        tree.remove_empty_dir(parent.fd, backing)
+        if full:
+            tree.remove_long_name(parent.fd, backing)
+
+    @_edge("inode")
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old_parent = self._inode(parent_inode_old)
+        new_parent = self._inode(parent_inode_new)
+        b_old, full_old = self._backing(old_parent, name_old)
+        b_new, full_new = self._backing(new_parent, name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            # Each name stays in its directory, so no name is re-encrypted.
+            sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_EXCHANGE)
+            return
+        if full_new:
+            tree.write_long_name(new_parent.fd, b_new, full_new)
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_NOREPLACE)
+        else:
+            tree.rename_over(old_parent.fd, b_old, new_parent.fd, b_new)
+        if full_old and (b_old, old_parent.ino) != (b_new, new_parent.ino):
+            tree.remove_long_name(old_parent.fd, b_old)
+
+    # -- regular files ------------------------------------------------------------------------
+    @_edge("inode")
+    async def open(self, inode_no: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        inode = self._inode(inode_no)
+        want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        try:
+            content = self._load_content(inode, want_write)
+            if flags & os.O_TRUNC:
+                content.truncate(0)
+        except BaseException:
+            self._unload_content(inode)
+            raise
+        return pyfuse3.FileInfo(fh=self._open_handle(inode), keep_cache=True)
+
+    @_edge("fh")
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        content = self._files[fh].content
+        assert content is not None
+        return content.read(off, size)
+
+    @_edge("fh")
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        inode = self._files[fh]
+        content = self._load_content(inode, want_write=True)
+        return content.write(off, buf)
+
+    @_edge("fh")
+    async def flush(self, fh: int) -> None:
+        return None  # every write is already in the backing file
+
+    @_edge("fh")
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._files[fh].data_fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    @_edge("fh")
+    async def release(self, fh: int) -> None:
+        inode = self._files.pop(fh)
+        inode.opens -= 1
+        self._unload_content(inode)
+        self._maybe_drop(inode)
+
+    # -- directories -----------------------------------------------------------------------------
+    @_edge("inode")
+    async def opendir(self, inode_no: int, ctx: pyfuse3.RequestContext) -> int:
+        inode = self._inode(inode_no)
+        fh = self._new_fh()
+        self._dirs[fh] = _Dir(inode)
+        return fh
+
+    def _snapshot(self, inode: Inode) -> list[tuple[bytes, str | None]]:
+        diriv = self._diriv(inode)
+        lfd = tree.open_dir(inode.fd)
+        try:
+            names = tree.list_entries(lfd)
+        finally:
+            os.close(lfd)
+        entries: list[tuple[bytes, str | None]] = [(b".", None), (b"..", None)]
+        bad = 0
+        for backing in names:
+            try:
+                entries.append((tree.decrypt_entry(inode.fd, backing, diriv, self.codec), backing))
+            except (IntegrityError, OSError):
+                bad += 1
+        if bad:
+            log.warning("directory inode %d: %d entries that do not decrypt are hidden",
+                        inode.ino, bad)
+        return entries
+
+    @_edge("dir")
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self._dirs[fh]
+        inode = d.inode
+        if d.entries is None or start_id == 0:
+            d.entries = self._snapshot(inode)
+        for i in range(start_id, len(d.entries)):
+            p_name, backing = d.entries[i]
+            child: Inode | None = None
+            if backing is None:
+                if p_name == b"." or inode.ino == ROOT:
+                    st = os.fstat(inode.fd)
+                    attr = self._attr(inode, st)
+                else:
+                    st = os.stat("..", dir_fd=inode.fd)
+                    attr = self._attr(Inode(self._fuse_ino(st.st_ino), -1, stat.S_IFDIR), st)
+            else:
+                try:
+                    st = os.stat(backing, dir_fd=inode.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                child, st = self._remember(inode.fd, backing, st, count=0)
+                attr = self._attr(child, st)
+            if not pyfuse3.readdir_reply(token, p_name, attr, i + 1):
+                if child is not None:
+                    self._maybe_drop(child)
+                break
+            if child is not None:
+                child.nlookup += 1
+
+    @_edge("dir")
+    async def releasedir(self, fh: int) -> None:
+        del self._dirs[fh]
+
+    @_edge("dir")
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        lfd = tree.open_dir(self._dirs[fh].inode.fd)
+        try:
+            os.fsync(lfd)
+        finally:
+            os.close(lfd)
+
+    @_edge("none")
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.vol.tree)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = sv.f_bsize
+        s.f_frsize = sv.f_frsize
+        s.f_blocks = sv.f_blocks
+        s.f_bfree = sv.f_bfree
+        s.f_bavail = sv.f_bavail
+        s.f_files = sv.f_files
+        s.f_ffree = sv.f_ffree
+        s.f_favail = sv.f_favail
+        s.f_namemax = NAME_MAX
+        return s
+
+    # -- extended attributes ------------------------------------------------------------------------
+    def _xattr_target(self, inode: Inode, name: bytes) -> tuple[str, str]:
+        if not name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # only user.* is stored (encrypted)
+        if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return proc_path(inode.fd), self.codec.xattr_name(name)
+
+    @_edge("inode")
+    async def setxattr(self, inode_no: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        inode = self._inode(inode_no)
+        if inode.kind not in (stat.S_IFREG, stat.S_IFDIR) and name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.EPERM)  # as Linux: no user.* xattrs on special files
+        path, c_name = self._xattr_target(inode, name)
+        os.setxattr(path, c_name, self.codec.seal_xattr(c_name, value))
+
+    @_edge("inode")
+    async def getxattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        inode = self._inode(inode_no)
+        if not name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        path, c_name = self._xattr_target(inode, name)
+        try:
+            sealed = os.getxattr(path, c_name)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+        return self.codec.open_xattr(c_name, sealed)
+
+    @_edge("inode")
+    async def listxattr(self, inode_no: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        inode = self._inode(inode_no)
+        if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
+            return []
+        out = []
+        for c_name in os.listxattr(proc_path(inode.fd)):
+            if c_name.startswith(XATTR_BACKING_PREFIX):
+                try:
+                    out.append(self.codec.xattr_name_decrypt(c_name))
+                except IntegrityError:
+                    log.warning("inode %d: an xattr name that does not decrypt is hidden",
+                                inode.ino)
+        return out
+
+    @_edge("inode")
+    async def removexattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        inode = self._inode(inode_no)
+        path, c_name = self._xattr_target(inode, name)
+        try:
+            os.removexattr(path, c_name)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for inode in list(self._inodes.values()):
+            if inode.data_fd >= 0:
+                os.close(inode.data_fd)
+            os.close(inode.fd)
+        self._inodes.clear()
+
+
+__all__ = ["CryptOperations", "BlockError"]

@@ -1,0 +1,63 @@
+"""The few Linux system calls that Python's os module lacks.
+
+``renameat2`` (RENAME_NOREPLACE, RENAME_EXCHANGE) and the ``AT_EMPTY_PATH``
+forms of ``fchownat``/``utimensat``, which act on an O_PATH descriptor
+itself (needed for symlinks, which cannot be opened any other way).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _check(res: int, what: str) -> None:
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int) -> None:
+    _check(_libc.renameat2(olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname),
+                           ctypes.c_uint(flags)), "renameat2")
+
+
+def fchown_empty(fd: int, uid: int, gid: int) -> None:
+    """fchownat(fd, "", uid, gid, AT_EMPTY_PATH): works on O_PATH fds."""
+    _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), "fchownat")
+
+
+def utimens_empty(fd: int, atime_ns: int, mtime_ns: int) -> None:
+    """utimensat on the object an O_PATH fd refers to, symlinks included."""
+    ts = (_Timespec * 2)(
+        _Timespec(atime_ns // 1_000_000_000, atime_ns % 1_000_000_000),
+        _Timespec(mtime_ns // 1_000_000_000, mtime_ns % 1_000_000_000),
+    )
+    _check(_libc.utimensat(fd, b"", ts, AT_EMPTY_PATH), "utimensat")
+
+
+def link_empty(fd: int, new_dir_fd: int, new_name: str) -> None:
+    """Hard-link the object behind an O_PATH fd (symlinks included).
+
+    ``linkat(fd, "", ..., AT_EMPTY_PATH)`` needs CAP_DAC_READ_SEARCH; without
+    it, link through /proc/self/fd (which does not work for symlinks).
+    """
+    res = _libc.linkat(fd, b"", new_dir_fd, os.fsencode(new_name), AT_EMPTY_PATH)
+    if res == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (1, 2):  # EPERM/ENOENT: no capability for AT_EMPTY_PATH
+        raise OSError(err, os.strerror(err))
+    os.link(f"/proc/self/fd/{fd}", new_name, dst_dir_fd=new_dir_fd, follow_symlinks=True)

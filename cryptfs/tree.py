@@ -1,0 +1,197 @@
+"""Operations on the backing tree that both the filesystem and fsck need.
+
+Everything takes directory file descriptors (O_PATH is enough where noted)
+and backing names; nothing here knows about FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from cryptfs.modes import IntegrityError
+from cryptfs.modes.rand import random_bytes
+from cryptfs.names import (
+    DIRIV_LEN,
+    DIRIV_NAME,
+    LONG_PREFIX,
+    LONG_SUFFIX,
+    TMP_PREFIX,
+    NameCodec,
+    is_cryptfs_entry,
+    long_name,
+    new_diriv,
+)
+
+O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def proc_path(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def open_dir(path_fd: int) -> int:
+    """A readable directory fd from an O_PATH one."""
+    return os.open(proc_path(path_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def write_diriv(dir_fd: int, diriv: bytes | None = None) -> bytes:
+    diriv = diriv or new_diriv()
+    fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444,
+                 dir_fd=dir_fd)
+    try:
+        os.write(fd, diriv)
+    finally:
+        os.close(fd)
+    return diriv
+
+
+def read_diriv(dir_fd: int) -> bytes:
+    """The directory's IV; ``dir_fd`` may be O_PATH."""
+    try:
+        fd = os.open(DIRIV_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise IntegrityError("directory IV missing") from None
+    try:
+        iv = os.read(fd, DIRIV_LEN + 1)
+    finally:
+        os.close(fd)
+    if len(iv) != DIRIV_LEN:
+        raise IntegrityError("directory IV has the wrong length")
+    return iv
+
+
+def write_long_name(dir_fd: int, backing: str, c_name: str) -> None:
+    """Store the full encrypted name of a long-name entry beside it."""
+    tmp = f"{TMP_PREFIX}{random_bytes(8).hex()}{LONG_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444, dir_fd=dir_fd)
+    try:
+        os.write(fd, c_name.encode("ascii"))
+    finally:
+        os.close(fd)
+    os.rename(tmp, backing + LONG_SUFFIX, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def remove_long_name(dir_fd: int, backing: str) -> None:
+    if backing.startswith(LONG_PREFIX):
+        try:
+            os.unlink(backing + LONG_SUFFIX, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+
+def read_long_name(dir_fd: int, backing: str) -> str:
+    try:
+        fd = os.open(backing + LONG_SUFFIX, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise IntegrityError("long name file missing") from None
+    try:
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    c_name = raw.decode("ascii", "replace")
+    if long_name(c_name) != backing:
+        raise IntegrityError("long name file does not match its entry")
+    return c_name
+
+
+def decrypt_entry(dir_fd: int, backing: str, diriv: bytes, codec: NameCodec) -> bytes:
+    c_name = read_long_name(dir_fd, backing) if backing.startswith(LONG_PREFIX) else backing
+    return codec.decrypt(c_name, diriv)
+
+
+def list_entries(list_fd: int) -> list[str]:
+    """Backing names of user entries (skips .diriv, side files, temporaries)."""
+    return [n for n in os.listdir(list_fd) if is_cryptfs_entry(n)]
+
+
+def make_dir(parent_fd: int, backing: str, mode: int, owner: tuple[int, int] | None) -> bytes:
+    """Create a directory with its IV, atomically: build it under a temporary
+    name, then rename it into place.  Returns the new directory's IV."""
+    tmp = f"{TMP_PREFIX}{random_bytes(8).hex()}"
+    os.mkdir(tmp, 0o700, dir_fd=parent_fd)
+    try:
+        dfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            diriv = write_diriv(dfd)
+            if owner is not None:
+                os.fchown(dfd, owner[0], owner[1])
+            os.fchmod(dfd, mode & 0o7777)
+        finally:
+            os.close(dfd)
+        os.rename(tmp, backing, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    except BaseException:
+        remove_empty_dir(parent_fd, tmp)
+        raise
+    return diriv
+
+
+def dir_is_empty(dir_fd: int) -> bool:
+    """True when the backing directory holds nothing but its IV."""
+    lfd = open_dir(dir_fd) if _is_path_fd(dir_fd) else dir_fd
+    try:
+        return all(n == DIRIV_NAME for n in os.listdir(lfd))
+    finally:
+        if lfd != dir_fd:
+            os.close(lfd)
+
+
+def remove_empty_dir(parent_fd: int, backing: str) -> None:
+    """rmdir a backing directory that holds only its IV (restored on failure)."""
+    dfd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                  dir_fd=parent_fd)
+    try:
+        names = os.listdir(dfd)
+        if any(n != DIRIV_NAME for n in names):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+        diriv = None
+        if names:
+            try:
+                diriv = read_diriv(dfd)
+            except IntegrityError:
+                diriv = None
+            os.unlink(DIRIV_NAME, dir_fd=dfd)
+        try:
+            os.rmdir(backing, dir_fd=parent_fd)
+        except OSError:
+            if diriv is not None:
+                write_diriv(dfd, diriv)
+            raise
+    finally:
+        os.close(dfd)
+
+
+def _is_path_fd(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH)
+
+
+def rename_over(old_dir_fd: int, old: str, new_dir_fd: int, new: str) -> None:
+    """rename(2), where replacing an empty directory first removes its IV."""
+    try:
+        target = os.stat(new, dir_fd=new_dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        target = None
+    if target is None or not stat.S_ISDIR(target.st_mode):
+        os.rename(old, new, src_dir_fd=old_dir_fd, dst_dir_fd=new_dir_fd)
+        return
+    dfd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                  dir_fd=new_dir_fd)
+    try:
+        names = os.listdir(dfd)
+        if any(n != DIRIV_NAME for n in names):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+        diriv = read_diriv(dfd) if names else None
+        if names:
+            os.unlink(DIRIV_NAME, dir_fd=dfd)
+        try:
+            os.rename(old, new, src_dir_fd=old_dir_fd, dst_dir_fd=new_dir_fd)
+        except OSError:
+            if diriv is not None:
+                write_diriv(dfd, diriv)
+            raise
+    finally:
+        os.close(dfd)

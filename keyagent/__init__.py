@@ -1,0 +1,1 @@
+"""The key agent (see docs/AGENT.md)."""
