@@ -19,10 +19,12 @@ from cryptfs.volume import open_volume
               help="FUSE mount options, e.g. allow_other,ro.")
 @click.option("--log-file", type=click.Path(dir_okay=False),
               help="Write the daemon's log here (default: syslog; stderr in --foreground).")
+@click.option("--pid-file", type=click.Path(dir_okay=False),
+              help="Write the daemon's process id here once it is ready.")
 @passphrase_option()
 @reports_errors
 def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
-          log_file: str | None, passphrase_file: str | None) -> None:
+          log_file: str | None, pid_file: str | None, passphrase_file: str | None) -> None:
     """Unlock BACKING and mount its plaintext view on MOUNTPOINT.
 
     Returns once the filesystem is ready; the filesystem daemon stays in the
@@ -33,7 +35,8 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
     pw = read_passphrase(passphrase_file, "Passphrase")
     with pw:
         vol = open_volume(backing, pw)
-    mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file)
+    mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file,
+                 pid_file=pid_file)
 
 
 @click.command()

@@ -103,7 +103,8 @@ def fuse_options(vol: Volume, extra: Iterable[str]) -> set[str]:
     return opts
 
 
-def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None) -> int:
+def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None,
+          pid_file: str | None = None) -> int:
     """Mount, signal readiness on ``ready_fd``, serve until unmounted."""
     import pyfuse3
     import trio
@@ -119,6 +120,9 @@ def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None) -> int
                          hint="is the mountpoint busy, or allow_other not permitted "
                               "(user_allow_other in /etc/fuse.conf)?") from None
     log.info("mounted %s on %s", vol.backing, mnt)
+    if pid_file:
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
@@ -149,14 +153,16 @@ def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None) -> int
 
 
 def mount_volume(vol: Volume, mountpoint: str, *, foreground: bool, options: Iterable[str],
-                 log_file: str | None = None) -> None:
+                 log_file: str | None = None, pid_file: str | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
     opts = fuse_options(vol, options)
     if log_file:
         log_file = os.path.abspath(log_file)
+    if pid_file:
+        pid_file = os.path.abspath(pid_file)
     if foreground:
         setup_logging(log_file, foreground=True)
-        serve(vol, mnt, opts, None)
+        serve(vol, mnt, opts, None, pid_file)
         return
 
     r, w = os.pipe()
@@ -171,7 +177,7 @@ def mount_volume(vol: Volume, mountpoint: str, *, foreground: bool, options: Ite
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
-            code = serve(vol, mnt, opts, w)
+            code = serve(vol, mnt, opts, w, pid_file)
         except MountError as e:
             os.write(w, f"ERR{e}".encode())
         except BaseException as e:  # report, never a traceback on the user's terminal

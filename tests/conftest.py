@@ -1,0 +1,168 @@
+"""Shared fixtures: throw-away volumes and real FUSE mounts.
+
+Mount tests need root and /dev/fuse.  Where they cannot get them they fail
+(loudly), never skip: CI runs as root with FUSE available.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cryptfs.config import Kdf
+from cryptfs.secret import Secret
+from cryptfs.volume import Volume, init_volume, open_volume
+
+PASSPHRASE = b"correct horse battery staple"
+# Cheap Argon2id for tests (the CLI refuses less than 8 MiB, the default is 128 MiB).
+TEST_KDF = Kdf(ops=1, mem_kib=8 * 1024)
+CRYPTFS = [sys.executable, "-m", "cryptfs.cli.main"]
+
+
+def run_cli(*args: str, check: bool = True, input: bytes | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(CRYPTFS + list(args), capture_output=True, text=True,
+                         input=input.decode() if input is not None else None, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"cryptfs {' '.join(args)} failed ({res.returncode}):\n"
+                             f"{res.stdout}{res.stderr}")
+    return res
+
+
+def require_fuse() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.fail("mount tests need root, /dev/fuse and fusermount3 "
+                    "(run the suite through .ci/run / scripts/run test)")
+
+
+@pytest.fixture
+def passfile(tmp_path: Path) -> Path:
+    p = tmp_path / "passphrase"
+    p.write_bytes(PASSPHRASE + b"\n")
+    return p
+
+
+def make_volume(backing: Path, mode: str = "aes-256-gcm") -> Path:
+    vol = init_volume(str(backing), mode, Secret(PASSPHRASE), TEST_KDF)
+    vol.close()
+    return backing
+
+
+def unlock(backing: Path) -> Volume:
+    return open_volume(str(backing), Secret(PASSPHRASE))
+
+
+@pytest.fixture(params=["aes-256-gcm", "xchacha20-poly1305"])
+def any_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backing(tmp_path: Path) -> Path:
+    return make_volume(tmp_path / "backing")
+
+
+@dataclass
+class Mount:
+    backing: Path
+    mnt: Path
+    log: Path
+    pidfile: Path
+    passfile: Path
+
+    @property
+    def pid(self) -> int:
+        return int(self.pidfile.read_text())
+
+    def start(self, *extra: str) -> None:
+        require_fuse()
+        self.mnt.mkdir(exist_ok=True)
+        if self.pidfile.exists():
+            self.pidfile.unlink()
+        run_cli("mount", str(self.backing), str(self.mnt), "--passphrase-file", str(self.passfile),
+                "--log-file", str(self.log), "--pid-file", str(self.pidfile), *extra)
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(self.mnt):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mount did not appear; log:\n{self.log_text()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Unmount and wait for the daemon to exit (always safe to call)."""
+        pid = None
+        try:
+            pid = self.pid
+        except (OSError, ValueError):
+            pass
+        if os.path.ismount(self.mnt) or _fuse_listed(self.mnt):
+            res = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
+            if res.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        if pid is not None:
+            _wait_exit(pid)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and clear the dead mount."""
+        pid = self.pid
+        os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def path(self, *parts: str) -> Path:
+        return self.mnt.joinpath(*parts)
+
+
+def _fuse_listed(mnt: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(mnt) for line in f)
+
+
+def _wait_exit(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        # reap if it is our child (it is not, normally: the daemon is re-parented)
+        time.sleep(0.02)
+    raise AssertionError(f"daemon {pid} did not exit")
+
+
+def new_mount(tmp_path: Path, backing: Path, passfile: Path, name: str = "mnt") -> Mount:
+    return Mount(backing, tmp_path / name, tmp_path / f"{name}.log", tmp_path / f"{name}.pid",
+                 passfile)
+
+
+@pytest.fixture
+def mount(tmp_path: Path, backing: Path, passfile: Path) -> Iterator[Mount]:
+    """A mounted volume (AES-256-GCM default mode); unmounted afterwards."""
+    m = new_mount(tmp_path, backing, passfile)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def mount_any_mode(tmp_path: Path, any_mode: str, passfile: Path) -> Iterator[Mount]:
+    """A mounted volume, once per content mode."""
+    m = new_mount(tmp_path, make_volume(tmp_path / "backing", any_mode), passfile)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
