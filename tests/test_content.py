@@ -1,0 +1,160 @@
+"""The block engine and file header, on plain backing files (no mount)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cryptfs.content import BS, BlockError, ContentFile, backing_size, n_blocks, plain_size
+from cryptfs.header import FileHeader
+from cryptfs.modes import CONTENT_MODES, IntegrityError
+from cryptfs.modes.wrap import SymmetricWrapper
+
+WRAPPER = SymmetricWrapper(bytes(range(32)), key_id=1)
+MODES = list(CONTENT_MODES.values())
+
+
+@pytest.fixture(params=MODES, ids=lambda m: m.name)
+def mode(request):
+    return request.param
+
+
+def new_file(tmp_path, mode, name="f"):
+    fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    return ContentFile.create(fd, mode, WRAPPER)
+
+
+@settings(max_examples=300, deadline=None)
+@given(p_size=st.integers(0, 10**9), h_len=st.integers(93, 400), overhead=st.sampled_from([28, 40]))
+def test_size_arithmetic_inverts(p_size, h_len, overhead) -> None:
+    assert plain_size(backing_size(p_size, h_len, overhead), h_len, overhead) == p_size
+    assert n_blocks(p_size) == max(1, -(-p_size // BS))
+
+
+def test_empty_file_has_header_and_one_empty_final_block(tmp_path, mode) -> None:
+    cf = new_file(tmp_path, mode)
+    assert cf.size == 0
+    assert os.fstat(cf.fd).st_size == cf.h_len + mode.overhead
+    again = ContentFile.load(cf.fd, WRAPPER)
+    assert again.size == 0 and again.read(0, 100) == b""
+
+
+def test_header_round_trip_and_tamper(tmp_path, mode) -> None:
+    hdr = FileHeader.new(mode, WRAPPER)
+    raw = hdr.encode()
+    assert len(raw) == hdr.length == 29 + 3 + 64 + 32
+    back = FileHeader.decode(raw + b"trailing content", WRAPPER)
+    assert (back.file_id, back.file_key, back.mode) == (hdr.file_id, hdr.file_key, hdr.mode)
+    for i in range(len(raw)):
+        bad = bytearray(raw)
+        bad[i] ^= 0x01
+        with pytest.raises(IntegrityError):
+            FileHeader.decode(bytes(bad), WRAPPER)
+    with pytest.raises(IntegrityError):
+        FileHeader.decode(raw, SymmetricWrapper(bytes(32), key_id=1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_header_parser_decodes_or_raises_integrity_error(raw) -> None:
+    with pytest.raises(IntegrityError):
+        FileHeader.decode(raw, WRAPPER)  # random bytes never authenticate
+
+
+def test_random_operations_match_a_plain_file(tmp_path, mode) -> None:
+    """Seeded random writes, truncates and holes compared with a plain file."""
+    rng = random.Random(1234)
+    cf = new_file(tmp_path, mode)
+    shadow = bytearray()
+    for step in range(1500):
+        op = rng.random()
+        if op < 0.55:
+            off = rng.choice([rng.randrange(0, len(shadow) + 1),
+                              rng.randrange(0, 3 * BS), len(shadow) + rng.randrange(0, 5 * BS)])
+            data = rng.randbytes(rng.choice([1, 7, BS - 1, BS, BS + 1, rng.randrange(1, 3 * BS)]))
+            assert cf.write(off, data) == len(data)
+            if off > len(shadow):
+                shadow.extend(bytes(off - len(shadow)))
+            shadow[off : off + len(data)] = data
+        elif op < 0.75:
+            size = rng.choice([0, rng.randrange(0, len(shadow) + 1), len(shadow) + rng.randrange(0, 4 * BS),
+                               rng.randrange(0, 4) * BS])
+            cf.truncate(size)
+            if size < len(shadow):
+                del shadow[size:]
+            else:
+                shadow.extend(bytes(size - len(shadow)))
+        else:
+            off = rng.randrange(0, len(shadow) + BS)
+            n = rng.randrange(0, 3 * BS)
+            assert cf.read(off, n) == bytes(shadow[off : off + n]), step
+        assert cf.size == len(shadow)
+        if step % 100 == 0:
+            reloaded = ContentFile.load(cf.fd, WRAPPER)
+            assert reloaded.size == len(shadow)
+            assert reloaded.read(0, len(shadow) + 1) == bytes(shadow)
+            assert reloaded.verify() == []
+    assert ContentFile.load(cf.fd, WRAPPER).read(0, len(shadow)) == bytes(shadow)
+
+
+def test_holes_are_sparse_and_read_as_zeros(tmp_path, mode) -> None:
+    cf = new_file(tmp_path, mode)
+    cf.write(0, b"head")
+    cf.write(100 * BS, b"tail")
+    assert cf.header.sparse
+    assert ContentFile.load(cf.fd, WRAPPER).header.sparse  # the flag is in the header
+    assert cf.read(0, 4) == b"head"
+    assert cf.read(50 * BS, 10) == bytes(10)
+    assert cf.read(100 * BS, 10) == b"tail"
+    assert os.fstat(cf.fd).st_blocks * 512 < 10 * BS  # the hole costs no disk
+    cf.truncate(1 << 33)  # 8 GiB, instantly
+    assert cf.size == 1 << 33
+    assert cf.read((1 << 33) - 3, 10) == bytes(3)
+    assert ContentFile.load(cf.fd, WRAPPER).verify() == []
+
+
+def test_zero_block_in_a_file_without_holes_is_an_error(tmp_path, mode) -> None:
+    cf = new_file(tmp_path, mode)
+    cf.write(0, os.urandom(5 * BS))
+    assert not cf.header.sparse
+    os.pwrite(cf.fd, bytes(cf.c_block), cf.h_len + 2 * cf.c_block)
+    cf2 = ContentFile.load(cf.fd, WRAPPER)
+    with pytest.raises(BlockError) as e:
+        cf2.read(2 * BS, 10)
+    assert e.value.block == 2
+    assert cf2.verify() == [2]
+
+
+def test_cut_at_block_boundary_is_detected(tmp_path, mode) -> None:
+    cf = new_file(tmp_path, mode)
+    cf.write(0, os.urandom(4 * BS + 100))
+    os.ftruncate(cf.fd, cf.h_len + 2 * cf.c_block)  # two whole blocks left
+    cf2 = ContentFile.load(cf.fd, WRAPPER)
+    assert cf2.size == 2 * BS
+    with pytest.raises(BlockError) as e:
+        cf2.read(BS, 10)
+    assert e.value.block == 1  # the new final block was not sealed as final
+    os.ftruncate(cf.fd, cf.h_len)  # nothing but the header
+    with pytest.raises(BlockError):
+        ContentFile.load(cf.fd, WRAPPER)
+
+
+def test_blocks_swapped_or_copied_between_files_fail(tmp_path, mode) -> None:
+    a, b = new_file(tmp_path, mode, "a"), new_file(tmp_path, mode, "b")
+    a.write(0, b"A" * (3 * BS))
+    b.write(0, b"B" * (3 * BS))
+    blk0 = os.pread(a.fd, a.c_block, a.h_len)
+    blk1 = os.pread(a.fd, a.c_block, a.h_len + a.c_block)
+    os.pwrite(a.fd, blk1, a.h_len)
+    os.pwrite(a.fd, blk0, a.h_len + a.c_block)
+    a2 = ContentFile.load(a.fd, WRAPPER)
+    assert a2.verify() == [0, 1]
+    os.pwrite(b.fd, os.pread(a.fd, a.c_block, a.h_len + 2 * a.c_block - a.c_block), b.h_len + b.c_block)
+    assert ContentFile.load(b.fd, WRAPPER).verify() == [1]
+    os.pwrite(b.fd, os.pread(a.fd, a.h_len, 0), 0)  # a's header on b's blocks
+    bad = ContentFile.load(b.fd, WRAPPER)  # the header itself is valid...
+    assert bad.verify() == [0, 1, 2]  # ...but no block opens under it
