@@ -73,22 +73,23 @@ class Checker:
         for n in names:
             if n == DIRIV_NAME:
                 continue
+            shown_n = os.fsencode(n).decode("utf-8", "backslashreplace")
             if n.startswith(TMP_PREFIX):
-                self.problem(f"{c_path}/{n}", "leftover temporary entry (interrupted create)")
+                self.problem(f"{c_path}/{shown_n}", "leftover temporary entry (interrupted create)")
                 continue
             if n.startswith(LONG_PREFIX) and n.endswith(LONG_SUFFIX):
                 if n[: -len(LONG_SUFFIX)] not in present:
-                    self.problem(f"{c_path}/{n}", "long-name file without its entry")
+                    self.problem(f"{c_path}/{shown_n}", "long-name file without its entry")
                 continue
             if "." in n and not n.startswith(LONG_PREFIX):
-                self.problem(f"{c_path}/{n}", "foreign file (not created by cryptfs)")
+                self.problem(f"{c_path}/{shown_n}", "foreign file (not created by cryptfs)")
                 continue
             try:
                 p_name = tree.decrypt_entry(dfd, n, diriv, self.codec)
-            except (IntegrityError, OSError) as e:
-                self.problem(f"{c_path}/{n}", f"name does not decrypt ({e})")
+            except Exception as e:  # noqa: BLE001 - report it and check the rest
+                self.problem(f"{c_path}/{shown_n}", f"name does not decrypt ({e})")
                 continue
-            self._entry(dfd, n, p_path.rstrip(b"/") + b"/" + p_name, f"{c_path}/{n}")
+            self._entry(dfd, n, p_path.rstrip(b"/") + b"/" + p_name, f"{c_path}/{shown_n}")
 
     def _entry(self, dfd: int, n: str, p_path: bytes, c_path: str) -> None:
         shown = _show(p_path)

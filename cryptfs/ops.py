@@ -546,7 +546,7 @@ class CryptOperations(pyfuse3.Operations):
         for backing in names:
             try:
                 entries.append((tree.decrypt_entry(inode.fd, backing, diriv, self.codec), backing))
-            except (IntegrityError, OSError):
+            except Exception:  # noqa: BLE001 - one bad entry must not hide the directory
                 bad += 1
         if bad:
             log.warning("directory inode %d: %d entries that do not decrypt are hidden",

@@ -91,7 +91,10 @@ def read_long_name(dir_fd: int, backing: str) -> str:
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)
-    c_name = raw.decode("ascii", "replace")
+    try:
+        c_name = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise IntegrityError("long name file is not ASCII") from None
     if long_name(c_name) != backing:
         raise IntegrityError("long name file does not match its entry")
     return c_name
