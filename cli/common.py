@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from cryptfs.errors import EXIT_CODES, BackingIOError, CryptfsError
+from cryptfs.errors import EXIT_CODES, BackingIOError, CryptfsError, UsageError
 from cryptfs.secret import Secret
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,6 +41,13 @@ def reports_errors(fn: F) -> F:
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}", BackingIOError.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as e:  # a bug: still one line, unless asked for the traceback
+            if os.environ.get("CRYPTFS_DEBUG"):
+                raise
+            fail(f"internal error: {type(e).__name__}: {e}", 1,
+                 hint="run again with CRYPTFS_DEBUG=1 for a traceback, and please report it")
 
     return wrapper  # type: ignore[return-value]
 
@@ -66,14 +73,14 @@ def read_passphrase(path: str | None, prompt: str, confirm: bool = False) -> Sec
                 with open(path, "rb") as f:
                     line = f.readline()
         except OSError as e:
-            raise CryptfsError(f"cannot read passphrase file {path}: {e.strerror}") from None
+            raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from None
         value = line.rstrip(b"\r\n")
     else:
         if not (sys.stdin.isatty() and os.isatty(sys.stderr.fileno())):
-            raise CryptfsError("no terminal to ask for the passphrase",
+            raise UsageError("no terminal to ask for the passphrase",
                                hint="pass --passphrase-file FILE (or '-' for standard input)")
         text = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
         value = text.encode()
     if not value:
-        raise CryptfsError("the passphrase is empty")
+        raise UsageError("the passphrase is empty")
     return Secret(value)

@@ -39,6 +39,8 @@ FEATURES = frozenset({"aead-blocks", "last-block-flag", "siv-names", "long-names
 # here, and 20 users unlocking at once need 2.5 GiB (see docs/PERFORMANCE.md).
 DEFAULT_OPS = 3
 DEFAULT_MEM_KIB = 128 * 1024
+MAX_OPS = 64
+MAX_MEM_KIB = 4096 * 1024  # 4 GiB
 
 _SLOT_NONCE_LEN = 12  # bytes
 
@@ -74,9 +76,15 @@ class Kdf:
         if not isinstance(d, dict) or d.get("algorithm") != "argon2id":
             raise ValueError("unsupported KDF")
         ops, mem = d.get("ops"), d.get("mem_kib")
-        if not isinstance(ops, int) or not isinstance(mem, int) or ops < MIN_OPS or mem < MIN_MEM_KIB:
+        if not isinstance(ops, int) or not isinstance(mem, int):
             raise ValueError("bad KDF cost")
+        # Bounded both ways: an edited config must not turn unlocking into a
+        # memory or CPU bomb.
+        if not (MIN_OPS <= ops <= MAX_OPS and MIN_MEM_KIB <= mem <= MAX_MEM_KIB):
+            raise ValueError("KDF cost out of range")
         salt = b64d(d["salt"]) if "salt" in d else b""
+        if "salt" in d and len(salt) != ARGON2_SALT_LEN:
+            raise ValueError("bad KDF salt length")
         return cls(ops, mem, salt)
 
 

@@ -15,6 +15,12 @@ class CryptfsError(Exception):
             self.hint = hint
 
 
+class UsageError(CryptfsError):
+    """The user asked for something that cannot be done as asked."""
+
+    exit_code = 2
+
+
 class WrongPassphrase(CryptfsError):
     exit_code = 3
 
@@ -40,7 +46,7 @@ class BackingIOError(CryptfsError):
 EXIT_CODES = {
     0: "success",
     1: "unexpected internal error (please report it)",
-    2: "bad usage (unknown option, missing argument)",
+    2: "bad usage (unknown option, missing argument, no passphrase, target not empty)",
     3: "wrong passphrase, or no key slot opened",
     4: "not a cryptfs volume, or its config is missing, corrupt or of an unsupported version",
     5: "mount failed (mountpoint missing or busy, no /dev/fuse, fusermount failed)",

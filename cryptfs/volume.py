@@ -23,7 +23,7 @@ from cryptfs.config import (
     new_config,
     save_config,
 )
-from cryptfs.errors import BackingIOError, CryptfsError, NotAVolume
+from cryptfs.errors import BackingIOError, NotAVolume, UsageError
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
 from cryptfs.modes import content_mode_by_name
 from cryptfs.modes.content import ContentMode
@@ -64,8 +64,8 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf) -> Volume
             raise NotAVolume(f"{backing} is not a directory")
         if os.listdir(backing):
             if os.path.exists(config_path(backing)):
-                raise CryptfsError(f"{backing} is already a cryptfs volume")
-            raise CryptfsError(f"{backing} is not empty",
+                raise UsageError(f"{backing} is already a cryptfs volume")
+            raise UsageError(f"{backing} is not empty",
                                hint="init needs an empty or new directory")
     except OSError as e:
         raise BackingIOError(f"{backing}: {e.strerror}") from None
