@@ -19,13 +19,13 @@ flag; in a file so flagged, a non-final block that is all zero bytes reads as
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 from cryptfs.header import FLAG_SPARSE, MAX_HEADER_LEN, FileHeader, KeyWrapper, peek
 from cryptfs.modes import BLOCK_SIZE, IntegrityError
 from cryptfs.modes.content import ContentMode
 
 BS = BLOCK_SIZE
+_RUN_MAX = 512  # blocks per pwritev: two pieces each, IOV_MAX is 1024
 _ZERO_PLAIN = bytes(BS)
 
 
@@ -151,22 +151,25 @@ class ContentFile:
             self._tail = (final, out[-1])
         return out
 
-    def _write_blocks(self, blocks: Iterable[tuple[int, bytes]], final: int) -> None:
-        """Seal and write ``(block_no, plaintext)`` pairs, grouped into contiguous runs."""
-        run: list[bytes] = []
-        run_start = next_no = -1
-        for no, pt in sorted(blocks, key=lambda b: b[0]):
-            if run and no != next_no:
-                os.pwrite(self.fd, b"".join(run), self._c_off(run_start))
-                run = []
-            if not run:
-                run_start = no
-            run.append(self.cipher.seal(no, pt, no == final))
-            next_no = no + 1
-            if no == final:
-                self._tail = (no, bytes(pt))
-        if run:
-            os.pwrite(self.fd, b"".join(run), self._c_off(run_start))
+    def _write_blocks(self, blocks: list[tuple[int, bytes | memoryview]], final: int) -> None:
+        """Seal and write ``(block_no, plaintext)`` pairs given in ascending order.
+
+        Each run of consecutive blocks is one ``pwritev`` (at most 512 blocks,
+        as the kernel takes at most 1024 pieces per call).
+        """
+        start = 0
+        while start < len(blocks):
+            end = start + 1
+            while (end < len(blocks) and end - start < _RUN_MAX
+                   and blocks[end][0] == blocks[end - 1][0] + 1):
+                end += 1
+            first_no = blocks[start][0]
+            pieces = self.cipher.seal_run(first_no, [pt for _, pt in blocks[start:end]], final)
+            os.pwritev(self.fd, pieces, self._c_off(first_no))
+            start = end
+        last_no, last_pt = blocks[-1]
+        if last_no == final:
+            self._tail = (final, bytes(last_pt))
 
     def _mark_sparse(self) -> None:
         if not self.header.sparse:
@@ -192,12 +195,12 @@ class ContentFile:
         old_final = n_blocks(old_size) - 1
         new_final = n_blocks(new_size) - 1
         first, last = p_off // BS, (end - 1) // BS
-        todo: dict[int, bytes] = {}
+        todo: list[tuple[int, bytes | memoryview]] = []
 
         if new_final > old_final and old_final < first:
             # The old final block stops being final: reseal it, padded to a full block.
             (old_pt,) = self._read_blocks(old_final, old_final)
-            todo[old_final] = old_pt + bytes(BS - len(old_pt))
+            todo.append((old_final, old_pt + bytes(BS - len(old_pt))))
             if first > old_final + 1:
                 self._mark_sparse()
 
@@ -209,15 +212,15 @@ class ContentFile:
             hi = min(end, b_start + b_len)
             piece = mv[lo - p_off : hi - p_off]
             if lo == b_start and hi == b_start + b_len:
-                todo[i] = bytes(piece)
+                todo.append((i, piece))
                 continue
             old = self._read_blocks(i, i)[0] if i <= old_final else b""
             buf = bytearray(b_len)
             buf[: min(len(old), b_len)] = old[:b_len]
             buf[lo - b_start : hi - b_start] = piece
-            todo[i] = bytes(buf)
+            todo.append((i, bytes(buf)))
 
-        self._write_blocks(todo.items(), new_final)
+        self._write_blocks(todo, new_final)
         self.size = new_size
         return length
 

@@ -52,7 +52,10 @@ class ContentCipher(Protocol):
 
     overhead: int  # bytes added to every block
 
-    def seal(self, block_no: int, plaintext: bytes, last: bool) -> bytes: ...
+    def seal(self, block_no: int, plaintext: bytes | memoryview, last: bool) -> bytes: ...
+
+    def seal_run(self, first_no: int, plaintexts: list[bytes | memoryview], final_no: int
+                 ) -> list[bytes]: ...
 
     def open(self, block_no: int, sealed: bytes | memoryview, last: bool) -> bytes: ...
 
@@ -102,60 +105,93 @@ def content_mode_by_name(name: str) -> ContentMode:
                      + ", ".join(m.name for m in CONTENT_MODES.values()) + ")")
 
 
-class _AesGcmCipher:
+class _BlockCipher:
+    """What both AEADs share: framing, associated data, nonce batches."""
+
+    NONCE_LEN = 0  # bytes, set by subclasses
+    overhead = 0
+
+    __slots__ = ("_file_id",)
+
+    def __init__(self, file_id: bytes) -> None:
+        self._file_id = file_id
+
+    def _encrypt(self, nonce: bytes, pt: bytes | memoryview, ad: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _decrypt(self, nonce: bytes | memoryview, ct: bytes | memoryview, ad: bytes) -> bytes:
+        raise NotImplementedError
+
+    def seal(self, block_no: int, plaintext: bytes | memoryview, last: bool) -> bytes:
+        nonce = random_bytes(self.NONCE_LEN)
+        return nonce + self._encrypt(nonce, plaintext, _AD.pack(self._file_id, block_no, last))
+
+    def seal_run(self, first_no: int, plaintexts: list[bytes | memoryview], final_no: int
+                 ) -> list[bytes]:
+        """Seal consecutive blocks ``first_no, first_no + 1, ...``.
+
+        Returns the pieces to write in order (nonce, ciphertext, nonce, ...),
+        ready for one ``pwritev``; all nonces come from one call to the
+        randomness source.
+        """
+        n = self.NONCE_LEN
+        nonces = random_bytes(n * len(plaintexts))
+        out: list[bytes] = []
+        encrypt, pack, fid = self._encrypt, _AD.pack, self._file_id
+        for k, pt in enumerate(plaintexts):
+            no = first_no + k
+            nonce = nonces[k * n : (k + 1) * n]
+            out.append(nonce)
+            out.append(encrypt(nonce, pt, pack(fid, no, no == final_no)))
+        return out
+
+    def open(self, block_no: int, sealed: bytes | memoryview, last: bool) -> bytes:
+        if len(sealed) < self.overhead:
+            raise IntegrityError()
+        n = self.NONCE_LEN
+        return self._decrypt(sealed[:n], sealed[n:], _AD.pack(self._file_id, block_no, last))
+
+
+class _AesGcmCipher(_BlockCipher):
     """AES-256-GCM via pyca/cryptography (one AESGCM object per file)."""
 
     NONCE_LEN = 12  # bytes
     overhead = NONCE_LEN + TAG_LEN
 
-    __slots__ = ("_aead", "_file_id")
+    __slots__ = ("_aead",)
 
     def __init__(self, key: bytes, file_id: bytes) -> None:
+        super().__init__(file_id)
         self._aead = AESGCM(key)
-        self._file_id = file_id
 
-    def seal(self, block_no: int, plaintext: bytes, last: bool) -> bytes:
-        nonce = random_bytes(self.NONCE_LEN)
-        ad = _AD.pack(self._file_id, block_no, last)
-        return nonce + self._aead.encrypt(nonce, plaintext, ad)
+    def _encrypt(self, nonce: bytes, pt: bytes | memoryview, ad: bytes) -> bytes:
+        return self._aead.encrypt(nonce, pt, ad)
 
-    def open(self, block_no: int, sealed: bytes | memoryview, last: bool) -> bytes:
-        if len(sealed) < self.overhead:
-            raise IntegrityError()
-        ad = _AD.pack(self._file_id, block_no, last)
+    def _decrypt(self, nonce: bytes | memoryview, ct: bytes | memoryview, ad: bytes) -> bytes:
         try:
-            return self._aead.decrypt(sealed[: self.NONCE_LEN], sealed[self.NONCE_LEN :], ad)
+            return self._aead.decrypt(nonce, ct, ad)
         except InvalidTag:
             raise IntegrityError() from None
 
 
-class _XChaChaCipher:
+class _XChaChaCipher(_BlockCipher):
     """XChaCha20-Poly1305 (IETF) via libsodium (PyNaCl bindings)."""
 
     NONCE_LEN = 24  # bytes
     overhead = NONCE_LEN + TAG_LEN
 
-    __slots__ = ("_key", "_file_id")
+    __slots__ = ("_key",)
 
     def __init__(self, key: bytes, file_id: bytes) -> None:
+        super().__init__(file_id)
         self._key = key
-        self._file_id = file_id
 
-    def seal(self, block_no: int, plaintext: bytes, last: bool) -> bytes:
-        nonce = random_bytes(self.NONCE_LEN)
-        ad = _AD.pack(self._file_id, block_no, last)
-        return nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            bytes(plaintext), ad, nonce, self._key
-        )
+    def _encrypt(self, nonce: bytes, pt: bytes | memoryview, ad: bytes) -> bytes:
+        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(pt), ad, nonce, self._key)
 
-    def open(self, block_no: int, sealed: bytes | memoryview, last: bool) -> bytes:
-        if len(sealed) < self.overhead:
-            raise IntegrityError()
-        sealed = bytes(sealed)
-        ad = _AD.pack(self._file_id, block_no, last)
+    def _decrypt(self, nonce: bytes | memoryview, ct: bytes | memoryview, ad: bytes) -> bytes:
         try:
             return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                sealed[self.NONCE_LEN :], ad, sealed[: self.NONCE_LEN], self._key
-            )
+                bytes(ct), ad, bytes(nonce), self._key)
         except CryptoError:
             raise IntegrityError() from None
