@@ -104,6 +104,9 @@ class CryptOperations(pyfuse3.Operations):
         self.wrapper = vol.keys.wrapper
         self.timeout = timeout
         self.is_root = os.geteuid() == 0
+        # The kernel has already applied the caller's umask to every mode it
+        # sends; the daemon's own umask must not mask it a second time.
+        os.umask(0)
         root_fd = os.open(vol.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(root_fd)
         self._root_st_ino = st.st_ino
