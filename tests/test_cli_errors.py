@@ -1,0 +1,380 @@
+"""Bad input and tampered volume configs at the command line.
+
+Whatever goes wrong, the user gets one ``cryptfs: error: ...`` line (maybe
+followed by ``cryptfs: hint: ...`` lines), the exit code that
+``cryptfs.errors.EXIT_CODES`` documents for that kind of failure, and never a
+Python traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CRYPTFS, TEST_KDF, Mount, make_volume, run_cli, unlock
+from cryptfs.config import save_config
+from cryptfs.errors import EXIT_CODES
+from cryptfs.secret import Secret
+
+SECOND_PASSPHRASE = b"a second, different passphrase"
+
+
+def assert_one_error(res: subprocess.CompletedProcess[str], code: int,
+                     fragment: str | tuple[str, ...]) -> str:
+    """Exit ``code``; one error line containing ``fragment`` (or each of them), hints
+    only after it, no traceback."""
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines, f"no message on stderr (exit {res.returncode})"
+    assert lines[0].startswith("cryptfs: error: "), res.stderr
+    for frag in (fragment,) if isinstance(fragment, str) else fragment:
+        assert frag in lines[0], res.stderr
+    assert all(ln.startswith("cryptfs: hint: ") for ln in lines[1:]), res.stderr
+    assert res.returncode == code, (
+        f"exit {res.returncode} ({EXIT_CODES.get(res.returncode)}), expected {code} "
+        f"({EXIT_CODES.get(code)}) for: {lines[0]}")
+    return lines[0]
+
+
+def assert_usage_error(res: subprocess.CompletedProcess[str], fragment: str) -> None:
+    """click's own usage errors: exit 2, one 'Error:' line naming the problem."""
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    errors = [ln for ln in res.stderr.splitlines() if "Error" in ln]
+    assert len(errors) == 1 and fragment in errors[0], res.stderr
+
+
+# --- 3. tampered volume configs -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConfEdit:
+    name: str
+    edit: Callable[[Path], None]  # edits the backing directory
+    unlock_code: int  # mount and fsck
+    unlock_msg: str | tuple[str, ...]
+    info_code: int  # info, which does not authenticate (MAC-only edits pass there)
+    info_msg: str | tuple[str, ...]  # on stdout if info_code == 0, else on stderr
+
+
+def json_edit(fn: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def edit(backing: Path) -> None:
+        p = backing / "cryptfs.conf"
+        d = json.loads(p.read_text())
+        fn(d)
+        p.write_text(json.dumps(d, indent=1))
+
+    return edit
+
+
+def raw_edit(fn: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def edit(backing: Path) -> None:
+        p = backing / "cryptfs.conf"
+        p.write_bytes(fn(p.read_bytes()))
+
+    return edit
+
+
+def slot_kdf(field: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def fn(d: dict[str, Any]) -> None:
+        d["slots"][0]["kdf"][field] = value
+
+    return fn
+
+
+def setitem(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d.__setitem__(key, value)
+
+
+def duplicate_slot(d: dict[str, Any]) -> None:
+    copy = dict(d["slots"][0])
+    copy["id"] = max(slot["id"] for slot in d["slots"]) + 1
+    d["slots"].append(copy)
+
+
+def duplicate_slot_id(d: dict[str, Any]) -> None:
+    d["slots"].append(dict(d["slots"][0]))
+
+
+def remove_second_slot(d: dict[str, Any]) -> None:
+    assert [s["label"] for s in d["slots"]] == ["owner", "second"]
+    del d["slots"][1]
+
+
+def other_mac(d: dict[str, Any]) -> None:
+    mac = bytearray(base64.b64decode(d["mac"]))
+    mac[0] ^= 1
+    d["mac"] = base64.b64encode(bytes(mac)).decode()
+
+
+AUTH = "volume config failed authentication: it was edited or damaged"
+NO_SLOT = "wrong passphrase: it opens no key slot of this volume"
+MALFORMED = "volume config is malformed"
+BAD_KDF = (MALFORMED, "KDF")
+
+CONF_EDITS = [
+    ConfEdit("default_mode", json_edit(setitem("default_mode", "xchacha20-poly1305")),
+             4, AUTH, 0, "default mode:  xchacha20-poly1305"),
+    ConfEdit("default_mode_unknown", json_edit(setitem("default_mode", "rot13")),
+             4, MALFORMED, 4, MALFORMED),
+    ConfEdit("slot_kdf_ops", json_edit(slot_kdf("ops", 2)), 3, NO_SLOT, 0,
+             "argon2id 2 passes, 8 MiB"),
+    ConfEdit("slot_kdf_mem", json_edit(slot_kdf("mem_kib", 16 * 1024)), 3, NO_SLOT, 0,
+             "argon2id 1 passes, 16 MiB"),
+    ConfEdit("slot_kdf_mem_below_minimum", json_edit(slot_kdf("mem_kib", 1024)),
+             4, BAD_KDF, 4, BAD_KDF),
+    ConfEdit("slot_kdf_ops_zero", json_edit(slot_kdf("ops", 0)), 4, BAD_KDF, 4, BAD_KDF),
+    # an edited config must not make unlocking a memory or CPU bomb (or a traceback)
+    ConfEdit("slot_kdf_ops_absurd", json_edit(slot_kdf("ops", 2**40)), 4, BAD_KDF, 4, BAD_KDF),
+    ConfEdit("slot_kdf_mem_absurd", json_edit(slot_kdf("mem_kib", 2**40)), 4, BAD_KDF, 4,
+             BAD_KDF),
+    ConfEdit("slot_kdf_mem_64gib", json_edit(slot_kdf("mem_kib", 64 * 1024 * 1024)), 4,
+             BAD_KDF, 4, BAD_KDF),
+    ConfEdit("slot_kdf_not_a_number", json_edit(slot_kdf("ops", "3")), 4, BAD_KDF, 4, BAD_KDF),
+    ConfEdit("slot_salt_wrong_length",
+             json_edit(slot_kdf("salt", base64.b64encode(b"8 bytes!").decode())),
+             4, (MALFORMED, "salt"), 4, (MALFORMED, "salt")),
+    ConfEdit("slot_salt_not_base64", json_edit(slot_kdf("salt", "not base64!")),
+             4, MALFORMED, 4, MALFORMED),
+    ConfEdit("slot_copy_added", json_edit(duplicate_slot), 4, AUTH, 0, "key slots:     3"),
+    ConfEdit("slot_removed", json_edit(remove_second_slot), 4, AUTH, 0, "key slots:     1"),
+    ConfEdit("slot_ids_duplicate", json_edit(duplicate_slot_id), 4, MALFORMED, 4, MALFORMED),
+    ConfEdit("slots_empty", json_edit(setitem("slots", [])), 4, MALFORMED, 4, MALFORMED),
+    ConfEdit("feature_removed",
+             json_edit(lambda d: d["features"].remove("xattrs")),
+             4, "volume config lacks required features: xattrs", 4, "lacks required features"),
+    ConfEdit("feature_unknown", json_edit(lambda d: d["features"].append("compression-v9")),
+             4, "volume uses unknown features: compression-v9", 4, "unknown features"),
+    ConfEdit("version_2", json_edit(setitem("cryptfs", 2)),
+             4, "volume format version 2 is not supported", 4, "version 2 is not supported"),
+    ConfEdit("version_string", json_edit(setitem("cryptfs", "1")),
+             4, "volume format version '1' is not supported", 4, "is not supported"),
+    ConfEdit("key_id", json_edit(setitem("key_id", 2)), 4, AUTH, 0, "key id:        2"),
+    ConfEdit("volume_id", json_edit(setitem("volume_id", "00" * 16)), 3, NO_SLOT, 0,
+             "volume id:     " + "00" * 16),
+    ConfEdit("created", json_edit(setitem("created", "1999-01-01T00:00:00Z")), 4, AUTH, 0,
+             "created:       1999-01-01T00:00:00Z"),
+    ConfEdit("mac_changed", json_edit(other_mac), 4, AUTH, 0, "key slots:     2"),
+    ConfEdit("mac_missing", json_edit(lambda d: d.pop("mac")), 4, MALFORMED, 4, MALFORMED),
+    ConfEdit("not_an_object", raw_edit(lambda b: b"[1, 2, 3]\n"),
+             4, "volume config is not a cryptfs config", 4, "not a cryptfs config"),
+    ConfEdit("invalid_json", raw_edit(lambda b: b[: len(b) // 2]),
+             4, "volume config is not valid JSON", 4, "not valid JSON"),
+    ConfEdit("binary_garbage", raw_edit(lambda b: bytes(range(256)) * 4),
+             4, "volume config is not valid JSON", 4, "not valid JSON"),
+    ConfEdit("empty", raw_edit(lambda b: b""), 4, "volume config is not valid JSON", 4,
+             "not valid JSON"),
+    ConfEdit("missing", lambda backing: (backing / "cryptfs.conf").unlink(),
+             4, "is not a cryptfs volume (no cryptfs.conf)", 4, "no cryptfs.conf"),
+    ConfEdit("tree_missing", lambda backing: shutil.rmtree(backing / "tree"),
+             4, "the encrypted tree (tree/) is missing", 0, "key slots:     2"),
+]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A volume with two key slots ("owner" and "second")."""
+    backing = make_volume(tmp_path_factory.mktemp("pristine") / "backing")
+    vol = unlock(backing)
+    try:
+        cfg = vol.config
+        cfg.slots.append(cfg.make_slot(vol.keys.master, Secret(SECOND_PASSPHRASE), "second",
+                                       kdf=TEST_KDF))
+        cfg.seal(vol.keys)
+        save_config(str(backing), cfg)
+    finally:
+        vol.close()
+    return backing
+
+
+@pytest.mark.parametrize("case", CONF_EDITS, ids=[c.name for c in CONF_EDITS])
+def test_tampered_config(case: ConfEdit, pristine: Path, tmp_path: Path, passfile: Path) -> None:
+    backing = tmp_path / "backing"
+    shutil.copytree(pristine, backing)
+    assert run_cli("fsck", str(backing), "--passphrase-file", str(passfile)).returncode == 0
+    case.edit(backing)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    results = {
+        "mount": run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                         "--log-file", str(tmp_path / "log"), check=False),
+        "fsck": run_cli("fsck", str(backing), "--passphrase-file", str(passfile), check=False),
+    }
+    mounted = os.path.ismount(mnt)
+    if mounted:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+    assert not mounted, "a tampered volume was mounted"
+    for cmd, res in results.items():
+        assert res.stdout == "", (cmd, res.stdout)
+        assert_one_error(res, case.unlock_code, case.unlock_msg)
+
+    info = run_cli("info", str(backing), check=False)
+    if case.info_code == 0:
+        assert info.returncode == 0, info.stderr
+        for frag in (case.info_msg,) if isinstance(case.info_msg, str) else case.info_msg:
+            assert frag in info.stdout, info.stdout
+        assert info.stderr == ""
+    else:
+        assert info.stdout == ""
+        assert_one_error(info, case.info_code, case.info_msg)
+
+
+def test_untouched_config_unlocks_with_both_slots(pristine: Path, tmp_path: Path,
+                                                  passfile: Path) -> None:
+    """Control for the cases above: the pristine copy works, with either passphrase."""
+    backing = tmp_path / "backing"
+    shutil.copytree(pristine, backing)
+    second = tmp_path / "second"
+    second.write_bytes(SECOND_PASSPHRASE + b"\n")
+    for pf in (passfile, second):
+        res = run_cli("fsck", str(backing), "--passphrase-file", str(pf), check=False)
+        assert res.returncode == 0 and res.stdout.endswith(": clean\n"), res.stdout + res.stderr
+    info = run_cli("info", str(backing))
+    assert "key slots:     2" in info.stdout and "  slot 1: second " in info.stdout
+
+
+# --- 4. bad input ----------------------------------------------------------------------------------------
+def test_wrong_passphrase_exit_3(backing: Path, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_bytes(b"Correct horse battery staple\n")
+    new = tmp_path / "new"
+    new.write_bytes(b"new passphrase\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    conf = (backing / "cryptfs.conf").read_bytes()
+    for args in (["mount", str(backing), str(mnt)], ["fsck", str(backing)],
+                 ["passwd", str(backing), "--new-passphrase-file", str(new)]):
+        res = run_cli(*args, "--passphrase-file", str(wrong), check=False)
+        assert_one_error(res, 3, "wrong passphrase: it opens no key slot of this volume")
+        assert res.stdout == ""
+    assert not os.path.ismount(mnt)
+    assert (backing / "cryptfs.conf").read_bytes() == conf
+
+
+def test_not_a_volume_exit_4(tmp_path: Path, passfile: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "photo.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(100))
+    vol = make_volume(tmp_path / "vol")
+    cases = [
+        (empty, f"{empty} is not a cryptfs volume (no cryptfs.conf)"),
+        (other, f"{other} is not a cryptfs volume (no cryptfs.conf)"),
+        (tmp_path / "nonexistent", f"{tmp_path / 'nonexistent'}: no such directory"),
+        (vol / "tree", f"{vol / 'tree'} is not a cryptfs volume (no cryptfs.conf)"),
+    ]
+    for path, msg in cases:
+        for args in (["mount", str(path), str(mnt), "--passphrase-file", str(passfile)],
+                     ["fsck", str(path), "--passphrase-file", str(passfile)],
+                     ["info", str(path)]):
+            res = run_cli(*args, check=False)
+            assert_one_error(res, 4, msg)
+            assert res.stdout == ""
+    assert not os.path.ismount(mnt)
+    assert os.listdir(other) == ["photo.jpg"] and not (tmp_path / "nonexistent").exists()
+
+
+def test_mountpoint_missing_exit_5(backing: Path, tmp_path: Path, passfile: Path) -> None:
+    mnt = tmp_path / "no" / "such" / "dir"
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  check=False)
+    assert_one_error(res, 5, f"mountpoint {mnt} does not exist")
+    assert f"cryptfs: hint: mkdir -p {mnt}" in res.stderr
+    assert not mnt.exists()
+
+
+def test_mountpoint_busy_exit_5(mount: Mount, tmp_path: Path, passfile: Path) -> None:
+    mount.path("f").write_bytes(b"still mounted")
+    other = make_volume(tmp_path / "other")
+    for backing in (mount.backing, other):
+        res = run_cli("mount", str(backing), str(mount.mnt), "--passphrase-file", str(passfile),
+                      check=False)
+        assert_one_error(res, 5, f"mountpoint {mount.mnt} is busy")
+        assert f"cryptfs: hint: cryptfs unmount {mount.mnt}" in res.stderr
+    # the existing mount is untouched
+    assert os.path.ismount(mount.mnt)
+    assert mount.path("f").read_bytes() == b"still mounted"
+    with open("/proc/self/mountinfo") as f:
+        assert sum(line.split()[4] == str(mount.mnt) for line in f) == 1
+
+
+def test_unmount_of_something_not_mounted_exit_5(tmp_path: Path) -> None:
+    res = run_cli("unmount", str(tmp_path), check=False)
+    assert_one_error(res, 5, f"{tmp_path} is not a mounted cryptfs volume")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\r\n"], ids=["empty", "newline", "crlf"])
+def test_empty_passphrase_file(content: bytes, backing: Path, tmp_path: Path) -> None:
+    pf = tmp_path / "pf"
+    pf.write_bytes(content)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for args in (["init", str(tmp_path / "newvol"), "--kdf-memory", "8"],
+                 ["mount", str(backing), str(mnt)], ["fsck", str(backing)]):
+        res = run_cli(*args, "--passphrase-file", str(pf), check=False)
+        assert_one_error(res, 2, "the passphrase is empty")
+    assert not (tmp_path / "newvol").exists()
+    assert not os.path.ismount(mnt)
+
+
+def test_passphrase_file_missing(backing: Path, tmp_path: Path) -> None:
+    res = run_cli("fsck", str(backing), "--passphrase-file", str(tmp_path / "nope"), check=False)
+    assert_one_error(res, 2, f"cannot read passphrase file {tmp_path / 'nope'}")
+
+
+def test_no_terminal_for_the_passphrase(backing: Path, tmp_path: Path) -> None:
+    res = subprocess.run(CRYPTFS + ["fsck", str(backing)], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=60)
+    assert_one_error(res, 2, "no terminal to ask for the passphrase")
+    assert "cryptfs: hint: pass --passphrase-file FILE" in res.stderr
+
+
+def test_init_into_non_empty_dir(tmp_path: Path, passfile: Path) -> None:
+    d = tmp_path / "full"
+    d.mkdir()
+    (d / "keep.txt").write_bytes(b"do not touch")
+    res = run_cli("init", str(d), "--passphrase-file", str(passfile), "--kdf-memory", "8",
+                  check=False)
+    assert_one_error(res, 2, f"{d} is not empty")
+    assert "cryptfs: hint: init needs an empty or new directory" in res.stderr
+    assert os.listdir(d) == ["keep.txt"] and (d / "keep.txt").read_bytes() == b"do not touch"
+
+
+def test_init_over_an_existing_volume(backing: Path, passfile: Path) -> None:
+    conf = (backing / "cryptfs.conf").read_bytes()
+    res = run_cli("init", str(backing), "--passphrase-file", str(passfile), "--kdf-memory", "8",
+                  check=False)
+    assert_one_error(res, 2, f"{backing} is already a cryptfs volume")
+    assert (backing / "cryptfs.conf").read_bytes() == conf
+    assert sorted(os.listdir(backing)) == ["cryptfs.conf", "tree"]
+
+
+def test_unknown_mode_exit_2(tmp_path: Path, passfile: Path) -> None:
+    d = tmp_path / "v"
+    res = run_cli("init", str(d), "--mode", "rot13", "--passphrase-file", str(passfile),
+                  check=False)
+    assert_usage_error(res, "Invalid value for '--mode': 'rot13' is not one of")
+    assert "aes-256-gcm" in res.stderr and "xchacha20-poly1305" in res.stderr
+    assert not d.exists()
+
+
+def test_other_usage_errors_exit_2(backing: Path, tmp_path: Path, passfile: Path) -> None:
+    res = run_cli("init", str(tmp_path / "v"), "--kdf-memory", "1", "--passphrase-file",
+                  str(passfile), check=False)
+    assert_usage_error(res, "Invalid value for '--kdf-memory'")
+    res = run_cli("mount", str(backing), str(tmp_path), "--no-such-option", check=False)
+    assert_usage_error(res, "No such option")
+    res = run_cli("fsck", check=False)
+    assert_usage_error(res, "Missing argument 'BACKING'")
+    assert not (tmp_path / "v").exists()
