@@ -1,11 +1,14 @@
 """The pyfuse3 operations: the only module of cryptfs that imports pyfuse3.
 
 Design (as passthrough_ll and gocryptfs do it): every inode the kernel knows
-holds an O_PATH descriptor of its backing object, so renames, hard links and
-unlinked-but-open files need no path bookkeeping.  FUSE inode numbers are the
-backing inode numbers (the root is swapped with inode 1).  Regular files get
-one read-write backing descriptor and one :class:`ContentFile` per inode while
-any handle is open, shared by all handles.
+holds a descriptor of its backing object, so renames, hard links and
+unlinked-but-open files need no path bookkeeping.  For a regular file it is a
+read-write descriptor where the daemon may have one (read-only, or O_PATH,
+where it may not), so opening, reading the header and writing need no further
+open(2); for everything else it is an O_PATH descriptor.  FUSE inode numbers
+are the backing inode numbers (the root is swapped with inode 1).  While any
+handle of a regular file is open, one :class:`ContentFile` per inode (header
+checked at the first open) serves all handles.
 
 Handlers are ``async`` but never await: each runs to completion on the trio
 thread, so no locks are needed.  Only ``FUSEError`` leaves a handler; see
@@ -42,20 +45,18 @@ _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 class Inode:
     """What the filesystem holds for one inode the kernel has looked up."""
 
-    __slots__ = ("ino", "fd", "kind", "nlookup", "opens", "diriv", "meta",
-                 "content", "data_fd", "writable")
+    __slots__ = ("ino", "fd", "access", "kind", "nlookup", "opens", "diriv", "meta", "content")
 
-    def __init__(self, ino: int, fd: int, kind: int) -> None:
+    def __init__(self, ino: int, fd: int, kind: int, access: int = os.O_PATH) -> None:
         self.ino = ino
-        self.fd = fd  # O_PATH descriptor of the backing object
+        self.fd = fd  # descriptor of the backing object
+        self.access = access  # how fd was opened: O_RDWR, O_RDONLY or O_PATH
         self.kind = kind  # stat.S_IFMT bits
         self.nlookup = 0
         self.opens = 0
         self.diriv: bytes | None = None  # directories
         self.meta: Any = None  # regular: (mode, header length); symlink: target
         self.content: ContentFile | None = None  # regular files while open
-        self.data_fd = -1
-        self.writable = False
 
 
 class _Dir:
@@ -104,6 +105,7 @@ class CryptOperations(pyfuse3.Operations):
         self.wrapper = vol.keys.wrapper
         self.timeout = timeout
         self.is_root = os.geteuid() == 0
+        self._euid, self._egid = os.geteuid(), os.getegid()
         # The kernel has already applied the caller's umask to every mode it
         # sends; the daemon's own umask must not mask it a second time.
         os.umask(0)
@@ -155,23 +157,47 @@ class CryptOperations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    def _remember(self, dir_fd: int, backing: str, st: os.stat_result, count: int = 1
-                  ) -> tuple[Inode, os.stat_result]:
-        """The Inode for a backing entry (opened if new), its lookup count raised by ``count``."""
+    @staticmethod
+    def _open_entry(dir_fd: int, backing: str, st: os.stat_result) -> tuple[int, int]:
+        """A descriptor for a backing entry and how it was opened."""
+        if stat.S_ISREG(st.st_mode):
+            for access in (os.O_RDWR, os.O_RDONLY):
+                try:
+                    # O_NONBLOCK: should the entry have become a FIFO meanwhile
+                    fd = os.open(backing, access | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                                 dir_fd=dir_fd)
+                    return fd, access
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP):
+                        raise
+        return os.open(backing, O_PATH_FLAGS, dir_fd=dir_fd), os.O_PATH
+
+    def _remember(self, dir_fd: int, backing: str, st: os.stat_result, count: int = 1,
+                  opened: tuple[int, int] | None = None) -> tuple[Inode, os.stat_result]:
+        """The Inode for a backing entry (opened if new), its lookup count raised by ``count``.
+
+        ``opened`` is a descriptor (and its access mode) the caller already
+        holds for the entry; it is kept, or closed if the inode is known.
+        """
         if st.st_dev != self._dev:
+            if opened:
+                os.close(opened[0])
             log.error("backing entry on another filesystem refused (inode %d)", st.st_ino)
             raise pyfuse3.FUSEError(errno.EXDEV)
         inode = self._inodes.get(self._fuse_ino(st.st_ino))
         if inode is None:
-            fd = os.open(backing, O_PATH_FLAGS, dir_fd=dir_fd)
+            fd, access = opened or self._open_entry(dir_fd, backing, st)
             st = os.fstat(fd)
             ino = self._fuse_ino(st.st_ino)
             inode = self._inodes.get(ino)
             if inode is None:
-                inode = Inode(ino, fd, stat.S_IFMT(st.st_mode))
+                kind = stat.S_IFMT(st.st_mode)
+                inode = Inode(ino, fd, kind, access if kind == stat.S_IFREG else os.O_PATH)
                 self._inodes[ino] = inode
             else:
                 os.close(fd)
+        elif opened:
+            os.close(opened[0])
         inode.nlookup += count
         return inode, st
 
@@ -193,13 +219,20 @@ class CryptOperations(pyfuse3.Operations):
         return inode.diriv
 
     def _owner(self, ctx: pyfuse3.RequestContext, parent: Inode) -> tuple[int, int] | None:
-        """Owner for a new entry created by ``ctx`` (None: leave the backing default)."""
+        """Owner to give a new entry created for ``ctx`` (None: what it got is right).
+
+        The backing entry is created with the daemon's uid and gid, or the
+        directory's gid where it is set-group-ID; only differences need a chown.
+        """
         if not self.is_root:
             return None
-        gid = ctx.gid
-        if os.fstat(parent.fd).st_mode & stat.S_ISGID:
-            gid = -1  # the backing filesystem already inherited the directory's group
-        return ctx.uid, gid
+        uid = ctx.uid if ctx.uid != self._euid else -1
+        gid = ctx.gid if ctx.gid != self._egid else -1
+        if gid != -1 and os.fstat(parent.fd).st_mode & stat.S_ISGID:
+            gid = -1  # the backing filesystem already gave it the directory's group
+        if uid == -1 and gid == -1:
+            return None
+        return uid, gid
 
     def _mode_for(self, parent: Inode) -> ContentMode:
         return self.vol.default_mode
@@ -230,11 +263,14 @@ class CryptOperations(pyfuse3.Operations):
                 return inode.content.size
             try:
                 if inode.meta is None:
-                    fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        mode, h_len = peek(os.pread(fd, 12, 0))
-                    finally:
-                        os.close(fd)
+                    if inode.access == os.O_PATH:
+                        fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+                        try:
+                            mode, h_len = peek(os.pread(fd, 12, 0))
+                        finally:
+                            os.close(fd)
+                    else:
+                        mode, h_len = peek(os.pread(inode.fd, 12, 0))
                     inode.meta = (mode.overhead, h_len)
                 return plain_size(st.st_size, inode.meta[1], inode.meta[0])
             except (IntegrityError, OSError):
@@ -260,37 +296,30 @@ class CryptOperations(pyfuse3.Operations):
         return e
 
     # -- content ---------------------------------------------------------------------------
-    def _load_content(self, inode: Inode, want_write: bool) -> ContentFile:
+    def _reopen(self, inode: Inode, access: int) -> None:
+        """Replace the inode's descriptor by one opened with ``access``."""
+        fd = os.open(proc_path(inode.fd), access | os.O_CLOEXEC)
+        os.close(inode.fd)
+        inode.fd = fd
+        inode.access = access
         if inode.content is not None:
-            if want_write and not inode.writable:
-                fd = os.open(proc_path(inode.fd), os.O_RDWR | os.O_CLOEXEC)
-                os.close(inode.data_fd)
-                inode.data_fd = inode.content.fd = fd
-                inode.writable = True
-            return inode.content
-        try:
-            fd = os.open(proc_path(inode.fd), os.O_RDWR | os.O_CLOEXEC)
-            writable = True
-        except (PermissionError, OSError) as e:
-            if want_write or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
-            writable = False
-        try:
-            inode.content = ContentFile.load(fd, self.wrapper)
-        except BaseException:
-            os.close(fd)
-            raise
-        inode.data_fd = fd
-        inode.writable = writable
-        inode.meta = (inode.content.overhead, inode.content.h_len)
+            inode.content.fd = fd
+
+    def _content(self, inode: Inode, want_write: bool) -> ContentFile:
+        """The inode's content engine, its header checked when first needed."""
+        if want_write and inode.access != os.O_RDWR:
+            self._reopen(inode, os.O_RDWR)
+        elif inode.access == os.O_PATH:
+            self._reopen(inode, os.O_RDONLY)
+        if inode.content is None:
+            inode.content = ContentFile.load(inode.fd, self.wrapper)
+            inode.meta = (inode.content.overhead, inode.content.h_len)
         return inode.content
 
     def _unload_content(self, inode: Inode) -> None:
-        if inode.opens == 0 and inode.content is not None:
+        """Forget the header once no handle is open: the next open checks it again."""
+        if inode.opens == 0:
             inode.content = None
-            os.close(inode.data_fd)
-            inode.data_fd = -1
 
     def _open_handle(self, inode: Inode) -> int:
         fh = self._new_fh()
@@ -333,7 +362,7 @@ class CryptOperations(pyfuse3.Operations):
             if inode.kind != stat.S_IFREG:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             try:
-                self._load_content(inode, want_write=True).truncate(attr.st_size)
+                self._content(inode, want_write=True).truncate(attr.st_size)
             finally:
                 self._unload_content(inode)
         if fields.update_mode and inode.kind != stat.S_IFLNK:
@@ -410,14 +439,12 @@ class CryptOperations(pyfuse3.Operations):
             if owner is not None:
                 os.fchown(fd, *owner)
             content = ContentFile.create(fd, self._mode_for(parent), self.wrapper)
-            inode, st = self._remember(parent.fd, backing, os.fstat(fd))
         except BaseException:
             os.close(fd)
             os.unlink(backing, dir_fd=parent.fd)
             raise
+        inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
-        inode.data_fd = fd
-        inode.writable = True
         inode.meta = (content.overhead, content.h_len)
         fh = self._open_handle(inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(inode, st)
@@ -490,7 +517,7 @@ class CryptOperations(pyfuse3.Operations):
         inode = self._inode(inode_no)
         want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         try:
-            content = self._load_content(inode, want_write)
+            content = self._content(inode, want_write)
             if flags & os.O_TRUNC:
                 content.truncate(0)
         except BaseException:
@@ -506,9 +533,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("fh")
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        inode = self._files[fh]
-        content = self._load_content(inode, want_write=True)
-        return content.write(off, buf)
+        return self._content(self._files[fh], want_write=True).write(off, buf)
 
     @_edge("fh")
     async def flush(self, fh: int) -> None:
@@ -519,7 +544,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("fh")
     async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self._files[fh].data_fd
+        fd = self._files[fh].fd
         if datasync:
             os.fdatasync(fd)
         else:
@@ -676,8 +701,6 @@ class CryptOperations(pyfuse3.Operations):
     # -- shutdown -------------------------------------------------------------------------------------
     def close(self) -> None:
         for inode in list(self._inodes.values()):
-            if inode.data_fd >= 0:
-                os.close(inode.data_fd)
             os.close(inode.fd)
         self._inodes.clear()
 
