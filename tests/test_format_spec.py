@@ -47,6 +47,17 @@ TAG = 16
 FLAG_HOLES = 0x0001
 STANZA_SYMMETRIC = 1
 XATTR_PREFIX = "user.cryptfs."
+LAYOUT_HINT = "user.cryptfs-layout"  # FORMAT.md, "Layout hint": not a user attribute
+
+
+def check_layout_hint(path: bytes, raw: bytes) -> None:
+    """If the optional hint is present, it must name the header's mode id and length."""
+    try:
+        hint = os.getxattr(path, LAYOUT_HINT, follow_symlinks=False)
+    except OSError:
+        return
+    if hint != raw[7:8] + raw[10:12]:
+        raise SpecError(f"layout hint {hint.hex()} disagrees with the header")
 
 
 class SpecError(Exception):
@@ -295,7 +306,7 @@ def decrypt_symlink(keys: Keys, target: bytes) -> bytes:
 def decrypt_xattrs(keys: Keys, path: bytes) -> dict[bytes, bytes]:
     out = {}
     for bname in os.listxattr(path, follow_symlinks=False):
-        if not bname.startswith("user."):
+        if not bname.startswith("user.") or bname == LAYOUT_HINT:
             continue
         if not bname.startswith(XATTR_PREFIX):
             raise SpecError(f"user xattr not in cryptfs's namespace: {bname!r}")
@@ -379,6 +390,7 @@ def _walk(keys: Keys, bdir: bytes, pdir: bytes, vol: Volume) -> None:
             with open(bpath, "rb") as f:
                 raw = f.read()
             data, mode_id, flags = decrypt_file(keys, raw)
+            check_layout_hint(bpath, raw)
             vol.entries[ppath] = Entry("file", data, decrypt_xattrs(keys, bpath), mode_id, flags,
                                        os.fsdecode(bpath))
         elif stat.S_ISLNK(st.st_mode):
