@@ -19,6 +19,7 @@ flag; in a file so flagged, a non-final block that is all zero bytes reads as
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from cryptfs.header import FLAG_SPARSE, MAX_HEADER_LEN, FileHeader, KeyWrapper, peek
 from cryptfs.modes import BLOCK_SIZE, IntegrityError
@@ -151,7 +152,7 @@ class ContentFile:
             self._tail = (final, out[-1])
         return out
 
-    def _write_blocks(self, blocks: list[tuple[int, bytes | memoryview]], final: int) -> None:
+    def _write_blocks(self, blocks: Sequence[tuple[int, bytes | memoryview]], final: int) -> None:
         """Seal and write ``(block_no, plaintext)`` pairs given in ascending order.
 
         Each run of consecutive blocks is one ``pwritev`` (at most 512 blocks,

@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -365,7 +365,7 @@ class CryptOperations(pyfuse3.Operations):
         return self._attr(*self._remember(parent.fd, backing, st))
 
     @_edge("none")
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             inode = self._inodes.get(ino)
             if inode is not None:
