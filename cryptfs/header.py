@@ -21,6 +21,7 @@ the header MAC key.  Content blocks start at offset H.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import struct
 from dataclasses import dataclass, replace
@@ -102,9 +103,14 @@ class FileHeader:
     def sparse(self) -> bool:
         return bool(self.flags & FLAG_SPARSE)
 
-    def keys(self) -> tuple[bytes, bytes]:
+    @functools.cached_property
+    def _keys(self) -> tuple[bytes, bytes]:
         k = hkdf(self.file_key, b"cryptfs/v1/file", 64)
         return k[:32], k[32:]
+
+    def keys(self) -> tuple[bytes, bytes]:
+        """(content key, header MAC key), derived once per header object."""
+        return self._keys
 
     def cipher(self) -> ContentCipher:
         return self.mode.cipher(self.keys()[0], self.file_id)
