@@ -6,9 +6,11 @@ and backing names; nothing here knows about FUSE.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 from cryptfs.modes import IntegrityError
 from cryptfs.modes.rand import random_bytes
@@ -131,18 +133,10 @@ def make_dir(parent_fd: int, backing: str, mode: int, owner: tuple[int, int] | N
     return diriv
 
 
-def dir_is_empty(dir_fd: int) -> bool:
-    """True when the backing directory holds nothing but its IV."""
-    lfd = open_dir(dir_fd) if _is_path_fd(dir_fd) else dir_fd
-    try:
-        return all(n == DIRIV_NAME for n in os.listdir(lfd))
-    finally:
-        if lfd != dir_fd:
-            os.close(lfd)
-
-
-def remove_empty_dir(parent_fd: int, backing: str) -> None:
-    """rmdir a backing directory that holds only its IV (restored on failure)."""
+@contextlib.contextmanager
+def _emptied(parent_fd: int, backing: str) -> Iterator[None]:
+    """Remove the IV of a backing directory that holds nothing else, for an
+    rmdir or rename-over inside the block; put it back if the block fails."""
     dfd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
                   dir_fd=parent_fd)
     try:
@@ -154,10 +148,10 @@ def remove_empty_dir(parent_fd: int, backing: str) -> None:
             try:
                 diriv = read_diriv(dfd)
             except IntegrityError:
-                diriv = None
+                diriv = None  # a damaged IV is not worth restoring
             os.unlink(DIRIV_NAME, dir_fd=dfd)
         try:
-            os.rmdir(backing, dir_fd=parent_fd)
+            yield
         except OSError:
             if diriv is not None:
                 write_diriv(dfd, diriv)
@@ -166,10 +160,10 @@ def remove_empty_dir(parent_fd: int, backing: str) -> None:
         os.close(dfd)
 
 
-def _is_path_fd(fd: int) -> bool:
-    import fcntl
-
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH)
+def remove_empty_dir(parent_fd: int, backing: str) -> None:
+    """rmdir a backing directory that holds only its IV."""
+    with _emptied(parent_fd, backing):
+        os.rmdir(backing, dir_fd=parent_fd)
 
 
 def rename_over(old_dir_fd: int, old: str, new_dir_fd: int, new: str) -> None:
@@ -181,20 +175,5 @@ def rename_over(old_dir_fd: int, old: str, new_dir_fd: int, new: str) -> None:
     if target is None or not stat.S_ISDIR(target.st_mode):
         os.rename(old, new, src_dir_fd=old_dir_fd, dst_dir_fd=new_dir_fd)
         return
-    dfd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                  dir_fd=new_dir_fd)
-    try:
-        names = os.listdir(dfd)
-        if any(n != DIRIV_NAME for n in names):
-            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
-        diriv = read_diriv(dfd) if names else None
-        if names:
-            os.unlink(DIRIV_NAME, dir_fd=dfd)
-        try:
-            os.rename(old, new, src_dir_fd=old_dir_fd, dst_dir_fd=new_dir_fd)
-        except OSError:
-            if diriv is not None:
-                write_diriv(dfd, diriv)
-            raise
-    finally:
-        os.close(dfd)
+    with _emptied(new_dir_fd, new):
+        os.rename(old, new, src_dir_fd=old_dir_fd, dst_dir_fd=new_dir_fd)
