@@ -283,7 +283,8 @@ class CryptOperations(pyfuse3.Operations):
         xattr if it has one (no data read), else from the header's first bytes."""
         if self._layout_hints:
             try:
-                return parse_layout_hint(os.getxattr(proc_path(inode.fd), LAYOUT_XATTR))
+                where = proc_path(inode.fd) if inode.access == os.O_PATH else inode.fd
+                return parse_layout_hint(os.getxattr(where, LAYOUT_XATTR))
             except OSError:
                 pass  # no hint (made elsewhere, or xattrs not kept): read the header
             except IntegrityError:
