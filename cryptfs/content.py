@@ -18,6 +18,7 @@ flag; in a file so flagged, a non-final block that is all zero bytes reads as
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 
@@ -36,6 +37,22 @@ class BlockError(IntegrityError):
     def __init__(self, block: int | None, what: str = "authentication failed") -> None:
         super().__init__(what)
         self.block = block
+
+
+def pwrite_all(fd: int, pieces: Sequence[bytes], c_off: int) -> None:
+    """pwritev that finishes short writes (raises OSError, e.g. ENOSPC, if it cannot)."""
+    done = os.pwritev(fd, pieces, c_off)
+    total = sum(len(p) for p in pieces)
+    if done == total:
+        return
+    rest = memoryview(b"".join(pieces))[done:]
+    c_off += done
+    while rest:
+        n = os.pwrite(fd, rest, c_off)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        rest = rest[n:]
+        c_off += n
 
 
 def n_blocks(p_size: int) -> int:
@@ -100,7 +117,7 @@ class ContentFile:
         """Initialise an empty backing file: header plus one empty final block."""
         hdr = FileHeader.new(mode, wrapper)
         cf = cls(fd, hdr, 0)
-        os.pwrite(fd, hdr.encode() + cf.cipher.seal(0, b"", True), 0)
+        pwrite_all(fd, [hdr.encode(), cf.cipher.seal(0, b"", True)], 0)
         cf._tail = (0, b"")
         return cf
 
@@ -166,7 +183,7 @@ class ContentFile:
                 end += 1
             first_no = blocks[start][0]
             pieces = self.cipher.seal_run(first_no, [pt for _, pt in blocks[start:end]], final)
-            os.pwritev(self.fd, pieces, self._c_off(first_no))
+            pwrite_all(self.fd, pieces, self._c_off(first_no))
             start = end
         last_no, last_pt = blocks[-1]
         if last_no == final:
@@ -175,7 +192,7 @@ class ContentFile:
     def _mark_sparse(self) -> None:
         if not self.header.sparse:
             self.header = self.header.with_flags(self.header.flags | FLAG_SPARSE)
-            os.pwrite(self.fd, self.header.encode(), 0)
+            pwrite_all(self.fd, [self.header.encode()], 0)
 
     # -- the three operations ----------------------------------------------------------
     def read(self, p_off: int, length: int) -> bytes:
@@ -197,11 +214,13 @@ class ContentFile:
         new_final = n_blocks(new_size) - 1
         first, last = p_off // BS, (end - 1) // BS
         todo: list[tuple[int, bytes | memoryview]] = []
+        # What the final block held, to put back should the backing file fill up.
+        final_pt = self._read_blocks(old_final, old_final)[0] if new_size > old_size else None
 
         if new_final > old_final and old_final < first:
             # The old final block stops being final: reseal it, padded to a full block.
-            (old_pt,) = self._read_blocks(old_final, old_final)
-            todo.append((old_final, old_pt + bytes(BS - len(old_pt))))
+            assert final_pt is not None
+            todo.append((old_final, final_pt + bytes(BS - len(final_pt))))
             if first > old_final + 1:
                 self._mark_sparse()
 
@@ -221,9 +240,33 @@ class ContentFile:
             buf[lo - b_start : hi - b_start] = piece
             todo.append((i, bytes(buf)))
 
-        self._write_blocks(todo, new_final)
+        self._write_or_roll_back(todo, new_final, old_size, final_pt)
         self.size = new_size
         return length
+
+    def _write_or_roll_back(self, blocks: Sequence[tuple[int, bytes | memoryview]], final: int,
+                            old_size: int, final_pt: bytes | None) -> None:
+        """Write blocks; if that fails while the file grows (ENOSPC), cut the
+        backing file back to its old length and restore its final block, so
+        the file keeps its old size and content instead of a damaged tail."""
+        try:
+            self._write_blocks(blocks, final)
+        except OSError:
+            self._tail = None  # the disk may no longer hold what the cache says
+            if final_pt is not None:
+                self._roll_back(old_size, final_pt)
+            raise
+
+    def _roll_back(self, old_size: int, final_pt: bytes) -> None:
+        old_final = n_blocks(old_size) - 1
+        self._tail = None
+        try:
+            os.ftruncate(self.fd, backing_size(old_size, self.h_len, self.overhead))
+            pwrite_all(self.fd, [self.cipher.seal(old_final, final_pt, True)],
+                       self._c_off(old_final))
+            self._tail = (old_final, final_pt)
+        except OSError:
+            pass  # the final block stays damaged: reads of it fail and fsck names it
 
     def truncate(self, new_size: int) -> None:
         old_size = self.size
@@ -245,7 +288,7 @@ class ContentFile:
                     self._mark_sparse()
                 todo = [(old_final, pt + bytes(BS - len(pt))),
                         (new_final, bytes(new_size - new_final * BS))]
-            self._write_blocks(todo, new_final)
+            self._write_or_roll_back(todo, new_final, old_size, pt)
         self.size = new_size
 
     def verify(self) -> list[int]:

@@ -158,3 +158,43 @@ def test_blocks_swapped_or_copied_between_files_fail(tmp_path, mode) -> None:
     os.pwrite(b.fd, os.pread(a.fd, a.h_len, 0), 0)  # a's header on b's blocks
     bad = ContentFile.load(b.fd, WRAPPER)  # the header itself is valid...
     assert bad.verify() == [0, 1, 2]  # ...but no block opens under it
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 256 KiB tmpfs, to run out of space on."""
+    import subprocess
+
+    d = tmp_path / "tiny"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_keeps_the_old_content(tiny_fs, mode) -> None:
+    import errno
+
+    cf = new_file(tiny_fs, mode)
+    original = os.urandom(10 * BS + 123)
+    cf.write(0, original)
+    with pytest.raises(OSError) as e:
+        cf.write(len(original), os.urandom(400 * 1024))  # more than the filesystem holds
+    assert e.value.errno == errno.ENOSPC
+    assert cf.size == len(original)
+    again = ContentFile.load(cf.fd, WRAPPER)
+    assert again.size == len(original)
+    assert again.read(0, 1 << 20) == original
+    assert again.verify() == []
+    filler = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT)  # take every block left
+    with pytest.raises(OSError):
+        while True:
+            os.write(filler, bytes(4096))
+    os.close(filler)
+    with pytest.raises(OSError) as e:
+        cf.truncate(10 << 20 | 77)  # growing: its new final block cannot be stored
+    assert e.value.errno == errno.ENOSPC
+    assert cf.size == len(original)
+    assert ContentFile.load(cf.fd, WRAPPER).read(0, 1 << 20) == original
