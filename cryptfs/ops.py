@@ -17,12 +17,13 @@ thread, so no locks are needed.  Only ``FUSEError`` leaves a handler; see
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -211,6 +212,18 @@ class CryptOperations(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return self.codec.backing_name(name, self._diriv(parent))
+
+    @contextlib.contextmanager
+    def _long_name(self, parent: Inode, backing: str, full: str | None) -> Iterator[None]:
+        """Write a long name's side file for the operation inside the block;
+        remove it again if the operation fails and the side file is new."""
+        created = full is not None and tree.write_long_name(parent.fd, backing, full)
+        try:
+            yield
+        except BaseException:
+            if created:
+                tree.remove_long_name(parent.fd, backing)
+            raise
 
     def _diriv(self, inode: Inode) -> bytes:
         if inode.diriv is None:
@@ -417,9 +430,8 @@ class CryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)  # device nodes have no place in a volume
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
-        if full:
-            tree.write_long_name(parent.fd, backing, full)
-        os.mknod(backing, mode, dir_fd=parent.fd)
+        with self._long_name(parent, backing, full):
+            os.mknod(backing, mode, dir_fd=parent.fd)
         return self._finish_new(parent, backing, ctx)
 
     def _finish_new(self, parent: Inode, backing: str, ctx: pyfuse3.RequestContext
@@ -440,11 +452,10 @@ class CryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST)
         except FileNotFoundError:
             pass
-        if full:
-            tree.write_long_name(parent.fd, backing, full)
         if os.fstat(parent.fd).st_mode & stat.S_ISGID:
             mode |= stat.S_ISGID
-        diriv = tree.make_dir(parent.fd, backing, mode, self._owner(ctx, parent))
+        with self._long_name(parent, backing, full):
+            diriv = tree.make_dir(parent.fd, backing, mode, self._owner(ctx, parent))
         st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         inode, st = self._remember(parent.fd, backing, st)
         inode.diriv = diriv
@@ -456,20 +467,19 @@ class CryptOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
-        if full:
-            tree.write_long_name(parent.fd, backing, full)
-        fd = os.open(backing, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     stat.S_IMODE(mode), dir_fd=parent.fd)
-        try:
-            owner = self._owner(ctx, parent)
-            if owner is not None:
-                os.fchown(fd, *owner)
-            content = ContentFile.create(fd, self._mode_for(parent), self.wrapper)
-            self._set_layout_hint(fd, content)
-        except BaseException:
-            os.close(fd)
-            os.unlink(backing, dir_fd=parent.fd)
-            raise
+        with self._long_name(parent, backing, full):
+            fd = os.open(backing, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         stat.S_IMODE(mode), dir_fd=parent.fd)
+            try:
+                owner = self._owner(ctx, parent)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                content = ContentFile.create(fd, self._mode_for(parent), self.wrapper)
+                self._set_layout_hint(fd, content)
+            except BaseException:
+                os.close(fd)
+                os.unlink(backing, dir_fd=parent.fd)
+                raise
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
         inode.meta = (content.overhead, content.h_len)
@@ -483,9 +493,8 @@ class CryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
-        if full:
-            tree.write_long_name(parent.fd, backing, full)
-        os.symlink(self.codec.seal_target(target), backing, dir_fd=parent.fd)
+        with self._long_name(parent, backing, full):
+            os.symlink(self.codec.seal_target(target), backing, dir_fd=parent.fd)
         return self._finish_new(parent, backing, ctx)
 
     @_edge("inode")
@@ -494,9 +503,8 @@ class CryptOperations(pyfuse3.Operations):
         inode = self._inode(inode_no)
         parent = self._inode(new_parent_inode)
         backing, full = self._backing(parent, new_name)
-        if full:
-            tree.write_long_name(parent.fd, backing, full)
-        sysio.link_empty(inode.fd, parent.fd, backing)
+        with self._long_name(parent, backing, full):
+            sysio.link_empty(inode.fd, parent.fd, backing)
         st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         inode.nlookup += 1
         return self._attr(inode, st)
@@ -528,12 +536,11 @@ class CryptOperations(pyfuse3.Operations):
             # Each name stays in its directory, so no name is re-encrypted.
             sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_EXCHANGE)
             return
-        if full_new:
-            tree.write_long_name(new_parent.fd, b_new, full_new)
-        if flags & pyfuse3.RENAME_NOREPLACE:
-            sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_NOREPLACE)
-        else:
-            tree.rename_over(old_parent.fd, b_old, new_parent.fd, b_new)
+        with self._long_name(new_parent, b_new, full_new):
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_NOREPLACE)
+            else:
+                tree.rename_over(old_parent.fd, b_old, new_parent.fd, b_new)
         if full_old and (b_old, old_parent.ino) != (b_new, new_parent.ino):
             tree.remove_long_name(old_parent.fd, b_old)
 
@@ -628,12 +635,21 @@ class CryptOperations(pyfuse3.Operations):
                     st = os.stat("..", dir_fd=inode.fd)
                     attr = self._attr(Inode(self._fuse_ino(st.st_ino), -1, stat.S_IFDIR), st)
             else:
+                # One entry that cannot be served is skipped, never the listing:
+                # failing the request would also drop the entries already in the
+                # reply, whose lookup counts the kernel would never give back.
                 try:
                     st = os.stat(backing, dir_fd=inode.fd, follow_symlinks=False)
+                    child, st = self._remember(inode.fd, backing, st, count=0)
+                    attr = self._attr(child, st)
                 except FileNotFoundError:
                     continue
-                child, st = self._remember(inode.fd, backing, st, count=0)
-                attr = self._attr(child, st)
+                except (OSError, pyfuse3.FUSEError) as e:
+                    if child is not None:
+                        self._maybe_drop(child)
+                    log.warning("directory inode %d: an entry is hidden (%s)", inode.ino,
+                                os.strerror(e.errno) if e.errno else type(e).__name__)
+                    continue
             if not pyfuse3.readdir_reply(token, p_name, attr, i + 1):
                 if child is not None:
                     self._maybe_drop(child)

@@ -64,15 +64,32 @@ def read_diriv(dir_fd: int) -> bytes:
     return iv
 
 
-def write_long_name(dir_fd: int, backing: str, c_name: str) -> None:
-    """Store the full encrypted name of a long-name entry beside it."""
-    tmp = f"{TMP_PREFIX}{random_bytes(8).hex()}{LONG_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444, dir_fd=dir_fd)
+def write_long_name(dir_fd: int, backing: str, c_name: str) -> bool:
+    """Store the full encrypted name of a long-name entry beside it (atomically).
+
+    Returns True when the side file did not exist before, so that a caller
+    whose operation then fails knows to remove it again.
+    """
+    side = backing + LONG_SUFFIX
     try:
-        os.write(fd, c_name.encode("ascii"))
-    finally:
-        os.close(fd)
-    os.rename(tmp, backing + LONG_SUFFIX, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.stat(side, dir_fd=dir_fd, follow_symlinks=False)
+        existed = True
+    except FileNotFoundError:
+        existed = False
+    tmp = f"{TMP_PREFIX}{random_bytes(8).hex()}{LONG_SUFFIX}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444, dir_fd=dir_fd)
+        try:
+            if os.write(fd, c_name.encode("ascii")) != len(c_name):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        finally:
+            os.close(fd)
+        os.rename(tmp, side, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    return not existed
 
 
 def remove_long_name(dir_fd: int, backing: str) -> None:

@@ -296,3 +296,27 @@ def test_fsck_checks_a_volume_without_damage(mount: Mount, passfile: Path) -> No
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.splitlines() == [
         "checked 2 directories, 2 files (4 blocks), 1 symlinks: clean"]
+
+
+def test_entry_on_another_filesystem_hides_only_itself(mount: Mount) -> None:
+    """A mount inside the backing tree: that entry is refused, the listing
+    still shows the rest, and the daemon keeps no descriptors for it."""
+    mount.path("ex").mkdir()
+    mount.path("ex", "zz").mkdir()
+    for n in ("a", "b", "c"):
+        mount.path("ex", n).write_bytes(n.encode())
+    mount.stop()
+    tree = mount.backing / "tree"
+    (ex,) = [p for p in tree.iterdir() if p.is_dir()]
+    (zz,) = [p for p in ex.iterdir() if p.is_dir()]
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(zz)], check=True)
+    try:
+        mount.start()
+        before = len(os.listdir(f"/proc/{mount.pid}/fd"))
+        assert sorted(os.listdir(mount.path("ex"))) == ["a", "b", "c"]
+        assert mount.path("ex", "b").read_bytes() == b"b"
+        assert "an entry is hidden (Invalid cross-device link)" in mount.log_text()
+        assert len(os.listdir(f"/proc/{mount.pid}/fd")) <= before + 4  # ex, a, b, c; not zz
+        mount.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(zz)], check=False)

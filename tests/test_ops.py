@@ -123,3 +123,40 @@ def test_rename_and_link_keep_inode_and_content(ops) -> None:
     run(ops.unlink, d2.st_ino, b"g", CTX)
     h = run(ops.lookup, d1.st_ino, b"h", CTX)
     assert h.st_nlink == 1 and h.st_size == 7
+
+
+def test_failed_create_of_a_long_name_leaves_no_side_file(tmp_path) -> None:
+    """Out of inodes: the create fails, and neither its side file nor a
+    temporary is left behind to make the directory look non-empty."""
+    import subprocess
+
+    from conftest import make_volume
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=40", "tmpfs", str(small)],
+                   check=True)
+    try:
+        vol = unlock(make_volume(small / "backing"))
+        o = CryptOperations(vol)
+        try:
+            d = run(o.mkdir, ROOT, b"d", stat.S_IFDIR | 0o755, CTX)
+            i = 0
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                while True:  # use up the inodes
+                    fi, _ = run(o.create, ROOT, b"f%d" % i, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+                    run(o.release, fi.fh)
+                    i += 1
+            assert e.value.errno == errno.ENOSPC
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                run(o.create, d.st_ino, b"L" * 200, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+            assert e.value.errno == errno.ENOSPC
+            sub = next(p for p in (small / "backing" / "tree").iterdir() if p.is_dir())
+            assert sorted(p.name for p in sub.iterdir()) == [".diriv"]
+            run(o.rmdir, ROOT, b"d", CTX)  # empty, so it can go
+            assert run(o.lookup, ROOT, b"d", CTX).st_ino == 0
+        finally:
+            o.close()
+            vol.close()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
