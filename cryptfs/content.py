@@ -85,14 +85,6 @@ def read_header_bytes(fd: int) -> bytes:
     return buf
 
 
-def stat_size(fd: int, c_size: int) -> tuple[int, ContentMode, int]:
-    """(plaintext size, mode, header length) of a backing file, from its first bytes."""
-    if c_size == 0:
-        raise BlockError(None, "empty backing file (header missing)")
-    mode, h_len = peek(os.pread(fd, 12, 0))
-    return plain_size(c_size, h_len, mode.overhead), mode, h_len
-
-
 class ContentFile:
     """Read, write and truncate one file's plaintext through its backing fd.
 

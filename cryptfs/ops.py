@@ -56,7 +56,7 @@ class Inode:
         self.nlookup = 0
         self.opens = 0
         self.diriv: bytes | None = None  # directories
-        self.meta: Any = None  # regular: (mode, header length); symlink: target
+        self.meta: Any = None  # regular: (block overhead, header length); symlink: target
         self.content: ContentFile | None = None  # regular files while open
 
 
@@ -121,7 +121,6 @@ class CryptOperations(pyfuse3.Operations):
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
         self._layout_hints = True  # until the backing filesystem refuses an xattr
-        self.integrity_failures = 0
 
     # -- bookkeeping ---------------------------------------------------------------------
     def ino_of(self, target: str, args: tuple[Any, ...]) -> int | None:
@@ -136,7 +135,6 @@ class CryptOperations(pyfuse3.Operations):
         return None
 
     def report_integrity(self, ino: int | None, e: IntegrityError) -> None:
-        self.integrity_failures += 1
         block = getattr(e, "block", None)
         where = "header" if block is None else f"block {block}"
         log.error("integrity failure: inode %s %s: %s", ino, where, e)

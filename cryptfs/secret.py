@@ -38,9 +38,3 @@ class Secret:
     def __exit__(self, *exc: object) -> None:
         self.wipe()
 
-    def __eq__(self, other: object) -> bool:  # constant time, for tests
-        import hmac
-
-        return isinstance(other, Secret) and hmac.compare_digest(self._buf, other._buf)
-
-    __hash__ = None  # type: ignore[assignment]

@@ -43,10 +43,6 @@ FILE_ID_LEN = 16  # bytes
 _AD = struct.Struct(">16sQB")
 
 
-def block_ad(file_id: bytes, block_no: int, last: bool) -> bytes:
-    return _AD.pack(file_id, block_no, 1 if last else 0)
-
-
 class ContentCipher(Protocol):
     """A per-file content cipher (one key, one file id)."""
 
@@ -71,10 +67,6 @@ class ContentMode:
     @property
     def overhead(self) -> int:
         return self.nonce_len + TAG_LEN
-
-    @property
-    def sealed_block_size(self) -> int:
-        return BLOCK_SIZE + self.overhead
 
     def cipher(self, key: bytes, file_id: bytes) -> ContentCipher:
         if len(key) != KEY_LEN or len(file_id) != FILE_ID_LEN:
