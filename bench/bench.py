@@ -490,25 +490,23 @@ class Cryptfs(Target):
             raise RuntimeError(f"{self.name}: daemon {self.pid} died")
 
 
-class Gocryptfs(Target):
-    name = "gocryptfs"
+class _ForegroundPeer(Target):
+    """A peer filesystem run as a foreground daemon and unmounted with fusermount."""
+
     is_peer = True
 
     def __init__(self, base: Path) -> None:
         super().__init__(base)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def create(self) -> None:
-        super().create()
-        run(["gocryptfs", "-init", "-quiet", "-passfile", str(self.passfile), str(self.backing)])
+    def mount_command(self) -> list[str]:
+        raise NotImplementedError
 
     def mount(self) -> None:
         with open(self.logfile, "ab") as lf:
-            self.proc = subprocess.Popen(
-                ["gocryptfs", "-fg", "-quiet", "-passfile", str(self.passfile),
-                 str(self.backing), str(self.mnt)],
-                stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
-        wait_mounted(self.mnt, self.proc, what="gocryptfs")
+            self.proc = subprocess.Popen(self.mount_command(), stdin=subprocess.DEVNULL,
+                                         stdout=lf, stderr=lf)
+        wait_mounted(self.mnt, self.proc, what=self.name)
 
     def unmount(self) -> None:
         fuse_unmount(self.mnt)
@@ -524,30 +522,28 @@ class Gocryptfs(Target):
         return []
 
 
-class Securefs(Target):
-    name = "securefs"
-    is_peer = True
+class Gocryptfs(_ForegroundPeer):
+    name = "gocryptfs"
 
-    def __init__(self, base: Path) -> None:
-        super().__init__(base)
-        self.proc: subprocess.Popen[bytes] | None = None
+    def create(self) -> None:
+        super().create()
+        run(["gocryptfs", "-init", "-quiet", "-passfile", str(self.passfile), str(self.backing)])
+
+    def mount_command(self) -> list[str]:
+        return ["gocryptfs", "-fg", "-quiet", "-passfile", str(self.passfile),
+                str(self.backing), str(self.mnt)]
+
+
+class Securefs(_ForegroundPeer):
+    name = "securefs"
 
     def create(self) -> None:
         super().create()
         # 0.13 defaults: format 4 ("lite": one backing file per file), 4 KiB blocks, Argon2id
         run(["securefs", "create", "--pass", PASSPHRASE, str(self.backing)])
 
-    def mount(self) -> None:
-        with open(self.logfile, "ab") as lf:
-            self.proc = subprocess.Popen(
-                ["securefs", "mount", "--pass", PASSPHRASE, str(self.backing), str(self.mnt)],
-                stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
-        wait_mounted(self.mnt, self.proc, what="securefs")
-
-    unmount = Gocryptfs.unmount
-
-    def new_log_problems(self) -> list[str]:
-        return []
+    def mount_command(self) -> list[str]:
+        return ["securefs", "mount", "--pass", PASSPHRASE, str(self.backing), str(self.mnt)]
 
 
 TARGETS: dict[str, Callable[[Path], Target]] = {
