@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import click
 
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.errors import UsageError
+from cryptfs.keyagent.client import socket_path
+from cryptfs.keyagent.link import watch_agent
 from cryptfs.mount import check_mountpoint, mount_volume
 from cryptfs.mount import unmount as do_unmount
-from cryptfs.volume import open_volume
+from cryptfs.volume import open_volume, read_volume
 
 
 @click.command()
@@ -21,17 +27,42 @@ from cryptfs.volume import open_volume
               help="Write the daemon's log here (default: syslog; stderr in --foreground).")
 @click.option("--pid-file", type=click.Path(dir_okay=False),
               help="Write the daemon's process id here once it is ready.")
+@click.option("--agent", "use_agent", is_flag=True,
+              help="Shared mount for many users (root only): hold no passphrase, serve each "
+              "user only while they are unlocked in the key agent (cryptfs unlock).")
+@click.option("--agent-socket", metavar="PATH",
+              help="The key agent's socket (default: $CRYPTFS_AGENT_SOCKET or "
+              "/run/cryptfs/agent.sock).")
 @passphrase_option()
 @reports_errors
 def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
-          log_file: str | None, pid_file: str | None, passphrase_file: str | None) -> None:
+          log_file: str | None, pid_file: str | None, use_agent: bool,
+          agent_socket: str | None, passphrase_file: str | None) -> None:
     """Unlock BACKING and mount its plaintext view on MOUNTPOINT.
 
     Returns once the filesystem is ready; the filesystem daemon stays in the
     background until `cryptfs unmount MOUNTPOINT`.
+
+    With --agent no passphrase is asked: the mount is shared by all users
+    (allow_other), and a request is served only if its user has unlocked
+    their own key slot with `cryptfs unlock`; everyone else gets "permission
+    denied".  If the agent is unreachable, everyone is denied until it is back.
     """
     check_mountpoint(mountpoint)  # fail before asking for a passphrase
     opts = [o.strip() for group in options for o in group.split(",") if o.strip()]
+    if use_agent:
+        if passphrase_file is not None:
+            raise UsageError("--agent mounts take no passphrase: users unlock with cryptfs unlock")
+        if os.geteuid() != 0:
+            raise UsageError("a shared --agent mount must be started by root")
+        locked = read_volume(backing)
+        link = functools.partial(watch_agent, socket_path(agent_socket), locked.backing)
+        mount_volume(locked, mountpoint, foreground=foreground,
+                     options=[*opts, "allow_other", "default_permissions"],
+                     log_file=log_file, pid_file=pid_file, side_tasks=[link])
+        return
+    if agent_socket is not None:
+        raise UsageError("--agent-socket needs --agent")
     pw = read_passphrase(passphrase_file, "Passphrase")
     with pw:
         vol = open_volume(backing, pw)

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+
 import click
 
 from cryptfs import fsck as fsck_mod
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
 from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, FORMAT_VERSION, Kdf, load_config
-from cryptfs.errors import DamageFound
+from cryptfs.errors import DamageFound, UsageError
 from cryptfs.modes import CONTENT_MODES
-from cryptfs.volume import change_passphrase, init_volume, open_volume
+from cryptfs.users import ROLES, set_passphrase, user_fields
+from cryptfs.volume import init_volume, open_volume
 
 MODE_NAMES = [m.name for m in CONTENT_MODES.values()]
+
+
+def default_user() -> str:
+    """The person running the command (under sudo, the one who ran sudo)."""
+    if os.getuid() == 0 and os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        raise UsageError(f"uid {os.getuid()} has no user name: pass --user NAME") from None
 
 
 def kdf_options(fn):  # type: ignore[no-untyped-def]
@@ -27,22 +41,29 @@ def kdf_options(fn):  # type: ignore[no-untyped-def]
 @click.argument("backing", type=click.Path(file_okay=False))
 @click.option("--mode", type=click.Choice(MODE_NAMES), default="aes-256-gcm", show_default=True,
               help="Default content cipher for new files.")
+@click.option("--user", "first_user", metavar="NAME",
+              help="System user who owns the first key slot (default: you; $SUDO_USER under "
+              "sudo).")
+@click.option("--role", type=click.Choice(ROLES), default="admin", show_default=True,
+              help="Role of the first user.")
 @passphrase_option()
 @kdf_options
 @reports_errors
-def init(backing: str, mode: str, passphrase_file: str | None, kdf_memory: int,
-         kdf_iterations: int) -> None:
+def init(backing: str, mode: str, first_user: str | None, role: str, passphrase_file: str | None,
+         kdf_memory: int, kdf_iterations: int) -> None:
     """Create a new encrypted volume in BACKING (a new or empty directory).
 
     Asks for the passphrase of the first key slot twice (unless
-    --passphrase-file is given).
+    --passphrase-file is given).  That slot belongs to a system user, so the
+    key agent can unlock it for them; add more with `cryptfs user add`.
     """
+    fields = user_fields(first_user or default_user(), role)
     pw = read_passphrase(passphrase_file, "New volume passphrase", confirm=True)
     with pw:
-        vol = init_volume(backing, mode, pw, Kdf(kdf_iterations, kdf_memory * 1024))
+        vol = init_volume(backing, mode, pw, Kdf(kdf_iterations, kdf_memory * 1024), fields)
     vol.close()
     click.echo(f"created cryptfs volume {vol.config.volume_id.hex()} in {backing} "
-               f"(mode {mode}, key slot 0)")
+               f"(mode {mode}; key slot 0 for {fields['user']}, role {role})")
 
 
 @click.command()
@@ -85,7 +106,7 @@ def passwd(backing: str, passphrase_file: str | None, new_passphrase_file: str |
     try:
         new = read_passphrase(new_passphrase_file, "New passphrase", confirm=True)
         with new:
-            change_passphrase(vol, new)
+            set_passphrase(vol, vol.slot, new)
         click.echo(f"passphrase of key slot {vol.slot.id} ({vol.slot.label}) changed")
     finally:
         vol.close()

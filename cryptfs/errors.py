@@ -52,4 +52,5 @@ EXIT_CODES = {
     5: "mount failed (mountpoint missing or busy, no /dev/fuse, fusermount failed)",
     6: "fsck found damage",
     7: "I/O or permission error on the backing directory",
+    8: "the key agent is not running, unreachable, or refused the request",
 }

@@ -14,10 +14,15 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 from cryptfs.errors import MountError
-from cryptfs.volume import Volume
+from cryptfs.volume import LockedVolume, Volume
+
+# A task run beside the filesystem for as long as it is mounted; it gets the
+# operations object (cryptfs.ops.CryptOperations).
+SideTask = Callable[[Any], Awaitable[None]]
 
 log = logging.getLogger("cryptfs")
 
@@ -90,7 +95,7 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def fuse_options(vol: Volume, extra: Iterable[str]) -> set[str]:
+def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> set[str]:
     import pyfuse3
 
     opts = set(pyfuse3.default_options)
@@ -103,8 +108,8 @@ def fuse_options(vol: Volume, extra: Iterable[str]) -> set[str]:
     return opts
 
 
-def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None,
-          pid_file: str | None = None) -> int:
+def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int | None,
+          pid_file: str | None = None, side_tasks: Sequence[SideTask] = ()) -> int:
     """Mount, signal readiness on ``ready_fd``, serve until unmounted."""
     import pyfuse3
     import trio
@@ -139,6 +144,8 @@ def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None,
                         return
 
             nursery.start_soon(on_signal)
+            for task in side_tasks:
+                nursery.start_soon(task, ops)
             # The handlers never await, so each request runs to completion
             # anyway; one worker task spares trio spawning and parking extra
             # ones (about 10% less CPU per request, measured on small files).
@@ -155,8 +162,9 @@ def serve(vol: Volume, mnt: str, options: set[str], ready_fd: int | None,
     return 0
 
 
-def mount_volume(vol: Volume, mountpoint: str, *, foreground: bool, options: Iterable[str],
-                 log_file: str | None = None, pid_file: str | None = None) -> None:
+def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: bool,
+                 options: Iterable[str], log_file: str | None = None,
+                 pid_file: str | None = None, side_tasks: Sequence[SideTask] = ()) -> None:
     mnt = check_mountpoint(mountpoint)
     opts = fuse_options(vol, options)
     if log_file:
@@ -165,7 +173,7 @@ def mount_volume(vol: Volume, mountpoint: str, *, foreground: bool, options: Ite
         pid_file = os.path.abspath(pid_file)
     if foreground:
         setup_logging(log_file, foreground=True)
-        serve(vol, mnt, opts, None, pid_file)
+        serve(vol, mnt, opts, None, pid_file, side_tasks)
         return
 
     r, w = os.pipe()
@@ -180,7 +188,7 @@ def mount_volume(vol: Volume, mountpoint: str, *, foreground: bool, options: Ite
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
-            code = serve(vol, mnt, opts, w, pid_file)
+            code = serve(vol, mnt, opts, w, pid_file, side_tasks)
         except MountError as e:
             os.write(w, f"ERR{e}".encode())
         except BaseException as e:  # report, never a traceback on the user's terminal

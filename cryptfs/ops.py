@@ -27,15 +27,20 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from cryptfs import sysio, tree
 from cryptfs.content import BlockError, ContentFile, plain_size
+from cryptfs.errors import CryptfsError
 from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
+from cryptfs.keys import VolumeKeys
 from cryptfs.modes import IntegrityError
 from cryptfs.modes.content import ContentMode
-from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX
+from cryptfs.modes.wrap import SymmetricWrapper
+from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX, NameCodec
+from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
-from cryptfs.volume import Volume
+from cryptfs.volume import LockedVolume, Volume
 
 log = logging.getLogger("cryptfs")
 
@@ -61,11 +66,24 @@ class Inode:
 
 
 class _Dir:
-    __slots__ = ("inode", "entries")
+    __slots__ = ("inode", "entries", "uid")
 
-    def __init__(self, inode: Inode) -> None:
+    def __init__(self, inode: Inode, uid: int) -> None:
         self.inode = inode
+        self.uid = uid  # who opened it
         self.entries: list[tuple[bytes, str | None]] | None = None
+
+
+class _NoKeys:
+    """Stands in for the name codec and key wrapper while the volume is locked
+    (agent mode, nobody unlocked): any use fails closed.  The access checks
+    deny such requests first; this is the second line."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+
+_NO_KEYS: Any = _NoKeys()
 
 
 def _edge(target: str) -> Callable[[_F], _F]:
@@ -97,13 +115,37 @@ def _edge(target: str) -> Callable[[_F], _F]:
 
 
 class CryptOperations(pyfuse3.Operations):
+    """The filesystem of one volume.
+
+    Given an unlocked :class:`Volume` it serves everyone the kernel lets in
+    (the mount's options and file permissions decide).  Given a
+    :class:`LockedVolume` it runs *gated* (agent mode): it serves a request
+    only if the requesting uid is unlocked in the key agent, and holds the
+    volume's keys only while someone is; the agent link (cryptfs.keyagent.link)
+    drives it through the ``agent_*`` methods.  Gated, it also keeps no
+    plaintext in the kernel's caches: entries and attributes time out at once
+    and file handles use direct I/O, so every lookup, stat, read and write
+    reaches the daemon and its check.
+    """
+
     enable_writeback_cache = True
 
-    def __init__(self, vol: Volume, *, timeout: float = 60.0) -> None:
+    def __init__(self, vol: Volume | LockedVolume, *, timeout: float = 60.0) -> None:
         super().__init__()
         self.vol = vol
-        self.codec = vol.codec()
-        self.wrapper = vol.keys.wrapper
+        self.config = vol.config
+        self.gated = vol.keys is None
+        self.keys: VolumeKeys | None = None
+        self.codec: NameCodec = _NO_KEYS
+        self.wrapper: SymmetricWrapper = _NO_KEYS
+        if vol.keys is not None:
+            self._install(vol.keys)
+        self._unlocked: set[int] = set()  # gated: uids with a session in the agent
+        self._seen: set[int] = set()  # gated: uids served since the last activity report
+        self._fh_uid: dict[int, int] = {}  # file handle -> uid that opened it
+        if self.gated:
+            timeout = 0.0
+            self.enable_writeback_cache = False
         self.timeout = timeout
         self.is_root = os.geteuid() == 0
         self._euid, self._egid = os.geteuid(), os.getegid()
@@ -249,6 +291,81 @@ class CryptOperations(pyfuse3.Operations):
     def _mode_for(self, parent: Inode) -> ContentMode:
         return self.vol.default_mode
 
+    # -- access gate (agent mode) --------------------------------------------------------------
+    def _allow(self, uid: int) -> None:
+        if self.gated:
+            if uid not in self._unlocked or self.keys is None:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            self._seen.add(uid)
+
+    def _install(self, keys: VolumeKeys) -> None:
+        self.keys = keys
+        self.codec = NameCodec(keys)
+        self.wrapper = keys.wrapper
+
+    def _drop_keys(self) -> None:
+        """Forget the keys and everything decrypted with them."""
+        if self.keys is not None:
+            self.keys.close()
+        self.keys = None
+        self.codec = _NO_KEYS
+        self.wrapper = _NO_KEYS
+        for inode in self._inodes.values():
+            inode.content = None  # reloaded (header checked again) at the next use
+            if inode.kind == stat.S_IFLNK:
+                inode.meta = None  # a decrypted symlink target
+
+    def agent_state(self, uids: list[int], master: Secret | None) -> None:
+        self._unlocked = set(uids)
+        if master is None:
+            self._drop_keys()
+        else:
+            self.agent_keys(master)
+
+    def agent_keys(self, master: Secret) -> None:
+        keys = VolumeKeys(Secret(master.reveal()), self.config.key_id)
+        try:
+            self.config.verify(keys)
+        except CryptfsError:
+            keys.close()
+            self._drop_keys()
+            log.error("the key agent's key does not authenticate this volume's config: "
+                      "refused; access stays denied")
+            return
+        self._drop_keys()
+        self._install(keys)
+        log.info("volume keys received from the key agent")
+
+    def agent_wipe(self) -> None:
+        self._drop_keys()
+        log.info("nobody is unlocked any more: volume keys wiped")
+
+    def agent_unlocked(self, uid: int) -> None:
+        self._unlocked.add(uid)
+        log.info("uid %d unlocked: access granted", uid)
+
+    async def agent_locked(self, uid: int) -> None:
+        self._unlocked.discard(uid)
+        log.info("uid %d locked: access revoked", uid)
+        # Pages of its open files that a program mapped with mmap (the only
+        # plaintext a gated mount leaves in the page cache) are dropped, so
+        # touching them again asks the daemon, which refuses.
+        inos = {self._files[fh].ino for fh, owner in self._fh_uid.items()
+                if owner == uid and fh in self._files}
+        for ino in inos:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError:
+                pass  # the kernel no longer knows the inode
+
+    def agent_lost(self, why: str) -> None:
+        self._unlocked.clear()
+        self._drop_keys()
+
+    def take_activity(self) -> set[int]:
+        seen, self._seen = self._seen, set()
+        return seen
+
     # -- attributes ------------------------------------------------------------------------
     def _attr(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -358,16 +475,26 @@ class CryptOperations(pyfuse3.Operations):
         if inode.opens == 0:
             inode.content = None
 
-    def _open_handle(self, inode: Inode) -> int:
+    def _open_handle(self, inode: Inode, uid: int) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = inode
+        self._fh_uid[fh] = uid
         inode.opens += 1
-        return fh
+        if self.gated:
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _handle(self, fh: int) -> Inode:
+        """The inode of an open file handle, if its opener may still use it."""
+        if self.gated:
+            self._allow(self._fh_uid[fh])
+        return self._files[fh]
 
     # -- lookups and attributes -------------------------------------------------------------
     @_edge("inode")
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
+        self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, _ = self._backing(parent, name)
         try:
@@ -387,6 +514,8 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def getattr(self, inode_no: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
+        if inode_no != ROOT:
+            self._allow(ctx.uid)
         inode = self._inode(inode_no)
         return self._attr(inode, os.fstat(inode.fd))
 
@@ -394,6 +523,7 @@ class CryptOperations(pyfuse3.Operations):
     async def setattr(self, inode_no: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if fields.update_size:
             if inode.kind != stat.S_IFREG:
@@ -418,12 +548,14 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("inode")
     async def readlink(self, inode_no: int, ctx: pyfuse3.RequestContext) -> bytes:
+        self._allow(ctx.uid)
         return self._target(self._inode(inode_no))
 
     # -- creating and removing entries -------------------------------------------------------
     @_edge("inode")
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._allow(ctx.uid)
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
             raise pyfuse3.FUSEError(errno.EPERM)  # device nodes have no place in a volume
         parent = self._inode(parent_inode)
@@ -443,6 +575,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         try:
@@ -463,6 +596,7 @@ class CryptOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         with self._long_name(parent, backing, full):
@@ -481,12 +615,12 @@ class CryptOperations(pyfuse3.Operations):
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
         inode.meta = (content.overhead, content.h_len)
-        fh = self._open_handle(inode)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(inode, st)
+        return self._open_handle(inode, ctx.uid), self._attr(inode, st)
 
     @_edge("inode")
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._allow(ctx.uid)
         if len(target) > MAX_SYMLINK_TARGET:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         parent = self._inode(parent_inode)
@@ -498,6 +632,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def link(self, inode_no: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._allow(ctx.uid)
         inode = self._inode(inode_no)
         parent = self._inode(new_parent_inode)
         backing, full = self._backing(parent, new_name)
@@ -509,6 +644,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("inode")
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         os.unlink(backing, dir_fd=parent.fd)
@@ -517,6 +653,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("inode")
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         tree.remove_empty_dir(parent.fd, backing)
@@ -526,6 +663,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._allow(ctx.uid)
         old_parent = self._inode(parent_inode_old)
         new_parent = self._inode(parent_inode_new)
         b_old, full_old = self._backing(old_parent, name_old)
@@ -546,6 +684,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def open(self, inode_no: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        self._allow(ctx.uid)
         inode = self._inode(inode_no)
         want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         try:
@@ -555,17 +694,15 @@ class CryptOperations(pyfuse3.Operations):
         except BaseException:
             self._unload_content(inode)
             raise
-        return pyfuse3.FileInfo(fh=self._open_handle(inode), keep_cache=True)
+        return self._open_handle(inode, ctx.uid)
 
     @_edge("fh")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        content = self._files[fh].content
-        assert content is not None
-        return content.read(off, size)
+        return self._content(self._handle(fh), want_write=False).read(off, size)
 
     @_edge("fh")
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self._content(self._files[fh], want_write=True).write(off, buf)
+        return self._content(self._handle(fh), want_write=True).write(off, buf)
 
     @_edge("fh")
     async def flush(self, fh: int) -> None:
@@ -576,7 +713,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("fh")
     async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self._files[fh].fd
+        fd = self._handle(fh).fd
         if datasync:
             os.fdatasync(fd)
         else:
@@ -585,6 +722,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("fh")
     async def release(self, fh: int) -> None:
         inode = self._files.pop(fh)
+        del self._fh_uid[fh]
         inode.opens -= 1
         self._unload_content(inode)
         self._maybe_drop(inode)
@@ -592,9 +730,10 @@ class CryptOperations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------------
     @_edge("inode")
     async def opendir(self, inode_no: int, ctx: pyfuse3.RequestContext) -> int:
+        self._allow(ctx.uid)
         inode = self._inode(inode_no)
         fh = self._new_fh()
-        self._dirs[fh] = _Dir(inode)
+        self._dirs[fh] = _Dir(inode, ctx.uid)
         return fh
 
     def _snapshot(self, inode: Inode) -> list[tuple[bytes, str | None]]:
@@ -619,6 +758,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("dir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
+        self._allow(d.uid)
         inode = d.inode
         if d.entries is None or start_id == 0:
             d.entries = self._snapshot(inode)
@@ -693,6 +833,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def setxattr(self, inode_no: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR) and name.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(errno.EPERM)  # as Linux: no user.* xattrs on special files
@@ -701,6 +842,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("inode")
     async def getxattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if not name.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -715,6 +857,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("inode")
     async def listxattr(self, inode_no: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
             return []
@@ -730,6 +873,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("inode")
     async def removexattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._allow(ctx.uid)
         inode = self._inode(inode_no)
         path, c_name = self._xattr_target(inode, name)
         try:

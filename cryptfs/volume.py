@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from cryptfs import tree
 from cryptfs.config import (
@@ -32,12 +33,9 @@ from cryptfs.names import NameCodec
 from cryptfs.secret import Secret
 
 
-@dataclass
-class Volume:
+class _Backing:
     backing: str
     config: VolumeConfig
-    keys: VolumeKeys
-    slot: Slot
 
     @property
     def tree(self) -> str:
@@ -47,6 +45,27 @@ class Volume:
     def default_mode(self) -> ContentMode:
         return content_mode_by_name(self.config.default_mode)
 
+
+@dataclass
+class LockedVolume(_Backing):
+    """A volume whose config was read but not unlocked: a mount in agent mode
+    starts with this and gets the keys from the agent while anyone is unlocked."""
+
+    backing: str
+    config: VolumeConfig
+    keys: None = None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Volume(_Backing):
+    backing: str
+    config: VolumeConfig
+    keys: VolumeKeys
+    slot: Slot
+
     def codec(self) -> NameCodec:
         return NameCodec(self.keys)
 
@@ -54,8 +73,13 @@ class Volume:
         self.keys.close()
 
 
-def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf) -> Volume:
-    """Create a volume in an empty (or new) directory."""
+def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
+                first_user: dict[str, Any] | None = None) -> Volume:
+    """Create a volume in an empty (or new) directory.
+
+    ``first_user`` holds the user fields (user, uid, role) of the first key
+    slot; without them it is an "owner" slot that belongs to no system user.
+    """
     backing = os.path.abspath(backing)
     content_mode_by_name(mode)
     try:
@@ -71,7 +95,8 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf) -> Volume
         raise BackingIOError(f"{backing}: {e.strerror}") from None
     cfg = new_config(mode, kdf)
     master = Secret(random_bytes(MASTER_KEY_LEN))
-    cfg.slots.append(cfg.make_slot(master, passphrase, "owner"))
+    label = str(first_user["user"]) if first_user else "owner"
+    cfg.slots.append(cfg.make_slot(master, passphrase, label, **(first_user or {})))
     keys = VolumeKeys(master, cfg.key_id)
     cfg.seal(keys)
     try:
@@ -87,24 +112,16 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf) -> Volume
     return Volume(backing, cfg, keys, cfg.slots[0])
 
 
-def open_volume(backing: str, passphrase: Secret) -> Volume:
+def read_volume(backing: str) -> LockedVolume:
+    """The volume's config, not yet authenticated (that needs a key)."""
     backing = os.path.abspath(backing)
-    cfg = load_config(backing)
-    keys, slot = cfg.unlock(passphrase)
-    vol = Volume(backing, cfg, keys, slot)
+    vol = LockedVolume(backing, load_config(backing))
     if not os.path.isdir(vol.tree):
-        keys.close()
         raise NotAVolume(f"{backing}: the encrypted tree ({TREE_NAME}/) is missing")
     return vol
 
 
-def change_passphrase(vol: Volume, new: Secret, kdf: Kdf | None = None) -> None:
-    """Re-wrap the master key in the caller's slot under a new passphrase."""
-    cfg = vol.config
-    fresh = cfg.make_slot(vol.keys.master, new, vol.slot.label, kdf=kdf or vol.slot.kdf,
-                          slot_id=vol.slot.id, **vol.slot.extra)
-    fresh.created = vol.slot.created
-    cfg.slots = [fresh if s.id == fresh.id else s for s in cfg.slots]
-    cfg.seal(vol.keys)
-    save_config(vol.backing, cfg)
-    vol.slot = fresh
+def open_volume(backing: str, passphrase: Secret) -> Volume:
+    locked = read_volume(backing)
+    keys, slot = locked.config.unlock(passphrase)
+    return Volume(locked.backing, locked.config, keys, slot)

@@ -1,0 +1,98 @@
+"""unlock, lock, status: a user's sessions in the key agent."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.errors import UsageError
+from cryptfs.keyagent.client import AgentClient
+from cryptfs.mount import mounts
+from cryptfs.users import system_user
+
+SOCKET_HELP = "The key agent's socket (default: $CRYPTFS_AGENT_SOCKET or /run/cryptfs/agent.sock)."
+
+
+def backing_of(path: str) -> str:
+    """BACKING given directly, or the mountpoint of a cryptfs mount of it."""
+    real = os.path.realpath(path)
+    for mp, fstype, source in mounts():
+        if mp == real and fstype.startswith("fuse") and source.startswith("cryptfs:"):
+            return source.split(":", 1)[1]
+    return real
+
+
+def _as_uid(user: str | None) -> dict[str, int]:
+    return {"uid": system_user(user).pw_uid} if user else {}
+
+
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False, readable=False))
+@passphrase_option()
+@click.option("--user", metavar="NAME", help="Unlock for another user (root only; needs "
+              "that user's passphrase). Default: yourself.")
+@click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
+@reports_errors
+def unlock(backing: str, passphrase_file: str | None, user: str | None,
+           agent_socket: str | None) -> None:
+    """Open your key slot of BACKING in the key agent.
+
+    BACKING is the volume's backing directory or the mountpoint of its
+    shared (--agent) mount.  From then on that mount serves you, until
+    `cryptfs lock`, the agent's idle timeout, or the agent stops.
+    """
+    target = backing_of(backing)
+    client = AgentClient(agent_socket)
+    pw = read_passphrase(passphrase_file, f"Passphrase for {target}")
+    with pw:
+        answer = client.request({"op": "unlock", "backing": target, **_as_uid(user)}, pw)
+    idle = answer.get("idle_timeout") or 0
+    click.echo(f"unlocked {answer.get('backing')} (volume {answer.get('volume_id')}, key slot "
+               f"{answer.get('slot')})" + (f"; locks after {idle:g} s idle" if idle else ""))
+
+
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False, readable=False), required=False)
+@click.option("--user", metavar="NAME", help="Lock another user's sessions (root only).")
+@click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
+@reports_errors
+def lock(backing: str | None, user: str | None, agent_socket: str | None) -> None:
+    """End your session for BACKING (all your sessions if BACKING is omitted).
+
+    A shared mount stops serving you at once: open files can no longer be
+    read or written.
+    """
+    msg: dict[str, object] = {"op": "lock", **_as_uid(user)}
+    if backing is not None:
+        msg["backing"] = backing_of(backing)
+    answer = AgentClient(agent_socket).request(msg)
+    click.echo(answer.get("message") or "locked")
+
+
+@click.command()
+@click.option("--all", "all_users", is_flag=True, help="Every user's sessions (root only).")
+@click.option("--user", metavar="NAME", help="Another user's sessions (root only).")
+@click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
+@reports_errors
+def status(all_users: bool, user: str | None, agent_socket: str | None) -> None:
+    """Show your unlocked sessions and how long until each locks when idle.
+
+    Exits 0 with "no sessions" if nothing is unlocked; exits 8 if no agent
+    answers.
+    """
+    if all_users and user:
+        raise UsageError("--all and --user exclude each other")
+    answer = AgentClient(agent_socket).request({"op": "status", "all": all_users,
+                                                **_as_uid(user)})
+    sessions = answer.get("sessions") or []
+    if not sessions:
+        click.echo("no sessions")
+        return
+    for s in sessions:
+        left = s.get("idle_left")
+        idle = "never locks when idle" if left is None else f"locks in {left:.0f} s if idle"
+        click.echo(f"{s.get('user')} (uid {s.get('uid')}): {s.get('backing')} "
+                   f"[volume {s.get('volume_id')}, slot {s.get('slot')}] unlocked "
+                   f"{s.get('unlocked_at')}, {idle}")

@@ -1,0 +1,175 @@
+"""Users of a volume: one key slot per system user, with a role.
+
+A user slot is an ordinary key slot (cryptfs.config) whose extra fields name
+the system user it belongs to::
+
+    {"id": 3, "label": "alice", "user": "alice", "uid": 1001, "role": "agent", ...}
+
+The extra fields are covered by the config MAC like everything else, so a
+slot added, removed, or re-assigned to another uid by editing the file is
+detected at the next unlock.  Adding or removing a slot needs the master key,
+that is a passphrase that already opens the volume: root alone cannot add
+itself.
+
+``BACKING/cryptfs.lastuse`` records when each slot was last unlocked.  It is
+informational only (not authenticated, never trusted for a decision), so it
+lives outside the config and writing it never needs the master key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptfs.config import Kdf, Slot, VolumeConfig, save_config
+from cryptfs.errors import UsageError
+from cryptfs.secret import Secret
+from cryptfs.volume import Volume
+
+ROLES = ("agent", "supervisor", "technician", "admin", "auditor")
+DEFAULT_ROLE = "agent"
+LASTUSE_NAME = "cryptfs.lastuse"
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    slot_id: int
+    name: str
+    uid: int | None
+    role: str
+    added: str
+    last_unlock: str | None
+
+
+def system_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise UsageError(f"{name!r} is not a user of this system",
+                         hint="create it first (useradd), or check the spelling") from None
+
+
+def user_name_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def slot_uid(slot: Slot) -> int | None:
+    uid = slot.extra.get("uid")
+    return uid if isinstance(uid, int) and not isinstance(uid, bool) else None
+
+
+def slot_role(slot: Slot) -> str:
+    role = slot.extra.get("role")
+    return role if isinstance(role, str) and role in ROLES else DEFAULT_ROLE
+
+
+def slot_for_uid(cfg: VolumeConfig, uid: int) -> Slot | None:
+    for slot in cfg.slots:
+        if slot_uid(slot) == uid:
+            return slot
+    return None
+
+
+def slot_for_name(cfg: VolumeConfig, name: str) -> Slot:
+    for slot in cfg.slots:
+        if slot.extra.get("user") == name or (slot_uid(slot) is None and slot.label == name):
+            return slot
+    raise UsageError(f"{name!r} has no key slot in this volume", hint="see: cryptfs user list")
+
+
+def user_fields(name: str, role: str) -> dict[str, Any]:
+    if role not in ROLES:
+        raise UsageError(f"unknown role {role!r} (one of: {', '.join(ROLES)})")
+    pw = system_user(name)
+    return {"user": pw.pw_name, "uid": pw.pw_uid, "role": role}
+
+
+def add_user(vol: Volume, name: str, role: str, passphrase: Secret, kdf: Kdf | None = None) -> Slot:
+    """A new key slot for system user ``name``; the config is re-sealed and saved."""
+    fields = user_fields(name, role)
+    cfg = vol.config
+    if slot_for_uid(cfg, fields["uid"]) is not None:
+        raise UsageError(f"{name} (uid {fields['uid']}) already has a key slot",
+                         hint=f"cryptfs user passwd {vol.backing} {name} to change the passphrase")
+    slot = cfg.make_slot(vol.keys.master, passphrase, name, kdf=kdf, **fields)
+    cfg.slots.append(slot)
+    cfg.seal(vol.keys)
+    save_config(vol.backing, cfg)
+    return slot
+
+
+def remove_user(vol: Volume, name: str) -> Slot:
+    cfg = vol.config
+    slot = slot_for_name(cfg, name)
+    if len(cfg.slots) == 1:
+        raise UsageError(f"{name} holds the volume's only key slot; removing it would lock "
+                         "everyone out for good", hint="add another user first")
+    cfg.slots = [s for s in cfg.slots if s.id != slot.id]
+    cfg.seal(vol.keys)
+    save_config(vol.backing, cfg)
+    return slot
+
+
+def set_passphrase(vol: Volume, slot: Slot, new: Secret, kdf: Kdf | None = None) -> Slot:
+    """Re-wrap the master key in ``slot`` under ``new``; nothing else changes."""
+    cfg = vol.config
+    fresh = cfg.make_slot(vol.keys.master, new, slot.label, kdf=kdf or slot.kdf,
+                          slot_id=slot.id, **slot.extra)
+    fresh.created = slot.created
+    cfg.slots = [fresh if s.id == slot.id else s for s in cfg.slots]
+    cfg.seal(vol.keys)
+    save_config(vol.backing, cfg)
+    if vol.slot.id == slot.id:
+        vol.slot = fresh
+    return fresh
+
+
+def _lastuse_path(backing: str) -> str:
+    return os.path.join(backing, LASTUSE_NAME)
+
+
+def read_lastuse(backing: str) -> dict[str, str]:
+    try:
+        with open(_lastuse_path(backing), "rb") as f:
+            d = json.loads(f.read(1 << 20))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(d, dict):
+        return {}
+    return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def record_unlock(backing: str, slot_id: int) -> None:
+    """Note the time of a successful unlock of ``slot_id`` (best effort: raises OSError)."""
+    d = read_lastuse(backing)
+    d[str(slot_id)] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path = _lastuse_path(backing)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(d, f, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def list_users(cfg: VolumeConfig, backing: str) -> list[UserInfo]:
+    last = read_lastuse(backing)
+    out = []
+    for s in cfg.slots:
+        uid = slot_uid(s)
+        name = s.extra.get("user")
+        out.append(UserInfo(
+            slot_id=s.id,
+            name=name if isinstance(name, str) else s.label,
+            uid=uid,
+            role=slot_role(s),
+            added=s.created,
+            last_unlock=last.get(str(s.id)),
+        ))
+    return out

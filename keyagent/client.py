@@ -1,0 +1,96 @@
+"""A blocking client of the agent, for the command line."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from cryptfs.errors import CryptfsError, WrongPassphrase
+from cryptfs.keyagent import protocol as p
+from cryptfs.secret import Secret
+
+DEFAULT_SOCKET = "/run/cryptfs/agent.sock"
+
+
+def socket_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("CRYPTFS_AGENT_SOCKET") or DEFAULT_SOCKET
+
+
+class AgentError(CryptfsError):
+    """The agent is unreachable, or refused the request."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, code: str = p.INTERNAL, hint: str | None = None,
+                 reply: dict[str, Any] | None = None) -> None:
+        super().__init__(message, hint)
+        self.code = code
+        self.reply = reply or {}
+
+
+class AgentClient:
+    def __init__(self, path: str | None = None, timeout: float = 60.0) -> None:
+        self.path = socket_path(path)
+        self.timeout = timeout
+
+    def _connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            raise AgentError(f"no key agent is running at {self.path}",
+                             hint="start it: systemctl start cryptfs-agent.socket "
+                                  "(or run cryptfs-agent)") from None
+        except PermissionError:
+            s.close()
+            raise AgentError(f"permission denied connecting to {self.path}") from None
+        return s
+
+    @staticmethod
+    def _recv_exact(s: socket.socket, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            if not chunk:
+                raise AgentError("the key agent closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def request(self, msg: dict[str, Any], secret: Secret | None = None) -> dict[str, Any]:
+        """Send one request and return the reply; raises AgentError if it is not ok."""
+        s = self._connect()
+        try:
+            data = p.encode({**msg, "secret": True} if secret is not None else msg)
+            if secret is not None:
+                data += p.frame(p.FRAME_SECRET, secret.reveal())
+            try:
+                s.sendall(data)
+                n = p.frame_length(self._recv_exact(s, p.LEN_BYTES))
+                body = self._recv_exact(s, n)
+                answer = p.decode(body[0], body[1:])
+            except TimeoutError:
+                raise AgentError("the key agent did not answer in time") from None
+            except p.ProtocolError as e:
+                raise AgentError(f"bad reply from the key agent: {e}") from None
+            except OSError as e:
+                raise AgentError(f"lost the connection to the key agent: {e.strerror or e}") from None
+        finally:
+            s.close()
+        if not answer.get("ok"):
+            code = str(answer.get("code"))
+            text = str(answer.get("message") or code)
+            if code == p.WRONG_PASSPHRASE:
+                err: CryptfsError = WrongPassphrase(text + _retry_hint(answer))
+                raise err
+            raise AgentError(text, code=code, reply=answer)
+        return answer
+
+
+def _retry_hint(answer: dict[str, Any]) -> str:
+    wait = answer.get("retry_after")
+    if isinstance(wait, (int, float)) and wait >= 1:
+        return f" (next attempt allowed in {wait:.0f} s)"
+    return ""

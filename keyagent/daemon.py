@@ -1,0 +1,166 @@
+"""``cryptfs-agent``: start the key agent (directly, or socket-activated by systemd)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import pwd
+import resource
+import socket
+import stat
+import sys
+
+import click
+import trio
+
+from cryptfs.keyagent.client import DEFAULT_SOCKET
+from cryptfs.keyagent.server import Agent, AgentOptions
+
+log = logging.getLogger("cryptfs.agent")
+
+_PR_SET_DUMPABLE = 4
+_SD_LISTEN_FDS_START = 3
+
+
+def harden() -> list[str]:
+    """No core dumps and no ptrace by other processes of the same uid.
+
+    Returns what could not be done (for the log).  PR_SET_DUMPABLE 0 also
+    makes /proc/PID/mem, environ and the like root-owned.  Root with
+    CAP_SYS_PTRACE can still read the agent's memory; nothing in user space
+    can stop that.
+    """
+    missed = []
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError) as e:
+        missed.append(f"core dumps not disabled: {e}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        missed.append(f"PR_SET_DUMPABLE failed: {os.strerror(ctypes.get_errno())}")
+    return missed
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def activated_socket() -> socket.socket | None:
+    """The listening socket systemd passed (sd_listen_fds protocol), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    n = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    if n < 1:
+        return None
+    return socket.socket(fileno=_SD_LISTEN_FDS_START)
+
+
+def bind_socket(path: str) -> socket.socket:
+    """Listen on ``path`` (mode 0666: the kernel's peer credentials, not the
+    file mode, decide what a caller may do); refuse if an agent answers there."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    st = os.lstat(directory)
+    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise click.ClickException(f"{directory} must be owned by uid {os.geteuid()} and "
+                                   "writable by it alone")
+    if os.path.lexists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise click.ClickException(f"an agent is already listening on {path}")
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                raise
+            os.unlink(path)  # stale socket of an agent that is gone
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o111)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o666)  # noqa: S103 - every user must reach it; SO_PEERCRED decides
+    sock.listen(512)
+    return sock
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True,
+              envvar="CRYPTFS_AGENT_SOCKET",
+              help="Unix socket to listen on (ignored when systemd passes one).")
+@click.option("--idle-timeout", type=click.FloatRange(0), default=900, show_default=True,
+              metavar="SECONDS", help="Lock a session after this long without use (0: never).")
+@click.option("--request-timeout", type=click.FloatRange(0.1), default=10, show_default=True,
+              metavar="SECONDS", help="Close a connection whose request does not arrive in time.")
+@click.option("--backoff", type=click.FloatRange(0), default=1, show_default=True,
+              metavar="SECONDS", help="Wait after a failed unlock; doubles with each failure "
+              "in a row.")
+@click.option("--backoff-max", type=click.FloatRange(0), default=300, show_default=True,
+              metavar="SECONDS", help="Longest wait between failed unlocks.")
+@click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--service-user", metavar="NAME",
+              help="A user besides root that may watch volumes and act for others "
+              "(for a mount service that does not run as root).")
+@click.option("--log-file", type=click.Path(dir_okay=False),
+              help="Append the log here (default: standard error, which systemd keeps).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
+def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff: float,
+         backoff_max: float, max_connections: int, service_user: str | None,
+         log_file: str | None, verbose: bool) -> None:
+    """The cryptfs key agent: holds unlocked volume keys per user.
+
+    Users unlock with `cryptfs unlock BACKING`; mounts started with
+    `cryptfs mount --agent` ask it who is unlocked.  It runs in the foreground
+    (under systemd, normally socket-activated); SIGTERM locks every session
+    and stops it.  The protocol is described in docs/AGENT.md.
+    """
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s cryptfs-agent[%(process)d] "
+                                           "%(levelname)s: %(message)s"))
+    root = logging.getLogger("cryptfs")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+    service_uid = None
+    if service_user:
+        try:
+            service_uid = pwd.getpwnam(service_user).pw_uid
+        except KeyError:
+            raise click.ClickException(f"--service-user {service_user!r} is not a user") from None
+    for problem in harden():
+        log.warning("hardening: %s", problem)
+    _raise_fd_limit()
+    sock = activated_socket()
+    if sock is None:
+        try:
+            sock = bind_socket(socket_path)
+        except OSError as e:
+            raise click.ClickException(f"cannot listen on {socket_path}: {e.strerror}") from None
+        log.info("listening on %s", socket_path)
+    else:
+        log.info("listening on the socket passed by systemd")
+    opts = AgentOptions(idle_timeout=idle_timeout, request_timeout=request_timeout,
+                        backoff_base=backoff, backoff_max=backoff_max,
+                        max_connections=max_connections, service_uid=service_uid)
+    agent = Agent(opts)
+    trio_sock = trio.socket.from_stdlib_socket(sock)
+    try:
+        trio.run(agent.run, trio_sock)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        agent.store.close_all()
+        log.info("agent stopped; every session is locked")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The mount's side of the agent: a trio task that keeps a *watch* connection.
+
+It tells a :class:`Gatekeeper` (the filesystem) which uids are unlocked and
+hands it the volume's master key while anyone is; the filesystem serves
+only those uids.  Every ``ping_every`` seconds it pings the agent and reports
+which uids used the volume (so their sessions do not idle out); if the agent
+does not answer in time, or the connection breaks, the gatekeeper is told
+the agent is lost and denies everyone (fail closed) until the link is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any, Protocol
+
+import trio
+
+from cryptfs.keyagent import protocol as p
+from cryptfs.keyagent.server import Conn
+from cryptfs.secret import Secret
+
+log = logging.getLogger("cryptfs")
+
+
+class Gatekeeper(Protocol):
+    def agent_state(self, uids: list[int], master: Secret | None) -> None: ...
+    def agent_keys(self, master: Secret) -> None: ...
+    def agent_wipe(self) -> None: ...
+    def agent_unlocked(self, uid: int) -> None: ...
+    async def agent_locked(self, uid: int) -> None: ...
+    def agent_lost(self, why: str) -> None: ...
+    def take_activity(self) -> set[int]: ...
+
+
+class LinkError(Exception):
+    pass
+
+
+def _uids(msg: dict[str, Any]) -> list[int]:
+    uids = msg.get("uids")
+    if not isinstance(uids, list) or not all(isinstance(u, int) for u in uids):
+        raise LinkError("malformed state from the agent")
+    return uids
+
+
+async def watch_agent(socket_path: str, backing: str, gate: Gatekeeper, *,
+                      ping_every: float = 2.0, answer_within: float = 5.0,
+                      retry_max: float = 2.0) -> None:
+    """Run until cancelled, reconnecting whenever the agent is gone."""
+    delay = 0.1
+    up = False
+    last_problem = ""
+    while True:
+        try:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with trio.fail_after(answer_within):
+                    await sock.connect(socket_path)
+            except BaseException:
+                sock.close()
+                raise
+            async with trio.SocketStream(sock) as stream:
+                conn = Conn(stream)
+                await conn.send({"op": "watch", "backing": backing})
+                with trio.fail_after(answer_within):
+                    state, master = await conn.read_message()
+                if not state.get("ok") or state.get("event") != "state":
+                    raise LinkError(f"the agent refused to serve this volume: "
+                                    f"{state.get('message') or state.get('code')}")
+                try:
+                    gate.agent_state(_uids(state), master)
+                finally:
+                    if master is not None:
+                        master.wipe()
+                log.info("key agent connected at %s: %d user(s) unlocked", socket_path,
+                         len(state["uids"]))
+                up, delay, last_problem = True, 0.1, ""
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_pinger, conn, gate, ping_every)
+                    await _events(conn, gate, ping_every + answer_within)
+                    nursery.cancel_scope.cancel()
+                raise LinkError("the agent closed the connection")
+        except (OSError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.TooSlowError, p.ProtocolError, LinkError) as e:
+            why = _describe(e)
+            if up or why != last_problem:
+                log.warning("key agent unavailable (%s): access denied to everyone until it "
+                            "is back", why)
+            gate.agent_lost(why)
+            up, last_problem = False, why
+        await trio.sleep(delay)
+        delay = min(delay * 2, retry_max)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, trio.TooSlowError):
+        return "no answer in time"
+    if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+        return "not running"
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, (EOFError, trio.BrokenResourceError, trio.ClosedResourceError)):
+        return "connection lost"
+    return str(e)
+
+
+async def _pinger(conn: Conn, gate: Gatekeeper, every: float) -> None:
+    while True:
+        seen = gate.take_activity()
+        if seen:
+            await conn.send({"op": "activity", "uids": sorted(seen)})
+        await conn.send({"op": "ping"})
+        await trio.sleep(every)
+
+
+async def _events(conn: Conn, gate: Gatekeeper, within: float) -> None:
+    while True:
+        with trio.fail_after(within):
+            try:
+                msg, secret = await conn.read_message()
+            except EOFError:
+                return
+        try:
+            event = msg.get("event")
+            if not msg.get("ok"):
+                raise LinkError(f"agent error: {msg.get('message') or msg.get('code')}")
+            if event == "keys":
+                if secret is None:
+                    raise LinkError("keys event without a key")
+                gate.agent_keys(secret)
+            elif event == "wipe":
+                gate.agent_wipe()
+            elif event == "unlocked" and isinstance(msg.get("uid"), int):
+                gate.agent_unlocked(msg["uid"])
+            elif event == "locked" and isinstance(msg.get("uid"), int):
+                await gate.agent_locked(msg["uid"])
+            elif event != "pong":
+                log.warning("key agent sent an unknown event %r (ignored)", event)
+        finally:
+            if secret is not None:
+                secret.wipe()

@@ -1,0 +1,430 @@
+"""The agent daemon: one trio task per connection, the key store in the middle.
+
+Every connection is authenticated by the kernel (SO_PEERCRED): a caller acts
+for its own uid only, unless it is root or the configured service user, who
+may act for any uid and may *watch* a volume (receive its master key and the
+set of unlocked uids; this is what a mount in agent mode does).
+
+A connection that misbehaves (garbage, an oversize frame, a request that
+does not arrive in time) gets one error reply and is closed; nothing it does
+reaches another connection.  Every request must arrive whole within
+``request_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from cryptfs.config import VolumeConfig, load_config
+from cryptfs.errors import CryptfsError
+from cryptfs.keyagent import protocol as p
+from cryptfs.keyagent.store import Session, Store, VolumeRef
+from cryptfs.keys import VolumeKeys
+from cryptfs.secret import Secret
+from cryptfs.users import record_unlock, slot_for_uid, user_name_of
+
+log = logging.getLogger("cryptfs.agent")
+
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+@dataclass
+class AgentOptions:
+    idle_timeout: float = 900.0  # seconds without use before a session locks; 0: never
+    request_timeout: float = 10.0  # seconds for a whole request to arrive
+    backoff_base: float = 1.0  # seconds after the first failed unlock, doubling
+    backoff_max: float = 300.0
+    max_connections: int = 4096
+    service_uid: int | None = None
+    argon2_parallel: int = 2  # concurrent Argon2id runs (each takes its memory cost)
+
+
+class Denied(Exception):
+    pass
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class Conn:
+    """One client connection: exact-size frame reads, serialised writes."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.sock = stream.socket
+        self.pid, self.uid, self.gid = peer_credentials(self.sock)
+        self._send_lock = trio.Lock()
+
+    async def _exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = await self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise EOFError
+            got += k
+        return buf
+
+    async def read_frame(self) -> tuple[int, bytearray]:
+        n = p.frame_length(bytes(await self._exact(p.LEN_BYTES)))
+        kind = (await self._exact(1))[0]
+        return kind, await self._exact(n - 1)
+
+    async def read_message(self) -> tuple[dict[str, Any], Secret | None]:
+        """One request, and the secret frame that follows it if it announces one."""
+        kind, body = await self.read_frame()
+        msg = p.decode(kind, body)
+        if msg.get("secret") is not True:
+            return msg, None
+        kind, body = await self.read_frame()
+        try:
+            if kind != p.FRAME_SECRET:
+                raise p.ProtocolError(p.BAD_REQUEST, "expected a secret frame")
+            if not 0 < len(body) <= p.MAX_SECRET:
+                raise p.ProtocolError(p.TOO_LARGE, "secret is empty or too long")
+            return msg, Secret(body)
+        finally:
+            body[:] = bytes(len(body))
+
+    async def send(self, msg: dict[str, Any], secret: Secret | None = None) -> None:
+        data = p.encode(msg)
+        if secret is not None:
+            data += p.frame(p.FRAME_SECRET, secret.reveal())
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions) -> None:
+        self.opts = opts
+        self.store = Store(opts.idle_timeout, opts.backoff_base, opts.backoff_max)
+        self.connections = 0
+        self._watchers: dict[str, set[trio.MemorySendChannel[tuple[dict[str, Any], Secret | None]]]] = {}
+        self._unlocking: set[int] = set()
+        self._argon2 = trio.CapacityLimiter(opts.argon2_parallel)
+
+    # -- running ---------------------------------------------------------------------
+    async def run(self, listener: trio.socket.SocketType,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reaper)
+            nursery.start_soon(self._on_signals, nursery.cancel_scope)
+            listeners = [trio.SocketListener(listener)]
+            await nursery.start(trio.serve_listeners, self.handle, listeners)
+            log.info("agent ready (idle timeout %s, pid %d)",
+                     f"{self.opts.idle_timeout:g} s" if self.opts.idle_timeout else "off",
+                     os.getpid())
+            task_status.started()
+
+    async def _on_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: locking every session and stopping", signum)
+                self.lock_all("agent stopping")
+                await trio.sleep(0.2)  # let the watchers' connections send "wipe"
+                scope.cancel()
+                return
+
+    async def _reaper(self) -> None:
+        tick = min(1.0, self.opts.idle_timeout / 4) if self.opts.idle_timeout else 1.0
+        while True:
+            await trio.sleep(tick)
+            for s in self.store.expired():
+                self.lock_session(s, "idle timeout")
+
+    # -- events to watchers ------------------------------------------------------------
+    def _notify(self, vol_key: str, event: dict[str, Any], master: Secret | None = None) -> None:
+        for ch in list(self._watchers.get(vol_key, ())):
+            copy = Secret(master.reveal()) if master is not None else None
+            try:
+                ch.send_nowait((event, copy))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                # A watcher that does not keep up is dropped; it reconnects
+                # and gets a fresh state.  Its mount denies access meanwhile.
+                if copy is not None:
+                    copy.wipe()
+                ch.close()
+                self._watchers[vol_key].discard(ch)
+
+    def lock_session(self, s: Session, why: str) -> None:
+        _, wiped = self.store.close(s.uid, s.volume.key)
+        log.info("lock: uid %d (%s), volume %s at %s (%s)", s.uid, user_name_of(s.uid),
+                 s.volume.volume_id, s.volume.path, why)
+        self._notify(s.volume.key, p.reply(event="locked", uid=s.uid, reason=why))
+        if wiped:
+            self._notify(s.volume.key, p.reply(event="wipe"))
+
+    def lock_all(self, why: str) -> None:
+        for s in self.store.of_uid(None):
+            self.lock_session(s, why)
+        self.store.close_all()
+
+    # -- connections -------------------------------------------------------------------
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            if self.connections >= self.opts.max_connections:
+                with trio.move_on_after(1):
+                    await stream.send_all(p.encode(p.error(p.BUSY, "too many connections")))
+                return
+            self.connections += 1
+            try:
+                await self._serve(Conn(stream))
+            finally:
+                self.connections -= 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                log.warning("connection failed: %s", e.strerror or e)
+        except Exception:  # noqa: BLE001 - one connection never takes the daemon down
+            log.exception("internal error while serving a connection")
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    async def _serve(self, conn: Conn) -> None:
+        while True:
+            secret = None
+            try:
+                try:
+                    with trio.fail_after(self.opts.request_timeout):
+                        try:
+                            msg, secret = await conn.read_message()
+                        except EOFError:
+                            return
+                except trio.TooSlowError:
+                    with trio.move_on_after(1):
+                        await conn.send(p.error(p.TIMEOUT, "request not received in time"))
+                    return
+                try:
+                    op = p.request_op(msg)
+                    if op == "watch":
+                        await self._watch(conn, msg)
+                        return
+                    answer = await self._dispatch(conn, op, msg, secret)
+                except p.ProtocolError as e:
+                    answer = p.error(e.code, str(e))
+                except Denied as e:
+                    answer = p.error(p.DENIED, str(e))
+            except p.ProtocolError as e:
+                with trio.move_on_after(1):
+                    await conn.send(p.error(e.code, str(e)))
+                return
+            finally:
+                if secret is not None:
+                    secret.wipe()
+            with trio.fail_after(self.opts.request_timeout):
+                await conn.send(answer)
+
+    def _privileged(self, uid: int) -> bool:
+        return uid == 0 or (self.opts.service_uid is not None and uid == self.opts.service_uid)
+
+    def _target_uid(self, conn: Conn, msg: dict[str, Any]) -> int:
+        uid: int = p.field(msg, "uid", int, conn.uid)
+        if uid != conn.uid and not self._privileged(conn.uid):
+            raise Denied("only root or the service user may act for another user")
+        return uid
+
+    async def _dispatch(self, conn: Conn, op: str, msg: dict[str, Any],
+                        secret: Secret | None) -> dict[str, Any]:
+        if op == "ping":
+            return p.reply(message="pong", version=p.VERSION)
+        if op == "unlock":
+            return await self._unlock(conn, msg, secret)
+        if op == "lock":
+            return await self._lock(conn, msg)
+        if op == "status":
+            return self._status(conn, msg)
+        raise p.ProtocolError(p.BAD_REQUEST, f"{op!r} is only valid on a watch connection")
+
+    # -- volumes -------------------------------------------------------------------------
+    @staticmethod
+    def _path(msg: dict[str, Any]) -> str:
+        path: str = p.field(msg, "backing", str, required=True)
+        if not os.path.isabs(path) or "\0" in path or len(path) > 4096:
+            raise p.ProtocolError(p.BAD_REQUEST, "backing must be an absolute path")
+        return path
+
+    @staticmethod
+    def _identify(path: str) -> tuple[str, str]:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", real)
+        return f"{st.st_dev}:{st.st_ino}", real
+
+    async def _volume(self, path: str, with_config: bool
+                      ) -> tuple[str, str, VolumeConfig | None]:
+        def work() -> tuple[str, str, VolumeConfig | None]:
+            key, real = self._identify(path)
+            return key, real, load_config(real) if with_config else None
+        return await trio.to_thread.run_sync(work)
+
+    # -- operations --------------------------------------------------------------------------
+    async def _unlock(self, conn: Conn, msg: dict[str, Any], secret: Secret | None
+                      ) -> dict[str, Any]:
+        uid = self._target_uid(conn, msg)
+        path = self._path(msg)
+        if secret is None:
+            raise p.ProtocolError(p.BAD_REQUEST, "unlock needs a passphrase (secret frame)")
+        who = f"uid {uid} ({user_name_of(uid)}), pid {conn.pid}"
+        wait = self.store.retry_after(uid)
+        if wait > 0:
+            log.warning("unlock refused: %s: backing off after %d failed attempts (%.0f s left)",
+                        who, self.store.failure_count(uid), wait)
+            return p.error(p.BACKOFF, f"too many failed unlocks: try again in {wait:.0f} s",
+                           retry_after=wait)
+        if uid in self._unlocking:
+            return p.error(p.BUSY, "an unlock for this user is already in progress")
+        self._unlocking.add(uid)
+        try:
+            try:
+                key, real, cfg = await self._volume(path, with_config=True)
+            except CryptfsError as e:
+                return p.error(p.NOT_A_VOLUME, str(e))
+            except OSError as e:
+                return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
+            assert cfg is not None
+            slot = slot_for_uid(cfg, uid)
+            if slot is None:
+                return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) has no key slot in "
+                                          f"the volume at {real}")
+            async with self._argon2:
+                master = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
+            if master is None:
+                count, delay = self.store.failed(uid)
+                log.warning("unlock failed: %s, volume %s at %s: wrong passphrase "
+                            "(%d in a row; next attempt allowed in %.0f s)",
+                            who, cfg.volume_id.hex(), real, count, delay)
+                return p.error(p.WRONG_PASSPHRASE, "wrong passphrase", retry_after=delay,
+                               failures=count)
+            keys = VolumeKeys(Secret(master.reveal()), cfg.key_id)
+            try:
+                cfg.verify(keys)
+            except CryptfsError as e:
+                master.wipe()
+                log.error("unlock refused: %s: %s", who, e)
+                return p.error(p.NOT_A_VOLUME, str(e))
+            finally:
+                keys.close()
+            self.store.succeeded(uid)
+            vol = VolumeRef(key, real, cfg.volume_id.hex())
+            changed = self.store.open(uid, vol, slot.id, master, cfg.key_id)
+            held = self.store.master(key)
+            if changed and held is not None:
+                self._notify(key, p.reply(event="keys", key_id=held[1], secret=True), held[0])
+            self._notify(key, p.reply(event="unlocked", uid=uid))
+            log.info("unlock: %s, volume %s at %s, slot %d", who, vol.volume_id, real, slot.id)
+            try:
+                await trio.to_thread.run_sync(record_unlock, real, slot.id)
+            except OSError as e:
+                log.warning("cannot record the unlock time in %s: %s", real, e.strerror or e)
+            return p.reply(message="unlocked", volume_id=vol.volume_id, backing=real,
+                           slot=slot.id, idle_timeout=self.opts.idle_timeout)
+        finally:
+            self._unlocking.discard(uid)
+
+    async def _lock(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:
+        uid = self._target_uid(conn, msg)
+        sessions = self.store.of_uid(uid)
+        if "backing" in msg:
+            path = self._path(msg)
+            try:
+                key, _, _ = await self._volume(path, with_config=False)
+            except OSError as e:
+                return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
+            sessions = [s for s in sessions if s.volume.key == key]
+        for s in sessions:
+            self.lock_session(s, f"requested by pid {conn.pid}")
+        return p.reply(message=f"locked {len(sessions)} session(s)", locked=len(sessions))
+
+    def _status(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:
+        if p.field(msg, "all", bool, False):
+            if not self._privileged(conn.uid):
+                raise Denied("only root or the service user may see every session")
+            sessions = self.store.of_uid(None)
+        else:
+            sessions = self.store.of_uid(self._target_uid(conn, msg))
+        out = []
+        for s in sessions:
+            left = self.store.idle_left(s)
+            out.append({
+                "uid": s.uid, "user": user_name_of(s.uid), "backing": s.volume.path,
+                "volume_id": s.volume.volume_id, "slot": s.slot_id,
+                "unlocked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.unlocked_at)),
+                "idle_left": None if left is None else round(left, 1),
+            })
+        return p.reply(sessions=out, idle_timeout=self.opts.idle_timeout)
+
+    # -- watching (mounts) ----------------------------------------------------------------------
+    async def _watch(self, conn: Conn, msg: dict[str, Any]) -> None:
+        if not self._privileged(conn.uid):
+            await conn.send(p.error(p.DENIED, "only root or the service user may watch a volume"))
+            return
+        path = self._path(msg)
+        try:
+            key, real, _ = await self._volume(path, with_config=False)
+        except OSError as e:
+            await conn.send(p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}"))
+            return
+        send, receive = trio.open_memory_channel[tuple[dict[str, Any], Secret | None]](256)
+        self._watchers.setdefault(key, set()).add(send)
+        log.info("watch: pid %d watches %s", conn.pid, real)
+        try:
+            held = self.store.master(key)
+            state = p.reply(event="state", uids=self.store.uids(key), keys=held is not None,
+                            key_id=held[1] if held else None, secret=held is not None)
+            await conn.send(state, Secret(held[0].reveal()) if held else None)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_out, conn, receive, nursery.cancel_scope)
+                await self._watch_in(conn, key)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._watchers.get(key, set()).discard(send)
+            send.close()
+            log.info("watch: pid %d stopped watching %s", conn.pid, real)
+
+    async def _watch_out(self, conn: Conn,
+                         receive: trio.MemoryReceiveChannel[tuple[dict[str, Any], Secret | None]],
+                         scope: trio.CancelScope) -> None:
+        async for event, secret in receive:
+            try:
+                await conn.send(event, secret)
+            finally:
+                if secret is not None:
+                    secret.wipe()
+        scope.cancel()  # the channel was closed: this watcher fell behind
+
+    async def _watch_in(self, conn: Conn, key: str) -> None:
+        while True:
+            try:
+                with trio.fail_after(self.opts.request_timeout):
+                    msg, secret = await conn.read_message()
+            except (EOFError, trio.TooSlowError):
+                return
+            if secret is not None:
+                secret.wipe()
+            op = p.request_op(msg)
+            if op == "ping":
+                await conn.send(p.reply(event="pong"))
+            elif op == "activity":
+                uids = msg.get("uids")
+                if isinstance(uids, list):
+                    self.store.touch(key, {u for u in uids if isinstance(u, int)})
+            else:
+                await conn.send(p.error(p.BAD_REQUEST, f"{op!r} is not valid while watching"))
