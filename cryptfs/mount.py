@@ -54,7 +54,7 @@ def mounts() -> list[tuple[str, str, str]]:
             rfields = right.split()
             if len(fields) >= 5 and len(rfields) >= 2:
                 mp = fields[4].encode().decode("unicode_escape")
-                out.append((mp, rfields[0], rfields[1]))
+                out.append((mp, rfields[0], rfields[1].encode().decode("unicode_escape")))
     return out
 
 

@@ -83,11 +83,12 @@ def decode(kind: int, body: bytes | bytearray) -> dict[str, Any]:
         raise ProtocolError(BAD_REQUEST, "expected a message frame")
     try:
         msg = json.loads(bytes(body).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError(BAD_REQUEST, "message is not UTF-8 JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError(BAD_REQUEST, "message is not UTF-8 JSON (or nests too deep)") from None
     if not isinstance(msg, dict):
         raise ProtocolError(BAD_REQUEST, "message is not a JSON object")
-    if msg.get("v") != VERSION:
+    version = msg.get("v")
+    if type(version) is not int or version != VERSION:
         raise ProtocolError(UNSUPPORTED_VERSION,
                             f"protocol version {msg.get('v')!r} is not supported (this agent "
                             f"speaks {VERSION})")

@@ -21,6 +21,7 @@ import pytest
 from cryptfs.config import Kdf
 from cryptfs.secret import Secret
 from cryptfs.volume import Volume, init_volume, open_volume
+from multiuser import Shared, shared_setup
 
 PASSPHRASE = b"correct horse battery staple"
 # Cheap Argon2id for tests (the CLI refuses less than 8 MiB, the default is 128 MiB).
@@ -172,3 +173,12 @@ def mount_any_mode(tmp_path: Path, any_mode: str, passfile: Path) -> Iterator[Mo
         yield m
     finally:
         m.stop()
+
+
+@pytest.fixture
+def shared() -> Iterator[Shared]:
+    """Users cfs-alice, cfs-bob (agents), cfs-carol (supervisor) and root with slots in one
+    volume, a real key agent (no idle timeout, short backoff) and a shared --agent mount.
+    Nobody is unlocked at the start."""
+    require_fuse()
+    yield from shared_setup()
