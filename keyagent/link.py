@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import trio
 
 from cryptfs.keyagent import protocol as p
-from cryptfs.keyagent.server import Conn
+from cryptfs.keyagent.server import Conn, leaf
 from cryptfs.secret import Secret
 
 log = logging.getLogger("cryptfs")
@@ -47,50 +47,67 @@ def _uids(msg: dict[str, Any]) -> list[int]:
 async def watch_agent(socket_path: str, backing: str, gate: Gatekeeper, *,
                       ping_every: float = 2.0, answer_within: float = 5.0,
                       retry_max: float = 2.0) -> None:
-    """Run until cancelled, reconnecting whenever the agent is gone."""
+    """Run until cancelled, reconnecting whenever the agent is gone.
+
+    Nothing that happens on the link ends this task (it would end the mount):
+    every failure is "agent lost", logged, and followed by a reconnect.
+    """
     delay = 0.1
     up = False
     last_problem = ""
     while True:
         try:
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                with trio.fail_after(answer_within):
-                    await sock.connect(socket_path)
-            except BaseException:
-                sock.close()
-                raise
-            async with trio.SocketStream(sock) as stream:
-                conn = Conn(stream)
-                await conn.send({"op": "watch", "backing": backing})
-                with trio.fail_after(answer_within):
-                    state, master = await conn.read_message()
-                if not state.get("ok") or state.get("event") != "state":
-                    raise LinkError(f"the agent refused to serve this volume: "
-                                    f"{state.get('message') or state.get('code')}")
-                try:
-                    gate.agent_state(_uids(state), master)
-                finally:
-                    if master is not None:
-                        master.wipe()
-                log.info("key agent connected at %s: %d user(s) unlocked", socket_path,
-                         len(state["uids"]))
-                up, delay, last_problem = True, 0.1, ""
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_pinger, conn, gate, ping_every)
-                    await _events(conn, gate, ping_every + answer_within)
-                    nursery.cancel_scope.cancel()
-                raise LinkError("the agent closed the connection")
-        except (OSError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
-                trio.TooSlowError, p.ProtocolError, LinkError) as e:
+            await _session(socket_path, backing, gate, ping_every, answer_within)
+            why = "the agent closed the connection"
+        except Exception as group:  # noqa: BLE001 - see the docstring
+            e = leaf(group)
             why = _describe(e)
-            if up or why != last_problem:
-                log.warning("key agent unavailable (%s): access denied to everyone until it "
-                            "is back", why)
-            gate.agent_lost(why)
-            up, last_problem = False, why
+            if not isinstance(e, _EXPECTED):
+                log.error("key agent link failed unexpectedly (%s: %s)", type(e).__name__, e)
+        if up or why != last_problem:
+            log.warning("key agent unavailable (%s): access denied to everyone until it "
+                        "is back", why)
+        gate.agent_lost(why)
+        if up:
+            delay = 0.1
+        up, last_problem = False, why
         await trio.sleep(delay)
         delay = min(delay * 2, retry_max)
+
+
+_EXPECTED = (OSError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+             trio.TooSlowError, p.ProtocolError, LinkError)
+
+
+async def _session(socket_path: str, backing: str, gate: Gatekeeper, ping_every: float,
+                   answer_within: float) -> None:
+    """One connection: watch, hand the state to the gate, then follow events."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.fail_after(answer_within):
+            await sock.connect(socket_path)
+    except BaseException:
+        sock.close()
+        raise
+    async with trio.SocketStream(sock) as stream:
+        conn = Conn(stream)
+        await conn.send({"op": "watch", "backing": backing})
+        with trio.fail_after(answer_within):
+            state, master = await conn.read_message()
+        if not state.get("ok") or state.get("event") != "state":
+            raise LinkError(f"the agent refused to serve this volume: "
+                            f"{state.get('message') or state.get('code')}")
+        try:
+            gate.agent_state(_uids(state), master)
+        finally:
+            if master is not None:
+                master.wipe()
+        log.info("key agent connected at %s: %d user(s) unlocked", socket_path,
+                 len(state["uids"]))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pinger, conn, gate, ping_every)
+            await _events(conn, gate, ping_every + answer_within)
+            nursery.cancel_scope.cancel()
 
 
 def _describe(e: BaseException) -> str:

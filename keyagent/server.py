@@ -54,6 +54,13 @@ class Denied(Exception):
     pass
 
 
+def leaf(e: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups, e.g. from a nursery."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
 def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
@@ -390,10 +397,13 @@ class Agent:
             state = p.reply(event="state", uids=self.store.uids(key), keys=held is not None,
                             key_id=held[1] if held else None, secret=held is not None)
             await conn.send(state, Secret(held[0].reveal()) if held else None)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_out, conn, receive, nursery.cancel_scope)
-                await self._watch_in(conn, key)
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_out, conn, receive, nursery.cancel_scope)
+                    await self._watch_in(conn, key)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise leaf(group) from None  # handled (or logged) by handle()
         finally:
             self._watchers.get(key, set()).discard(send)
             send.close()
@@ -417,9 +427,17 @@ class Agent:
                     msg, secret = await conn.read_message()
             except (EOFError, trio.TooSlowError):
                 return
+            except p.ProtocolError as e:
+                with trio.move_on_after(1):
+                    await conn.send(p.error(e.code, str(e)))
+                return
             if secret is not None:
                 secret.wipe()
-            op = p.request_op(msg)
+            try:
+                op = p.request_op(msg)
+            except p.ProtocolError as e:
+                await conn.send(p.error(e.code, str(e)))
+                return
             if op == "ping":
                 await conn.send(p.reply(event="pong"))
             elif op == "activity":

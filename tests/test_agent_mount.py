@@ -357,3 +357,20 @@ def test_mapped_pages_are_withdrawn_at_lock(shared: Shared) -> None:
     finally:
         mapper.kill()
         mapper.wait()
+
+
+def test_an_agent_that_stops_answering_is_treated_as_gone(shared: Shared) -> None:
+    """SIGSTOP: the connection stays open but nothing answers.  The mount's
+    ping goes unanswered, it denies everyone; after SIGCONT the sessions
+    (still alive in the agent) are served again, without a remount."""
+    f = str(_root_writes(shared, "a.txt", b"alpha\n"))
+    _unlock(shared, "cfs-alice")
+    assert run_as("cfs-alice", "cat", f).stdout == b"alpha\n"
+    os.kill(shared.agent.pid, signal.SIGSTOP)
+    try:
+        shared.mount.wait_log("key agent unavailable (no answer in time)", timeout=15)
+        assert _denied(run_as("cfs-alice", "cat", f))
+    finally:
+        os.kill(shared.agent.pid, signal.SIGCONT)
+    shared.mount.wait_log("key agent connected", timeout=15, count=2)
+    assert run_as("cfs-alice", "cat", f).stdout == b"alpha\n"

@@ -12,18 +12,24 @@ import pytest
 
 from conftest import CRYPTFS, PASSPHRASE, Mount, new_mount, require_fuse, run_cli
 
-COMMANDS = ["init", "mount", "unmount", "info", "fsck", "passwd"]
+COMMANDS = ["init", "mount", "unmount", "unlock", "lock", "status", "user", "info", "fsck",
+            "passwd"]
+SUBCOMMANDS = ["user add", "user remove", "user list", "user passwd"]
 
 
-@pytest.mark.parametrize("command", [None, *COMMANDS])
+@pytest.mark.parametrize("command", [None, *COMMANDS, *SUBCOMMANDS])
 def test_every_command_has_help(command: str | None) -> None:
-    args = ["--help"] if command is None else [command, "--help"]
+    args = ["--help"] if command is None else [*command.split(), "--help"]
     out = run_cli(*args).stdout
     assert out.startswith("Usage: cryptfs")
     if command is None:
         for c in COMMANDS:
             assert f"  {c} " in out
         assert "6  fsck found damage" in out
+        assert "8  the key agent is not running" in out
+    elif command == "user":
+        for sub in SUBCOMMANDS:
+            assert f"  {sub.split()[1]} " in out
     else:
         assert f"cryptfs {command}" in out
         assert len(out.splitlines()) > 4
