@@ -490,6 +490,50 @@ class Cryptfs(Target):
             raise RuntimeError(f"{self.name}: daemon {self.pid} died")
 
 
+class CryptfsAgent(Cryptfs):
+    """cryptfs as a shared mount (--agent): a real key agent, root unlocked in it.
+    Every lookup, stat, read and write reaches the daemon (no kernel caching)."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base, "aes-256-gcm")
+        self.name = "cryptfs-agent"
+        self.socket = base / "agent.sock"
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    def mount_args(self) -> list[str]:
+        return ["mount", str(self.backing), str(self.mnt), "--agent", "--agent-socket",
+                str(self.socket), "--pid-file", str(self.pidfile)]
+
+    def mount(self) -> None:
+        if self.agent is None:
+            self.agent = subprocess.Popen(
+                [sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket", str(self.socket),
+                 "--idle-timeout", "0", "--log-file", str(self.base / "agent.log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while not self.socket.exists():
+                if time.monotonic() > deadline or self.agent.poll() is not None:
+                    raise RuntimeError("the key agent did not start")
+                time.sleep(0.02)
+        super().mount()
+        run(cryptfs_cmd() + ["unlock", str(self.backing), "--passphrase-file",
+                             str(self.passfile), "--agent-socket", str(self.socket)])
+        deadline = time.monotonic() + 10
+        while "uid 0 unlocked" not in (self.logfile.read_text() if self.logfile.exists() else ""):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the agent mount never saw the unlock")
+            time.sleep(0.02)
+
+    def destroy(self) -> None:
+        try:
+            super().destroy()
+        finally:
+            if self.agent is not None:
+                self.agent.terminate()
+                self.agent.wait(30)
+                self.agent = None
+
+
 class _ForegroundPeer(Target):
     """A peer filesystem run as a foreground daemon and unmounted with fusermount."""
 
@@ -550,11 +594,13 @@ TARGETS: dict[str, Callable[[Path], Target]] = {
     "plain": Plain,
     "cryptfs-aes-256-gcm": lambda b: Cryptfs(b, "aes-256-gcm"),
     "cryptfs-xchacha20-poly1305": lambda b: Cryptfs(b, "xchacha20-poly1305"),
+    "cryptfs-agent": CryptfsAgent,
     "gocryptfs": Gocryptfs,
     "securefs": Securefs,
 }
 SHORT = {"plain": "plain", "cryptfs-aes-256-gcm": "cryptfs aes", "cryptfs-xchacha20-poly1305":
-         "cryptfs xchacha", "gocryptfs": "gocryptfs", "securefs": "securefs"}
+         "cryptfs xchacha", "cryptfs-agent": "cryptfs agent", "gocryptfs": "gocryptfs",
+         "securefs": "securefs"}
 CRYPTFS_NAMES = [n for n in TARGETS if n.startswith("cryptfs")]
 PEER_NAMES = ["gocryptfs", "securefs"]
 

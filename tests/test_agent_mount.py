@@ -237,7 +237,8 @@ def _uid(name: str) -> int:
 @pytest.fixture
 def shared_idle() -> Iterator[Shared]:
     require_fuse()
-    yield from shared_setup(("--idle-timeout", "2", "--backoff", "0.2"))
+    # 3 s: longer than the mount's 2 s activity reports, so use keeps a session open.
+    yield from shared_setup(("--idle-timeout", "3", "--backoff", "0.2"))
 
 
 def test_idle_sessions_lock_and_use_keeps_them_open(shared_idle: Shared) -> None:
@@ -248,7 +249,7 @@ def test_idle_sessions_lock_and_use_keeps_them_open(shared_idle: Shared) -> None
     status = cli_as("cfs-alice", "status", env=s.agent.env).stdout
     assert "locks in" in status and "s if idle" in status
     # Alice keeps working for longer than the idle time; Bob does nothing.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 6
     while time.monotonic() < deadline:
         assert run_as("cfs-alice", "cat", f).stdout == b"alpha\n"
         time.sleep(0.4)
@@ -256,7 +257,7 @@ def test_idle_sessions_lock_and_use_keeps_them_open(shared_idle: Shared) -> None
     assert "idle timeout" in s.agent.log_text()
     assert cli_as("cfs-bob", "status", env=s.agent.env).stdout == "no sessions\n"
     # Alice stops; her session ends too.
-    time.sleep(2 + 2 + 1)  # idle time + one activity report interval + slack
+    time.sleep(3 + 2 + 1)  # idle time + one activity report interval + slack
     assert _denied(run_as("cfs-alice", "cat", f))
 
 
