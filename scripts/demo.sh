@@ -6,8 +6,11 @@ PATH="$PWD/.venv/bin:$PATH"
 
 work=$(mktemp -d /tmp/cryptfs-demo.XXXXXX)
 mnt="$work/mnt"
+agent_pid=""
 cleanup() {
     mountpoint -q "$mnt" 2>/dev/null && cryptfs unmount "$mnt"
+    mountpoint -q "$work/shared-mnt" 2>/dev/null && cryptfs unmount "$work/shared-mnt"
+    [[ -n "$agent_pid" ]] && kill "$agent_pid" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -72,5 +75,28 @@ step "6. A wrong passphrase opens nothing"
 printf 'guess\n' > "$work/wrong"
 cryptfs mount "$work/backing" "$mnt" --passphrase-file "$work/wrong"
 echo "(exit code: $?)"
+
+step "7. One shared mount for many users: the key agent"
+echo "A second volume, owned by root's key slot; a key agent on a private socket."
+export CRYPTFS_AGENT_SOCKET="$work/agent.sock"
+run cryptfs init "$work/shared" --passphrase-file "$work/passphrase" || exit 1
+cryptfs-agent --log-file "$work/agent.log" --idle-timeout 600 &
+agent_pid=$!
+for _ in $(seq 100); do [[ -S "$CRYPTFS_AGENT_SOCKET" ]] && break; sleep 0.05; done
+mkdir "$work/shared-mnt"
+run cryptfs mount "$work/shared" "$work/shared-mnt" --agent --log-file "$work/shared.log" || exit 1
+echo "Nobody has unlocked yet, root included: the mount serves no one."
+run ls "$work/shared-mnt" || echo "(refused)"
+run cryptfs unlock "$work/shared-mnt" --passphrase-file "$work/passphrase" || exit 1
+run cryptfs status
+echo "root's session is open: root may work; other users would still be refused."
+echo "quarterly targets" > "$work/shared-mnt/plan.txt"
+run cat "$work/shared-mnt/plan.txt"
+run cryptfs lock
+run cat "$work/shared-mnt/plan.txt" || echo "(refused again, at once)"
+run cryptfs user list "$work/shared"
+run cryptfs unmount "$work/shared-mnt"
+kill "$agent_pid"; wait "$agent_pid" 2>/dev/null
+run tail -n 3 "$work/agent.log"
 
 step "Done: the throw-away volume in $work is removed now."
