@@ -15,6 +15,7 @@ import binascii
 import hmac
 import json
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -289,6 +290,28 @@ def load_config(backing: str) -> VolumeConfig:
         raise BackingIOError(f"{path}: permission denied") from None
     except OSError as e:
         raise BackingIOError(f"{path}: {e.strerror}") from None
+    return VolumeConfig.from_bytes(raw)
+
+
+def load_config_at(dir_fd: int, where: str) -> VolumeConfig:
+    """The config of the backing directory open as ``dir_fd``: opened without
+    following a symlink, without blocking, and only read if it is a regular file
+    (for a reader with more rights than whoever controls the directory)."""
+    try:
+        fd = os.open(CONFIG_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise NotAVolume(f"{where} is not a cryptfs volume (no {CONFIG_NAME})") from None
+    except OSError as e:
+        raise NotAVolume(f"{where}/{CONFIG_NAME}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAVolume(f"{where}/{CONFIG_NAME} is not a regular file")
+        raw = os.read(fd, 1 << 20)
+    except OSError as e:
+        raise NotAVolume(f"{where}/{CONFIG_NAME}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     return VolumeConfig.from_bytes(raw)
 
 

@@ -18,9 +18,12 @@ lives outside the config and writing it never needs the master key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
+import secrets
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -131,14 +134,26 @@ def set_passphrase(vol: Volume, slot: Slot, new: Secret, kdf: Kdf | None = None)
     return fresh
 
 
-def _lastuse_path(backing: str) -> str:
-    return os.path.join(backing, LASTUSE_NAME)
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def read_lastuse(backing: str) -> dict[str, str]:
+def read_lastuse(backing: str | int) -> dict[str, str]:
+    """Last-unlock times by slot id (empty if the file is missing or not sound).
+
+    ``backing`` is a path or a descriptor of the backing directory; the file
+    is opened without following a symlink and only read if it is a regular file.
+    """
     try:
-        with open(_lastuse_path(backing), "rb") as f:
-            d = json.loads(f.read(1 << 20))
+        if isinstance(backing, int):
+            fd = os.open(LASTUSE_NAME, _READ_FLAGS, dir_fd=backing)
+        else:
+            fd = os.open(os.path.join(backing, LASTUSE_NAME), _READ_FLAGS)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}
+            d = json.loads(os.read(fd, 1 << 20))
+        finally:
+            os.close(fd)
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
     if not isinstance(d, dict):
@@ -146,16 +161,29 @@ def read_lastuse(backing: str) -> dict[str, str]:
     return {k: v for k, v in d.items() if isinstance(k, str) and isinstance(v, str)}
 
 
-def record_unlock(backing: str, slot_id: int) -> None:
-    """Note the time of a successful unlock of ``slot_id`` (best effort: raises OSError)."""
-    d = read_lastuse(backing)
+def record_unlock(dir_fd: int, slot_id: int) -> None:
+    """Note the time of a successful unlock of ``slot_id`` (raises OSError).
+
+    Written through a descriptor of the backing directory: a new temporary
+    file with a random name (O_EXCL: never through a planted symlink), then
+    renamed over ``cryptfs.lastuse``.
+    """
+    d = read_lastuse(dir_fd)
     d[str(slot_id)] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path = _lastuse_path(backing)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(d, f, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    data = (json.dumps(d, sort_keys=True) + "\n").encode()
+    tmp = f"{LASTUSE_NAME}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=dir_fd)
+    try:
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, LASTUSE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
 
 
 def list_users(cfg: VolumeConfig, backing: str) -> list[UserInfo]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from cryptfs.errors import CryptfsError, WrongPassphrase
@@ -37,8 +38,21 @@ class AgentClient:
     def _connect(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
+        deadline = time.monotonic() + self.timeout
+        pause = 0.01
         try:
-            s.connect(self.path)
+            while True:
+                try:
+                    s.connect(self.path)
+                    return s
+                except BlockingIOError:
+                    # A Unix socket's listen queue is full: the agent is busy.
+                    # (A socket with a timeout does not wait for room by itself.)
+                    if time.monotonic() + pause > deadline:
+                        raise AgentError("the key agent is overloaded (its connection queue "
+                                         "stayed full)") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.2)
         except (FileNotFoundError, ConnectionRefusedError):
             s.close()
             raise AgentError(f"no key agent is running at {self.path}",
@@ -47,7 +61,16 @@ class AgentClient:
         except PermissionError:
             s.close()
             raise AgentError(f"permission denied connecting to {self.path}") from None
-        return s
+        except TimeoutError:
+            s.close()
+            raise AgentError(f"the key agent at {self.path} did not accept in time") from None
+        except OSError as e:
+            s.close()
+            raise AgentError(f"cannot connect to the key agent at {self.path}: "
+                             f"{e.strerror or e}") from None
+        except BaseException:
+            s.close()
+            raise
 
     @staticmethod
     def _recv_exact(s: socket.socket, n: int) -> bytes:

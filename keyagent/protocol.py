@@ -56,6 +56,20 @@ class ProtocolError(Exception):
         self.code = code
 
 
+def short(value: Any, limit: int = 40) -> str:
+    """A client's value quoted in a reply, cut short (a reply must stay small)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def fits(msg: dict[str, Any]) -> bool:
+    try:
+        encode(msg)
+        return True
+    except ProtocolError:
+        return False
+
+
 def frame(kind: int, body: bytes | bytearray) -> bytes:
     if len(body) + 1 > MAX_FRAME:
         raise ProtocolError(TOO_LARGE, "frame too large")
@@ -90,7 +104,7 @@ def decode(kind: int, body: bytes | bytearray) -> dict[str, Any]:
     version = msg.get("v")
     if type(version) is not int or version != VERSION:
         raise ProtocolError(UNSUPPORTED_VERSION,
-                            f"protocol version {msg.get('v')!r} is not supported (this agent "
+                            f"protocol version {short(msg.get('v'))} is not supported (this agent "
                             f"speaks {VERSION})")
     return msg
 
@@ -98,7 +112,7 @@ def decode(kind: int, body: bytes | bytearray) -> dict[str, Any]:
 def request_op(msg: dict[str, Any]) -> str:
     op = msg.get("op")
     if not isinstance(op, str) or op not in OPS:
-        raise ProtocolError(BAD_REQUEST, f"unknown operation {op!r}")
+        raise ProtocolError(BAD_REQUEST, f"unknown operation {short(op)}")
     return op
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from cryptfs.config import VolumeConfig, load_config
+from cryptfs.config import load_config_at
 from cryptfs.errors import CryptfsError
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.store import Session, Store, VolumeRef
@@ -195,6 +195,8 @@ class Agent:
                 self.connections -= 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
             pass
+        except trio.TooSlowError:
+            log.info("closed a connection that did not read its reply in time")
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 log.warning("connection failed: %s", e.strerror or e)
@@ -257,7 +259,7 @@ class Agent:
             return await self._lock(conn, msg)
         if op == "status":
             return self._status(conn, msg)
-        raise p.ProtocolError(p.BAD_REQUEST, f"{op!r} is only valid on a watch connection")
+        raise p.ProtocolError(p.BAD_REQUEST, f"{p.short(op)} is only valid on a watch connection")
 
     # -- volumes -------------------------------------------------------------------------
     @staticmethod
@@ -269,18 +271,35 @@ class Agent:
 
     @staticmethod
     def _identify(path: str) -> tuple[str, str]:
+        """The identity ("dev:ino") and real path of a directory (no trust needed:
+        it only names a volume, e.g. to lock its sessions)."""
         real = os.path.realpath(path)
         st = os.stat(real)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", real)
         return f"{st.st_dev}:{st.st_ino}", real
 
-    async def _volume(self, path: str, with_config: bool
-                      ) -> tuple[str, str, VolumeConfig | None]:
-        def work() -> tuple[str, str, VolumeConfig | None]:
-            key, real = self._identify(path)
-            return key, real, load_config(real) if with_config else None
-        return await trio.to_thread.run_sync(work)
+    @staticmethod
+    def _open_trusted(path: str) -> tuple[int, str, str]:
+        """Open a backing directory the agent may read from and write to.
+
+        The agent runs as root in directories a caller names, so it serves
+        only a directory owned by root (or the agent's own uid) and writable
+        by that owner alone: nobody else can plant a symlink, a FIFO or a
+        forged config in it.  Everything afterwards goes through the
+        descriptor, so swapping path components later changes nothing.
+        """
+        real = os.path.realpath(path)
+        fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            os.close(fd)
+            raise CryptfsError(f"{real} is not owned by root, or others may write to it: the "
+                               "agent serves only volumes that root controls")
+        return fd, f"{st.st_dev}:{st.st_ino}", real
+
+    async def _volume(self, path: str) -> tuple[str, str]:
+        return await trio.to_thread.run_sync(self._identify, path)
 
     # -- operations --------------------------------------------------------------------------
     async def _unlock(self, conn: Conn, msg: dict[str, Any], secret: Secret | None
@@ -301,50 +320,61 @@ class Agent:
         self._unlocking.add(uid)
         try:
             try:
-                key, real, cfg = await self._volume(path, with_config=True)
+                dir_fd, key, real = await trio.to_thread.run_sync(self._open_trusted, path)
             except CryptfsError as e:
                 return p.error(p.NOT_A_VOLUME, str(e))
             except OSError as e:
                 return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
-            assert cfg is not None
-            slot = slot_for_uid(cfg, uid)
-            if slot is None:
-                return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) has no key slot in "
-                                          f"the volume at {real}")
-            async with self._argon2:
-                master = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
-            if master is None:
-                count, delay = self.store.failed(uid)
-                log.warning("unlock failed: %s, volume %s at %s: wrong passphrase "
-                            "(%d in a row; next attempt allowed in %.0f s)",
-                            who, cfg.volume_id.hex(), real, count, delay)
-                return p.error(p.WRONG_PASSPHRASE, "wrong passphrase", retry_after=delay,
-                               failures=count)
-            keys = VolumeKeys(Secret(master.reveal()), cfg.key_id)
             try:
-                cfg.verify(keys)
-            except CryptfsError as e:
-                master.wipe()
-                log.error("unlock refused: %s: %s", who, e)
-                return p.error(p.NOT_A_VOLUME, str(e))
+                return await self._unlock_at(conn, uid, dir_fd, key, real, secret)
             finally:
-                keys.close()
-            self.store.succeeded(uid)
-            vol = VolumeRef(key, real, cfg.volume_id.hex())
-            changed = self.store.open(uid, vol, slot.id, master, cfg.key_id)
-            held = self.store.master(key)
-            if changed and held is not None:
-                self._notify(key, p.reply(event="keys", key_id=held[1], secret=True), held[0])
-            self._notify(key, p.reply(event="unlocked", uid=uid))
-            log.info("unlock: %s, volume %s at %s, slot %d", who, vol.volume_id, real, slot.id)
-            try:
-                await trio.to_thread.run_sync(record_unlock, real, slot.id)
-            except OSError as e:
-                log.warning("cannot record the unlock time in %s: %s", real, e.strerror or e)
-            return p.reply(message="unlocked", volume_id=vol.volume_id, backing=real,
-                           slot=slot.id, idle_timeout=self.opts.idle_timeout)
+                os.close(dir_fd)
         finally:
             self._unlocking.discard(uid)
+
+    async def _unlock_at(self, conn: Conn, uid: int, dir_fd: int, key: str, real: str,
+                         secret: Secret) -> dict[str, Any]:
+        who = f"uid {uid} ({user_name_of(uid)}), pid {conn.pid}"
+        try:
+            cfg = await trio.to_thread.run_sync(load_config_at, dir_fd, real)
+        except CryptfsError as e:
+            return p.error(p.NOT_A_VOLUME, str(e))
+        slot = slot_for_uid(cfg, uid)
+        if slot is None:
+            return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) has no key slot in "
+                                      f"the volume at {real}")
+        async with self._argon2:
+            master = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
+        if master is None:
+            count, delay = self.store.failed(uid)
+            log.warning("unlock failed: %s, volume %s at %s: wrong passphrase "
+                        "(%d in a row; next attempt allowed in %.0f s)",
+                        who, cfg.volume_id.hex(), real, count, delay)
+            return p.error(p.WRONG_PASSPHRASE, "wrong passphrase", retry_after=delay,
+                           failures=count)
+        keys = VolumeKeys(Secret(master.reveal()), cfg.key_id)
+        try:
+            cfg.verify(keys)
+        except CryptfsError as e:
+            master.wipe()
+            log.error("unlock refused: %s: %s", who, e)
+            return p.error(p.NOT_A_VOLUME, str(e))
+        finally:
+            keys.close()
+        self.store.succeeded(uid)
+        vol = VolumeRef(key, real, cfg.volume_id.hex())
+        changed = self.store.open(uid, vol, slot.id, master, cfg.key_id)
+        held = self.store.master(key)
+        if changed and held is not None:
+            self._notify(key, p.reply(event="keys", key_id=held[1], secret=True), held[0])
+        self._notify(key, p.reply(event="unlocked", uid=uid))
+        log.info("unlock: %s, volume %s at %s, slot %d", who, vol.volume_id, real, slot.id)
+        try:
+            await trio.to_thread.run_sync(record_unlock, dir_fd, slot.id)
+        except OSError as e:
+            log.warning("cannot record the unlock time in %s: %s", real, e.strerror or e)
+        return p.reply(message="unlocked", volume_id=vol.volume_id, backing=real,
+                       slot=slot.id, idle_timeout=self.opts.idle_timeout)
 
     async def _lock(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:
         uid = self._target_uid(conn, msg)
@@ -352,7 +382,7 @@ class Agent:
         if "backing" in msg:
             path = self._path(msg)
             try:
-                key, _, _ = await self._volume(path, with_config=False)
+                key, _ = await self._volume(path)
             except OSError as e:
                 return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
             sessions = [s for s in sessions if s.volume.key == key]
@@ -376,7 +406,12 @@ class Agent:
                 "unlocked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.unlocked_at)),
                 "idle_left": None if left is None else round(left, 1),
             })
-        return p.reply(sessions=out, idle_timeout=self.opts.idle_timeout)
+        answer = p.reply(sessions=out, idle_timeout=self.opts.idle_timeout)
+        while not p.fits(answer):  # one frame holds a few hundred sessions
+            out = out[:len(out) // 2]
+            answer = p.reply(sessions=out, idle_timeout=self.opts.idle_timeout,
+                             truncated=len(sessions) - len(out))
+        return answer
 
     # -- watching (mounts) ----------------------------------------------------------------------
     async def _watch(self, conn: Conn, msg: dict[str, Any]) -> None:
@@ -385,7 +420,7 @@ class Agent:
             return
         path = self._path(msg)
         try:
-            key, real, _ = await self._volume(path, with_config=False)
+            key, real = await self._volume(path)
         except OSError as e:
             await conn.send(p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}"))
             return
@@ -445,4 +480,4 @@ class Agent:
                 if isinstance(uids, list):
                     self.store.touch(key, {u for u in uids if isinstance(u, int)})
             else:
-                await conn.send(p.error(p.BAD_REQUEST, f"{op!r} is not valid while watching"))
+                await conn.send(p.error(p.BAD_REQUEST, f"{p.short(op)} is not valid while watching"))
