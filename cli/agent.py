@@ -33,9 +33,11 @@ def _as_uid(user: str | None) -> dict[str, int]:
 @passphrase_option()
 @click.option("--user", metavar="NAME", help="Unlock for another user (root only; needs "
               "that user's passphrase). Default: yourself.")
+@click.option("--check", is_flag=True, help="Only check that you have a key slot there "
+              "(exit 0) or not (exit 8); ask for nothing.")
 @click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
 @reports_errors
-def unlock(backing: str, passphrase_file: str | None, user: str | None,
+def unlock(backing: str, passphrase_file: str | None, user: str | None, check: bool,
            agent_socket: str | None) -> None:
     """Open your key slot of BACKING in the key agent.
 
@@ -45,9 +47,14 @@ def unlock(backing: str, passphrase_file: str | None, user: str | None,
     """
     target = backing_of(backing)
     client = AgentClient(agent_socket)
+    who = _as_uid(user)
+    probe = client.request({"op": "probe", "backing": target, **who})  # no slot: ask nothing
+    if check:
+        click.echo(f"key slot {probe.get('slot')} in {probe.get('backing')}")
+        return
     pw = read_passphrase(passphrase_file, f"Passphrase for {target}")
     with pw:
-        answer = client.request({"op": "unlock", "backing": target, **_as_uid(user)}, pw)
+        answer = client.request({"op": "unlock", "backing": target, **who}, pw)
     idle = answer.get("idle_timeout") or 0
     click.echo(f"unlocked {answer.get('backing')} (volume {answer.get('volume_id')}, key slot "
                f"{answer.get('slot')})" + (f"; locks after {idle:g} s idle" if idle else ""))

@@ -12,6 +12,7 @@ import logging.handlers
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -85,6 +86,21 @@ def setup_logging(log_file: str | None, foreground: bool, verbose: bool = False)
     root.addHandler(handler)
 
 
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state (Type=notify units); nothing if not under one."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd (%s)", e.strerror or e)
+
+
 def _raise_fd_limit() -> None:
     """Each inode the kernel remembers holds one descriptor: allow many."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -125,6 +141,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
                          hint="is the mountpoint busy, or allow_other not permitted "
                               "(user_allow_other in /etc/fuse.conf)?") from None
     log.info("mounted %s on %s", vol.backing, mnt)
+    sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted on {mnt}")
     if pid_file:
         with open(pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -155,6 +172,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
     try:
         trio.run(run)
     finally:
+        sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
         ops.close()
         vol.close()

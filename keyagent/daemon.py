@@ -94,7 +94,7 @@ def bind_socket(path: str) -> socket.socket:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True,
-              envvar="CRYPTFS_AGENT_SOCKET",
+              envvar="CRYPTFS_AGENT_SOCKET", metavar="PATH",
               help="Unix socket to listen on (ignored when systemd passes one).")
 @click.option("--idle-timeout", type=click.FloatRange(0), default=900, show_default=True,
               metavar="SECONDS", help="Lock a session after this long without use (0: never).")
@@ -105,7 +105,8 @@ def bind_socket(path: str) -> socket.socket:
               "in a row.")
 @click.option("--backoff-max", type=click.FloatRange(0), default=300, show_default=True,
               metavar="SECONDS", help="Longest wait between failed unlocks.")
-@click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True,
+              metavar="N", help="Answer \"busy\" to connections beyond this many at a time.")
 @click.option("--service-user", metavar="NAME",
               help="A user besides root that may watch volumes and act for others "
               "(for a mount service that does not run as root).")

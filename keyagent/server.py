@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -259,6 +260,8 @@ class Agent:
             return await self._lock(conn, msg)
         if op == "status":
             return self._status(conn, msg)
+        if op == "probe":
+            return await self._probe(conn, msg)
         raise p.ProtocolError(p.BAD_REQUEST, f"{p.short(op)} is only valid on a watch connection")
 
     # -- volumes -------------------------------------------------------------------------
@@ -313,8 +316,8 @@ class Agent:
         if wait > 0:
             log.warning("unlock refused: %s: backing off after %d failed attempts (%.0f s left)",
                         who, self.store.failure_count(uid), wait)
-            return p.error(p.BACKOFF, f"too many failed unlocks: try again in {wait:.0f} s",
-                           retry_after=wait)
+            return p.error(p.BACKOFF, f"too many failed unlocks: try again in "
+                                      f"{math.ceil(wait)} s", retry_after=wait)
         if uid in self._unlocking:
             return p.error(p.BUSY, "an unlock for this user is already in progress")
         self._unlocking.add(uid)
@@ -375,6 +378,31 @@ class Agent:
             log.warning("cannot record the unlock time in %s: %s", real, e.strerror or e)
         return p.reply(message="unlocked", volume_id=vol.volume_id, backing=real,
                        slot=slot.id, idle_timeout=self.opts.idle_timeout)
+
+    async def _probe(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:
+        """Whether the caller has a key slot in a volume (no secret, no backoff):
+        lets `cryptfs unlock` and the login script skip asking for nothing."""
+        uid = self._target_uid(conn, msg)
+        path = self._path(msg)
+
+        def work() -> tuple[str, Any]:
+            dir_fd, _, real = self._open_trusted(path)
+            try:
+                return real, load_config_at(dir_fd, real)
+            finally:
+                os.close(dir_fd)
+
+        try:
+            real, cfg = await trio.to_thread.run_sync(work)
+        except CryptfsError as e:
+            return p.error(p.NOT_A_VOLUME, str(e))
+        except OSError as e:
+            return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
+        slot = slot_for_uid(cfg, uid)
+        if slot is None:
+            return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) has no key slot in "
+                                      f"the volume at {real}")
+        return p.reply(backing=real, volume_id=cfg.volume_id.hex(), slot=slot.id)
 
     async def _lock(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:
         uid = self._target_uid(conn, msg)
