@@ -56,7 +56,8 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         if os.geteuid() != 0:
             raise UsageError("a shared --agent mount must be started by root")
         locked = read_volume(backing)
-        link = functools.partial(watch_agent, socket_path(agent_socket), locked.backing)
+        link = functools.partial(watch_agent, os.path.abspath(socket_path(agent_socket)),
+                                 locked.backing, locked.config.volume_id.hex())
         mount_volume(locked, mountpoint, foreground=foreground,
                      options=[*opts, "allow_other", "default_permissions"],
                      log_file=log_file, pid_file=pid_file, side_tasks=[link])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
 import resource
 import signal
 import socket
@@ -45,17 +46,24 @@ def check_mountpoint(mountpoint: str) -> str:
     return mnt
 
 
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> str:
+    """A mountinfo field: space, tab, newline and backslash are written as \\ooo."""
+    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
+
+
 def mounts() -> list[tuple[str, str, str]]:
     """(mountpoint, fstype, source) from /proc/self/mountinfo."""
     out = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            left, _, right = line.partition(" - ")
+            left, _, right = line.partition(b" - ")
             fields = left.split()
             rfields = right.split()
             if len(fields) >= 5 and len(rfields) >= 2:
-                mp = fields[4].encode().decode("unicode_escape")
-                out.append((mp, rfields[0], rfields[1].encode().decode("unicode_escape")))
+                out.append((_unescape(fields[4]), os.fsdecode(rfields[0]), _unescape(rfields[1])))
     return out
 
 
@@ -133,6 +141,9 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
     from cryptfs.ops import CryptOperations
 
     _raise_fd_limit()
+    # The kernel has already applied the caller's umask to every mode it
+    # sends; the daemon's own umask must not mask it a second time.
+    os.umask(0)
     ops = CryptOperations(vol)
     try:
         pyfuse3.init(ops, mnt, options)

@@ -30,6 +30,7 @@ import pyfuse3
 import trio
 
 from cryptfs import sysio, tree
+from cryptfs.config import load_config
 from cryptfs.content import BlockError, ContentFile, plain_size
 from cryptfs.errors import CryptfsError
 from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
@@ -40,6 +41,7 @@ from cryptfs.modes.wrap import SymmetricWrapper
 from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX, NameCodec
 from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
+from cryptfs.users import slot_for_uid
 from cryptfs.volume import LockedVolume, Volume
 
 log = logging.getLogger("cryptfs")
@@ -143,15 +145,13 @@ class CryptOperations(pyfuse3.Operations):
         self._unlocked: set[int] = set()  # gated: uids with a session in the agent
         self._seen: set[int] = set()  # gated: uids served since the last activity report
         self._fh_uid: dict[int, int] = {}  # file handle -> uid that opened it
+        self._ino_fhs: dict[int, set[int]] = {}  # inode -> its open file handles
         if self.gated:
             timeout = 0.0
             self.enable_writeback_cache = False
         self.timeout = timeout
         self.is_root = os.geteuid() == 0
         self._euid, self._egid = os.geteuid(), os.getegid()
-        # The kernel has already applied the caller's umask to every mode it
-        # sends; the daemon's own umask must not mask it a second time.
-        os.umask(0)
         root_fd = os.open(vol.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(root_fd)
         self._root_st_ino = st.st_ino
@@ -315,12 +315,34 @@ class CryptOperations(pyfuse3.Operations):
             if inode.kind == stat.S_IFLNK:
                 inode.meta = None  # a decrypted symlink target
 
+    def _has_slot(self, uid: int) -> bool:
+        """Only a uid with a key slot in this volume's (authenticated) config is
+        ever served, whatever the agent says.  A uid not in the config the
+        mount knows makes it read the config again (a user added since), and
+        use it if it authenticates under the key it holds."""
+        if slot_for_uid(self.config, uid) is not None:
+            return True
+        if self.keys is None:
+            return False
+        try:
+            fresh = load_config(self.vol.backing)
+            fresh.verify(self.keys)
+        except CryptfsError as e:
+            log.warning("cannot re-read this volume's config: %s", e)
+            return False
+        if fresh.volume_id != self.config.volume_id:
+            return False
+        self.config = fresh
+        return slot_for_uid(fresh, uid) is not None
+
     def agent_state(self, uids: list[int], master: Secret | None) -> None:
-        self._unlocked = set(uids)
+        self._unlocked = set()
         if master is None:
             self._drop_keys()
-        else:
-            self.agent_keys(master)
+            return
+        self.agent_keys(master)
+        if self.keys is not None:
+            self._unlocked = {uid for uid in uids if self._has_slot(uid)}
 
     def agent_keys(self, master: Secret) -> None:
         keys = VolumeKeys(Secret(master.reveal()), self.config.key_id)
@@ -329,6 +351,7 @@ class CryptOperations(pyfuse3.Operations):
         except CryptfsError:
             keys.close()
             self._drop_keys()
+            self._unlocked.clear()
             log.error("the key agent's key does not authenticate this volume's config: "
                       "refused; access stays denied")
             return
@@ -341,6 +364,10 @@ class CryptOperations(pyfuse3.Operations):
         log.info("nobody is unlocked any more: volume keys wiped")
 
     def agent_unlocked(self, uid: int) -> None:
+        if not self._has_slot(uid):
+            log.error("the key agent reports uid %d unlocked, but this volume has no key slot "
+                      "for it: refused", uid)
+            return
         self._unlocked.add(uid)
         log.info("uid %d unlocked: access granted", uid)
 
@@ -479,16 +506,30 @@ class CryptOperations(pyfuse3.Operations):
         fh = self._new_fh()
         self._files[fh] = inode
         self._fh_uid[fh] = uid
+        self._ino_fhs.setdefault(inode.ino, set()).add(fh)
         inode.opens += 1
         if self.gated:
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    def _handle(self, fh: int) -> Inode:
-        """The inode of an open file handle, if its opener may still use it."""
+    def _handle(self, fh: int, reading: bool = False) -> Inode:
+        """The inode of an open file handle, if its opener may still use it.
+
+        Gated, a read is also refused while someone who has since locked
+        still holds the file open: a program of theirs may have it mapped
+        (MAP_PRIVATE), and the page that this read brings into the page cache
+        would show through their mapping without the daemon being asked.
+        """
+        inode = self._files[fh]
         if self.gated:
             self._allow(self._fh_uid[fh])
-        return self._files[fh]
+            if reading:
+                for other in self._ino_fhs.get(inode.ino, ()):
+                    if self._fh_uid[other] not in self._unlocked:
+                        log.info("inode %d: read refused while uid %d, now locked, still has "
+                                 "it open", inode.ino, self._fh_uid[other])
+                        raise pyfuse3.FUSEError(errno.EACCES)
+        return inode
 
     # -- lookups and attributes -------------------------------------------------------------
     @_edge("inode")
@@ -698,7 +739,7 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("fh")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self._content(self._handle(fh), want_write=False).read(off, size)
+        return self._content(self._handle(fh, reading=True), want_write=False).read(off, size)
 
     @_edge("fh")
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -723,6 +764,10 @@ class CryptOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         inode = self._files.pop(fh)
         del self._fh_uid[fh]
+        fhs = self._ino_fhs[inode.ino]
+        fhs.discard(fh)
+        if not fhs:
+            del self._ino_fhs[inode.ino]
         inode.opens -= 1
         self._unload_content(inode)
         self._maybe_drop(inode)

@@ -7,7 +7,7 @@ import socket
 import time
 from typing import Any
 
-from cryptfs.errors import CryptfsError, WrongPassphrase
+from cryptfs.errors import CryptfsError, UsageError, WrongPassphrase
 from cryptfs.keyagent import protocol as p
 from cryptfs.secret import Secret
 
@@ -84,6 +84,8 @@ class AgentClient:
 
     def request(self, msg: dict[str, Any], secret: Secret | None = None) -> dict[str, Any]:
         """Send one request and return the reply; raises AgentError if it is not ok."""
+        if secret is not None and len(secret) > p.MAX_SECRET:
+            raise UsageError(f"the passphrase is longer than {p.MAX_SECRET} bytes")
         s = self._connect()
         try:
             data = p.encode({**msg, "secret": True} if secret is not None else msg)

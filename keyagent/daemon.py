@@ -107,6 +107,9 @@ def bind_socket(path: str) -> socket.socket:
               metavar="SECONDS", help="Longest wait between failed unlocks.")
 @click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True,
               metavar="N", help="Answer \"busy\" to connections beyond this many at a time.")
+@click.option("--max-per-user", type=click.IntRange(1), default=64, show_default=True,
+              metavar="N", help="Connections one user may hold at a time (root and the "
+              "service user: no limit), so one user cannot crowd out the others.")
 @click.option("--service-user", metavar="NAME",
               help="A user besides root that may watch volumes and act for others "
               "(for a mount service that does not run as root).")
@@ -114,7 +117,7 @@ def bind_socket(path: str) -> socket.socket:
               help="Append the log here (default: standard error, which systemd keeps).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff: float,
-         backoff_max: float, max_connections: int, service_user: str | None,
+         backoff_max: float, max_connections: int, max_per_user: int, service_user: str | None,
          log_file: str | None, verbose: bool) -> None:
     """The cryptfs key agent: holds unlocked volume keys per user.
 
@@ -151,7 +154,8 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
         log.info("listening on the socket passed by systemd")
     opts = AgentOptions(idle_timeout=idle_timeout, request_timeout=request_timeout,
                         backoff_base=backoff, backoff_max=backoff_max,
-                        max_connections=max_connections, service_uid=service_uid)
+                        max_connections=max_connections, max_per_uid=max_per_user,
+                        service_uid=service_uid)
     agent = Agent(opts)
     trio_sock = trio.socket.from_stdlib_socket(sock)
     try:

@@ -44,7 +44,7 @@ def _uids(msg: dict[str, Any]) -> list[int]:
     return uids
 
 
-async def watch_agent(socket_path: str, backing: str, gate: Gatekeeper, *,
+async def watch_agent(socket_path: str, backing: str, volume_id: str, gate: Gatekeeper, *,
                       ping_every: float = 2.0, answer_within: float = 5.0,
                       retry_max: float = 2.0) -> None:
     """Run until cancelled, reconnecting whenever the agent is gone.
@@ -57,7 +57,7 @@ async def watch_agent(socket_path: str, backing: str, gate: Gatekeeper, *,
     last_problem = ""
     while True:
         try:
-            await _session(socket_path, backing, gate, ping_every, answer_within)
+            await _session(socket_path, backing, volume_id, gate, ping_every, answer_within)
             why = "the agent closed the connection"
         except Exception as group:  # noqa: BLE001 - see the docstring
             e = leaf(group)
@@ -79,8 +79,8 @@ _EXPECTED = (OSError, EOFError, trio.BrokenResourceError, trio.ClosedResourceErr
              trio.TooSlowError, p.ProtocolError, LinkError)
 
 
-async def _session(socket_path: str, backing: str, gate: Gatekeeper, ping_every: float,
-                   answer_within: float) -> None:
+async def _session(socket_path: str, backing: str, volume_id: str, gate: Gatekeeper,
+                   ping_every: float, answer_within: float) -> None:
     """One connection: watch, hand the state to the gate, then follow events."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -91,7 +91,7 @@ async def _session(socket_path: str, backing: str, gate: Gatekeeper, ping_every:
         raise
     async with trio.SocketStream(sock) as stream:
         conn = Conn(stream)
-        await conn.send({"op": "watch", "backing": backing})
+        await conn.send({"op": "watch", "backing": backing, "volume_id": volume_id})
         with trio.fail_after(answer_within):
             state, master = await conn.read_message()
         if not state.get("ok") or state.get("event") != "state":
@@ -157,3 +157,6 @@ async def _events(conn: Conn, gate: Gatekeeper, within: float) -> None:
         finally:
             if secret is not None:
                 secret.wipe()
+        seq = msg.get("seq")
+        if isinstance(seq, int) and event != "pong":
+            await conn.send({"op": "ack", "seq": seq})  # applied: the agent may answer its client

@@ -45,7 +45,7 @@ BUSY = "busy"
 TIMEOUT = "timeout"
 INTERNAL = "internal"
 
-OPS = frozenset({"ping", "probe", "unlock", "lock", "status", "watch", "activity"})
+OPS = frozenset({"ping", "probe", "unlock", "lock", "status", "watch", "activity", "ack"})
 
 
 class ProtocolError(Exception):

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from cryptfs.config import load_config_at
+from cryptfs.config import CONFIG_NAME, load_config_at
 from cryptfs.errors import CryptfsError
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.store import Session, Store, VolumeRef
@@ -38,6 +38,8 @@ from cryptfs.users import record_unlock, slot_for_uid, user_name_of
 log = logging.getLogger("cryptfs.agent")
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+CONFIRM_WITHIN = 2.0  # seconds to wait for the mounts to apply an unlock or lock
+CONFIG_CHECK_EVERY = 2.0  # seconds between checks of held volumes' configs
 
 
 @dataclass
@@ -47,6 +49,7 @@ class AgentOptions:
     backoff_base: float = 1.0  # seconds after the first failed unlock, doubling
     backoff_max: float = 300.0
     max_connections: int = 4096
+    max_per_uid: int = 64  # connections of one uid at a time (root and the service user: any)
     service_uid: int | None = None
     argon2_parallel: int = 2  # concurrent Argon2id runs (each takes its memory cost)
 
@@ -117,12 +120,27 @@ class Conn:
             await self.stream.send_all(data)
 
 
+_Event = tuple[dict[str, Any], "Secret | None"]
+
+
+class _Watcher:
+    """A mount watching one volume: its event queue and the last event it confirmed."""
+
+    def __init__(self, send: trio.MemorySendChannel[_Event], acked: int) -> None:
+        self.send = send
+        self.acked = acked
+
+
 class Agent:
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
         self.store = Store(opts.idle_timeout, opts.backoff_base, opts.backoff_max)
         self.connections = 0
-        self._watchers: dict[str, set[trio.MemorySendChannel[tuple[dict[str, Any], Secret | None]]]] = {}
+        self._per_uid: dict[int, int] = {}  # open connections by uid
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self._seq = 0  # number of the last event sent to watchers
+        self._acked = trio.Event()  # set (and replaced) whenever a watcher confirms or leaves
+        self._config_stamps: dict[str, tuple[int, int, int]] = {}  # volume key -> config stat
         self._unlocking: set[int] = set()
         self._argon2 = trio.CapacityLimiter(opts.argon2_parallel)
 
@@ -150,32 +168,115 @@ class Agent:
 
     async def _reaper(self) -> None:
         tick = min(1.0, self.opts.idle_timeout / 4) if self.opts.idle_timeout else 1.0
+        tick = min(tick, CONFIG_CHECK_EVERY)
+        since_check = 0.0
         while True:
             await trio.sleep(tick)
             for s in self.store.expired():
                 self.lock_session(s, "idle timeout")
+            since_check += tick
+            if since_check >= CONFIG_CHECK_EVERY:
+                since_check = 0.0
+                await self._recheck_configs()
+
+    async def _recheck_configs(self) -> None:
+        """End sessions that the volume's config no longer allows.
+
+        When a held volume's config file changed (a user removed, a passphrase
+        changed, the file replaced), it is read and authenticated again with
+        the held key: if it no longer authenticates, every session of the
+        volume ends; otherwise those of uids that lost their slot do.
+        """
+        for vol in self.store.held_volumes():
+            held = self.store.master(vol.key)
+            if held is None:
+                continue
+            try:
+                stamp, cfg = await trio.to_thread.run_sync(self._read_config, vol.path)
+            except (CryptfsError, OSError) as e:
+                why = str(e) if isinstance(e, CryptfsError) else (e.strerror or str(e))
+                self._end_volume(vol.key, f"the volume can no longer be read: {why}")
+                continue
+            if self._config_stamps.get(vol.key) == stamp:
+                continue
+            self._config_stamps[vol.key] = stamp
+            held = self.store.master(vol.key)  # (the thread ran: it may be gone)
+            if held is None:
+                continue
+            keys = VolumeKeys(Secret(held[0].reveal()), cfg.key_id)
+            try:
+                cfg.verify(keys)
+                ok = cfg.volume_id.hex() == vol.volume_id
+            except CryptfsError:
+                ok = False
+            finally:
+                keys.close()
+            if not ok:
+                self._end_volume(vol.key, "the volume's config was replaced")
+                continue
+            for s in self.store.of_uid(None):
+                if s.volume.key == vol.key and slot_for_uid(cfg, s.uid) is None:
+                    self.lock_session(s, "its key slot was removed")
+
+    def _read_config(self, path: str) -> tuple[tuple[int, int, int], Any]:
+        dir_fd, _, real = self._open_trusted(path)
+        try:
+            st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
+            return (st.st_ino, st.st_mtime_ns, st.st_size), load_config_at(dir_fd, real)
+        finally:
+            os.close(dir_fd)
+
+    def _end_volume(self, vol_key: str, why: str) -> None:
+        for s in self.store.of_uid(None):
+            if s.volume.key == vol_key:
+                self.lock_session(s, why)
 
     # -- events to watchers ------------------------------------------------------------
-    def _notify(self, vol_key: str, event: dict[str, Any], master: Secret | None = None) -> None:
-        for ch in list(self._watchers.get(vol_key, ())):
+    def _notify(self, vol_key: str, event: dict[str, Any], master: Secret | None = None) -> int:
+        """Queue an event for every watcher of the volume; returns its sequence number."""
+        self._seq += 1
+        event = {**event, "seq": self._seq}
+        for w in list(self._watchers.get(vol_key, ())):
             copy = Secret(master.reveal()) if master is not None else None
             try:
-                ch.send_nowait((event, copy))
+                w.send.send_nowait((event, copy))
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 # A watcher that does not keep up is dropped; it reconnects
                 # and gets a fresh state.  Its mount denies access meanwhile.
                 if copy is not None:
                     copy.wipe()
-                ch.close()
-                self._watchers[vol_key].discard(ch)
+                w.send.close()
+                self._watchers[vol_key].discard(w)
+                self._acks_changed()
+        return self._seq
 
-    def lock_session(self, s: Session, why: str) -> None:
+    def _acks_changed(self) -> None:
+        self._acked.set()
+        self._acked = trio.Event()
+
+    async def _confirmed(self, vol_key: str, seq: int) -> bool:
+        """Wait until every watcher of the volume has applied event ``seq`` (or left).
+
+        So when `cryptfs lock` returns, the mounts already refuse the user, and
+        when `cryptfs unlock` returns, they already serve them.
+        """
+        with trio.move_on_after(CONFIRM_WITHIN):
+            while any(w.acked < seq for w in self._watchers.get(vol_key, ())):
+                await self._acked.wait()
+            return True
+        log.warning("a mount did not confirm event %d within %g s", seq, CONFIRM_WITHIN)
+        return False
+
+    def lock_session(self, s: Session, why: str) -> int:
+        """End a session; returns the sequence number of the last event it caused."""
         _, wiped = self.store.close(s.uid, s.volume.key)
         log.info("lock: uid %d (%s), volume %s at %s (%s)", s.uid, user_name_of(s.uid),
                  s.volume.volume_id, s.volume.path, why)
-        self._notify(s.volume.key, p.reply(event="locked", uid=s.uid, reason=why))
+        seq = self._notify(s.volume.key, p.reply(event="locked", uid=s.uid, reason=why))
         if wiped:
-            self._notify(s.volume.key, p.reply(event="wipe"))
+            seq = self._notify(s.volume.key, p.reply(event="wipe"))
+            self._config_stamps.pop(s.volume.key, None)
+        return seq
 
     def lock_all(self, why: str) -> None:
         for s in self.store.of_uid(None):
@@ -185,15 +286,22 @@ class Agent:
     # -- connections -------------------------------------------------------------------
     async def handle(self, stream: trio.SocketStream) -> None:
         try:
-            if self.connections >= self.opts.max_connections:
+            conn = Conn(stream)
+            mine = self._per_uid.get(conn.uid, 0)
+            if self.connections >= self.opts.max_connections or (
+                    not self._privileged(conn.uid) and mine >= self.opts.max_per_uid):
                 with trio.move_on_after(1):
                     await stream.send_all(p.encode(p.error(p.BUSY, "too many connections")))
                 return
             self.connections += 1
+            self._per_uid[conn.uid] = mine + 1
             try:
-                await self._serve(Conn(stream))
+                await self._serve(conn)
             finally:
                 self.connections -= 1
+                self._per_uid[conn.uid] -= 1
+                if not self._per_uid[conn.uid]:
+                    del self._per_uid[conn.uid]
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
             pass
         except trio.TooSlowError:
@@ -335,13 +443,14 @@ class Agent:
         finally:
             self._unlocking.discard(uid)
 
-    async def _unlock_at(self, conn: Conn, uid: int, dir_fd: int, key: str, real: str,
+    async def _unlock_at(self, conn: Conn, uid: int, dir_fd: int, directory: str, real: str,
                          secret: Secret) -> dict[str, Any]:
         who = f"uid {uid} ({user_name_of(uid)}), pid {conn.pid}"
         try:
             cfg = await trio.to_thread.run_sync(load_config_at, dir_fd, real)
         except CryptfsError as e:
             return p.error(p.NOT_A_VOLUME, str(e))
+        key = f"{directory}:{cfg.volume_id.hex()}"
         slot = slot_for_uid(cfg, uid)
         if slot is None:
             return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) has no key slot in "
@@ -349,7 +458,7 @@ class Agent:
         async with self._argon2:
             master = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
         if master is None:
-            count, delay = self.store.failed(uid)
+            count, delay = self.store.failed(uid, key)
             log.warning("unlock failed: %s, volume %s at %s: wrong passphrase "
                         "(%d in a row; next attempt allowed in %.0f s)",
                         who, cfg.volume_id.hex(), real, count, delay)
@@ -364,14 +473,20 @@ class Agent:
             return p.error(p.NOT_A_VOLUME, str(e))
         finally:
             keys.close()
-        self.store.succeeded(uid)
+        self.store.succeeded(uid, key)
         vol = VolumeRef(key, real, cfg.volume_id.hex())
-        changed = self.store.open(uid, vol, slot.id, master, cfg.key_id)
+        changed, evicted = self.store.open(uid, vol, slot.id, master, cfg.key_id)
+        for other in evicted:
+            log.info("lock: uid %d (%s), volume %s at %s (unlocked with a key that the "
+                     "volume's config no longer has)", other.uid, user_name_of(other.uid),
+                     vol.volume_id, real)
+            self._notify(key, p.reply(event="locked", uid=other.uid, reason="key changed"))
         held = self.store.master(key)
         if changed and held is not None:
             self._notify(key, p.reply(event="keys", key_id=held[1], secret=True), held[0])
-        self._notify(key, p.reply(event="unlocked", uid=uid))
+        seq = self._notify(key, p.reply(event="unlocked", uid=uid))
         log.info("unlock: %s, volume %s at %s, slot %d", who, vol.volume_id, real, slot.id)
+        await self._confirmed(key, seq)
         try:
             await trio.to_thread.run_sync(record_unlock, dir_fd, slot.id)
         except OSError as e:
@@ -410,12 +525,14 @@ class Agent:
         if "backing" in msg:
             path = self._path(msg)
             try:
-                key, _ = await self._volume(path)
+                directory, _ = await self._volume(path)
             except OSError as e:
                 return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
-            sessions = [s for s in sessions if s.volume.key == key]
-        for s in sessions:
-            self.lock_session(s, f"requested by pid {conn.pid}")
+            sessions = [s for s in sessions if s.volume.directory == directory]
+        last = {s.volume.key: self.lock_session(s, f"requested by pid {conn.pid}")
+                for s in sessions}
+        for key, seq in last.items():
+            await self._confirmed(key, seq)
         return p.reply(message=f"locked {len(sessions)} session(s)", locked=len(sessions))
 
     def _status(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:
@@ -447,33 +564,42 @@ class Agent:
             await conn.send(p.error(p.DENIED, "only root or the service user may watch a volume"))
             return
         path = self._path(msg)
+        volume_id = p.field(msg, "volume_id", str, required=True)
         try:
-            key, real = await self._volume(path)
+            directory, real = await self._volume(path)
         except OSError as e:
             await conn.send(p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}"))
             return
-        send, receive = trio.open_memory_channel[tuple[dict[str, Any], Secret | None]](256)
-        self._watchers.setdefault(key, set()).add(send)
+        key = f"{directory}:{volume_id}"
+        send, receive = trio.open_memory_channel[_Event](256)
+        watcher = _Watcher(send, self._seq)
+        self._watchers.setdefault(key, set()).add(watcher)
         log.info("watch: pid %d watches %s", conn.pid, real)
         try:
             held = self.store.master(key)
             state = p.reply(event="state", uids=self.store.uids(key), keys=held is not None,
                             key_id=held[1] if held else None, secret=held is not None)
-            await conn.send(state, Secret(held[0].reveal()) if held else None)
+            copy = Secret(held[0].reveal()) if held else None
+            try:
+                await conn.send(state, copy)
+            finally:
+                if copy is not None:
+                    copy.wipe()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_out, conn, receive, nursery.cancel_scope)
-                    await self._watch_in(conn, key)
+                    await self._watch_in(conn, key, watcher)
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 raise leaf(group) from None  # handled (or logged) by handle()
         finally:
-            self._watchers.get(key, set()).discard(send)
+            self._watchers.get(key, set()).discard(watcher)
             send.close()
+            self._acks_changed()
             log.info("watch: pid %d stopped watching %s", conn.pid, real)
 
     async def _watch_out(self, conn: Conn,
-                         receive: trio.MemoryReceiveChannel[tuple[dict[str, Any], Secret | None]],
+                         receive: trio.MemoryReceiveChannel[_Event],
                          scope: trio.CancelScope) -> None:
         async for event, secret in receive:
             try:
@@ -483,7 +609,7 @@ class Agent:
                     secret.wipe()
         scope.cancel()  # the channel was closed: this watcher fell behind
 
-    async def _watch_in(self, conn: Conn, key: str) -> None:
+    async def _watch_in(self, conn: Conn, key: str, watcher: _Watcher) -> None:
         while True:
             try:
                 with trio.fail_after(self.opts.request_timeout):
@@ -503,6 +629,11 @@ class Agent:
                 return
             if op == "ping":
                 await conn.send(p.reply(event="pong"))
+            elif op == "ack":
+                seq = msg.get("seq")
+                if isinstance(seq, int) and not isinstance(seq, bool) and seq > watcher.acked:
+                    watcher.acked = seq
+                    self._acks_changed()
             elif op == "activity":
                 uids = msg.get("uids")
                 if isinstance(uids, list):

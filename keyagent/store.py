@@ -18,13 +18,20 @@ from cryptfs.secret import Secret
 
 @dataclass(frozen=True)
 class VolumeRef:
-    """A backing directory as the agent knows it: identified by device and inode,
-    so two paths (or a symlink) to one directory are one volume, and a
-    different directory at a path is never mistaken for it."""
+    """A volume as the agent knows it: its backing directory's device and inode
+    plus the volume id of its config.  Two paths (or a symlink) to one
+    directory are one volume; another directory at a path, or another volume
+    later made in the same directory (or at a reused inode), is never
+    mistaken for it."""
 
-    key: str  # "dev:ino"
+    key: str  # "dev:ino:volume_id"
     path: str  # real path when first seen
     volume_id: str  # hex, from the config
+
+    @property
+    def directory(self) -> str:
+        """The "dev:ino" part."""
+        return self.key.rsplit(":", 1)[0]
 
 
 @dataclass
@@ -58,57 +65,64 @@ class Store:
         self.clock = clock
         self.sessions: dict[tuple[int, str], Session] = {}
         self._held: dict[str, _Held] = {}
-        self._failures: dict[int, _Failures] = {}
+        self._failures: dict[tuple[int, str], _Failures] = {}  # (uid, volume key)
 
     # -- backoff -------------------------------------------------------------------
     def retry_after(self, uid: int) -> float:
-        """Seconds until ``uid`` may try again (0: now)."""
-        f = self._failures.get(uid)
-        return max(0.0, f.until - self.clock()) if f else 0.0
+        """Seconds until ``uid`` may try again, on any volume (0: now)."""
+        now = self.clock()
+        waits = [f.until - now for (u, _), f in self._failures.items() if u == uid]
+        return max(0.0, *waits) if waits else 0.0
 
-    def failed(self, uid: int) -> tuple[int, float]:
+    def failed(self, uid: int, vol_key: str = "") -> tuple[int, float]:
         """Count a failed unlock; returns (failures in a row, seconds until the next try).
 
-        The delay doubles with each failure in a row: base, 2 base, 4 base ...
-        up to the maximum.
+        The delay doubles with each failure in a row on that volume: base,
+        2 base, 4 base ... up to the maximum; while it runs, the uid may try
+        no volume at all.
         """
-        f = self._failures.setdefault(uid, _Failures())
+        f = self._failures.setdefault((uid, vol_key), _Failures())
         f.count += 1
         delay = min(self.backoff_max, self.backoff_base * 2 ** min(f.count - 1, 62))
         f.until = self.clock() + delay
         return f.count, delay
 
     def failure_count(self, uid: int) -> int:
-        f = self._failures.get(uid)
-        return f.count if f else 0
+        return max((f.count for (u, _), f in self._failures.items() if u == uid), default=0)
 
-    def succeeded(self, uid: int) -> None:
-        self._failures.pop(uid, None)
+    def succeeded(self, uid: int, vol_key: str = "") -> None:
+        """A success resets the count of that volume only (knowing the
+        passphrase of one volume says nothing about guesses at another)."""
+        self._failures.pop((uid, vol_key), None)
 
     # -- sessions --------------------------------------------------------------------
-    def open(self, uid: int, vol: VolumeRef, slot_id: int, master: Secret, key_id: int) -> bool:
+    def open(self, uid: int, vol: VolumeRef, slot_id: int, master: Secret, key_id: int
+             ) -> tuple[bool, list[Session]]:
         """Start (or refresh) a session; takes ownership of ``master``.
 
-        Returns True if the volume's held key is new or changed (watchers must
-        be sent it), False if the same key was already held.
+        Returns whether the volume's held key is new or changed (watchers must
+        be sent it), and the other sessions that this ended: sessions opened
+        with another key (the config was replaced since) cannot stand beside
+        one with this key.
         """
-        now = self.clock()
-        self.sessions[(uid, vol.key)] = Session(uid, vol, slot_id, time.time(), now)
         held = self._held.get(vol.key)
         changed = (held is None or held.key_id != key_id
                    or not hmac.compare_digest(held.master.reveal(), master.reveal()))
-        if held is None or changed:
-            if held is not None:
-                held.master.wipe()
-                sessions = held.sessions
-            else:
-                sessions = set()
-            held = _Held(master, key_id, sessions)
+        evicted: list[Session] = []
+        if held is not None and changed:
+            evicted = [s for (u, key), s in self.sessions.items() if key == vol.key and u != uid]
+            for s in evicted:
+                del self.sessions[(s.uid, vol.key)]
+            held.master.wipe()
+            held = None
+        if held is None:
+            held = _Held(master, key_id)
             self._held[vol.key] = held
         else:
             master.wipe()
-        held.sessions.add(uid)
-        return changed
+        self.sessions[(uid, vol.key)] = Session(uid, vol, slot_id, time.time(), self.clock())
+        held.sessions = {s.uid for s in self.sessions.values() if s.volume.key == vol.key}
+        return changed, evicted
 
     def close(self, uid: int, vol_key: str) -> tuple[Session | None, bool]:
         """End a session; returns it and whether the volume's key was wiped."""
@@ -143,6 +157,13 @@ class Store:
 
     def uids(self, vol_key: str) -> list[int]:
         return sorted(uid for uid, key in self.sessions if key == vol_key)
+
+    def held_volumes(self) -> list[VolumeRef]:
+        """One VolumeRef per volume whose key is held."""
+        seen: dict[str, VolumeRef] = {}
+        for s in self.sessions.values():
+            seen.setdefault(s.volume.key, s.volume)
+        return list(seen.values())
 
     def master(self, vol_key: str) -> tuple[Secret, int] | None:
         held = self._held.get(vol_key)

@@ -10,7 +10,6 @@ as that user.
 
 from __future__ import annotations
 
-import encodings.unicode_escape  # noqa: F401 - imported lazily by the mount table parser
 import os
 import pwd
 import sys

@@ -7,6 +7,7 @@ run with their uid; the agent and the mount are real processes.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -16,32 +17,68 @@ from pathlib import Path
 import pytest
 
 from conftest import require_fuse, run_cli
-from multiuser import Shared, cli_as, run_as, shared_setup
+from cryptfs.secret import Secret
+from cryptfs.users import user_fields
+from cryptfs.volume import init_volume
+from multiuser import (
+    ROOT_PASSPHRASE,
+    TEST_KDF,
+    Shared,
+    cli_as,
+    ensure_user,
+    passfile,
+    run_as,
+    shared_setup,
+)
 
 CSV = b"surname,phone\nZhang,13800138000\nM\xc3\xbcller,+49 30 1234567\n"
 DENIED = b"Permission denied"
 
-# A program run as a user that keeps one file open across a lock: it reads,
-# reports, waits for a line on stdin, then tries to read and write again.
+# A program run as a user that keeps one file open and obeys commands on
+# stdin: "read", "write", "close"; it answers each with one line.
 HOLDER = r"""
 import os, sys
 fd = os.open(sys.argv[1], os.O_RDWR)
-print("first:", os.pread(fd, 100, 0)[:13].decode(), flush=True)
-sys.stdin.readline()
-for what, op in (("read", lambda: os.pread(fd, 100, 0)), ("write", lambda: os.pwrite(fd, b"X", 0))):
+print("opened", flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
     try:
-        op()
-        print(what, "ok", flush=True)
+        if cmd == "read":
+            print("read", os.pread(fd, 100, 0)[:13].decode(), flush=True)
+        elif cmd == "write":
+            os.pwrite(fd, b"X", 0)
+            print("write ok", flush=True)
+        elif cmd == "close":
+            os.close(fd)
+            print("closed", flush=True)
     except OSError as e:
-        print(what, "errno", e.errno, flush=True)
-sys.stdin.readline()
-try:
-    print("after unlock:", os.pread(fd, 100, 0)[:13].decode(), flush=True)
-except OSError as e:
-    print("after unlock: errno", e.errno, flush=True)
-os.close(fd)
-print("closed", flush=True)
+        print(cmd, "errno", e.errno, flush=True)
 """
+
+
+class Holder:
+    """HOLDER run as a user on one file."""
+
+    def __init__(self, user: str, path: Path) -> None:
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", "-c", HOLDER, str(path)], user=user, group=user,
+            extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd="/")
+        assert self.answer_line() == "opened"
+
+    def answer_line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def do(self, cmd: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.answer_line()
+
+    def end(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def _root_writes(shared: Shared, name: str, data: bytes, mode: int = 0o644) -> Path:
@@ -113,37 +150,32 @@ def test_no_plaintext_reaches_a_locked_user_through_kernel_caches(shared: Shared
 
 
 def test_a_handle_opened_before_locking_gets_nothing_from_the_page_cache(shared: Shared) -> None:
-    """Bob opens a file while unlocked, locks; Alice then reads the file (which
-    would fill the page cache); Bob's old descriptor still gets EACCES."""
-    _root_writes(shared, "ledger.csv", CSV, mode=0o666)
+    """Bob opens a file while unlocked, then locks.  His descriptor is refused;
+    and while he holds it, nobody's read may bring the file's pages into the
+    page cache (a mapping of his would show them): Alice is refused too,
+    until Bob closes it or unlocks again."""
+    ledger = _root_writes(shared, "ledger.csv", CSV, mode=0o666)
     _unlock(shared, "cfs-bob")
     _unlock(shared, "cfs-alice")
-    holder = subprocess.Popen(
-        ["/usr/bin/python3", "-c", HOLDER, str(shared.path("ledger.csv"))],
-        user="cfs-bob", group="cfs-bob", extra_groups=[], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    bob = Holder("cfs-bob", ledger)
     try:
-        assert holder.stdout is not None and holder.stdin is not None
-        assert holder.stdout.readline().startswith("first: surname,phone")
+        assert bob.do("read") == "read surname,phone"
         _lock(shared, "cfs-bob")
-        for _ in range(3):
-            assert run_as("cfs-alice", "cat", str(shared.path("ledger.csv"))).stdout == CSV
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline().strip() == "read errno 13"
-        assert holder.stdout.readline().strip() == "write errno 13"
-        # Unlocking again makes the same descriptor work again.
-        _unlock(shared, "cfs-bob")
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline().startswith("after unlock: surname,phone")
-        assert holder.stdout.readline().strip() == "closed"
-        assert holder.wait(10) == 0
+        assert bob.do("read") == "read errno 13"
+        assert bob.do("write") == "write errno 13"
+        assert _denied(run_as("cfs-alice", "cat", str(ledger)))
+        assert "still has it open" in shared.mount.log_text()
+        _unlock(shared, "cfs-bob")  # the same descriptor works again, for both
+        assert bob.do("read") == "read surname,phone"
+        assert run_as("cfs-alice", "cat", str(ledger)).stdout == CSV
+        _lock(shared, "cfs-bob")
+        assert _denied(run_as("cfs-alice", "cat", str(ledger)))
+        assert bob.do("close") == "closed"  # closing always works
+        assert run_as("cfs-alice", "cat", str(ledger)).stdout == CSV
     finally:
-        holder.kill()
-        holder.wait()
+        bob.end()
     # The write attempt while locked changed nothing.
-    assert run_as("cfs-alice", "cat", str(shared.path("ledger.csv"))).stdout == CSV
+    assert run_as("cfs-alice", "cat", str(ledger)).stdout == CSV
 
 
 def test_unlock_and_lock_take_effect_at_once_and_leave_others_alone(shared: Shared) -> None:
@@ -335,12 +367,23 @@ print("after lock", m[4096:4100].decode(), flush=True)
 """
 
 
+MAP_AND_TOUCH = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+m = mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ)
+print(m[:4].decode(), m[4096:4100].decode(), flush=True)
+"""
+
+
 def test_mapped_pages_are_withdrawn_at_lock(shared: Shared) -> None:
     """Direct I/O handles cannot be mapped shared (ENODEV); a private mapping
     works, and after a lock touching it again is refused (SIGBUS), because
-    the lock drops the file's pages and the daemon refuses to refill them."""
+    the lock drops the file's pages and the daemon refuses to refill them.
+    Nor can another user's mapping refill them meanwhile: while the locked
+    user holds the file, nobody's read of it is served."""
     _root_writes(shared, "m.bin", b"A" * 4096 + b"B" * 4096)
     _unlock(shared, "cfs-alice")
+    _unlock(shared, "cfs-bob")
     mapper = subprocess.Popen(
         ["/usr/bin/python3", "-c", MAPPER, str(shared.path("m.bin"))], user="cfs-alice",
         group="cfs-alice", extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -350,7 +393,11 @@ def test_mapped_pages_are_withdrawn_at_lock(shared: Shared) -> None:
         assert mapper.stdout.readline().strip() == "shared errno 19"
         assert mapper.stdout.readline().strip() == "private AAAA"
         _lock(shared, "cfs-alice")
-        shared.mount.wait_log("access revoked")
+        # Bob maps the file and touches both pages: refused (SIGBUS), so no
+        # page enters the cache for Alice's old mapping to show.
+        bob = run_as("cfs-bob", "/usr/bin/python3", "-c", MAP_AND_TOUCH, str(shared.path("m.bin")))
+        assert bob.returncode == -signal.SIGBUS and bob.stdout == b""
+        assert _denied(run_as("cfs-bob", "cat", str(shared.path("m.bin"))))
         mapper.stdin.write("\n")
         mapper.stdin.flush()
         assert mapper.wait(10) == -signal.SIGBUS
@@ -358,6 +405,9 @@ def test_mapped_pages_are_withdrawn_at_lock(shared: Shared) -> None:
     finally:
         mapper.kill()
         mapper.wait()
+    # Alice's mapping is gone (and with it her handle): Bob is served again.
+    bob = run_as("cfs-bob", "/usr/bin/python3", "-c", MAP_AND_TOUCH, str(shared.path("m.bin")))
+    assert bob.returncode == 0 and bob.stdout == b"AAAA BBBB\n"
 
 
 def test_an_agent_that_stops_answering_is_treated_as_gone(shared: Shared) -> None:
@@ -375,3 +425,122 @@ def test_an_agent_that_stops_answering_is_treated_as_gone(shared: Shared) -> Non
         os.kill(shared.agent.pid, signal.SIGCONT)
     shared.mount.wait_log("key agent connected", timeout=15, count=2)
     assert run_as("cfs-alice", "cat", f).stdout == b"alpha\n"
+
+
+def test_a_new_volume_in_the_same_directory_serves_none_of_the_old_sessions(shared: Shared) -> None:
+    """Alice unlocked volume 1; the admin re-creates the backing directory as
+    volume 2 (only root has a slot) and mounts it: Alice gets nothing."""
+    _unlock(shared, "cfs-alice")
+    shared.mount.stop()
+    shutil.rmtree(shared.backing)
+    init_volume(str(shared.backing), "aes-256-gcm", Secret(ROOT_PASSPHRASE), TEST_KDF,
+                user_fields("root", "admin")).close()
+    shared.mount.start()
+    _unlock(shared, "root")
+    _root_writes(shared, "v2.txt", b"volume two\n")
+    assert _denied(run_as("cfs-alice", "cat", str(shared.path("v2.txt"))))
+    # Her old session names volume 1, which is gone: the agent ends it.
+    deadline = time.monotonic() + 10
+    while cli_as("cfs-alice", "status", env=shared.agent.env).stdout != "no sessions\n":
+        assert time.monotonic() < deadline, shared.agent.log_text()
+        time.sleep(0.2)
+    assert "can no longer be read" in shared.agent.log_text() or \
+        "config was replaced" in shared.agent.log_text()
+
+
+def test_removing_a_user_ends_their_session(shared: Shared) -> None:
+    f = str(_root_writes(shared, "a.txt", b"alpha\n"))
+    _unlock(shared, "cfs-alice")
+    assert run_as("cfs-alice", "cat", f).stdout == b"alpha\n"
+    run_cli("user", "remove", str(shared.backing), "cfs-alice", "--passphrase-file",
+            str(shared.passfiles["root"]))
+    deadline = time.monotonic() + 10
+    while run_as("cfs-alice", "cat", f).returncode == 0:
+        assert time.monotonic() < deadline, "alice is still served after her removal"
+        time.sleep(0.2)
+    assert "its key slot was removed" in shared.agent.log_text()
+    res = shared.unlock("cfs-alice")
+    assert res.returncode == 8 and "no key slot" in res.stderr
+    # Others are not affected.
+    _unlock(shared, "cfs-bob")
+    assert run_as("cfs-bob", "cat", f).stdout == b"alpha\n"
+
+
+def test_a_user_added_while_mounted_is_served(shared: Shared, tmp_path: Path) -> None:
+    f = str(_root_writes(shared, "a.txt", b"alpha\n"))
+    ensure_user("cfs-dave")
+    new = tmp_path / "dave.new"
+    new.write_bytes(b"dave passphrase\n")
+    run_cli("user", "add", str(shared.backing), "cfs-dave", "--passphrase-file",
+            str(shared.passfiles["root"]), "--new-passphrase-file", str(new),
+            "--kdf-memory", "8", "--kdf-iterations", "1")
+    pf = passfile(shared.root / "pass", "cfs-dave", b"dave passphrase")
+    res = cli_as("cfs-dave", "unlock", str(shared.mount.mnt), "--passphrase-file", str(pf),
+                 env=shared.agent.env)
+    assert res.returncode == 0, res.stderr
+    assert run_as("cfs-dave", "cat", f).stdout == b"alpha\n"
+
+
+def test_unlock_by_a_mountpoint_with_spaces_and_non_ascii(tmp_path: Path) -> None:
+    require_fuse()
+    gen = shared_setup()
+    s = next(gen)
+    try:
+        s.mount.stop()
+        s.mount.mnt = s.root / "Kunden Müller 客户"
+        s.mount.start()
+        res = s.unlock("cfs-alice")
+        assert res.returncode == 0, res.stderr
+        assert f"unlocked {s.backing}" in res.stdout
+    finally:
+        gen.close()
+
+
+def test_a_passphrase_too_long_for_the_agent_is_a_clear_error(shared: Shared) -> None:
+    big = shared.root / "pass" / "big"
+    big.write_bytes(b"x" * 70000 + b"\n")
+    big.chmod(0o644)
+    res = shared.unlock("cfs-alice", big)
+    assert res.returncode == 2 and "longer than 4096 bytes" in res.stderr
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr
+
+
+HOG = r"""
+import socket, sys, time
+socks = []
+for _ in range(200):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    socks.append(s)
+time.sleep(1)
+busy = 0
+for s in socks:
+    s.setblocking(False)
+    try:
+        busy += b"too many connections" in s.recv(4096)
+    except BlockingIOError:
+        pass
+print("busy", busy, flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_user_cannot_take_every_connection() -> None:
+    """With room for 100 connections and 10 per user, Bob opening 200 gets
+    "busy" for 190 of them, and Alice can still unlock and use the mount."""
+    require_fuse()
+    gen = shared_setup(("--idle-timeout", "0", "--max-connections", "100",
+                        "--max-per-user", "10"))
+    s = next(gen)
+    hog = subprocess.Popen(["/usr/bin/python3", "-c", HOG, str(s.agent.socket)],
+                           user="cfs-bob", group="cfs-bob", extra_groups=[],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None and hog.stdout.readline().strip() == "busy 190"
+        f = str(_root_writes(s, "a.txt", b"alpha\n"))
+        _unlock(s, "cfs-alice")
+        assert run_as("cfs-alice", "cat", f).stdout == b"alpha\n"
+    finally:
+        hog.kill()
+        hog.wait()
+        gen.close()

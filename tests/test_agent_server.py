@@ -797,8 +797,12 @@ def test_user_cannot_unlock_or_lock_for_another_uid(agent: AgentProcess, vol: Vo
 
 def _watch(user: str, agent: AgentProcess, backing: Path) -> list[tuple[int, bytes]]:
     """A watch request as ``user``: its first frames (the state, and the key if held)."""
-    return as_user(user, agent, Req({"op": "watch", "backing": str(backing)}, frames=2,
-                                    timeout=3))[0]
+    return as_user(user, agent, Req({"op": "watch", "backing": str(backing),
+                                     "volume_id": _volume_id(backing)}, frames=2, timeout=3))[0]
+
+
+def _volume_id(backing: Path) -> str:
+    return str(json.loads((backing / "cryptfs.conf").read_text())["volume_id"])
 
 
 def test_only_root_may_watch(agent: AgentProcess, vol: Vol) -> None:
@@ -1208,7 +1212,8 @@ def test_sigterm_locks_everything_and_exits(start_agent: Callable[..., AgentProc
         assert _unlock_cli(name, agent, vol.backing, vol.passfiles[name]).returncode == 0
     watcher = connect(agent, timeout=5)
     try:
-        send(watcher, {"op": "watch", "backing": str(vol.backing)})
+        send(watcher, {"op": "watch", "backing": str(vol.backing),
+                       "volume_id": _volume_id(vol.backing)})
         state = recv_reply(watcher)
         assert state["event"] == "state" and state["uids"] == [uid("cfs-alice"), uid("cfs-bob")]
         key = recv_frame(watcher)

@@ -132,7 +132,7 @@ def test_backoff_zero_base_never_waits(clock: Clock) -> None:
 def test_first_session_holds_the_master(clock: Clock) -> None:
     s = store(clock)
     m = Watched(KEY_1)
-    assert s.open(ALICE, VOL_A, 1, m.secret, key_id=1) is True  # new key: tell watchers
+    assert s.open(ALICE, VOL_A, 1, m.secret, key_id=1)[0] is True  # new key: tell watchers
     held = s.master(VOL_A.key)
     assert held is not None and held[0] is m.secret and held[1] == 1
     assert m.intact
@@ -146,11 +146,11 @@ def test_first_session_holds_the_master(clock: Clock) -> None:
 def test_master_kept_while_any_session_is_open_and_wiped_with_the_last(clock: Clock) -> None:
     s = store(clock)
     m_alice, m_bob, m_carol = Watched(KEY_1), Watched(KEY_1), Watched(KEY_1)
-    assert s.open(ALICE, VOL_A, 1, m_alice.secret, 1) is True
+    assert s.open(ALICE, VOL_A, 1, m_alice.secret, 1)[0] is True
     # Same key again: nothing new for watchers, and the duplicate copy is wiped at once.
-    assert s.open(BOB, VOL_A, 2, m_bob.secret, 1) is False
+    assert s.open(BOB, VOL_A, 2, m_bob.secret, 1)[0] is False
     assert m_bob.wiped
-    assert s.open(CAROL, VOL_A, 3, m_carol.secret, 1) is False
+    assert s.open(CAROL, VOL_A, 3, m_carol.secret, 1)[0] is False
     assert m_carol.wiped
     assert s.uids(VOL_A.key) == [ALICE, BOB, CAROL]
 
@@ -184,8 +184,8 @@ def test_closing_what_is_not_open(clock: Clock) -> None:
 def test_volumes_are_held_apart(clock: Clock) -> None:
     s = store(clock)
     a, b = Watched(KEY_1), Watched(KEY_2)
-    assert s.open(ALICE, VOL_A, 1, a.secret, 1) is True
-    assert s.open(ALICE, VOL_B, 4, b.secret, 1) is True
+    assert s.open(ALICE, VOL_A, 1, a.secret, 1)[0] is True
+    assert s.open(ALICE, VOL_B, 4, b.secret, 1)[0] is True
     assert [x.volume for x in s.of_uid(ALICE)] == [VOL_A, VOL_B]
     assert s.close(ALICE, VOL_A.key)[1] is True
     assert a.wiped and b.intact
@@ -196,24 +196,40 @@ def test_volumes_are_held_apart(clock: Clock) -> None:
 def test_a_changed_key_is_reported_and_replaces_the_old(clock: Clock) -> None:
     s = store(clock)
     old, new = Watched(KEY_1), Watched(KEY_2)
-    assert s.open(ALICE, VOL_A, 1, old.secret, 1) is True
+    assert s.open(ALICE, VOL_A, 1, old.secret, 1)[0] is True
     # The volume's master changed (re-keyed on disk): bob's unlock brings the new key.
-    assert s.open(BOB, VOL_A, 2, new.secret, 1) is True
+    changed, evicted = s.open(BOB, VOL_A, 2, new.secret, 1)
+    assert changed is True
     assert old.wiped and new.intact
     held = s.master(VOL_A.key)
     assert held is not None and held[0] is new.secret
-    # Sessions opened under the old key stay: both users are still unlocked.
-    assert s.uids(VOL_A.key) == [ALICE, BOB]
-    s.close(ALICE, VOL_A.key)
+    # A session opened under the old key cannot stand beside the new one: it ends
+    # (the caller tells the watchers); only bob is unlocked now.
+    assert [e.uid for e in evicted] == [ALICE]
+    assert s.uids(VOL_A.key) == [BOB]
+    assert s.close(ALICE, VOL_A.key) == (None, False)
     assert new.intact
     assert s.close(BOB, VOL_A.key)[1] is True and new.wiped
+
+
+def test_success_on_one_volume_does_not_reset_guesses_at_another(clock: Clock) -> None:
+    s = store(clock, base=1.0, cap=100.0)
+    for _ in range(3):
+        s.failed(ALICE, VOL_A.key)
+    assert s.failure_count(ALICE) == 3 and s.retry_after(ALICE) == 4.0
+    s.succeeded(ALICE, VOL_B.key)  # she knows her passphrase of another volume
+    assert s.failure_count(ALICE) == 3 and s.retry_after(ALICE) == 4.0
+    clock.advance(4)
+    assert s.failed(ALICE, VOL_A.key) == (4, 8.0)  # the count on A goes on
+    s.succeeded(ALICE, VOL_A.key)
+    assert s.failure_count(ALICE) == 0 and s.retry_after(ALICE) == 0.0
 
 
 def test_a_changed_key_id_is_reported(clock: Clock) -> None:
     s = store(clock)
     first, second = Watched(KEY_1), Watched(KEY_1)
-    assert s.open(ALICE, VOL_A, 1, first.secret, key_id=1) is True
-    assert s.open(ALICE, VOL_A, 1, second.secret, key_id=2) is True
+    assert s.open(ALICE, VOL_A, 1, first.secret, key_id=1)[0] is True
+    assert s.open(ALICE, VOL_A, 1, second.secret, key_id=2)[0] is True
     held = s.master(VOL_A.key)
     assert held is not None and held[1] == 2 and held[0] is second.secret
     assert first.wiped and second.intact
@@ -224,7 +240,7 @@ def test_reopening_refreshes_the_session(clock: Clock) -> None:
     m1, m2 = Watched(KEY_1), Watched(KEY_1)
     s.open(ALICE, VOL_A, 1, m1.secret, 1)
     clock.advance(50)
-    assert s.open(ALICE, VOL_A, 1, m2.secret, 1) is False
+    assert s.open(ALICE, VOL_A, 1, m2.secret, 1)[0] is False
     assert m2.wiped and m1.intact
     [sess] = s.of_uid(ALICE)
     assert sess.last_active == clock.now
@@ -318,7 +334,7 @@ def test_close_all_wipes_every_key(clock: Clock) -> None:
     assert s.close_all() == []  # idempotent
     # The store is usable again afterwards.
     c = Watched(KEY_1)
-    assert s.open(ALICE, VOL_A, 1, c.secret, 1) is True and c.intact
+    assert s.open(ALICE, VOL_A, 1, c.secret, 1)[0] is True and c.intact
 
 
 def test_close_all_keeps_backoff(clock: Clock) -> None:

@@ -17,6 +17,15 @@ from cryptfs.ops import ROOT, CryptOperations
 CTX = pyfuse3.RequestContext()  # uid 0, gid 0
 
 
+@pytest.fixture(autouse=True)
+def daemon_umask():
+    """The mount daemon runs with umask 0 (the kernel applies the caller's);
+    so do these tests, restoring the test process's umask afterwards."""
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture
 def ops(backing):
     vol = unlock(backing)

@@ -74,6 +74,7 @@ async def build(ops: CryptOperations, items: list[tuple[bytes, str, bytes]]) -> 
 
 
 def main() -> None:
+    os.umask(0)  # as the mount daemon: modes are the ones given
     items = contents()
     for mode in ("aes-256-gcm", "xchacha20-poly1305"):
         out = os.path.join(HERE, f"sample-v1-{mode}")
