@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "packaging" / "systemd"
 MAN = REPO / "packaging" / "man"
 VENV_BIN = Path(sys.executable).parent
+CHECKOUT = Path(__file__).resolve().parent.parent
 AGENT = VENV_BIN / "cryptfs-agent"
 
 # Sandboxing that creates a mount namespace (or forbids setuid): none of it may
@@ -111,10 +112,18 @@ def one(section: list[tuple[str, str]], key: str) -> str:
 
 
 def installed_text(name: str) -> str:
-    """A unit as installed from this checkout: its programs are the venv's."""
+    """A unit as installed from this checkout: its programs are the venv's.
+
+    A service with a private /tmp also gets the checkout bound into its
+    sandbox (read-only): an installed cryptfs lives in /usr, which every
+    sandbox shows, but a checkout may sit in /tmp, which PrivateTmp= hides."""
     text = (UNITS / name).read_text()
     assert name.endswith(".socket") or "/usr/bin/cryptfs" in text
-    return text.replace("/usr/bin/cryptfs", f"{VENV_BIN}/cryptfs")
+    text = text.replace("/usr/bin/cryptfs", f"{VENV_BIN}/cryptfs")
+    if "\nPrivateTmp=yes\n" in text:  # (never the mount unit: no namespace of its own)
+        assert "\n[Service]\n" in text
+        text = text.replace("\n[Service]\n", f"\n[Service]\nBindReadOnlyPaths=-{CHECKOUT}\n", 1)
+    return text
 
 
 def man_path(tmp: Path) -> Path:
