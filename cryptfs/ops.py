@@ -47,6 +47,8 @@ from cryptfs.volume import LockedVolume, Volume
 log = logging.getLogger("cryptfs")
 
 ROOT = pyfuse3.ROOT_INODE
+ROOT_ATTR_TIMEOUT = 60.0  # seconds
+GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -146,8 +148,15 @@ class CryptOperations(pyfuse3.Operations):
         self._seen: set[int] = set()  # gated: uids served since the last activity report
         self._fh_uid: dict[int, int] = {}  # file handle -> uid that opened it
         self._ino_fhs: dict[int, set[int]] = {}  # inode -> its open file handles
+        self.attr_timeout = timeout
         if self.gated:
+            # Names are checked on every use (no dentry outlives its reply).
+            # Attributes last one clock tick (1 ms asks for the shortest the
+            # kernel has): a stat needs no second request right after the
+            # lookup that just checked the caller, and a locked user cannot
+            # reach a cached attribute without such a lookup.
             timeout = 0.0
+            self.attr_timeout = GATED_ATTR_TIMEOUT
             self.enable_writeback_cache = False
         self.timeout = timeout
         self.is_root = os.geteuid() == 0
@@ -399,7 +408,10 @@ class CryptOperations(pyfuse3.Operations):
         e.st_ino = inode.ino
         e.generation = 0
         e.entry_timeout = self.timeout
-        e.attr_timeout = self.timeout
+        # The mount's root is stat'able by everyone even when gated (it tells
+        # nothing), so its attributes may stay cached: one request less on
+        # every path walk, which checks the root's permissions first.
+        e.attr_timeout = ROOT_ATTR_TIMEOUT if inode.ino == ROOT else self.attr_timeout
         e.st_mode = st.st_mode
         e.st_nlink = st.st_nlink
         e.st_uid = st.st_uid

@@ -7,6 +7,7 @@ run with their uid; the agent and the mount are real processes.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -544,3 +545,25 @@ def test_one_user_cannot_take_every_connection() -> None:
         hog.kill()
         hog.wait()
         gen.close()
+
+
+def test_random_operations_on_a_shared_mount(shared: Shared, tmp_path: Path) -> None:
+    """The shadow test of test_posix_shadow (random writes, truncates, holes,
+    appends, direct and cached I/O against a reference file) on a gated mount,
+    where every handle uses direct I/O and nothing is cached in the kernel."""
+    from test_posix_shadow import STEPS, Pair, _compare, _run
+
+    _unlock(shared, "root")
+    ref = tmp_path / "reference.bin"
+    pair = Pair(shared.path("shadow.bin"), ref)
+    try:
+        stats = _run(pair, random.Random("cryptfs-shadow-gated"), STEPS)
+        size = os.fstat(pair.r).st_size
+        _compare(pair, size, 0, size, True, STEPS, "final")
+    finally:
+        pair.close()
+    for kind in ("pwrite", "truncate", "append", "hole", "read", "read-direct"):
+        assert stats.get(kind, 0) >= 20, stats
+    shared.path("shadow.bin").chmod(0o644)
+    _unlock(shared, "cfs-carol")
+    assert run_as("cfs-carol", "cat", str(shared.path("shadow.bin"))).stdout == ref.read_bytes()
