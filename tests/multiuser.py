@@ -99,7 +99,7 @@ def make_shared_volume(backing: Path, mode: str = "aes-256-gcm") -> Path:
     return backing
 
 
-def _connectable(path: Path) -> bool:
+def connectable(path: Path) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(str(path))
@@ -131,7 +131,7 @@ class AgentProcess:
              "--log-file", str(self.log), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 15
-        while not _connectable(self.socket):
+        while not connectable(self.socket):
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited ({self.proc.returncode}): "
                                      f"{self.proc.stderr.read().decode() if self.proc.stderr else ''}"

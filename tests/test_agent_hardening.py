@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from cryptfs.keyagent import protocol as p
-from multiuser import AgentProcess, ensure_users, run_as, shared_tempdir
+from multiuser import AgentProcess, connectable, ensure_users, run_as, shared_tempdir
 
 LAUNCHER = r"""
 import ctypes, os, pwd, resource, sys, time
@@ -115,17 +115,6 @@ class Launched:
         return self.proc.pid
 
 
-def _connectable(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def launch(user: str, mode: str, *args: str) -> Launched:
     marker = "cryptfs-hardening-" + secrets.token_hex(8)
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, user, mode, *args],
@@ -178,7 +167,7 @@ def bob_agent(bob: pwd.struct_passwd) -> Iterator[BobAgent]:
         agent = launch("cfs-bob", "agent", "--socket", str(sock), "--log-file", str(log),
                        "--idle-timeout", "0")
         deadline = time.monotonic() + 15
-        while not _connectable(sock):
+        while not connectable(sock):
             assert agent.proc.poll() is None, agent.proc.communicate()
             assert time.monotonic() < deadline, "the agent did not start"
             time.sleep(0.02)
