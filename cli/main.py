@@ -20,7 +20,8 @@ def cli() -> None:
 
 
 for command in (volume.init, mounting.mount, mounting.unmount, agent.unlock, agent.lock,
-                agent.status, users.user, volume.info, volume.fsck, volume.passwd):
+                agent.status, users.user, volume.info, volume.fsck, volume.passwd,
+                volume.recover):
     cli.add_command(command)
 
 

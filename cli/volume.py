@@ -12,6 +12,7 @@ from cryptfs.cli.common import passphrase_option, read_passphrase, reports_error
 from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, FORMAT_VERSION, Kdf, load_config
 from cryptfs.errors import DamageFound, UsageError
 from cryptfs.modes import CONTENT_MODES
+from cryptfs.recovery import add_recovery, create_key_file, extract, open_for_recovery
 from cryptfs.users import ROLES, set_passphrase, user_fields
 from cryptfs.volume import init_volume, open_volume
 
@@ -46,11 +47,15 @@ def kdf_options(fn):  # type: ignore[no-untyped-def]
               "sudo).")
 @click.option("--role", type=click.Choice(ROLES), default="admin", show_default=True,
               help="Role of the first user.")
+@click.option("--recovery-key", "recovery_key", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also make a recovery key and write its private half to FILE (a new file, "
+              "mode 0600), for the data owner to keep offline: with it alone, "
+              "`cryptfs recover` decrypts the whole volume.")
 @passphrase_option()
 @kdf_options
 @reports_errors
-def init(backing: str, mode: str, first_user: str | None, role: str, passphrase_file: str | None,
-         kdf_memory: int, kdf_iterations: int) -> None:
+def init(backing: str, mode: str, first_user: str | None, role: str, recovery_key: str | None,
+         passphrase_file: str | None, kdf_memory: int, kdf_iterations: int) -> None:
     """Create a new encrypted volume in BACKING (a new or empty directory).
 
     Asks for the passphrase of the first key slot twice (unless
@@ -59,11 +64,27 @@ def init(backing: str, mode: str, first_user: str | None, role: str, passphrase_
     """
     fields = user_fields(first_user or default_user(), role)
     pw = read_passphrase(passphrase_file, "New volume passphrase", confirm=True)
-    with pw:
-        vol = init_volume(backing, mode, pw, Kdf(kdf_iterations, kdf_memory * 1024), fields)
-    vol.close()
+    key_fd = create_key_file(recovery_key) if recovery_key else None
+    try:
+        with pw:
+            vol = init_volume(backing, mode, pw, Kdf(kdf_iterations, kdf_memory * 1024), fields)
+        try:
+            if key_fd is not None:
+                add_recovery(vol, key_fd)
+        finally:
+            vol.close()
+    except BaseException:
+        if key_fd is not None and recovery_key:
+            os.unlink(recovery_key)
+        raise
+    finally:
+        if key_fd is not None:
+            os.close(key_fd)
     click.echo(f"created cryptfs volume {vol.config.volume_id.hex()} in {backing} "
                f"(mode {mode}; key slot 0 for {fields['user']}, role {role})")
+    if recovery_key:
+        click.echo(f"recovery key written to {recovery_key}: keep it offline, apart from the "
+                   "volume")
 
 
 @click.command()
@@ -134,3 +155,31 @@ def fsck(backing: str, passphrase_file: str | None) -> None:
                + ("clean" if report.clean else f"{len(report.problems)} problem(s)"))
     if not report.clean:
         raise DamageFound(f"{len(report.problems)} damaged item(s) in {backing}")
+
+
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("paths", nargs=-1, metavar="[PATH]...")
+@click.option("--recovery-key", "recovery_key", required=True, type=click.Path(dir_okay=False),
+              metavar="FILE", help="The recovery key file that `cryptfs init --recovery-key` wrote.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Write the plaintext here (a new or empty directory).")
+@reports_errors
+def recover(backing: str, paths: tuple[str, ...], recovery_key: str, out: str) -> None:
+    """Decrypt the volume in BACKING (or only PATHs in it) with its recovery key.
+
+    The disaster-recovery path: no mount, no user, no passphrase.  PATHs are
+    paths inside the volume (e.g. calls/2026 or /customers.csv).  Damaged
+    files are listed and not written; the exit code is then 6.
+    """
+    vol = open_for_recovery(backing, recovery_key)
+    try:
+        done = extract(vol, out, [os.fsencode(p) for p in paths],
+                       on_problem=lambda p: click.echo(f"damaged: {p}", err=True))
+    finally:
+        vol.close()
+    click.echo(f"recovered {done.files} files ({done.bytes} bytes), {done.dirs} directories, "
+               f"{done.symlinks} symlinks into {out}"
+               + (f"; {len(done.problems)} problem(s)" if done.problems else ""))
+    if done.problems:
+        raise DamageFound(f"{len(done.problems)} item(s) could not be recovered")

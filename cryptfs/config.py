@@ -127,6 +127,27 @@ def _now() -> str:
 
 
 @dataclass
+class Recovery:
+    """The volume's recovery key: its X25519 public half, and the master key
+    wrapped to it (cryptfs.recovery).  The private half is never in the volume."""
+
+    public: bytes
+    wrapped: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"public": b64e(self.public), "wrapped": b64e(self.wrapped)}
+
+    @classmethod
+    def from_json(cls, d: Any) -> Recovery:
+        if not isinstance(d, dict):
+            raise ValueError("recovery is not an object")
+        public, wrapped = b64d(d.get("public")), b64d(d.get("wrapped"))
+        if len(public) != 32 or len(wrapped) != 32 + MASTER_KEY_LEN + 16:
+            raise ValueError("bad recovery key lengths")
+        return cls(public, wrapped)
+
+
+@dataclass
 class VolumeConfig:
     volume_id: bytes
     default_mode: str
@@ -136,6 +157,7 @@ class VolumeConfig:
     slots: list[Slot]
     created: str
     mac: bytes = b""
+    recovery: Recovery | None = None
 
     # -- serialisation ---------------------------------------------------------
     def body(self) -> dict[str, Any]:
@@ -148,6 +170,8 @@ class VolumeConfig:
             "kdf": self.kdf.to_json(),
             "key_id": self.key_id,
             "slots": [s.to_json() for s in self.slots],
+            # (absent, not null, without a recovery key: older configs keep their MAC)
+            **({"recovery": self.recovery.to_json()} if self.recovery else {}),
         }
 
     def compute_mac(self, keys: VolumeKeys) -> bytes:
@@ -211,6 +235,7 @@ class VolumeConfig:
                 slots=slots,
                 created=str(d["created"]),
                 mac=b64d(d["mac"]),
+                recovery=Recovery.from_json(d["recovery"]) if "recovery" in d else None,
             )
         except NotAVolume:
             raise

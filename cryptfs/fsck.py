@@ -11,7 +11,7 @@ from cryptfs import tree
 from cryptfs.content import BlockError, ContentFile
 from cryptfs.modes import IntegrityError
 from cryptfs.names import DIRIV_NAME, LONG_PREFIX, LONG_SUFFIX, TMP_PREFIX, NameCodec
-from cryptfs.volume import Volume
+from cryptfs.volume import UnlockedVolume
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _show(p: bytes) -> str:
 
 
 class Checker:
-    def __init__(self, vol: Volume, on_problem: Callable[[Problem], None] | None = None) -> None:
+    def __init__(self, vol: UnlockedVolume, on_problem: Callable[[Problem], None] | None = None) -> None:
         self.vol = vol
         self.codec: NameCodec = vol.codec()
         self.report = Report()
@@ -146,5 +146,5 @@ class Checker:
                 self.problem(shown, f"extended attribute {c_name[:40]}... does not decrypt")
 
 
-def check(vol: Volume, on_problem: Callable[[Problem], None] | None = None) -> Report:
+def check(vol: UnlockedVolume, on_problem: Callable[[Problem], None] | None = None) -> Report:
     return Checker(vol, on_problem).run()

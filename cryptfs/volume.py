@@ -60,17 +60,30 @@ class LockedVolume(_Backing):
 
 
 @dataclass
-class Volume(_Backing):
+class UnlockedVolume(_Backing):
+    """A volume and its keys (however they were obtained)."""
+
     backing: str
     config: VolumeConfig
     keys: VolumeKeys
-    slot: Slot
 
     def codec(self) -> NameCodec:
         return NameCodec(self.keys)
 
     def close(self) -> None:
         self.keys.close()
+
+
+@dataclass
+class Volume(UnlockedVolume):
+    """Unlocked through a key slot (a passphrase)."""
+
+    slot: Slot
+
+
+@dataclass
+class RecoveredVolume(UnlockedVolume):
+    """Unlocked through the volume's recovery key (cryptfs.recovery)."""
 
 
 def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,

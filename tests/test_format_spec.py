@@ -872,3 +872,43 @@ def test_untampered_controls(sample_copy: tuple[Path, Volume]) -> None:
 def test_wrong_passphrase(sample_copy: tuple[Path, Volume]) -> None:
     with pytest.raises(SpecError, match="no key slot"):
         decrypt_volume(sample_copy[0], b"not the passphrase")
+
+
+def recovery_master(backing: Path, key_file: Path) -> bytes:
+    """The master key from the recovery key file, as FORMAT.md describes it
+    (X25519 and ChaCha20-Poly1305 straight from the library, not cryptfs)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    line = next(ln for ln in key_file.read_text().splitlines() if not ln.startswith("#"))
+    magic, vid, b64 = line.split(":")
+    assert magic == "CRYPTFS-RECOVERY-KEY-1"
+    conf = json.loads((backing / "cryptfs.conf").read_text())
+    assert vid == conf["volume_id"]
+    r = X25519PrivateKey.from_private_bytes(base64.b64decode(b64))
+    pub = r.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert pub == base64.b64decode(conf["recovery"]["public"])
+    wrapped = base64.b64decode(conf["recovery"]["wrapped"])
+    assert len(wrapped) == 80
+    epk = wrapped[:32]
+    shared = r.exchange(X25519PublicKey.from_public_bytes(epk))
+    k = HKDF(algorithm=hashes.SHA256(), length=32, salt=epk + pub,
+             info=b"cryptfs/v1/recovery").derive(shared)
+    return ChaCha20Poly1305(k).decrypt(bytes(12), wrapped[32:],
+                                       b"cryptfs/v1/recovery" + bytes.fromhex(vid))
+
+
+def test_recovery_key_opens_the_master_as_the_spec_says(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    pf = tmp_path / "pass"
+    pf.write_bytes(PASSPHRASE + b"\n")
+    run_cli("init", str(tmp_path / "b"), "--passphrase-file", str(pf), "--recovery-key",
+            str(tmp_path / "rk"), "--kdf-memory", "8", "--kdf-iterations", "1")
+    master = recovery_master(tmp_path / "b", tmp_path / "rk")
+    _, keys = open_config(tmp_path / "b", PASSPHRASE)  # the config MAC covers "recovery" too
+    assert master == keys.master

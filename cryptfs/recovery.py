@@ -1,0 +1,287 @@
+"""The volume recovery key, and recovering plaintext with it alone.
+
+``cryptfs init --recovery-key FILE`` makes an X25519 key pair.  The config
+keeps the public half and the master key wrapped to it (cryptfs.modes.x25519,
+label ``cryptfs/v1/recovery``, associated data ``"cryptfs/v1/recovery" ||
+volume_id``).  The private half goes once into FILE, for the data owner to
+keep offline::
+
+    # cryptfs recovery key of volume 6f1c...; created 2026-11-29T05:00:00Z
+    # Whoever holds this file can decrypt every file of the volume. Keep it offline.
+    CRYPTFS-RECOVERY-KEY-1:6f1c...:<base64 of the 32-byte X25519 private key>
+
+With it, the master key is recovered without any passphrase, the config is
+authenticated, and :func:`extract` writes the plaintext tree (or parts of
+it) to a directory: no mount, no user, every mode of the volume.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptfs.config import Recovery, VolumeConfig, load_config, save_config
+from cryptfs.content import BlockError, ContentFile
+from cryptfs.errors import BackingIOError, NotAVolume, UsageError, WrongPassphrase
+from cryptfs.fsck import Checker, Problem
+from cryptfs.keys import VolumeKeys
+from cryptfs.modes import IntegrityError, NotForMe, x25519
+from cryptfs.secret import Secret
+from cryptfs.volume import RecoveredVolume, Volume
+
+LABEL = b"cryptfs/v1/recovery"
+PREFIX = "CRYPTFS-RECOVERY-KEY-1"
+CHUNK = 1 << 20  # bytes copied at a time
+
+
+def _ad(volume_id: bytes) -> bytes:
+    return LABEL + volume_id
+
+
+def new_recovery(master: Secret, volume_id: bytes) -> tuple[Recovery, Secret]:
+    """A fresh recovery key pair: what the config keeps, and the private key."""
+    private = Secret(x25519.new_private_key())
+    public = x25519.public_key(private.reveal())
+    return Recovery(public, x25519.wrap(master.reveal(), public, LABEL, _ad(volume_id))), private
+
+
+def key_file_text(private: Secret, volume_id: bytes) -> str:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return (f"# cryptfs recovery key of volume {volume_id.hex()}; created {created}\n"
+            "# Whoever holds this file can decrypt every file of the volume. Keep it offline.\n"
+            f"{PREFIX}:{volume_id.hex()}:{base64.b64encode(private.reveal()).decode()}\n")
+
+
+def create_key_file(path: str) -> int:
+    """Create the (empty) recovery key file, mode 0600, before anything else
+    happens: it must not exist, and a volume must never get a recovery key
+    whose private half could not be written."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists: a recovery key is never written over a file") from None
+    except OSError as e:
+        raise UsageError(f"cannot create the recovery key file {path}: {e.strerror}") from None
+
+
+def add_recovery(vol: Volume, key_fd: int) -> None:
+    """Give the volume a recovery key: its private half into ``key_fd`` (written
+    and fsync'ed first), then the public half and wrapped master into the config."""
+    if vol.config.recovery is not None:
+        raise UsageError("this volume already has a recovery key")
+    recovery, private = new_recovery(vol.keys.master, vol.config.volume_id)
+    with private:
+        data = key_file_text(private, vol.config.volume_id).encode()
+    try:
+        if os.write(key_fd, data) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.fsync(key_fd)
+    except OSError as e:
+        raise BackingIOError(f"cannot write the recovery key file: {e.strerror}") from None
+    vol.config.recovery = recovery
+    vol.config.seal(vol.keys)
+    save_config(vol.backing, vol.config)
+
+
+def read_key_file(path: str) -> tuple[bytes, Secret]:
+    """The volume id and private key in a recovery key file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 * 1024)
+    except OSError as e:
+        raise UsageError(f"cannot read the recovery key file {path}: {e.strerror}") from None
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if line.startswith(PREFIX + ":"):
+            try:
+                _, vid, b64 = line.strip().split(":")
+                volume_id, private = bytes.fromhex(vid), base64.b64decode(b64, validate=True)
+            except (ValueError, binascii.Error):
+                break
+            if len(volume_id) == 16 and len(private) == x25519.KEY_LEN:
+                return volume_id, Secret(private)
+            break
+    raise UsageError(f"{path} is not a cryptfs recovery key file")
+
+
+def unlock_with_recovery_key(cfg: VolumeConfig, volume_id: bytes, private: Secret) -> VolumeKeys:
+    """The volume's keys from its recovery key; the config is authenticated with them."""
+    if cfg.recovery is None:
+        raise NotAVolume("this volume has no recovery key (it was made without one)")
+    if volume_id != cfg.volume_id:
+        raise WrongPassphrase(f"this recovery key belongs to volume {volume_id.hex()}, not to "
+                              f"{cfg.volume_id.hex()}")
+    if x25519.public_key(private.reveal()) != cfg.recovery.public:
+        raise WrongPassphrase("this is not the volume's recovery key")
+    try:
+        master = x25519.unwrap(cfg.recovery.wrapped, private.reveal(), LABEL, _ad(cfg.volume_id))
+    except (NotForMe, IntegrityError):
+        raise NotAVolume("the recovery key does not open the wrapped master key: the volume "
+                         "config was edited or damaged") from None
+    keys = VolumeKeys(Secret(master), cfg.key_id)
+    cfg.verify(keys)
+    return keys
+
+
+def open_for_recovery(backing: str, key_file: str) -> RecoveredVolume:
+    backing = os.path.abspath(backing)
+    cfg = load_config(backing)
+    volume_id, private = read_key_file(key_file)
+    with private:
+        keys = unlock_with_recovery_key(cfg, volume_id, private)
+    vol = RecoveredVolume(backing, cfg, keys)
+    if not os.path.isdir(vol.tree):
+        keys.close()
+        raise NotAVolume(f"{backing}: the encrypted tree is missing")
+    return vol
+
+
+@dataclass
+class Extracted:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+class Extractor(Checker):
+    """Walks the volume as fsck does, writing what decrypts to ``out``.
+
+    A file with a damaged header or block is reported and not written (no
+    partial plaintext with holes where data should be); everything else is.
+    """
+
+    def __init__(self, vol: RecoveredVolume, out: str, only: list[bytes],
+                 on_problem: Callable[[Problem], None] | None = None,
+                 on_file: Callable[[str], None] | None = None) -> None:
+        super().__init__(vol, on_problem)
+        self.out = os.fsencode(os.path.abspath(out))
+        self.only = [b"/" + p.strip(b"/") for p in only]
+        self.done = Extracted(problems=self.report.problems)
+        self.on_file = on_file
+
+    def _wanted(self, p_path: bytes) -> tuple[bool, bool]:
+        """(write this entry, descend into it)."""
+        if not self.only:
+            return True, True
+        inside = any(p_path == o or p_path.startswith(o + b"/") for o in self.only)
+        above = any(o.startswith(p_path.rstrip(b"/") + b"/") for o in self.only)
+        return inside, inside or above
+
+    def _target(self, p_path: bytes) -> bytes:
+        return os.path.join(self.out, p_path.lstrip(b"/"))
+
+    def _entry(self, dfd: int, n: str, p_path: bytes, c_path: str) -> None:
+        write, descend = self._wanted(p_path)
+        if not descend:
+            return
+        st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+        target = self._target(p_path)
+        shown = p_path.decode("utf-8", "backslashreplace")
+        if stat.S_ISDIR(st.st_mode):
+            os.makedirs(target, exist_ok=True)
+            if write:
+                self.done.dirs += 1
+            sub = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                          dir_fd=dfd)
+            try:
+                self._dir(sub, p_path, c_path)
+            finally:
+                os.close(sub)
+            if write:
+                if os.geteuid() == 0:
+                    os.lchown(target, st.st_uid, st.st_gid)
+                os.chmod(target, stat.S_IMODE(st.st_mode))
+        elif not write:
+            return
+        elif stat.S_ISREG(st.st_mode):
+            self._extract_file(dfd, n, target, shown, st)
+        elif stat.S_ISLNK(st.st_mode):
+            try:
+                os.symlink(self.codec.open_target(os.readlink(n, dir_fd=dfd)), target)
+                if os.geteuid() == 0:
+                    os.lchown(target, st.st_uid, st.st_gid)
+                self.done.symlinks += 1
+            except IntegrityError:
+                self.problem(shown, "symlink target does not decrypt (not written)")
+
+    def _restore_xattrs(self, src_fd: int, dst_fd: int, shown: str) -> None:
+        """Copy the file's user.* extended attributes, decrypted."""
+        for c_name in os.listxattr(src_fd):
+            if not c_name.startswith("user.cryptfs."):
+                continue
+            try:
+                name = self.codec.xattr_name_decrypt(c_name)
+                value = self.codec.open_xattr(c_name, os.getxattr(src_fd, c_name))
+            except IntegrityError:
+                self.problem(shown, f"extended attribute {c_name[:40]}... does not decrypt "
+                                    "(not written)")
+                continue
+            os.setxattr(dst_fd, name, value)
+
+    def _extract_file(self, dfd: int, n: str, target: bytes, shown: str, st: os.stat_result
+                      ) -> None:
+        fd = os.open(n, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
+        tmp = os.path.join(os.path.dirname(target),
+                           b".cryptfs-recover-" + secrets.token_hex(6).encode() + b".tmp")
+        try:
+            try:
+                cf = ContentFile.load(fd, self.vol.keys.wrapper)
+            except BlockError as e:
+                where = "header" if e.block is None else f"block {e.block}"
+                self.problem(shown, f"{where}: {e} (not written)")
+                return
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                for p_off in range(0, cf.size, CHUNK):
+                    os.write(out, cf.read(p_off, CHUNK))
+                self._restore_xattrs(fd, out, shown)
+                if os.geteuid() == 0:
+                    os.fchown(out, st.st_uid, st.st_gid)
+                os.fchmod(out, stat.S_IMODE(st.st_mode))
+                os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(out)
+            os.replace(tmp, target)
+            self.done.files += 1
+            self.done.bytes += cf.size
+            if self.on_file:
+                self.on_file(shown)
+        except BlockError as e:
+            self.problem(shown, f"block {e.block}: {e} (not written)")
+        finally:
+            os.close(fd)
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
+def extract(vol: RecoveredVolume, out: str, only: list[bytes],
+            on_problem: Callable[[Problem], None] | None = None,
+            on_file: Callable[[str], None] | None = None) -> Extracted:
+    """Write the plaintext of the volume (or of the paths in ``only``) under ``out``."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if os.listdir(out):
+            raise UsageError(f"{out} is not empty", hint="recover into a new or empty directory")
+    except OSError as e:
+        raise BackingIOError(f"{out}: {e.strerror}") from None
+    ex = Extractor(vol, out, only, on_problem, on_file)
+    try:
+        ex.run()
+    except OSError as e:
+        raise BackingIOError(f"recovery stopped: {e.strerror or e}") from None
+    reported = {p.path for p in ex.done.problems}
+    for p in ex.only:
+        shown = p.decode("utf-8", "backslashreplace")
+        if not os.path.lexists(ex._target(p)) and shown not in reported:
+            ex.problem(shown, "no such path in the volume")
+    return ex.done
+

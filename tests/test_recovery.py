@@ -1,0 +1,228 @@
+"""The recovery key: X25519 wrapping, `init --recovery-key`, and `cryptfs recover`."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import Mount, new_mount, run_cli
+from cryptfs.modes import IntegrityError, NotForMe, x25519
+
+FAST = ("--kdf-memory", "8", "--kdf-iterations", "1")
+LABEL = b"cryptfs/v1/recovery"
+
+
+# -- the primitive --------------------------------------------------------------------------------
+
+def test_x25519_wrap_round_trip_and_binding() -> None:
+    sk = x25519.new_private_key()
+    pk = x25519.public_key(sk)
+    secret = os.urandom(32)
+    w = x25519.wrap(secret, pk, LABEL, b"ad")
+    assert len(w) == 32 + 32 + 16
+    assert x25519.unwrap(w, sk, LABEL, b"ad") == secret
+    assert x25519.wrap(secret, pk, LABEL, b"ad") != w  # fresh ephemeral key each time
+    with pytest.raises(NotForMe):
+        x25519.unwrap(w, x25519.new_private_key(), LABEL, b"ad")  # another key
+    with pytest.raises(NotForMe):
+        x25519.unwrap(w, sk, b"cryptfs/v1/other", b"ad")  # another purpose
+    with pytest.raises(NotForMe):
+        x25519.unwrap(w, sk, LABEL, b"other ad")
+    for i in (0, 31, 32, len(w) - 1):  # flip a bit of the ephemeral key or the ciphertext
+        bad = bytearray(w)
+        bad[i] ^= 1
+        with pytest.raises((NotForMe, IntegrityError)):
+            x25519.unwrap(bytes(bad), sk, LABEL, b"ad")
+    with pytest.raises(IntegrityError):
+        x25519.unwrap(w[:40], sk, LABEL, b"ad")
+
+
+def test_x25519_refuses_a_low_order_point() -> None:
+    with pytest.raises(IntegrityError):
+        x25519.wrap(b"k" * 32, bytes(32), LABEL)  # the all-zero public key
+
+
+# -- a volume with a recovery key -----------------------------------------------------------------
+
+def _volume(tmp_path: Path, passfile: Path, mode: str) -> tuple[Path, Path]:
+    backing, key = tmp_path / "backing", tmp_path / "recovery.key"
+    out = run_cli("init", str(backing), "--mode", mode, "--passphrase-file", str(passfile),
+                  "--recovery-key", str(key), *FAST).stdout
+    assert f"recovery key written to {key}" in out
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    text = key.read_text()
+    assert "Keep it offline" in text and "CRYPTFS-RECOVERY-KEY-1:" in text
+    conf = json.loads((backing / "cryptfs.conf").read_text())
+    assert set(conf["recovery"]) == {"public", "wrapped"}
+    assert text.split(":")[-1].strip() not in (backing / "cryptfs.conf").read_text()
+    return backing, key
+
+
+def _populate(m: Mount) -> dict[str, bytes]:
+    """Files of every kind; returns path -> content for regular files."""
+    files = {
+        "customers.csv": b"surname,phone\nZhang,13800138000\n",
+        "calls/2026/note.txt": b"moved to Friday\n",
+        "calls/2026/empty": b"",
+        "big.bin": os.urandom(700_000),
+        "x" * 240: b"a long name",
+        "客户/名单.txt": "张伟\n".encode(),
+    }
+    for rel, data in files.items():
+        p = m.path(rel)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    os.chmod(m.path("customers.csv"), 0o640)
+    os.setxattr(m.path("customers.csv"), "user.origin", b"crm export")
+    with open(m.path("sparse"), "wb") as f:
+        f.seek(3 * 1024 * 1024)
+        f.write(b"end")
+    files["sparse"] = bytes(3 * 1024 * 1024) + b"end"
+    os.symlink("calls/2026/note.txt", m.path("latest-note"))
+    return files
+
+
+@pytest.mark.parametrize("mode", ["aes-256-gcm", "xchacha20-poly1305"])
+def test_recover_the_whole_volume_with_the_recovery_key_alone(tmp_path: Path, passfile: Path,
+                                                              mode: str) -> None:
+    backing, key = _volume(tmp_path, passfile, mode)
+    m = new_mount(tmp_path, backing, passfile)
+    m.start()
+    try:
+        files = _populate(m)
+    finally:
+        m.stop()
+    passfile.unlink()  # no passphrase anywhere from here on
+    out = tmp_path / "out"
+    res = run_cli("recover", str(backing), "--recovery-key", str(key), "--out", str(out))
+    assert f"recovered {len(files)} files" in res.stdout and "1 symlinks" in res.stdout
+    for rel, data in files.items():
+        assert (out / rel).read_bytes() == data, rel
+    assert os.readlink(out / "latest-note") == "calls/2026/note.txt"
+    assert stat.S_IMODE((out / "customers.csv").stat().st_mode) == 0o640
+    assert os.getxattr(out / "customers.csv", "user.origin") == b"crm export"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        {rel.split("/")[0] for rel in files} | {"latest-note"})
+
+
+def test_recover_selected_paths(tmp_path: Path, passfile: Path) -> None:
+    backing, key = _volume(tmp_path, passfile, "aes-256-gcm")
+    m = new_mount(tmp_path, backing, passfile)
+    m.start()
+    try:
+        files = _populate(m)
+    finally:
+        m.stop()
+    out = tmp_path / "out"
+    res = run_cli("recover", str(backing), "calls/2026", "/customers.csv", "--recovery-key",
+                  str(key), "--out", str(out))
+    assert "recovered 3 files" in res.stdout
+    found = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert found == ["calls/2026/empty", "calls/2026/note.txt", "customers.csv"]
+    assert (out / "calls/2026/note.txt").read_bytes() == files["calls/2026/note.txt"]
+    res = run_cli("recover", str(backing), "no/such/file", "--recovery-key", str(key), "--out",
+                  str(tmp_path / "out2"), check=False)
+    assert res.returncode == 6 and "/no/such/file: no such path in the volume" in res.stderr
+
+
+def test_a_damaged_file_is_reported_and_not_written(tmp_path: Path, passfile: Path) -> None:
+    backing, key = _volume(tmp_path, passfile, "aes-256-gcm")
+    m = new_mount(tmp_path, backing, passfile)
+    m.start()
+    try:
+        m.path("good.txt").write_bytes(b"fine\n")
+        m.path("bad.bin").write_bytes(os.urandom(20_000))
+        bad_ino = os.stat(m.path("bad.bin")).st_ino
+    finally:
+        m.stop()
+    victim = next(p for p in (backing / "tree").iterdir() if p.stat().st_ino == bad_ino)
+    raw = bytearray(victim.read_bytes())
+    raw[-100] ^= 0x40
+    victim.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    res = run_cli("recover", str(backing), "--recovery-key", str(key), "--out", str(out),
+                  check=False)
+    assert res.returncode == 6
+    assert "damaged: /bad.bin: block 4" in res.stderr and "(not written)" in res.stderr
+    assert (out / "good.txt").read_bytes() == b"fine\n"
+    assert not (out / "bad.bin").exists()
+    assert [p.name for p in out.iterdir()] == ["good.txt"]  # no temporary file left behind
+
+
+def test_wrong_or_missing_recovery_keys_are_refused(tmp_path: Path, passfile: Path) -> None:
+    backing, key = _volume(tmp_path, passfile, "aes-256-gcm")
+    other, other_key = tmp_path / "other", tmp_path / "other.key"
+    run_cli("init", str(other), "--passphrase-file", str(passfile), "--recovery-key",
+            str(other_key), *FAST)
+    out = tmp_path / "out"
+    res = run_cli("recover", str(backing), "--recovery-key", str(other_key), "--out", str(out),
+                  check=False)
+    assert res.returncode == 3 and "belongs to volume" in res.stderr
+    garbage = tmp_path / "garbage"
+    garbage.write_text("not a key\n")
+    res = run_cli("recover", str(backing), "--recovery-key", str(garbage), "--out", str(out),
+                  check=False)
+    assert res.returncode == 2 and "is not a cryptfs recovery key file" in res.stderr
+    plain = tmp_path / "plain"
+    run_cli("init", str(plain), "--passphrase-file", str(passfile), *FAST)
+    text = key.read_text().replace(json.loads((backing / "cryptfs.conf").read_text())["volume_id"],
+                                   json.loads((plain / "cryptfs.conf").read_text())["volume_id"])
+    forged = tmp_path / "forged.key"
+    forged.write_text(text)
+    res = run_cli("recover", str(plain), "--recovery-key", str(forged), "--out", str(out),
+                  check=False)
+    assert res.returncode == 4 and "has no recovery key" in res.stderr
+    (out / "x").parent.mkdir()
+    (out / "x").write_text("occupied")
+    res = run_cli("recover", str(backing), "--recovery-key", str(key), "--out", str(out),
+                  check=False)
+    assert res.returncode == 2 and "is not empty" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_swapped_recovery_public_key_is_detected(tmp_path: Path, passfile: Path) -> None:
+    """Someone with write access puts their own recovery key into the config
+    (wrapping a master key of their choosing): the config MAC refuses it."""
+    from cryptfs.config import b64e
+    from cryptfs.recovery import LABEL as REC_LABEL
+    from cryptfs.recovery import key_file_text
+    from cryptfs.secret import Secret
+
+    backing, _ = _volume(tmp_path, passfile, "aes-256-gcm")
+    conf = json.loads((backing / "cryptfs.conf").read_text())
+    vid = bytes.fromhex(conf["volume_id"])
+    sk = x25519.new_private_key()
+    pk = x25519.public_key(sk)
+    conf["recovery"] = {"public": b64e(pk),
+                        "wrapped": b64e(x25519.wrap(os.urandom(32), pk, REC_LABEL,
+                                                    REC_LABEL + vid))}
+    (backing / "cryptfs.conf").write_text(json.dumps(conf))
+    mine = tmp_path / "mine.key"
+    mine.write_text(key_file_text(Secret(sk), vid))
+    res = run_cli("recover", str(backing), "--recovery-key", str(mine), "--out",
+                  str(tmp_path / "out"), check=False)
+    assert res.returncode == 4 and "failed authentication" in res.stderr
+    # and the users' passphrases notice the edit too
+    res = run_cli("fsck", str(backing), "--passphrase-file", str(passfile), check=False)
+    assert res.returncode == 4 and "failed authentication" in res.stderr
+
+
+def test_init_never_overwrites_a_key_file_and_leaves_none_on_failure(tmp_path: Path,
+                                                                     passfile: Path) -> None:
+    key = tmp_path / "exists.key"
+    key.write_text("precious\n")
+    res = run_cli("init", str(tmp_path / "b1"), "--passphrase-file", str(passfile),
+                  "--recovery-key", str(key), *FAST, check=False)
+    assert res.returncode == 2 and "never written over a file" in res.stderr
+    assert key.read_text() == "precious\n" and not (tmp_path / "b1").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "something").write_text("x")
+    res = run_cli("init", str(busy), "--passphrase-file", str(passfile), "--recovery-key",
+                  str(tmp_path / "new.key"), *FAST, check=False)
+    assert res.returncode == 2 and "not empty" in res.stderr
+    assert not (tmp_path / "new.key").exists()
