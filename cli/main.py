@@ -21,7 +21,7 @@ def cli() -> None:
 
 for command in (volume.init, mounting.mount, mounting.unmount, agent.unlock, agent.lock,
                 agent.status, users.user, volume.info, volume.fsck, volume.passwd,
-                volume.recover):
+                volume.recover, volume.export):
     cli.add_command(command)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import sys
 
 import click
 
@@ -11,6 +12,8 @@ from cryptfs import fsck as fsck_mod
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
 from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, FORMAT_VERSION, Kdf, load_config
 from cryptfs.errors import DamageFound, UsageError
+from cryptfs.export import export as export_file
+from cryptfs.export import parse_recipients, recipients_from_file
 from cryptfs.modes import CONTENT_MODES
 from cryptfs.recovery import add_recovery, create_key_file, extract, open_for_recovery
 from cryptfs.users import ROLES, set_passphrase, user_fields
@@ -183,3 +186,28 @@ def recover(backing: str, paths: tuple[str, ...], recovery_key: str, out: str) -
                + (f"; {len(done.problems)} problem(s)" if done.problems else ""))
     if done.problems:
         raise DamageFound(f"{len(done.problems)} item(s) could not be recovered")
+
+
+@click.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--to", "to", multiple=True, metavar="RECIPIENT",
+              help="An age X25519 recipient (age1...); repeat for several.")
+@click.option("-R", "--recipients-file", "recipients_file", type=click.Path(dir_okay=False),
+              help="Recipients, one per line (as age -R).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Write the age file here (a new file); default: standard output.")
+@reports_errors
+def export(path: str, to: tuple[str, ...], recipients_file: str | None, out: str | None) -> None:
+    """Write PATH, a file on a mounted volume, as a standard age file.
+
+    For handing data outside the volume: any age implementation (`age -d -i
+    KEY FILE`) decrypts it with the recipient's key.  The file is read
+    through the mount, so its access rules apply to whoever exports.
+    """
+    texts = list(to) + (recipients_from_file(recipients_file) if recipients_file else [])
+    recipients = parse_recipients(texts)
+    if out is None and sys.stdout.isatty():
+        raise UsageError("the age file is binary: give --out FILE or redirect standard output")
+    size = export_file(path, recipients, out, sys.stdout.buffer)
+    if out is not None:
+        click.echo(f"exported {path} ({size} bytes) to {out} for {len(recipients)} recipient(s)")

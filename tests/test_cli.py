@@ -13,7 +13,7 @@ import pytest
 from conftest import CRYPTFS, PASSPHRASE, Mount, new_mount, require_fuse, run_cli
 
 COMMANDS = ["init", "mount", "unmount", "unlock", "lock", "status", "user", "info", "fsck",
-            "passwd", "recover"]
+            "passwd", "recover", "export"]
 SUBCOMMANDS = ["user add", "user remove", "user list", "user passwd"]
 
 
