@@ -75,7 +75,10 @@ def lock(backing: str | None, user: str | None, agent_socket: str | None) -> Non
     if backing is not None:
         msg["backing"] = backing_of(backing)
     answer = AgentClient(agent_socket).request(msg)
-    click.echo(answer.get("message") or "locked")
+    if answer.get("unconfirmed"):
+        click.echo(f"cryptfs: warning: {answer.get('message')}", err=True)
+    else:
+        click.echo(answer.get("message") or "locked")
 
 
 @click.command()

@@ -58,8 +58,12 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         locked = read_volume(backing)
         link = functools.partial(watch_agent, os.path.abspath(socket_path(agent_socket)),
                                  locked.backing, locked.config.volume_id.hex())
+        # noexec unless asked otherwise: programs are not run from customer
+        # data, and one user's lock may withdraw the pages of a file that
+        # another user's program has mapped (docs/AGENT.md).
+        extra = [] if "exec" in opts else ["noexec"]
         mount_volume(locked, mountpoint, foreground=foreground,
-                     options=[*opts, "allow_other", "default_permissions"],
+                     options=[*opts, *extra, "allow_other", "default_permissions"],
                      log_file=log_file, pid_file=pid_file, side_tasks=[link])
         return
     if agent_socket is not None:

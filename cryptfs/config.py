@@ -196,7 +196,7 @@ class VolumeConfig:
     def from_bytes(cls, raw: bytes) -> VolumeConfig:
         try:
             d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise NotAVolume("volume config is not valid JSON (corrupt?)") from None
         if not isinstance(d, dict) or "cryptfs" not in d:
             raise NotAVolume("volume config is not a cryptfs config")

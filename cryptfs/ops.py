@@ -148,6 +148,8 @@ class CryptOperations(pyfuse3.Operations):
         self._seen: set[int] = set()  # gated: uids served since the last activity report
         self._fh_uid: dict[int, int] = {}  # file handle -> uid that opened it
         self._ino_fhs: dict[int, set[int]] = {}  # inode -> its open file handles
+        self._readable: set[int] = set()  # file handles opened for reading (mappable)
+        self._quarantine_logged: set[tuple[int, int]] = set()
         self.attr_timeout = timeout
         if self.gated:
             # Names are checked on every use (no dentry outlives its reply).
@@ -382,21 +384,25 @@ class CryptOperations(pyfuse3.Operations):
 
     async def agent_locked(self, uid: int) -> None:
         self._unlocked.discard(uid)
+        self._quarantine_logged = {q for q in self._quarantine_logged if q[1] != uid}
         log.info("uid %d locked: access revoked", uid)
         # Pages of its open files that a program mapped with mmap (the only
         # plaintext a gated mount leaves in the page cache) are dropped, so
         # touching them again asks the daemon, which refuses.
-        inos = {self._files[fh].ino for fh, owner in self._fh_uid.items()
-                if owner == uid and fh in self._files}
+        await self._drop_pages({self._files[fh].ino for fh, owner in self._fh_uid.items()
+                                if owner == uid and fh in self._readable})
+
+    async def _drop_pages(self, inos: set[int]) -> None:
         for ino in inos:
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
             except OSError:
                 pass  # the kernel no longer knows the inode
 
-    def agent_lost(self, why: str) -> None:
+    async def agent_lost(self, why: str) -> None:
         self._unlocked.clear()
         self._drop_keys()
+        await self._drop_pages({inode.ino for inode in self._files.values()})
 
     def take_activity(self) -> set[int]:
         seen, self._seen = self._seen, set()
@@ -514,10 +520,12 @@ class CryptOperations(pyfuse3.Operations):
         if inode.opens == 0:
             inode.content = None
 
-    def _open_handle(self, inode: Inode, uid: int) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: Inode, uid: int, readable: bool = True) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = inode
         self._fh_uid[fh] = uid
+        if readable:
+            self._readable.add(fh)
         self._ino_fhs.setdefault(inode.ino, set()).add(fh)
         inode.opens += 1
         if self.gated:
@@ -537,9 +545,12 @@ class CryptOperations(pyfuse3.Operations):
             self._allow(self._fh_uid[fh])
             if reading:
                 for other in self._ino_fhs.get(inode.ino, ()):
-                    if self._fh_uid[other] not in self._unlocked:
-                        log.info("inode %d: read refused while uid %d, now locked, still has "
-                                 "it open", inode.ino, self._fh_uid[other])
+                    holder = self._fh_uid[other]
+                    if holder not in self._unlocked and other in self._readable:
+                        if (inode.ino, holder) not in self._quarantine_logged:
+                            self._quarantine_logged.add((inode.ino, holder))
+                            log.info("inode %d: reads refused while uid %d, now locked, still "
+                                     "has it open", inode.ino, holder)
                         raise pyfuse3.FUSEError(errno.EACCES)
         return inode
 
@@ -668,7 +679,8 @@ class CryptOperations(pyfuse3.Operations):
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
         inode.meta = (content.overhead, content.h_len)
-        return self._open_handle(inode, ctx.uid), self._attr(inode, st)
+        return self._open_handle(inode, ctx.uid,
+                                 readable=(flags & os.O_ACCMODE) != os.O_WRONLY), self._attr(inode, st)
 
     @_edge("inode")
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -747,7 +759,8 @@ class CryptOperations(pyfuse3.Operations):
         except BaseException:
             self._unload_content(inode)
             raise
-        return self._open_handle(inode, ctx.uid)
+        return self._open_handle(inode, ctx.uid,
+                                 readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
 
     @_edge("fh")
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -776,6 +789,7 @@ class CryptOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         inode = self._files.pop(fh)
         del self._fh_uid[fh]
+        self._readable.discard(fh)
         fhs = self._ino_fhs[inode.ino]
         fhs.discard(fh)
         if not fhs:

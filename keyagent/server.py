@@ -27,8 +27,8 @@ from typing import Any
 
 import trio
 
-from cryptfs.config import CONFIG_NAME, load_config_at
-from cryptfs.errors import CryptfsError
+from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config_at
+from cryptfs.errors import CryptfsError, NotAVolume
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.store import Session, Store, VolumeRef
 from cryptfs.keys import VolumeKeys
@@ -40,6 +40,8 @@ log = logging.getLogger("cryptfs.agent")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 CONFIRM_WITHIN = 2.0  # seconds to wait for the mounts to apply an unlock or lock
 CONFIG_CHECK_EVERY = 2.0  # seconds between checks of held volumes' configs
+FS_TIMEOUT = 10.0  # seconds a backing file system has to answer the agent
+FS_PER_UID = 4  # file-system calls one uid's requests may have running at a time
 
 
 @dataclass
@@ -143,12 +145,14 @@ class Agent:
         self._config_stamps: dict[str, tuple[int, int, int]] = {}  # volume key -> config stat
         self._unlocking: set[int] = set()
         self._argon2 = trio.CapacityLimiter(opts.argon2_parallel)
+        self._fs_limiters: dict[int, trio.CapacityLimiter] = {}
 
     # -- running ---------------------------------------------------------------------
     async def run(self, listener: trio.socket.SocketType,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reaper)
+            nursery.start_soon(self._config_watch)
             nursery.start_soon(self._on_signals, nursery.cancel_scope)
             listeners = [trio.SocketListener(listener)]
             await nursery.start(trio.serve_listeners, self.handle, listeners)
@@ -168,61 +172,79 @@ class Agent:
 
     async def _reaper(self) -> None:
         tick = min(1.0, self.opts.idle_timeout / 4) if self.opts.idle_timeout else 1.0
-        tick = min(tick, CONFIG_CHECK_EVERY)
-        since_check = 0.0
         while True:
             await trio.sleep(tick)
             for s in self.store.expired():
                 self.lock_session(s, "idle timeout")
-            since_check += tick
-            if since_check >= CONFIG_CHECK_EVERY:
-                since_check = 0.0
-                await self._recheck_configs()
 
-    async def _recheck_configs(self) -> None:
-        """End sessions that the volume's config no longer allows.
+    async def _config_watch(self) -> None:
+        """Every CONFIG_CHECK_EVERY seconds, check the configs of held volumes
+        (apart from the idle reaper: a stuck filesystem must not stop idle locks)."""
+        while True:
+            await trio.sleep(CONFIG_CHECK_EVERY)
+            for vol in self.store.held_volumes():
+                try:
+                    await self._recheck(vol)
+                except Exception:  # noqa: BLE001 - one volume never takes the agent down
+                    log.exception("checking the config of %s failed", vol.path)
+                    self._end_volume(vol.key, "its config could not be checked")
 
-        When a held volume's config file changed (a user removed, a passphrase
-        changed, the file replaced), it is read and authenticated again with
-        the held key: if it no longer authenticates, every session of the
-        volume ends; otherwise those of uids that lost their slot do.
+    async def _recheck(self, vol: VolumeRef) -> None:
+        """End the sessions of ``vol`` that its config no longer allows.
+
+        When the config file changed (a user removed, a passphrase changed,
+        the file replaced), it is read and authenticated again with the held
+        key: if it no longer authenticates, or the directory is no longer the
+        one unlocked, every session of the volume ends; otherwise those of
+        uids that lost their slot do.  A file system that does not answer
+        within FS_TIMEOUT ends them all too.
         """
-        for vol in self.store.held_volumes():
-            held = self.store.master(vol.key)
-            if held is None:
-                continue
+        known = self._config_stamps.get(vol.key)
+        with trio.move_on_after(FS_TIMEOUT) as scope:
             try:
-                stamp, cfg = await trio.to_thread.run_sync(self._read_config, vol.path)
+                result = await trio.to_thread.run_sync(self._read_config, vol, known,
+                                                       abandon_on_cancel=True)
             except (CryptfsError, OSError) as e:
                 why = str(e) if isinstance(e, CryptfsError) else (e.strerror or str(e))
                 self._end_volume(vol.key, f"the volume can no longer be read: {why}")
-                continue
-            if self._config_stamps.get(vol.key) == stamp:
-                continue
-            self._config_stamps[vol.key] = stamp
-            held = self.store.master(vol.key)  # (the thread ran: it may be gone)
-            if held is None:
-                continue
-            keys = VolumeKeys(Secret(held[0].reveal()), cfg.key_id)
-            try:
-                cfg.verify(keys)
-                ok = cfg.volume_id.hex() == vol.volume_id
-            except CryptfsError:
-                ok = False
-            finally:
-                keys.close()
-            if not ok:
-                self._end_volume(vol.key, "the volume's config was replaced")
-                continue
-            for s in self.store.of_uid(None):
-                if s.volume.key == vol.key and slot_for_uid(cfg, s.uid) is None:
-                    self.lock_session(s, "its key slot was removed")
-
-    def _read_config(self, path: str) -> tuple[tuple[int, int, int], Any]:
-        dir_fd, _, real = self._open_trusted(path)
+                return
+        if scope.cancelled_caught:
+            self._end_volume(vol.key, f"its file system did not answer in {FS_TIMEOUT:g} s")
+            return
+        if result is None:
+            return  # unchanged since the last check
+        stamp, cfg = result
+        self._config_stamps[vol.key] = stamp
+        held = self.store.master(vol.key)  # (the thread ran: it may be gone)
+        if held is None:
+            return
+        keys = VolumeKeys(Secret(held[0].reveal()), cfg.key_id)
         try:
+            cfg.verify(keys)
+            ok = cfg.volume_id.hex() == vol.volume_id
+        except CryptfsError:
+            ok = False
+        finally:
+            keys.close()
+        if not ok:
+            self._end_volume(vol.key, "the volume's config was replaced")
+            return
+        for s in self.store.of_uid(None):
+            if s.volume.key == vol.key and slot_for_uid(cfg, s.uid) is None:
+                self.lock_session(s, "its key slot was removed")
+
+    def _read_config(self, vol: VolumeRef, known: tuple[int, int, int] | None
+                     ) -> tuple[tuple[int, int, int], Any] | None:
+        """(stat, config) of ``vol``'s config, or None if its stat is ``known``."""
+        dir_fd, directory, real = self._open_trusted(vol.path)
+        try:
+            if directory != vol.directory:
+                raise CryptfsError("its backing directory was replaced")
             st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
-            return (st.st_ino, st.st_mtime_ns, st.st_size), load_config_at(dir_fd, real)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp == known:
+                return None
+            return stamp, load_config_at(dir_fd, real)
         finally:
             os.close(dir_fd)
 
@@ -339,6 +361,8 @@ class Agent:
                     answer = p.error(e.code, str(e))
                 except Denied as e:
                     answer = p.error(p.DENIED, str(e))
+                except trio.TooSlowError:
+                    answer = p.error(p.TIMEOUT, "the file system did not answer in time")
             except p.ProtocolError as e:
                 with trio.move_on_after(1):
                     await conn.send(p.error(e.code, str(e)))
@@ -409,8 +433,35 @@ class Agent:
                                "agent serves only volumes that root controls")
         return fd, f"{st.st_dev}:{st.st_ino}", real
 
-    async def _volume(self, path: str) -> tuple[str, str]:
-        return await trio.to_thread.run_sync(self._identify, path)
+    async def _volume(self, uid: int, path: str) -> tuple[str, str]:
+        return await self._fs(uid, self._identify, path)  # type: ignore[no-any-return]
+
+    async def _fs(self, uid: int, fn: Any, *args: Any) -> Any:
+        """File-system work for ``uid``'s request, in a thread: at most FS_PER_UID
+        at a time per uid (so one user's requests for a path on a stuck file
+        system cannot take every worker), and FS_TIMEOUT seconds to answer
+        (then this request fails with "timeout"; the agent goes on)."""
+        limiter = self._fs_limiters.get(uid)
+        if limiter is None:
+            limiter = self._fs_limiters[uid] = trio.CapacityLimiter(FS_PER_UID)
+        with trio.fail_after(FS_TIMEOUT):
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True,
+                                                 limiter=limiter)
+
+    @staticmethod
+    def _config_at(dir_fd: int, real: str) -> tuple[tuple[int, int, int], VolumeConfig]:
+        """The config and the stat it was read under (taken first, so a change
+        made while it is read shows as a different stat later)."""
+        try:
+            st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise NotAVolume(f"{real} is not a cryptfs volume (no {CONFIG_NAME})") from None
+        return (st.st_ino, st.st_mtime_ns, st.st_size), load_config_at(dir_fd, real)
+
+    @staticmethod
+    def _stamp_at(dir_fd: int) -> tuple[int, int, int]:
+        st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     # -- operations --------------------------------------------------------------------------
     async def _unlock(self, conn: Conn, msg: dict[str, Any], secret: Secret | None
@@ -431,7 +482,7 @@ class Agent:
         self._unlocking.add(uid)
         try:
             try:
-                dir_fd, key, real = await trio.to_thread.run_sync(self._open_trusted, path)
+                dir_fd, key, real = await self._fs(uid, self._open_trusted, path)
             except CryptfsError as e:
                 return p.error(p.NOT_A_VOLUME, str(e))
             except OSError as e:
@@ -447,9 +498,11 @@ class Agent:
                          secret: Secret) -> dict[str, Any]:
         who = f"uid {uid} ({user_name_of(uid)}), pid {conn.pid}"
         try:
-            cfg = await trio.to_thread.run_sync(load_config_at, dir_fd, real)
+            stamp, cfg = await self._fs(uid, self._config_at, dir_fd, real)
         except CryptfsError as e:
             return p.error(p.NOT_A_VOLUME, str(e))
+        except OSError as e:
+            return p.error(p.NOT_A_VOLUME, f"{real}: {e.strerror or e}")
         key = f"{directory}:{cfg.volume_id.hex()}"
         slot = slot_for_uid(cfg, uid)
         if slot is None:
@@ -467,10 +520,25 @@ class Agent:
         keys = VolumeKeys(Secret(master.reveal()), cfg.key_id)
         try:
             cfg.verify(keys)
+            # Argon2id took a while: if the config changed meanwhile (this
+            # user removed?), decide by the config as it is now.
+            if await self._fs(uid, self._stamp_at, dir_fd) != stamp:
+                _, cfg = await self._fs(uid, self._config_at, dir_fd, real)
+                cfg.verify(keys)
+                if cfg.volume_id.hex() != key.rsplit(":", 1)[1] or slot_for_uid(cfg, uid) is None:
+                    master.wipe()
+                    return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) no longer has a "
+                                              f"key slot in the volume at {real}")
         except CryptfsError as e:
             master.wipe()
             log.error("unlock refused: %s: %s", who, e)
             return p.error(p.NOT_A_VOLUME, str(e))
+        except OSError as e:
+            master.wipe()
+            return p.error(p.NOT_A_VOLUME, f"{real}: {e.strerror or e}")
+        except trio.TooSlowError:
+            master.wipe()
+            raise
         finally:
             keys.close()
         self.store.succeeded(uid, key)
@@ -485,12 +553,14 @@ class Agent:
         if changed and held is not None:
             self._notify(key, p.reply(event="keys", key_id=held[1], secret=True), held[0])
         seq = self._notify(key, p.reply(event="unlocked", uid=uid))
+        self._config_stamps.pop(key, None)  # the config watch checks every new session once
         log.info("unlock: %s, volume %s at %s, slot %d", who, vol.volume_id, real, slot.id)
         await self._confirmed(key, seq)
         try:
-            await trio.to_thread.run_sync(record_unlock, dir_fd, slot.id)
-        except OSError as e:
-            log.warning("cannot record the unlock time in %s: %s", real, e.strerror or e)
+            await self._fs(uid, record_unlock, dir_fd, slot.id)
+        except (OSError, trio.TooSlowError) as e:
+            log.warning("cannot record the unlock time in %s: %s", real,
+                        getattr(e, "strerror", None) or "no answer in time")
         return p.reply(message="unlocked", volume_id=vol.volume_id, backing=real,
                        slot=slot.id, idle_timeout=self.opts.idle_timeout)
 
@@ -508,7 +578,7 @@ class Agent:
                 os.close(dir_fd)
 
         try:
-            real, cfg = await trio.to_thread.run_sync(work)
+            real, cfg = await self._fs(uid, work)
         except CryptfsError as e:
             return p.error(p.NOT_A_VOLUME, str(e))
         except OSError as e:
@@ -525,14 +595,17 @@ class Agent:
         if "backing" in msg:
             path = self._path(msg)
             try:
-                directory, _ = await self._volume(path)
+                directory, _ = await self._volume(uid, path)
             except OSError as e:
                 return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
             sessions = [s for s in sessions if s.volume.directory == directory]
         last = {s.volume.key: self.lock_session(s, f"requested by pid {conn.pid}")
                 for s in sessions}
-        for key, seq in last.items():
-            await self._confirmed(key, seq)
+        confirmed = [await self._confirmed(key, seq) for key, seq in last.items()]
+        if not all(confirmed):
+            return p.reply(message=f"locked {len(sessions)} session(s), but a mount did not "
+                                   "confirm in time: it may still serve you for a moment",
+                           locked=len(sessions), unconfirmed=True)
         return p.reply(message=f"locked {len(sessions)} session(s)", locked=len(sessions))
 
     def _status(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:
@@ -566,7 +639,7 @@ class Agent:
         path = self._path(msg)
         volume_id = p.field(msg, "volume_id", str, required=True)
         try:
-            directory, real = await self._volume(path)
+            directory, real = await self._volume(conn.uid, path)
         except OSError as e:
             await conn.send(p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}"))
             return

@@ -11,6 +11,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -567,3 +568,61 @@ def test_random_operations_on_a_shared_mount(shared: Shared, tmp_path: Path) -> 
     shared.path("shadow.bin").chmod(0o644)
     _unlock(shared, "cfs-carol")
     assert run_as("cfs-carol", "cat", str(shared.path("shadow.bin"))).stdout == ref.read_bytes()
+
+
+def test_a_shared_mount_runs_no_programs(shared: Shared) -> None:
+    _unlock(shared, "root")
+    shutil.copy("/bin/true", shared.path("true"))
+    os.chmod(shared.path("true"), 0o755)
+    with pytest.raises(PermissionError):
+        subprocess.run([str(shared.path("true"))], check=True)
+    assert "noexec" in next(line for line in open("/proc/self/mountinfo")
+                            if line.split()[4] == str(shared.mount.mnt))
+
+
+def test_a_write_only_handle_blocks_no_one(shared: Shared) -> None:
+    """Only a handle that could be mapped for reading holds others' reads back."""
+    f = _root_writes(shared, "log.txt", b"line 1\n", mode=0o666)
+    _unlock(shared, "cfs-bob")
+    _unlock(shared, "cfs-alice")
+    writer = subprocess.Popen(
+        ["/usr/bin/python3", "-c", "import os, sys\nfd = os.open(sys.argv[1], os.O_WRONLY)\n"
+         "print('open', flush=True)\nsys.stdin.readline()\n", str(f)],
+        user="cfs-bob", group="cfs-bob", extra_groups=[], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "open"
+        _lock(shared, "cfs-bob")
+        assert run_as("cfs-alice", "cat", str(f)).stdout == b"line 1\n"
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_a_user_removed_while_their_unlock_runs_gets_no_session(shared: Shared) -> None:
+    """Argon2id takes a while; if the user's slot is removed meanwhile, the
+    unlock must not open a session from the config it read before."""
+    from cryptfs.config import Kdf
+    from cryptfs.users import add_user
+    from cryptfs.volume import open_volume
+
+    ensure_user("cfs-dave")
+    vol = open_volume(str(shared.backing), Secret(ROOT_PASSPHRASE))
+    try:  # a slow slot: 512 MiB x 8 passes, about a second here
+        add_user(vol, "cfs-dave", "agent", Secret(b"dave passphrase"), Kdf(8, 512 * 1024))
+    finally:
+        vol.close()
+    pf = passfile(shared.root / "pass", "cfs-dave", b"dave passphrase")
+    from multiuser import AS_USER
+
+    unlocking = subprocess.Popen(
+        [sys.executable, AS_USER, "cfs-dave", "unlock", str(shared.backing), "--passphrase-file",
+         str(pf)], env={**os.environ, **shared.agent.env}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # the agent is in Argon2id now
+    run_cli("user", "remove", str(shared.backing), "cfs-dave", "--passphrase-file",
+            str(shared.passfiles["root"]))
+    out, err = unlocking.communicate(timeout=60)
+    assert unlocking.returncode == 8 and "no longer has a key slot" in err, (out, err)
+    status = cli_as("root", "status", "--all", env=shared.agent.env)
+    assert "cfs-dave" not in status.stdout
