@@ -112,15 +112,21 @@ class Checker:
         elif not (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
             self.problem(shown, "unexpected file type (device node)")
 
+    def _load(self, fd: int, shown: str, note: str = "") -> ContentFile | None:
+        """The file's content engine, or None (and a problem) if its header is bad."""
+        try:
+            return ContentFile.load(fd, self.vol.keys.wrapper)
+        except BlockError as e:
+            where = "header" if e.block is None else f"block {e.block}"
+            self.problem(shown, f"{where}: {e}{note}")
+            return None
+
     def _file(self, dfd: int, n: str, shown: str) -> None:
         self.report.files += 1
         fd = os.open(n, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
         try:
-            try:
-                cf = ContentFile.load(fd, self.vol.keys.wrapper)
-            except BlockError as e:
-                where = "header" if e.block is None else f"block {e.block}"
-                self.problem(shown, f"{where}: {e}")
+            cf = self._load(fd, shown)
+            if cf is None:
                 return
             bad = cf.verify()
             self.report.blocks += -(-max(cf.size, 1) // 4096)

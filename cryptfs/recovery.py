@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptfs.config import Recovery, VolumeConfig, load_config, save_config
-from cryptfs.content import BlockError, ContentFile
+from cryptfs.content import BlockError
 from cryptfs.errors import BackingIOError, NotAVolume, UsageError, WrongPassphrase
 from cryptfs.fsck import Checker, Problem
 from cryptfs.keys import VolumeKeys
@@ -233,11 +233,8 @@ class Extractor(Checker):
         tmp = os.path.join(os.path.dirname(target),
                            b".cryptfs-recover-" + secrets.token_hex(6).encode() + b".tmp")
         try:
-            try:
-                cf = ContentFile.load(fd, self.vol.keys.wrapper)
-            except BlockError as e:
-                where = "header" if e.block is None else f"block {e.block}"
-                self.problem(shown, f"{where}: {e} (not written)")
+            cf = self._load(fd, shown, " (not written)")
+            if cf is None:
                 return
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:

@@ -86,9 +86,8 @@ def _populate(m: Mount) -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.parametrize("mode", ["aes-256-gcm", "xchacha20-poly1305"])
-def test_recover_the_whole_volume_with_the_recovery_key_alone(tmp_path: Path, passfile: Path,
-                                                              mode: str) -> None:
+def _populated(tmp_path: Path, passfile: Path, mode: str) -> tuple[Path, Path, dict[str, bytes]]:
+    """A volume with a recovery key, filled through a mount: (backing, key file, files)."""
     backing, key = _volume(tmp_path, passfile, mode)
     m = new_mount(tmp_path, backing, passfile)
     m.start()
@@ -96,6 +95,13 @@ def test_recover_the_whole_volume_with_the_recovery_key_alone(tmp_path: Path, pa
         files = _populate(m)
     finally:
         m.stop()
+    return backing, key, files
+
+
+@pytest.mark.parametrize("mode", ["aes-256-gcm", "xchacha20-poly1305"])
+def test_recover_the_whole_volume_with_the_recovery_key_alone(tmp_path: Path, passfile: Path,
+                                                              mode: str) -> None:
+    backing, key, files = _populated(tmp_path, passfile, mode)
     passfile.unlink()  # no passphrase anywhere from here on
     out = tmp_path / "out"
     res = run_cli("recover", str(backing), "--recovery-key", str(key), "--out", str(out))
@@ -110,13 +116,7 @@ def test_recover_the_whole_volume_with_the_recovery_key_alone(tmp_path: Path, pa
 
 
 def test_recover_selected_paths(tmp_path: Path, passfile: Path) -> None:
-    backing, key = _volume(tmp_path, passfile, "aes-256-gcm")
-    m = new_mount(tmp_path, backing, passfile)
-    m.start()
-    try:
-        files = _populate(m)
-    finally:
-        m.stop()
+    backing, key, files = _populated(tmp_path, passfile, "aes-256-gcm")
     out = tmp_path / "out"
     res = run_cli("recover", str(backing), "calls/2026", "/customers.csv", "--recovery-key",
                   str(key), "--out", str(out))
