@@ -757,8 +757,8 @@ def _conf_edit(edit):
 def t_conf_raw_byte(vol: Volume) -> None:
     p = Path(vol.entries[b""].backing).parent / "cryptfs.conf"
     raw = p.read_bytes()
-    i = raw.index(b'"owner"') + 1
-    flip(p, i)  # 'o' -> 'n': still valid JSON
+    i = raw.index(b'"label": "') + len(b'"label": "')
+    flip(p, i)  # a letter of the first slot's label -> another letter: still valid JSON
 
 
 def _set(key: str, value: Any):
@@ -831,7 +831,7 @@ TAMPERS = {
     "conf-mac-removed": _conf_edit(lambda c: c.pop("mac")),
     "conf-mac": _conf_edit(_flip_b64("mac")),
     "conf-slot-label": _conf_edit(_slot_set("label", "mallory")),
-    "conf-slot-extra-key": _conf_edit(_slot_set("role", "admin")),
+    "conf-slot-extra-key": _conf_edit(_slot_set("role", "auditor")),
     "conf-slot-wrapped": _conf_edit(_flip_b64("wrapped", slot=True)),
     "conf-slot-id": _conf_edit(_slot_set("id", 1)),
     "conf-slot-kdf": _conf_edit(_slot_ops),

@@ -19,17 +19,46 @@ DATA = Path(__file__).parent / "data"
 SAMPLES = sorted(p for p in DATA.iterdir() if p.name.startswith("sample-v"))
 
 
-@pytest.fixture(params=SAMPLES, ids=lambda p: p.name)
-def sample(request, tmp_path) -> tuple[Path, dict]:
+def copy_sample(src: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """The sample as a backing directory (its manifest and recovery key moved out)."""
     copy = tmp_path / "sample"
-    shutil.copytree(request.param, copy, symlinks=True)
+    shutil.copytree(src, copy, symlinks=True)
     manifest = json.loads((copy / "MANIFEST.json").read_text())
     (copy / "MANIFEST.json").unlink()
+    if "recovery_key" in manifest:
+        (copy / manifest["recovery_key"]).rename(tmp_path / "recovery.key")
     return copy, manifest
 
 
-def test_there_are_samples_for_both_modes() -> None:
-    assert [p.name for p in SAMPLES] == ["sample-v1-aes-256-gcm", "sample-v1-xchacha20-poly1305"]
+@pytest.fixture(params=SAMPLES, ids=lambda p: p.name)
+def sample(request, tmp_path) -> tuple[Path, dict]:
+    return copy_sample(request.param, tmp_path)
+
+
+def test_there_are_samples_for_both_modes_and_for_users_and_recovery() -> None:
+    assert [p.name for p in SAMPLES] == ["sample-v1-aes-256-gcm", "sample-v1-users-recovery",
+                                         "sample-v1-xchacha20-poly1305"]
+
+
+def test_sample_users_and_recovery_key(tmp_path) -> None:
+    backing, manifest = copy_sample(DATA / "sample-v1-users-recovery", tmp_path)
+    listing = run_cli("user", "list", str(backing)).stdout.splitlines()
+    assert [line.split()[:4] for line in listing[1:]] == [["0", "root", "0", "admin"],
+                                                          ["1", "agent7", "4007", "agent"]]
+    vol = open_volume(str(backing), Secret(manifest["agent_passphrase"].encode()))
+    try:
+        assert vol.slot.extra == {"user": "agent7", "uid": 4007, "role": "agent"}
+    finally:
+        vol.close()
+    out = tmp_path / "out"
+    run_cli("recover", str(backing), "--recovery-key", str(tmp_path / "recovery.key"), "--out",
+            str(out))
+    for e in manifest["entries"]:
+        path = os.path.join(os.fsencode(out), bytes.fromhex(e["path"]))
+        if e["type"] == "symlink":
+            assert os.readlink(path) == e["target"].encode()
+        elif e["type"] != "dir":
+            assert hashlib.sha256(open(path, "rb").read()).hexdigest() == e["sha256"]
 
 
 def test_sample_verifies(sample) -> None:

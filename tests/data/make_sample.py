@@ -1,8 +1,10 @@
 """Make the frozen sample volumes of format version 1 (run once per format version).
 
-    .venv/bin/python tests/data/make_sample.py
+    .venv/bin/python tests/data/make_sample.py NAME...
 
-Writes tests/data/sample-v1-<mode>/ for each content mode, each with a
+Writes tests/data/NAME/ (sample-v1-<mode> for each content mode, and
+sample-v1-users-recovery: user slots and a recovery key, whose private half
+is RECOVERY.key beside the volume files), each with a
 MANIFEST.json listing every plaintext entry (path as hex bytes, type, size,
 SHA-256, symlink target).  Uses the filesystem operations directly (no
 mount), so it needs no FUSE.  Git keeps no xattrs, hard links or holes, so
@@ -24,8 +26,9 @@ import trio
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from cryptfs.config import Kdf  # noqa: E402
+from cryptfs.config import Kdf, save_config  # noqa: E402
 from cryptfs.ops import ROOT, CryptOperations  # noqa: E402
+from cryptfs.recovery import add_recovery  # noqa: E402
 from cryptfs.secret import Secret  # noqa: E402
 from cryptfs.volume import init_volume  # noqa: E402
 
@@ -73,26 +76,56 @@ async def build(ops: CryptOperations, items: list[tuple[bytes, str, bytes]]) -> 
             await ops.release(fi.fh)
 
 
-def main() -> None:
+def make(name: str, mode: str, users_and_recovery: bool = False) -> None:
     os.umask(0)  # as the mount daemon: modes are the ones given
     items = contents()
-    for mode in ("aes-256-gcm", "xchacha20-poly1305"):
-        out = os.path.join(HERE, f"sample-v1-{mode}")
-        shutil.rmtree(out, ignore_errors=True)
-        vol = init_volume(out, mode, Secret(PASSPHRASE), Kdf(ops=1, mem_kib=8 * 1024))
-        ops = CryptOperations(vol)
-        trio.run(build, ops, items)
-        ops.close()
-        vol.close()
-        manifest = [
-            {"path": p.hex(), "type": k, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
-            | ({"target": d.decode()} if k == "symlink" else {})
-            for p, k, d in items
-        ]
-        with open(os.path.join(out, "MANIFEST.json"), "w") as f:
-            json.dump({"passphrase": PASSPHRASE.decode(), "mode": mode, "entries": manifest},
-                      f, indent=1)
-        print(f"wrote {out}")
+    out = os.path.join(HERE, name)
+    shutil.rmtree(out, ignore_errors=True)
+    kdf = Kdf(ops=1, mem_kib=8 * 1024)
+    first = {"user": "root", "uid": 0, "role": "admin"} if users_and_recovery else None
+    vol = init_volume(out, mode, Secret(PASSPHRASE), kdf, first)
+    extra: dict[str, str] = {}
+    if users_and_recovery:
+        # Slots of users that need not exist here (the fields are only data).
+        slot = vol.config.make_slot(vol.keys.master, Secret(b"sample agent passphrase"),
+                                    "agent7", kdf, user="agent7", uid=4007, role="agent")
+        vol.config.slots.append(slot)
+        vol.config.seal(vol.keys)
+        save_config(out, vol.config)
+        fd = os.open(os.path.join(out, "RECOVERY.key"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     0o600)
+        try:
+            add_recovery(vol, fd)
+        finally:
+            os.close(fd)
+        extra = {"agent_passphrase": "sample agent passphrase", "recovery_key": "RECOVERY.key"}
+    ops = CryptOperations(vol)
+    trio.run(build, ops, items)
+    ops.close()
+    vol.close()
+    manifest = [
+        {"path": p.hex(), "type": k, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+        | ({"target": d.decode()} if k == "symlink" else {})
+        for p, k, d in items
+    ]
+    with open(os.path.join(out, "MANIFEST.json"), "w") as f:
+        json.dump({"passphrase": PASSPHRASE.decode(), "mode": mode, **extra,
+                   "entries": manifest}, f, indent=1)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    """Make the samples named on the command line (never silently all: they are frozen)."""
+    known = {
+        "sample-v1-aes-256-gcm": ("aes-256-gcm", False),
+        "sample-v1-xchacha20-poly1305": ("xchacha20-poly1305", False),
+        "sample-v1-users-recovery": ("aes-256-gcm", True),
+    }
+    names = sys.argv[1:]
+    if not names or any(n not in known for n in names):
+        sys.exit(f"usage: make_sample.py NAME... (one of {', '.join(known)})")
+    for n in names:
+        make(n, *known[n])
 
 
 if __name__ == "__main__":
