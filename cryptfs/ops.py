@@ -55,7 +55,7 @@ _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 class Inode:
     """What the filesystem holds for one inode the kernel has looked up."""
 
-    __slots__ = ("ino", "fd", "access", "kind", "nlookup", "opens", "diriv", "meta", "content")
+    __slots__ = ("ino", "fd", "access", "kind", "nlookup", "handles", "diriv", "meta", "content")
 
     def __init__(self, ino: int, fd: int, kind: int, access: int = os.O_PATH) -> None:
         self.ino = ino
@@ -63,10 +63,22 @@ class Inode:
         self.access = access  # how fd was opened: O_RDWR, O_RDONLY or O_PATH
         self.kind = kind  # stat.S_IFMT bits
         self.nlookup = 0
-        self.opens = 0
+        self.handles: set[_Handle] = set()  # its open file handles
         self.diriv: bytes | None = None  # directories
         self.meta: Any = None  # regular: (block overhead, header length); symlink: target
         self.content: ContentFile | None = None  # regular files while open
+
+
+class _Handle:
+    """An open regular file: its inode, who opened it, and whether for reading
+    (only a readable handle can be mapped to read, which matters when gated)."""
+
+    __slots__ = ("inode", "uid", "readable")
+
+    def __init__(self, inode: Inode, uid: int, readable: bool) -> None:
+        self.inode = inode
+        self.uid = uid
+        self.readable = readable
 
 
 class _Dir:
@@ -146,9 +158,6 @@ class CryptOperations(pyfuse3.Operations):
             self._install(vol.keys)
         self._unlocked: set[int] = set()  # gated: uids with a session in the agent
         self._seen: set[int] = set()  # gated: uids served since the last activity report
-        self._fh_uid: dict[int, int] = {}  # file handle -> uid that opened it
-        self._ino_fhs: dict[int, set[int]] = {}  # inode -> its open file handles
-        self._readable: set[int] = set()  # file handles opened for reading (mappable)
         self._quarantine_logged: set[tuple[int, int]] = set()
         self.attr_timeout = timeout
         if self.gated:
@@ -170,7 +179,7 @@ class CryptOperations(pyfuse3.Operations):
         root = Inode(ROOT, root_fd, stat.S_IFDIR)
         root.nlookup = 1
         self._inodes: dict[int, Inode] = {ROOT: root}
-        self._files: dict[int, Inode] = {}
+        self._files: dict[int, _Handle] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
         self._layout_hints = True  # until the backing filesystem refuses an xattr
@@ -182,7 +191,7 @@ class CryptOperations(pyfuse3.Operations):
         if target == "inode":
             return int(args[0])
         if target == "fh" and args[0] in self._files:
-            return self._files[args[0]].ino
+            return self._files[args[0]].inode.ino
         if target == "dir" and args[0] in self._dirs:
             return self._dirs[args[0]].inode.ino
         return None
@@ -255,7 +264,7 @@ class CryptOperations(pyfuse3.Operations):
         return inode, st
 
     def _maybe_drop(self, inode: Inode) -> None:
-        if inode.nlookup <= 0 and inode.opens == 0 and inode.ino != ROOT:
+        if inode.nlookup <= 0 and not inode.handles and inode.ino != ROOT:
             del self._inodes[inode.ino]
             os.close(inode.fd)
 
@@ -389,8 +398,8 @@ class CryptOperations(pyfuse3.Operations):
         # Pages of its open files that a program mapped with mmap (the only
         # plaintext a gated mount leaves in the page cache) are dropped, so
         # touching them again asks the daemon, which refuses.
-        await self._drop_pages({self._files[fh].ino for fh, owner in self._fh_uid.items()
-                                if owner == uid and fh in self._readable})
+        await self._drop_pages({h.inode.ino for h in self._files.values()
+                                if h.uid == uid and h.readable})
 
     async def _drop_pages(self, inos: set[int]) -> None:
         for ino in inos:
@@ -402,7 +411,7 @@ class CryptOperations(pyfuse3.Operations):
     async def agent_lost(self, why: str) -> None:
         self._unlocked.clear()
         self._drop_keys()
-        await self._drop_pages({inode.ino for inode in self._files.values()})
+        await self._drop_pages({h.inode.ino for h in self._files.values()})
 
     def take_activity(self) -> set[int]:
         seen, self._seen = self._seen, set()
@@ -517,17 +526,14 @@ class CryptOperations(pyfuse3.Operations):
 
     def _unload_content(self, inode: Inode) -> None:
         """Forget the header once no handle is open: the next open checks it again."""
-        if inode.opens == 0:
+        if not inode.handles:
             inode.content = None
 
-    def _open_handle(self, inode: Inode, uid: int, readable: bool = True) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: Inode, uid: int, flags: int) -> pyfuse3.FileInfo:
         fh = self._new_fh()
-        self._files[fh] = inode
-        self._fh_uid[fh] = uid
-        if readable:
-            self._readable.add(fh)
-        self._ino_fhs.setdefault(inode.ino, set()).add(fh)
-        inode.opens += 1
+        handle = _Handle(inode, uid, readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
+        self._files[fh] = handle
+        inode.handles.add(handle)
         if self.gated:
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -540,17 +546,17 @@ class CryptOperations(pyfuse3.Operations):
         (MAP_PRIVATE), and the page that this read brings into the page cache
         would show through their mapping without the daemon being asked.
         """
-        inode = self._files[fh]
+        handle = self._files[fh]
+        inode = handle.inode
         if self.gated:
-            self._allow(self._fh_uid[fh])
+            self._allow(handle.uid)
             if reading:
-                for other in self._ino_fhs.get(inode.ino, ()):
-                    holder = self._fh_uid[other]
-                    if holder not in self._unlocked and other in self._readable:
-                        if (inode.ino, holder) not in self._quarantine_logged:
-                            self._quarantine_logged.add((inode.ino, holder))
+                for other in inode.handles:
+                    if other.readable and other.uid not in self._unlocked:
+                        if (inode.ino, other.uid) not in self._quarantine_logged:
+                            self._quarantine_logged.add((inode.ino, other.uid))
                             log.info("inode %d: reads refused while uid %d, now locked, still "
-                                     "has it open", inode.ino, holder)
+                                     "has it open", inode.ino, other.uid)
                         raise pyfuse3.FUSEError(errno.EACCES)
         return inode
 
@@ -679,8 +685,7 @@ class CryptOperations(pyfuse3.Operations):
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
         inode.meta = (content.overhead, content.h_len)
-        return self._open_handle(inode, ctx.uid,
-                                 readable=(flags & os.O_ACCMODE) != os.O_WRONLY), self._attr(inode, st)
+        return self._open_handle(inode, ctx.uid, flags), self._attr(inode, st)
 
     @_edge("inode")
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -759,8 +764,7 @@ class CryptOperations(pyfuse3.Operations):
         except BaseException:
             self._unload_content(inode)
             raise
-        return self._open_handle(inode, ctx.uid,
-                                 readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
+        return self._open_handle(inode, ctx.uid, flags)
 
     @_edge("fh")
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -787,14 +791,9 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("fh")
     async def release(self, fh: int) -> None:
-        inode = self._files.pop(fh)
-        del self._fh_uid[fh]
-        self._readable.discard(fh)
-        fhs = self._ino_fhs[inode.ino]
-        fhs.discard(fh)
-        if not fhs:
-            del self._ino_fhs[inode.ino]
-        inode.opens -= 1
+        handle = self._files.pop(fh)
+        inode = handle.inode
+        inode.handles.discard(handle)
         self._unload_content(inode)
         self._maybe_drop(inode)
 
