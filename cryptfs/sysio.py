@@ -2,13 +2,16 @@
 
 ``renameat2`` (RENAME_NOREPLACE, RENAME_EXCHANGE) and the ``AT_EMPTY_PATH``
 forms of ``fchownat``/``utimensat``, which act on an O_PATH descriptor
-itself (needed for symlinks, which cannot be opened any other way).
+itself (needed for symlinks, which cannot be opened any other way); and one
+small composite, :func:`replace_file_at`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -61,3 +64,22 @@ def link_empty(fd: int, new_dir_fd: int, new_name: str) -> None:
     if err not in (1, 2):  # EPERM/ENOENT: no capability for AT_EMPTY_PATH
         raise OSError(err, os.strerror(err))
     os.link(f"/proc/self/fd/{fd}", new_name, dst_dir_fd=new_dir_fd, follow_symlinks=True)
+
+
+def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int, tmp: str) -> None:
+    """Give ``name`` in ``dir_fd`` the content ``data``, atomically: write a new
+    file ``tmp`` (O_EXCL, never through a planted symlink; a short write is
+    ENOSPC), then rename it over ``name``.  ``tmp`` is removed on failure."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=dir_fd)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise

@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Iterator
 
+from cryptfs import sysio
 from cryptfs.modes import IntegrityError
 from cryptfs.modes.rand import random_bytes
 from cryptfs.names import (
@@ -76,19 +77,8 @@ def write_long_name(dir_fd: int, backing: str, c_name: str) -> bool:
         existed = True
     except FileNotFoundError:
         existed = False
-    tmp = f"{TMP_PREFIX}{random_bytes(8).hex()}{LONG_SUFFIX}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444, dir_fd=dir_fd)
-        try:
-            if os.write(fd, c_name.encode("ascii")) != len(c_name):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        finally:
-            os.close(fd)
-        os.rename(tmp, side, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
+    sysio.replace_file_at(dir_fd, side, c_name.encode("ascii"), 0o444,
+                          f"{TMP_PREFIX}{random_bytes(8).hex()}{LONG_SUFFIX}")
     return not existed
 
 

@@ -18,7 +18,6 @@ lives outside the config and writing it never needs the master key.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pwd
@@ -28,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cryptfs import sysio
 from cryptfs.config import Kdf, Slot, VolumeConfig, save_config
 from cryptfs.errors import UsageError
 from cryptfs.secret import Secret
@@ -170,20 +170,8 @@ def record_unlock(dir_fd: int, slot_id: int) -> None:
     """
     d = read_lastuse(dir_fd)
     d[str(slot_id)] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    data = (json.dumps(d, sort_keys=True) + "\n").encode()
-    tmp = f"{LASTUSE_NAME}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                 dir_fd=dir_fd)
-    try:
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, LASTUSE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
+    sysio.replace_file_at(dir_fd, LASTUSE_NAME, (json.dumps(d, sort_keys=True) + "\n").encode(),
+                          0o644, f"{LASTUSE_NAME}.{secrets.token_hex(8)}.tmp")
 
 
 def list_users(cfg: VolumeConfig, backing: str) -> list[UserInfo]:
