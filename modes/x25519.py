@@ -39,7 +39,12 @@ def public_key(private: bytes) -> bytes:
             .public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
-def _key(shared: bytes, epk: bytes, recipient: bytes, label: bytes) -> bytes:
+def _key(me: X25519PrivateKey, peer: bytes, epk: bytes, recipient: bytes, label: bytes) -> bytes:
+    """The wrapping key of one wrap: X25519(me, peer), then HKDF as above."""
+    try:
+        shared = me.exchange(X25519PublicKey.from_public_bytes(peer))
+    except ValueError:
+        raise IntegrityError("unusable X25519 key") from None
     if shared == bytes(KEY_LEN):
         raise IntegrityError("low-order X25519 point")
     return hkdf(shared, label, salt=epk + recipient)
@@ -49,13 +54,9 @@ def wrap(secret: bytes, recipient: bytes, label: bytes, ad: bytes = b"") -> byte
     """``secret`` wrapped to the X25519 public key ``recipient``."""
     if len(recipient) != KEY_LEN:
         raise ValueError("an X25519 public key is 32 bytes")
-    eph = X25519PrivateKey.from_private_bytes(new_private_key())
-    epk = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    try:
-        shared = eph.exchange(X25519PublicKey.from_public_bytes(recipient))
-    except ValueError:
-        raise IntegrityError("unusable X25519 public key") from None
-    k = _key(shared, epk, recipient, label)
+    eph = new_private_key()
+    epk = public_key(eph)
+    k = _key(X25519PrivateKey.from_private_bytes(eph), recipient, epk, recipient, label)
     return epk + ChaCha20Poly1305(k).encrypt(_ZERO_NONCE, secret, ad)
 
 
@@ -69,13 +70,7 @@ def unwrap(wrapped: bytes, private: bytes, label: bytes, ad: bytes = b"") -> byt
     if len(wrapped) < KEY_LEN + TAG_LEN:
         raise IntegrityError("wrapped key too short")
     epk, ct = wrapped[:KEY_LEN], wrapped[KEY_LEN:]
-    me = X25519PrivateKey.from_private_bytes(private)
-    recipient = me.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    try:
-        shared = me.exchange(X25519PublicKey.from_public_bytes(epk))
-    except ValueError:
-        raise IntegrityError("unusable ephemeral key") from None
-    k = _key(shared, epk, recipient, label)
+    k = _key(X25519PrivateKey.from_private_bytes(private), epk, epk, public_key(private), label)
     try:
         return ChaCha20Poly1305(k).decrypt(_ZERO_NONCE, ct, ad)
     except InvalidTag:
