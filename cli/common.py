@@ -27,29 +27,45 @@ def fail(message: str, code: int = 1, hint: str | None = None) -> None:
     sys.exit(code)
 
 
-def reports_errors(fn: F) -> F:
-    """Turn library errors into one line on stderr and a documented exit code."""
+def error_boundary(fail_with: Callable[[str, int, str | None], None],
+                   detail: bool = True) -> Callable[[F], F]:
+    """A decorator that turns every failure into ``fail_with(message, exit code, hint)``:
+    library errors with their documented code, a bug as one line (no traceback
+    unless CRYPTFS_DEBUG is set).  ``detail`` False keeps file names and the
+    text of unexpected errors out of the message (for the PAM helper)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except CryptfsError as e:
-            fail(str(e), e.exit_code, e.hint)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-        except OSError as e:
-            where = f"{e.filename}: " if e.filename else ""
-            fail(f"{where}{e.strerror or e}", BackingIOError.exit_code)
-        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
-            raise
-        except Exception as e:  # a bug: still one line, unless asked for the traceback
-            if os.environ.get("CRYPTFS_DEBUG"):
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except CryptfsError as e:
+                fail_with(str(e), e.exit_code, e.hint)
+            except KeyboardInterrupt:
+                fail_with("interrupted", 130, None)
+            except OSError as e:
+                where = f"{e.filename}: " if e.filename and detail else ""
+                fail_with(f"{where}{e.strerror or e}", BackingIOError.exit_code, None)
+            except (click.exceptions.ClickException, click.exceptions.Abort,
+                    click.exceptions.Exit):
                 raise
-            fail(f"internal error: {type(e).__name__}: {e}", 1,
-                 hint="run again with CRYPTFS_DEBUG=1 for a traceback, and please report it")
+            except Exception as e:  # a bug: still one line, unless asked for the traceback
+                if os.environ.get("CRYPTFS_DEBUG"):
+                    raise
+                if detail:
+                    fail_with(f"internal error: {type(e).__name__}: {e}", 1,
+                              "run again with CRYPTFS_DEBUG=1 for a traceback, and please "
+                              "report it")
+                else:
+                    fail_with(f"internal error: {type(e).__name__}", 1, None)
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+reports_errors = error_boundary(fail)
+"""Turn library errors into one line on stderr and a documented exit code."""
 
 
 def passphrase_option(name: str = "--passphrase-file", help_text: str | None = None

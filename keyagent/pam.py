@@ -24,22 +24,18 @@ agent in a secret frame and wiped.
 
 from __future__ import annotations
 
-import functools
 import os
 import pwd
 import sys
 import syslog
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import click
 
-from cryptfs.errors import CryptfsError, UsageError, WrongPassphrase
+from cryptfs.cli.common import error_boundary
+from cryptfs.errors import UsageError, WrongPassphrase
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.client import AgentClient, AgentError
 from cryptfs.secret import Secret
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 PROG = "cryptfs-pam"
 SOCKET_HELP = "The key agent's socket (default: $CRYPTFS_AGENT_SOCKET or /run/cryptfs/agent.sock)."
@@ -60,25 +56,8 @@ def _fail(message: str, code: int, hint: str | None = None) -> None:
     sys.exit(code)
 
 
-def _reports_errors(fn: F) -> F:
-    """Every failure is one line on stderr (and in syslog) and an exit code; no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except CryptfsError as e:
-            _fail(str(e), e.exit_code, e.hint)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except OSError as e:
-            _fail(e.strerror or str(e), 7)
-        except Exception as e:  # a bug: still one line, unless asked for the traceback
-            if os.environ.get("CRYPTFS_DEBUG"):
-                raise
-            _fail(f"internal error: {type(e).__name__}", 1)
-
-    return wrapper  # type: ignore[return-value]
+# Every failure is one line on stderr (and in syslog) and an exit code; no traceback.
+_reports_errors = error_boundary(_fail, detail=False)
 
 
 def pam_user() -> pwd.struct_passwd:
