@@ -15,13 +15,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from multiuser import Shared
 
 from cryptfs.config import Kdf
 from cryptfs.secret import Secret
 from cryptfs.volume import Volume, init_volume, open_volume
-from multiuser import Shared, shared_setup
 
 PASSPHRASE = b"correct horse battery staple"
 # Cheap Argon2id for tests (the CLI refuses less than 8 MiB, the default is 128 MiB).
@@ -78,18 +81,23 @@ class Mount:
     mnt: Path
     log: Path
     pidfile: Path
-    passfile: Path
+    passfile: Path | None = None
 
     @property
     def pid(self) -> int:
         return int(self.pidfile.read_text())
+
+    def mount_args(self) -> list[str]:
+        """How this mount is unlocked (a passphrase mount; see multiuser.SharedMount)."""
+        assert self.passfile is not None
+        return ["--passphrase-file", str(self.passfile)]
 
     def start(self, *extra: str) -> None:
         require_fuse()
         self.mnt.mkdir(exist_ok=True)
         if self.pidfile.exists():
             self.pidfile.unlink()
-        run_cli("mount", str(self.backing), str(self.mnt), "--passphrase-file", str(self.passfile),
+        run_cli("mount", str(self.backing), str(self.mnt), *self.mount_args(),
                 "--log-file", str(self.log), "--pid-file", str(self.pidfile), *extra)
         deadline = time.monotonic() + 10
         while not os.path.ismount(self.mnt):
@@ -180,5 +188,7 @@ def shared() -> Iterator[Shared]:
     """Users cfs-alice, cfs-bob (agents), cfs-carol (supervisor) and root with slots in one
     volume, a real key agent (no idle timeout, short backoff) and a shared --agent mount.
     Nobody is unlocked at the start."""
+    from multiuser import shared_setup
+
     require_fuse()
     yield from shared_setup()

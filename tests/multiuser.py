@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import Mount
 from cryptfs.config import Kdf
 from cryptfs.secret import Secret
 from cryptfs.users import add_user, user_fields
@@ -170,47 +171,19 @@ class AgentProcess:
 
 
 @dataclass
-class SharedMount:
+class SharedMount(Mount):
     """A ``cryptfs mount --agent`` of a volume, as a root service would run it."""
 
-    backing: Path
-    mnt: Path
-    agent: AgentProcess
-    log: Path
-    pidfile: Path
+    agent: AgentProcess | None = None
 
-    def start(self) -> SharedMount:
-        from conftest import run_cli
+    def mount_args(self) -> list[str]:
+        assert self.agent is not None
+        return ["--agent", "--agent-socket", str(self.agent.socket)]
 
+    def start(self, *extra: str) -> None:
         self.mnt.mkdir(exist_ok=True)
-        self.mnt.chmod(0o755)
-        run_cli("mount", str(self.backing), str(self.mnt), "--agent", "--agent-socket",
-                str(self.agent.socket), "--log-file", str(self.log), "--pid-file",
-                str(self.pidfile))
-        deadline = time.monotonic() + 10
-        while not os.path.ismount(self.mnt):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mount did not appear; log:\n{self.log_text()}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        from conftest import _wait_exit
-
-        pid = None
-        try:
-            pid = int(self.pidfile.read_text())
-        except (OSError, ValueError):
-            pass
-        if os.path.ismount(self.mnt):
-            res = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
-            if res.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
-        if pid is not None:
-            _wait_exit(pid)
-
-    def log_text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        self.mnt.chmod(0o755)  # users must reach it
+        super().start(*extra)
 
     def wait_log(self, text: str, timeout: float = 10, count: int = 1) -> None:
         """Wait until ``text`` is in the mount's log ``count`` times."""
@@ -247,8 +220,8 @@ def shared_setup(agent_args: tuple[str, ...] = ("--idle-timeout", "0", "--backof
     """Create users, a volume, an agent and a shared mount; tear all down afterwards."""
     root = shared_tempdir()
     agent = AgentProcess(root / "agent.sock", root / "agent.log")
-    mount = SharedMount(root / "backing", root / "mnt", agent, root / "mount.log",
-                        root / "mount.pid")
+    mount = SharedMount(root / "backing", root / "mnt", root / "mount.log", root / "mount.pid",
+                        agent=agent)
     try:
         make_shared_volume(root / "backing")
         (root / "pass").mkdir(mode=0o755)
