@@ -9,6 +9,7 @@ under /tmp, not under pytest's root-only tmp_path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -236,3 +237,7 @@ def shared_setup(agent_args: tuple[str, ...] = ("--idle-timeout", "0", "--backof
         finally:
             agent.stop()
             shutil.rmtree(root, ignore_errors=True)
+
+
+# The same, as a context manager, for a test that needs its own options.
+shared_scenario = contextlib.contextmanager(shared_setup)

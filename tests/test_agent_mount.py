@@ -30,6 +30,7 @@ from multiuser import (
     ensure_user,
     passfile,
     run_as,
+    shared_scenario,
     shared_setup,
 )
 
@@ -326,11 +327,9 @@ def test_agent_stopped_cleanly_locks_everyone(shared: Shared) -> None:
     assert res.returncode == 8 and "no key agent is running" in res.stderr
 
 
-def test_mount_started_before_the_agent_waits_for_it(tmp_path: Path) -> None:
+def test_mount_started_before_the_agent_waits_for_it() -> None:
     require_fuse()
-    gen = shared_setup()
-    s = next(gen)
-    try:
+    with shared_scenario() as s:
         s.mount.stop()
         s.agent.stop()
         s.mount.start()  # no agent: the mount comes up, and denies everyone
@@ -340,8 +339,6 @@ def test_mount_started_before_the_agent_waits_for_it(tmp_path: Path) -> None:
         s.mount.wait_log("key agent connected", count=2)  # (the first mount logged it once)
         _unlock(s, "root")
         assert os.listdir(s.mount.mnt) == []
-    finally:
-        gen.close()
 
 
 def test_agent_mount_takes_no_passphrase(shared: Shared, tmp_path: Path) -> None:
@@ -483,19 +480,15 @@ def test_a_user_added_while_mounted_is_served(shared: Shared, tmp_path: Path) ->
     assert run_as("cfs-dave", "cat", f).stdout == b"alpha\n"
 
 
-def test_unlock_by_a_mountpoint_with_spaces_and_non_ascii(tmp_path: Path) -> None:
+def test_unlock_by_a_mountpoint_with_spaces_and_non_ascii() -> None:
     require_fuse()
-    gen = shared_setup()
-    s = next(gen)
-    try:
+    with shared_scenario() as s:
         s.mount.stop()
         s.mount.mnt = s.root / "Kunden Müller 客户"
         s.mount.start()
         res = s.unlock("cfs-alice")
         assert res.returncode == 0, res.stderr
         assert f"unlocked {s.backing}" in res.stdout
-    finally:
-        gen.close()
 
 
 def test_a_passphrase_too_long_for_the_agent_is_a_clear_error(shared: Shared) -> None:
@@ -531,21 +524,19 @@ def test_one_user_cannot_take_every_connection() -> None:
     """With room for 100 connections and 10 per user, Bob opening 200 gets
     "busy" for 190 of them, and Alice can still unlock and use the mount."""
     require_fuse()
-    gen = shared_setup(("--idle-timeout", "0", "--max-connections", "100",
-                        "--max-per-user", "10"))
-    s = next(gen)
-    hog = subprocess.Popen(["/usr/bin/python3", "-c", HOG, str(s.agent.socket)],
-                           user="cfs-bob", group="cfs-bob", extra_groups=[],
-                           stdout=subprocess.PIPE, text=True)
-    try:
-        assert hog.stdout is not None and hog.stdout.readline().strip() == "busy 190"
-        f = str(_root_writes(s, "a.txt", b"alpha\n"))
-        _unlock(s, "cfs-alice")
-        assert run_as("cfs-alice", "cat", f).stdout == b"alpha\n"
-    finally:
-        hog.kill()
-        hog.wait()
-        gen.close()
+    with shared_scenario(("--idle-timeout", "0", "--max-connections", "100",
+                          "--max-per-user", "10")) as s:
+        hog = subprocess.Popen(["/usr/bin/python3", "-c", HOG, str(s.agent.socket)],
+                               user="cfs-bob", group="cfs-bob", extra_groups=[],
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            assert hog.stdout is not None and hog.stdout.readline().strip() == "busy 190"
+            f = str(_root_writes(s, "a.txt", b"alpha\n"))
+            _unlock(s, "cfs-alice")
+            assert run_as("cfs-alice", "cat", f).stdout == b"alpha\n"
+        finally:
+            hog.kill()
+            hog.wait()
 
 
 def test_random_operations_on_a_shared_mount(shared: Shared, tmp_path: Path) -> None:
