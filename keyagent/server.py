@@ -60,6 +60,11 @@ class Denied(Exception):
     pass
 
 
+def _no_slot(uid: int, real: str, has_no: str = "has no") -> dict[str, Any]:
+    return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) {has_no} key slot in the "
+                              f"volume at {real}")
+
+
 def leaf(e: BaseException) -> BaseException:
     """The first exception inside (nested) exception groups, e.g. from a nursery."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
@@ -240,8 +245,7 @@ class Agent:
         try:
             if directory != vol.directory:
                 raise CryptfsError("its backing directory was replaced")
-            st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            stamp = self._stamp_at(dir_fd, real)
             if stamp == known:
                 return None
             return stamp, load_config_at(dir_fd, real)
@@ -449,19 +453,19 @@ class Agent:
                                                  limiter=limiter)
 
     @staticmethod
-    def _config_at(dir_fd: int, real: str) -> tuple[tuple[int, int, int], VolumeConfig]:
-        """The config and the stat it was read under (taken first, so a change
-        made while it is read shows as a different stat later)."""
+    def _stamp_at(dir_fd: int, real: str) -> tuple[int, int, int]:
+        """What tells one version of the config file from another (its stat)."""
         try:
             st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             raise NotAVolume(f"{real} is not a cryptfs volume (no {CONFIG_NAME})") from None
-        return (st.st_ino, st.st_mtime_ns, st.st_size), load_config_at(dir_fd, real)
-
-    @staticmethod
-    def _stamp_at(dir_fd: int) -> tuple[int, int, int]:
-        st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
         return st.st_ino, st.st_mtime_ns, st.st_size
+
+    @classmethod
+    def _config_at(cls, dir_fd: int, real: str) -> tuple[tuple[int, int, int], VolumeConfig]:
+        """The config and the stat it was read under (taken first, so a change
+        made while it is read shows as a different stat later)."""
+        return cls._stamp_at(dir_fd, real), load_config_at(dir_fd, real)
 
     # -- operations --------------------------------------------------------------------------
     async def _unlock(self, conn: Conn, msg: dict[str, Any], secret: Secret | None
@@ -506,8 +510,7 @@ class Agent:
         key = f"{directory}:{cfg.volume_id.hex()}"
         slot = slot_for_uid(cfg, uid)
         if slot is None:
-            return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) has no key slot in "
-                                      f"the volume at {real}")
+            return _no_slot(uid, real)
         async with self._argon2:
             master = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
         if master is None:
@@ -522,13 +525,12 @@ class Agent:
             cfg.verify(keys)
             # Argon2id took a while: if the config changed meanwhile (this
             # user removed?), decide by the config as it is now.
-            if await self._fs(uid, self._stamp_at, dir_fd) != stamp:
+            if await self._fs(uid, self._stamp_at, dir_fd, real) != stamp:
                 _, cfg = await self._fs(uid, self._config_at, dir_fd, real)
                 cfg.verify(keys)
                 if cfg.volume_id.hex() != key.rsplit(":", 1)[1] or slot_for_uid(cfg, uid) is None:
                     master.wipe()
-                    return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) no longer has a "
-                                              f"key slot in the volume at {real}")
+                    return _no_slot(uid, real, "no longer has a")
         except CryptfsError as e:
             master.wipe()
             log.error("unlock refused: %s: %s", who, e)
@@ -585,8 +587,7 @@ class Agent:
             return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
         slot = slot_for_uid(cfg, uid)
         if slot is None:
-            return p.error(p.NO_SLOT, f"{user_name_of(uid)} (uid {uid}) has no key slot in "
-                                      f"the volume at {real}")
+            return _no_slot(uid, real)
         return p.reply(backing=real, volume_id=cfg.volume_id.hex(), slot=slot.id)
 
     async def _lock(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:
