@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cryptfs.secret import Secret
 
@@ -53,7 +53,6 @@ class _Failures:
 class _Held:
     master: Secret
     key_id: int
-    sessions: set[int] = field(default_factory=set)  # uids
 
 
 class Store:
@@ -121,21 +120,17 @@ class Store:
         else:
             master.wipe()
         self.sessions[(uid, vol.key)] = Session(uid, vol, slot_id, time.time(), self.clock())
-        held.sessions = {s.uid for s in self.sessions.values() if s.volume.key == vol.key}
         return changed, evicted
 
     def close(self, uid: int, vol_key: str) -> tuple[Session | None, bool]:
         """End a session; returns it and whether the volume's key was wiped."""
         s = self.sessions.pop((uid, vol_key), None)
         held = self._held.get(vol_key)
-        if s is None or held is None:
+        if s is None or held is None or any(key == vol_key for _, key in self.sessions):
             return s, False
-        held.sessions.discard(uid)
-        if not held.sessions:
-            held.master.wipe()
-            del self._held[vol_key]
-            return s, True
-        return s, False
+        held.master.wipe()
+        del self._held[vol_key]
+        return s, True
 
     def touch(self, vol_key: str, uids: set[int]) -> None:
         now = self.clock()
