@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptfs.config import Recovery, VolumeConfig, load_config, save_config
+from cryptfs.config import Recovery, VolumeConfig, load_config
 from cryptfs.content import BlockError
 from cryptfs.errors import BackingIOError, NotAVolume, UsageError, WrongPassphrase
 from cryptfs.fsck import Checker, Problem
@@ -87,8 +87,7 @@ def add_recovery(vol: Volume, key_fd: int) -> None:
     except OSError as e:
         raise BackingIOError(f"cannot write the recovery key file: {e.strerror}") from None
     vol.config.recovery = recovery
-    vol.config.seal(vol.keys)
-    save_config(vol.backing, vol.config)
+    vol.save_config()
 
 
 def read_key_file(path: str) -> tuple[bytes, Secret]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptfs import sysio
-from cryptfs.config import Kdf, Slot, VolumeConfig, save_config
+from cryptfs.config import Kdf, Slot, VolumeConfig
 from cryptfs.errors import UsageError
 from cryptfs.secret import Secret
 from cryptfs.volume import Volume
@@ -103,8 +103,7 @@ def add_user(vol: Volume, name: str, role: str, passphrase: Secret, kdf: Kdf | N
                          hint=f"cryptfs user passwd {vol.backing} {name} to change the passphrase")
     slot = cfg.make_slot(vol.keys.master, passphrase, name, kdf=kdf, **fields)
     cfg.slots.append(slot)
-    cfg.seal(vol.keys)
-    save_config(vol.backing, cfg)
+    vol.save_config()
     return slot
 
 
@@ -115,8 +114,7 @@ def remove_user(vol: Volume, name: str) -> Slot:
         raise UsageError(f"{name} holds the volume's only key slot; removing it would lock "
                          "everyone out for good", hint="add another user first")
     cfg.slots = [s for s in cfg.slots if s.id != slot.id]
-    cfg.seal(vol.keys)
-    save_config(vol.backing, cfg)
+    vol.save_config()
     return slot
 
 
@@ -127,8 +125,7 @@ def set_passphrase(vol: Volume, slot: Slot, new: Secret, kdf: Kdf | None = None)
                           slot_id=slot.id, **slot.extra)
     fresh.created = slot.created
     cfg.slots = [fresh if s.id == slot.id else s for s in cfg.slots]
-    cfg.seal(vol.keys)
-    save_config(vol.backing, cfg)
+    vol.save_config()
     if vol.slot.id == slot.id:
         vol.slot = fresh
     return fresh

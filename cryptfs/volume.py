@@ -70,6 +70,11 @@ class UnlockedVolume(_Backing):
     def codec(self) -> NameCodec:
         return NameCodec(self.keys)
 
+    def save_config(self) -> None:
+        """Authenticate the (changed) config with the keys and write it out."""
+        self.config.seal(self.keys)
+        save_config(self.backing, self.config)
+
     def close(self) -> None:
         self.keys.close()
 

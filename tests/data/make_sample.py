@@ -26,7 +26,7 @@ import trio
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from cryptfs.config import Kdf, save_config  # noqa: E402
+from cryptfs.config import Kdf  # noqa: E402
 from cryptfs.ops import ROOT, CryptOperations  # noqa: E402
 from cryptfs.recovery import add_recovery  # noqa: E402
 from cryptfs.secret import Secret  # noqa: E402
@@ -90,8 +90,7 @@ def make(name: str, mode: str, users_and_recovery: bool = False) -> None:
         slot = vol.config.make_slot(vol.keys.master, Secret(b"sample agent passphrase"),
                                     "agent7", kdf, user="agent7", uid=4007, role="agent")
         vol.config.slots.append(slot)
-        vol.config.seal(vol.keys)
-        save_config(out, vol.config)
+        vol.save_config()
         fd = os.open(os.path.join(out, "RECOVERY.key"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                      0o600)
         try:
