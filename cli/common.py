@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pwd
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -100,3 +101,14 @@ def read_passphrase(path: str | None, prompt: str, confirm: bool = False) -> Sec
     if not value:
         raise UsageError("the passphrase is empty")
     return Secret(value)
+
+
+def invoking_user(how_to_name: str) -> str:
+    """The person running the command (under sudo, the one who ran sudo)."""
+    uid = os.getuid()
+    if uid == 0 and os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise UsageError(f"uid {uid} has no user name: {how_to_name}") from None

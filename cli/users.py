@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import pwd
 
 import click
 
-from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.cli.common import invoking_user, passphrase_option, read_passphrase, reports_errors
 from cryptfs.cli.volume import kdf_options
 from cryptfs.config import Kdf, load_config
 from cryptfs.errors import UsageError, WrongPassphrase
@@ -92,16 +91,6 @@ def list_(backing: str) -> None:
                    f"{u.last_unlock or 'never'}")
 
 
-def _caller() -> str:
-    uid = os.getuid()
-    if uid == 0 and os.environ.get("SUDO_USER"):
-        return os.environ["SUDO_USER"]
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        raise UsageError(f"uid {uid} has no user name; name the user") from None
-
-
 @user.command("passwd")
 @click.argument("backing", type=click.Path(file_okay=False))
 @click.argument("name", required=False)
@@ -117,7 +106,7 @@ def passwd(backing: str, name: str | None, passphrase_file: str | None,
     The current passphrase may be NAME's own, or (to reset a forgotten one)
     any user's that opens the volume.  Only that slot is rewritten.
     """
-    who = name or _caller()
+    who = name or invoking_user("name the user")
     cfg = load_config(backing)
     slot = slot_for_name(cfg, who)
     if name is None and os.getuid() != 0 and slot.extra.get("uid") != os.getuid():

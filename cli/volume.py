@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import pwd
 import sys
 
 import click
 
 from cryptfs import fsck as fsck_mod
-from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.cli.common import invoking_user, passphrase_option, read_passphrase, reports_errors
 from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, FORMAT_VERSION, Kdf, load_config
 from cryptfs.errors import DamageFound, UsageError
 from cryptfs.export import export as export_file
@@ -20,16 +19,6 @@ from cryptfs.users import ROLES, set_passphrase, user_fields
 from cryptfs.volume import init_volume, open_volume
 
 MODE_NAMES = [m.name for m in CONTENT_MODES.values()]
-
-
-def default_user() -> str:
-    """The person running the command (under sudo, the one who ran sudo)."""
-    if os.getuid() == 0 and os.environ.get("SUDO_USER"):
-        return os.environ["SUDO_USER"]
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        raise UsageError(f"uid {os.getuid()} has no user name: pass --user NAME") from None
 
 
 def kdf_options(fn):  # type: ignore[no-untyped-def]
@@ -65,7 +54,7 @@ def init(backing: str, mode: str, first_user: str | None, role: str, recovery_ke
     --passphrase-file is given).  That slot belongs to a system user, so the
     key agent can unlock it for them; add more with `cryptfs user add`.
     """
-    fields = user_fields(first_user or default_user(), role)
+    fields = user_fields(first_user or invoking_user("pass --user NAME"), role)
     pw = read_passphrase(passphrase_file, "New volume passphrase", confirm=True)
     key_fd = create_key_file(recovery_key) if recovery_key else None
     try:
