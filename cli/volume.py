@@ -9,7 +9,7 @@ import click
 
 from cryptfs import fsck as fsck_mod
 from cryptfs.cli.common import invoking_user, passphrase_option, read_passphrase, reports_errors
-from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, FORMAT_VERSION, Kdf, load_config
+from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, Kdf, load_config
 from cryptfs.errors import DamageFound, UsageError
 from cryptfs.export import export as export_file
 from cryptfs.export import parse_recipients, recipients_from_file
@@ -89,17 +89,26 @@ def info(backing: str) -> None:
     """
     cfg = load_config(backing)
     click.echo(f"volume id:     {cfg.volume_id.hex()}")
-    click.echo(f"format:        cryptfs version {FORMAT_VERSION}")
+    click.echo(f"format:        cryptfs config version {cfg.version}")
     click.echo(f"created:       {cfg.created}")
     click.echo(f"default mode:  {cfg.default_mode}")
     click.echo(f"features:      {', '.join(cfg.features)}")
-    click.echo(f"key id:        {cfg.key_id}")
+    click.echo(f"key id:        {cfg.key_id} (key generation)"
+               + (f"; retired generations still in use: {', '.join(map(str, sorted(cfg.retired)))}"
+                  if cfg.retired else ""))
+    if cfg.rotation:
+        click.echo(f"rotation:      {cfg.rotation['kind']} started {cfg.rotation['started']}, "
+                   "unfinished (run cryptfs rotate again to finish)")
+    click.echo(f"recovery key:  {'yes' if cfg.recovery else 'no'}")
+    click.echo(f"policy:        {'yes (encrypted; cryptfs policy show)' if cfg.policy else 'none'}")
     click.echo(f"default KDF:   argon2id, {cfg.kdf.ops} passes, {cfg.kdf.mem_kib // 1024} MiB")
     click.echo(f"key slots:     {len(cfg.slots)}")
     for s in cfg.slots:
         extra = "".join(f", {k}={v}" for k, v in sorted(s.extra.items()))
         click.echo(f"  slot {s.id}: {s.label} (created {s.created}; argon2id {s.kdf.ops} passes, "
-                   f"{s.kdf.mem_kib // 1024} MiB{extra})")
+                   f"{s.kdf.mem_kib // 1024} MiB{extra}; "
+                   + ("user key pair" if s.v2 else "v1: no key pair, cannot follow a rotation")
+                   + ")")
 
 
 @click.command()
@@ -145,6 +154,9 @@ def fsck(backing: str, passphrase_file: str | None) -> None:
     click.echo(f"checked {report.dirs} directories, {report.files} files "
                f"({report.blocks} blocks), {report.symlinks} symlinks: "
                + ("clean" if report.clean else f"{len(report.problems)} problem(s)"))
+    if report.sealed:
+        click.echo(f"{report.sealed} hybrid file(s) not checked: this passphrase's user is not a "
+                   "recipient (the recovery key opens them: cryptfs recover)")
     if not report.clean:
         raise DamageFound(f"{len(report.problems)} damaged item(s) in {backing}")
 

@@ -1,8 +1,12 @@
 """The volume config: ``BACKING/cryptfs.conf``, a JSON object.
 
 It holds the format version, default mode, feature flags, the default KDF
-cost, and the list of key slots.  Each slot wraps the master key under a key
-stretched from one passphrase with Argon2id (as LUKS keyslots do).  The whole
+cost, the key generation, and the list of key slots.  A user slot holds the
+user's X25519 key pair: the private key wrapped under a key stretched from
+their passphrase with Argon2id (as LUKS keyslots do), the public key, and the
+master key wrapped to that public key, so a new master reaches every user
+without their passphrases.  (Older "v1" slots wrap the master directly under
+the passphrase; they are still read.)  The whole
 object except ``mac`` is authenticated with HMAC-SHA256 under a key derived
 from the master key, so after unlocking, any edited, added, removed or
 downgraded field is detected.  The exact layout is in docs/FORMAT.md.
@@ -26,14 +30,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cryptfs.errors import BackingIOError, NotAVolume, WrongPassphrase
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
-from cryptfs.modes import content_mode_by_name
+from cryptfs.modes import NotForMe, content_mode_by_name, x25519
+from cryptfs.modes.errors import IntegrityError
 from cryptfs.modes.kdf import ARGON2_SALT_LEN, MIN_MEM_KIB, MIN_OPS, argon2id
 from cryptfs.modes.rand import random_bytes
 from cryptfs.secret import Secret
 
 CONFIG_NAME = "cryptfs.conf"
 TREE_NAME = "tree"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written when a v2 feature is used; version 1 configs are still read
+READ_VERSIONS = (1, 2)
 FEATURES = frozenset({"aead-blocks", "last-block-flag", "siv-names", "long-names", "xattrs"})
 
 # Default Argon2id cost of a key slot.  128 MiB x 3 passes: ~0.5 s on one core
@@ -44,6 +50,10 @@ MAX_OPS = 64
 MAX_MEM_KIB = 4096 * 1024  # 4 GiB
 
 _SLOT_NONCE_LEN = 12  # bytes
+_SEALED_KEY_LEN = _SLOT_NONCE_LEN + 32 + 16  # nonce || AES-256-GCM(32-byte key)
+_SLOT_MASTER_LABEL = b"cryptfs/v2/slot-master"
+_SLOT_MASTER_LEN = x25519.KEY_LEN + MASTER_KEY_LEN + x25519.TAG_LEN
+ROTATION_KINDS = ("slots", "wrap-key", "reencrypt")
 
 
 def b64e(b: bytes) -> str:
@@ -89,37 +99,79 @@ class Kdf:
         return cls(ops, mem, salt)
 
 
+_SLOT_FIELDS = ("id", "label", "kdf", "wrapped", "created", "public", "master")
+
+
 @dataclass
 class Slot:
     id: int
     label: str
     kdf: Kdf
-    wrapped: bytes  # nonce (12) || AES-256-GCM(master) (48)
+    # v2: nonce (12) || AES-256-GCM(user's X25519 private key) (48)
+    # v1: nonce (12) || AES-256-GCM(master) (48)
+    wrapped: bytes
     created: str
-    extra: dict[str, Any] = field(default_factory=dict)  # role, uid, ... (later issues)
+    extra: dict[str, Any] = field(default_factory=dict)  # user, uid, role
+    public: bytes | None = None  # v2: the user's X25519 public key
+    master: bytes | None = None  # v2: the master key wrapped to ``public``
+
+    @property
+    def v2(self) -> bool:
+        return self.public is not None
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.extra)
         d.update(id=self.id, label=self.label, kdf=self.kdf.to_json(),
                  wrapped=b64e(self.wrapped), created=self.created)
+        if self.public is not None and self.master is not None:
+            d.update(public=b64e(self.public), master=b64e(self.master))
         return d
 
     @classmethod
     def from_json(cls, d: Any) -> Slot:
         if not isinstance(d, dict):
             raise ValueError("slot is not an object")
-        extra = {k: v for k, v in d.items() if k not in ("id", "label", "kdf", "wrapped", "created")}
+        extra = {k: v for k, v in d.items() if k not in _SLOT_FIELDS}
         sid, label, created = d.get("id"), d.get("label"), d.get("created")
         if not isinstance(sid, int) or not isinstance(label, str) or not isinstance(created, str):
             raise ValueError("bad slot fields")
         wrapped = b64d(d.get("wrapped"))
-        if len(wrapped) != _SLOT_NONCE_LEN + MASTER_KEY_LEN + 16:
+        if len(wrapped) != _SEALED_KEY_LEN:
             raise ValueError("bad wrapped key length")
-        return cls(sid, label, Kdf.from_json(d.get("kdf")), wrapped, created, extra)
+        public = master = None
+        if "public" in d or "master" in d:
+            public, master = b64d(d.get("public")), b64d(d.get("master"))
+            if len(public) != x25519.KEY_LEN or len(master) != _SLOT_MASTER_LEN:
+                raise ValueError("bad slot key lengths")
+        return cls(sid, label, Kdf.from_json(d.get("kdf")), wrapped, created, extra, public, master)
+
+
+@dataclass
+class SlotKeys:
+    """What a passphrase opens: the master key, and (v2 slots) the user's private key."""
+
+    master: Secret
+    private: Secret | None
 
 
 def _slot_ad(volume_id: bytes, slot: Slot) -> bytes:
-    return b"cryptfs/v1/slot" + volume_id + struct.pack(">I", slot.id) + canonical(slot.kdf.to_json())
+    ad = b"cryptfs/v1/slot" + volume_id + struct.pack(">I", slot.id) + canonical(slot.kdf.to_json())
+    if slot.public is not None:
+        ad = b"cryptfs/v2/slot" + ad[len(b"cryptfs/v1/slot"):] + slot.public
+    return ad
+
+
+def _slot_master_ad(volume_id: bytes, slot_id: int, key_id: int) -> bytes:
+    return volume_id + struct.pack(">II", slot_id, key_id)
+
+
+def _seal(aead: AESGCM, secret: bytes, ad: bytes) -> bytes:
+    nonce = random_bytes(_SLOT_NONCE_LEN)
+    return nonce + aead.encrypt(nonce, secret, ad)
+
+
+def _open(aead: AESGCM, sealed: bytes, ad: bytes) -> bytes:
+    return aead.decrypt(sealed[:_SLOT_NONCE_LEN], sealed[_SLOT_NONCE_LEN:], ad)
 
 
 def _now() -> str:
@@ -133,6 +185,13 @@ class Recovery:
 
     public: bytes
     wrapped: bytes
+
+    LABEL = b"cryptfs/v1/recovery"
+
+    @classmethod
+    def to(cls, public: bytes, master: Secret, volume_id: bytes) -> Recovery:
+        """``master`` wrapped to the recovery public key ``public``."""
+        return cls(public, x25519.wrap(master.reveal(), public, cls.LABEL, cls.LABEL + volume_id))
 
     def to_json(self) -> dict[str, Any]:
         return {"public": b64e(self.public), "wrapped": b64e(self.wrapped)}
@@ -158,11 +217,23 @@ class VolumeConfig:
     created: str
     mac: bytes = b""
     recovery: Recovery | None = None
+    base: bytes | None = None  # the base key sealed under the master (after a rotation)
+    retired: dict[int, bytes] = field(default_factory=dict)  # key id -> old master, sealed
+    rotation: dict[str, Any] | None = None  # {"kind", "started"} while one is unfinished
+    policy: bytes | None = None  # the directory policy, sealed (cryptfs.policy)
 
     # -- serialisation ---------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """2 if anything of version 2 is in use (an older cryptfs then refuses
+        the volume clearly instead of failing to unlock it), else 1."""
+        v2 = (any(s.v2 for s in self.slots) or self.base or self.retired or self.rotation
+              or self.policy)
+        return FORMAT_VERSION if v2 else 1
+
     def body(self) -> dict[str, Any]:
         return {
-            "cryptfs": FORMAT_VERSION,
+            "cryptfs": self.version,
             "volume_id": self.volume_id.hex(),
             "created": self.created,
             "default_mode": self.default_mode,
@@ -172,6 +243,11 @@ class VolumeConfig:
             "slots": [s.to_json() for s in self.slots],
             # (absent, not null, without a recovery key: older configs keep their MAC)
             **({"recovery": self.recovery.to_json()} if self.recovery else {}),
+            **({"base": b64e(self.base)} if self.base else {}),
+            **({"retired": [{"key_id": k, "wrapped": b64e(v)} for k, v in sorted(self.retired.items())]}
+               if self.retired else {}),
+            **({"rotation": self.rotation} if self.rotation else {}),
+            **({"policy": b64e(self.policy)} if self.policy else {}),
         }
 
     def compute_mac(self, keys: VolumeKeys) -> bytes:
@@ -201,10 +277,10 @@ class VolumeConfig:
         if not isinstance(d, dict) or "cryptfs" not in d:
             raise NotAVolume("volume config is not a cryptfs config")
         version = d["cryptfs"]
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise NotAVolume(
                 f"volume format version {version!r} is not supported by this cryptfs "
-                f"(it reads version {FORMAT_VERSION})",
+                f"(it reads versions {', '.join(map(str, READ_VERSIONS))})",
                 hint="use the cryptfs release that created the volume",
             )
         try:
@@ -226,7 +302,7 @@ class VolumeConfig:
             slots = [Slot.from_json(s) for s in d["slots"]]
             if not slots or len({s.id for s in slots}) != len(slots):
                 raise ValueError("slots")
-            return cls(
+            cfg = cls(
                 volume_id=bytes.fromhex(d["volume_id"]),
                 default_mode=mode,
                 features=features,
@@ -236,19 +312,85 @@ class VolumeConfig:
                 created=str(d["created"]),
                 mac=b64d(d["mac"]),
                 recovery=Recovery.from_json(d["recovery"]) if "recovery" in d else None,
+                base=_sealed_key(d["base"]) if "base" in d else None,
+                retired=_retired_from_json(d.get("retired", []), key_id),
+                rotation=_rotation_from_json(d["rotation"]) if "rotation" in d else None,
+                policy=b64d(d["policy"]) if "policy" in d else None,
             )
+            if cfg.version != version:
+                raise NotAVolume(f"volume config says it is version {version} but is version "
+                                 f"{cfg.version}: it was edited or damaged",
+                                 hint="restore cryptfs.conf from a backup")
+            return cfg
         except NotAVolume:
             raise
         except (KeyError, TypeError, ValueError, binascii.Error) as e:
             raise NotAVolume(f"volume config is malformed ({type(e).__name__}: {e})") from None
 
+    # -- keys ------------------------------------------------------------------
+    def open_keys(self, master: Secret) -> VolumeKeys:
+        """The volume's keys from its master key; the config is authenticated first."""
+        keys = VolumeKeys(Secret(master.reveal()), self.key_id)
+        self.verify(keys)
+        base = retired = None
+        try:
+            if self.base is not None:
+                base = Secret(_open(keys.base_wrap, self.base, self.volume_id))
+            retired = {kid: Secret(_open(keys.retired_wrap, w, self.volume_id + struct.pack(">I", kid)))
+                       for kid, w in self.retired.items()}
+        except InvalidTag:
+            keys.close()
+            raise NotAVolume("volume config holds keys that do not open: it was damaged") from None
+        keys.close()
+        return VolumeKeys(Secret(master.reveal()), self.key_id, base, retired)
+
+    def next_key_id(self) -> int:
+        return max([self.key_id, *self.retired]) + 1
+
+    def set_generation(self, old: VolumeKeys, master: Secret, retire: bool) -> VolumeKeys:
+        """Make ``master`` the next key generation and return its keys.
+
+        The base key, and with ``retire`` the masters of the current and
+        retired generations, are sealed under it (a rotation still re-wrapping
+        headers needs them); every v2 slot and the recovery key get it.  v1
+        slots cannot (they need a passphrase): the caller refuses those first.
+        The caller seals and saves the config.
+        """
+        kept = {kid: Secret(m.reveal()) for kid, m in old.retired.items()} if retire else {}
+        if retire:
+            kept[old.key_id] = Secret(old.master.reveal())
+        key_id = self.next_key_id()
+        new = VolumeKeys(Secret(master.reveal()), key_id, Secret(old.base.reveal()), kept)
+        self.key_id = key_id
+        self.base = _seal(new.base_wrap, new.base.reveal(), self.volume_id)
+        self.retired = {kid: _seal(new.retired_wrap, m.reveal(), self.volume_id + struct.pack(">I", kid))
+                        for kid, m in kept.items()}
+        for slot in self.slots:
+            if slot.public is not None:
+                slot.master = x25519.wrap(master.reveal(), slot.public, _SLOT_MASTER_LABEL,
+                                          _slot_master_ad(self.volume_id, slot.id, key_id))
+        if self.recovery is not None:
+            self.recovery = Recovery.to(self.recovery.public, master, self.volume_id)
+        return new
+
+    def drop_retired(self, keys: VolumeKeys) -> VolumeKeys:
+        """Forget the retired generations (no header needs them any more)."""
+        self.retired = {}
+        fresh = VolumeKeys(Secret(keys.master.reveal()), keys.key_id, Secret(keys.base.reveal()))
+        return fresh
+
     # -- slots -----------------------------------------------------------------
     def make_slot(self, master: Secret, passphrase: Secret, label: str,
-                  kdf: Kdf | None = None, slot_id: int | None = None, **extra: Any) -> Slot:
-        """A new slot wrapping ``master`` (appended id unless ``slot_id`` is given)."""
+                  kdf: Kdf | None = None, slot_id: int | None = None,
+                  private: Secret | None = None, **extra: Any) -> Slot:
+        """A new (v2) slot: a user key pair (``private``, or a fresh one) whose
+        private half is wrapped under ``passphrase`` and whose public half gets
+        ``master``.  Appended id unless ``slot_id`` is given."""
         cost = kdf or self.kdf
         if slot_id is None:
             slot_id = max((s.id for s in self.slots), default=-1) + 1
+        priv = private.reveal() if private is not None else x25519.new_private_key()
+        public = x25519.public_key(priv)
         slot = Slot(
             id=slot_id,
             label=label,
@@ -256,32 +398,92 @@ class VolumeConfig:
             wrapped=b"",
             created=_now(),
             extra=dict(extra),
+            public=public,
+            master=x25519.wrap(master.reveal(), public, _SLOT_MASTER_LABEL,
+                               _slot_master_ad(self.volume_id, slot_id, self.key_id)),
         )
         k = argon2id(passphrase.reveal(), slot.kdf.salt, slot.kdf.ops, slot.kdf.mem_kib)
-        nonce = random_bytes(_SLOT_NONCE_LEN)
-        slot.wrapped = nonce + AESGCM(k).encrypt(nonce, master.reveal(), _slot_ad(self.volume_id, slot))
+        slot.wrapped = _seal(AESGCM(k), priv, _slot_ad(self.volume_id, slot))
         return slot
 
-    def try_slot(self, slot: Slot, passphrase: Secret) -> Secret | None:
+    def try_slot(self, slot: Slot, passphrase: Secret) -> SlotKeys | None:
+        """The keys ``passphrase`` opens in ``slot`` (None if it opens nothing).
+
+        Not yet authenticated: the caller checks the config MAC with the master."""
         k = argon2id(passphrase.reveal(), slot.kdf.salt, slot.kdf.ops, slot.kdf.mem_kib)
-        nonce, ct = slot.wrapped[:_SLOT_NONCE_LEN], slot.wrapped[_SLOT_NONCE_LEN:]
         try:
-            return Secret(AESGCM(k).decrypt(nonce, ct, _slot_ad(self.volume_id, slot)))
+            inner = _open(AESGCM(k), slot.wrapped, _slot_ad(self.volume_id, slot))
         except InvalidTag:
             return None
+        if slot.public is None or slot.master is None:
+            return SlotKeys(Secret(inner), None)
+        opened = self.slot_master(slot, Secret(inner))
+        if opened is None:  # the passphrase is right: the slot's other fields were changed
+            raise NotAVolume("volume config failed authentication: it was edited or damaged",
+                             hint="restore cryptfs.conf from a backup")
+        return opened
 
-    def unlock(self, passphrase: Secret, slot_id: int | None = None) -> tuple[VolumeKeys, Slot]:
-        """Find the slot this passphrase opens, check the config MAC, return the keys."""
+    def slot_master(self, slot: Slot, private: Secret) -> SlotKeys | None:
+        """The current master from a v2 slot and the user's private key (None if
+        the slot's master was not wrapped to this key: edited, or another user's)."""
+        if slot.master is None or slot.public != x25519.public_key(private.reveal()):
+            return None
+        try:
+            master = x25519.unwrap(slot.master, private.reveal(), _SLOT_MASTER_LABEL,
+                                   _slot_master_ad(self.volume_id, slot.id, self.key_id))
+        except (NotForMe, IntegrityError):
+            return None
+        return SlotKeys(Secret(master), private)
+
+    def unlock(self, passphrase: Secret, slot_id: int | None = None
+               ) -> tuple[VolumeKeys, Slot, Secret | None]:
+        """Find the slot this passphrase opens, check the config MAC, return the
+        keys, the slot, and the user's private key (None for a v1 slot)."""
         for slot in self.slots:
             if slot_id is not None and slot.id != slot_id:
                 continue
-            master = self.try_slot(slot, passphrase)
-            if master is None:
+            opened = self.try_slot(slot, passphrase)
+            if opened is None:
                 continue
-            keys = VolumeKeys(master, self.key_id)
-            self.verify(keys)
-            return keys, slot
+            with opened.master:
+                keys = self.open_keys(opened.master)
+            return keys, slot, opened.private
         raise WrongPassphrase("wrong passphrase: it opens no key slot of this volume")
+
+    def publics(self) -> dict[str, bytes]:
+        """User name -> X25519 public key, for the users that have one."""
+        out = {}
+        for slot in self.slots:
+            if slot.public is not None:
+                name = slot.extra.get("user")
+                out[name if isinstance(name, str) else slot.label] = slot.public
+        return out
+
+
+def _sealed_key(v: Any) -> bytes:
+    raw = b64d(v)
+    if len(raw) != _SEALED_KEY_LEN:
+        raise ValueError("bad sealed key length")
+    return raw
+
+
+def _retired_from_json(v: Any, key_id: int) -> dict[int, bytes]:
+    if not isinstance(v, list):
+        raise ValueError("retired")
+    out = {}
+    for item in v:
+        kid = item.get("key_id") if isinstance(item, dict) else None
+        if not isinstance(kid, int) or kid < 1 or kid == key_id or kid in out:
+            raise ValueError("retired key id")
+        out[kid] = _sealed_key(item.get("wrapped"))
+    return out
+
+
+def _rotation_from_json(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict) or v.get("kind") not in ROTATION_KINDS \
+            or not isinstance(v.get("started"), str):
+        raise ValueError("rotation")
+    return {"kind": v["kind"], "started": v["started"]}
 
 
 def new_config(default_mode: str, kdf: Kdf) -> VolumeConfig:

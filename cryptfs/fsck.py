@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from cryptfs import tree
 from cryptfs.content import BlockError, ContentFile
 from cryptfs.modes import IntegrityError
+from cryptfs.modes.errors import NotARecipient
 from cryptfs.names import DIRIV_NAME, LONG_PREFIX, LONG_SUFFIX, TMP_PREFIX, NameCodec
 from cryptfs.volume import UnlockedVolume
 
@@ -30,6 +31,7 @@ class Report:
     dirs: int = 0
     symlinks: int = 0
     blocks: int = 0
+    sealed: int = 0  # hybrid files this key is no recipient of: header not checkable
 
     @property
     def clean(self) -> bool:
@@ -115,11 +117,19 @@ class Checker:
     def _load(self, fd: int, shown: str, note: str = "") -> ContentFile | None:
         """The file's content engine, or None (and a problem) if its header is bad."""
         try:
-            return ContentFile.load(fd, self.vol.keys.wrapper)
+            return ContentFile.load(fd, self.vol.keyring())
+        except NotARecipient:
+            self.report.sealed += 1
+            self.not_recipient(shown)
+            return None
         except BlockError as e:
             where = "header" if e.block is None else f"block {e.block}"
             self.problem(shown, f"{where}: {e}{note}")
             return None
+
+    def not_recipient(self, shown: str) -> None:
+        """A hybrid file this key cannot open (not a problem: the cryptography
+        says so; its blocks cannot be checked without a recipient's key)."""
 
     def _file(self, dfd: int, n: str, shown: str) -> None:
         self.report.files += 1

@@ -29,9 +29,10 @@ from typing import Protocol
 
 from cryptfs.modes import IntegrityError, NotForMe
 from cryptfs.modes.content import FILE_ID_LEN, ContentCipher, ContentMode, content_mode
+from cryptfs.modes.errors import NotARecipient
 from cryptfs.modes.kdf import hkdf
 from cryptfs.modes.rand import random_bytes
-from cryptfs.modes.wrap import FILE_KEY_LEN, Stanza, decode_stanzas
+from cryptfs.modes.wrap import FILE_KEY_LEN, Stanza, decode_stanzas, is_hybrid
 
 MAGIC = b"CRYPTF"
 VERSION = 1
@@ -124,6 +125,14 @@ class FileHeader:
     def with_flags(self, flags: int) -> FileHeader:
         return replace(self, flags=flags)
 
+    def with_stanzas(self, stanzas: list[Stanza]) -> FileHeader:
+        """The same file key wrapped anew; the caller keeps the length unchanged."""
+        return replace(self, stanzas=tuple(stanzas))
+
+    @property
+    def hybrid(self) -> bool:
+        return is_hybrid(self.stanzas)
+
     @staticmethod
     def wrap_ad(mode: ContentMode, file_id: bytes) -> bytes:
         return MAGIC + bytes([VERSION, mode.mode_id]) + file_id
@@ -152,6 +161,8 @@ class FileHeader:
             raise IntegrityError()
         try:
             file_key = wrapper.unwrap(stanzas, cls.wrap_ad(mode, file_id))
+        except NotARecipient:
+            raise
         except NotForMe:
             raise IntegrityError("no stanza for this volume's key") from None
         hdr = cls(mode, flags, file_id, tuple(stanzas), file_key)

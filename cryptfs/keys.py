@@ -1,11 +1,21 @@
-"""The keys of an unlocked volume, all derived from the master key by HKDF.
+"""The keys of an unlocked volume, all derived by HKDF.
 
-    master (32 B, random, only ever stored inside key slots)
+    master (32 B, random, of key generation ``key_id``; stored only wrapped:
+      |     to each user's X25519 key, to the recovery key, in v1 key slots)
       |- HKDF "cryptfs/v1/config"    -> HMAC-SHA256 key over the volume config
       |- HKDF "cryptfs/v1/wrap"      -> AES-256-GCM key that wraps per-file data keys
+      |- HKDF "cryptfs/v2/base"      -> AES-256-GCM key that wraps the base key (config)
+      '- HKDF "cryptfs/v2/retired"   -> AES-256-GCM key that wraps retired masters (config)
+
+    base (the first generation's master; kept across rotations)
       |- HKDF "cryptfs/v1/names"     -> AES-SIV key (64 B) for file names and xattr names
       |- HKDF "cryptfs/v1/symlink"   -> AES-256-GCM key for symlink targets
-      '- HKDF "cryptfs/v1/xattr"     -> AES-256-GCM key for user.* xattr values
+      |- HKDF "cryptfs/v1/xattr"     -> AES-256-GCM key for user.* xattr values
+      '- HKDF "cryptfs/v2/policy"    -> AES-256-GCM key for the directory policy (config)
+
+A volume never rotated has no separate base: base = master.  A retired
+master (an older generation, while a rotation re-wraps headers) only
+unwraps file keys; it derives nothing else.
 
 Per file (see cryptfs.header):
     file_key (32 B, random) -HKDF "cryptfs/v1/file"-> content key (32) || header MAC key (32)
@@ -16,27 +26,48 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
 from cryptfs.modes.kdf import hkdf
-from cryptfs.modes.wrap import SymmetricWrapper
+from cryptfs.modes.wrap import Keyring, SymmetricWrapper
 from cryptfs.secret import Secret
 
 MASTER_KEY_LEN = 32  # bytes
 
 
+def wrap_key(master: bytes) -> bytes:
+    return hkdf(master, b"cryptfs/v1/wrap")
+
+
 class VolumeKeys:
     """Derived keys of one unlocked volume.  ``close()`` drops them."""
 
-    def __init__(self, master: Secret, key_id: int) -> None:
+    def __init__(self, master: Secret, key_id: int, base: Secret | None = None,
+                 retired: dict[int, Secret] | None = None) -> None:
         m = master.reveal()
         self.master = master
+        self.base = base if base is not None else master
+        self.retired = dict(retired or {})
         self.key_id = key_id
+        b = self.base.reveal()
         self.config_mac_key = hkdf(m, b"cryptfs/v1/config")
-        self.wrapper = SymmetricWrapper(hkdf(m, b"cryptfs/v1/wrap"), key_id)
-        self.names = AESSIV(hkdf(m, b"cryptfs/v1/names", 64))
-        self.symlink = AESGCM(hkdf(m, b"cryptfs/v1/symlink"))
-        self.xattr = AESGCM(hkdf(m, b"cryptfs/v1/xattr"))
+        self.base_wrap = AESGCM(hkdf(m, b"cryptfs/v2/base"))
+        self.retired_wrap = AESGCM(hkdf(m, b"cryptfs/v2/retired"))
+        self.wrapper = SymmetricWrapper(wrap_key(m), key_id)
+        self.symmetric = {key_id: self.wrapper}
+        for kid, old in self.retired.items():
+            self.symmetric[kid] = SymmetricWrapper(wrap_key(old.reveal()), kid)
+        self.names = AESSIV(hkdf(b, b"cryptfs/v1/names", 64))
+        self.symlink = AESGCM(hkdf(b, b"cryptfs/v1/symlink"))
+        self.xattr = AESGCM(hkdf(b, b"cryptfs/v1/xattr"))
+        self.policy = AESGCM(hkdf(b, b"cryptfs/v2/policy"))
+
+    def keyring(self, privates: list[bytes] | tuple[bytes, ...] = ()) -> Keyring:
+        """What opens file headers: these wrap keys, plus the given X25519 keys."""
+        return Keyring(self.symmetric, list(privates))
 
     def __repr__(self) -> str:
         return f"<VolumeKeys key_id={self.key_id}, redacted>"
 
     def close(self) -> None:
         self.master.wipe()
+        self.base.wipe()
+        for old in self.retired.values():
+            old.wipe()

@@ -48,8 +48,7 @@ def _ad(volume_id: bytes) -> bytes:
 def new_recovery(master: Secret, volume_id: bytes) -> tuple[Recovery, Secret]:
     """A fresh recovery key pair: what the config keeps, and the private key."""
     private = Secret(x25519.new_private_key())
-    public = x25519.public_key(private.reveal())
-    return Recovery(public, x25519.wrap(master.reveal(), public, LABEL, _ad(volume_id))), private
+    return Recovery.to(x25519.public_key(private.reveal()), master, volume_id), private
 
 
 def key_file_text(private: Secret, volume_id: bytes) -> str:
@@ -111,6 +110,7 @@ def read_key_file(path: str) -> tuple[bytes, Secret]:
 
 
 def unlock_with_recovery_key(cfg: VolumeConfig, volume_id: bytes, private: Secret) -> VolumeKeys:
+    """(The private key also opens hybrid files: every one has a stanza for it.)"""
     """The volume's keys from its recovery key; the config is authenticated with them."""
     if cfg.recovery is None:
         raise NotAVolume("this volume has no recovery key (it was made without one)")
@@ -124,20 +124,22 @@ def unlock_with_recovery_key(cfg: VolumeConfig, volume_id: bytes, private: Secre
     except (NotForMe, IntegrityError):
         raise NotAVolume("the recovery key does not open the wrapped master key: the volume "
                          "config was edited or damaged") from None
-    keys = VolumeKeys(Secret(master), cfg.key_id)
-    cfg.verify(keys)
-    return keys
+    with Secret(master) as m:
+        return cfg.open_keys(m)
 
 
 def open_for_recovery(backing: str, key_file: str) -> RecoveredVolume:
     backing = os.path.abspath(backing)
     cfg = load_config(backing)
     volume_id, private = read_key_file(key_file)
-    with private:
+    try:
         keys = unlock_with_recovery_key(cfg, volume_id, private)
-    vol = RecoveredVolume(backing, cfg, keys)
+    except BaseException:
+        private.wipe()
+        raise
+    vol = RecoveredVolume(backing, cfg, keys, private)
     if not os.path.isdir(vol.tree):
-        keys.close()
+        vol.close()
         raise NotAVolume(f"{backing}: the encrypted tree is missing")
     return vol
 

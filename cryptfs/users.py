@@ -107,22 +107,36 @@ def add_user(vol: Volume, name: str, role: str, passphrase: Secret, kdf: Kdf | N
     return slot
 
 
-def remove_user(vol: Volume, name: str) -> Slot:
+def remove_user(vol: Volume, name: str, save: bool = True) -> Slot:
+    """Remove ``name``'s slot (``save=False``: the caller saves, e.g. together
+    with the key rotation of a revocation)."""
     cfg = vol.config
     slot = slot_for_name(cfg, name)
     if len(cfg.slots) == 1:
         raise UsageError(f"{name} holds the volume's only key slot; removing it would lock "
                          "everyone out for good", hint="add another user first")
+    if slot.id == vol.slot.id:
+        raise UsageError(f"{name} cannot remove themselves: authorise with another user's "
+                         "passphrase")
     cfg.slots = [s for s in cfg.slots if s.id != slot.id]
-    vol.save_config()
+    if save:
+        vol.save_config()
     return slot
 
 
 def set_passphrase(vol: Volume, slot: Slot, new: Secret, kdf: Kdf | None = None) -> Slot:
-    """Re-wrap the master key in ``slot`` under ``new``; nothing else changes."""
+    """Re-wrap ``slot`` under ``new``.
+
+    The user keeps their X25519 key pair when the volume was opened with
+    their own passphrase (a v1 slot is upgraded to a v2 one with a new pair).
+    A reset through another user's passphrase cannot reach the old private
+    key, so the slot gets a new pair: hybrid files wrapped only to the old
+    one need a new ``cryptfs share`` (or the recovery key).
+    """
     cfg = vol.config
+    own = vol.slot.id == slot.id and vol.private is not None
     fresh = cfg.make_slot(vol.keys.master, new, slot.label, kdf=kdf or slot.kdf,
-                          slot_id=slot.id, **slot.extra)
+                          slot_id=slot.id, private=vol.private if own else None, **slot.extra)
     fresh.created = slot.created
     cfg.slots = [fresh if s.id == slot.id else s for s in cfg.slots]
     vol.save_config()

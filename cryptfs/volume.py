@@ -26,9 +26,10 @@ from cryptfs.config import (
 )
 from cryptfs.errors import BackingIOError, NotAVolume, UsageError
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
-from cryptfs.modes import content_mode_by_name
+from cryptfs.modes import content_mode_by_name, x25519
 from cryptfs.modes.content import ContentMode
 from cryptfs.modes.rand import random_bytes
+from cryptfs.modes.wrap import Keyring
 from cryptfs.names import NameCodec
 from cryptfs.secret import Secret
 
@@ -70,6 +71,17 @@ class UnlockedVolume(_Backing):
     def codec(self) -> NameCodec:
         return NameCodec(self.keys)
 
+    @property
+    def private_key(self) -> Secret | None:
+        """The X25519 private key this volume was opened with (a user's or the
+        recovery key), which opens the hybrid files wrapped to it."""
+        return getattr(self, "private", None)
+
+    def keyring(self) -> Keyring:
+        """What opens this holder's file headers."""
+        priv = self.private_key
+        return self.keys.keyring([priv.reveal()] if priv is not None and len(priv) else [])
+
     def save_config(self) -> None:
         """Authenticate the (changed) config with the keys and write it out."""
         self.config.seal(self.keys)
@@ -77,6 +89,8 @@ class UnlockedVolume(_Backing):
 
     def close(self) -> None:
         self.keys.close()
+        if self.private_key is not None:
+            self.private_key.wipe()
 
 
 @dataclass
@@ -84,11 +98,14 @@ class Volume(UnlockedVolume):
     """Unlocked through a key slot (a passphrase)."""
 
     slot: Slot
+    private: Secret | None = None  # the user's X25519 key (None: a v1 slot)
 
 
 @dataclass
 class RecoveredVolume(UnlockedVolume):
     """Unlocked through the volume's recovery key (cryptfs.recovery)."""
+
+    private: Secret | None = None  # the recovery private key
 
 
 def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
@@ -113,8 +130,9 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
         raise BackingIOError(f"{backing}: {e.strerror}") from None
     cfg = new_config(mode, kdf)
     master = Secret(random_bytes(MASTER_KEY_LEN))
+    private = Secret(x25519.new_private_key())
     label = str(first_user["user"]) if first_user else "owner"
-    cfg.slots.append(cfg.make_slot(master, passphrase, label, **(first_user or {})))
+    cfg.slots.append(cfg.make_slot(master, passphrase, label, private=private, **(first_user or {})))
     keys = VolumeKeys(master, cfg.key_id)
     cfg.seal(keys)
     try:
@@ -127,7 +145,7 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
     except OSError as e:
         raise BackingIOError(f"cannot create the volume tree: {e.strerror}") from None
     save_config(backing, cfg)
-    return Volume(backing, cfg, keys, cfg.slots[0])
+    return Volume(backing, cfg, keys, cfg.slots[0], private)
 
 
 def read_volume(backing: str) -> LockedVolume:
@@ -141,5 +159,5 @@ def read_volume(backing: str) -> LockedVolume:
 
 def open_volume(backing: str, passphrase: Secret) -> Volume:
     locked = read_volume(backing)
-    keys, slot = locked.config.unlock(passphrase)
-    return Volume(locked.backing, locked.config, keys, slot)
+    keys, slot, private = locked.config.unlock(passphrase)
+    return Volume(locked.backing, locked.config, keys, slot, private)

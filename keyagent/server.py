@@ -223,20 +223,61 @@ class Agent:
         held = self.store.master(vol.key)  # (the thread ran: it may be gone)
         if held is None:
             return
-        keys = VolumeKeys(Secret(held[0].reveal()), cfg.key_id)
-        try:
-            cfg.verify(keys)
-            ok = cfg.volume_id.hex() == vol.volume_id
-        except CryptfsError:
-            ok = False
-        finally:
-            keys.close()
-        if not ok:
+        if cfg.volume_id.hex() != vol.volume_id:
             self._end_volume(vol.key, "the volume's config was replaced")
             return
+        if cfg.key_id != held[1] or not self._authentic(cfg, held[0]):
+            if not self._follow_rotation(vol, cfg):
+                self._end_volume(vol.key, "the volume's config was replaced")
+                return
         for s in self.store.of_uid(None):
             if s.volume.key == vol.key and slot_for_uid(cfg, s.uid) is None:
                 self.lock_session(s, "its key slot was removed")
+
+    @staticmethod
+    def _authentic(cfg: Any, master: Secret) -> bool:
+        try:
+            cfg.open_keys(master).close()
+            return True
+        except CryptfsError:
+            return False
+
+    def _follow_rotation(self, vol: VolumeRef, cfg: Any) -> bool:
+        """The volume's master key was rotated: open the new one with a session's
+        private key, hold it, and send it to the mounts.  Sessions that cannot
+        follow (a v1 slot, or a slot that no longer holds the new key) end.
+        False if no session can (then the config is treated as replaced)."""
+        new: Secret | None = None
+        for s in self.store.of_uid(None):
+            if s.volume.key != vol.key or s.private is None:
+                continue
+            slot = slot_for_uid(cfg, s.uid)
+            opened = cfg.slot_master(slot, s.private) if slot is not None else None
+            if opened is not None and self._authentic(cfg, opened.master):
+                new = opened.master
+                break
+        if new is None:
+            return False
+        self.store.rekey(vol.key, new, cfg.key_id)
+        log.info("volume %s at %s: its key was rotated to generation %d; sessions follow",
+                 vol.volume_id, vol.path, cfg.key_id)
+        held = self.store.master(vol.key)
+        assert held is not None
+        self._notify(vol.key, p.reply(event="keys", key_id=cfg.key_id, secret=True), held[0])
+        for s in self.store.of_uid(None):
+            if s.volume.key != vol.key:
+                continue
+            slot = slot_for_uid(cfg, s.uid)
+            follows = s.private is not None and slot is not None
+            if follows:
+                opened = cfg.slot_master(slot, s.private)
+                follows = opened is not None
+                if opened is not None:
+                    opened.master.wipe()
+            if not follows:
+                self.lock_session(s, "the volume's key was rotated and this session's slot "
+                                     "cannot follow: unlock again")
+        return True
 
     def _read_config(self, vol: VolumeRef, known: tuple[int, int, int] | None
                      ) -> tuple[tuple[int, int, int], Any] | None:
@@ -511,41 +552,63 @@ class Agent:
         slot = slot_for_uid(cfg, uid)
         if slot is None:
             return _no_slot(uid, real)
-        async with self._argon2:
-            master = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
-        if master is None:
+        try:
+            async with self._argon2:
+                opened = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
+        except CryptfsError as e:
+            log.error("unlock refused: %s: %s", who, e)
+            return p.error(p.NOT_A_VOLUME, str(e))
+        if opened is None:
             count, delay = self.store.failed(uid, key)
             log.warning("unlock failed: %s, volume %s at %s: wrong passphrase "
                         "(%d in a row; next attempt allowed in %.0f s)",
                         who, cfg.volume_id.hex(), real, count, delay)
             return p.error(p.WRONG_PASSPHRASE, "wrong passphrase", retry_after=delay,
                            failures=count)
-        keys = VolumeKeys(Secret(master.reveal()), cfg.key_id)
+        master, private = opened.master, opened.private
+        keys: VolumeKeys | None = None
+
+        def wipe() -> None:
+            master.wipe()
+            if private is not None:
+                private.wipe()
+
         try:
-            cfg.verify(keys)
+            keys = cfg.open_keys(master)
             # Argon2id took a while: if the config changed meanwhile (this
             # user removed?), decide by the config as it is now.
             if await self._fs(uid, self._stamp_at, dir_fd, real) != stamp:
                 _, cfg = await self._fs(uid, self._config_at, dir_fd, real)
-                cfg.verify(keys)
-                if cfg.volume_id.hex() != key.rsplit(":", 1)[1] or slot_for_uid(cfg, uid) is None:
-                    master.wipe()
+                now = slot_for_uid(cfg, uid)
+                if cfg.volume_id.hex() != key.rsplit(":", 1)[1] or now is None:
+                    wipe()
                     return _no_slot(uid, real, "no longer has a")
+                if cfg.key_id != keys.key_id:  # rotated meanwhile: follow with the user's key
+                    fresh = cfg.slot_master(now, private) if private is not None else None
+                    if fresh is None:
+                        wipe()
+                        return p.error(p.NOT_A_VOLUME, "the volume's key was rotated during "
+                                                       "the unlock: try again")
+                    master.wipe()
+                    master = fresh.master
+                cfg.open_keys(master).close()
         except CryptfsError as e:
-            master.wipe()
+            wipe()
             log.error("unlock refused: %s: %s", who, e)
             return p.error(p.NOT_A_VOLUME, str(e))
         except OSError as e:
-            master.wipe()
+            wipe()
             return p.error(p.NOT_A_VOLUME, f"{real}: {e.strerror or e}")
         except trio.TooSlowError:
-            master.wipe()
+            wipe()
             raise
         finally:
-            keys.close()
+            if keys is not None:
+                keys.close()
         self.store.succeeded(uid, key)
         vol = VolumeRef(key, real, cfg.volume_id.hex())
-        changed, evicted = self.store.open(uid, vol, slot.id, master, cfg.key_id)
+        copy = Secret(private.reveal()) if private is not None else None
+        changed, evicted = self.store.open(uid, vol, slot.id, master, cfg.key_id, private)
         for other in evicted:
             log.info("lock: uid %d (%s), volume %s at %s (unlocked with a key that the "
                      "volume's config no longer has)", other.uid, user_name_of(other.uid),
@@ -554,7 +617,9 @@ class Agent:
         held = self.store.master(key)
         if changed and held is not None:
             self._notify(key, p.reply(event="keys", key_id=held[1], secret=True), held[0])
-        seq = self._notify(key, p.reply(event="unlocked", uid=uid))
+        seq = self._notify(key, p.reply(event="unlocked", uid=uid, secret=copy is not None), copy)
+        if copy is not None:
+            copy.wipe()
         self._config_stamps.pop(key, None)  # the config watch checks every new session once
         log.info("unlock: %s, volume %s at %s, slot %d", who, vol.volume_id, real, slot.id)
         await self._confirmed(key, seq)
@@ -659,6 +724,13 @@ class Agent:
             finally:
                 if copy is not None:
                     copy.wipe()
+            for s in self.store.of_uid(None):  # the users' own keys, for hybrid files
+                if s.volume.key == key and s.private is not None:
+                    copy = Secret(s.private.reveal())
+                    try:
+                        await conn.send(p.reply(event="user-key", uid=s.uid, secret=True), copy)
+                    finally:
+                        copy.wipe()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_out, conn, receive, nursery.cancel_scope)

@@ -41,6 +41,7 @@ class Session:
     slot_id: int
     unlocked_at: float  # wall clock (for display)
     last_active: float  # monotonic
+    private: Secret | None = None  # the user's X25519 key (v2 slots): hybrid files, rotation
 
 
 @dataclass
@@ -95,9 +96,9 @@ class Store:
         self._failures.pop((uid, vol_key), None)
 
     # -- sessions --------------------------------------------------------------------
-    def open(self, uid: int, vol: VolumeRef, slot_id: int, master: Secret, key_id: int
-             ) -> tuple[bool, list[Session]]:
-        """Start (or refresh) a session; takes ownership of ``master``.
+    def open(self, uid: int, vol: VolumeRef, slot_id: int, master: Secret, key_id: int,
+             private: Secret | None = None) -> tuple[bool, list[Session]]:
+        """Start (or refresh) a session; takes ownership of ``master`` and ``private``.
 
         Returns whether the volume's held key is new or changed (watchers must
         be sent it), and the other sessions that this ended: sessions opened
@@ -112,6 +113,7 @@ class Store:
             evicted = [s for (u, key), s in self.sessions.items() if key == vol.key and u != uid]
             for s in evicted:
                 del self.sessions[(s.uid, vol.key)]
+                _wipe(s)
             held.master.wipe()
             held = None
         if held is None:
@@ -119,12 +121,27 @@ class Store:
             self._held[vol.key] = held
         else:
             master.wipe()
-        self.sessions[(uid, vol.key)] = Session(uid, vol, slot_id, time.time(), self.clock())
+        old = self.sessions.get((uid, vol.key))
+        if old is not None:
+            _wipe(old)
+        self.sessions[(uid, vol.key)] = Session(uid, vol, slot_id, time.time(), self.clock(),
+                                                private)
         return changed, evicted
+
+    def rekey(self, vol_key: str, master: Secret, key_id: int) -> None:
+        """The volume's key was rotated: hold the new one (takes ownership)."""
+        held = self._held.get(vol_key)
+        if held is None:
+            master.wipe()
+            return
+        held.master.wipe()
+        self._held[vol_key] = _Held(master, key_id)
 
     def close(self, uid: int, vol_key: str) -> tuple[Session | None, bool]:
         """End a session; returns it and whether the volume's key was wiped."""
         s = self.sessions.pop((uid, vol_key), None)
+        if s is not None:
+            _wipe(s)
         held = self._held.get(vol_key)
         if s is None or held is None or any(key == vol_key for _, key in self.sessions):
             return s, False
@@ -170,8 +187,15 @@ class Store:
 
     def close_all(self) -> list[Session]:
         closed = list(self.sessions.values())
+        for s in closed:
+            _wipe(s)
         self.sessions.clear()
         for held in self._held.values():
             held.master.wipe()
         self._held.clear()
         return closed
+
+
+def _wipe(s: Session) -> None:
+    if s.private is not None:
+        s.private.wipe()

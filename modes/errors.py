@@ -15,3 +15,7 @@ class IntegrityError(Exception):
 
 class NotForMe(Exception):
     """A key-wrap stanza is addressed to another key (try the next stanza)."""
+
+
+class NotARecipient(NotForMe):
+    """A hybrid file whose key is wrapped to recipients the caller holds no key of."""

@@ -1,29 +1,46 @@
 """Key wrapping: a per-file data key in, header stanzas out, and back.
 
-A stanza is ``type (u8) || length (u16, big-endian) || body``.  This module
-knows the symmetric stanza; the hybrid public-key stanza plugs in beside it.
+A stanza is ``type (u8) || length (u16, big-endian) || body``.
+
+Padding stanza (type 0): any body, ignored.  A hybrid header keeps room for
+more recipients in one, so sharing a file never moves its content.
 
 Symmetric stanza (type 1), body of 64 bytes::
 
     key_id (u32) || nonce (12) || AES-256-GCM(wrap_key[key_id], nonce, file_key, ad) (48)
 
+X25519 recipient stanza (type 2), body of 88 bytes (hybrid mode)::
+
+    tag (8) || epk (32) || ChaCha20-Poly1305(k, zero nonce, file_key, ad) (48)
+
+    tag = SHA-256("cryptfs/v1/recipient" || recipient public key)[:8]
+    epk, k as in cryptfs.modes.x25519, label "cryptfs/v1/file-key"
+
 ``ad`` is supplied by the caller (the file header's fixed prefix), so a
-wrapped key cannot be moved to another file.  Nonce rule: random per wrap.
+wrapped key cannot be moved to another file.  Nonce rule: random per
+symmetric wrap; a fresh ephemeral key per X25519 wrap.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from cryptfs.modes.errors import IntegrityError, NotForMe
+from cryptfs.modes import x25519
+from cryptfs.modes.errors import IntegrityError, NotARecipient, NotForMe
 from cryptfs.modes.rand import random_bytes
 
 FILE_KEY_LEN = 32  # bytes
+STANZA_PADDING = 0
 STANZA_SYMMETRIC = 1
+STANZA_X25519 = 2
+TAG_LEN = 8  # bytes
+X25519_BODY_LEN = TAG_LEN + x25519.KEY_LEN + FILE_KEY_LEN + x25519.TAG_LEN  # 88
+FILE_KEY_LABEL = b"cryptfs/v1/file-key"
 _NONCE_LEN = 12  # bytes
 _SYM = struct.Struct(">I12s48s")
 
@@ -51,6 +68,84 @@ def decode_stanzas(data: bytes | memoryview, count: int) -> tuple[list[Stanza], 
         out.append(Stanza(typ, bytes(data[pos : pos + length])))
         pos += length
     return out, pos
+
+
+def recipient_tag(public: bytes) -> bytes:
+    """The 8-byte tag that names an X25519 recipient in a stanza."""
+    return hashlib.sha256(b"cryptfs/v1/recipient" + public).digest()[:TAG_LEN]
+
+
+def x25519_stanza(file_key: bytes, public: bytes, ad: bytes) -> Stanza:
+    return Stanza(STANZA_X25519,
+                  recipient_tag(public) + x25519.wrap(file_key, public, FILE_KEY_LABEL, ad))
+
+
+def padding(room: int) -> Stanza:
+    """A padding stanza that takes ``room`` bytes of header (3 of them its own)."""
+    return Stanza(STANZA_PADDING, bytes(room - 3))
+
+
+def is_hybrid(stanzas: list[Stanza] | tuple[Stanza, ...]) -> bool:
+    """A file whose key is wrapped to recipients only (no volume key opens it)."""
+    types = {st.type for st in stanzas}
+    return STANZA_X25519 in types and STANZA_SYMMETRIC not in types
+
+
+def recipient_tags(stanzas: list[Stanza] | tuple[Stanza, ...]) -> list[bytes]:
+    return [st.body[:TAG_LEN] for st in stanzas if st.type == STANZA_X25519]
+
+
+class RecipientWrapper:
+    """Wraps a new file key to a set of X25519 public keys (hybrid mode),
+    leaving ``spare`` recipients' worth of padding for later shares."""
+
+    def __init__(self, publics: list[bytes], spare: int = 0) -> None:
+        if not publics:
+            raise ValueError("a hybrid file needs at least one recipient")
+        self.publics = list(dict.fromkeys(publics))
+        self.spare = spare
+
+    def wrap(self, file_key: bytes, ad: bytes) -> list[Stanza]:
+        out = [x25519_stanza(file_key, pub, ad) for pub in self.publics]
+        if self.spare:
+            out.append(padding(self.spare * (3 + X25519_BODY_LEN)))
+        return out
+
+
+class Keyring:
+    """Unwraps a file key with whatever the holder has: the volume's wrap
+    keys by key id (current and retired) and X25519 private keys."""
+
+    def __init__(self, symmetric: dict[int, SymmetricWrapper],
+                 privates: list[bytes] | tuple[bytes, ...] = ()) -> None:
+        self.symmetric = symmetric
+        self.privates = {recipient_tag(x25519.public_key(p)): p for p in privates}
+
+    def wrap(self, file_key: bytes, ad: bytes) -> list[Stanza]:
+        raise TypeError("a keyring only unwraps")
+
+    def unwrap(self, stanzas: list[Stanza], ad: bytes) -> bytes:
+        for st in stanzas:
+            if st.type == STANZA_SYMMETRIC:
+                if len(st.body) != _SYM.size:
+                    raise IntegrityError()
+                w = self.symmetric.get(struct.unpack_from(">I", st.body)[0])
+                if w is not None:
+                    return w.unwrap([st], ad)
+            elif st.type == STANZA_X25519:
+                if len(st.body) != X25519_BODY_LEN:
+                    raise IntegrityError()
+                private = self.privates.get(st.body[:TAG_LEN])
+                if private is not None:
+                    try:
+                        return x25519.unwrap(st.body[TAG_LEN:], private, FILE_KEY_LABEL, ad)
+                    except NotForMe:
+                        raise IntegrityError() from None
+            elif st.type != STANZA_PADDING:
+                raise IntegrityError()
+        if is_hybrid(stanzas):
+            raise NotARecipient()
+        raise NotForMe()
 
 
 class SymmetricWrapper:

@@ -1225,8 +1225,14 @@ def test_sigterm_locks_everything_and_exits(start_agent: Callable[..., AgentProc
         assert code == 0
         events = []
         while (f := recv_frame(watcher)) is not None:
+            if f[0] == p.FRAME_SECRET:
+                continue  # the users' own keys, after their "user-key" events
             events.append(p.decode(*f))
         idle.close()
+        # First each unlocked user's X25519 key (for hybrid files), then the locks.
+        keys = [e for e in events if e["event"] == "user-key"]
+        assert sorted(e["uid"] for e in keys) == [uid("cfs-alice"), uid("cfs-bob")]
+        events = [e for e in events if e["event"] != "user-key"]
     finally:
         watcher.close()
     # The mount watching the volume was told: both users locked, then the key wiped.
