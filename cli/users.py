@@ -7,9 +7,11 @@ import os
 import click
 
 from cryptfs.cli.common import invoking_user, passphrase_option, read_passphrase, reports_errors
+from cryptfs.cli.rotate import run_rotation
 from cryptfs.cli.volume import kdf_options
 from cryptfs.config import Kdf, load_config
 from cryptfs.errors import UsageError, WrongPassphrase
+from cryptfs.recovery import read_key_file, unlock_with_recovery_key
 from cryptfs.users import ROLES, add_user, list_users, remove_user, set_passphrase, slot_for_name
 from cryptfs.volume import open_volume
 
@@ -55,23 +57,42 @@ def add(backing: str, name: str, role: str, passphrase_file: str | None,
 @user.command("remove")
 @click.argument("backing", type=click.Path(file_okay=False))
 @click.argument("name")
+@click.option("--revoke", is_flag=True,
+              help="Also rotate the wrapping key (as `cryptfs rotate --wrap-key`): a copy of "
+                   "the old config plus NAME's old passphrase then opens no file key.")
+@click.option("--recovery-key", "recovery_key", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --revoke offline: the recovery key, to remove NAME from hybrid files "
+                   "your user cannot open.")
 @passphrase_option(help_text=AUTH_HELP)
 @reports_errors
-def remove(backing: str, name: str, passphrase_file: str | None) -> None:
+def remove(backing: str, name: str, revoke: bool, recovery_key: str | None,
+           passphrase_file: str | None) -> None:
     """Remove NAME's key slot from BACKING.
 
-    The user's passphrase no longer opens this config.  Someone who copied
-    the config and the files before keeps what they copied: revoking that
-    needs a key rotation (a later release).
+    Without --revoke, NAME's passphrase no longer opens the current config,
+    but someone who kept a copy of the old config still opens the file keys
+    with it; --revoke closes that (docs/FORMAT.md, "Rotation").
     """
+    if recovery_key is not None and not revoke:
+        raise UsageError("--recovery-key goes with --revoke")
+    recovery, vid = None, b""
+    if recovery_key is not None:
+        vid, recovery = read_key_file(recovery_key)
     auth = read_passphrase(passphrase_file, "Passphrase of an existing user (to authorise)")
     with auth:
         vol = open_volume(backing, auth)
     try:
-        slot = remove_user(vol, name)
+        if recovery is not None:
+            unlock_with_recovery_key(vol.config, vid, recovery).close()
+        slot = remove_user(vol, name, save=not revoke)
+        if revoke:
+            # The slot goes with the new key generation, in one config write.
+            run_rotation(vol, "wrap-key", recovery)
     finally:
         vol.close()
-    click.echo(f"removed {name} (key slot {slot.id})")
+        if recovery is not None:
+            recovery.wipe()
+    click.echo(f"removed {name} (key slot {slot.id})" + (", access revoked" if revoke else ""))
 
 
 @user.command("list")

@@ -105,9 +105,11 @@ class ContentFile:
 
     # -- construction ------------------------------------------------------------
     @classmethod
-    def create(cls, fd: int, mode: ContentMode, wrapper: KeyWrapper) -> ContentFile:
-        """Initialise an empty backing file: header plus one empty final block."""
-        hdr = FileHeader.new(mode, wrapper)
+    def create(cls, fd: int, mode: ContentMode, wrapper: KeyWrapper,
+               header: FileHeader | None = None) -> ContentFile:
+        """Initialise an empty backing file: header (a new one, or ``header``)
+        plus one empty final block."""
+        hdr = header or FileHeader.new(mode, wrapper)
         cf = cls(fd, hdr, 0)
         pwrite_all(fd, [hdr.encode(), cf.cipher.seal(0, b"", True)], 0)
         cf._tail = (0, b"")

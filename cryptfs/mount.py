@@ -19,7 +19,8 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from cryptfs.errors import MountError
+from cryptfs import rotate
+from cryptfs.errors import CryptfsError, MountError
 from cryptfs.volume import LockedVolume, Volume
 
 # A task run beside the filesystem for as long as it is mounted; it gets the
@@ -141,6 +142,15 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
     from cryptfs.ops import CryptOperations
 
     _raise_fd_limit()
+    # Held while mounted: an offline `cryptfs rotate` (which takes it
+    # exclusively) never rewrites files under a live mount, and the reverse.
+    hold = rotate.hold_volume(vol.backing, exclusive=False)  # noqa: F841 - open until exit
+    try:
+        done = rotate.replay_journal(vol.backing)
+        if done:
+            log.warning("%s", done)
+    except CryptfsError as e:
+        log.error("%s", e)
     # The kernel has already applied the caller's umask to every mode it
     # sends; the daemon's own umask must not mask it a second time.
     os.umask(0)
@@ -172,6 +182,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
                         return
 
             nursery.start_soon(on_signal)
+            nursery.start_soon(ops.rotation_worker)
             for task in side_tasks:
                 nursery.start_soon(task, ops)
             # The handlers never await, so each request runs to completion

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -29,16 +30,29 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from cryptfs import sysio, tree
-from cryptfs.config import load_config
-from cryptfs.content import BlockError, ContentFile, plain_size
+from cryptfs import rotate, sysio, tree
+from cryptfs.config import load_config, save_config
+from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_header_bytes
 from cryptfs.errors import CryptfsError
-from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
+from cryptfs.header import LAYOUT_XATTR, PREFIX, PREFIX_LEN, layout_hint, parse_layout_hint, peek
 from cryptfs.keys import VolumeKeys
-from cryptfs.modes import IntegrityError
+from cryptfs.modes import IntegrityError, content_mode_by_name
 from cryptfs.modes.content import ContentMode
-from cryptfs.modes.wrap import SymmetricWrapper
+from cryptfs.modes.errors import NotARecipient
+from cryptfs.modes.wrap import (
+    STANZA_PADDING,
+    X25519_BODY_LEN,
+    Keyring,
+    RecipientWrapper,
+    SymmetricWrapper,
+    decode_stanzas,
+    padding,
+    recipient_tag,
+    recipient_tags,
+    x25519_stanza,
+)
 from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX, NameCodec
+from cryptfs.policy import Policy, load_policy
 from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
 from cryptfs.users import slot_for_uid
@@ -48,6 +62,10 @@ log = logging.getLogger("cryptfs")
 
 ROOT = pyfuse3.ROOT_INODE
 ROOT_ATTR_TIMEOUT = 60.0  # seconds
+HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
+SHARE_XATTR = b"user.cryptfs.share"  # set: add a recipient (value: user name)
+RECIPIENTS_XATTR = b"user.cryptfs.recipients"  # get: the recipients' names
+ROTATE_XATTR = b"user.cryptfs.rotate"  # on the root: set "go" to walk; get: progress (JSON)
 GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
@@ -154,6 +172,15 @@ class CryptOperations(pyfuse3.Operations):
         self.keys: VolumeKeys | None = None
         self.codec: NameCodec = _NO_KEYS
         self.wrapper: SymmetricWrapper = _NO_KEYS
+        self.policy = Policy()
+        # X25519 private keys that open hybrid files: per unlocked uid (gated,
+        # from the agent), or the mount's own user's for every request.
+        self._privates: dict[int, Secret] = {}
+        self._own_private: Secret | None = getattr(vol, "private", None)
+        self._plain_paths: dict[str, bytes | None] = {}  # backing dir path -> plaintext path
+        self._config_stamp = self._stat_config()
+        self._rotation: rotate.Progress | None = None
+        self._rotation_wanted = trio.Event()
         if vol.keys is not None:
             self._install(vol.keys)
         self._unlocked: set[int] = set()  # gated: uids with a session in the agent
@@ -172,6 +199,7 @@ class CryptOperations(pyfuse3.Operations):
         self.timeout = timeout
         self.is_root = os.geteuid() == 0
         self._euid, self._egid = os.geteuid(), os.getegid()
+        self._tree_root = os.path.realpath(vol.tree)
         root_fd = os.open(vol.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(root_fd)
         self._root_st_ino = st.st_ino
@@ -308,8 +336,119 @@ class CryptOperations(pyfuse3.Operations):
             return None
         return uid, gid
 
-    def _mode_for(self, parent: Inode) -> ContentMode:
-        return self.vol.default_mode
+    # -- policy and hybrid files ----------------------------------------------------------------
+    def _plain_dir(self, parent: Inode) -> str:
+        """The plaintext path of a directory (for its policy rule); "/" if unknown."""
+        if parent.ino == ROOT:
+            return "/"
+        real = os.readlink(proc_path(parent.fd))
+        p = self._plain_paths.get(real)
+        if p is None:
+            if len(self._plain_paths) > 4096:
+                self._plain_paths.clear()
+            p = tree.plain_path(self._tree_root, parent.fd, self.codec)
+            if p is None:
+                return "/"
+            self._plain_paths[real] = p  # a backing path always names the same plaintext one
+        return p.decode("utf-8", "surrogateescape")
+
+    def _public_of(self, uid: int) -> bytes | None:
+        """The creator's X25519 public key: the requesting user's (gated) or the mount's."""
+        if self.gated:
+            slot = slot_for_uid(self.config, uid)
+        else:
+            slot = getattr(self.vol, "slot", None)
+        return slot.public if slot is not None else None
+
+    def _new_file_keys(self, parent: Inode, uid: int) -> tuple[ContentMode, Any]:
+        """Content mode and key wrapper of a file created in ``parent`` by ``uid``,
+        as the directory's policy rule says (default: the volume's mode, symmetric)."""
+        if not self.policy.rules:
+            return self.vol.default_mode, self.wrapper
+        self._refresh_config()
+        rule = self.policy.rule_for(self._plain_dir(parent))
+        if rule is None:
+            return self.vol.default_mode, self.wrapper
+        mode = content_mode_by_name(rule.mode)
+        if not rule.hybrid:
+            return mode, self.wrapper
+        publics = self.config.publics()
+        recipients = [publics[n] for n in rule.recipients if n in publics]
+        creator = self._public_of(uid)
+        if not rule.dropbox and creator is not None:
+            recipients.insert(0, creator)
+        if self.config.recovery is not None:
+            recipients.append(self.config.recovery.public)
+        if not recipients:
+            log.error("policy of %s: a hybrid file there would have no recipient: create "
+                      "refused", rule.path)
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return mode, RecipientWrapper(recipients, spare=HYBRID_SPARE)
+
+    def _keyring(self, uid: int | None) -> Keyring:
+        assert self.keys is not None
+        priv = self._own_private if not self.gated else self._privates.get(uid or -1)
+        return self.keys.keyring([priv.reveal()] if priv is not None and len(priv) else [])
+
+    def _check_recipient(self, content: ContentFile, uid: int) -> None:
+        """A hybrid file's key already in memory is still only for its recipients."""
+        hdr = content.header
+        if not hdr.hybrid:
+            return
+        try:
+            key = self._keyring(uid).unwrap(list(hdr.stanzas), hdr.wrap_ad(hdr.mode, hdr.file_id))
+        except NotARecipient:
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        if key != hdr.file_key:
+            raise IntegrityError("hybrid file key mismatch")
+
+    def _stat_config(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(os.path.join(self.vol.backing, "cryptfs.conf"))
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _refresh_config(self) -> None:
+        """Use the config again if it changed (a policy set, a user added, a key
+        rotated): authenticated with the held key, or (after a rotation) with
+        the key this mount's user's slot now holds."""
+        stamp = self._stat_config()
+        if stamp == self._config_stamp or self.keys is None:
+            return
+        self._config_stamp = stamp
+        try:
+            fresh = load_config(self.vol.backing)
+            if fresh.volume_id != self.config.volume_id:
+                raise CryptfsError("the volume id changed")
+            if fresh.key_id == self.keys.key_id:
+                keys = fresh.open_keys(self.keys.master)
+            else:
+                keys = self._follow_rotation(fresh)
+        except CryptfsError as e:
+            log.warning("the volume's config changed but cannot be used: %s", e)
+            return
+        self.config = fresh
+        self._swap_keys(keys)
+
+    def _follow_rotation(self, fresh: Any) -> VolumeKeys:
+        """The new master of a rotated config, opened with a user key this
+        mount holds: its own user's, or (gated) an unlocked user's."""
+        held: list[tuple[Any, Secret]] = []
+        slot = getattr(self.vol, "slot", None)
+        if slot is not None and self._own_private is not None:
+            held.append((next((s for s in fresh.slots if s.id == slot.id), None), self._own_private))
+        for uid, priv in self._privates.items():
+            held.append((slot_for_uid(fresh, uid), priv))
+        for now, priv in held:
+            opened = fresh.slot_master(now, priv) if now is not None else None
+            if opened is not None:
+                with opened.master:
+                    keys = fresh.open_keys(opened.master)
+                log.info("the volume's key was rotated to generation %d: following", keys.key_id)
+                return keys
+        raise CryptfsError("its key was rotated and no key slot this mount holds a key of "
+                           "has the new one")
 
     # -- access gate (agent mode) --------------------------------------------------------------
     def _allow(self, uid: int) -> None:
@@ -322,6 +461,15 @@ class CryptOperations(pyfuse3.Operations):
         self.keys = keys
         self.codec = NameCodec(keys)
         self.wrapper = keys.wrapper
+        self.policy = load_policy(self.config, keys)
+
+    def _swap_keys(self, keys: VolumeKeys) -> None:
+        """New keys of the same volume (rotated, or the config re-read): open
+        files keep their file keys, which did not change."""
+        old = self.keys
+        self._install(keys)
+        if old is not None and old is not keys:
+            old.close()
 
     def _drop_keys(self) -> None:
         """Forget the keys and everything decrypted with them."""
@@ -330,6 +478,8 @@ class CryptOperations(pyfuse3.Operations):
         self.keys = None
         self.codec = _NO_KEYS
         self.wrapper = _NO_KEYS
+        self.policy = Policy()
+        self._plain_paths.clear()
         for inode in self._inodes.values():
             inode.content = None  # reloaded (header checked again) at the next use
             if inode.kind == stat.S_IFLNK:
@@ -346,13 +496,16 @@ class CryptOperations(pyfuse3.Operations):
             return False
         try:
             fresh = load_config(self.vol.backing)
-            fresh.verify(self.keys)
+            keys = fresh.open_keys(self.keys.master)
         except CryptfsError as e:
             log.warning("cannot re-read this volume's config: %s", e)
             return False
         if fresh.volume_id != self.config.volume_id:
+            keys.close()
             return False
         self.config = fresh
+        self._config_stamp = self._stat_config()
+        self._swap_keys(keys)
         return slot_for_uid(fresh, uid) is not None
 
     def agent_state(self, uids: list[int], master: Secret | None) -> None:
@@ -365,34 +518,60 @@ class CryptOperations(pyfuse3.Operations):
             self._unlocked = {uid for uid in uids if self._has_slot(uid)}
 
     def agent_keys(self, master: Secret) -> None:
-        keys = VolumeKeys(Secret(master.reveal()), self.config.key_id)
         try:
-            self.config.verify(keys)
+            try:
+                keys = self.config.open_keys(master)
+                fresh = self.config
+            except CryptfsError:
+                # Rotated since this mount read the config?  Only the same volume's.
+                fresh = load_config(self.vol.backing)
+                if fresh.volume_id != self.config.volume_id:
+                    raise
+                keys = fresh.open_keys(master)
         except CryptfsError:
-            keys.close()
             self._drop_keys()
             self._unlocked.clear()
             log.error("the key agent's key does not authenticate this volume's config: "
                       "refused; access stays denied")
             return
-        self._drop_keys()
-        self._install(keys)
-        log.info("volume keys received from the key agent")
+        self.config = fresh
+        self._config_stamp = self._stat_config()
+        if self.keys is not None and fresh.volume_id == self.config.volume_id:
+            self._swap_keys(keys)  # (a rotation: open files keep working)
+        else:
+            self._drop_keys()
+            self._install(keys)
+        log.info("volume keys (generation %d) received from the key agent", keys.key_id)
 
     def agent_wipe(self) -> None:
         self._drop_keys()
+        self._forget_privates()
         log.info("nobody is unlocked any more: volume keys wiped")
 
-    def agent_unlocked(self, uid: int) -> None:
+    def _forget_privates(self, uid: int | None = None) -> None:
+        for u in [uid] if uid is not None else list(self._privates):
+            priv = self._privates.pop(u, None)
+            if priv is not None:
+                priv.wipe()
+
+    def agent_user_key(self, uid: int, private: Secret) -> None:
+        """A user's X25519 key (for the hybrid files wrapped to them)."""
+        self._forget_privates(uid)
+        self._privates[uid] = Secret(private.reveal())
+
+    def agent_unlocked(self, uid: int, private: Secret | None = None) -> None:
         if not self._has_slot(uid):
             log.error("the key agent reports uid %d unlocked, but this volume has no key slot "
                       "for it: refused", uid)
             return
+        if private is not None:
+            self.agent_user_key(uid, private)
         self._unlocked.add(uid)
         log.info("uid %d unlocked: access granted", uid)
 
     async def agent_locked(self, uid: int) -> None:
         self._unlocked.discard(uid)
+        self._forget_privates(uid)
         self._quarantine_logged = {q for q in self._quarantine_logged if q[1] != uid}
         log.info("uid %d locked: access revoked", uid)
         # Pages of its open files that a program mapped with mmap (the only
@@ -411,6 +590,7 @@ class CryptOperations(pyfuse3.Operations):
     async def agent_lost(self, why: str) -> None:
         self._unlocked.clear()
         self._drop_keys()
+        self._forget_privates()
         await self._drop_pages({h.inode.ino for h in self._files.values()})
 
     def take_activity(self) -> set[int]:
@@ -509,14 +689,23 @@ class CryptOperations(pyfuse3.Operations):
         if inode.content is not None:
             inode.content.fd = fd
 
-    def _content(self, inode: Inode, want_write: bool) -> ContentFile:
-        """The inode's content engine, its header checked when first needed."""
+    def _content(self, inode: Inode, want_write: bool, uid: int | None = None) -> ContentFile:
+        """The inode's content engine, its header checked when first needed.
+
+        ``uid`` (on open and truncate, not on each read or write of an open
+        handle) must be able to open the file key: of a hybrid file, only its
+        recipients can (EACCES for others, whoever loaded it before)."""
         if want_write and inode.access != os.O_RDWR:
             self._reopen(inode, os.O_RDWR)
         elif inode.access == os.O_PATH:
             self._reopen(inode, os.O_RDONLY)
+        if inode.content is not None and uid is not None:
+            self._check_recipient(inode.content, uid)
         if inode.content is None:
-            content = ContentFile.load(inode.fd, self.wrapper)
+            try:
+                content = ContentFile.load(inode.fd, self._keyring(uid))
+            except NotARecipient:
+                raise pyfuse3.FUSEError(errno.EACCES) from None
             if inode.meta is not None and inode.meta != (content.overhead, content.h_len):
                 log.warning("inode %d: layout hint disagrees with the header; header used",
                             inode.ino)
@@ -599,7 +788,9 @@ class CryptOperations(pyfuse3.Operations):
             if inode.kind != stat.S_IFREG:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             try:
-                self._content(inode, want_write=True).truncate(attr.st_size)
+                # (an open handle's own truncate needs no new check: drop boxes)
+                uid = None if fh is not None and fh in self._files else ctx.uid
+                self._content(inode, want_write=True, uid=uid).truncate(attr.st_size)
             finally:
                 self._unload_content(inode)
         if fields.update_mode and inode.kind != stat.S_IFLNK:
@@ -676,7 +867,7 @@ class CryptOperations(pyfuse3.Operations):
                 owner = self._owner(ctx, parent)
                 if owner is not None:
                     os.fchown(fd, *owner)
-                content = ContentFile.create(fd, self._mode_for(parent), self.wrapper)
+                content = ContentFile.create(fd, *self._new_file_keys(parent, ctx.uid))
                 self._set_layout_hint(fd, content)
             except BaseException:
                 os.close(fd)
@@ -758,7 +949,7 @@ class CryptOperations(pyfuse3.Operations):
         inode = self._inode(inode_no)
         want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         try:
-            content = self._content(inode, want_write)
+            content = self._content(inode, want_write, ctx.uid)
             if flags & os.O_TRUNC:
                 content.truncate(0)
         except BaseException:
@@ -892,6 +1083,191 @@ class CryptOperations(pyfuse3.Operations):
         s.f_namemax = NAME_MAX
         return s
 
+    # -- rotation inside the mount ---------------------------------------------------------------
+    def _rotation_request(self, uid: int, value: bytes) -> None:
+        """`cryptfs rotate` wrote a new key generation into the config and asks
+        this mount to walk its files (it holds them open: nobody else may)."""
+        if value != b"go":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        self._config_stamp = None
+        self._refresh_config()
+        if self.keys is None or self.keys.key_id != self.config.key_id:
+            log.error("rotation requested, but this mount cannot open the new key generation")
+            raise pyfuse3.FUSEError(errno.EAGAIN)
+        if self._rotation is not None and self._rotation.state == "running":
+            return
+        kind = self.config.rotation["kind"] if self.config.rotation else None
+        self._rotation = rotate.Progress(kind or "slots")
+        if kind is None:
+            self._rotation.state = "finished"
+            return
+        log.info("rotation (%s) to key generation %d: walking the files (asked by uid %d)",
+                 kind, self.keys.key_id, uid)
+        self._rotation_wanted.set()
+
+    def _may_rotate(self, uid: int) -> bool:
+        """Root, the mount's owner, or an unlocked user may ask for the walk:
+        it only carries out what the authenticated config already says (a
+        passphrase was needed to write that), and reveals no plaintext."""
+        return uid in (0, self._euid) or not self.gated or uid in self._unlocked
+
+    def _rotation_progress(self) -> bytes:
+        if self._rotation is None:
+            return b'{"state": "idle"}'
+        return json.dumps(self._rotation.to_json()).encode()
+
+    async def rotation_worker(self) -> None:
+        """Runs the walks that :meth:`_rotation_request` asks for, one file per
+        step between requests (each step runs to completion on this thread,
+        so no request sees a file half rotated)."""
+        while True:
+            await self._rotation_wanted.wait()
+            self._rotation_wanted = trio.Event()
+            prog = self._rotation
+            assert prog is not None
+            try:
+                rels = [rel for _, _, rel in rotate.regular_files(self._tree_root)]
+                prog.total = len(rels)
+                for rel in rels:
+                    await trio.sleep(0)
+                    if self.keys is None:
+                        raise CryptfsError("the volume was locked during the rotation")
+                    self._rotate_path(rel, prog)
+                    prog.done += 1
+                # Files renamed during the walk may have been missed: one pass that
+                # cannot be interrupted checks every header, then the old keys go.
+                self._rotation_final(prog)
+            except Exception as e:  # noqa: BLE001 - reported through the progress xattr
+                prog.state = "failed"
+                prog.message = str(e) if isinstance(e, CryptfsError) else f"{type(e).__name__}: {e}"
+                log.error("rotation failed: %s (run cryptfs rotate again to resume)", prog.message)
+
+    def _rotate_path(self, rel: str, prog: rotate.Progress) -> None:
+        assert self.keys is not None
+        try:
+            fd = os.open(rel, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._inodes[ROOT].fd)
+        except FileNotFoundError:
+            return
+        try:
+            st = os.fstat(fd)
+            inode = self._inodes.get(self._fuse_ino(st.st_ino))
+            content = inode.content if inode is not None else None
+            keyring = self.keys.keyring([p.reveal() for p in self._all_privates()])
+            new, nbytes = rotate.rotate_one(fd, content, keyring, self.keys, self.config,
+                                            prog.kind, self.vol.backing, f"tree/{rel}")
+            if new is not None:
+                prog.changed += 1
+                prog.bytes += nbytes
+                if inode is not None:
+                    if content is not None:
+                        new.fd = inode.fd
+                        inode.content = new
+                    inode.meta = (new.overhead, new.h_len)
+                self._set_layout_hint(fd, new)
+        except NotARecipient:
+            prog.skipped.append(f"tree/{rel}")
+        except IntegrityError:
+            prog.damaged.append(f"tree/{rel}")
+        finally:
+            os.close(fd)
+
+    def _rotation_final(self, prog: rotate.Progress) -> None:
+        assert self.keys is not None
+        for _, _, rel in rotate.regular_files(self._tree_root):
+            try:
+                fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._inodes[ROOT].fd)
+            except FileNotFoundError:
+                continue
+            try:
+                raw = read_header_bytes(fd)
+                stanzas, _ = decode_stanzas(memoryview(raw)[PREFIX_LEN:], PREFIX.unpack_from(raw)[-1])
+            except (IntegrityError, OSError, ValueError):
+                continue  # damaged: counted by the walk if it was there
+            finally:
+                os.close(fd)
+            if rotate.is_stale(stanzas, self.keys, self.config) and f"tree/{rel}" not in prog.skipped:
+                self._rotate_path(rel, prog)
+        if prog.skipped or prog.damaged:
+            rotate.conclude_incomplete(prog)
+            log.warning("rotation incomplete: %s", prog.message)
+            return
+        os.sync()
+        self.config.rotation = None
+        keys = self.config.drop_retired(self.keys)
+        self.config.seal(keys)
+        save_config(self.vol.backing, self.config)
+        self._config_stamp = self._stat_config()
+        self._swap_keys(keys)
+        prog.state = "finished"
+        log.info("rotation (%s) finished: %d of %d files rewritten, %d bytes; the old key "
+                 "generations are forgotten", prog.kind, prog.changed, prog.total, prog.bytes)
+
+    def _all_privates(self) -> list[Secret]:
+        out = list(self._privates.values())
+        if self._own_private is not None and len(self._own_private):
+            out.append(self._own_private)
+        return out
+
+    # -- sharing hybrid files -----------------------------------------------------------------------
+    def _recipients(self, inode: Inode) -> bytes:
+        """Names of a hybrid file's recipients, one per line ("recovery" for the
+        recovery key, "?" + tag for a key no user of the volume has any more);
+        empty for a symmetric file.  Read from the header without a key."""
+        fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = read_header_bytes(fd)
+        finally:
+            os.close(fd)
+        if len(raw) < PREFIX_LEN:
+            raise IntegrityError("bad header")
+        count = PREFIX.unpack_from(raw)[-1]
+        stanzas, _ = decode_stanzas(memoryview(raw)[PREFIX_LEN:], count)
+        names = {recipient_tag(pub): n for n, pub in self.config.publics().items()}
+        if self.config.recovery is not None:
+            names[recipient_tag(self.config.recovery.public)] = "recovery"
+        return b"".join((names.get(t) or "?" + t.hex()).encode() + b"\n"
+                        for t in recipient_tags(stanzas))
+
+    def _share(self, inode: Inode, uid: int, value: bytes) -> None:
+        """Wrap a hybrid file's key to one more user; only a recipient can (the
+        file key is needed).  It takes a padding stanza's room, so the header
+        keeps its length and no content moves."""
+        try:
+            name = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        self._refresh_config()
+        public = self.config.publics().get(name)
+        if public is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # no such user with a key pair
+        try:
+            content = self._content(inode, want_write=True, uid=uid)
+            hdr = content.header
+            if not hdr.hybrid:
+                raise pyfuse3.FUSEError(errno.EINVAL)  # symmetric: every user can already
+            if recipient_tag(public) in recipient_tags(hdr.stanzas):
+                return
+            stanzas = list(hdr.stanzas)
+            need = 3 + X25519_BODY_LEN
+            room = next((i for i, st in enumerate(stanzas)
+                         if st.type == STANZA_PADDING and 3 + len(st.body) >= need), None)
+            if room is None:
+                raise pyfuse3.FUSEError(errno.ENOSPC)  # no room left in the header
+            left = 3 + len(stanzas[room].body) - need
+            new = [x25519_stanza(hdr.file_key, public, hdr.wrap_ad(hdr.mode, hdr.file_id))]
+            if left:
+                new.append(padding(left))
+            stanzas[room:room + 1] = new
+            fresh = hdr.with_stanzas(stanzas)
+            assert fresh.length == hdr.length
+            pwrite_all(inode.fd, [fresh.encode()], 0)
+            os.fsync(inode.fd)
+            content.header = fresh
+            log.info("inode %d: shared with %s by uid %d", inode.ino, name, uid)
+        finally:
+            self._unload_content(inode)
+
     # -- extended attributes ------------------------------------------------------------------------
     def _xattr_target(self, inode: Inode, name: bytes) -> tuple[str, str]:
         if not name.startswith(XATTR_PREFIX):
@@ -903,19 +1279,29 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def setxattr(self, inode_no: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        if inode_no == ROOT and name == ROTATE_XATTR and self._may_rotate(ctx.uid):
+            self._rotation_request(ctx.uid, value)
+            return
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR) and name.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(errno.EPERM)  # as Linux: no user.* xattrs on special files
+        if name == SHARE_XATTR and inode.kind == stat.S_IFREG:
+            self._share(inode, ctx.uid, value)
+            return
         path, c_name = self._xattr_target(inode, name)
         os.setxattr(path, c_name, self.codec.seal_xattr(c_name, value))
 
     @_edge("inode")
     async def getxattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode_no == ROOT and name == ROTATE_XATTR and self._may_rotate(ctx.uid):
+            return self._rotation_progress()
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if not name.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name == RECIPIENTS_XATTR and inode.kind == stat.S_IFREG:
+            return self._recipients(inode)
         path, c_name = self._xattr_target(inode, name)
         try:
             sealed = os.getxattr(path, c_name)

@@ -114,6 +114,32 @@ def decrypt_entry(dir_fd: int, backing: str, diriv: bytes, codec: NameCodec) -> 
     return codec.decrypt(c_name, diriv)
 
 
+def plain_path(root: str, dir_fd: int, codec: NameCodec) -> bytes | None:
+    """The plaintext path (``/a/b``) of the directory open as ``dir_fd`` in the
+    tree whose real path is ``root``; None if it is no longer in the tree
+    (removed) or a name does not decrypt."""
+    real = os.readlink(proc_path(dir_fd))
+    rel = os.path.relpath(real, root)
+    if rel == ".":
+        return b"/"
+    if rel.startswith("..") or real.endswith(" (deleted)"):
+        return None
+    out = []
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in rel.split("/"):
+            out.append(decrypt_entry(fd, part, read_diriv(fd), codec))
+            sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                          dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except (OSError, IntegrityError):
+        return None
+    finally:
+        os.close(fd)
+    return b"/" + b"/".join(out)
+
+
 def list_entries(list_fd: int) -> list[str]:
     """Backing names of user entries (skips .diriv, side files, temporaries)."""
     return [n for n in os.listdir(list_fd) if is_cryptfs_entry(n)]

@@ -1,0 +1,196 @@
+"""cryptfs rotate: new key generations, offline or through the live mount."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from cryptfs import rotate as rot
+from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.errors import CryptfsError, DamageFound, MountError
+from cryptfs.mount import mounts
+from cryptfs.ops import ROTATE_XATTR
+from cryptfs.recovery import read_key_file, unlock_with_recovery_key
+from cryptfs.secret import Secret
+from cryptfs.volume import UnlockedVolume, open_volume
+
+WAIT_FOR_MOUNT = 30.0  # seconds for a mount to take up a new key generation
+
+
+class RotationIncomplete(CryptfsError):
+    exit_code = 1
+
+
+def mount_of_backing(backing: str) -> str | None:
+    """The mountpoint where ``backing`` is mounted by cryptfs, if it is."""
+    want = "cryptfs:" + os.path.abspath(backing)
+    for mp, fstype, source in mounts():
+        if source == want and fstype.startswith("fuse"):
+            return mp
+    return None
+
+
+class Meter:
+    """Progress with an ETA on a terminal (standard error); nothing in a pipe."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, p: rot.Progress | dict[str, Any]) -> None:
+        if not self.tty:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        d = p.to_json() if isinstance(p, rot.Progress) else p
+        done, total, elapsed = int(d["done"]), int(d["total"]), float(d["elapsed"])
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(total - done) / rate:.0f} s" if rate > 0 and total else "?"
+        pct = 100 * done / total if total else 100
+        sys.stderr.write(f"\r{self.kind}: {done}/{total} files ({pct:.0f}%), "
+                         f"{int(d['bytes']) / 2**20:.1f} MiB, ETA {eta}   ")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None) -> None:
+    """Start (or resume) a rotation of ``kind`` on an opened volume and carry it
+    out: through the mount if the volume is mounted, else here."""
+    mnt = mount_of_backing(vol.backing)
+    hold = None
+    if mnt is None:
+        hold = rot.hold_volume(vol.backing, exclusive=True)
+        done = rot.replay_journal(vol.backing)
+        if done:
+            click.echo(done)
+    try:
+        made = rot.begin(vol, kind)
+        running = vol.config.rotation["kind"] if vol.config.rotation else kind
+        click.echo(("new" if made else "resuming: the unfinished rotation to") +
+                   f" key generation {vol.config.key_id} ({running})")
+        started = time.monotonic()
+        meter = Meter(running)
+        prog: dict[str, Any]
+        if mnt is not None:
+            prog = _through_mount(mnt, meter)
+        elif running == "slots":
+            prog = {"state": "finished", "total": 0, "done": 0, "changed": 0, "bytes": 0,
+                    "message": ""}
+        else:
+            privates = [vol.private_key.reveal()] if vol.private_key is not None else []
+            if recovery is not None:
+                privates.append(recovery.reveal())
+            p = rot.walk(vol, running, vol.keys.keyring(privates), on_progress=meter)
+            prog = p.to_json()
+        meter.close()
+    finally:
+        if hold is not None:
+            os.close(hold)
+    elapsed = time.monotonic() - started
+    if running != "slots" or mnt is not None:
+        nbytes = int(prog.get("bytes", 0))
+        files = int(prog.get("done", 0))
+        click.echo(f"{running}: {files} files looked at, {prog.get('changed', 0)} rewritten, "
+                   f"{nbytes / 2**20:.1f} MiB in {elapsed:.1f} s "
+                   f"({files / elapsed if elapsed else 0:.0f} files/s, "
+                   f"{nbytes / 2**20 / elapsed if elapsed else 0:.1f} MiB/s)"
+                   + (f" through the mount on {mnt}" if mnt else ""))
+    state = prog.get("state")
+    if state == "finished":
+        if running != "slots":
+            click.echo("done: the old key generations are forgotten")
+        else:
+            click.echo("done: new files use the new generation; existing files keep theirs "
+                       "(--wrap-key re-wraps them)")
+        return
+    examples = prog.get("examples") or []
+    for e in examples:
+        click.echo(f"  not done: {e}", err=True)
+    if int(prog.get("damaged", 0)):
+        raise DamageFound(f"rotation incomplete: {prog.get('message')}",
+                          hint="fsck the volume; run cryptfs rotate again to finish")
+    raise RotationIncomplete(f"rotation {state}: {prog.get('message')}",
+                             hint="give --recovery-key (it opens every hybrid file), then run "
+                                  "cryptfs rotate again to finish")
+
+
+def _through_mount(mnt: str, meter: Meter) -> dict[str, Any]:
+    """Ask the mount on ``mnt`` to walk its files; follow its progress."""
+    deadline = time.monotonic() + WAIT_FOR_MOUNT
+    while True:
+        try:
+            os.setxattr(mnt, ROTATE_XATTR, b"go")
+            break
+        except OSError as e:
+            # EAGAIN: the mount has not got the new key yet (an agent mount gets
+            # it from the agent, which re-reads the config every 2 s).
+            if e.errno == 11 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            raise MountError(f"the mount on {mnt} refused the rotation: {e.strerror}",
+                             hint="is a user with a key slot unlocked there?") from None
+    while True:
+        try:
+            prog = json.loads(os.getxattr(mnt, ROTATE_XATTR))
+        except OSError as e:
+            raise MountError(f"lost the mount on {mnt} during the rotation: {e.strerror}",
+                             hint="run cryptfs rotate again to finish") from None
+        if prog.get("state") != "running":
+            return prog
+        meter(prog)
+        time.sleep(0.1)
+
+
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False))
+@click.option("--slots", "kind", flag_value="slots",
+              help="New master key for every key slot and the recovery key (O(users)); "
+                   "existing files keep the old generation.")
+@click.option("--wrap-key", "kind", flag_value="wrap-key",
+              help="New master key, and every file header re-wrapped under it; no content "
+                   "is rewritten.  Afterwards an old master opens no file key.")
+@click.option("--reencrypt", "kind", flag_value="reencrypt",
+              help="New master key and a new key for every file: every block is rewritten.")
+@click.option("--recovery-key", "recovery_key", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The recovery key file: lets an offline rotation open hybrid files that "
+                   "your user is not a recipient of.")
+@passphrase_option()
+@reports_errors
+def rotate(backing: str, kind: str | None, recovery_key: str | None,
+           passphrase_file: str | None) -> None:
+    """Rotate the keys of the volume in BACKING.
+
+    Works offline and while mounted: a mounted volume is walked by its mount
+    (users keep working; each file is rotated between their requests).  A
+    run that is interrupted (even by SIGKILL) loses nothing; running the same
+    command again finishes it.  Shows progress with an ETA on a terminal.
+    """
+    if kind is None:
+        raise click.UsageError("choose one of --slots, --wrap-key, --reencrypt")
+    recovery, vid = None, b""
+    if recovery_key is not None:
+        vid, recovery = read_key_file(recovery_key)
+    pw = read_passphrase(passphrase_file, "Passphrase")
+    with pw:
+        vol = open_volume(backing, pw)
+    try:
+        if recovery is not None:
+            unlock_with_recovery_key(vol.config, vid, recovery).close()
+        run_rotation(vol, kind, recovery)
+    finally:
+        vol.close()
+        if recovery is not None:
+            recovery.wipe()

@@ -1,0 +1,155 @@
+"""Per-directory policy: which mode new files of a directory are written in.
+
+A rule names a directory of the volume by its plaintext path and says how
+files created in it (and in directories below it, unless a deeper rule
+says otherwise) are encrypted::
+
+    {"path": "/recordings", "mode": "xchacha20-poly1305", "hybrid": true,
+     "recipients": ["sup1"], "dropbox": true}
+
+- ``mode``: the content cipher.
+- ``hybrid``: the file key is wrapped to X25519 recipients only (no volume
+  key opens it): the file's creator (unless ``dropbox``), the users named in
+  ``recipients``, and the volume's recovery key.  Otherwise it is wrapped
+  under the volume's wrap key (symmetric mode), which every unlocked user has.
+- ``dropbox``: writers get public keys only: a creator who is not a named
+  recipient writes the file but cannot open it again once closed.
+
+Existing files keep the mode they were written in.  The rules are stored in
+the volume config, sealed with AES-256-GCM under a key derived from the base
+key (they name directories, which are secret), and covered by the config MAC.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+
+from cryptfs.config import VolumeConfig
+from cryptfs.errors import NotAVolume, UsageError
+from cryptfs.keys import VolumeKeys
+from cryptfs.modes import content_mode_by_name
+from cryptfs.modes.rand import random_bytes
+
+_NONCE_LEN = 12
+_AD = b"cryptfs/v2/policy"
+HYBRID_PREFIX = "hybrid-"
+MAX_RULES = 1000
+
+
+@dataclass(frozen=True)
+class Rule:
+    path: str
+    mode: str
+    hybrid: bool = False
+    recipients: tuple[str, ...] = ()
+    dropbox: bool = False
+
+    @property
+    def mode_name(self) -> str:
+        """The MODE as `cryptfs policy set --mode` takes it."""
+        return HYBRID_PREFIX + self.mode if self.hybrid else self.mode
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recipients"] = list(self.recipients)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any) -> Rule:
+        if not isinstance(d, dict):
+            raise ValueError("rule")
+        path, mode = d.get("path"), d.get("mode")
+        recipients = d.get("recipients", [])
+        if not isinstance(path, str) or normalise(path) != path or not isinstance(mode, str):
+            raise ValueError("rule path or mode")
+        content_mode_by_name(mode)
+        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+            raise ValueError("rule recipients")
+        hybrid, dropbox = d.get("hybrid", False), d.get("dropbox", False)
+        if not isinstance(hybrid, bool) or not isinstance(dropbox, bool) or (dropbox and not hybrid):
+            raise ValueError("rule flags")
+        return cls(path, mode, hybrid, tuple(recipients), dropbox)
+
+
+def normalise(path: str) -> str:
+    """``/a/b`` form of a volume path ("a/b/", "/a//b/." -> "/a/b")."""
+    p = posixpath.normpath("/" + path.strip())
+    return "/" + p.lstrip("/")
+
+
+def parse_mode(mode: str, default: str) -> tuple[str, bool]:
+    """(content mode, hybrid) from a MODE: a content mode, ``hybrid`` (with the
+    volume's default content mode) or ``hybrid-<content mode>``."""
+    if mode == "hybrid":
+        return default, True
+    hybrid = mode.startswith(HYBRID_PREFIX)
+    name = mode[len(HYBRID_PREFIX):] if hybrid else mode
+    try:
+        content_mode_by_name(name)
+    except (KeyError, ValueError):
+        raise UsageError(f"unknown mode {mode!r}", hint="one of: " + ", ".join(mode_choices())) \
+            from None
+    return name, hybrid
+
+
+def mode_choices() -> list[str]:
+    from cryptfs.modes import CONTENT_MODES
+    names = [m.name for m in CONTENT_MODES.values()]
+    return names + ["hybrid"] + [HYBRID_PREFIX + n for n in names]
+
+
+@dataclass
+class Policy:
+    rules: dict[str, Rule] = field(default_factory=dict)
+
+    def rule_for(self, directory: str) -> Rule | None:
+        """The rule of the deepest ruled directory at or above ``directory``."""
+        p = directory
+        while True:
+            rule = self.rules.get(p)
+            if rule is not None:
+                return rule
+            if p == "/":
+                return None
+            p = posixpath.dirname(p)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"version": 1, "rules": [r.to_json() for _, r in sorted(self.rules.items())]},
+                          sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Policy:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or d.get("version") != 1 or not isinstance(d.get("rules"), list):
+            raise ValueError("policy")
+        rules = [Rule.from_json(r) for r in d["rules"]]
+        return cls({r.path: r for r in rules})
+
+
+def load_policy(cfg: VolumeConfig, keys: VolumeKeys) -> Policy:
+    """The volume's policy (empty if it has none); the config must be authenticated."""
+    if cfg.policy is None:
+        return Policy()
+    sealed = cfg.policy
+    try:
+        raw = keys.policy.decrypt(sealed[:_NONCE_LEN], sealed[_NONCE_LEN:], _AD + cfg.volume_id)
+        return Policy.from_bytes(raw)
+    except (InvalidTag, ValueError, KeyError, UnicodeDecodeError, RecursionError):
+        raise NotAVolume("the volume's directory policy does not decrypt or parse: the config "
+                         "was damaged") from None
+
+
+def store_policy(cfg: VolumeConfig, keys: VolumeKeys, policy: Policy) -> None:
+    """Seal ``policy`` into ``cfg`` (the caller seals and saves the config)."""
+    if not policy.rules:
+        cfg.policy = None
+        return
+    if len(policy.rules) > MAX_RULES:
+        raise UsageError(f"a volume holds at most {MAX_RULES} policy rules")
+    nonce = random_bytes(_NONCE_LEN)
+    cfg.policy = nonce + keys.policy.encrypt(nonce, policy.to_bytes(), _AD + cfg.volume_id)

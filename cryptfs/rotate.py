@@ -1,0 +1,416 @@
+"""Key rotation in three strengths, offline or inside a live mount, resumable.
+
+``slots``      A new master key (the next key generation) for every user slot
+               and the recovery key; the old master is kept, sealed under the
+               new one ("retired"), because file headers still name it.  New
+               files get the new generation.  O(users).
+``wrap-key``   The same, then every symmetric file header is re-wrapped under
+               the new generation (same file key, no content rewritten), every
+               hybrid header loses the stanzas of recipients who are no longer
+               users, and the retired masters are forgotten: an old master (an
+               old config plus an old passphrase) then opens no file key.
+``reencrypt``  The same, but every file gets a new file key and every block is
+               rewritten: old file keys decrypt nothing any more.
+
+A rotation that walks files is recorded in the config (``rotation``) when it
+starts, and the retired masters stay until a walk finds nothing left to do,
+so a run killed at any moment is finished by running the command again.  Each
+header is rewritten with one pwrite of the same length (the header of a file
+is never half old, half new after a kill).  A re-encrypted file is first
+written completely into ``BACKING/cryptfs.rotate.journal`` (fsync, then an
+atomic rename), then copied over the file in place (so its inode, links and
+open descriptors stay), then the journal is removed; a journal found at the
+next start (mount or rotate) is copied again.  docs/FORMAT.md has the layout.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptfs.config import VolumeConfig
+from cryptfs.content import ContentFile
+from cryptfs.errors import BackingIOError, MountError, NotAVolume, UsageError
+from cryptfs.header import FileHeader
+from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
+from cryptfs.modes import IntegrityError
+from cryptfs.modes.errors import NotARecipient
+from cryptfs.modes.rand import random_bytes
+from cryptfs.modes.wrap import (
+    STANZA_PADDING,
+    STANZA_SYMMETRIC,
+    STANZA_X25519,
+    TAG_LEN,
+    X25519_BODY_LEN,
+    Keyring,
+    RecipientWrapper,
+    Stanza,
+    padding,
+    recipient_tag,
+)
+from cryptfs.names import is_cryptfs_entry
+from cryptfs.secret import Secret
+from cryptfs.volume import UnlockedVolume
+
+KINDS = ("slots", "wrap-key", "reencrypt")
+STRENGTH = {"slots": 0, "wrap-key": 1, "reencrypt": 2}
+JOURNAL = "cryptfs.rotate.journal"
+_JOURNAL_TMP = JOURNAL + ".tmp"
+_MAGIC = b"CRYPTFSJ"
+_TRAILER = struct.Struct(">Q8s")  # meta length (u64), magic
+CHUNK = 1 << 20  # bytes re-encrypted at a time
+
+
+# -- starting -----------------------------------------------------------------------------
+def hold_volume(backing: str, exclusive: bool) -> int:
+    """A descriptor of the backing directory with a lock on it: shared for a
+    mount, exclusive for an offline rotation (so neither runs under the other).
+    Closing the descriptor (or exiting) releases it."""
+    try:
+        fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BackingIOError(f"{backing}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        if exclusive:
+            raise UsageError(f"{backing} is in use: mounted, or another rotation runs on it",
+                             hint="rotate a mounted volume with the mount running (cryptfs "
+                                  "rotate asks the mount to do it)") from None
+        raise MountError(f"an offline rotation is running on {backing}: mount it when it "
+                         "has finished") from None
+    return fd
+
+
+def refuse_v1_slots(cfg: VolumeConfig) -> None:
+    old = [f"{s.id} ({s.extra.get('user') or s.label})" for s in cfg.slots if not s.v2]
+    if old:
+        raise UsageError(
+            f"key slot(s) {', '.join(old)} wrap the master key under a passphrase directly "
+            "(volumes made before cryptfs 0.4): a new master key cannot reach them",
+            hint="have each of those users run `cryptfs passwd` (which upgrades the slot), "
+                 "or remove them, then rotate")
+
+
+def begin(vol: UnlockedVolume, kind: str) -> bool:
+    """Start a rotation of ``kind``: a new key generation in the config.
+
+    If a rotation at least as strong is unfinished, nothing changes (the
+    walk resumes it).  Returns whether a new generation was made.
+    """
+    if kind not in KINDS:
+        raise UsageError(f"unknown rotation {kind!r}")
+    cfg = vol.config
+    running = cfg.rotation["kind"] if cfg.rotation else None
+    if running is not None and STRENGTH[running] >= STRENGTH[kind]:
+        return False
+    refuse_v1_slots(cfg)
+    with Secret(random_bytes(MASTER_KEY_LEN)) as master:
+        new = cfg.set_generation(vol.keys, master, retire=True)
+    if kind != "slots":
+        cfg.rotation = {"kind": kind, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    old, vol.keys = vol.keys, new
+    vol.save_config()
+    old.close()
+    return True
+
+
+def finish(vol: UnlockedVolume) -> None:
+    """The walk found nothing left: forget the retired masters."""
+    cfg = vol.config
+    cfg.rotation = None
+    old, vol.keys = vol.keys, cfg.drop_retired(vol.keys)
+    vol.save_config()
+    old.close()
+
+
+# -- one file ----------------------------------------------------------------------------------
+def allowed_tags(cfg: VolumeConfig) -> dict[bytes, bytes]:
+    """Recipient tag -> public key of everyone a hybrid file may still name."""
+    pubs = list(cfg.publics().values())
+    if cfg.recovery is not None:
+        pubs.append(cfg.recovery.public)
+    return {recipient_tag(p): p for p in pubs}
+
+
+def is_stale(stanzas: tuple[Stanza, ...] | list[Stanza], keys: VolumeKeys, cfg: VolumeConfig) -> bool:
+    """Whether a header still needs the rotation: a symmetric stanza of an
+    older generation, or a hybrid stanza of someone no longer a user."""
+    allowed = allowed_tags(cfg)
+    for st in stanzas:
+        if st.type == STANZA_SYMMETRIC and struct.unpack_from(">I", st.body)[0] != keys.key_id:
+            return True
+        if st.type == STANZA_X25519 and st.body[:TAG_LEN] not in allowed:
+            return True
+    return False
+
+
+def rewrapped(hdr: FileHeader, keys: VolumeKeys, cfg: VolumeConfig) -> FileHeader:
+    """The same file key under the current generation, removed users' hybrid
+    stanzas replaced by padding of the same size (the header keeps its length)."""
+    allowed = allowed_tags(cfg)
+    ad = hdr.wrap_ad(hdr.mode, hdr.file_id)
+    out: list[Stanza] = []
+    for st in hdr.stanzas:
+        if st.type == STANZA_SYMMETRIC:
+            out.extend(keys.wrapper.wrap(hdr.file_key, ad))
+        elif st.type == STANZA_X25519 and st.body[:TAG_LEN] not in allowed:
+            out.append(padding(3 + len(st.body)))
+        else:
+            out.append(st)
+    fresh = hdr.with_stanzas(out)
+    assert fresh.length == hdr.length
+    return fresh
+
+
+def fresh_header(hdr: FileHeader, keys: VolumeKeys, cfg: VolumeConfig) -> FileHeader:
+    """A new file key for the file (re-encryption), wrapped as the old one was:
+    symmetric under the current generation, or to the same recipients who are
+    still users (with the same room for later shares)."""
+    if not hdr.hybrid:
+        return FileHeader.new(hdr.mode, keys.wrapper)
+    allowed = allowed_tags(cfg)
+    publics = [allowed[st.body[:TAG_LEN]] for st in hdr.stanzas
+               if st.type == STANZA_X25519 and st.body[:TAG_LEN] in allowed]
+    room = sum(3 + len(st.body) for st in hdr.stanzas
+               if st.type == STANZA_PADDING
+               or (st.type == STANZA_X25519 and st.body[:TAG_LEN] not in allowed))
+    if not publics:
+        raise NotARecipient()  # nobody left to read it: leave it to the recovery key
+    return FileHeader.new(hdr.mode, RecipientWrapper(publics, spare=room // (3 + X25519_BODY_LEN)))
+
+
+def write_header(fd: int, hdr: FileHeader) -> None:
+    data = hdr.encode()
+    if os.pwrite(fd, data, 0) != len(data):
+        raise OSError(errno.EIO, "short header write")
+
+
+def reencrypt(fd: int, content: ContentFile, keys: VolumeKeys, cfg: VolumeConfig,
+              backing: str, target: str) -> ContentFile:
+    """Re-encrypt the file open as ``fd`` (``target``: its path relative to the
+    backing directory) under a new file key, through the journal."""
+    hdr = fresh_header(content.header, keys, cfg)
+    st = os.fstat(fd)
+    dfd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        jfd = os.open(_JOURNAL_TMP, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=dfd)
+        try:
+            new = ContentFile.create(jfd, hdr.mode, keys.wrapper, header=hdr)
+            for off in range(0, content.size, CHUNK):
+                new.write(off, content.read(off, CHUNK))
+            length = os.fstat(jfd).st_size
+            meta = json.dumps({"path": target, "dev": st.st_dev, "ino": st.st_ino,
+                               "length": length}).encode()
+            tail = meta + _TRAILER.pack(len(meta), _MAGIC)
+            if os.pwrite(jfd, tail, length) != len(tail):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(jfd)
+            os.rename(_JOURNAL_TMP, JOURNAL, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.fsync(dfd)
+            _apply(jfd, fd, length)
+            os.unlink(JOURNAL, dir_fd=dfd)
+            os.fsync(dfd)
+        except BaseException:
+            with _quiet():
+                os.unlink(_JOURNAL_TMP, dir_fd=dfd)
+            raise
+        finally:
+            os.close(jfd)
+    finally:
+        os.close(dfd)
+    return ContentFile(fd, hdr, content.size)
+
+
+def _apply(jfd: int, fd: int, length: int) -> None:
+    """Copy the journal's file image over the target, in place."""
+    off = 0
+    while off < length:
+        try:
+            n = os.copy_file_range(jfd, fd, min(CHUNK * 8, length - off), off, off)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            n = 0
+        if n <= 0:
+            data = os.pread(jfd, min(CHUNK, length - off), off)
+            if not data:
+                raise OSError(errno.EIO, "journal shorter than it says")
+            n = os.pwrite(fd, data, off)
+        off += n
+    os.ftruncate(fd, length)
+    os.fsync(fd)
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, typ: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, OSError)
+
+
+def replay_journal(backing: str) -> str | None:
+    """Finish a re-encryption that a kill interrupted; returns what it did.
+
+    A journal that is there was written completely (it is renamed into place
+    only after fsync): its file image is copied over its target again.  A
+    leftover temporary journal is an interrupted one: the target was not
+    touched, so it is removed."""
+    dfd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with _quiet():
+            os.unlink(_JOURNAL_TMP, dir_fd=dfd)
+        try:
+            jfd = os.open(JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(jfd).st_size
+            trailer = os.pread(jfd, _TRAILER.size, size - _TRAILER.size) if size >= _TRAILER.size else b""
+            if len(trailer) != _TRAILER.size or _TRAILER.unpack(trailer)[1] != _MAGIC:
+                raise NotAVolume(f"{backing}/{JOURNAL} is damaged", hint="fsck the volume")
+            mlen = _TRAILER.unpack(trailer)[0]
+            meta = json.loads(os.pread(jfd, mlen, size - _TRAILER.size - mlen))
+            length, target = int(meta["length"]), str(meta["path"])
+            if length + mlen + _TRAILER.size != size or target.startswith("/") or ".." in target.split("/"):
+                raise NotAVolume(f"{backing}/{JOURNAL} is damaged")
+            fd = os.open(target, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (meta["dev"], meta["ino"]):
+                    raise NotAVolume(f"the re-encryption journal's file {target} was replaced",
+                                     hint=f"the journal is kept: {backing}/{JOURNAL}")
+                _apply(jfd, fd, length)
+            finally:
+                os.close(fd)
+        except (ValueError, KeyError, TypeError):
+            raise NotAVolume(f"{backing}/{JOURNAL} is damaged") from None
+        except OSError as e:
+            raise BackingIOError(f"cannot finish the interrupted re-encryption: {e.strerror}") \
+                from None
+        finally:
+            os.close(jfd)
+        os.unlink(JOURNAL, dir_fd=dfd)
+        os.fsync(dfd)
+        return f"finished the interrupted re-encryption of one file ({target})"
+    finally:
+        os.close(dfd)
+
+
+# -- walking -----------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    kind: str
+    total: int = 0  # files
+    done: int = 0  # files looked at
+    changed: int = 0  # files rewritten
+    bytes: int = 0  # plaintext bytes re-encrypted (or header bytes re-wrapped)
+    skipped: list[str] = field(default_factory=list)  # backing paths this key cannot open
+    damaged: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    state: str = "running"  # running | finished | incomplete | failed
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "total": self.total, "done": self.done,
+                "changed": self.changed, "bytes": self.bytes, "skipped": len(self.skipped),
+                "damaged": len(self.damaged), "elapsed": time.monotonic() - self.started,
+                "state": self.state, "message": self.message,
+                "examples": (self.skipped + self.damaged)[:5]}
+
+
+def regular_files(tree: str) -> Iterator[tuple[int, str, str]]:
+    """(directory fd, backing name, path relative to the tree) of every file entry."""
+    for top, _dirs, files, dfd in os.fwalk(tree):
+        rel = os.path.relpath(top, tree)
+        for n in files:
+            if not is_cryptfs_entry(n):
+                continue
+            try:
+                st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield dfd, n, n if rel == "." else f"{rel}/{n}"
+
+
+def rotate_one(fd: int, content: ContentFile | None, keyring: Keyring, keys: VolumeKeys,
+               cfg: VolumeConfig, kind: str, backing: str, target: str
+               ) -> tuple[ContentFile | None, int]:
+    """Bring one file (open as ``fd``) up to the current generation.
+
+    ``content`` is the file's engine if the caller has it loaded (a mount
+    with the file open), else it is loaded with ``keyring``.  Returns the
+    engine to use from now on (None if nothing changed) and the plaintext
+    bytes processed.  Raises NotARecipient for a hybrid file this keyring
+    cannot open, IntegrityError for a damaged one.
+    """
+    if content is None:
+        content = ContentFile.load(fd, keyring)
+    hdr = content.header
+    # (A hybrid file names no generation: a resumed re-encryption does it again.)
+    if not (is_stale(hdr.stanzas, keys, cfg) or (kind == "reencrypt" and hdr.hybrid)):
+        return None, 0
+    if kind == "reencrypt":
+        return reencrypt(fd, content, keys, cfg, backing, target), content.size
+    fresh = rewrapped(hdr, keys, cfg)
+    write_header(fd, fresh)
+    content.header = fresh
+    return content, hdr.length
+
+
+def walk(vol: UnlockedVolume, kind: str, keyring: Keyring,
+         on_progress: Callable[[Progress], None] | None = None) -> Progress:
+    """The offline walk: every file of the tree, then finish if nothing is left."""
+    prog = Progress(kind)
+    tree = os.path.join(vol.backing, "tree")
+    prog.total = sum(1 for _ in regular_files(tree))
+    for dfd, n, rel in regular_files(tree):
+        try:
+            fd = os.open(n, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            continue
+        try:
+            new, nbytes = rotate_one(fd, None, keyring, vol.keys, vol.config, kind, vol.backing,
+                                     f"tree/{rel}")
+            prog.changed += new is not None
+            prog.bytes += nbytes
+        except NotARecipient:
+            prog.skipped.append(f"tree/{rel}")
+        except IntegrityError:
+            prog.damaged.append(f"tree/{rel}")
+        finally:
+            os.close(fd)
+        prog.done += 1
+        if on_progress:
+            on_progress(prog)
+    conclude(vol, prog)
+    return prog
+
+
+def conclude_incomplete(prog: Progress) -> None:
+    prog.state = "incomplete"
+    prog.message = (f"{len(prog.skipped)} hybrid file(s) no key at hand is a recipient of, "
+                    f"{len(prog.damaged)} damaged file(s): the old key generation is kept "
+                    "until they are done")
+
+
+def conclude(vol: UnlockedVolume, prog: Progress) -> None:
+    if prog.skipped or prog.damaged:
+        conclude_incomplete(prog)
+        return
+    if vol.config.rotation is not None or vol.config.retired:
+        os.sync()  # every rewritten header on disk before the old keys are forgotten
+        finish(vol)
+    prog.state = "finished"
