@@ -101,14 +101,21 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None) -> Non
             os.close(hold)
     elapsed = time.monotonic() - started
     if running != "slots" or mnt is not None:
-        nbytes = int(prog.get("bytes", 0))
         files = int(prog.get("done", 0))
-        click.echo(f"{running}: {files} files looked at, {prog.get('changed', 0)} rewritten, "
-                   f"{nbytes / 2**20:.1f} MiB in {elapsed:.1f} s "
-                   f"({files / elapsed if elapsed else 0:.0f} files/s, "
-                   f"{nbytes / 2**20 / elapsed if elapsed else 0:.1f} MiB/s)"
-                   + (f" through the mount on {mnt}" if mnt else ""))
+        rate = f"{files / elapsed:.0f} files/s" if elapsed > 0 else "-"
+        where = f" through the mount on {mnt}" if mnt else ""
+        if running == "reencrypt":
+            mib = int(prog.get("bytes", 0)) / 2**20
+            click.echo(f"{running}: {files} file(s) looked at, {prog.get('changed', 0)} "
+                       f"re-encrypted, {mib:.1f} MiB in {elapsed:.1f} s ({rate}, "
+                       f"{mib / elapsed if elapsed > 0 else 0:.1f} MiB/s){where}")
+        else:
+            click.echo(f"{running}: {files} file(s) looked at, {prog.get('changed', 0)} "
+                       f"header(s) re-wrapped in {elapsed:.1f} s ({rate}){where}")
     state = prog.get("state")
+    if state == "failed":
+        raise MountError(f"the rotation failed in the mount: {prog.get('message')}",
+                         hint="run cryptfs rotate again to resume")
     if state == "finished":
         if running != "slots":
             click.echo("done: the old key generations are forgotten")
@@ -116,15 +123,15 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None) -> Non
             click.echo("done: new files use the new generation; existing files keep theirs "
                        "(--wrap-key re-wraps them)")
         return
-    examples = prog.get("examples") or []
-    for e in examples:
+    click.echo("the old key generations are forgotten, but not everything was done:", err=True)
+    for e in prog.get("examples") or []:
         click.echo(f"  not done: {e}", err=True)
     if int(prog.get("damaged", 0)):
         raise DamageFound(f"rotation incomplete: {prog.get('message')}",
                           hint="fsck the volume; run cryptfs rotate again to finish")
     raise RotationIncomplete(f"rotation {state}: {prog.get('message')}",
-                             hint="give --recovery-key (it opens every hybrid file), then run "
-                                  "cryptfs rotate again to finish")
+                             hint="to include those hybrid files, rotate offline with "
+                                  "--recovery-key")
 
 
 def _through_mount(mnt: str, meter: Meter) -> dict[str, Any]:

@@ -22,9 +22,10 @@ import errno
 import os
 from collections.abc import Sequence
 
-from cryptfs.header import FLAG_SPARSE, MAX_HEADER_LEN, FileHeader, KeyWrapper, peek
+from cryptfs.header import FLAG_SPARSE, MAX_HEADER_LEN, PREFIX, PREFIX_LEN, FileHeader, KeyWrapper, peek
 from cryptfs.modes import BLOCK_SIZE, IntegrityError
 from cryptfs.modes.content import ContentMode
+from cryptfs.modes.wrap import Stanza, decode_stanzas
 
 BS = BLOCK_SIZE
 _RUN_MAX = 512  # blocks per pwritev: two pieces each, IOV_MAX is 1024
@@ -83,6 +84,18 @@ def read_header_bytes(fd: int) -> bytes:
     if h_len > len(buf):
         buf = os.pread(fd, MAX_HEADER_LEN, 0)
     return buf
+
+
+def read_stanzas(fd: int) -> list[Stanza]:
+    """The header's stanzas as they are on disk, parsed but not authenticated
+    (enough to see which keys a file is wrapped to; IntegrityError if malformed)."""
+    raw = read_header_bytes(fd)
+    if len(raw) < PREFIX_LEN:
+        raise IntegrityError("bad header")
+    _, h_len = peek(raw)
+    count = PREFIX.unpack_from(raw)[-1]
+    stanzas, _ = decode_stanzas(memoryview(raw)[PREFIX_LEN:h_len], count)
+    return stanzas
 
 
 class ContentFile:

@@ -32,9 +32,9 @@ import trio
 
 from cryptfs import rotate, sysio, tree
 from cryptfs.config import load_config, save_config
-from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_header_bytes
+from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
 from cryptfs.errors import CryptfsError
-from cryptfs.header import LAYOUT_XATTR, PREFIX, PREFIX_LEN, layout_hint, parse_layout_hint, peek
+from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
 from cryptfs.keys import VolumeKeys
 from cryptfs.modes import IntegrityError, content_mode_by_name
 from cryptfs.modes.content import ContentMode
@@ -45,7 +45,6 @@ from cryptfs.modes.wrap import (
     Keyring,
     RecipientWrapper,
     SymmetricWrapper,
-    decode_stanzas,
     padding,
     recipient_tag,
     recipient_tags,
@@ -1166,8 +1165,10 @@ class CryptOperations(pyfuse3.Operations):
                 self._set_layout_hint(fd, new)
         except NotARecipient:
             prog.skipped.append(f"tree/{rel}")
-        except IntegrityError:
+        except IntegrityError as e:
             prog.damaged.append(f"tree/{rel}")
+            self.report_integrity(inode.ino if inode is not None else None, e)
+            rotate.keep_readable(fd, content, keyring, self.keys, self.config)
         finally:
             os.close(fd)
 
@@ -1180,18 +1181,14 @@ class CryptOperations(pyfuse3.Operations):
             except FileNotFoundError:
                 continue
             try:
-                raw = read_header_bytes(fd)
-                stanzas, _ = decode_stanzas(memoryview(raw)[PREFIX_LEN:], PREFIX.unpack_from(raw)[-1])
+                stanzas = read_stanzas(fd)
             except (IntegrityError, OSError, ValueError):
                 continue  # damaged: counted by the walk if it was there
             finally:
                 os.close(fd)
-            if rotate.is_stale(stanzas, self.keys, self.config) and f"tree/{rel}" not in prog.skipped:
+            if rotate.is_stale(stanzas, self.keys, self.config) and f"tree/{rel}" not in prog.skipped \
+                    and f"tree/{rel}" not in prog.damaged:
                 self._rotate_path(rel, prog)
-        if prog.skipped or prog.damaged:
-            rotate.conclude_incomplete(prog)
-            log.warning("rotation incomplete: %s", prog.message)
-            return
         os.sync()
         self.config.rotation = None
         keys = self.config.drop_retired(self.keys)
@@ -1199,9 +1196,11 @@ class CryptOperations(pyfuse3.Operations):
         save_config(self.vol.backing, self.config)
         self._config_stamp = self._stat_config()
         self._swap_keys(keys)
-        prog.state = "finished"
-        log.info("rotation (%s) finished: %d of %d files rewritten, %d bytes; the old key "
+        rotate.outcome(prog)
+        log.info("rotation (%s) done: %d of %d files rewritten, %d bytes; the old key "
                  "generations are forgotten", prog.kind, prog.changed, prog.total, prog.bytes)
+        if prog.message:
+            log.warning("rotation (%s): %s", prog.kind, prog.message)
 
     def _all_privates(self) -> list[Secret]:
         out = list(self._privates.values())
@@ -1216,13 +1215,9 @@ class CryptOperations(pyfuse3.Operations):
         empty for a symmetric file.  Read from the header without a key."""
         fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            raw = read_header_bytes(fd)
+            stanzas = read_stanzas(fd)
         finally:
             os.close(fd)
-        if len(raw) < PREFIX_LEN:
-            raise IntegrityError("bad header")
-        count = PREFIX.unpack_from(raw)[-1]
-        stanzas, _ = decode_stanzas(memoryview(raw)[PREFIX_LEN:], count)
         names = {recipient_tag(pub): n for n, pub in self.config.publics().items()}
         if self.config.recovery is not None:
             names[recipient_tag(self.config.recovery.public)] = "recovery"

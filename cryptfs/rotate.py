@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptfs.config import VolumeConfig
-from cryptfs.content import ContentFile
+from cryptfs.content import ContentFile, read_stanzas
 from cryptfs.errors import BackingIOError, MountError, NotAVolume, UsageError
 from cryptfs.header import FileHeader
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
@@ -53,6 +53,7 @@ from cryptfs.modes.wrap import (
     Keyring,
     RecipientWrapper,
     Stanza,
+    is_hybrid,
     padding,
     recipient_tag,
 )
@@ -356,18 +357,38 @@ def rotate_one(fd: int, content: ContentFile | None, keyring: Keyring, keys: Vol
     bytes processed.  Raises NotARecipient for a hybrid file this keyring
     cannot open, IntegrityError for a damaged one.
     """
+    # Decided from the stanzas alone, so a file that needs nothing is not opened
+    # (a hybrid file may not open with any key at hand).  A hybrid file names
+    # no generation: a resumed re-encryption does it again.
+    stanzas = content.header.stanzas if content is not None else read_stanzas(fd)
+    if not (is_stale(stanzas, keys, cfg) or (kind == "reencrypt" and is_hybrid(stanzas))):
+        return None, 0
     if content is None:
         content = ContentFile.load(fd, keyring)
     hdr = content.header
-    # (A hybrid file names no generation: a resumed re-encryption does it again.)
-    if not (is_stale(hdr.stanzas, keys, cfg) or (kind == "reencrypt" and hdr.hybrid)):
-        return None, 0
     if kind == "reencrypt":
         return reencrypt(fd, content, keys, cfg, backing, target), content.size
     fresh = rewrapped(hdr, keys, cfg)
     write_header(fd, fresh)
     content.header = fresh
     return content, hdr.length
+
+
+def keep_readable(fd: int, content: ContentFile | None, keyring: Keyring, keys: VolumeKeys,
+                  cfg: VolumeConfig) -> None:
+    """A file that failed re-encryption (a damaged block): if its header still
+    opens, re-wrap it (and update ``content``, the caller's engine, if any),
+    so it stays readable, but for that block, once the old generation is
+    forgotten."""
+    try:
+        if content is None:
+            content = ContentFile.load(fd, keyring)
+        if is_stale(content.header.stanzas, keys, cfg):
+            fresh = rewrapped(content.header, keys, cfg)
+            write_header(fd, fresh)
+            content.header = fresh
+    except (IntegrityError, NotARecipient, OSError):
+        pass
 
 
 def walk(vol: UnlockedVolume, kind: str, keyring: Keyring,
@@ -390,6 +411,7 @@ def walk(vol: UnlockedVolume, kind: str, keyring: Keyring,
             prog.skipped.append(f"tree/{rel}")
         except IntegrityError:
             prog.damaged.append(f"tree/{rel}")
+            keep_readable(fd, None, keyring, vol.keys, vol.config)
         finally:
             os.close(fd)
         prog.done += 1
@@ -399,18 +421,29 @@ def walk(vol: UnlockedVolume, kind: str, keyring: Keyring,
     return prog
 
 
-def conclude_incomplete(prog: Progress) -> None:
+def outcome(prog: Progress) -> None:
+    """The walk is over; say how it went.
+
+    The retired masters are forgotten either way: no symmetric header needs
+    them any more (every readable one was re-wrapped; a header that fails
+    authentication opens with no key).  What a walk cannot do is reported:
+    hybrid files that no key at hand opens keep their old file key and their
+    removed recipients, and damaged files keep their damage."""
+    if not (prog.skipped or prog.damaged):
+        prog.state = "finished"
+        return
     prog.state = "incomplete"
-    prog.message = (f"{len(prog.skipped)} hybrid file(s) no key at hand is a recipient of, "
-                    f"{len(prog.damaged)} damaged file(s): the old key generation is kept "
-                    "until they are done")
+    parts = []
+    if prog.skipped:
+        parts.append(f"{len(prog.skipped)} hybrid file(s) that no key at hand opens were left as "
+                     "they were (the recovery key opens them)")
+    if prog.damaged:
+        parts.append(f"{len(prog.damaged)} damaged file(s) keep their damage (blocks that still "
+                     "authenticate stay readable)")
+    prog.message = "; ".join(parts)
 
 
 def conclude(vol: UnlockedVolume, prog: Progress) -> None:
-    if prog.skipped or prog.damaged:
-        conclude_incomplete(prog)
-        return
-    if vol.config.rotation is not None or vol.config.retired:
-        os.sync()  # every rewritten header on disk before the old keys are forgotten
-        finish(vol)
-    prog.state = "finished"
+    os.sync()  # every rewritten header on disk before the old keys are forgotten
+    finish(vol)
+    outcome(prog)

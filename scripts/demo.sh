@@ -99,4 +99,23 @@ run cryptfs unmount "$work/shared-mnt"
 kill "$agent_pid"; wait "$agent_pid" 2>/dev/null
 run tail -n 3 "$work/agent.log"
 
+step "8. Hybrid files: a drop box only the recovery key can read; a key rotation"
+run cryptfs init "$work/calls" --passphrase-file "$work/passphrase" --recovery-key "$work/RECOVERY.key" || exit 1
+run cryptfs policy set "$work/calls" /recordings --mode hybrid --dropbox --passphrase-file "$work/passphrase" || exit 1
+run cryptfs mount "$work/calls" "$mnt" --passphrase-file "$work/passphrase" --log-file "$work/calls.log" || exit 1
+mkdir "$mnt/recordings"
+echo "call 0001: the customer confirmed the new address" > "$mnt/recordings/call-0001.txt"
+echo "The writer closed the file; it is wrapped to the recovery key only:"
+run cryptfs share "$mnt/recordings/call-0001.txt" --list
+run cat "$mnt/recordings/call-0001.txt" || echo "(refused: the writer holds no key that opens it)"
+echo "Rotate while mounted: a new master key, every header re-wrapped; users keep working."
+run cryptfs rotate "$work/calls" --wrap-key --passphrase-file "$work/passphrase" || exit 1
+run cryptfs unmount "$mnt"
+echo "Offline, with the recovery key: new file keys, every block rewritten (the drop box too)."
+run cryptfs rotate "$work/calls" --reencrypt --recovery-key "$work/RECOVERY.key" \
+    --passphrase-file "$work/passphrase" || exit 1
+echo "With the recovery key alone (no passphrase, no mount):"
+run cryptfs recover "$work/calls" --recovery-key "$work/RECOVERY.key" --out "$work/recovered" || exit 1
+run cat "$work/recovered/recordings/call-0001.txt"
+
 step "Done: the throw-away volume in $work is removed now."
