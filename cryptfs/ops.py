@@ -362,9 +362,9 @@ class CryptOperations(pyfuse3.Operations):
     def _new_file_keys(self, parent: Inode, uid: int) -> tuple[ContentMode, Any]:
         """Content mode and key wrapper of a file created in ``parent`` by ``uid``,
         as the directory's policy rule says (default: the volume's mode, symmetric)."""
+        self._refresh_config()  # (a stat: a policy set since the mount started applies)
         if not self.policy.rules:
             return self.vol.default_mode, self.wrapper
-        self._refresh_config()
         rule = self.policy.rule_for(self._plain_dir(parent))
         if rule is None:
             return self.vol.default_mode, self.wrapper
