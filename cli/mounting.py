@@ -13,6 +13,7 @@ from cryptfs.keyagent.client import socket_path
 from cryptfs.keyagent.link import watch_agent
 from cryptfs.mount import check_mountpoint, mount_volume
 from cryptfs.mount import unmount as do_unmount
+from cryptfs.policy import load_policy
 from cryptfs.volume import open_volume, read_volume
 
 
@@ -71,6 +72,11 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
     pw = read_passphrase(passphrase_file, "Passphrase")
     with pw:
         vol = open_volume(backing, pw)
+    try:
+        load_policy(vol.config, vol.keys)  # a policy that does not open: refuse here, clearly
+    except BaseException:
+        vol.close()
+        raise
     mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file,
                  pid_file=pid_file)
 

@@ -71,9 +71,10 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
         rules.rules[rule.path] = rule
         store_policy(vol.config, vol.keys, rules)
         vol.save_config()
+        recovery = vol.config.recovery is not None
     finally:
         vol.close()
-    click.echo(f"{rule.path}: {_describe(rule)}")
+    click.echo(f"{rule.path}: {_describe(rule, recovery)}")
 
 
 @policy.command("unset")
@@ -114,7 +115,7 @@ def show(backing: str, passphrase_file: str | None) -> None:
         click.echo(f"{path}: {_describe(rule, recovery)}")
 
 
-def _describe(rule: Rule, recovery: bool = True) -> str:
+def _describe(rule: Rule, recovery: bool) -> str:
     if not rule.hybrid:
         return f"{rule.mode} (symmetric: every unlocked user)"
     who = ([] if rule.dropbox else ["the creator"]) + list(rule.recipients) \
@@ -132,9 +133,10 @@ def _describe(rule: Rule, recovery: bool = True) -> str:
 def share(path: str, with_: tuple[str, ...], list_: bool) -> None:
     """Let USER read PATH, a hybrid file on a mounted volume.
 
-    Wraps the file's key to USER's public key.  Only a recipient can: the
-    mount opens the file key with your key first (EACCES otherwise).  A
-    hybrid file has room for 4 more recipients than it was created with.
+    Wraps the file's key to USER's public key.  Only a recipient who may
+    write the file can: sharing rewrites its header, and the mount opens the
+    file key with your own key first.  A hybrid file has room for 4 more
+    recipients than it was created with.
     """
     if not with_ and not list_:
         raise UsageError("name a user: --with USER (or --list)")
@@ -142,6 +144,9 @@ def share(path: str, with_: tuple[str, ...], list_: bool) -> None:
         raise UsageError(f"{path} is not on a mounted cryptfs volume")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
+    if with_ and not os.access(path, os.W_OK):
+        raise UsageError(f"cannot share {path}: you may not write it (sharing rewrites the "
+                         "file's header, so it needs write permission)")
     for name in with_:
         try:
             os.setxattr(path, SHARE_XATTR, name.encode("utf-8"))

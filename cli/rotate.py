@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ import click
 
 from cryptfs import rotate as rot
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
-from cryptfs.errors import CryptfsError, DamageFound, MountError
+from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError
 from cryptfs.mount import mounts
 from cryptfs.ops import ROTATE_XATTR
 from cryptfs.recovery import read_key_file, unlock_with_recovery_key
@@ -66,7 +67,8 @@ class Meter:
             sys.stderr.write("\n")
 
 
-def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None) -> None:
+def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
+                 new_generation: bool = False) -> None:
     """Start (or resume) a rotation of ``kind`` on an opened volume and carry it
     out: through the mount if the volume is mounted, else here."""
     mnt = mount_of_backing(vol.backing)
@@ -77,7 +79,7 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None) -> Non
         if done:
             click.echo(done)
     try:
-        made = rot.begin(vol, kind)
+        made = rot.begin(vol, kind, new_generation)
         running = vol.config.rotation["kind"] if vol.config.rotation else kind
         click.echo(("new" if made else "resuming: the unfinished rotation to") +
                    f" key generation {vol.config.key_id} ({running})")
@@ -126,6 +128,8 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None) -> Non
     click.echo("the old key generations are forgotten, but not everything was done:", err=True)
     for e in prog.get("examples") or []:
         click.echo(f"  not done: {e}", err=True)
+    if int(prog.get("failed", 0)):
+        raise BackingIOError(f"rotation incomplete: {prog.get('message')}")
     if int(prog.get("damaged", 0)):
         raise DamageFound(f"rotation incomplete: {prog.get('message')}",
                           hint="fsck the volume; run cryptfs rotate again to finish")
@@ -142,9 +146,9 @@ def _through_mount(mnt: str, meter: Meter) -> dict[str, Any]:
             os.setxattr(mnt, ROTATE_XATTR, b"go")
             break
         except OSError as e:
-            # EAGAIN: the mount has not got the new key yet (an agent mount gets
+            # EBUSY: the mount has not got the new key yet (an agent mount gets
             # it from the agent, which re-reads the config every 2 s).
-            if e.errno == 11 and time.monotonic() < deadline:
+            if e.errno == errno.EBUSY and time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
             raise MountError(f"the mount on {mnt} refused the rotation: {e.strerror}",

@@ -87,7 +87,7 @@ def remove(backing: str, name: str, revoke: bool, recovery_key: str | None,
         slot = remove_user(vol, name, save=not revoke)
         if revoke:
             # The slot goes with the new key generation, in one config write.
-            run_rotation(vol, "wrap-key", recovery)
+            run_rotation(vol, "wrap-key", recovery, new_generation=True)
     finally:
         vol.close()
         if recovery is not None:

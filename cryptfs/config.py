@@ -32,7 +32,7 @@ from cryptfs.errors import BackingIOError, NotAVolume, WrongPassphrase
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
 from cryptfs.modes import NotForMe, content_mode_by_name, x25519
 from cryptfs.modes.errors import IntegrityError
-from cryptfs.modes.kdf import ARGON2_SALT_LEN, MIN_MEM_KIB, MIN_OPS, argon2id
+from cryptfs.modes.kdf import ARGON2_SALT_LEN, MIN_MEM_KIB, MIN_OPS, argon2id, hkdf
 from cryptfs.modes.rand import random_bytes
 from cryptfs.secret import Secret
 
@@ -51,6 +51,8 @@ MAX_MEM_KIB = 4096 * 1024  # 4 GiB
 
 _SLOT_NONCE_LEN = 12  # bytes
 _SEALED_KEY_LEN = _SLOT_NONCE_LEN + 32 + 16  # nonce || AES-256-GCM(32-byte key)
+USER_KEY_LEN = 64  # a v2 slot's secret: the user's X25519 private key || the volume authority key
+_SEALED_USER_KEY_LEN = _SLOT_NONCE_LEN + USER_KEY_LEN + 16
 _SLOT_MASTER_LABEL = b"cryptfs/v2/slot-master"
 _SLOT_MASTER_LEN = x25519.KEY_LEN + MASTER_KEY_LEN + x25519.TAG_LEN
 ROTATION_KINDS = ("slots", "wrap-key", "reencrypt")
@@ -107,7 +109,7 @@ class Slot:
     id: int
     label: str
     kdf: Kdf
-    # v2: nonce (12) || AES-256-GCM(user's X25519 private key) (48)
+    # v2: nonce (12) || AES-256-GCM(user's X25519 private key || authority key) (80)
     # v1: nonce (12) || AES-256-GCM(master) (48)
     wrapped: bytes
     created: str
@@ -136,22 +138,32 @@ class Slot:
         if not isinstance(sid, int) or not isinstance(label, str) or not isinstance(created, str):
             raise ValueError("bad slot fields")
         wrapped = b64d(d.get("wrapped"))
-        if len(wrapped) != _SEALED_KEY_LEN:
-            raise ValueError("bad wrapped key length")
         public = master = None
         if "public" in d or "master" in d:
             public, master = b64d(d.get("public")), b64d(d.get("master"))
             if len(public) != x25519.KEY_LEN or len(master) != _SLOT_MASTER_LEN:
                 raise ValueError("bad slot key lengths")
+        if len(wrapped) != (_SEALED_USER_KEY_LEN if public is not None else _SEALED_KEY_LEN):
+            raise ValueError("bad wrapped key length")
         return cls(sid, label, Kdf.from_json(d.get("kdf")), wrapped, created, extra, public, master)
 
 
 @dataclass
 class SlotKeys:
-    """What a passphrase opens: the master key, and (v2 slots) the user's private key."""
+    """What a passphrase opens: the master key, and (v2 slots) the user key:
+    their X25519 private key || the volume authority key (``USER_KEY_LEN``)."""
 
     master: Secret
     private: Secret | None
+
+
+def user_private(user_key: bytes) -> bytes:
+    """The X25519 private key in a user key (or a bare 32-byte private key)."""
+    return user_key[:x25519.KEY_LEN]
+
+
+def user_authority(user_key: bytes) -> bytes:
+    return user_key[x25519.KEY_LEN:USER_KEY_LEN]
 
 
 def _slot_ad(volume_id: bytes, slot: Slot) -> bytes:
@@ -161,8 +173,10 @@ def _slot_ad(volume_id: bytes, slot: Slot) -> bytes:
     return ad
 
 
-def _slot_master_ad(volume_id: bytes, slot_id: int, key_id: int) -> bytes:
-    return volume_id + struct.pack(">II", slot_id, key_id)
+def _slot_master_ad(volume_id: bytes, slot_id: int, key_id: int, authority: bytes) -> bytes:
+    # The authority key (a secret every user's slot holds) makes a wrap that
+    # someone without it made fail: the public keys alone forge nothing.
+    return volume_id + struct.pack(">II", slot_id, key_id) + authority
 
 
 def _seal(aead: AESGCM, secret: bytes, ad: bytes) -> bytes:
@@ -185,16 +199,26 @@ class Recovery:
 
     public: bytes
     wrapped: bytes
+    auth: bool = False  # wrapped with the authority key in its associated data (v2)
 
     LABEL = b"cryptfs/v1/recovery"
 
     @classmethod
-    def to(cls, public: bytes, master: Secret, volume_id: bytes) -> Recovery:
-        """``master`` wrapped to the recovery public key ``public``."""
-        return cls(public, x25519.wrap(master.reveal(), public, cls.LABEL, cls.LABEL + volume_id))
+    def to(cls, public: bytes, master: Secret, volume_id: bytes, authority: bytes | None
+           ) -> Recovery:
+        """``master`` wrapped to the recovery public key ``public`` (bound to the
+        authority key, which the recovery key file also holds, if given)."""
+        ad = cls.LABEL + volume_id + (authority or b"")
+        return cls(public, x25519.wrap(master.reveal(), public, cls.LABEL, ad), authority is not None)
+
+    def ad(self, volume_id: bytes, authority: bytes | None) -> bytes:
+        return self.LABEL + volume_id + (authority or b"")
 
     def to_json(self) -> dict[str, Any]:
-        return {"public": b64e(self.public), "wrapped": b64e(self.wrapped)}
+        d: dict[str, Any] = {"public": b64e(self.public), "wrapped": b64e(self.wrapped)}
+        if self.auth:
+            d["auth"] = True
+        return d
 
     @classmethod
     def from_json(cls, d: Any) -> Recovery:
@@ -203,7 +227,10 @@ class Recovery:
         public, wrapped = b64d(d.get("public")), b64d(d.get("wrapped"))
         if len(public) != 32 or len(wrapped) != 32 + MASTER_KEY_LEN + 16:
             raise ValueError("bad recovery key lengths")
-        return cls(public, wrapped)
+        auth = d.get("auth", False)
+        if auth is not True and "auth" in d:
+            raise ValueError("bad recovery auth flag")
+        return cls(public, wrapped, auth)
 
 
 @dataclass
@@ -221,6 +248,7 @@ class VolumeConfig:
     retired: dict[int, bytes] = field(default_factory=dict)  # key id -> old master, sealed
     rotation: dict[str, Any] | None = None  # {"kind", "started"} while one is unfinished
     policy: bytes | None = None  # the directory policy, sealed (cryptfs.policy)
+    chain: tuple[int, bytes] | None = None  # (previous key id, MAC by the previous master)
 
     # -- serialisation ---------------------------------------------------------
     @property
@@ -228,7 +256,7 @@ class VolumeConfig:
         """2 if anything of version 2 is in use (an older cryptfs then refuses
         the volume clearly instead of failing to unlock it), else 1."""
         v2 = (any(s.v2 for s in self.slots) or self.base or self.retired or self.rotation
-              or self.policy)
+              or self.policy or self.chain or (self.recovery is not None and self.recovery.auth))
         return FORMAT_VERSION if v2 else 1
 
     def body(self) -> dict[str, Any]:
@@ -248,6 +276,7 @@ class VolumeConfig:
                if self.retired else {}),
             **({"rotation": self.rotation} if self.rotation else {}),
             **({"policy": b64e(self.policy)} if self.policy else {}),
+            **({"chain": {"from": self.chain[0], "mac": b64e(self.chain[1])}} if self.chain else {}),
         }
 
     def compute_mac(self, keys: VolumeKeys) -> bytes:
@@ -316,6 +345,7 @@ class VolumeConfig:
                 retired=_retired_from_json(d.get("retired", []), key_id),
                 rotation=_rotation_from_json(d["rotation"]) if "rotation" in d else None,
                 policy=b64d(d["policy"]) if "policy" in d else None,
+                chain=_chain_from_json(d["chain"], key_id) if "chain" in d else None,
             )
             if cfg.version != version:
                 raise NotAVolume(f"volume config says it is version {version} but is version "
@@ -328,8 +358,12 @@ class VolumeConfig:
             raise NotAVolume(f"volume config is malformed ({type(e).__name__}: {e})") from None
 
     # -- keys ------------------------------------------------------------------
-    def open_keys(self, master: Secret) -> VolumeKeys:
-        """The volume's keys from its master key; the config is authenticated first."""
+    def open_keys(self, master: Secret, authority: bytes | None = None) -> VolumeKeys:
+        """The volume's keys from its master key; the config is authenticated first.
+
+        ``authority``: the authority key from the opener's own slot or recovery
+        key file; the base key the config holds must give the same one.
+        """
         keys = VolumeKeys(Secret(master.reveal()), self.key_id)
         self.verify(keys)
         base = retired = None
@@ -342,7 +376,13 @@ class VolumeConfig:
             keys.close()
             raise NotAVolume("volume config holds keys that do not open: it was damaged") from None
         keys.close()
-        return VolumeKeys(Secret(master.reveal()), self.key_id, base, retired)
+        keys = VolumeKeys(Secret(master.reveal()), self.key_id, base, retired)
+        if authority is not None and not hmac.compare_digest(keys.authority, authority):
+            keys.close()
+            raise NotAVolume("volume config failed authentication: its keys are not this "
+                             "volume's (it was replaced or forged)",
+                             hint="restore cryptfs.conf from a backup")
+        return keys
 
     def next_key_id(self) -> int:
         return max([self.key_id, *self.retired]) + 1
@@ -352,9 +392,10 @@ class VolumeConfig:
 
         The base key, and with ``retire`` the masters of the current and
         retired generations, are sealed under it (a rotation still re-wrapping
-        headers needs them); every v2 slot and the recovery key get it.  v1
-        slots cannot (they need a passphrase): the caller refuses those first.
-        The caller seals and saves the config.
+        headers needs them); every v2 slot and the recovery key get it, and
+        ``chain`` proves that a holder of the previous master made it.  v1
+        slots cannot get it (they need a passphrase): the caller refuses
+        those first.  The caller seals and saves the config.
         """
         kept = {kid: Secret(m.reveal()) for kid, m in old.retired.items()} if retire else {}
         if retire:
@@ -368,10 +409,28 @@ class VolumeConfig:
         for slot in self.slots:
             if slot.public is not None:
                 slot.master = x25519.wrap(master.reveal(), slot.public, _SLOT_MASTER_LABEL,
-                                          _slot_master_ad(self.volume_id, slot.id, key_id))
+                                          _slot_master_ad(self.volume_id, slot.id, key_id,
+                                                          new.authority))
         if self.recovery is not None:
-            self.recovery = Recovery.to(self.recovery.public, master, self.volume_id)
+            self.recovery = Recovery.to(self.recovery.public, master, self.volume_id,
+                                        new.authority if self.recovery.auth else None)
+        self.chain = (old.key_id, self.chain_mac(old.master, old.key_id, new))
         return new
+
+    def chain_mac(self, previous: Secret, previous_id: int, new: VolumeKeys) -> bytes:
+        return hmac.new(hkdf(previous.reveal(), b"cryptfs/v2/chain"),
+                        b"cryptfs/v2/chain" + self.volume_id + struct.pack(">II", previous_id, new.key_id)
+                        + new.fingerprint, "sha256").digest()
+
+    def follows(self, held: VolumeKeys, new: VolumeKeys) -> bool:
+        """Whether this config's generation was made by a holder of ``held``
+        (the generation just before it): what a running agent or mount checks
+        before it follows a rotation, so neither a config put back from
+        earlier nor one forged by someone who lacks the current master is
+        followed."""
+        if self.chain is None or self.chain[0] != held.key_id or new.key_id <= held.key_id:
+            return False
+        return hmac.compare_digest(self.chain[1], self.chain_mac(held.master, held.key_id, new))
 
     def drop_retired(self, keys: VolumeKeys) -> VolumeKeys:
         """Forget the retired generations (no header needs them any more)."""
@@ -380,16 +439,17 @@ class VolumeConfig:
         return fresh
 
     # -- slots -----------------------------------------------------------------
-    def make_slot(self, master: Secret, passphrase: Secret, label: str,
+    def make_slot(self, keys: VolumeKeys, passphrase: Secret, label: str,
                   kdf: Kdf | None = None, slot_id: int | None = None,
                   private: Secret | None = None, **extra: Any) -> Slot:
         """A new (v2) slot: a user key pair (``private``, or a fresh one) whose
-        private half is wrapped under ``passphrase`` and whose public half gets
-        ``master``.  Appended id unless ``slot_id`` is given."""
+        private half, with the volume's authority key, is sealed under
+        ``passphrase``, and whose public half gets the master.  Appended id
+        unless ``slot_id`` is given."""
         cost = kdf or self.kdf
         if slot_id is None:
             slot_id = max((s.id for s in self.slots), default=-1) + 1
-        priv = private.reveal() if private is not None else x25519.new_private_key()
+        priv = user_private(private.reveal()) if private is not None else x25519.new_private_key()
         public = x25519.public_key(priv)
         slot = Slot(
             id=slot_id,
@@ -399,17 +459,18 @@ class VolumeConfig:
             created=_now(),
             extra=dict(extra),
             public=public,
-            master=x25519.wrap(master.reveal(), public, _SLOT_MASTER_LABEL,
-                               _slot_master_ad(self.volume_id, slot_id, self.key_id)),
+            master=x25519.wrap(keys.master.reveal(), public, _SLOT_MASTER_LABEL,
+                               _slot_master_ad(self.volume_id, slot_id, self.key_id, keys.authority)),
         )
         k = argon2id(passphrase.reveal(), slot.kdf.salt, slot.kdf.ops, slot.kdf.mem_kib)
-        slot.wrapped = _seal(AESGCM(k), priv, _slot_ad(self.volume_id, slot))
+        slot.wrapped = _seal(AESGCM(k), priv + keys.authority, _slot_ad(self.volume_id, slot))
         return slot
 
     def try_slot(self, slot: Slot, passphrase: Secret) -> SlotKeys | None:
         """The keys ``passphrase`` opens in ``slot`` (None if it opens nothing).
 
-        Not yet authenticated: the caller checks the config MAC with the master."""
+        Not yet authenticated: the caller checks the config MAC with the master
+        (and the authority key, :meth:`open_keys`)."""
         k = argon2id(passphrase.reveal(), slot.kdf.salt, slot.kdf.ops, slot.kdf.mem_kib)
         try:
             inner = _open(AESGCM(k), slot.wrapped, _slot_ad(self.volume_id, slot))
@@ -423,30 +484,35 @@ class VolumeConfig:
                              hint="restore cryptfs.conf from a backup")
         return opened
 
-    def slot_master(self, slot: Slot, private: Secret) -> SlotKeys | None:
-        """The current master from a v2 slot and the user's private key (None if
-        the slot's master was not wrapped to this key: edited, or another user's)."""
-        if slot.master is None or slot.public != x25519.public_key(private.reveal()):
+    def slot_master(self, slot: Slot, user_key: Secret) -> SlotKeys | None:
+        """The current master from a v2 slot and the user key (None if the
+        slot's master was not wrapped to this key with this volume's authority
+        key: edited, forged, or another user's)."""
+        uk = user_key.reveal()
+        if slot.master is None or len(uk) != USER_KEY_LEN \
+                or slot.public != x25519.public_key(user_private(uk)):
             return None
         try:
-            master = x25519.unwrap(slot.master, private.reveal(), _SLOT_MASTER_LABEL,
-                                   _slot_master_ad(self.volume_id, slot.id, self.key_id))
+            master = x25519.unwrap(slot.master, user_private(uk), _SLOT_MASTER_LABEL,
+                                   _slot_master_ad(self.volume_id, slot.id, self.key_id,
+                                                   user_authority(uk)))
         except (NotForMe, IntegrityError):
             return None
-        return SlotKeys(Secret(master), private)
+        return SlotKeys(Secret(master), user_key)
 
     def unlock(self, passphrase: Secret, slot_id: int | None = None
                ) -> tuple[VolumeKeys, Slot, Secret | None]:
-        """Find the slot this passphrase opens, check the config MAC, return the
-        keys, the slot, and the user's private key (None for a v1 slot)."""
+        """Find the slot this passphrase opens, check the config, return the
+        keys, the slot, and the user key (None for a v1 slot)."""
         for slot in self.slots:
             if slot_id is not None and slot.id != slot_id:
                 continue
             opened = self.try_slot(slot, passphrase)
             if opened is None:
                 continue
+            authority = user_authority(opened.private.reveal()) if opened.private else None
             with opened.master:
-                keys = self.open_keys(opened.master)
+                keys = self.open_keys(opened.master, authority)
             return keys, slot, opened.private
         raise WrongPassphrase("wrong passphrase: it opens no key slot of this volume")
 
@@ -477,6 +543,15 @@ def _retired_from_json(v: Any, key_id: int) -> dict[int, bytes]:
             raise ValueError("retired key id")
         out[kid] = _sealed_key(item.get("wrapped"))
     return out
+
+
+def _chain_from_json(v: Any, key_id: int) -> tuple[int, bytes]:
+    if not isinstance(v, dict) or not isinstance(v.get("from"), int) or not 1 <= v["from"] < key_id:
+        raise ValueError("chain")
+    mac = b64d(v.get("mac"))
+    if len(mac) != 32:
+        raise ValueError("chain mac")
+    return v["from"], mac
 
 
 def _rotation_from_json(v: Any) -> dict[str, Any]:

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 
 from cryptfs import tree
 from cryptfs.content import BlockError, ContentFile
+from cryptfs.errors import CryptfsError
 from cryptfs.modes import IntegrityError
 from cryptfs.modes.errors import NotARecipient
 from cryptfs.names import DIRIV_NAME, LONG_PREFIX, LONG_SUFFIX, TMP_PREFIX, NameCodec
+from cryptfs.policy import load_policy
 from cryptfs.volume import UnlockedVolume
 
 
@@ -56,6 +58,10 @@ class Checker:
             self.on_problem(p)
 
     def run(self) -> Report:
+        try:
+            load_policy(self.vol.config, self.vol.keys)
+        except CryptfsError as e:
+            self.problem("cryptfs.conf", str(e))
         fd = os.open(self.vol.tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self._dir(fd, b"/", "tree")

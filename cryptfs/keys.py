@@ -11,7 +11,9 @@
       |- HKDF "cryptfs/v1/names"     -> AES-SIV key (64 B) for file names and xattr names
       |- HKDF "cryptfs/v1/symlink"   -> AES-256-GCM key for symlink targets
       |- HKDF "cryptfs/v1/xattr"     -> AES-256-GCM key for user.* xattr values
-      '- HKDF "cryptfs/v2/policy"    -> AES-256-GCM key for the directory policy (config)
+      |- HKDF "cryptfs/v2/policy"    -> AES-256-GCM key for the directory policy (config)
+      '- HKDF "cryptfs/v2/authority" -> the authority key: in every v2 slot and the
+                                        recovery key file; binds the wraps of the master
 
 A volume never rotated has no separate base: base = master.  A retired
 master (an older generation, while a rotation re-wraps headers) only
@@ -58,10 +60,17 @@ class VolumeKeys:
         self.symlink = AESGCM(hkdf(b, b"cryptfs/v1/symlink"))
         self.xattr = AESGCM(hkdf(b, b"cryptfs/v1/xattr"))
         self.policy = AESGCM(hkdf(b, b"cryptfs/v2/policy"))
+        # Held in every v2 slot (sealed by the passphrase) and in the recovery
+        # key file, never derivable from the config alone: it authenticates
+        # the wraps of the master, which public keys alone would let anyone make.
+        self.authority = hkdf(b, b"cryptfs/v2/authority")
+        # Names this generation's master in the chain proof of the next one.
+        self.fingerprint = hkdf(m, b"cryptfs/v2/fingerprint")
 
     def keyring(self, privates: list[bytes] | tuple[bytes, ...] = ()) -> Keyring:
-        """What opens file headers: these wrap keys, plus the given X25519 keys."""
-        return Keyring(self.symmetric, list(privates))
+        """What opens file headers: these wrap keys, plus the given X25519 keys
+        (bare private keys, or user keys: private key || authority key)."""
+        return Keyring(self.symmetric, [p[:32] for p in privates])
 
     def __repr__(self) -> str:
         return f"<VolumeKeys key_id={self.key_id}, redacted>"

@@ -147,10 +147,13 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
     hold = rotate.hold_volume(vol.backing, exclusive=False)  # noqa: F841 - open until exit
     try:
         done = rotate.replay_journal(vol.backing)
-        if done:
-            log.warning("%s", done)
     except CryptfsError as e:
-        log.error("%s", e)
+        # The journal is the only full copy of a file it names: no mount (and
+        # no new rotation) until it has been copied back.
+        raise MountError(f"an interrupted re-encryption cannot be finished: {e}",
+                         hint="free space on the backing filesystem, then mount again") from None
+    if done:
+        log.warning("%s", done)
     # The kernel has already applied the caller's umask to every mode it
     # sends; the daemon's own umask must not mask it a second time.
     os.umask(0)
@@ -229,7 +232,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
             code = serve(vol, mnt, opts, w, pid_file, side_tasks)
-        except MountError as e:
+        except CryptfsError as e:
             os.write(w, f"ERR{e}".encode())
         except BaseException as e:  # report, never a traceback on the user's terminal
             try:

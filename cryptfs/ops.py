@@ -31,7 +31,7 @@ import pyfuse3
 import trio
 
 from cryptfs import rotate, sysio, tree
-from cryptfs.config import load_config, save_config
+from cryptfs.config import load_config, user_authority
 from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
 from cryptfs.errors import CryptfsError
 from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
@@ -336,8 +336,9 @@ class CryptOperations(pyfuse3.Operations):
         return uid, gid
 
     # -- policy and hybrid files ----------------------------------------------------------------
-    def _plain_dir(self, parent: Inode) -> str:
-        """The plaintext path of a directory (for its policy rule); "/" if unknown."""
+    def _plain_dir(self, parent: Inode) -> str | None:
+        """The plaintext path of a directory (for its policy rule); None if it
+        cannot be worked out (removed, or moved out of the tree)."""
         if parent.ino == ROOT:
             return "/"
         real = os.readlink(proc_path(parent.fd))
@@ -347,7 +348,7 @@ class CryptOperations(pyfuse3.Operations):
                 self._plain_paths.clear()
             p = tree.plain_path(self._tree_root, parent.fd, self.codec)
             if p is None:
-                return "/"
+                return None
             self._plain_paths[real] = p  # a backing path always names the same plaintext one
         return p.decode("utf-8", "surrogateescape")
 
@@ -365,7 +366,14 @@ class CryptOperations(pyfuse3.Operations):
         self._refresh_config()  # (a stat: a policy set since the mount started applies)
         if not self.policy.rules:
             return self.vol.default_mode, self.wrapper
-        rule = self.policy.rule_for(self._plain_dir(parent))
+        where = self._plain_dir(parent)
+        if where is None:
+            # Which rule applies is unknown: refuse rather than risk writing a
+            # file of a recipients-only directory readable by everyone.
+            log.error("inode %d: cannot work out this directory's path for the policy: "
+                      "create refused", parent.ino)
+            raise pyfuse3.FUSEError(errno.EACCES)
+        rule = self.policy.rule_for(where)
         if rule is None:
             return self.vol.default_mode, self.wrapper
         mode = content_mode_by_name(rule.mode)
@@ -379,14 +387,15 @@ class CryptOperations(pyfuse3.Operations):
         if self.config.recovery is not None:
             recipients.append(self.config.recovery.public)
         if not recipients:
-            log.error("policy of %s: a hybrid file there would have no recipient: create "
-                      "refused", rule.path)
+            log.error("inode %d: its policy rule leaves a new file no recipient: create "
+                      "refused", parent.ino)  # (the rule's path is secret: not logged)
             raise pyfuse3.FUSEError(errno.EACCES)
         return mode, RecipientWrapper(recipients, spare=HYBRID_SPARE)
 
     def _keyring(self, uid: int | None) -> Keyring:
         assert self.keys is not None
-        priv = self._own_private if not self.gated else self._privates.get(uid or -1)
+        priv = self._own_private if not self.gated else (
+            self._privates.get(uid) if uid is not None else None)
         return self.keys.keyring([priv.reveal()] if priv is not None and len(priv) else [])
 
     def _check_recipient(self, content: ContentFile, uid: int) -> None:
@@ -424,6 +433,7 @@ class CryptOperations(pyfuse3.Operations):
                 keys = fresh.open_keys(self.keys.master)
             else:
                 keys = self._follow_rotation(fresh)
+            load_policy(fresh, keys)
         except CryptfsError as e:
             log.warning("the volume's config changed but cannot be used: %s", e)
             return
@@ -439,13 +449,19 @@ class CryptOperations(pyfuse3.Operations):
             held.append((next((s for s in fresh.slots if s.id == slot.id), None), self._own_private))
         for uid, priv in self._privates.items():
             held.append((slot_for_uid(fresh, uid), priv))
+        assert self.keys is not None
         for now, priv in held:
             opened = fresh.slot_master(now, priv) if now is not None else None
-            if opened is not None:
-                with opened.master:
-                    keys = fresh.open_keys(opened.master)
-                log.info("the volume's key was rotated to generation %d: following", keys.key_id)
-                return keys
+            if opened is None:
+                continue
+            with opened.master:
+                keys = fresh.open_keys(opened.master, user_authority(priv.reveal()))
+            if not fresh.follows(self.keys, keys):
+                keys.close()
+                raise CryptfsError("its key generation was not made by a holder of the current "
+                                   "one (a config put back from earlier, or forged): not followed")
+            log.info("the volume's key was rotated to generation %d: following", keys.key_id)
+            return keys
         raise CryptfsError("its key was rotated and no key slot this mount holds a key of "
                            "has the new one")
 
@@ -493,9 +509,11 @@ class CryptOperations(pyfuse3.Operations):
             return True
         if self.keys is None:
             return False
+        stamp = self._stat_config()
         try:
             fresh = load_config(self.vol.backing)
             keys = fresh.open_keys(self.keys.master)
+            load_policy(fresh, keys)
         except CryptfsError as e:
             log.warning("cannot re-read this volume's config: %s", e)
             return False
@@ -503,7 +521,7 @@ class CryptOperations(pyfuse3.Operations):
             keys.close()
             return False
         self.config = fresh
-        self._config_stamp = self._stat_config()
+        self._config_stamp = stamp
         self._swap_keys(keys)
         return slot_for_uid(fresh, uid) is not None
 
@@ -511,34 +529,40 @@ class CryptOperations(pyfuse3.Operations):
         self._unlocked = set()
         if master is None:
             self._drop_keys()
+            self._forget_privates()
             return
         self.agent_keys(master)
         if self.keys is not None:
             self._unlocked = {uid for uid in uids if self._has_slot(uid)}
 
     def agent_keys(self, master: Secret) -> None:
+        """A master key from the agent: used with the config as it is on disk
+        now (a policy set or a key rotated since the mount started), which it
+        must authenticate, and whose policy must open (else: fail closed)."""
+        stamp = self._stat_config()
         try:
             try:
-                keys = self.config.open_keys(master)
-                fresh = self.config
-            except CryptfsError:
-                # Rotated since this mount read the config?  Only the same volume's.
                 fresh = load_config(self.vol.backing)
-                if fresh.volume_id != self.config.volume_id:
-                    raise
-                keys = fresh.open_keys(master)
-        except CryptfsError:
+            except CryptfsError as e:
+                log.warning("cannot re-read this volume's config (%s): using the one read at "
+                            "mount time", e)
+                fresh, stamp = self.config, None
+            if fresh.volume_id != self.config.volume_id:
+                raise CryptfsError("the backing directory holds another volume now")
+            keys = fresh.open_keys(master)
+            load_policy(fresh, keys)
+        except CryptfsError as e:
             self._drop_keys()
+            self._forget_privates()
             self._unlocked.clear()
-            log.error("the key agent's key does not authenticate this volume's config: "
-                      "refused; access stays denied")
+            log.error("the key agent's key does not open this volume's config (%s): refused; "
+                      "access stays denied", e)
             return
         self.config = fresh
-        self._config_stamp = self._stat_config()
-        if self.keys is not None and fresh.volume_id == self.config.volume_id:
+        self._config_stamp = stamp
+        if self.keys is not None:
             self._swap_keys(keys)  # (a rotation: open files keep working)
         else:
-            self._drop_keys()
             self._install(keys)
         log.info("volume keys (generation %d) received from the key agent", keys.key_id)
 
@@ -1091,8 +1115,9 @@ class CryptOperations(pyfuse3.Operations):
         self._config_stamp = None
         self._refresh_config()
         if self.keys is None or self.keys.key_id != self.config.key_id:
-            log.error("rotation requested, but this mount cannot open the new key generation")
-            raise pyfuse3.FUSEError(errno.EAGAIN)
+            log.warning("rotation requested, but this mount does not hold the new key "
+                        "generation (yet)")
+            raise pyfuse3.FUSEError(errno.EBUSY)
         if self._rotation is not None and self._rotation.state == "running":
             return
         kind = self.config.rotation["kind"] if self.config.rotation else None
@@ -1123,7 +1148,10 @@ class CryptOperations(pyfuse3.Operations):
             await self._rotation_wanted.wait()
             self._rotation_wanted = trio.Event()
             prog = self._rotation
-            assert prog is not None
+            assert prog is not None and self.keys is not None
+            # The walk opens hybrid files with every user key this mount holds
+            # (the keys of the users unlocked when it starts, or its own user's).
+            keyring = self.keys.keyring([p.reveal() for p in self._all_privates()])
             try:
                 rels = [rel for _, _, rel in rotate.regular_files(self._tree_root)]
                 prog.total = len(rels)
@@ -1131,74 +1159,84 @@ class CryptOperations(pyfuse3.Operations):
                     await trio.sleep(0)
                     if self.keys is None:
                         raise CryptfsError("the volume was locked during the rotation")
-                    self._rotate_path(rel, prog)
+                    self._rotate_path(rel, prog, keyring)
                     prog.done += 1
                 # Files renamed during the walk may have been missed: one pass that
                 # cannot be interrupted checks every header, then the old keys go.
-                self._rotation_final(prog)
+                self._rotation_final(prog, keyring)
             except Exception as e:  # noqa: BLE001 - reported through the progress xattr
                 prog.state = "failed"
-                prog.message = str(e) if isinstance(e, CryptfsError) else f"{type(e).__name__}: {e}"
+                prog.message = (str(e) if isinstance(e, CryptfsError)
+                                else getattr(e, "strerror", None) or f"{type(e).__name__}: {e}")
                 log.error("rotation failed: %s (run cryptfs rotate again to resume)", prog.message)
 
-    def _rotate_path(self, rel: str, prog: rotate.Progress) -> None:
+    def _rotate_path(self, rel: str, prog: rotate.Progress, keyring: Keyring) -> None:
         assert self.keys is not None
+        target = f"tree/{rel}"
         try:
             fd = os.open(rel, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._inodes[ROOT].fd)
         except FileNotFoundError:
             return
+        except OSError as e:
+            prog.failed.append(f"{target} ({e.strerror})")
+            return
         try:
-            st = os.fstat(fd)
-            inode = self._inodes.get(self._fuse_ino(st.st_ino))
+            inode = self._inodes.get(self._fuse_ino(os.fstat(fd).st_ino))
             content = inode.content if inode is not None else None
-            keyring = self.keys.keyring([p.reveal() for p in self._all_privates()])
-            new, nbytes = rotate.rotate_one(fd, content, keyring, self.keys, self.config,
-                                            prog.kind, self.vol.backing, f"tree/{rel}")
+            damaged = len(prog.damaged)
+            new = rotate.step(fd, content, keyring, self.keys, self.config, prog,
+                              self.vol.backing, target)
+            if len(prog.damaged) > damaged:
+                log.error("inode %s: damaged, so not re-encrypted (its readable blocks stay "
+                          "readable)", inode.ino if inode is not None else "?")
             if new is not None:
-                prog.changed += 1
-                prog.bytes += nbytes
                 if inode is not None:
                     if content is not None:
                         new.fd = inode.fd
                         inode.content = new
                     inode.meta = (new.overhead, new.h_len)
                 self._set_layout_hint(fd, new)
-        except NotARecipient:
-            prog.skipped.append(f"tree/{rel}")
-        except IntegrityError as e:
-            prog.damaged.append(f"tree/{rel}")
-            self.report_integrity(inode.ino if inode is not None else None, e)
-            rotate.keep_readable(fd, content, keyring, self.keys, self.config)
         finally:
             os.close(fd)
 
-    def _rotation_final(self, prog: rotate.Progress) -> None:
+    def _rotation_final(self, prog: rotate.Progress, keyring: Keyring) -> None:
         assert self.keys is not None
         for _, _, rel in rotate.regular_files(self._tree_root):
+            target = f"tree/{rel}"
             try:
                 fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=self._inodes[ROOT].fd)
             except FileNotFoundError:
                 continue
+            except OSError as e:
+                prog.failed.append(f"{target} ({e.strerror})")
+                continue
             try:
                 stanzas = read_stanzas(fd)
-            except (IntegrityError, OSError, ValueError):
-                continue  # damaged: counted by the walk if it was there
+            except IntegrityError:
+                continue  # a header that does not parse opens with no key
+            except OSError as e:
+                prog.failed.append(f"{target} ({e.strerror})")
+                continue
             finally:
                 os.close(fd)
-            if rotate.is_stale(stanzas, self.keys, self.config) and f"tree/{rel}" not in prog.skipped \
-                    and f"tree/{rel}" not in prog.damaged:
-                self._rotate_path(rel, prog)
-        os.sync()
-        self.config.rotation = None
-        keys = self.config.drop_retired(self.keys)
-        self.config.seal(keys)
-        save_config(self.vol.backing, self.config)
-        self._config_stamp = self._stat_config()
-        self._swap_keys(keys)
-        rotate.outcome(prog)
-        log.info("rotation (%s) done: %d of %d files rewritten, %d bytes; the old key "
-                 "generations are forgotten", prog.kind, prog.changed, prog.total, prog.bytes)
+            if rotate.is_stale(stanzas, self.keys, self.config) and target not in prog.skipped \
+                    and target not in prog.damaged and not any(f.startswith(target + " ")
+                                                               for f in prog.failed):
+                self._rotate_path(rel, prog, keyring)
+        finished = False
+        if not prog.failed:
+            os.sync()
+            done = rotate.finish_config(self.vol.backing, self.keys)
+            if done is not None:
+                self.config, keys = done
+                self._config_stamp = self._stat_config()
+                self._swap_keys(keys)
+                finished = True
+        rotate.outcome(prog, finished)
+        log.info("rotation (%s) walked: %d of %d files rewritten, %d bytes%s", prog.kind,
+                 prog.changed, prog.total, prog.bytes,
+                 "; the old key generations are forgotten" if finished else "")
         if prog.message:
             log.warning("rotation (%s): %s", prog.kind, prog.message)
 

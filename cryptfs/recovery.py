@@ -37,25 +37,31 @@ from cryptfs.secret import Secret
 from cryptfs.volume import RecoveredVolume, Volume
 
 LABEL = b"cryptfs/v1/recovery"
-PREFIX = "CRYPTFS-RECOVERY-KEY-1"
+PREFIX = "CRYPTFS-RECOVERY-KEY-1"  # volume id, private key (volumes made before 0.4)
+PREFIX2 = "CRYPTFS-RECOVERY-KEY-2"  # volume id, private key, authority key
 CHUNK = 1 << 20  # bytes copied at a time
 
 
-def _ad(volume_id: bytes) -> bytes:
-    return LABEL + volume_id
+def new_recovery(keys: VolumeKeys, volume_id: bytes) -> tuple[Recovery, Secret]:
+    """A fresh recovery key pair: what the config keeps, and what the key file
+    keeps: the private key || the volume's authority key."""
+    r = x25519.new_private_key()
+    recovery = Recovery.to(x25519.public_key(r), keys.master, volume_id, keys.authority)
+    return recovery, Secret(r + keys.authority)
 
 
-def new_recovery(master: Secret, volume_id: bytes) -> tuple[Recovery, Secret]:
-    """A fresh recovery key pair: what the config keeps, and the private key."""
-    private = Secret(x25519.new_private_key())
-    return Recovery.to(x25519.public_key(private.reveal()), master, volume_id), private
-
-
-def key_file_text(private: Secret, volume_id: bytes) -> str:
+def key_file_text(key: Secret, volume_id: bytes) -> str:
+    """The key file: a v2 line (private key and authority key) for a 64-byte
+    ``key``, a v1 line (private key only) for a 32-byte one."""
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    k = key.reveal()
+    parts = [base64.b64encode(k[:32]).decode()]
+    if len(k) > 32:
+        parts.append(base64.b64encode(k[32:]).decode())
+    prefix = PREFIX2 if len(k) > 32 else PREFIX
     return (f"# cryptfs recovery key of volume {volume_id.hex()}; created {created}\n"
             "# Whoever holds this file can decrypt every file of the volume. Keep it offline.\n"
-            f"{PREFIX}:{volume_id.hex()}:{base64.b64encode(private.reveal()).decode()}\n")
+            f"{prefix}:{volume_id.hex()}:{':'.join(parts)}\n")
 
 
 def create_key_file(path: str) -> int:
@@ -76,7 +82,7 @@ def add_recovery(vol: Volume, key_fd: int) -> None:
     and fsync'ed first), then the public half and wrapped master into the config."""
     if vol.config.recovery is not None:
         raise UsageError("this volume already has a recovery key")
-    recovery, private = new_recovery(vol.keys.master, vol.config.volume_id)
+    recovery, private = new_recovery(vol.keys, vol.config.volume_id)
     with private:
         data = key_file_text(private, vol.config.volume_id).encode()
     try:
@@ -90,42 +96,54 @@ def add_recovery(vol: Volume, key_fd: int) -> None:
 
 
 def read_key_file(path: str) -> tuple[bytes, Secret]:
-    """The volume id and private key in a recovery key file."""
+    """The volume id and key in a recovery key file: the private key, followed
+    by the authority key in a v2 file."""
     try:
         with open(path, "rb") as f:
             raw = f.read(64 * 1024)
     except OSError as e:
         raise UsageError(f"cannot read the recovery key file {path}: {e.strerror}") from None
     for line in raw.decode("utf-8", "replace").splitlines():
-        if line.startswith(PREFIX + ":"):
+        if line.startswith((PREFIX + ":", PREFIX2 + ":")):
+            fields = line.strip().split(":")
+            if len(fields) != (3 if line.startswith(PREFIX + ":") else 4):
+                break
             try:
-                _, vid, b64 = line.strip().split(":")
-                volume_id, private = bytes.fromhex(vid), base64.b64decode(b64, validate=True)
+                volume_id = bytes.fromhex(fields[1])
+                key = b"".join(base64.b64decode(f, validate=True) for f in fields[2:])
             except (ValueError, binascii.Error):
                 break
-            if len(volume_id) == 16 and len(private) == x25519.KEY_LEN:
-                return volume_id, Secret(private)
+            if len(volume_id) == 16 and len(key) == x25519.KEY_LEN * (len(fields) - 2):
+                return volume_id, Secret(key)
             break
     raise UsageError(f"{path} is not a cryptfs recovery key file")
 
 
-def unlock_with_recovery_key(cfg: VolumeConfig, volume_id: bytes, private: Secret) -> VolumeKeys:
-    """(The private key also opens hybrid files: every one has a stanza for it.)"""
-    """The volume's keys from its recovery key; the config is authenticated with them."""
+def unlock_with_recovery_key(cfg: VolumeConfig, volume_id: bytes, key: Secret) -> VolumeKeys:
+    """The volume's keys from its recovery key; the config is authenticated with
+    them (and with the authority key a v2 file holds).  The private key also
+    opens hybrid files: every one has a stanza for it."""
     if cfg.recovery is None:
         raise NotAVolume("this volume has no recovery key (it was made without one)")
     if volume_id != cfg.volume_id:
         raise WrongPassphrase(f"this recovery key belongs to volume {volume_id.hex()}, not to "
                               f"{cfg.volume_id.hex()}")
-    if x25519.public_key(private.reveal()) != cfg.recovery.public:
+    k = key.reveal()
+    private, authority = k[:32], (k[32:] or None)
+    if x25519.public_key(private) != cfg.recovery.public:
         raise WrongPassphrase("this is not the volume's recovery key")
+    if cfg.recovery.auth and authority is None:
+        raise NotAVolume("the volume's recovery key is bound to its authority key, which this "
+                         "key file lacks: the config was edited (or the file is not this "
+                         "volume's)")
     try:
-        master = x25519.unwrap(cfg.recovery.wrapped, private.reveal(), LABEL, _ad(cfg.volume_id))
+        master = x25519.unwrap(cfg.recovery.wrapped, private, LABEL,
+                               cfg.recovery.ad(cfg.volume_id, authority if cfg.recovery.auth else None))
     except (NotForMe, IntegrityError):
         raise NotAVolume("the recovery key does not open the wrapped master key: the volume "
                          "config was edited or damaged") from None
     with Secret(master) as m:
-        return cfg.open_keys(m)
+        return cfg.open_keys(m, authority)
 
 
 def open_for_recovery(backing: str, key_file: str) -> RecoveredVolume:

@@ -36,11 +36,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs.config import VolumeConfig
+from cryptfs.config import VolumeConfig, load_config, save_config
 from cryptfs.content import ContentFile, read_stanzas
 from cryptfs.errors import BackingIOError, MountError, NotAVolume, UsageError
 from cryptfs.header import FileHeader
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
+from cryptfs.modes import BLOCK_SIZE as BLOCK
 from cryptfs.modes import IntegrityError
 from cryptfs.modes.errors import NotARecipient
 from cryptfs.modes.rand import random_bytes
@@ -102,18 +103,22 @@ def refuse_v1_slots(cfg: VolumeConfig) -> None:
                  "or remove them, then rotate")
 
 
-def begin(vol: UnlockedVolume, kind: str) -> bool:
+def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False) -> bool:
     """Start a rotation of ``kind``: a new key generation in the config.
 
     If a rotation at least as strong is unfinished, nothing changes (the
-    walk resumes it).  Returns whether a new generation was made.
+    walk resumes it), unless ``new_generation`` (a revocation: the removed
+    user knows the current master, so there must be a new one).  Returns
+    whether a new generation was made (and the config saved).
     """
     if kind not in KINDS:
         raise UsageError(f"unknown rotation {kind!r}")
     cfg = vol.config
     running = cfg.rotation["kind"] if cfg.rotation else None
-    if running is not None and STRENGTH[running] >= STRENGTH[kind]:
+    if running is not None and STRENGTH[running] >= STRENGTH[kind] and not new_generation:
         return False
+    if running is not None and STRENGTH[running] > STRENGTH[kind]:
+        kind = running  # (a stronger walk was unfinished: the new generation continues it)
     refuse_v1_slots(cfg)
     with Secret(random_bytes(MASTER_KEY_LEN)) as master:
         new = cfg.set_generation(vol.keys, master, retire=True)
@@ -125,13 +130,31 @@ def begin(vol: UnlockedVolume, kind: str) -> bool:
     return True
 
 
-def finish(vol: UnlockedVolume) -> None:
-    """The walk found nothing left: forget the retired masters."""
-    cfg = vol.config
-    cfg.rotation = None
-    old, vol.keys = vol.keys, cfg.drop_retired(vol.keys)
-    vol.save_config()
+def finish_config(backing: str, keys: VolumeKeys) -> tuple[VolumeConfig, VolumeKeys] | None:
+    """The walk is done: forget the retired masters and the rotation record in
+    the config *as it is on disk now* (users or policy may have changed during
+    the walk), if it still is the generation that was walked.  Returns the
+    saved config and its keys, or None if another rotation began meanwhile."""
+    fresh = load_config(backing)
+    if fresh.key_id != keys.key_id:
+        return None
+    fresh.open_keys(keys.master).close()  # authentic, under the generation walked
+    fresh.rotation = None
+    new = fresh.drop_retired(keys)
+    fresh.seal(new)
+    save_config(backing, fresh)
+    return fresh, new
+
+
+def finish(vol: UnlockedVolume) -> bool:
+    """Offline: :func:`finish_config`, and the volume object follows."""
+    done = finish_config(vol.backing, vol.keys)
+    if done is None:
+        return False
+    old = vol.keys
+    vol.config, vol.keys = done
     old.close()
+    return True
 
 
 # -- one file ----------------------------------------------------------------------------------
@@ -204,12 +227,19 @@ def reencrypt(fd: int, content: ContentFile, keys: VolumeKeys, cfg: VolumeConfig
     st = os.fstat(fd)
     dfd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        if os.path.lexists(os.path.join(backing, JOURNAL)):
+            # The only full copy of a file whose rewrite was interrupted: never
+            # written over.  (Mount and rotate replay it first, or refuse.)
+            raise OSError(errno.EEXIST, f"an interrupted re-encryption is pending in {JOURNAL}")
         jfd = os.open(_JOURNAL_TMP, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o600, dir_fd=dfd)
         try:
             new = ContentFile.create(jfd, hdr.mode, keys.wrapper, header=hdr)
-            for off in range(0, content.size, CHUNK):
-                new.write(off, content.read(off, CHUNK))
+            for off, end in _data_ranges(fd, content):
+                for o in range(off, end, CHUNK):
+                    new.write(o, content.read(o, min(CHUNK, end - o)))
+            if new.size < content.size:
+                new.truncate(content.size)  # a hole up to the end, then the final block
             length = os.fstat(jfd).st_size
             meta = json.dumps({"path": target, "dev": st.st_dev, "ino": st.st_ino,
                                "length": length}).encode()
@@ -233,22 +263,68 @@ def reencrypt(fd: int, content: ContentFile, keys: VolumeKeys, cfg: VolumeConfig
     return ContentFile(fd, hdr, content.size)
 
 
+def _data_ranges(fd: int, content: ContentFile) -> list[tuple[int, int]]:
+    """Plaintext ranges (start, end) to re-encrypt: all of it, except, in a file
+    flagged as sparse, whole blocks that are holes in the backing file (they
+    stay holes in the new image, so a sparse file stays sparse)."""
+    size = content.size
+    if not content.header.sparse or size == 0:
+        return [(0, size)]
+    out: list[tuple[int, int]] = []
+    n = -(-size // BLOCK)
+    final = n - 1
+    for i in range(n):
+        c_off = content.h_len + i * content.c_block
+        hole = i != final and _is_hole(fd, c_off, content.c_block)
+        if not hole:
+            start, end = i * BLOCK, min(size, (i + 1) * BLOCK)
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+    return out
+
+
+def _is_hole(fd: int, off: int, length: int) -> bool:
+    try:
+        return os.lseek(fd, off, os.SEEK_DATA) >= off + length
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data after off at all
+            return True
+        return False
+
+
 def _apply(jfd: int, fd: int, length: int) -> None:
-    """Copy the journal's file image over the target, in place."""
+    """Copy the journal's file image over the target, in place: cut the target
+    to nothing, copy the image's data ranges (its holes stay holes), set the
+    length.  A kill in between leaves the journal, which is copied again."""
+    os.ftruncate(fd, 0)
     off = 0
     while off < length:
         try:
-            n = os.copy_file_range(jfd, fd, min(CHUNK * 8, length - off), off, off)
+            start = os.lseek(jfd, off, os.SEEK_DATA)
         except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            if e.errno != errno.ENXIO:
                 raise
-            n = 0
-        if n <= 0:
-            data = os.pread(jfd, min(CHUNK, length - off), off)
-            if not data:
-                raise OSError(errno.EIO, "journal shorter than it says")
-            n = os.pwrite(fd, data, off)
-        off += n
+            break  # only a hole is left
+        if start >= length:
+            break
+        end = min(length, os.lseek(jfd, start, os.SEEK_HOLE))
+        pos = start
+        while pos < end:
+            try:
+                n = os.copy_file_range(jfd, fd, min(CHUNK * 8, end - pos), pos, pos)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                n = 0
+            if n <= 0:
+                data = os.pread(jfd, min(CHUNK, end - pos), pos)
+                if not data:
+                    raise OSError(errno.EIO, "journal shorter than it says")
+                n = os.pwrite(fd, data, pos)
+            pos += n
+        off = end
     os.ftruncate(fd, length)
     os.fsync(fd)
 
@@ -319,6 +395,7 @@ class Progress:
     bytes: int = 0  # plaintext bytes re-encrypted (or header bytes re-wrapped)
     skipped: list[str] = field(default_factory=list)  # backing paths this key cannot open
     damaged: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # could not be read or written (OSError)
     started: float = field(default_factory=time.monotonic)
     state: str = "running"  # running | finished | incomplete | failed
     message: str = ""
@@ -326,14 +403,21 @@ class Progress:
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "total": self.total, "done": self.done,
                 "changed": self.changed, "bytes": self.bytes, "skipped": len(self.skipped),
-                "damaged": len(self.damaged), "elapsed": time.monotonic() - self.started,
+                "damaged": len(self.damaged), "failed": len(self.failed),
+                "elapsed": time.monotonic() - self.started,
                 "state": self.state, "message": self.message,
-                "examples": (self.skipped + self.damaged)[:5]}
+                "examples": (self.failed + self.skipped + self.damaged)[:5]}
+
+
+def _raise(e: OSError) -> None:
+    raise e
 
 
 def regular_files(tree: str) -> Iterator[tuple[int, str, str]]:
-    """(directory fd, backing name, path relative to the tree) of every file entry."""
-    for top, _dirs, files, dfd in os.fwalk(tree):
+    """(directory fd, backing name, path relative to the tree) of every file
+    entry.  A directory that cannot be listed stops the walk (OSError): a
+    rotation must never forget keys that files it did not see still need."""
+    for top, _dirs, files, dfd in os.fwalk(tree, onerror=_raise):
         rel = os.path.relpath(top, tree)
         for n in files:
             if not is_cryptfs_entry(n):
@@ -375,7 +459,7 @@ def rotate_one(fd: int, content: ContentFile | None, keyring: Keyring, keys: Vol
 
 
 def keep_readable(fd: int, content: ContentFile | None, keyring: Keyring, keys: VolumeKeys,
-                  cfg: VolumeConfig) -> None:
+                  cfg: VolumeConfig) -> bool:
     """A file that failed re-encryption (a damaged block): if its header still
     opens, re-wrap it (and update ``content``, the caller's engine, if any),
     so it stays readable, but for that block, once the old generation is
@@ -387,8 +471,11 @@ def keep_readable(fd: int, content: ContentFile | None, keyring: Keyring, keys: 
             fresh = rewrapped(content.header, keys, cfg)
             write_header(fd, fresh)
             content.header = fresh
-    except (IntegrityError, NotARecipient, OSError):
-        pass
+    except (IntegrityError, NotARecipient):
+        return True  # the header itself does not open: no key makes it readable again
+    except OSError:
+        return False  # a header that still needs the old keys
+    return True
 
 
 def walk(vol: UnlockedVolume, kind: str, keyring: Keyring,
@@ -402,16 +489,12 @@ def walk(vol: UnlockedVolume, kind: str, keyring: Keyring,
             fd = os.open(n, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except FileNotFoundError:
             continue
+        except OSError as e:
+            prog.failed.append(f"tree/{rel} ({e.strerror})")
+            prog.done += 1
+            continue
         try:
-            new, nbytes = rotate_one(fd, None, keyring, vol.keys, vol.config, kind, vol.backing,
-                                     f"tree/{rel}")
-            prog.changed += new is not None
-            prog.bytes += nbytes
-        except NotARecipient:
-            prog.skipped.append(f"tree/{rel}")
-        except IntegrityError:
-            prog.damaged.append(f"tree/{rel}")
-            keep_readable(fd, None, keyring, vol.keys, vol.config)
+            step(fd, None, keyring, vol.keys, vol.config, prog, vol.backing, f"tree/{rel}")
         finally:
             os.close(fd)
         prog.done += 1
@@ -421,19 +504,49 @@ def walk(vol: UnlockedVolume, kind: str, keyring: Keyring,
     return prog
 
 
-def outcome(prog: Progress) -> None:
+def step(fd: int, content: ContentFile | None, keyring: Keyring, keys: VolumeKeys,
+         cfg: VolumeConfig, prog: Progress, backing: str, target: str) -> ContentFile | None:
+    """:func:`rotate_one`, with its outcome counted in ``prog``; returns the new
+    engine if the file changed."""
+    try:
+        new, nbytes = rotate_one(fd, content, keyring, keys, cfg, prog.kind, backing, target)
+    except NotARecipient:
+        prog.skipped.append(target)
+        return None
+    except IntegrityError:
+        prog.damaged.append(target)
+        if not keep_readable(fd, content, keyring, keys, cfg):
+            prog.failed.append(f"{target} (damaged, and its header could not be re-wrapped)")
+        return None
+    except OSError as e:
+        prog.failed.append(f"{target} ({e.strerror or e})")
+        return None
+    if new is not None:
+        prog.changed += 1
+        prog.bytes += nbytes
+    return new
+
+
+def outcome(prog: Progress, finished: bool) -> None:
     """The walk is over; say how it went.
 
-    The retired masters are forgotten either way: no symmetric header needs
-    them any more (every readable one was re-wrapped; a header that fails
-    authentication opens with no key).  What a walk cannot do is reported:
-    hybrid files that no key at hand opens keep their old file key and their
-    removed recipients, and damaged files keep their damage."""
-    if not (prog.skipped or prog.damaged):
+    The retired masters are forgotten (``finished``) unless a file could not
+    be read or written: no symmetric header needs them any more (every
+    readable one was re-wrapped; a header that fails authentication opens
+    with no key).  What a walk cannot do is reported: hybrid files that no
+    key at hand opens keep their old file key and their removed recipients,
+    damaged files keep their damage, and files that failed keep the old
+    generation, which is then kept too."""
+    if finished and not (prog.skipped or prog.damaged):
         prog.state = "finished"
         return
     prog.state = "incomplete"
     parts = []
+    if prog.failed:
+        parts.append(f"{len(prog.failed)} file(s) could not be read or written, so the old key "
+                     "generation is kept: fix that and run the same command again")
+    elif not finished:
+        parts.append("another rotation began meanwhile; run cryptfs rotate again")
     if prog.skipped:
         parts.append(f"{len(prog.skipped)} hybrid file(s) that no key at hand opens were left as "
                      "they were (the recovery key opens them)")
@@ -444,6 +557,8 @@ def outcome(prog: Progress) -> None:
 
 
 def conclude(vol: UnlockedVolume, prog: Progress) -> None:
-    os.sync()  # every rewritten header on disk before the old keys are forgotten
-    finish(vol)
-    outcome(prog)
+    finished = False
+    if not prog.failed:
+        os.sync()  # every rewritten header on disk before the old keys are forgotten
+        finished = finish(vol)
+    outcome(prog, finished)

@@ -101,7 +101,7 @@ def add_user(vol: Volume, name: str, role: str, passphrase: Secret, kdf: Kdf | N
     if slot_for_uid(cfg, fields["uid"]) is not None:
         raise UsageError(f"{name} (uid {fields['uid']}) already has a key slot",
                          hint=f"cryptfs user passwd {vol.backing} {name} to change the passphrase")
-    slot = cfg.make_slot(vol.keys.master, passphrase, name, kdf=kdf, **fields)
+    slot = cfg.make_slot(vol.keys, passphrase, name, kdf=kdf, **fields)
     cfg.slots.append(slot)
     vol.save_config()
     return slot
@@ -135,7 +135,7 @@ def set_passphrase(vol: Volume, slot: Slot, new: Secret, kdf: Kdf | None = None)
     """
     cfg = vol.config
     own = vol.slot.id == slot.id and vol.private is not None
-    fresh = cfg.make_slot(vol.keys.master, new, slot.label, kdf=kdf or slot.kdf,
+    fresh = cfg.make_slot(vol.keys, new, slot.label, kdf=kdf or slot.kdf,
                           slot_id=slot.id, private=vol.private if own else None, **slot.extra)
     fresh.created = slot.created
     cfg.slots = [fresh if s.id == slot.id else s for s in cfg.slots]

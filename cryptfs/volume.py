@@ -98,14 +98,14 @@ class Volume(UnlockedVolume):
     """Unlocked through a key slot (a passphrase)."""
 
     slot: Slot
-    private: Secret | None = None  # the user's X25519 key (None: a v1 slot)
+    private: Secret | None = None  # the user key: X25519 key || authority key (None: a v1 slot)
 
 
 @dataclass
 class RecoveredVolume(UnlockedVolume):
     """Unlocked through the volume's recovery key (cryptfs.recovery)."""
 
-    private: Secret | None = None  # the recovery private key
+    private: Secret | None = None  # the recovery key (private key [|| authority key])
 
 
 def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
@@ -129,11 +129,12 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
     except OSError as e:
         raise BackingIOError(f"{backing}: {e.strerror}") from None
     cfg = new_config(mode, kdf)
-    master = Secret(random_bytes(MASTER_KEY_LEN))
-    private = Secret(x25519.new_private_key())
+    keys = VolumeKeys(Secret(random_bytes(MASTER_KEY_LEN)), cfg.key_id)
+    private = x25519.new_private_key()
     label = str(first_user["user"]) if first_user else "owner"
-    cfg.slots.append(cfg.make_slot(master, passphrase, label, private=private, **(first_user or {})))
-    keys = VolumeKeys(master, cfg.key_id)
+    cfg.slots.append(cfg.make_slot(keys, passphrase, label, private=Secret(private),
+                                   **(first_user or {})))
+    user_key = Secret(private + keys.authority)
     cfg.seal(keys)
     try:
         os.mkdir(os.path.join(backing, TREE_NAME), 0o755)
@@ -145,7 +146,7 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
     except OSError as e:
         raise BackingIOError(f"cannot create the volume tree: {e.strerror}") from None
     save_config(backing, cfg)
-    return Volume(backing, cfg, keys, cfg.slots[0], private)
+    return Volume(backing, cfg, keys, cfg.slots[0], user_key)
 
 
 def read_volume(backing: str) -> LockedVolume:

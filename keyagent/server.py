@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config_at
+from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config_at, user_authority
 from cryptfs.errors import CryptfsError, NotAVolume
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.store import Session, Store, VolumeRef
@@ -242,21 +242,49 @@ class Agent:
         except CryptfsError:
             return False
 
+    @staticmethod
+    def _chained(cfg: Any, held: VolumeKeys, master: Secret, authority: bytes) -> bool:
+        """Whether ``master`` authenticates ``cfg`` and a holder of ``held``
+        (the generation this agent holds) made it: a running agent follows only
+        such a rotation, never an older config put back, nor one made by
+        someone who lacks the current master (a removed user)."""
+        try:
+            new = cfg.open_keys(master, authority)
+        except CryptfsError:
+            return False
+        try:
+            return bool(cfg.follows(held, new))
+        finally:
+            new.close()
+
     def _follow_rotation(self, vol: VolumeRef, cfg: Any) -> bool:
         """The volume's master key was rotated: open the new one with a session's
         private key, hold it, and send it to the mounts.  Sessions that cannot
         follow (a v1 slot, or a slot that no longer holds the new key) end.
         False if no session can (then the config is treated as replaced)."""
+        held_now = self.store.master(vol.key)
+        if held_now is None:
+            return False
+        held_keys = VolumeKeys(Secret(held_now[0].reveal()), held_now[1])
         new: Secret | None = None
-        for s in self.store.of_uid(None):
-            if s.volume.key != vol.key or s.private is None:
-                continue
-            slot = slot_for_uid(cfg, s.uid)
-            opened = cfg.slot_master(slot, s.private) if slot is not None else None
-            if opened is not None and self._authentic(cfg, opened.master):
-                new = opened.master
-                break
+        try:
+            for s in self.store.of_uid(None):
+                if s.volume.key != vol.key or s.private is None:
+                    continue
+                slot = slot_for_uid(cfg, s.uid)
+                opened = cfg.slot_master(slot, s.private) if slot is not None else None
+                if opened is None:
+                    continue
+                if self._chained(cfg, held_keys, opened.master, user_authority(s.private.reveal())):
+                    new = opened.master
+                    break
+                opened.master.wipe()
+        finally:
+            held_keys.close()
         if new is None:
+            log.error("volume %s at %s: its config has a key generation that no holder of the "
+                      "current one made (put back from earlier, or forged): not followed",
+                      vol.volume_id, vol.path)
             return False
         self.store.rekey(vol.key, new, cfg.key_id)
         log.info("volume %s at %s: its key was rotated to generation %d; sessions follow",
@@ -574,7 +602,7 @@ class Agent:
                 private.wipe()
 
         try:
-            keys = cfg.open_keys(master)
+            keys = cfg.open_keys(master, user_authority(private.reveal()) if private else None)
             # Argon2id took a while: if the config changed meanwhile (this
             # user removed?), decide by the config as it is now.
             if await self._fs(uid, self._stamp_at, dir_fd, real) != stamp:

@@ -187,7 +187,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vol = unlock(backing)
     try:
         cfg = vol.config
-        cfg.slots.append(cfg.make_slot(vol.keys.master, Secret(SECOND_PASSPHRASE), "second",
+        cfg.slots.append(cfg.make_slot(vol.keys, Secret(SECOND_PASSPHRASE), "second",
                                        kdf=TEST_KDF))
         cfg.seal(vol.keys)
         save_config(str(backing), cfg)

@@ -55,10 +55,14 @@ def _volume(tmp_path: Path, passfile: Path, mode: str) -> tuple[Path, Path]:
     assert f"recovery key written to {key}" in out
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     text = key.read_text()
-    assert "Keep it offline" in text and "CRYPTFS-RECOVERY-KEY-1:" in text
+    assert "Keep it offline" in text and "CRYPTFS-RECOVERY-KEY-2:" in text
     conf = json.loads((backing / "cryptfs.conf").read_text())
-    assert set(conf["recovery"]) == {"public", "wrapped"}
-    assert text.split(":")[-1].strip() not in (backing / "cryptfs.conf").read_text()
+    assert set(conf["recovery"]) == {"public", "wrapped", "auth"} and conf["recovery"]["auth"] is True
+    # Neither the private key nor the authority key is in the config.
+    line = next(ln for ln in text.splitlines() if ln.startswith("CRYPTFS-RECOVERY-KEY-2:"))
+    _, _, r_b64, a_b64 = line.split(":")
+    conf_text = (backing / "cryptfs.conf").read_text()
+    assert r_b64 not in conf_text and a_b64 not in conf_text
     return backing, key
 
 
