@@ -13,7 +13,7 @@ import click
 
 from cryptfs import rotate as rot
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
-from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError
+from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError, UsageError
 from cryptfs.mount import mounts
 from cryptfs.ops import ROTATE_XATTR
 from cryptfs.recovery import read_key_file, unlock_with_recovery_key
@@ -28,12 +28,16 @@ class RotationIncomplete(CryptfsError):
 
 
 def mount_of_backing(backing: str) -> str | None:
-    """The mountpoint where ``backing`` is mounted by cryptfs, if it is."""
-    want = "cryptfs:" + os.path.abspath(backing)
-    for mp, fstype, source in mounts():
-        if source == want and fstype.startswith("fuse"):
-            return mp
-    return None
+    """The mountpoint where ``backing`` is mounted by cryptfs, if it is (by its
+    real path, whatever path names it).  Refused if it is mounted more than
+    once: only one mount can walk the files, and the others would keep old
+    keys and file keys."""
+    want = "cryptfs:" + os.path.realpath(backing)
+    found = [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
+    if len(found) > 1:
+        raise UsageError(f"{backing} is mounted {len(found)} times ({', '.join(found)}): "
+                         "unmount all but one, then rotate")
+    return found[0] if found else None
 
 
 class Meter:

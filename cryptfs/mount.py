@@ -124,7 +124,7 @@ def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> set[str]:
     import pyfuse3
 
     opts = set(pyfuse3.default_options)
-    opts.add(f"fsname={FSNAME}:{os.path.abspath(vol.backing)}")
+    opts.add(f"fsname={FSNAME}:{os.path.realpath(vol.backing)}")
     opts.add(f"subtype={FSNAME}")
     for o in extra:
         if o in ("", "default_permissions"):

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import stat
+import struct
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from cryptfs.modes.content import ContentMode
 from cryptfs.modes.errors import NotARecipient
 from cryptfs.modes.wrap import (
     STANZA_PADDING,
+    STANZA_SYMMETRIC,
     X25519_BODY_LEN,
     Keyring,
     RecipientWrapper,
@@ -726,7 +728,16 @@ class CryptOperations(pyfuse3.Operations):
             self._check_recipient(inode.content, uid)
         if inode.content is None:
             try:
-                content = ContentFile.load(inode.fd, self._keyring(uid))
+                try:
+                    content = ContentFile.load(inode.fd, self._keyring(uid))
+                except BlockError:
+                    if not self._newer_generation(inode.fd):
+                        raise
+                    # Rotated by someone else (another mount, another namespace):
+                    # follow it through a slot key this mount holds, then retry.
+                    self._config_stamp = None
+                    self._refresh_config()
+                    content = ContentFile.load(inode.fd, self._keyring(uid))
             except NotARecipient:
                 raise pyfuse3.FUSEError(errno.EACCES) from None
             if inode.meta is not None and inode.meta != (content.overhead, content.h_len):
@@ -735,6 +746,17 @@ class CryptOperations(pyfuse3.Operations):
             inode.content = content
             inode.meta = (content.overhead, content.h_len)
         return inode.content
+
+    def _newer_generation(self, fd: int) -> bool:
+        """Whether the file's header names a key generation newer than this
+        mount's (so a rotation happened that this mount did not walk)."""
+        try:
+            stanzas = read_stanzas(fd)
+        except (IntegrityError, OSError):
+            return False
+        held = self.keys.key_id if self.keys is not None else 0
+        return any(st.type == STANZA_SYMMETRIC and struct.unpack_from(">I", st.body)[0] > held
+                   for st in stanzas if len(st.body) >= 4)
 
     def _unload_content(self, inode: Inode) -> None:
         """Forget the header once no handle is open: the next open checks it again."""

@@ -214,9 +214,13 @@ def fresh_header(hdr: FileHeader, keys: VolumeKeys, cfg: VolumeConfig) -> FileHe
 
 
 def write_header(fd: int, hdr: FileHeader) -> None:
+    """Rewrite a header in place; the file's times stay (a rotation changes no
+    plaintext: backups and make must not see every file as modified)."""
+    st = os.fstat(fd)
     data = hdr.encode()
     if os.pwrite(fd, data, 0) != len(data):
         raise OSError(errno.EIO, "short header write")
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def reencrypt(fd: int, content: ContentFile, keys: VolumeKeys, cfg: VolumeConfig,
@@ -242,14 +246,15 @@ def reencrypt(fd: int, content: ContentFile, keys: VolumeKeys, cfg: VolumeConfig
                 new.truncate(content.size)  # a hole up to the end, then the final block
             length = os.fstat(jfd).st_size
             meta = json.dumps({"path": target, "dev": st.st_dev, "ino": st.st_ino,
-                               "length": length}).encode()
+                               "length": length, "atime_ns": st.st_atime_ns,
+                               "mtime_ns": st.st_mtime_ns}).encode()
             tail = meta + _TRAILER.pack(len(meta), _MAGIC)
             if os.pwrite(jfd, tail, length) != len(tail):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os.fsync(jfd)
             os.rename(_JOURNAL_TMP, JOURNAL, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
-            _apply(jfd, fd, length)
+            _apply(jfd, fd, length, (st.st_atime_ns, st.st_mtime_ns))
             os.unlink(JOURNAL, dir_fd=dfd)
             os.fsync(dfd)
         except BaseException:
@@ -294,7 +299,7 @@ def _is_hole(fd: int, off: int, length: int) -> bool:
         return False
 
 
-def _apply(jfd: int, fd: int, length: int) -> None:
+def _apply(jfd: int, fd: int, length: int, times: tuple[int, int] | None) -> None:
     """Copy the journal's file image over the target, in place: cut the target
     to nothing, copy the image's data ranges (its holes stay holes), set the
     length.  A kill in between leaves the journal, which is copied again."""
@@ -326,6 +331,8 @@ def _apply(jfd: int, fd: int, length: int) -> None:
             pos += n
         off = end
     os.ftruncate(fd, length)
+    if times is not None:
+        os.utime(fd, ns=times)  # (the file's plaintext did not change)
     os.fsync(fd)
 
 
@@ -368,7 +375,8 @@ def replay_journal(backing: str) -> str | None:
                 if (st.st_dev, st.st_ino) != (meta["dev"], meta["ino"]):
                     raise NotAVolume(f"the re-encryption journal's file {target} was replaced",
                                      hint=f"the journal is kept: {backing}/{JOURNAL}")
-                _apply(jfd, fd, length)
+                times = (meta["atime_ns"], meta["mtime_ns"]) if "mtime_ns" in meta else None
+                _apply(jfd, fd, length, times)
             finally:
                 os.close(fd)
         except (ValueError, KeyError, TypeError):
