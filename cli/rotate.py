@@ -129,7 +129,9 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
             click.echo("done: new files use the new generation; existing files keep theirs "
                        "(--wrap-key re-wraps them)")
         return
-    click.echo("the old key generations are forgotten, but not everything was done:", err=True)
+    click.echo(("the old key generations are forgotten, but not everything was done:"
+                if prog.get("forgotten") else
+                "not finished: the old key generations are kept until it is:"), err=True)
     for e in prog.get("examples") or []:
         click.echo(f"  not done: {e}", err=True)
     if int(prog.get("failed", 0)):
@@ -139,7 +141,8 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
                           hint="fsck the volume; run cryptfs rotate again to finish")
     raise RotationIncomplete(f"rotation {state}: {prog.get('message')}",
                              hint="to include those hybrid files, rotate offline with "
-                                  "--recovery-key")
+                                  "--recovery-key" if int(prog.get("skipped", 0)) else
+                                  "run the same command again")
 
 
 def _through_mount(mnt: str, meter: Meter) -> dict[str, Any]:

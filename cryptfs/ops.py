@@ -412,12 +412,13 @@ class CryptOperations(pyfuse3.Operations):
         if key != hdr.file_key:
             raise IntegrityError("hybrid file key mismatch")
 
-    def _stat_config(self) -> tuple[int, int, int] | None:
+    def _stat_config(self) -> tuple[int, int, int, int] | None:
         try:
             st = os.stat(os.path.join(self.vol.backing, "cryptfs.conf"))
         except OSError:
             return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        # (ctime too: a writer can set the mtime and keep inode and size)
+        return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
 
     def _refresh_config(self) -> None:
         """Use the config again if it changed (a policy set, a user added, a key

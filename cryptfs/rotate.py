@@ -407,13 +407,14 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     state: str = "running"  # running | finished | incomplete | failed
     message: str = ""
+    forgotten: bool = False  # the retired generations were forgotten at the end
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "total": self.total, "done": self.done,
                 "changed": self.changed, "bytes": self.bytes, "skipped": len(self.skipped),
                 "damaged": len(self.damaged), "failed": len(self.failed),
                 "elapsed": time.monotonic() - self.started,
-                "state": self.state, "message": self.message,
+                "state": self.state, "message": self.message, "forgotten": self.forgotten,
                 "examples": (self.failed + self.skipped + self.damaged)[:5]}
 
 
@@ -545,6 +546,7 @@ def outcome(prog: Progress, finished: bool) -> None:
     key at hand opens keep their old file key and their removed recipients,
     damaged files keep their damage, and files that failed keep the old
     generation, which is then kept too."""
+    prog.forgotten = finished
     if finished and not (prog.skipped or prog.damaged):
         prog.state = "finished"
         return

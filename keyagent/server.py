@@ -14,6 +14,7 @@ reaches another connection.  Every request must arrive whole within
 from __future__ import annotations
 
 import errno
+import hmac
 import logging
 import math
 import os
@@ -147,7 +148,7 @@ class Agent:
         self._watchers: dict[str, set[_Watcher]] = {}
         self._seq = 0  # number of the last event sent to watchers
         self._acked = trio.Event()  # set (and replaced) whenever a watcher confirms or leaves
-        self._config_stamps: dict[str, tuple[int, int, int]] = {}  # volume key -> config stat
+        self._config_stamps: dict[str, tuple[int, ...]] = {}  # volume key -> config stat
         self._unlocking: set[int] = set()
         self._argon2 = trio.CapacityLimiter(opts.argon2_parallel)
         self._fs_limiters: dict[int, trio.CapacityLimiter] = {}
@@ -242,6 +243,40 @@ class Agent:
         except CryptfsError:
             return False
 
+    def _rotated_unlock(self, key: str, cfg: Any, master: Secret, private: Secret | None
+                        ) -> dict[str, Any] | None:
+        """An unlock that opened another generation than the one held for the
+        volume: a rotation the config watch has not seen yet is followed now
+        (sessions continue), anything else is refused as the watch would refuse
+        it (a config put back, or forged by a removed user who kept the
+        authority key), and the volume's sessions end.  None: go on."""
+        held = self.store.master(key)
+        if held is None or (held[1] == cfg.key_id
+                            and hmac.compare_digest(held[0].reveal(), master.reveal())):
+            return None
+        held_keys = VolumeKeys(Secret(held[0].reveal()), held[1])
+        try:
+            ok = private is not None and self._chained(cfg, held_keys, master,
+                                                        user_authority(private.reveal()))
+        finally:
+            held_keys.close()
+        if ok:
+            self.store.rekey(key, Secret(master.reveal()), cfg.key_id)
+            log.info("volume %s: its key was rotated to generation %d; sessions follow",
+                     cfg.volume_id.hex(), cfg.key_id)
+            copy = self.store.master(key)
+            assert copy is not None
+            self._notify(key, p.reply(event="keys", key_id=cfg.key_id, secret=True), copy[0])
+            return None
+        log.error("volume %s: an unlock opened a key generation that no holder of the current "
+                  "one made (a config put back from earlier, or forged): not followed, the "
+                  "unlock is refused", cfg.volume_id.hex())
+        self._end_volume(key, "its config has a key generation that was not made by a holder "
+                              "of the current one")
+        return p.error(p.NOT_A_VOLUME, "the volume's config has a key generation that the "
+                                       "running agent cannot verify: it was replaced or forged",
+                       )
+
     @staticmethod
     def _chained(cfg: Any, held: VolumeKeys, master: Secret, authority: bytes) -> bool:
         """Whether ``master`` authenticates ``cfg`` and a holder of ``held``
@@ -307,8 +342,8 @@ class Agent:
                                      "cannot follow: unlock again")
         return True
 
-    def _read_config(self, vol: VolumeRef, known: tuple[int, int, int] | None
-                     ) -> tuple[tuple[int, int, int], Any] | None:
+    def _read_config(self, vol: VolumeRef, known: tuple[int, ...] | None
+                     ) -> tuple[tuple[int, ...], Any] | None:
         """(stat, config) of ``vol``'s config, or None if its stat is ``known``."""
         dir_fd, directory, real = self._open_trusted(vol.path)
         try:
@@ -522,16 +557,17 @@ class Agent:
                                                  limiter=limiter)
 
     @staticmethod
-    def _stamp_at(dir_fd: int, real: str) -> tuple[int, int, int]:
+    def _stamp_at(dir_fd: int, real: str) -> tuple[int, ...]:
         """What tells one version of the config file from another (its stat)."""
         try:
             st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             raise NotAVolume(f"{real} is not a cryptfs volume (no {CONFIG_NAME})") from None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        # (ctime too: a writer can set the mtime and keep inode and size)
+        return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
 
     @classmethod
-    def _config_at(cls, dir_fd: int, real: str) -> tuple[tuple[int, int, int], VolumeConfig]:
+    def _config_at(cls, dir_fd: int, real: str) -> tuple[tuple[int, ...], VolumeConfig]:
         """The config and the stat it was read under (taken first, so a change
         made while it is read shows as a different stat later)."""
         return cls._stamp_at(dir_fd, real), load_config_at(dir_fd, real)
@@ -633,6 +669,10 @@ class Agent:
         finally:
             if keys is not None:
                 keys.close()
+        refused = self._rotated_unlock(key, cfg, master, private)
+        if refused is not None:
+            wipe()
+            return refused
         self.store.succeeded(uid, key)
         vol = VolumeRef(key, real, cfg.volume_id.hex())
         copy = Secret(private.reveal()) if private is not None else None
