@@ -442,7 +442,7 @@ class Cryptfs(Target):
 
     def create(self) -> None:
         super().create()
-        run(cryptfs_cmd() + ["init", "--mode", self.mode, "--passphrase-file",
+        run(cryptfs_cmd() + ["init", "--no-recovery-key", "--mode", self.mode, "--passphrase-file",
                              str(self.passfile), *self.KDF, str(self.backing)])
 
     def mount_args(self) -> list[str]:

@@ -67,7 +67,7 @@ class Volume:
         self.passfile = root / "pass"
         self.passfile.write_bytes(PASS)
         self.mnt.mkdir()
-        cli("init", str(self.backing), "--passphrase-file", str(self.passfile),
+        cli("init", "--no-recovery-key", str(self.backing), "--passphrase-file", str(self.passfile),
             "--kdf-memory", "8", "--kdf-iterations", "1")
 
     def mount(self) -> None:

@@ -40,20 +40,32 @@ def kdf_options(fn):  # type: ignore[no-untyped-def]
 @click.option("--role", type=click.Choice(ROLES), default="admin", show_default=True,
               help="Role of the first user.")
 @click.option("--recovery-key", "recovery_key", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Also make a recovery key and write its private half to FILE (a new file, "
+              help="Write the private half of the volume's recovery key to FILE (a new file, "
               "mode 0600), for the data owner to keep offline: with it alone, "
-              "`cryptfs recover` decrypts the whole volume.")
+              "`cryptfs recover` decrypts the whole volume, hybrid files included.")
+@click.option("--no-recovery-key", "no_recovery_key", is_flag=True,
+              help="Make the volume without a recovery key (files then depend on users' "
+              "passphrases alone).")
 @passphrase_option()
 @kdf_options
 @reports_errors
 def init(backing: str, mode: str, first_user: str | None, role: str, recovery_key: str | None,
-         passphrase_file: str | None, kdf_memory: int, kdf_iterations: int) -> None:
+         no_recovery_key: bool, passphrase_file: str | None, kdf_memory: int,
+         kdf_iterations: int) -> None:
     """Create a new encrypted volume in BACKING (a new or empty directory).
 
     Asks for the passphrase of the first key slot twice (unless
     --passphrase-file is given).  That slot belongs to a system user, so the
     key agent can unlock it for them; add more with `cryptfs user add`.
+    Every volume gets a recovery key (--recovery-key FILE) unless
+    --no-recovery-key says otherwise.
     """
+    if recovery_key is None and not no_recovery_key:
+        raise UsageError("name the file for the volume's recovery key: --recovery-key FILE",
+                         hint="the data owner keeps it offline; --no-recovery-key makes a "
+                              "volume without one")
+    if recovery_key is not None and no_recovery_key:
+        raise UsageError("--recovery-key and --no-recovery-key exclude each other")
     fields = user_fields(first_user or invoking_user("pass --user NAME"), role)
     pw = read_passphrase(passphrase_file, "New volume passphrase", confirm=True)
     key_fd = create_key_file(recovery_key) if recovery_key else None

@@ -21,7 +21,7 @@ printf 'demo passphrase, not for real use\n' > "$work/passphrase"
 mkdir "$mnt"
 
 step "1. Create a volume (AES-256-GCM; Argon2id key slot)"
-run cryptfs init "$work/backing" --passphrase-file "$work/passphrase" || exit 1
+run cryptfs init "$work/backing" --passphrase-file "$work/passphrase" --recovery-key "$work/backing.key" || exit 1
 run cryptfs info "$work/backing"
 
 step "2. Mount it and work normally"
@@ -79,7 +79,7 @@ echo "(exit code: $?)"
 step "7. One shared mount for many users: the key agent"
 echo "A second volume, owned by root's key slot; a key agent on a private socket."
 export CRYPTFS_AGENT_SOCKET="$work/agent.sock"
-run cryptfs init "$work/shared" --passphrase-file "$work/passphrase" || exit 1
+run cryptfs init "$work/shared" --passphrase-file "$work/passphrase" --no-recovery-key || exit 1
 cryptfs-agent --log-file "$work/agent.log" --idle-timeout 600 &
 agent_pid=$!
 for _ in $(seq 100); do [[ -S "$CRYPTFS_AGENT_SOCKET" ]] && break; sleep 0.05; done

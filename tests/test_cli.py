@@ -37,7 +37,7 @@ def test_every_command_has_help(command: str | None) -> None:
 
 def test_info_shows_format_and_slots_but_no_secrets(backing: Path) -> None:
     out = run_cli("info", str(backing)).stdout
-    assert "format:        cryptfs version 1" in out
+    assert "format:        cryptfs config version 2" in out
     assert "default mode:  aes-256-gcm" in out
     assert "slot 0: owner" in out and "argon2id 1 passes, 8 MiB" in out
     conf = (backing / "cryptfs.conf").read_text()
@@ -48,7 +48,7 @@ def test_info_shows_format_and_slots_but_no_secrets(backing: Path) -> None:
 
 
 def test_init_with_xchacha_and_kdf_options(tmp_path: Path, passfile: Path) -> None:
-    out = run_cli("init", str(tmp_path / "v"), "--mode", "xchacha20-poly1305",
+    out = run_cli("init", "--no-recovery-key", str(tmp_path / "v"), "--mode", "xchacha20-poly1305",
                   "--kdf-memory", "16", "--kdf-iterations", "2", "--passphrase-file", str(passfile))
     assert "mode xchacha20-poly1305" in out.stdout
     info = run_cli("info", str(tmp_path / "v")).stdout

@@ -322,7 +322,7 @@ def test_empty_passphrase_file(content: bytes, backing: Path, tmp_path: Path) ->
     pf.write_bytes(content)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    for args in (["init", str(tmp_path / "newvol"), "--kdf-memory", "8"],
+    for args in (["init", "--no-recovery-key", str(tmp_path / "newvol"), "--kdf-memory", "8"],
                  ["mount", str(backing), str(mnt)], ["fsck", str(backing)]):
         res = run_cli(*args, "--passphrase-file", str(pf), check=False)
         assert_one_error(res, 2, "the passphrase is empty")
@@ -346,7 +346,7 @@ def test_init_into_non_empty_dir(tmp_path: Path, passfile: Path) -> None:
     d = tmp_path / "full"
     d.mkdir()
     (d / "keep.txt").write_bytes(b"do not touch")
-    res = run_cli("init", str(d), "--passphrase-file", str(passfile), "--kdf-memory", "8",
+    res = run_cli("init", "--no-recovery-key", str(d), "--passphrase-file", str(passfile), "--kdf-memory", "8",
                   check=False)
     assert_one_error(res, 2, f"{d} is not empty")
     assert "cryptfs: hint: init needs an empty or new directory" in res.stderr
@@ -355,7 +355,7 @@ def test_init_into_non_empty_dir(tmp_path: Path, passfile: Path) -> None:
 
 def test_init_over_an_existing_volume(backing: Path, passfile: Path) -> None:
     conf = (backing / "cryptfs.conf").read_bytes()
-    res = run_cli("init", str(backing), "--passphrase-file", str(passfile), "--kdf-memory", "8",
+    res = run_cli("init", "--no-recovery-key", str(backing), "--passphrase-file", str(passfile), "--kdf-memory", "8",
                   check=False)
     assert_one_error(res, 2, f"{backing} is already a cryptfs volume")
     assert (backing / "cryptfs.conf").read_bytes() == conf
@@ -364,7 +364,7 @@ def test_init_over_an_existing_volume(backing: Path, passfile: Path) -> None:
 
 def test_unknown_mode_exit_2(tmp_path: Path, passfile: Path) -> None:
     d = tmp_path / "v"
-    res = run_cli("init", str(d), "--mode", "rot13", "--passphrase-file", str(passfile),
+    res = run_cli("init", "--no-recovery-key", str(d), "--mode", "rot13", "--passphrase-file", str(passfile),
                   check=False)
     assert_usage_error(res, "Invalid value for '--mode': 'rot13' is not one of")
     assert "aes-256-gcm" in res.stderr and "xchacha20-poly1305" in res.stderr
@@ -372,7 +372,7 @@ def test_unknown_mode_exit_2(tmp_path: Path, passfile: Path) -> None:
 
 
 def test_other_usage_errors_exit_2(backing: Path, tmp_path: Path, passfile: Path) -> None:
-    res = run_cli("init", str(tmp_path / "v"), "--kdf-memory", "1", "--passphrase-file",
+    res = run_cli("init", "--no-recovery-key", str(tmp_path / "v"), "--kdf-memory", "1", "--passphrase-file",
                   str(passfile), check=False)
     assert_usage_error(res, "Invalid value for '--kdf-memory'")
     res = run_cli("mount", str(backing), str(tmp_path), "--no-such-option", check=False)
@@ -380,3 +380,15 @@ def test_other_usage_errors_exit_2(backing: Path, tmp_path: Path, passfile: Path
     res = run_cli("fsck", check=False)
     assert_usage_error(res, "Missing argument 'BACKING'")
     assert not (tmp_path / "v").exists()
+
+
+def test_init_wants_a_recovery_key_decision(tmp_path: Path, passfile: Path) -> None:
+    """Every volume gets a recovery key unless the operator says otherwise."""
+    res = run_cli("init", str(tmp_path / "v"), "--passphrase-file", str(passfile),
+                  "--kdf-memory", "8", "--kdf-iterations", "1", check=False)
+    assert_one_error(res, 2, "name the file for the volume's recovery key: --recovery-key FILE")
+    assert "--no-recovery-key" in res.stderr and not (tmp_path / "v").exists()
+    res = run_cli("init", str(tmp_path / "v"), "--passphrase-file", str(passfile),
+                  "--recovery-key", str(tmp_path / "k"), "--no-recovery-key", check=False)
+    assert_one_error(res, 2, "exclude each other")
+    assert not (tmp_path / "v").exists() and not (tmp_path / "k").exists()

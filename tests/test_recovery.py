@@ -172,7 +172,7 @@ def test_wrong_or_missing_recovery_keys_are_refused(tmp_path: Path, passfile: Pa
                   check=False)
     assert res.returncode == 2 and "is not a cryptfs recovery key file" in res.stderr
     plain = tmp_path / "plain"
-    run_cli("init", str(plain), "--passphrase-file", str(passfile), *FAST)
+    run_cli("init", "--no-recovery-key", str(plain), "--passphrase-file", str(passfile), *FAST)
     text = key.read_text().replace(json.loads((backing / "cryptfs.conf").read_text())["volume_id"],
                                    json.loads((plain / "cryptfs.conf").read_text())["volume_id"])
     forged = tmp_path / "forged.key"

@@ -21,7 +21,7 @@ def vol(tmp_path: Path) -> tuple[Path, Path]:
     pf = tmp_path / "root.pass"
     pf.write_bytes(b"root secret\n")
     backing = tmp_path / "backing"
-    out = run_cli("init", str(backing), "--passphrase-file", str(pf), *FAST).stdout
+    out = run_cli("init", "--no-recovery-key", str(backing), "--passphrase-file", str(pf), *FAST).stdout
     assert "key slot 0 for root, role admin" in out
     return backing, pf
 
@@ -147,13 +147,13 @@ def test_slots_edited_by_hand_are_detected(vol: tuple[Path, Path], tmp_path: Pat
 def test_init_for_a_named_user(tmp_path: Path) -> None:
     ensure_users()
     pf = _pass(tmp_path, "p", b"carol secret")
-    out = run_cli("init", str(tmp_path / "b"), "--user", "cfs-carol", "--role", "supervisor",
+    out = run_cli("init", "--no-recovery-key", str(tmp_path / "b"), "--user", "cfs-carol", "--role", "supervisor",
                   "--passphrase-file", str(pf), *FAST).stdout
     assert "key slot 0 for cfs-carol, role supervisor" in out
     slot = _slots(tmp_path / "b")[0]
     assert (slot["user"], slot["uid"], slot["role"]) == (
         "cfs-carol", pwd.getpwnam("cfs-carol").pw_uid, "supervisor")
-    res = run_cli("init", str(tmp_path / "c"), "--user", "nobody-here-xyz",
+    res = run_cli("init", "--no-recovery-key", str(tmp_path / "c"), "--user", "nobody-here-xyz",
                   "--passphrase-file", str(pf), *FAST, check=False)
     assert res.returncode == 2 and "not a user of this system" in res.stderr
     assert not (tmp_path / "c").exists()
