@@ -346,7 +346,8 @@ def test_init_into_non_empty_dir(tmp_path: Path, passfile: Path) -> None:
     d = tmp_path / "full"
     d.mkdir()
     (d / "keep.txt").write_bytes(b"do not touch")
-    res = run_cli("init", "--no-recovery-key", str(d), "--passphrase-file", str(passfile), "--kdf-memory", "8",
+    res = run_cli("init", "--no-recovery-key", str(d), "--passphrase-file", str(passfile),
+                  "--kdf-memory", "8",
                   check=False)
     assert_one_error(res, 2, f"{d} is not empty")
     assert "cryptfs: hint: init needs an empty or new directory" in res.stderr
@@ -355,7 +356,8 @@ def test_init_into_non_empty_dir(tmp_path: Path, passfile: Path) -> None:
 
 def test_init_over_an_existing_volume(backing: Path, passfile: Path) -> None:
     conf = (backing / "cryptfs.conf").read_bytes()
-    res = run_cli("init", "--no-recovery-key", str(backing), "--passphrase-file", str(passfile), "--kdf-memory", "8",
+    res = run_cli("init", "--no-recovery-key", str(backing), "--passphrase-file", str(passfile),
+                  "--kdf-memory", "8",
                   check=False)
     assert_one_error(res, 2, f"{backing} is already a cryptfs volume")
     assert (backing / "cryptfs.conf").read_bytes() == conf

@@ -706,7 +706,8 @@ def _alices_volume(files: dict[str, bytes]) -> tuple[Path, Path, Mount]:
     d = shared_tempdir("cryptfs-review-")
     pw = pass_file(d, "alice", USERS[ALICE][1])
     backing = d / "b"
-    run_cli("init", "--no-recovery-key", str(backing), "--user", ALICE, "--passphrase-file", str(pw), *KDF_ARGS)
+    run_cli("init", "--no-recovery-key", str(backing), "--user", ALICE, "--passphrase-file", str(pw),
+            *KDF_ARGS)
     m = new_mount(d, backing, pw)
     m.start()
     try:

@@ -147,7 +147,8 @@ def test_slots_edited_by_hand_are_detected(vol: tuple[Path, Path], tmp_path: Pat
 def test_init_for_a_named_user(tmp_path: Path) -> None:
     ensure_users()
     pf = _pass(tmp_path, "p", b"carol secret")
-    out = run_cli("init", "--no-recovery-key", str(tmp_path / "b"), "--user", "cfs-carol", "--role", "supervisor",
+    out = run_cli("init", "--no-recovery-key", str(tmp_path / "b"), "--user", "cfs-carol",
+                  "--role", "supervisor",
                   "--passphrase-file", str(pf), *FAST).stdout
     assert "key slot 0 for cfs-carol, role supervisor" in out
     slot = _slots(tmp_path / "b")[0]
