@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -18,7 +20,7 @@ from cryptfs.mount import mounts
 from cryptfs.ops import ROTATE_XATTR
 from cryptfs.recovery import read_key_file, unlock_with_recovery_key
 from cryptfs.secret import Secret
-from cryptfs.volume import UnlockedVolume, open_volume
+from cryptfs.volume import UnlockedVolume, Volume, open_volume
 
 WAIT_FOR_MOUNT = 30.0  # seconds for a mount to take up a new key generation
 
@@ -198,17 +200,28 @@ def rotate(backing: str, kind: str | None, recovery_key: str | None,
     """
     if kind is None:
         raise click.UsageError("choose one of --slots, --wrap-key, --reencrypt")
+    with opened_for_rotation(backing, passphrase_file, "Passphrase", recovery_key) as (vol, recovery):
+        run_rotation(vol, kind, recovery)
+
+
+@contextlib.contextmanager
+def opened_for_rotation(backing: str, passphrase_file: str | None, prompt: str,
+                        recovery_key: str | None) -> Iterator[tuple[Volume, Secret | None]]:
+    """The volume opened with a passphrase, and the recovery key of
+    ``recovery_key`` (checked against it) if given; both wiped afterwards."""
     recovery, vid = None, b""
     if recovery_key is not None:
         vid, recovery = read_key_file(recovery_key)
-    pw = read_passphrase(passphrase_file, "Passphrase")
-    with pw:
-        vol = open_volume(backing, pw)
     try:
-        if recovery is not None:
-            unlock_with_recovery_key(vol.config, vid, recovery).close()
-        run_rotation(vol, kind, recovery)
+        pw = read_passphrase(passphrase_file, prompt)
+        with pw:
+            vol = open_volume(backing, pw)
+        try:
+            if recovery is not None:
+                unlock_with_recovery_key(vol.config, vid, recovery).close()
+            yield vol, recovery
+        finally:
+            vol.close()
     finally:
-        vol.close()
         if recovery is not None:
             recovery.wipe()

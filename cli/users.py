@@ -7,11 +7,10 @@ import os
 import click
 
 from cryptfs.cli.common import invoking_user, passphrase_option, read_passphrase, reports_errors
-from cryptfs.cli.rotate import run_rotation
+from cryptfs.cli.rotate import opened_for_rotation, run_rotation
 from cryptfs.cli.volume import kdf_options
 from cryptfs.config import Kdf, load_config
 from cryptfs.errors import UsageError, WrongPassphrase
-from cryptfs.recovery import read_key_file, unlock_with_recovery_key
 from cryptfs.users import ROLES, add_user, list_users, remove_user, set_passphrase, slot_for_name
 from cryptfs.volume import open_volume
 
@@ -75,23 +74,12 @@ def remove(backing: str, name: str, revoke: bool, recovery_key: str | None,
     """
     if recovery_key is not None and not revoke:
         raise UsageError("--recovery-key goes with --revoke")
-    recovery, vid = None, b""
-    if recovery_key is not None:
-        vid, recovery = read_key_file(recovery_key)
-    auth = read_passphrase(passphrase_file, "Passphrase of an existing user (to authorise)")
-    with auth:
-        vol = open_volume(backing, auth)
-    try:
-        if recovery is not None:
-            unlock_with_recovery_key(vol.config, vid, recovery).close()
+    with opened_for_rotation(backing, passphrase_file, "Passphrase of an existing user (to "
+                             "authorise)", recovery_key) as (vol, recovery):
         slot = remove_user(vol, name, save=not revoke)
         if revoke:
             # The slot goes with the new key generation, in one config write.
             run_rotation(vol, "wrap-key", recovery, new_generation=True)
-    finally:
-        vol.close()
-        if recovery is not None:
-            recovery.wipe()
     click.echo(f"removed {name} (key slot {slot.id})" + (", access revoked" if revoke else ""))
 
 

@@ -241,3 +241,32 @@ def shared_setup(agent_args: tuple[str, ...] = ("--idle-timeout", "0", "--backof
 
 # The same, as a context manager, for a test that needs its own options.
 shared_scenario = contextlib.contextmanager(shared_setup)
+
+
+class ScriptHolder:
+    """A Python ``script`` run as ``user`` on one file (its first argument),
+    which prints "opened", then answers each command read from stdin with one
+    line: a program that keeps a file open while the test acts around it."""
+
+    def __init__(self, user: str, path: Path, script: str) -> None:
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", "-c", script, str(path)], user=user, group=user,
+            extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd="/")
+        assert self.line() == "opened"
+
+    def line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    answer_line = line
+
+    def do(self, cmd: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.line()
+
+    def end(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
