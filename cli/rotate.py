@@ -92,11 +92,14 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
         started = time.monotonic()
         meter = Meter(running)
         prog: dict[str, Any]
+        idle: dict[str, Any] = {"state": "finished", "total": 0, "done": 0, "changed": 0, "bytes": 0,
+                "message": ""}
         if mnt is not None:
-            prog = _through_mount(mnt, meter)
+            # (--slots has nothing to walk: the mount is only told at once, if it
+            # can take the new generation now; else it does when a user unlocks.)
+            prog = _through_mount(mnt, meter, wait=running != "slots") or idle
         elif running == "slots":
-            prog = {"state": "finished", "total": 0, "done": 0, "changed": 0, "bytes": 0,
-                    "message": ""}
+            prog = idle
         else:
             privates = [vol.private_key.reveal()] if vol.private_key is not None else []
             if recovery is not None:
@@ -125,7 +128,7 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
         raise MountError(f"the rotation failed in the mount: {prog.get('message')}",
                          hint="run cryptfs rotate again to resume")
     if state == "finished":
-        if running != "slots":
+        if running != "slots" or mnt is not None:
             click.echo("done: the old key generations are forgotten")
         else:
             click.echo("done: new files use the new generation; existing files keep theirs "
@@ -147,8 +150,9 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
                                   "run the same command again")
 
 
-def _through_mount(mnt: str, meter: Meter) -> dict[str, Any]:
-    """Ask the mount on ``mnt`` to walk its files; follow its progress."""
+def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] | None:
+    """Ask the mount on ``mnt`` to walk its files; follow its progress.  None
+    if it does not hold the new generation and ``wait`` is false."""
     deadline = time.monotonic() + WAIT_FOR_MOUNT
     while True:
         try:
@@ -157,6 +161,8 @@ def _through_mount(mnt: str, meter: Meter) -> dict[str, Any]:
         except OSError as e:
             # EBUSY: the mount has not got the new key yet (an agent mount gets
             # it from the agent, which re-reads the config every 2 s).
+            if e.errno == errno.EBUSY and not wait:
+                return None
             if e.errno == errno.EBUSY and time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
