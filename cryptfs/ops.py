@@ -32,7 +32,7 @@ import pyfuse3
 import trio
 
 from cryptfs import rotate, sysio, tree
-from cryptfs.config import load_config, user_authority
+from cryptfs.config import CONFIG_NAME, load_config, user_authority
 from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
 from cryptfs.errors import CryptfsError
 from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
@@ -177,8 +177,10 @@ class CryptOperations(pyfuse3.Operations):
         # X25519 private keys that open hybrid files: per unlocked uid (gated,
         # from the agent), or the mount's own user's for every request.
         self._privates: dict[int, Secret] = {}
+        self._keyrings: dict[int | None, Keyring] = {}  # by uid (gated) or None: see _keyring
         self._own_private: Secret | None = getattr(vol, "private", None)
         self._plain_paths: dict[str, bytes | None] = {}  # backing dir path -> plaintext path
+        self._backing_fd = os.open(vol.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._config_stamp = self._stat_config()
         self._rotation: rotate.Progress | None = None
         self._rotation_wanted = trio.Event()
@@ -395,10 +397,18 @@ class CryptOperations(pyfuse3.Operations):
         return mode, RecipientWrapper(recipients, spare=HYBRID_SPARE)
 
     def _keyring(self, uid: int | None) -> Keyring:
+        """What opens headers for ``uid``: the volume's wrap keys and that user's
+        own X25519 key (gated), or the mount's user's.  Kept until the keys or
+        that user's key change (deriving the public key costs ~40 µs an open)."""
         assert self.keys is not None
-        priv = self._own_private if not self.gated else (
-            self._privates.get(uid) if uid is not None else None)
-        return self.keys.keyring([priv.reveal()] if priv is not None and len(priv) else [])
+        key = uid if self.gated else None
+        ring = self._keyrings.get(key)
+        if ring is None:
+            priv = self._own_private if not self.gated else (
+                self._privates.get(uid) if uid is not None else None)
+            ring = self.keys.keyring([priv.reveal()] if priv is not None and len(priv) else [])
+            self._keyrings[key] = ring
+        return ring
 
     def _check_recipient(self, content: ContentFile, uid: int) -> None:
         """A hybrid file's key already in memory is still only for its recipients."""
@@ -413,8 +423,8 @@ class CryptOperations(pyfuse3.Operations):
             raise IntegrityError("hybrid file key mismatch")
 
     def _stat_config(self) -> tuple[int, int, int, int] | None:
-        try:
-            st = os.stat(os.path.join(self.vol.backing, "cryptfs.conf"))
+        try:  # (through a descriptor of the backing directory: no path walk per create)
+            st = os.stat(CONFIG_NAME, dir_fd=self._backing_fd, follow_symlinks=False)
         except OSError:
             return None
         # (ctime too: a writer can set the mtime and keep inode and size)
@@ -476,6 +486,7 @@ class CryptOperations(pyfuse3.Operations):
             self._seen.add(uid)
 
     def _install(self, keys: VolumeKeys) -> None:
+        self._keyrings.clear()
         self.keys = keys
         self.codec = NameCodec(keys)
         self.wrapper = keys.wrapper
@@ -494,6 +505,7 @@ class CryptOperations(pyfuse3.Operations):
         if self.keys is not None:
             self.keys.close()
         self.keys = None
+        self._keyrings.clear()
         self.codec = _NO_KEYS
         self.wrapper = _NO_KEYS
         self.policy = Policy()
@@ -575,6 +587,7 @@ class CryptOperations(pyfuse3.Operations):
         log.info("nobody is unlocked any more: volume keys wiped")
 
     def _forget_privates(self, uid: int | None = None) -> None:
+        self._keyrings.clear()
         for u in [uid] if uid is not None else list(self._privates):
             priv = self._privates.pop(u, None)
             if priv is not None:
@@ -584,6 +597,7 @@ class CryptOperations(pyfuse3.Operations):
         """A user's X25519 key (for the hybrid files wrapped to them)."""
         self._forget_privates(uid)
         self._privates[uid] = Secret(private.reveal())
+        self._keyrings.clear()
 
     def agent_unlocked(self, uid: int, private: Secret | None = None) -> None:
         if not self._has_slot(uid):
@@ -1400,6 +1414,8 @@ class CryptOperations(pyfuse3.Operations):
         for inode in list(self._inodes.values()):
             os.close(inode.fd)
         self._inodes.clear()
+        os.close(self._backing_fd)
+        self._forget_privates()
 
 
 __all__ = ["CryptOperations", "BlockError"]
