@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import Mount
+from cryptfs import tree
 from cryptfs.config import Kdf
+from cryptfs.names import NameCodec
 from cryptfs.secret import Secret
 from cryptfs.users import add_user, user_fields
-from cryptfs.volume import init_volume
+from cryptfs.volume import init_volume, open_volume
 
 HERE = Path(__file__).parent
 AS_USER = str(HERE / "as_user.py")
@@ -270,3 +272,24 @@ class ScriptHolder:
     def end(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def backing_of(backing: Path, passphrase: bytes, rel: str) -> Path:
+    """The backing path of plaintext path ``rel`` (short names), found with the key
+    that ``passphrase`` opens."""
+    vol = open_volume(str(backing), Secret(passphrase))
+    try:
+        codec = NameCodec(vol.keys)
+        d = backing / "tree"
+        for part in rel.strip("/").split("/"):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                diriv = tree.read_diriv(fd)
+            finally:
+                os.close(fd)
+            name, full = codec.backing_name(part.encode(), diriv)
+            assert full is None
+            d = d / name
+        return d
+    finally:
+        vol.close()

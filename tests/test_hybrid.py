@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
+import multiuser
 from conftest import Mount, require_fuse, run_cli
-from cryptfs import tree
-from cryptfs.names import NameCodec
 from cryptfs.recovery import add_recovery, create_key_file
 from cryptfs.secret import Secret
 from cryptfs.users import add_user, remove_user
@@ -246,22 +245,7 @@ def Holder(user: str, path: Path) -> ScriptHolder:  # noqa: N802 - reads as the 
 
 def backing_of(backing: Path, rel: str) -> Path:
     """The backing file of plaintext path ``rel`` (short names), found with root's key."""
-    vol = open_volume(str(backing), Secret(ROOT_PASSPHRASE))
-    try:
-        codec = NameCodec(vol.keys)
-        d = backing / "tree"
-        for part in rel.strip("/").split("/"):
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                diriv = tree.read_diriv(fd)
-            finally:
-                os.close(fd)
-            name, full = codec.backing_name(part.encode(), diriv)
-            assert full is None, "a long name"
-            d = d / name
-        return d
-    finally:
-        vol.close()
+    return multiuser.backing_of(backing, ROOT_PASSPHRASE, rel)
 
 
 def header_of(path: Path) -> tuple[int, list[tuple[int, bytes]]]:

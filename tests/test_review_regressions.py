@@ -36,7 +36,6 @@ import pytest
 from conftest import CRYPTFS as CRYPTFS_CLI
 from conftest import PASSPHRASE, Mount, make_volume, new_mount, require_fuse, run_cli
 from cryptfs import rotate as rot
-from cryptfs import tree
 from cryptfs.config import (
     _SLOT_MASTER_LABEL,
     Recovery,
@@ -53,7 +52,6 @@ from cryptfs.keys import VolumeKeys
 from cryptfs.modes import x25519
 from cryptfs.modes.errors import IntegrityError, NotARecipient
 from cryptfs.modes.rand import random_bytes
-from cryptfs.names import NameCodec
 from cryptfs.recovery import add_recovery, create_key_file
 from cryptfs.secret import Secret
 from cryptfs.volume import open_volume
@@ -61,6 +59,7 @@ from multiuser import (
     ROOT_PASSPHRASE,
     USERS,
     Shared,
+    backing_of,
     cli_as,
     make_shared_volume,
     run_as,
@@ -105,24 +104,6 @@ def backing_files(backing: Path) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
-def backing_of(backing: Path, passphrase: bytes, rel: str) -> Path:
-    """The backing path of plaintext path ``rel`` (short names)."""
-    vol = open_volume(str(backing), Secret(passphrase))
-    try:
-        codec = NameCodec(vol.keys)
-        d = backing / "tree"
-        for part in rel.strip("/").split("/"):
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                diriv = tree.read_diriv(fd)
-            finally:
-                os.close(fd)
-            name, full = codec.backing_name(part.encode(), diriv)
-            assert full is None
-            d = d / name
-        return d
-    finally:
-        vol.close()
 
 
 def stanzas_of(path: Path) -> list[tuple[int, bytes]]:
