@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cryptfs import __version__
-from cryptfs.cli import agent, mounting, policy, rotate, users, volume
+from cryptfs.cli import agent, audit, mounting, policy, rotate, users, volume
 from cryptfs.cli.common import EXIT_CODE_HELP
 
 
@@ -21,7 +21,7 @@ def cli() -> None:
 
 for command in (volume.init, mounting.mount, mounting.unmount, agent.unlock, agent.lock,
                 agent.status, users.user, volume.info, volume.fsck, volume.passwd,
-                volume.recover, volume.export, policy.policy, policy.share, rotate.rotate):
+                volume.recover, volume.export, policy.policy, policy.share, rotate.rotate, audit.audit):
     cli.add_command(command)
 
 

@@ -1,0 +1,94 @@
+"""cryptfs audit init|verify: the tamper-evident access log."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from cryptfs import audit as al
+from cryptfs.cli.common import reports_errors
+from cryptfs.errors import CryptfsError, UsageError
+
+
+class LogDamaged(CryptfsError):
+    exit_code = 6
+
+
+@click.group()
+def audit() -> None:
+    """The access log: hash-chained records sealed by forward-evolving keys.
+
+    Every record is chained to the one before it; checkpoints signed with
+    Ed25519 seal the chain at intervals, each with a new key (the old one is
+    erased), so whoever takes the machine later cannot re-sign what was
+    sealed.  An auditor needs only the log and its first public key.
+    """
+
+
+@audit.command("init")
+@click.argument("logdir", type=click.Path(file_okay=False))
+@click.option("--log-id", default=None, metavar="NAME",
+              help="Name of the log in its checkpoints (default: the directory's name).")
+@reports_errors
+def init(logdir: str, log_id: str | None) -> None:
+    """Create an access log in LOGDIR and print its verifier key.
+
+    Give the printed key (also in LOGDIR/audit.pub) to the auditors, and keep
+    a copy away from the machine: with it alone, `cryptfs audit verify`
+    proves that sealed records were not changed.
+    """
+    name = log_id or os.path.basename(os.path.abspath(logdir))
+    if not name or any(c.isspace() or c == "/" for c in name):
+        raise UsageError(f"unusable log name {name!r}: no spaces or slashes")
+    pub = al.init_log(logdir, name)
+    click.echo(pub)
+
+
+def _read_key(key: str) -> bytes:
+    text = key
+    if os.path.exists(key):
+        try:
+            with open(key, encoding="utf-8") as f:
+                text = f.read(4096)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read the verifier key {key}: {getattr(e, 'strerror', e)}") \
+                from None
+    return al.parse_verifier(text)
+
+
+@audit.command("verify")
+@click.argument("logdir", type=click.Path(file_okay=False, exists=True))
+@click.option("--key", "key", required=True, metavar="PUB",
+              help="The log's verifier key (cryptfs-audit+...), or a file holding it "
+                   "(LOGDIR/audit.pub, from a copy kept elsewhere).")
+@click.option("--max-age", type=float, default=None, metavar="SECONDS",
+              help="Also fail if the last seal is older than this (a live log is sealed at "
+                   "least every minute: an old last seal means a cut tail).")
+@reports_errors
+def verify(logdir: str, key: str, max_age: float | None) -> None:
+    """Check the log in LOGDIR: exit 0 only if every sealed record is intact.
+
+    Reports valid, modified, missing, reordered, unsealed-tail and gap counts
+    and the first bad record.  Exit 6 on any problem.
+    """
+    v = al.verify(logdir, _read_key(key))
+    click.echo(f"segments: {v.segments}, seals: {v.epochs}")
+    click.echo(f"valid: {v.valid}  modified: {v.modified}  missing: {v.missing}  "
+               f"reordered: {v.reordered}  gaps: {v.gaps}  bad seals: {v.bad_seals}  "
+               f"unsealed tail: {v.unsealed}")
+    if v.last_seal_ns is not None:
+        age = time.time() - v.last_seal_ns / 1e9
+        click.echo(f"last seal: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(v.last_seal_ns / 1e9))}"
+                   f" ({age:.0f} s ago)")
+        if max_age is not None and age > max_age:
+            v.bad(logdir, f"the last seal is {age:.0f} s old (more than {max_age:g} s): "
+                          "the tail may have been cut")
+    if v.first_bad:
+        click.echo(f"first bad: {v.first_bad}")
+    if not v.ok:
+        raise LogDamaged(f"the access log in {logdir} does not verify "
+                         f"({len(v.problems)} problem(s))")
+    click.echo("verdict: valid" + (f" ({v.unsealed} record(s) after the last seal are not "
+                                   "proven yet)" if v.unsealed else ""))

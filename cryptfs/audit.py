@@ -1,0 +1,425 @@
+"""The access log: hash-chained records, sealed by forward-evolving Ed25519 keys.
+
+A log directory holds::
+
+    LOGDIR/audit.pub             the epoch-0 verifier key (what an auditor needs)
+    LOGDIR/audit.key             the writer's current signing seed and epoch (0600)
+    LOGDIR/segment-000001.log    JSON lines: a header, records, checkpoints
+    LOGDIR/segment-000002.log    ...
+
+**Chain.** Every record carries ``h = SHA-256(h_prev || canonical(record))``
+(``h_prev`` of the first record ever: 32 zero bytes); a segment's header
+names the index it must have and the ``h`` it continues from, so a segment
+renamed, removed or reordered breaks the chain.
+
+**Seals.** Every ``seal_every`` records or ``seal_seconds`` seconds, the
+writer appends a checkpoint: a C2SP signed note whose body names the log,
+the number of records so far, the last ``h``, the epoch, and the public key
+of the *next* epoch, signed with the key of this epoch.  Then it derives the
+next epoch's key and overwrites the old one in ``audit.key``.  An auditor
+starts from ``audit.pub`` (epoch 0) and follows the keys each checkpoint
+certifies; whoever takes the machine later holds only the current epoch's
+key and cannot re-sign an earlier epoch.  Records after the last checkpoint
+are the *unsealed tail*: the verifier counts them, but nothing proves them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from cryptfs.errors import BackingIOError, UsageError
+from cryptfs.modes.kdf import hkdf
+from cryptfs.modes.rand import random_bytes
+
+KEY_NAME = "cryptfs-audit"
+PUB_NAME = "audit.pub"
+KEY_FILE = "audit.key"
+SEGMENT_RE = re.compile(r"^segment-(\d{6})\.log$")
+ZERO = bytes(32)
+NOTE_SEP = "\n\u2014 "  # C2SP signed note: a blank line, then "— name sig" lines
+
+
+def canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def unb64(s: str) -> bytes:
+    return base64.b64decode(s, validate=True)
+
+
+def chain(prev: bytes, record: dict[str, Any]) -> bytes:
+    return hashlib.sha256(prev + canonical(record)).digest()
+
+
+def key_hash(public: bytes) -> bytes:
+    """The 4-byte key id of a signed note: SHA-256(name || LF || 0x01 || key)[:4]."""
+    return hashlib.sha256(KEY_NAME.encode() + b"\n\x01" + public).digest()[:4]
+
+
+def verifier_text(public: bytes) -> str:
+    """A note verifier key: name+keyid+base64(0x01 || key) (as C2SP signed-note)."""
+    data = b64(bytes([1]) + public)
+    return f"{KEY_NAME}+{key_hash(public).hex()}+{data}"
+
+
+def parse_verifier(text: str) -> bytes:
+    try:
+        name, kid, data = text.strip().split("+", 2)
+        raw = unb64(data)
+    except ValueError:
+        raise UsageError("not an audit verifier key (expected cryptfs-audit+<id>+<key>)") from None
+    if name != KEY_NAME or len(raw) != 33 or raw[0] != 1 or key_hash(raw[1:]).hex() != kid:
+        raise UsageError("not an audit verifier key (expected cryptfs-audit+<id>+<key>)")
+    return raw[1:]
+
+
+def _evolve(seed: bytes) -> bytes:
+    return hkdf(seed, b"cryptfs/audit/next-epoch")
+
+
+def _public(seed: bytes) -> bytes:
+    return bytes(nacl.signing.SigningKey(seed).verify_key)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    log_id: str
+    size: int  # records so far
+    root: bytes  # the last record's h
+    epoch: int
+    next_key: bytes  # the public key of epoch + 1
+    time_ns: int
+
+    def body(self) -> str:
+        return (f"{KEY_NAME}/{self.log_id}\n{self.size}\n{b64(self.root)}\n"
+                f"epoch {self.epoch}\nnext {b64(self.next_key)}\ntime {self.time_ns}\n")
+
+    def sign(self, seed: bytes) -> str:
+        sk = nacl.signing.SigningKey(seed)
+        sig = sk.sign(self.body().encode()).signature
+        return self.body() + NOTE_SEP + f"{KEY_NAME} {b64(key_hash(_public(seed)) + sig)}\n"
+
+    @classmethod
+    def open(cls, note: str, public: bytes) -> Checkpoint:
+        """Parse a signed note and check its signature with ``public``."""
+        body, sep, sigline = note.partition(NOTE_SEP)
+        if not sep:
+            raise ValueError("not a signed note")
+        name, _, sig_b64 = sigline.strip().partition(" ")
+        raw = unb64(sig_b64)
+        if name != KEY_NAME or len(raw) != 68 or raw[:4] != key_hash(public):
+            raise ValueError("signed by another key")
+        try:
+            nacl.signing.VerifyKey(public).verify(body.encode(), raw[4:])
+        except nacl.exceptions.BadSignatureError:
+            raise ValueError("bad signature") from None
+        lines = body.split("\n")
+        origin, size, root, epoch, nxt, when = lines[:6]
+        if not origin.startswith(KEY_NAME + "/") or not epoch.startswith("epoch ") \
+                or not nxt.startswith("next ") or not when.startswith("time "):
+            raise ValueError("malformed checkpoint")
+        return cls(origin[len(KEY_NAME) + 1:], int(size), unb64(root), int(epoch[6:]),
+                   unb64(nxt[5:]), int(when[5:]))
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def init_log(logdir: str, log_id: str) -> str:
+    """Create a log directory: the epoch-0 key pair; returns the verifier key text."""
+    try:
+        os.makedirs(logdir, mode=0o700, exist_ok=True)
+        if any(n == KEY_FILE or SEGMENT_RE.match(n) for n in os.listdir(logdir)):
+            raise UsageError(f"{logdir} already holds an audit log")
+    except OSError as e:
+        raise BackingIOError(f"{logdir}: {e.strerror}") from None
+    seed = random_bytes(32)
+    pub = verifier_text(_public(seed))
+    _write_state(logdir, {"log": log_id, "epoch": 0, "seed": b64(seed), "segment": 1,
+                          "seq": 0, "h": b64(ZERO)})
+    _replace(logdir, PUB_NAME, (pub + "\n").encode(), 0o644)
+    return pub
+
+
+def _write_state(logdir: str, state: dict[str, Any]) -> None:
+    # Replaced, not rewritten in place: the old epoch's seed is in no file any
+    # more once the rename is on disk (what the filesystem keeps of freed
+    # blocks is outside what a file API can erase: docs/AUDIT.md).
+    _replace(logdir, KEY_FILE, (json.dumps(state, sort_keys=True) + "\n").encode(), 0o600)
+
+
+def _replace(logdir: str, name: str, data: bytes, mode: int) -> None:
+    """Atomically give ``name`` the content ``data``, on disk when this returns."""
+    dfd = os.open(logdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tmp = f".{name}.{random_bytes(6).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=dfd)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(28, "short write")
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=dfd)
+            raise
+        os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class AuditLog:
+    """The writer.  Not thread-safe: one per log directory (the mount's)."""
+
+    def __init__(self, logdir: str, seal_every: int = 1000, seal_seconds: float = 60.0,
+                 segment_bytes: int = 16 << 20, segment_seconds: float = 86400.0,
+                 clock: Any = time.time_ns) -> None:
+        self.logdir = logdir
+        self.seal_every = seal_every
+        self.seal_seconds = seal_seconds
+        self.segment_bytes = segment_bytes
+        self.segment_seconds = segment_seconds
+        self.clock = clock
+        try:
+            with open(os.path.join(logdir, KEY_FILE), encoding="utf-8") as f:
+                st = json.load(f)
+            self.log_id: str = st["log"]
+            self.epoch: int = st["epoch"]
+            self._seed = bytearray(unb64(st["seed"]))
+            self.segment: int = st["segment"]
+            self.seq: int = st["seq"]
+            self.h: bytes = unb64(st["h"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{logdir} is not a usable audit log ({getattr(e, 'strerror', e)})",
+                             hint="create one with: cryptfs audit init LOGDIR") from None
+        self._recover_tail()
+        self._fd = -1
+        self._opened = 0.0
+        self._unsealed = 0
+        self._last_seal = time.monotonic()
+        self._open_segment()
+
+    # The state file is written at each seal; records after it are in the
+    # segment but not in the state: pick the chain up from the segment.
+    def _recover_tail(self) -> None:
+        path = self._segment_path(self.segment)
+        if not os.path.exists(path):
+            return
+        for obj in _lines(path):
+            if "seq" in obj and obj["seq"] == self.seq + 1:
+                self.seq, self.h = obj["seq"], unb64(obj["h"])
+
+    def _segment_path(self, n: int) -> str:
+        return os.path.join(self.logdir, f"segment-{n:06d}.log")
+
+    def _open_segment(self) -> None:
+        path = self._segment_path(self.segment)
+        new = not os.path.exists(path)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._opened = time.monotonic()
+        if new:
+            self._append({"segment": self.segment, "log": self.log_id, "prev": b64(self.h),
+                          "first_seq": self.seq + 1})
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        data = canonical(obj) + b"\n"
+        n = os.write(self._fd, data)
+        if n != len(data):
+            raise OSError(28, "short write to the audit log")
+
+    def record(self, **fields: Any) -> dict[str, Any]:
+        """Append one record (raises OSError if it cannot be written: the
+        caller decides whether the access then goes ahead)."""
+        rec = {"seq": self.seq + 1, "time_ns": self.clock(), "log": self.log_id, **fields}
+        h = chain(self.h, rec)
+        self._append({**rec, "h": b64(h)})
+        self.seq, self.h = rec["seq"], h
+        self._unsealed += 1
+        if self._unsealed >= self.seal_every or time.monotonic() - self._last_seal >= self.seal_seconds:
+            self.seal()
+        return rec
+
+    def seal(self) -> None:
+        """Sign a checkpoint with this epoch's key, then move to the next epoch."""
+        seed = bytes(self._seed)
+        nxt = _evolve(seed)
+        cp = Checkpoint(self.log_id, self.seq, self.h, self.epoch, _public(nxt), self.clock())
+        self._append({"checkpoint": cp.sign(seed)})
+        os.fsync(self._fd)
+        self.epoch += 1
+        for i in range(len(self._seed)):
+            self._seed[i] = 0
+        self._seed = bytearray(nxt)
+        if (os.fstat(self._fd).st_size >= self.segment_bytes
+                or time.monotonic() - self._opened >= self.segment_seconds):
+            os.close(self._fd)
+            self.segment += 1
+            self._save_state()
+            self._open_segment()
+        else:
+            self._save_state()
+        self._unsealed = 0
+        self._last_seal = time.monotonic()
+
+    def _save_state(self) -> None:
+        _write_state(self.logdir, {"log": self.log_id, "epoch": self.epoch,
+                                   "seed": b64(bytes(self._seed)), "segment": self.segment,
+                                   "seq": self.seq, "h": b64(self.h)})
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            if self._unsealed:
+                self.seal()
+            os.close(self._fd)
+            self._fd = -1
+        for i in range(len(self._seed)):
+            self._seed[i] = 0
+
+
+# -- verifying -------------------------------------------------------------------------------------
+def _lines(path: str) -> Iterator[dict[str, Any]]:
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                obj = {"_unparsable": raw[:80].decode("utf-8", "replace")}
+            yield obj if isinstance(obj, dict) else {"_unparsable": str(obj)[:80]}
+
+
+@dataclass
+class Verdict:
+    valid: int = 0  # records whose chain and seal check out
+    modified: int = 0  # records whose hash does not match their content
+    missing: int = 0  # records a checkpoint or the sequence says exist but are not there
+    reordered: int = 0  # segments out of order (by name, header or sequence)
+    unsealed: int = 0  # records after the last checkpoint
+    gaps: int = 0  # breaks in the sequence numbers
+    bad_seals: int = 0  # checkpoints that do not verify or do not match the chain
+    first_bad: str | None = None
+    segments: int = 0
+    epochs: int = 0
+    last_seal_ns: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.modified or self.missing or self.reordered or self.gaps
+                    or self.bad_seals or self.problems)
+
+    def bad(self, where: str, what: str) -> None:
+        self.problems.append(f"{where}: {what}")
+        if self.first_bad is None:
+            self.first_bad = f"{where}: {what}"
+
+
+def verify(logdir: str, public: bytes) -> Verdict:
+    """Check a log directory with the epoch-0 public key alone."""
+    v = Verdict()
+    try:
+        names = sorted(n for n in os.listdir(logdir) if SEGMENT_RE.match(n))
+    except OSError as e:
+        raise BackingIOError(f"{logdir}: {e.strerror}") from None
+    if not names:
+        return v  # a log nothing was written to yet
+    key, epoch, h, seq = public, 0, ZERO, 0
+    pending = 0  # records since the last good seal
+    pending_bad = 0  # of which do not match their hash
+    expected_index = 1
+    log_id: str | None = None
+    for name in names:
+        index = int(SEGMENT_RE.match(name).group(1))  # type: ignore[union-attr]
+        v.segments += 1
+        if index != expected_index:
+            v.missing += 1
+            v.bad(name, f"segment {expected_index} is missing (the next present is {index})")
+        expected_index = index + 1
+        first = True
+        for obj in _lines(os.path.join(logdir, name)):
+            where = f"{name} seq {obj.get('seq', '?')}"
+            if "_unparsable" in obj:
+                v.modified += 1
+                v.bad(name, f"a line that is not JSON: {obj['_unparsable']!r}")
+                continue
+            if first:
+                first = False
+                if "segment" not in obj:
+                    v.bad(name, "no segment header")
+                else:
+                    if obj.get("segment") != index:
+                        v.reordered += 1
+                        v.bad(name, f"its header says segment {obj.get('segment')}: renamed or "
+                                    "reordered")
+                    if log_id is not None and obj.get("log") != log_id:
+                        v.bad(name, "belongs to another log")
+                    if obj.get("prev") != b64(h):
+                        v.bad(name, "does not continue from the previous segment's last record")
+                    continue
+            if "checkpoint" in obj:
+                try:
+                    cp = Checkpoint.open(obj["checkpoint"], key)
+                except (ValueError, TypeError) as e:
+                    v.bad_seals += 1
+                    v.bad(name, f"checkpoint of epoch {epoch} does not verify ({e}): re-sealed "
+                                "or edited")
+                    continue
+                if cp.epoch != epoch or cp.size != seq or cp.root != h:
+                    v.bad_seals += 1
+                    if cp.size > seq:
+                        v.missing += cp.size - seq
+                    v.bad(name, f"checkpoint of epoch {cp.epoch} seals {cp.size} records, "
+                                f"but the chain has {seq}")
+                    continue
+                log_id = log_id or cp.log_id
+                v.valid += pending - pending_bad
+                pending = pending_bad = 0
+                key, epoch = cp.next_key, epoch + 1
+                v.epochs += 1
+                v.last_seal_ns = cp.time_ns
+                continue
+            if "seq" not in obj or "h" not in obj:
+                v.modified += 1
+                v.bad(where, "not a record")
+                continue
+            rec = {k: val for k, val in obj.items() if k != "h"}
+            if obj["seq"] != seq + 1:
+                if obj["seq"] <= seq:
+                    v.reordered += 1
+                    v.bad(where, f"sequence goes back (after {seq})")
+                else:
+                    v.gaps += 1
+                    v.missing += obj["seq"] - seq - 1
+                    v.bad(where, f"records {seq + 1}..{obj['seq'] - 1} are missing")
+            got = chain(h, rec)
+            try:
+                claimed = unb64(obj["h"])
+            except (ValueError, TypeError):
+                claimed = b""
+            if got != claimed:
+                # Either the record was edited (its content no longer gives its h)
+                # or something before it changed (then its h is right but the chain
+                # it continues is not).
+                v.modified += 1
+                pending_bad += 1
+                v.bad(where, "its content does not match its hash: edited, or the chain before "
+                             "it was")
+            h, seq = claimed or got, obj["seq"]
+            pending += 1
+    v.unsealed = pending
+    return v
