@@ -7,6 +7,7 @@ import os
 
 import click
 
+from cryptfs.audit import check_log
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
 from cryptfs.errors import UsageError
 from cryptfs.keyagent.client import socket_path
@@ -34,11 +35,18 @@ from cryptfs.volume import open_volume, read_volume
 @click.option("--agent-socket", metavar="PATH",
               help="The key agent's socket (default: $CRYPTFS_AGENT_SOCKET or "
               "/run/cryptfs/agent.sock).")
+@click.option("--audit-log", "audit_log", type=click.Path(file_okay=False), metavar="LOGDIR",
+              help="Record every access in this access log (made by `cryptfs audit init`).  "
+                   "An access that cannot be recorded is refused.")
+@click.option("--audit-fail-open", is_flag=True,
+              help="With --audit-log: if the log cannot be written, serve anyway and raise an "
+                   "alarm in the daemon's log (default: refuse).")
 @passphrase_option()
 @reports_errors
 def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
           log_file: str | None, pid_file: str | None, use_agent: bool,
-          agent_socket: str | None, passphrase_file: str | None) -> None:
+          agent_socket: str | None, audit_log: str | None, audit_fail_open: bool,
+          passphrase_file: str | None) -> None:
     """Unlock BACKING and mount its plaintext view on MOUNTPOINT.
 
     Returns once the filesystem is ready; the filesystem daemon stays in the
@@ -51,6 +59,12 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
     """
     check_mountpoint(mountpoint)  # fail before asking for a passphrase
     opts = [o.strip() for group in options for o in group.split(",") if o.strip()]
+    if audit_fail_open and audit_log is None:
+        raise UsageError("--audit-fail-open goes with --audit-log")
+    audit = None
+    if audit_log is not None:
+        check_log(audit_log)
+        audit = (os.path.abspath(audit_log), audit_fail_open)
     if use_agent:
         if passphrase_file is not None:
             raise UsageError("--agent mounts take no passphrase: users unlock with cryptfs unlock")
@@ -65,7 +79,7 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         extra = [] if "exec" in opts else ["noexec"]
         mount_volume(locked, mountpoint, foreground=foreground,
                      options=[*opts, *extra, "allow_other", "default_permissions"],
-                     log_file=log_file, pid_file=pid_file, side_tasks=[link])
+                     log_file=log_file, pid_file=pid_file, side_tasks=[link], audit=audit)
         return
     if agent_socket is not None:
         raise UsageError("--agent-socket needs --agent")
@@ -78,7 +92,7 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         vol.close()
         raise
     mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file,
-                 pid_file=pid_file)
+                 pid_file=pid_file, audit=audit)
 
 
 @click.command()

@@ -26,9 +26,12 @@ are the *unsealed tail*: the verifier counts them, but nothing proves them.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
+import logging
 import os
+import pwd
 import re
 import time
 from collections.abc import Iterator
@@ -41,6 +44,8 @@ import nacl.signing
 from cryptfs.errors import BackingIOError, UsageError
 from cryptfs.modes.kdf import hkdf
 from cryptfs.modes.rand import random_bytes
+
+log = logging.getLogger("cryptfs")
 
 KEY_NAME = "cryptfs-audit"
 PUB_NAME = "audit.pub"
@@ -184,6 +189,13 @@ def _replace(logdir: str, name: str, data: bytes, mode: int) -> None:
         os.close(dfd)
 
 
+def check_log(logdir: str) -> None:
+    """Refuse (UsageError) a directory that holds no audit log."""
+    if not os.path.isfile(os.path.join(logdir, KEY_FILE)):
+        raise UsageError(f"{logdir} holds no access log",
+                         hint=f"create one with: cryptfs audit init {logdir}")
+
+
 class AuditLog:
     """The writer.  Not thread-safe: one per log directory (the mount's)."""
 
@@ -238,10 +250,19 @@ class AuditLog:
                           "first_seq": self.seq + 1})
 
     def _append(self, obj: dict[str, Any]) -> None:
+        """One whole line, or nothing (a torn line would break the chain)."""
         data = canonical(obj) + b"\n"
-        n = os.write(self._fd, data)
-        if n != len(data):
-            raise OSError(28, "short write to the audit log")
+        start = os.fstat(self._fd).st_size
+        try:
+            n = os.write(self._fd, data)
+            if n != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
 
     def record(self, **fields: Any) -> dict[str, Any]:
         """Append one record (raises OSError if it cannot be written: the
@@ -423,3 +444,83 @@ def verify(logdir: str, public: bytes) -> Verdict:
             pending += 1
     v.unsealed = pending
     return v
+
+
+# -- what a mount records ----------------------------------------------------------------------------
+class Auditor:
+    """One record per event of a mount, with who did it and with which program.
+
+    Fail closed (the default): when a record cannot be written (disk full,
+    permission), :meth:`write` returns False and the caller refuses the
+    access; until a record can be written again, :attr:`broken` is set and
+    the mount serves no plaintext at all.  Fail open: the access goes ahead
+    and the mount's log raises an alarm.
+    """
+
+    RETRY_EVERY = 1.0  # seconds between attempts while broken
+
+    def __init__(self, log: AuditLog, volume_id: str, fail_open: bool = False) -> None:
+        self.log = log
+        self.volume_id = volume_id
+        self.fail_open = fail_open
+        self.broken = False
+        self._users: dict[int, str] = {}
+        self._last_try = 0.0
+
+    def user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self._users[uid] = name
+        return name
+
+    @staticmethod
+    def exe(pid: int) -> str:
+        """The requesting process's executable ("" if it cannot be read: pid 0,
+        a process already gone, or another namespace)."""
+        if pid <= 0:
+            return ""
+        try:
+            return os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return ""
+
+    def write(self, event: str, outcome: str, uid: int, pid: int, **fields: Any) -> bool:
+        """Record an event; False if it could not be written and the access
+        must be refused (fail closed)."""
+        if "exe" not in fields:
+            fields["exe"] = self.exe(pid)
+        try:
+            self.log.record(volume=self.volume_id, event=event, outcome=outcome, uid=uid,
+                            user=self.user(uid), pid=pid, **fields)
+        except OSError as e:
+            if not self.broken:
+                log.error(
+                    "ALARM: cannot write the access log (%s): %s", e.strerror or e,
+                    "continuing without it (fail-open)" if self.fail_open
+                    else "no access is served until it can be written")
+            self.broken = True
+            self._last_try = time.monotonic()
+            return self.fail_open
+        if self.broken:
+            self.broken = False
+            log.warning("the access log can be written again")
+        return True
+
+    def usable(self) -> bool:
+        """Whether plaintext may be served now: the log works, or it is fail-open.
+        While broken, it tries again at most once a second."""
+        if not self.broken or self.fail_open:
+            return True
+        if time.monotonic() - self._last_try < self.RETRY_EVERY:
+            return False
+        return self.write("log-resumed", "allowed", os.geteuid(), 0)
+
+    def close(self) -> None:
+        try:
+            self.log.close()
+        except OSError:
+            pass

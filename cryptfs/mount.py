@@ -134,7 +134,8 @@ def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> set[str]:
 
 
 def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int | None,
-          pid_file: str | None = None, side_tasks: Sequence[SideTask] = ()) -> int:
+          pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
+          audit: tuple[str, bool] | None = None) -> int:
     """Mount, signal readiness on ``ready_fd``, serve until unmounted."""
     import pyfuse3
     import trio
@@ -158,6 +159,13 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
     # sends; the daemon's own umask must not mask it a second time.
     os.umask(0)
     ops = CryptOperations(vol)
+    if audit is not None:
+        from cryptfs.audit import AuditLog, Auditor
+        logdir, fail_open = audit
+        ops.audit = Auditor(AuditLog(logdir), vol.config.volume_id.hex(), fail_open)
+        if not ops.audit.write("mount", "allowed", os.getuid(), os.getpid(), path=mnt,
+                               backing=vol.backing):
+            raise MountError(f"cannot write the access log in {logdir}")
     try:
         pyfuse3.init(ops, mnt, options)
     except RuntimeError as e:
@@ -199,6 +207,9 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
     finally:
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
+        if ops.audit is not None:
+            ops.audit.write("unmount", "allowed", os.getuid(), os.getpid(), path=mnt)
+            ops.audit.close()
         ops.close()
         vol.close()
         log.info("unmounted %s", mnt)
@@ -207,7 +218,8 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
 
 def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: bool,
                  options: Iterable[str], log_file: str | None = None,
-                 pid_file: str | None = None, side_tasks: Sequence[SideTask] = ()) -> None:
+                 pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
+                 audit: tuple[str, bool] | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
     opts = fuse_options(vol, options)
     if log_file:
@@ -216,7 +228,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
         pid_file = os.path.abspath(pid_file)
     if foreground:
         setup_logging(log_file, foreground=True)
-        serve(vol, mnt, opts, None, pid_file, side_tasks)
+        serve(vol, mnt, opts, None, pid_file, side_tasks, audit)
         return
 
     r, w = os.pipe()
@@ -231,7 +243,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
-            code = serve(vol, mnt, opts, w, pid_file, side_tasks)
+            code = serve(vol, mnt, opts, w, pid_file, side_tasks, audit)
         except CryptfsError as e:
             os.write(w, f"ERR{e}".encode())
         except BaseException as e:  # report, never a traceback on the user's terminal

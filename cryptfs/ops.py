@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ import pyfuse3
 import trio
 
 from cryptfs import rotate, sysio, tree
+from cryptfs.audit import Auditor
 from cryptfs.config import CONFIG_NAME, load_config, user_authority
 from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
 from cryptfs.errors import CryptfsError
@@ -92,12 +94,18 @@ class _Handle:
     """An open regular file: its inode, who opened it, and whether for reading
     (only a readable handle can be mapped to read, which matters when gated)."""
 
-    __slots__ = ("inode", "uid", "readable")
+    __slots__ = ("inode", "uid", "readable", "pid", "exe", "path", "opened", "nread", "nwritten")
 
-    def __init__(self, inode: Inode, uid: int, readable: bool) -> None:
+    def __init__(self, inode: Inode, uid: int, readable: bool, pid: int = 0, path: str = "") -> None:
         self.inode = inode
         self.uid = uid
         self.readable = readable
+        self.pid = pid  # (for the access log: who opened it, as what path, bytes moved)
+        self.exe = ""
+        self.path = path
+        self.opened = 0
+        self.nread = 0
+        self.nwritten = 0
 
 
 class _Dir:
@@ -121,32 +129,53 @@ class _NoKeys:
 _NO_KEYS: Any = _NoKeys()
 
 
-def _edge(target: str) -> Callable[[_F], _F]:
+def _edge(target: str, event: str | None = None) -> Callable[[_F], _F]:
     """Turn every failure of a handler into a FUSEError (and a log line).
 
     ``target`` says what the handler's first argument is ("inode", "fh",
-    "dir" or "none"), so an integrity failure can name the inode.
+    "dir" or "none"), so an integrity failure can name the inode.  With an
+    access log, ``event`` names the record a handler's outcome makes (every
+    handler's denials are recorded too); a record that cannot be written
+    fails the request (fail closed).
     """
 
     def deco(fn: _F) -> _F:
+        name = fn.__name__
+        unchecked = name in ("forget", "release", "releasedir", "statfs", "getattr")
+
         @functools.wraps(fn)
         async def wrapped(self: CryptOperations, *args: Any) -> Any:
+            audit = self.audit
+            if audit is not None and not unchecked and not audit.usable():
+                raise pyfuse3.FUSEError(errno.EACCES)  # no log, no plaintext
             try:
-                return await fn(self, *args)
-            except pyfuse3.FUSEError:
+                result = await fn(self, *args)
+            except pyfuse3.FUSEError as e:
+                if audit is not None:
+                    self._audit_failure(event, name, args, e.errno)
                 raise
             except IntegrityError as e:
                 self.report_integrity(self.ino_of(target, args), e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             except OSError as e:
+                if audit is not None:
+                    self._audit_failure(event, name, args, e.errno or errno.EIO)
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
             except Exception:
-                log.exception("internal error in %s (request failed with EIO)", fn.__name__)
+                log.exception("internal error in %s (request failed with EIO)", name)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            if audit is not None and event is not None and not self._audit(event, args, result, None):
+                self._undo(event, result)
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return result
 
         return wrapped  # type: ignore[return-value]
 
     return deco
+
+
+def _ctx(args: tuple[Any, ...]) -> Any:
+    return args[-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else None
 
 
 class CryptOperations(pyfuse3.Operations):
@@ -183,6 +212,8 @@ class CryptOperations(pyfuse3.Operations):
         self._backing_fd = os.open(vol.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._config_stamp = self._stat_config()
         self._rotation: rotate.Progress | None = None
+        self.audit: Auditor | None = None  # the access log, if the mount keeps one
+        self._paths: dict[int, str] = {ROOT: "/"}  # (audit) last known plaintext path by inode
         self._rotation_wanted = trio.Event()
         if vol.keys is not None:
             self._install(vol.keys)
@@ -231,6 +262,86 @@ class CryptOperations(pyfuse3.Operations):
         block = getattr(e, "block", None)
         where = "header" if block is None else f"block {block}"
         log.error("integrity failure: inode %s %s: %s", ino, where, e)
+        if self.audit is not None:
+            self.audit.write("integrity-failure", "error", -1, 0, reason=f"{where}: {e}",
+                             path=self._paths.get(ino or -1, "?"), ino=ino)
+
+    # -- the access log ----------------------------------------------------------------------------
+    def _name_path(self, parent_ino: int, name: bytes) -> str:
+        base = self._paths.get(parent_ino, "?")
+        n = name.decode("utf-8", "backslashreplace")
+        return ("" if base == "/" else base) + "/" + n
+
+    def _audit(self, event: str, args: tuple[Any, ...], result: Any, err: int | None) -> bool:
+        """Write the record of one request (False: it could not be written and
+        the request must fail)."""
+        assert self.audit is not None
+        ctx = _ctx(args)
+        uid, pid = (ctx.uid, ctx.pid) if ctx is not None else (-1, 0)
+        fields: dict[str, Any] = {}
+        if event in ("mkdir", "mknod", "create", "symlink", "unlink", "rmdir", "lookup"):
+            fields["path"] = self._name_path(args[0], args[1])
+            if err is None and event != "unlink" and event != "rmdir":
+                attr = result[1] if event == "create" else result
+                self._paths[attr.st_ino] = fields["path"]
+                if event == "create":
+                    self._files[result[0].fh].path = fields["path"]
+        elif event == "rename":
+            fields["path"] = self._name_path(args[0], args[1])
+            fields["new_path"] = self._name_path(args[2], args[3])
+        elif event == "link":
+            fields["path"] = self._paths.get(args[0], "?")
+            fields["new_path"] = self._name_path(args[1], args[2])
+        elif event in ("read", "write", "fsync", "flush", "release"):
+            handle = self._files.get(args[0])
+            fields["path"] = handle.path if handle is not None else "?"
+        elif args and isinstance(args[0], int):
+            fields["path"] = self._paths.get(args[0], "?")
+        if event == "open":
+            acc = args[1] & os.O_ACCMODE
+            fields["intent"] = ("read" if acc == os.O_RDONLY else "write" if acc == os.O_WRONLY
+                                else "read-write") + (",truncate" if args[1] & os.O_TRUNC else "")
+        elif event == "setattr":
+            f = args[2]
+            if not (f.update_size or f.update_mode or f.update_uid or f.update_gid
+                    or f.update_atime or f.update_mtime):
+                return True  # (the kernel keeping ctime: nothing a user asked for)
+            event = ("truncate" if f.update_size else "chmod" if f.update_mode
+                     else "chown" if f.update_uid or f.update_gid else "utimes")
+            if f.update_size:
+                fields["size"] = args[1].st_size
+            if f.update_mode:
+                fields["mode"] = oct(stat.S_IMODE(args[1].st_mode))
+        elif event in ("setxattr", "removexattr"):
+            fields["name"] = args[1].decode("utf-8", "backslashreplace")
+        if err is None:
+            outcome = "allowed"
+        else:
+            outcome = "denied" if err in (errno.EACCES, errno.EPERM) else "error"
+            fields["reason"] = errno.errorcode.get(err, str(err))
+        return self.audit.write(event, outcome, uid, pid, **fields)
+
+    def _audit_failure(self, event: str | None, name: str, args: tuple[Any, ...], err: int) -> None:
+        """A failed request: recorded if it is an audited event, and every denial."""
+        if event is not None or err in (errno.EACCES, errno.EPERM):
+            self._audit(event or name, args, None, err)
+
+    def _undo(self, event: str, result: Any) -> None:
+        """A handle whose open could not be recorded is not handed out."""
+        if event in ("open", "create"):
+            fi = result[0] if event == "create" else result
+            handle = self._files.pop(fi.fh, None)
+            if handle is not None:
+                handle.inode.handles.discard(handle)
+                self._unload_content(handle.inode)
+
+    def _audit_close(self, handle: _Handle) -> None:
+        """The summary of one open file: bytes read and written, how long."""
+        if self.audit is not None:
+            self.audit.write("close", "allowed", handle.uid, handle.pid, exe=handle.exe,
+                             path=handle.path, bytes_read=handle.nread,
+                             bytes_written=handle.nwritten,
+                             duration_ns=time.monotonic_ns() - handle.opened)
 
     def _fuse_ino(self, st_ino: int) -> int:
         if st_ino == self._root_st_ino:
@@ -297,6 +408,7 @@ class CryptOperations(pyfuse3.Operations):
     def _maybe_drop(self, inode: Inode) -> None:
         if inode.nlookup <= 0 and not inode.handles and inode.ino != ROOT:
             del self._inodes[inode.ino]
+            self._paths.pop(inode.ino, None)
             os.close(inode.fd)
 
     def _backing(self, parent: Inode, name: bytes) -> tuple[str, str | None]:
@@ -778,9 +890,13 @@ class CryptOperations(pyfuse3.Operations):
         if not inode.handles:
             inode.content = None
 
-    def _open_handle(self, inode: Inode, uid: int, flags: int) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         handle = _Handle(inode, uid, readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
+        if self.audit is not None:
+            handle.pid, handle.opened = pid, time.monotonic_ns()
+            handle.exe = self.audit.exe(pid)  # (at close the process may be gone)
+            handle.path = self._paths.get(inode.ino, "?")
         self._files[fh] = handle
         inode.handles.add(handle)
         if self.gated:
@@ -820,7 +936,10 @@ class CryptOperations(pyfuse3.Operations):
             st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             return self._negative()
-        return self._attr(*self._remember(parent.fd, backing, st))
+        attr = self._attr(*self._remember(parent.fd, backing, st))
+        if self.audit is not None:
+            self._paths[attr.st_ino] = self._name_path(parent_inode, name)
+        return attr
 
     @_edge("none")
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -838,7 +957,7 @@ class CryptOperations(pyfuse3.Operations):
         inode = self._inode(inode_no)
         return self._attr(inode, os.fstat(inode.fd))
 
-    @_edge("inode")
+    @_edge("inode", "setattr")
     async def setattr(self, inode_no: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -873,7 +992,7 @@ class CryptOperations(pyfuse3.Operations):
         return self._target(self._inode(inode_no))
 
     # -- creating and removing entries -------------------------------------------------------
-    @_edge("inode")
+    @_edge("inode", "mknod")
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._allow(ctx.uid)
@@ -893,7 +1012,7 @@ class CryptOperations(pyfuse3.Operations):
         st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         return self._attr(*self._remember(parent.fd, backing, st))
 
-    @_edge("inode")
+    @_edge("inode", "mkdir")
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._allow(ctx.uid)
@@ -913,7 +1032,7 @@ class CryptOperations(pyfuse3.Operations):
         inode.diriv = diriv
         return self._attr(inode, st)
 
-    @_edge("inode")
+    @_edge("inode", "create")
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -936,9 +1055,9 @@ class CryptOperations(pyfuse3.Operations):
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
         inode.meta = (content.overhead, content.h_len)
-        return self._open_handle(inode, ctx.uid, flags), self._attr(inode, st)
+        return self._open_handle(inode, ctx.uid, flags, ctx.pid), self._attr(inode, st)
 
-    @_edge("inode")
+    @_edge("inode", "symlink")
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._allow(ctx.uid)
@@ -950,7 +1069,7 @@ class CryptOperations(pyfuse3.Operations):
             os.symlink(self.codec.seal_target(target), backing, dir_fd=parent.fd)
         return self._finish_new(parent, backing, ctx)
 
-    @_edge("inode")
+    @_edge("inode", "link")
     async def link(self, inode_no: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._allow(ctx.uid)
@@ -963,7 +1082,7 @@ class CryptOperations(pyfuse3.Operations):
         inode.nlookup += 1
         return self._attr(inode, st)
 
-    @_edge("inode")
+    @_edge("inode", "unlink")
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
@@ -972,7 +1091,7 @@ class CryptOperations(pyfuse3.Operations):
         if full:
             tree.remove_long_name(parent.fd, backing)
 
-    @_edge("inode")
+    @_edge("inode", "rmdir")
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
@@ -981,7 +1100,7 @@ class CryptOperations(pyfuse3.Operations):
         if full:
             tree.remove_long_name(parent.fd, backing)
 
-    @_edge("inode")
+    @_edge("inode", "rename")
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         self._allow(ctx.uid)
@@ -1000,9 +1119,12 @@ class CryptOperations(pyfuse3.Operations):
                 tree.rename_over(old_parent.fd, b_old, new_parent.fd, b_new)
         if full_old and (b_old, old_parent.ino) != (b_new, new_parent.ino):
             tree.remove_long_name(old_parent.fd, b_old)
+        if self.audit is not None:  # the moved inode's path, for its later records
+            st = os.stat(b_new, dir_fd=new_parent.fd, follow_symlinks=False)
+            self._paths[self._fuse_ino(st.st_ino)] = self._name_path(parent_inode_new, name_new)
 
     # -- regular files ------------------------------------------------------------------------
-    @_edge("inode")
+    @_edge("inode", "open")
     async def open(self, inode_no: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
         self._allow(ctx.uid)
@@ -1015,15 +1137,19 @@ class CryptOperations(pyfuse3.Operations):
         except BaseException:
             self._unload_content(inode)
             raise
-        return self._open_handle(inode, ctx.uid, flags)
+        return self._open_handle(inode, ctx.uid, flags, ctx.pid)
 
     @_edge("fh")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self._content(self._handle(fh, reading=True), want_write=False).read(off, size)
+        data = self._content(self._handle(fh, reading=True), want_write=False).read(off, size)
+        self._files[fh].nread += len(data)
+        return data
 
     @_edge("fh")
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self._content(self._handle(fh), want_write=True).write(off, buf)
+        n = self._content(self._handle(fh), want_write=True).write(off, buf)
+        self._files[fh].nwritten += n
+        return n
 
     @_edge("fh")
     async def flush(self, fh: int) -> None:
@@ -1043,6 +1169,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("fh")
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
+        self._audit_close(handle)
         inode = handle.inode
         inode.handles.discard(handle)
         self._unload_content(inode)
@@ -1346,7 +1473,7 @@ class CryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return proc_path(inode.fd), self.codec.xattr_name(name)
 
-    @_edge("inode")
+    @_edge("inode", "setxattr")
     async def setxattr(self, inode_no: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         if inode_no == ROOT and name == ROTATE_XATTR and self._may_rotate(ctx.uid):
@@ -1397,7 +1524,7 @@ class CryptOperations(pyfuse3.Operations):
                                 inode.ino)
         return out
 
-    @_edge("inode")
+    @_edge("inode", "removexattr")
     async def removexattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._allow(ctx.uid)
         inode = self._inode(inode_no)

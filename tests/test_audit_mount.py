@@ -1,0 +1,168 @@
+"""A mount with an access log: what a session of work records, and
+"no log, no plaintext" on a full disk (a real tmpfs)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Mount, new_mount, run_cli
+from cryptfs import audit as al
+
+
+def records(logdir: Path) -> list[dict]:
+    out = []
+    for seg in sorted(logdir.glob("segment-*.log")):
+        out += [o for o in map(json.loads, seg.read_text().splitlines()) if "seq" in o]
+    return out
+
+
+@pytest.fixture
+def logged(tmp_path: Path, backing: Path, passfile: Path) -> Iterator[tuple[Mount, Path]]:
+    logdir = tmp_path / "log"
+    run_cli("audit", "init", str(logdir))
+    m = new_mount(tmp_path, backing, passfile)
+    m.start("--audit-log", str(logdir))
+    try:
+        yield m, logdir
+    finally:
+        m.stop()
+
+
+def test_a_session_of_work_records_exactly_what_happened(logged: tuple[Mount, Path]) -> None:
+    m, logdir = logged
+    subprocess.run(["mkdir", str(m.path("calls"))], check=True)
+    subprocess.run(["cp", "/etc/hostname", str(m.path("calls", "note.txt"))], check=True)
+    subprocess.run(["mv", str(m.path("calls", "note.txt")), str(m.path("calls", "n2.txt"))],
+                   check=True)
+    subprocess.run(["chmod", "600", str(m.path("calls", "n2.txt"))], check=True)
+    subprocess.run(["truncate", "-s", "3", str(m.path("calls", "n2.txt"))], check=True)
+    subprocess.run(["rm", str(m.path("calls", "n2.txt"))], check=True)
+    subprocess.run(["rmdir", str(m.path("calls"))], check=True)
+    m.stop()
+    got = [(r["event"], r["outcome"], r.get("path"), r.get("new_path"), os.path.basename(r["exe"]))
+           for r in records(logdir) if r["event"] != "utimes"]
+    assert got == [
+        ("mount", "allowed", str(m.mnt), None, got[0][4]),
+        ("mkdir", "allowed", "/calls", None, "mkdir"),
+        ("create", "allowed", "/calls/note.txt", None, "cp"),
+        ("close", "allowed", "/calls/note.txt", None, "cp"),
+        ("rename", "allowed", "/calls/note.txt", "/calls/n2.txt", "mv"),
+        ("chmod", "allowed", "/calls/n2.txt", None, "chmod"),
+        ("open", "allowed", "/calls/n2.txt", None, "truncate"),  # truncate(1) opens, then
+        ("truncate", "allowed", "/calls/n2.txt", None, "truncate"),  # ftruncate(2)
+        ("close", "allowed", "/calls/n2.txt", None, "truncate"),
+        ("unlink", "allowed", "/calls/n2.txt", None, "rm"),
+        ("rmdir", "allowed", "/calls", None, "rmdir"),
+        ("unmount", "allowed", str(m.mnt), None, got[-1][4]),
+    ], got
+    recs = records(logdir)
+    close = next(r for r in recs if r["event"] == "close")
+    assert close["bytes_written"] == len(Path("/etc/hostname").read_bytes())
+    assert close["duration_ns"] >= 0 and close["uid"] == 0 and close["user"] == "root"
+    trunc = next(r for r in recs if r["event"] == "truncate")
+    assert trunc["size"] == 3 and all(r["volume"] == recs[0]["volume"] for r in recs)
+    assert len(recs[0]["volume"]) == 32
+    v = al.verify(str(logdir), al.parse_verifier((logdir / "audit.pub").read_text()))
+    assert v.ok and v.valid == len(recs) and v.unsealed == 0  # unmount seals the tail
+
+
+def test_denials_and_errors_are_recorded(logged: tuple[Mount, Path]) -> None:
+    m, logdir = logged
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(m.path("nothing-here"))
+    os.mkdir(m.path("d"))
+    (m.path("d", "f")).write_bytes(b"x")
+    with pytest.raises(OSError) as e:
+        os.rmdir(m.path("d"))
+    assert e.value.errno == errno.ENOTEMPTY
+    m.stop()
+    recs = records(logdir)
+    bad = [(r["event"], r["outcome"], r.get("reason"), r["path"]) for r in recs
+           if r["outcome"] != "allowed"]
+    assert ("rmdir", "error", "ENOTEMPTY", "/d") in bad
+
+
+def _tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+def _fill(path: Path) -> Path:
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_a_full_disk_for_the_log(tmp_path: Path, backing: Path, passfile: Path,
+                                 fail_open: bool) -> None:
+    """No log, no plaintext: with the log's filesystem full, opens, creates and
+    reads of open files are refused (fail closed), or served with an alarm
+    (fail open); once there is room again, access comes back and is logged."""
+    small = tmp_path / "small"
+    _tmpfs(small, "256k")
+    try:
+        logdir = small / "log"
+        run_cli("audit", "init", str(logdir))
+        m = new_mount(tmp_path, backing, passfile)
+        m.start("--audit-log", str(logdir), *(["--audit-fail-open"] if fail_open else []))
+        try:
+            secret = m.path("secret.txt")
+            secret.write_bytes(b"customer data\n")
+            held = os.open(secret, os.O_RDONLY)
+            filler = _fill(small)
+            try:
+                if fail_open:
+                    for _ in range(200):
+                        assert secret.read_bytes() == b"customer data\n"
+                    assert os.pread(held, 100, 0) == b"customer data\n"
+                    assert "ALARM: cannot write the access log" in m.log_text()
+                else:
+                    # (The segment's last page may have room for a few records:
+                    # the refusal comes when a record finds no room.)
+                    for i in range(200):
+                        try:
+                            assert secret.read_bytes() == b"customer data\n"
+                        except PermissionError:
+                            break
+                    else:
+                        raise AssertionError("200 opens were served with the log's disk full")
+                    with pytest.raises(PermissionError):
+                        secret.read_bytes()
+                    with pytest.raises(PermissionError):
+                        m.path("new.txt").write_bytes(b"y")
+                    # The page cache of this passphrase mount may hold the page, so
+                    # drop it: a read must reach the daemon, which refuses.
+                    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+                    with pytest.raises(PermissionError):
+                        os.pread(held, 100, 0)
+                    assert "ALARM: cannot write the access log" in m.log_text()
+                    assert "no access is served until it can be written" in m.log_text()
+            finally:
+                filler.unlink()
+            import time
+            time.sleep(1.1)  # (a broken log is tried again once a second)
+            assert secret.read_bytes() == b"customer data\n"
+            os.close(held)
+        finally:
+            m.stop()
+        events = [r["event"] for r in records(logdir)]
+        assert events[0] == "mount" and events[-1] == "unmount"
+        assert ("log-resumed" in events) == (not fail_open) or fail_open
+        assert "the access log can be written again" in m.log_text()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
