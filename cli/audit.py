@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 
 import click
 
 from cryptfs import audit as al
+from cryptfs import audit_export as ax
 from cryptfs.cli.common import reports_errors
 from cryptfs.errors import CryptfsError, UsageError
 
@@ -92,3 +95,32 @@ def verify(logdir: str, key: str, max_age: float | None) -> None:
                          f"({len(v.problems)} problem(s))")
     click.echo("verdict: valid" + (f" ({v.unsealed} record(s) after the last seal are not "
                                    "proven yet)" if v.unsealed else ""))
+
+
+@audit.command("export")
+@click.argument("logdir", type=click.Path(file_okay=False, exists=True))
+@click.option("--format", "fmt", type=click.Choice(ax.FORMATS), default="jsonl", show_default=True,
+              help="jsonl: the records as written; csv: fixed columns with a header; cef: "
+                   "ArcSight CEF; ecs: Elastic Common Schema 8.11; ocsf: OCSF 1.1 File System "
+                   "Activity.")
+@click.option("--since", metavar="TIME", help="Only records at or after TIME (ISO 8601, or "
+                                                "seconds since 1970; UTC).")
+@click.option("--until", metavar="TIME", help="Only records at or before TIME.")
+@click.option("--user", metavar="NAME|UID", help="Only this user's records.")
+@click.option("--path", "path_glob", metavar="GLOB",
+              help="Only records whose path (or new path) matches, e.g. '/customers/*'.")
+@click.option("--event", "events", multiple=True, metavar="EVENT",
+              help="Only these events (repeatable), e.g. --event open --event unlink.")
+@reports_errors
+def export(logdir: str, fmt: str, since: str | None, until: str | None, user: str | None,
+           path_glob: str | None, events: tuple[str, ...]) -> None:
+    """Write the records of the log in LOGDIR to standard output.
+
+    Exporting does not verify: run `cryptfs audit verify` for that.
+    """
+    flt = ax.Filter(since=ax.parse_time(since) if since else None,
+                    until=ax.parse_time(until) if until else None,
+                    user=user, path=path_glob, event=events)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as with cat
+    for chunk in ax.WRITERS[fmt](r for r in ax.records(logdir) if flt(r)):
+        sys.stdout.write(chunk)
