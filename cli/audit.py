@@ -97,20 +97,37 @@ def verify(logdir: str, key: str, max_age: float | None) -> None:
                                    "proven yet)" if v.unsealed else ""))
 
 
+def record_filters(fn):  # type: ignore[no-untyped-def]
+    """The options that select records (export and follow)."""
+    for opt in reversed([
+        click.option("--format", "fmt", type=click.Choice(ax.FORMATS), default="jsonl",
+                     show_default=True,
+                     help="jsonl: the records as written; csv: fixed columns with a header; cef: "
+                          "ArcSight CEF; ecs: Elastic Common Schema 8.11; ocsf: OCSF 1.1 File "
+                          "System Activity."),
+        click.option("--since", metavar="TIME", help="Only records at or after TIME (ISO 8601, "
+                                                       "or seconds since 1970; UTC)."),
+        click.option("--until", metavar="TIME", help="Only records at or before TIME."),
+        click.option("--user", metavar="NAME|UID", help="Only this user's records."),
+        click.option("--path", "path_glob", metavar="GLOB",
+                     help="Only records whose path (or new path) matches, e.g. '/customers/*'."),
+        click.option("--event", "events", multiple=True, metavar="EVENT",
+                     help="Only these events (repeatable), e.g. --event open --event unlink."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _filter(since: str | None, until: str | None, user: str | None, path_glob: str | None,
+            events: tuple[str, ...]) -> ax.Filter:
+    return ax.Filter(since=ax.parse_time(since) if since else None,
+                     until=ax.parse_time(until) if until else None,
+                     user=user, path=path_glob, event=events)
+
+
 @audit.command("export")
 @click.argument("logdir", type=click.Path(file_okay=False, exists=True))
-@click.option("--format", "fmt", type=click.Choice(ax.FORMATS), default="jsonl", show_default=True,
-              help="jsonl: the records as written; csv: fixed columns with a header; cef: "
-                   "ArcSight CEF; ecs: Elastic Common Schema 8.11; ocsf: OCSF 1.1 File System "
-                   "Activity.")
-@click.option("--since", metavar="TIME", help="Only records at or after TIME (ISO 8601, or "
-                                                "seconds since 1970; UTC).")
-@click.option("--until", metavar="TIME", help="Only records at or before TIME.")
-@click.option("--user", metavar="NAME|UID", help="Only this user's records.")
-@click.option("--path", "path_glob", metavar="GLOB",
-              help="Only records whose path (or new path) matches, e.g. '/customers/*'.")
-@click.option("--event", "events", multiple=True, metavar="EVENT",
-              help="Only these events (repeatable), e.g. --event open --event unlink.")
+@record_filters
 @reports_errors
 def export(logdir: str, fmt: str, since: str | None, until: str | None, user: str | None,
            path_glob: str | None, events: tuple[str, ...]) -> None:
@@ -118,9 +135,28 @@ def export(logdir: str, fmt: str, since: str | None, until: str | None, user: st
 
     Exporting does not verify: run `cryptfs audit verify` for that.
     """
-    flt = ax.Filter(since=ax.parse_time(since) if since else None,
-                    until=ax.parse_time(until) if until else None,
-                    user=user, path=path_glob, event=events)
+    flt = _filter(since, until, user, path_glob, events)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as with cat
     for chunk in ax.WRITERS[fmt](r for r in ax.records(logdir) if flt(r)):
         sys.stdout.write(chunk)
+
+
+@audit.command("follow")
+@click.argument("logdir", type=click.Path(file_okay=False, exists=True))
+@click.option("--from-start", is_flag=True, help="Print the records already there first.")
+@record_filters
+@reports_errors
+def follow(logdir: str, from_start: bool, fmt: str, since: str | None, until: str | None,
+           user: str | None, path_glob: str | None, events: tuple[str, ...]) -> None:
+    """Print records of the log in LOGDIR as they are written (like tail -f).
+
+    Ctrl-C stops it.  The csv header is printed once.
+    """
+    flt = _filter(since, until, user, path_glob, events)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        for chunk in ax.WRITERS[fmt](r for r in ax.follow(logdir, from_start) if flt(r)):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass

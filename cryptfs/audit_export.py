@@ -39,14 +39,69 @@ def records(logdir: str) -> Iterator[dict[str, Any]]:
     except OSError as e:
         raise BackingIOError(f"{logdir}: {e.strerror}") from None
     for name in names:
-        with open(os.path.join(logdir, name), "rb") as f:
-            for raw in f:
-                try:
-                    obj = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(obj, dict) and "seq" in obj and "event" in obj:
-                    yield obj
+        yield from _records_of(os.path.join(logdir, name))
+
+
+def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
+           stop: Callable[[], bool] = lambda: False) -> Iterator[dict[str, Any]]:
+    """Records as they are written (like ``tail -f``), across new segments.
+
+    Without ``from_start``, only records written from now on."""
+    import time as _time
+
+    def segs() -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(logdir) if SEGMENT_RE.match(n))
+        except OSError as e:
+            raise BackingIOError(f"{logdir}: {e.strerror}") from None
+
+    names = segs()
+    current = names[-1] if names else None
+    pos = 0
+    if current is not None and not from_start:
+        pos = os.path.getsize(os.path.join(logdir, current))
+    elif from_start:
+        for name in names[:-1]:
+            yield from _records_of(os.path.join(logdir, name))
+    buf = b""
+    while not stop():
+        if current is None:
+            names = segs()
+            current = names[0] if names else None
+            pos = 0
+            if current is None:
+                _time.sleep(poll)
+                continue
+        with open(os.path.join(logdir, current), "rb") as f:
+            f.seek(pos)
+            chunk = f.read()
+        pos += len(chunk)
+        buf += chunk
+        *complete, buf = buf.split(b"\n")
+        for raw in complete:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "seq" in obj and "event" in obj:
+                yield obj
+        later = [n for n in segs() if n > current]
+        if later and not chunk:
+            current, pos, buf = later[0], 0, b""
+            continue
+        if not chunk:
+            _time.sleep(poll)
+
+
+def _records_of(path: str) -> Iterator[dict[str, Any]]:
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "seq" in obj and "event" in obj:
+                yield obj
 
 
 def iso(time_ns: int) -> str:
