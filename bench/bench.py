@@ -490,6 +490,25 @@ class Cryptfs(Target):
             raise RuntimeError(f"{self.name}: daemon {self.pid} died")
 
 
+class CryptfsAudit(Cryptfs):
+    """cryptfs with an access log (--audit-log): every access is recorded."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base, "aes-256-gcm")
+        self.name = "cryptfs-audit"
+        self.logdir = base / "auditlog"
+
+    def create(self) -> None:
+        super().create()
+        run(cryptfs_cmd() + ["audit", "init", str(self.logdir)])
+
+    def mount_args(self) -> list[str]:
+        return super().mount_args() + ["--audit-log", str(self.logdir)]
+
+    def log_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.logdir.glob("segment-*.log"))
+
+
 class CryptfsAgent(Cryptfs):
     """cryptfs as a shared mount (--agent): a real key agent, root unlocked in it.
     Every lookup, stat, read and write reaches the daemon (no kernel caching)."""
@@ -595,11 +614,13 @@ TARGETS: dict[str, Callable[[Path], Target]] = {
     "cryptfs-aes-256-gcm": lambda b: Cryptfs(b, "aes-256-gcm"),
     "cryptfs-xchacha20-poly1305": lambda b: Cryptfs(b, "xchacha20-poly1305"),
     "cryptfs-agent": CryptfsAgent,
+    "cryptfs-audit": CryptfsAudit,
     "gocryptfs": Gocryptfs,
     "securefs": Securefs,
 }
 SHORT = {"plain": "plain", "cryptfs-aes-256-gcm": "cryptfs aes", "cryptfs-xchacha20-poly1305":
-         "cryptfs xchacha", "cryptfs-agent": "cryptfs agent", "gocryptfs": "gocryptfs",
+         "cryptfs xchacha", "cryptfs-agent": "cryptfs agent", "cryptfs-audit": "cryptfs audit",
+         "gocryptfs": "gocryptfs",
          "securefs": "securefs"}
 CRYPTFS_NAMES = [n for n in TARGETS if n.startswith("cryptfs")]
 PEER_NAMES = ["gocryptfs", "securefs"]

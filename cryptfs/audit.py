@@ -244,32 +244,38 @@ class AuditLog:
         path = self._segment_path(self.segment)
         new = not os.path.exists(path)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._size = os.fstat(self._fd).st_size  # (kept up to date: no fstat per record)
         self._opened = time.monotonic()
         if new:
             self._append({"segment": self.segment, "log": self.log_id, "prev": b64(self.h),
                           "first_seq": self.seq + 1})
 
     def _append(self, obj: dict[str, Any]) -> None:
+        self._write_line(canonical(obj) + b"\n")
+
+    def _write_line(self, data: bytes) -> None:
         """One whole line, or nothing (a torn line would break the chain)."""
-        data = canonical(obj) + b"\n"
-        start = os.fstat(self._fd).st_size
         try:
             n = os.write(self._fd, data)
             if n != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError:
             try:
-                os.ftruncate(self._fd, start)
+                os.ftruncate(self._fd, self._size)
             except OSError:
                 pass
             raise
+        self._size += n
 
     def record(self, **fields: Any) -> dict[str, Any]:
         """Append one record (raises OSError if it cannot be written: the
         caller decides whether the access then goes ahead)."""
         rec = {"seq": self.seq + 1, "time_ns": self.clock(), "log": self.log_id, **fields}
-        h = chain(self.h, rec)
-        self._append({**rec, "h": b64(h)})
+        body = canonical(rec)
+        h = hashlib.sha256(self.h + body).digest()  # = chain(self.h, rec), serialised once
+        # The line is the record with "h" added at the end (the verifier parses
+        # it and recomputes canonical(record without "h") itself).
+        self._write_line(body[:-1] + b',"h":"' + b64(h).encode() + b'"}\n')
         self.seq, self.h = rec["seq"], h
         self._unsealed += 1
         if self._unsealed >= self.seal_every or time.monotonic() - self._last_seal >= self.seal_seconds:
@@ -480,7 +486,8 @@ class Auditor:
     @staticmethod
     def exe(pid: int) -> str:
         """The requesting process's executable ("" if it cannot be read: pid 0,
-        a process already gone, or another namespace)."""
+        a process already gone, or another namespace).  Read for every record,
+        never remembered: a process may exec another program under the same pid."""
         if pid <= 0:
             return ""
         try:

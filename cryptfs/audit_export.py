@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import decimal
 import fnmatch
 import io
 import json
@@ -114,8 +115,8 @@ def iso(time_ns: int) -> str:
 def parse_time(text: str) -> int:
     """ns since the epoch from ISO 8601 (naive means UTC) or a number of seconds."""
     try:
-        return int(float(text) * 10**9)
-    except ValueError:
+        return int(decimal.Decimal(text) * 10**9)  # (exact: a float loses the nanoseconds)
+    except (decimal.InvalidOperation, ValueError):
         pass
     try:
         dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))

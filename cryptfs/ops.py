@@ -297,6 +297,9 @@ class CryptOperations(pyfuse3.Operations):
             fields["path"] = handle.path if handle is not None else "?"
         elif args and isinstance(args[0], int):
             fields["path"] = self._paths.get(args[0], "?")
+        if event in ("open", "create") and err is None:
+            fi = result[0] if event == "create" else result
+            fields["exe"] = self._files[fi.fh].exe  # (read once for the handle)
         if event == "open":
             acc = args[1] & os.O_ACCMODE
             fields["intent"] = ("read" if acc == os.O_RDONLY else "write" if acc == os.O_WRONLY
@@ -312,6 +315,11 @@ class CryptOperations(pyfuse3.Operations):
                 fields["size"] = args[1].st_size
             if f.update_mode:
                 fields["mode"] = oct(stat.S_IMODE(args[1].st_mode))
+            if event == "utimes":
+                fields["times"] = ",".join(n for n, on in (("atime", f.update_atime),
+                                                          ("mtime", f.update_mtime),
+                                                          ("ctime", f.update_ctime)) if on)
+                fields["by_handle"] = args[3] is not None
         elif event in ("setxattr", "removexattr"):
             fields["name"] = args[1].decode("utf-8", "backslashreplace")
         if err is None:

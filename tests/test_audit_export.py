@@ -123,7 +123,9 @@ def test_filters(logdir: Path) -> None:
     assert seqs("--user", "root") == seqs("--user", "0") == [r["seq"] for r in allrows]
     assert seqs("--user", "nobody") == []
     t = allrows[3]["time_ns"]
-    assert seqs("--since", str(t / 1e9)) == [r["seq"] for r in allrows if r["time_ns"] >= t // 1000 * 1000]
+    since = f"{t // 10**9}.{t % 10**9:09d}"  # to the nanosecond
+    assert seqs("--since", since) == [r["seq"] for r in allrows if r["time_ns"] >= t]
+    assert seqs("--until", since) == [r["seq"] for r in allrows if r["time_ns"] <= t]
     assert seqs("--until", "1970-01-02T00:00:00Z") == []
     res = run_cli("audit", "export", str(logdir), "--since", "yesterday", check=False)
     assert res.returncode == 2 and "not a time" in res.stderr
