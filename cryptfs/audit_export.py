@@ -79,13 +79,7 @@ def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
         pos += len(chunk)
         buf += chunk
         *complete, buf = buf.split(b"\n")
-        for raw in complete:
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and "seq" in obj and "event" in obj:
-                yield obj
+        yield from _records_in(complete)
         later = [n for n in segs() if n > current]
         if later and not chunk:
             current, pos, buf = later[0], 0, b""
@@ -96,13 +90,18 @@ def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
 
 def _records_of(path: str) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and "seq" in obj and "event" in obj:
-                yield obj
+        yield from _records_in(f)
+
+
+def _records_in(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The records among segment lines (headers, checkpoints, torn lines left out)."""
+    for raw in lines:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "seq" in obj and "event" in obj:
+            yield obj
 
 
 def iso(time_ns: int) -> str:
