@@ -500,9 +500,10 @@ class Auditor:
         must be refused (fail closed)."""
         if "exe" not in fields:
             fields["exe"] = self.exe(pid)
+        fields.setdefault("volume", self.volume_id)  # (the agent's records name theirs)
         try:
-            self.log.record(volume=self.volume_id, event=event, outcome=outcome, uid=uid,
-                            user=self.user(uid), pid=pid, **fields)
+            self.log.record(event=event, outcome=outcome, uid=uid, user=self.user(uid), pid=pid,
+                            **fields)
         except OSError as e:
             if not self.broken:
                 log.error(

@@ -115,10 +115,13 @@ def bind_socket(path: str) -> socket.socket:
               "(for a mount service that does not run as root).")
 @click.option("--log-file", type=click.Path(dir_okay=False),
               help="Append the log here (default: standard error, which systemd keeps).")
+@click.option("--audit-log", "audit_log", type=click.Path(file_okay=False), metavar="LOGDIR",
+              help="Record every unlock, failed unlock and lock in this access log (made by "
+                   "`cryptfs audit init`); an unlock that cannot be recorded is refused.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff: float,
          backoff_max: float, max_connections: int, max_per_user: int, service_user: str | None,
-         log_file: str | None, verbose: bool) -> None:
+         log_file: str | None, audit_log: str | None, verbose: bool) -> None:
     """The cryptfs key agent: holds unlocked volume keys per user.
 
     Users unlock with `cryptfs unlock BACKING`; mounts started with
@@ -156,7 +159,15 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
                         backoff_base=backoff, backoff_max=backoff_max,
                         max_connections=max_connections, max_per_uid=max_per_user,
                         service_uid=service_uid)
-    agent = Agent(opts)
+    auditor = None
+    if audit_log is not None:
+        from cryptfs.audit import AuditLog, Auditor
+        from cryptfs.errors import CryptfsError
+        try:
+            auditor = Auditor(AuditLog(audit_log), "")
+        except CryptfsError as e:
+            raise click.ClickException(str(e)) from None
+    agent = Agent(opts, auditor)
     trio_sock = trio.socket.from_stdlib_socket(sock)
     try:
         trio.run(agent.run, trio_sock)
@@ -164,6 +175,8 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
         pass
     finally:
         agent.store.close_all()
+        if auditor is not None:
+            auditor.close()  # (seals the tail)
         log.info("agent stopped; every session is locked")
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from cryptfs.audit import Auditor
 from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config_at, user_authority
 from cryptfs.errors import CryptfsError, NotAVolume
 from cryptfs.keyagent import protocol as p
@@ -140,8 +141,9 @@ class _Watcher:
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions) -> None:
+    def __init__(self, opts: AgentOptions, audit: Auditor | None = None) -> None:
         self.opts = opts
+        self.audit = audit  # the access log of unlocks and locks, if the agent keeps one
         self.store = Store(opts.idle_timeout, opts.backoff_base, opts.backoff_max)
         self.connections = 0
         self._per_uid: dict[int, int] = {}  # open connections by uid
@@ -402,6 +404,9 @@ class Agent:
         _, wiped = self.store.close(s.uid, s.volume.key)
         log.info("lock: uid %d (%s), volume %s at %s (%s)", s.uid, user_name_of(s.uid),
                  s.volume.volume_id, s.volume.path, why)
+        if self.audit is not None:  # (locking never waits for the log)
+            self.audit.write("lock", "allowed", s.uid, 0, volume=s.volume.volume_id,
+                             path=s.volume.path, reason=why)
         seq = self._notify(s.volume.key, p.reply(event="locked", uid=s.uid, reason=why))
         if wiped:
             seq = self._notify(s.volume.key, p.reply(event="wipe"))
@@ -627,6 +632,10 @@ class Agent:
             log.warning("unlock failed: %s, volume %s at %s: wrong passphrase "
                         "(%d in a row; next attempt allowed in %.0f s)",
                         who, cfg.volume_id.hex(), real, count, delay)
+            if self.audit is not None:
+                self.audit.write("unlock", "denied", uid, conn.pid, volume=cfg.volume_id.hex(),
+                                 path=real, slot=slot.id, reason="wrong passphrase",
+                                 failures=count)
             return p.error(p.WRONG_PASSPHRASE, "wrong passphrase", retry_after=delay,
                            failures=count)
         master, private = opened.master, opened.private
@@ -673,6 +682,11 @@ class Agent:
         if refused is not None:
             wipe()
             return refused
+        if self.audit is not None and not self.audit.write(
+                "unlock", "allowed", uid, conn.pid, volume=cfg.volume_id.hex(), path=real,
+                slot=slot.id):
+            wipe()  # no log, no plaintext: no session either
+            return p.error(p.DENIED, "the access log cannot be written: unlock refused")
         self.store.succeeded(uid, key)
         vol = VolumeRef(key, real, cfg.volume_id.hex())
         copy = Secret(private.reveal()) if private is not None else None

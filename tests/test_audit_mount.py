@@ -166,3 +166,30 @@ def test_a_full_disk_for_the_log(tmp_path: Path, backing: Path, passfile: Path,
         assert "the access log can be written again" in m.log_text()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_the_agent_records_unlocks_failed_unlocks_and_locks(tmp_path: Path) -> None:
+    from multiuser import shared_scenario
+
+    alog = tmp_path / "agent-log"
+    run_cli("audit", "init", str(alog))
+    with shared_scenario(("--idle-timeout", "0", "--backoff", "0.2", "--backoff-max", "1",
+                          "--audit-log", str(alog))) as s:
+        assert s.unlock("cfs-alice").returncode == 0
+        wrong = s.root / "pass" / "wrong"  # (a directory cfs-bob can read)
+        wrong.write_text("not bob's passphrase\n")
+        wrong.chmod(0o644)
+        assert s.unlock("cfs-bob", wrong).returncode != 0
+        assert s.lock("cfs-alice").returncode == 0
+        backing = str(s.backing)
+    got = [(r["event"], r["outcome"], r["user"], r.get("reason"), r.get("path"))
+           for r in records(alog)]
+    assert len(got) >= 3, (got, list(alog.iterdir()))
+    assert got[:3] == [("unlock", "allowed", "cfs-alice", None, backing),
+                       ("unlock", "denied", "cfs-bob", "wrong passphrase", backing),
+                       ("lock", "allowed", "cfs-alice", got[2][3], backing)], got
+    recs = records(alog)
+    assert recs[0]["exe"].endswith("python3.11") or recs[0]["exe"].startswith("/usr/bin/python")
+    assert recs[1]["failures"] == 1 and len(recs[0]["volume"]) == 32
+    v = al.verify(str(alog), al.parse_verifier((alog / "audit.pub").read_text()))
+    assert v.ok and v.unsealed == 0  # the agent seals its log when it stops
