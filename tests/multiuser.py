@@ -293,3 +293,19 @@ def backing_of(backing: Path, passphrase: bytes, rel: str) -> Path:
         return d
     finally:
         vol.close()
+
+
+def give_recovery_key(backing: Path, passphrase: bytes, key: Path) -> None:
+    """Add a recovery key to a volume (as `cryptfs init --recovery-key` does),
+    its private half written to ``key``."""
+    from cryptfs.recovery import add_recovery, create_key_file
+
+    vol = open_volume(str(backing), Secret(passphrase))
+    try:
+        fd = create_key_file(str(key))
+        try:
+            add_recovery(vol, fd)
+        finally:
+            os.close(fd)
+    finally:
+        vol.close()

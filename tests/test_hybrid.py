@@ -41,6 +41,7 @@ from multiuser import (
     SharedMount,
     cli_as,
     ensure_user,
+    give_recovery_key,
     make_shared_volume,
     passfile,
     run_as,
@@ -163,13 +164,9 @@ def hybrid_scenario(rules: tuple[tuple[str, ...], ...] = RULES,
             for name, secret in (extra_users or {}).items():
                 ensure_user(name)
                 add_user(vol, name, "agent", Secret(secret), TEST_KDF)
-            fd = create_key_file(str(key))
-            try:
-                add_recovery(vol, fd)
-            finally:
-                os.close(fd)
         finally:
             vol.close()
+        give_recovery_key(root / "backing", ROOT_PASSPHRASE, key)
         if not root_slot:
             vol = open_volume(str(root / "backing"), Secret(USERS[ALICE][1]))
             try:

@@ -52,7 +52,6 @@ from cryptfs.keys import VolumeKeys
 from cryptfs.modes import x25519
 from cryptfs.modes.errors import IntegrityError, NotARecipient
 from cryptfs.modes.rand import random_bytes
-from cryptfs.recovery import add_recovery, create_key_file
 from cryptfs.secret import Secret
 from cryptfs.volume import open_volume
 from multiuser import (
@@ -61,6 +60,7 @@ from multiuser import (
     Shared,
     backing_of,
     cli_as,
+    give_recovery_key,
     make_shared_volume,
     run_as,
     shared_scenario,
@@ -209,15 +209,7 @@ def test_outsiders_forged_config_is_refused_by_unlock_mount_fsck_and_recovery(
     require_fuse()
     backing = make_shared_volume(tmp_path / "backing")
     key = tmp_path / "recovery.key"
-    vol = open_volume(str(backing), Secret(ROOT_PASSPHRASE))
-    try:
-        fd = create_key_file(str(key))
-        try:
-            add_recovery(vol, fd)
-        finally:
-            os.close(fd)
-    finally:
-        vol.close()
+    give_recovery_key(backing, ROOT_PASSPHRASE, key)
     assert key.read_text().count("CRYPTFS-RECOVERY-KEY-2:") == 1
     root_pass = pass_file(tmp_path, "root", ROOT_PASSPHRASE)
     alice_pass = pass_file(tmp_path, "alice", USERS[ALICE][1])
