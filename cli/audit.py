@@ -160,3 +160,4 @@ def follow(logdir: str, from_start: bool, fmt: str, since: str | None, until: st
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass
+from cryptfs.cli import audit_bind  # noqa: E402,F401,I001  (registers "audit attach|detach")

@@ -7,12 +7,16 @@ import os
 import pwd
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import click
 
-from cryptfs.errors import EXIT_CODES, BackingIOError, CryptfsError, UsageError
+from cryptfs import audit_events
+from cryptfs.config import VolumeConfig, load_config
+from cryptfs.errors import EXIT_CODES, BackingIOError, CryptfsError, UsageError, WrongPassphrase
 from cryptfs.secret import Secret
+from cryptfs.volume import Volume, open_volume
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,3 +116,29 @@ def invoking_user(how_to_name: str) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         raise UsageError(f"uid {uid} has no user name: {how_to_name}") from None
+
+
+def command_name() -> str:
+    """How the running command was called, e.g. "cryptfs user add" (for its record)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.command_path if ctx is not None else "cryptfs"
+
+
+def recorded(backing: str, cfg: VolumeConfig, event: str, **fields: Any
+             ) -> AbstractContextManager[None]:
+    """The access-log record of what this command is about to do (see
+    cryptfs.audit_events): written first, or the command does nothing."""
+    return audit_events.recorded(backing, cfg, event, command=command_name(), **fields)
+
+
+def unlock_recorded(backing: str, passphrase: Secret) -> Volume:
+    """open_volume, with a wrong passphrase recorded in the volume's access log."""
+    try:
+        return open_volume(backing, passphrase)
+    except WrongPassphrase:
+        try:
+            audit_events.record(backing, load_config(backing), "unlock", "denied",
+                                reason="wrong passphrase", command=command_name())
+        except CryptfsError:
+            pass  # (the wrong passphrase is what the user is told)
+        raise

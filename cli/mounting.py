@@ -8,14 +8,16 @@ import os
 import click
 
 from cryptfs.audit import check_log
-from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.audit_events import bound_log
+from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors, unlock_recorded
+from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
 from cryptfs.keyagent.client import socket_path
 from cryptfs.keyagent.link import watch_agent
 from cryptfs.mount import check_mountpoint, mount_volume
 from cryptfs.mount import unmount as do_unmount
 from cryptfs.policy import load_policy
-from cryptfs.volume import open_volume, read_volume
+from cryptfs.volume import read_volume
 
 
 @click.command()
@@ -37,7 +39,8 @@ from cryptfs.volume import open_volume, read_volume
               "/run/cryptfs/agent.sock).")
 @click.option("--audit-log", "audit_log", type=click.Path(file_okay=False), metavar="LOGDIR",
               help="Record every access in this access log (made by `cryptfs audit init`).  "
-                   "An access that cannot be recorded is refused.")
+                   "An access that cannot be recorded is refused.  A volume bound to a log "
+                   "(cryptfs audit attach) always uses that one.")
 @click.option("--audit-fail-open", is_flag=True,
               help="With --audit-log: if the log cannot be written, serve anyway and raise an "
                    "alarm in the daemon's log (default: refuse).")
@@ -59,18 +62,15 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
     """
     check_mountpoint(mountpoint)  # fail before asking for a passphrase
     opts = [o.strip() for group in options for o in group.split(",") if o.strip()]
-    if audit_fail_open and audit_log is None:
-        raise UsageError("--audit-fail-open goes with --audit-log")
-    audit = None
     if audit_log is not None:
         check_log(audit_log)
-        audit = (os.path.abspath(audit_log), audit_fail_open)
     if use_agent:
         if passphrase_file is not None:
             raise UsageError("--agent mounts take no passphrase: users unlock with cryptfs unlock")
         if os.geteuid() != 0:
             raise UsageError("a shared --agent mount must be started by root")
         locked = read_volume(backing)
+        audit = _audit_for(locked.config, audit_log, audit_fail_open)
         link = functools.partial(watch_agent, os.path.abspath(socket_path(agent_socket)),
                                  locked.backing, locked.config.volume_id.hex())
         # noexec unless asked otherwise: programs are not run from customer
@@ -85,14 +85,32 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         raise UsageError("--agent-socket needs --agent")
     pw = read_passphrase(passphrase_file, "Passphrase")
     with pw:
-        vol = open_volume(backing, pw)
+        vol = unlock_recorded(backing, pw)
     try:
         load_policy(vol.config, vol.keys)  # a policy that does not open: refuse here, clearly
+        audit = _audit_for(vol.config, audit_log, audit_fail_open)
     except BaseException:
         vol.close()
         raise
     mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file,
                  pid_file=pid_file, audit=audit)
+
+
+def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool
+               ) -> tuple[str, bool] | None:
+    """The access log a mount writes: the one the volume is bound to, else --audit-log."""
+    if cfg.audit is not None:
+        bound = cfg.audit["dir"]
+        if audit_log is not None and os.path.realpath(audit_log) != os.path.realpath(bound):
+            raise UsageError(f"this volume is bound to the access log in {bound}, "
+                             f"not {audit_log}", hint="leave out --audit-log")
+        bound_log(bound, cfg.audit["key"])
+        return bound, fail_open
+    if audit_log is None:
+        if fail_open:
+            raise UsageError("--audit-fail-open goes with an access log (--audit-log)")
+        return None
+    return os.path.abspath(audit_log), fail_open
 
 
 @click.command()

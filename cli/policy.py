@@ -7,12 +7,12 @@ import os
 
 import click
 
-from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.cli.common import passphrase_option, read_passphrase, recorded, reports_errors, unlock_recorded
 from cryptfs.errors import UsageError
 from cryptfs.export import cryptfs_mount_of
 from cryptfs.ops import RECIPIENTS_XATTR, SHARE_XATTR
 from cryptfs.policy import Rule, load_policy, mode_choices, normalise, parse_mode, store_policy
-from cryptfs.volume import Volume, open_volume
+from cryptfs.volume import Volume
 
 AUTH_HELP = "Read the passphrase of a user of the volume from this file ('-': stdin)."
 
@@ -20,7 +20,7 @@ AUTH_HELP = "Read the passphrase of a user of the volume from this file ('-': st
 def _open(backing: str, passphrase_file: str | None) -> Volume:
     pw = read_passphrase(passphrase_file, "Passphrase")
     with pw:
-        return open_volume(backing, pw)
+        return unlock_recorded(backing, pw)
 
 
 @click.group()
@@ -69,8 +69,10 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
         rules = load_policy(vol.config, vol.keys)
         rule = Rule(normalise(directory), name, hybrid, tuple(dict.fromkeys(recipients)), dropbox)
         rules.rules[rule.path] = rule
-        store_policy(vol.config, vol.keys, rules)
-        vol.save_config()
+        with recorded(backing, vol.config, "policy-set", path=rule.path, mode=mode,
+                      recipients=list(rule.recipients), dropbox=dropbox):
+            store_policy(vol.config, vol.keys, rules)
+            vol.save_config()
         recovery = vol.config.recovery is not None
     finally:
         vol.close()
@@ -90,8 +92,9 @@ def unset(backing: str, directory: str, passphrase_file: str | None) -> None:
         path = normalise(directory)
         if rules.rules.pop(path, None) is None:
             raise UsageError(f"{path} has no rule", hint=f"see: cryptfs policy show {backing}")
-        store_policy(vol.config, vol.keys, rules)
-        vol.save_config()
+        with recorded(backing, vol.config, "policy-unset", path=path):
+            store_policy(vol.config, vol.keys, rules)
+            vol.save_config()
     finally:
         vol.close()
     click.echo(f"{path}: rule removed")

@@ -14,32 +14,25 @@ from typing import Any
 import click
 
 from cryptfs import rotate as rot
-from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
-from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError, UsageError
-from cryptfs.mount import mounts
+from cryptfs.cli.common import (
+    passphrase_option,
+    read_passphrase,
+    recorded,
+    reports_errors,
+    unlock_recorded,
+)
+from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError
+from cryptfs.mount import mount_of_backing
 from cryptfs.ops import ROTATE_XATTR
 from cryptfs.recovery import read_key_file, unlock_with_recovery_key
 from cryptfs.secret import Secret
-from cryptfs.volume import UnlockedVolume, Volume, open_volume
+from cryptfs.volume import UnlockedVolume, Volume
 
 WAIT_FOR_MOUNT = 30.0  # seconds for a mount to take up a new key generation
 
 
 class RotationIncomplete(CryptfsError):
     exit_code = 1
-
-
-def mount_of_backing(backing: str) -> str | None:
-    """The mountpoint where ``backing`` is mounted by cryptfs, if it is (by its
-    real path, whatever path names it).  Refused if it is mounted more than
-    once: only one mount can walk the files, and the others would keep old
-    keys and file keys."""
-    want = "cryptfs:" + os.path.realpath(backing)
-    found = [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
-    if len(found) > 1:
-        raise UsageError(f"{backing} is mounted {len(found)} times ({', '.join(found)}): "
-                         "unmount all but one, then rotate")
-    return found[0] if found else None
 
 
 class Meter:
@@ -206,7 +199,8 @@ def rotate(backing: str, kind: str | None, recovery_key: str | None,
     """
     if kind is None:
         raise click.UsageError("choose one of --slots, --wrap-key, --reencrypt")
-    with opened_for_rotation(backing, passphrase_file, "Passphrase", recovery_key) as (vol, recovery):
+    with opened_for_rotation(backing, passphrase_file, "Passphrase", recovery_key) as (vol, recovery), \
+            recorded(backing, vol.config, "rotation", kind=kind):
         run_rotation(vol, kind, recovery)
 
 
@@ -221,7 +215,7 @@ def opened_for_rotation(backing: str, passphrase_file: str | None, prompt: str,
     try:
         pw = read_passphrase(passphrase_file, prompt)
         with pw:
-            vol = open_volume(backing, pw)
+            vol = unlock_recorded(backing, pw)
         try:
             if recovery is not None:
                 unlock_with_recovery_key(vol.config, vid, recovery).close()

@@ -6,13 +6,19 @@ import os
 
 import click
 
-from cryptfs.cli.common import invoking_user, passphrase_option, read_passphrase, reports_errors
+from cryptfs.cli.common import (
+    invoking_user,
+    passphrase_option,
+    read_passphrase,
+    recorded,
+    reports_errors,
+    unlock_recorded,
+)
 from cryptfs.cli.rotate import opened_for_rotation, run_rotation
 from cryptfs.cli.volume import kdf_options
 from cryptfs.config import Kdf, load_config
 from cryptfs.errors import UsageError, WrongPassphrase
 from cryptfs.users import ROLES, add_user, list_users, remove_user, set_passphrase, slot_for_name
-from cryptfs.volume import open_volume
 
 AUTH_HELP = ("Read the passphrase that authorises the change (any user's that opens the "
              "volume) from this file ('-': stdin).")
@@ -43,10 +49,10 @@ def add(backing: str, name: str, role: str, passphrase_file: str | None,
     """Give system user NAME their own key slot in BACKING."""
     auth = read_passphrase(passphrase_file, "Passphrase of an existing user (to authorise)")
     with auth:
-        vol = open_volume(backing, auth)
+        vol = unlock_recorded(backing, auth)
     try:
         new = read_passphrase(new_passphrase_file, f"New passphrase for {name}", confirm=True)
-        with new:
+        with new, recorded(backing, vol.config, "user-add", target=name, role=role):
             slot = add_user(vol, name, role, new, Kdf(kdf_iterations, kdf_memory * 1024))
     finally:
         vol.close()
@@ -75,7 +81,8 @@ def remove(backing: str, name: str, revoke: bool, recovery_key: str | None,
     if recovery_key is not None and not revoke:
         raise UsageError("--recovery-key goes with --revoke")
     with opened_for_rotation(backing, passphrase_file, "Passphrase of an existing user (to "
-                             "authorise)", recovery_key) as (vol, recovery):
+                             "authorise)", recovery_key) as (vol, recovery), \
+            recorded(backing, vol.config, "user-remove", target=name, revoke=revoke):
         slot = remove_user(vol, name, save=not revoke)
         if revoke:
             # The slot goes with the new key generation, in one config write.
@@ -124,12 +131,12 @@ def passwd(backing: str, name: str | None, passphrase_file: str | None,
                                            "to reset it)")
     with old:
         try:
-            vol = open_volume(backing, old)
+            vol = unlock_recorded(backing, old)
         except WrongPassphrase:
             raise WrongPassphrase("that passphrase opens no key slot of this volume") from None
     try:
         new = read_passphrase(new_passphrase_file, f"New passphrase for {who}", confirm=True)
-        with new:
+        with new, recorded(backing, vol.config, "passwd", target=who):
             fresh = set_passphrase(vol, slot_for_name(vol.config, who), new,
                                    Kdf(kdf_iterations, kdf_memory * 1024))
     finally:

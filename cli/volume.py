@@ -7,13 +7,23 @@ import sys
 
 import click
 
+from cryptfs import audit_events
 from cryptfs import fsck as fsck_mod
-from cryptfs.cli.common import invoking_user, passphrase_option, read_passphrase, reports_errors
+from cryptfs.cli.common import (
+    command_name,
+    invoking_user,
+    passphrase_option,
+    read_passphrase,
+    recorded,
+    reports_errors,
+    unlock_recorded,
+)
 from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, Kdf, load_config
 from cryptfs.errors import DamageFound, UsageError
 from cryptfs.export import export as export_file
 from cryptfs.export import parse_recipients, recipients_from_file
 from cryptfs.modes import CONTENT_MODES
+from cryptfs.mount import volume_of_path
 from cryptfs.recovery import add_recovery, create_key_file, extract, open_for_recovery
 from cryptfs.users import ROLES, set_passphrase, user_fields
 from cryptfs.volume import init_volume, open_volume
@@ -136,10 +146,10 @@ def passwd(backing: str, passphrase_file: str | None, new_passphrase_file: str |
     """
     old = read_passphrase(passphrase_file, "Current passphrase")
     with old:
-        vol = open_volume(backing, old)
+        vol = unlock_recorded(backing, old)
     try:
         new = read_passphrase(new_passphrase_file, "New passphrase", confirm=True)
-        with new:
+        with new, recorded(backing, vol.config, "passwd", target=vol.slot.label):
             set_passphrase(vol, vol.slot, new)
         click.echo(f"passphrase of key slot {vol.slot.id} ({vol.slot.label}) changed")
     finally:
@@ -190,8 +200,10 @@ def recover(backing: str, paths: tuple[str, ...], recovery_key: str, out: str) -
     """
     vol = open_for_recovery(backing, recovery_key)
     try:
-        done = extract(vol, out, [os.fsencode(p) for p in paths],
-                       on_problem=lambda p: click.echo(f"damaged: {p}", err=True))
+        with recorded(backing, vol.config, "recovery", path=list(paths) or ["/"],
+                      out=os.path.abspath(out)):
+            done = extract(vol, out, [os.fsencode(p) for p in paths],
+                           on_problem=lambda p: click.echo(f"damaged: {p}", err=True))
     finally:
         vol.close()
     click.echo(f"recovered {done.files} files ({done.bytes} bytes), {done.dirs} directories, "
@@ -221,6 +233,13 @@ def export(path: str, to: tuple[str, ...], recipients_file: str | None, out: str
     recipients = parse_recipients(texts)
     if out is None and sys.stdout.isatty():
         raise UsageError("the age file is binary: give --out FILE or redirect standard output")
+    on = volume_of_path(path)
+    if on is not None:
+        # Recorded by the mount the file is read through, in the log it writes
+        # (the exporting user may have no access to the backing directory).
+        audit_events.through_mount(on[0], "export", path=on[1], recipients=texts,
+                                   out=os.path.abspath(out) if out else "-",
+                                   command=command_name())
     size = export_file(path, recipients, out, sys.stdout.buffer)
     if out is not None:
         click.echo(f"exported {path} ({size} bytes) to {out} for {len(recipients)} recipient(s)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -50,6 +51,7 @@ log = logging.getLogger("cryptfs")
 KEY_NAME = "cryptfs-audit"
 PUB_NAME = "audit.pub"
 KEY_FILE = "audit.key"
+LOCK_FILE = "audit.lock"  # flock'ed by the one writer of the moment; holds its pid
 SEGMENT_RE = re.compile(r"^segment-(\d{6})\.log$")
 ZERO = bytes(32)
 NOTE_SEP = "\n\u2014 "  # C2SP signed note: a blank line, then "— name sig" lines
@@ -196,13 +198,47 @@ def check_log(logdir: str) -> None:
                          hint=f"create one with: cryptfs audit init {logdir}")
 
 
-class AuditLog:
-    """The writer.  Not thread-safe: one per log directory (the mount's)."""
+class LogBusy(BackingIOError):
+    """Another process is writing the log (a mount, an agent, a command)."""
 
-    def __init__(self, logdir: str, seal_every: int = 1000, seal_seconds: float = 60.0,
+
+def _take_lock(logdir: str, wait: float) -> int:
+    """The writer's lock (an exclusive flock on LOGDIR/audit.lock), waiting up
+    to ``wait`` seconds for another writer to finish."""
+    try:
+        fd = os.open(os.path.join(logdir, LOCK_FILE),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise BackingIOError(f"cannot open the access log in {logdir}: {e.strerror}") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise LogBusy(f"the access log in {logdir} is being written by another process "
+                              f"(pid {holder})",
+                              hint="each mount and each key agent needs a log directory of its "
+                                   "own") from None
+            time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class AuditLog:
+    """The writer.  Not thread-safe; one process at a time writes a log
+    directory (it holds LOGDIR/audit.lock, taken here, for as long as it is open)."""
+
+    def __init__(self, logdir: str, seal_every: int = 4096, seal_seconds: float = 60.0,
                  segment_bytes: int = 16 << 20, segment_seconds: float = 86400.0,
-                 clock: Any = time.time_ns) -> None:
+                 clock: Any = time.time_ns, wait: float = 10.0) -> None:
         self.logdir = logdir
+        check_log(logdir)
+        self._lock = _take_lock(logdir, wait)
         self.seal_every = seal_every
         self.seal_seconds = seal_seconds
         self.segment_bytes = segment_bytes
@@ -217,7 +253,9 @@ class AuditLog:
             self.segment: int = st["segment"]
             self.seq: int = st["seq"]
             self.h: bytes = unb64(st["h"])
+            self._pending: str | None = st.get("pending")  # a checkpoint signed, not yet written
         except (OSError, ValueError, KeyError, TypeError) as e:
+            os.close(self._lock)
             raise UsageError(f"{logdir} is not a usable audit log ({getattr(e, 'strerror', e)})",
                              hint="create one with: cryptfs audit init LOGDIR") from None
         self._recover_tail()
@@ -236,6 +274,8 @@ class AuditLog:
         for obj in _lines(path):
             if "seq" in obj and obj["seq"] == self.seq + 1:
                 self.seq, self.h = obj["seq"], unb64(obj["h"])
+            elif self._pending is not None and obj.get("checkpoint") == self._pending:
+                self._pending = None  # (it was appended; the state just still names it)
 
     def _segment_path(self, n: int) -> str:
         return os.path.join(self.logdir, f"segment-{n:06d}.log")
@@ -270,6 +310,8 @@ class AuditLog:
     def record(self, **fields: Any) -> dict[str, Any]:
         """Append one record (raises OSError if it cannot be written: the
         caller decides whether the access then goes ahead)."""
+        if self._pending is not None:
+            self._write_pending()
         rec = {"seq": self.seq + 1, "time_ns": self.clock(), "log": self.log_id, **fields}
         body = canonical(rec)
         h = hashlib.sha256(self.h + body).digest()  # = chain(self.h, rec), serialised once
@@ -283,40 +325,73 @@ class AuditLog:
         return rec
 
     def seal(self) -> None:
-        """Sign a checkpoint with this epoch's key, then move to the next epoch."""
+        """Sign a checkpoint with this epoch's key, then move to the next epoch.
+
+        The state file takes the next epoch's seed *and* the signed checkpoint
+        before the checkpoint is appended: the old seed is gone from disk
+        before anything it signed is out, and a checkpoint that could not be
+        appended (disk full) is appended by the next attempt or the next
+        writer, so an epoch's key never signs twice."""
+        if self._pending is not None:
+            self._write_pending()
         seed = bytes(self._seed)
         nxt = _evolve(seed)
-        cp = Checkpoint(self.log_id, self.seq, self.h, self.epoch, _public(nxt), self.clock())
-        self._append({"checkpoint": cp.sign(seed)})
-        os.fsync(self._fd)
+        note = Checkpoint(self.log_id, self.seq, self.h, self.epoch, _public(nxt),
+                          self.clock()).sign(seed)
+        self._save_state(self.epoch + 1, nxt, note)  # (raises: nothing changed)
         self.epoch += 1
         for i in range(len(self._seed)):
             self._seed[i] = 0
         self._seed = bytearray(nxt)
-        if (os.fstat(self._fd).st_size >= self.segment_bytes
+        self._pending = note
+        self._write_pending()
+        if (self._size >= self.segment_bytes
                 or time.monotonic() - self._opened >= self.segment_seconds):
             os.close(self._fd)
+            self._fd = -1
             self.segment += 1
             self._save_state()
             self._open_segment()
-        else:
-            self._save_state()
+        # (Otherwise the state keeps naming the checkpoint as pending: the next
+        # writer finds it in the segment.  One state write per seal.)
         self._unsealed = 0
         self._last_seal = time.monotonic()
 
-    def _save_state(self) -> None:
-        _write_state(self.logdir, {"log": self.log_id, "epoch": self.epoch,
-                                   "seed": b64(bytes(self._seed)), "segment": self.segment,
-                                   "seq": self.seq, "h": b64(self.h)})
+    def _write_pending(self) -> None:
+        """Append the signed checkpoint that the state file holds and the
+        segment does not (a seal that could not append it)."""
+        assert self._pending is not None
+        self._append({"checkpoint": self._pending})
+        os.fsync(self._fd)
+        self._pending = None
+
+    def _save_state(self, epoch: int | None = None, seed: bytes | None = None,
+                    pending: str | None = None) -> None:
+        state = {"log": self.log_id, "epoch": self.epoch if epoch is None else epoch,
+                 "seed": b64(bytes(self._seed) if seed is None else seed),
+                 "segment": self.segment, "seq": self.seq, "h": b64(self.h)}
+        if pending is not None:
+            state["pending"] = pending
+        _write_state(self.logdir, state)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            if self._unsealed:
-                self.seal()
-            os.close(self._fd)
-            self._fd = -1
-        for i in range(len(self._seed)):
-            self._seed[i] = 0
+        """Seal what is unsealed and let go of the log (OSError if the seal
+        cannot be written: the records stay, the next writer seals them)."""
+        try:
+            if self._fd >= 0:
+                if self._unsealed:
+                    self.seal()
+                elif self._pending is not None:
+                    self._write_pending()
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            for i in range(len(self._seed)):
+                self._seed[i] = 0
+            if self._lock >= 0:
+                os.close(self._lock)  # (releases the flock)
+                self._lock = -1
 
 
 # -- verifying -------------------------------------------------------------------------------------

@@ -249,6 +249,7 @@ class VolumeConfig:
     rotation: dict[str, Any] | None = None  # {"kind", "started"} while one is unfinished
     policy: bytes | None = None  # the directory policy, sealed (cryptfs.policy)
     chain: tuple[int, bytes] | None = None  # (previous key id, MAC by the previous master)
+    audit: dict[str, str] | None = None  # the access log bound to the volume: {"dir", "key"}
 
     # -- serialisation ---------------------------------------------------------
     @property
@@ -256,7 +257,8 @@ class VolumeConfig:
         """2 if anything of version 2 is in use (an older cryptfs then refuses
         the volume clearly instead of failing to unlock it), else 1."""
         v2 = (any(s.v2 for s in self.slots) or self.base or self.retired or self.rotation
-              or self.policy or self.chain or (self.recovery is not None and self.recovery.auth))
+              or self.policy or self.chain or self.audit
+              or (self.recovery is not None and self.recovery.auth))
         return FORMAT_VERSION if v2 else 1
 
     def body(self) -> dict[str, Any]:
@@ -277,6 +279,7 @@ class VolumeConfig:
             **({"rotation": self.rotation} if self.rotation else {}),
             **({"policy": b64e(self.policy)} if self.policy else {}),
             **({"chain": {"from": self.chain[0], "mac": b64e(self.chain[1])}} if self.chain else {}),
+            **({"audit": dict(self.audit)} if self.audit else {}),
         }
 
     def compute_mac(self, keys: VolumeKeys) -> bytes:
@@ -346,6 +349,7 @@ class VolumeConfig:
                 rotation=_rotation_from_json(d["rotation"]) if "rotation" in d else None,
                 policy=b64d(d["policy"]) if "policy" in d else None,
                 chain=_chain_from_json(d["chain"], key_id) if "chain" in d else None,
+                audit=_audit_from_json(d["audit"]) if "audit" in d else None,
             )
             if cfg.version != version:
                 raise NotAVolume(f"volume config says it is version {version} but is version "
@@ -552,6 +556,14 @@ def _chain_from_json(v: Any, key_id: int) -> tuple[int, bytes]:
     if len(mac) != 32:
         raise ValueError("chain mac")
     return v["from"], mac
+
+
+def _audit_from_json(v: Any) -> dict[str, str]:
+    if (not isinstance(v, dict) or set(v) != {"dir", "key"} or not isinstance(v["dir"], str)
+            or not os.path.isabs(v["dir"]) or not isinstance(v["key"], str)
+            or not v["key"].startswith("cryptfs-audit+")):
+        raise ValueError("audit")
+    return {"dir": v["dir"], "key": v["key"]}
 
 
 def _rotation_from_json(v: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from cryptfs import rotate
-from cryptfs.errors import CryptfsError, MountError
+from cryptfs.errors import CryptfsError, MountError, UsageError
 from cryptfs.volume import LockedVolume, Volume
 
 # A task run beside the filesystem for as long as it is mounted; it gets the
@@ -66,6 +66,35 @@ def mounts() -> list[tuple[str, str, str]]:
             if len(fields) >= 5 and len(rfields) >= 2:
                 out.append((_unescape(fields[4]), os.fsdecode(rfields[0]), _unescape(rfields[1])))
     return out
+
+
+def mount_of_backing(backing: str) -> str | None:
+    """The mountpoint where ``backing`` is mounted by cryptfs, if it is (by its
+    real path, whatever path names it).  Refused if it is mounted more than
+    once: only one mount can walk the files, and the others would keep old
+    keys and file keys."""
+    want = "cryptfs:" + os.path.realpath(backing)
+    found = [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
+    if len(found) > 1:
+        raise UsageError(f"{backing} is mounted {len(found)} times ({', '.join(found)}): "
+                         "unmount all but one, then rotate")
+    return found[0] if found else None
+
+
+def volume_of_path(path: str) -> tuple[str, str] | None:
+    """(mountpoint, path inside the volume) of a path on a cryptfs mount, or
+    None if it is on none."""
+    where = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    for mp, fstype, source in mounts():
+        if not (fstype.startswith("fuse") and source.startswith("cryptfs:")):
+            continue
+        if where == mp or where.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) > len(best[0]):
+                best = (mp, source)
+    if best is None:
+        return None
+    return best[0], "/" + os.path.relpath(where, best[0]).removeprefix(".")
 
 
 def is_fuse_mount(mnt: str, fstype: str | None = None) -> bool:

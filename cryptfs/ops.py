@@ -34,6 +34,7 @@ import trio
 
 from cryptfs import rotate, sysio, tree
 from cryptfs.audit import Auditor
+from cryptfs.audit_events import AUDIT_XATTR, parse_command_record
 from cryptfs.config import CONFIG_NAME, load_config, user_authority
 from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
 from cryptfs.errors import CryptfsError
@@ -321,6 +322,8 @@ class CryptOperations(pyfuse3.Operations):
                                                           ("ctime", f.update_ctime)) if on)
                 fields["by_handle"] = args[3] is not None
         elif event in ("setxattr", "removexattr"):
+            if args[1] == AUDIT_XATTR and args[0] == ROOT and err is None:
+                return True  # (the command's record is the record)
             fields["name"] = args[1].decode("utf-8", "backslashreplace")
         if err is None:
             outcome = "allowed"
@@ -1303,6 +1306,22 @@ class CryptOperations(pyfuse3.Operations):
                  kind, self.keys.key_id, uid)
         self._rotation_wanted.set()
 
+    def _command_record(self, ctx: pyfuse3.RequestContext, value: bytes) -> None:
+        """A command (`cryptfs user add` ...) hands its record to this mount,
+        which holds the log: written with the uid and pid of the request, so a
+        user can only record things under their own name."""
+        if self.audit is None:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        try:
+            event, outcome, fields = parse_command_record(value)
+        except ValueError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        logdir = fields.pop("logdir", None)
+        if logdir is not None and logdir != os.path.realpath(self.audit.log.logdir):
+            raise pyfuse3.FUSEError(errno.EXDEV)  # (the volume is bound to another log)
+        if not self.audit.write(event, outcome, ctx.uid, ctx.pid, **fields):
+            raise pyfuse3.FUSEError(errno.EIO)
+
     def _may_rotate(self, uid: int) -> bool:
         """Root, the mount's owner, or an unlocked user may ask for the walk:
         it only carries out what the authenticated config already says (a
@@ -1488,6 +1507,9 @@ class CryptOperations(pyfuse3.Operations):
                        ctx: pyfuse3.RequestContext) -> None:
         if inode_no == ROOT and name == ROTATE_XATTR and self._may_rotate(ctx.uid):
             self._rotation_request(ctx.uid, value)
+            return
+        if inode_no == ROOT and name == AUDIT_XATTR:
+            self._command_record(ctx, value)
             return
         self._allow(ctx.uid)
         inode = self._inode(inode_no)

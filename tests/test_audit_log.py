@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def write_log(d: Path, n: int = N, close: bool = False, clock: object = None) ->
     if close:
         log.close()
     else:
-        os.close(log._fd)  # a crash: whatever was not sealed stays unsealed
+        os.close(log._fd)  # a crash: whatever was not sealed stays unsealed,
+        os.close(log._lock)  # and the writer's lock goes with the process
     return pub
 
 
@@ -218,3 +220,38 @@ def test_cli_init_refuses_an_existing_log(log: tuple[Path, str]) -> None:
     d, _ = log
     res = run_cli("audit", "init", str(d), check=False)
     assert res.returncode == 2 and "already holds an audit log" in res.stderr
+
+
+def test_a_seal_that_finds_the_disk_full_is_made_later(tmp_path: Path) -> None:
+    """Disk full at a seal: nothing half-done (no epoch key used twice, no
+    checkpoint lost); once there is room, the log seals and verifies."""
+    from test_audit_mount import _fill, _tmpfs
+
+    small = tmp_path / "small"
+    _tmpfs(small, "256k")
+    try:
+        d = small / "log"
+        pub = al.init_log(str(d), "full")
+        log = al.AuditLog(str(d), seal_every=10**9)
+        for i in range(5):
+            log.record(event="open", outcome="allowed", path=f"/{i}")
+        filler = _fill(small)
+        written = 5
+        with pytest.raises(OSError):
+            while True:  # (until the segment's last page is full too)
+                log.record(event="open", outcome="allowed", path="/" + "x" * 200)
+                written += 1
+        with pytest.raises(OSError):
+            log.seal()
+        filler.unlink()
+        log.record(event="unlink", outcome="allowed", path="/0")
+        log.seal()
+        os.close(log._fd)  # a crash after the seal
+        os.close(log._lock)
+        again = al.AuditLog(str(d))
+        again.record(event="unlink", outcome="allowed", path="/1")
+        again.close()
+        v = verdict(d, pub)
+        assert v.ok and v.bad_seals == 0 and v.unsealed == 0 and v.valid == written + 2
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
