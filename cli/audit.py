@@ -161,3 +161,4 @@ def follow(logdir: str, from_start: bool, fmt: str, since: str | None, until: st
     except KeyboardInterrupt:
         pass
 from cryptfs.cli import audit_bind  # noqa: E402,F401,I001  (registers "audit attach|detach")
+from cryptfs.cli import audit_report  # noqa: E402,F401  (registers "audit report")
