@@ -1316,6 +1316,7 @@ class CryptOperations(pyfuse3.Operations):
             event, outcome, fields = parse_command_record(value)
         except ValueError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
+        fields.setdefault("backing", self.vol.backing)
         logdir = fields.pop("logdir", None)
         if logdir is not None and logdir != os.path.realpath(self.audit.log.logdir):
             raise pyfuse3.FUSEError(errno.EXDEV)  # (the volume is bound to another log)

@@ -399,19 +399,23 @@ class Agent:
         log.warning("a mount did not confirm event %d within %g s", seq, CONFIRM_WITHIN)
         return False
 
-    def lock_session(self, s: Session, why: str) -> int:
-        """End a session; returns the sequence number of the last event it caused."""
+    def lock_session(self, s: Session, why: str, pid: int = 0) -> int:
+        """End a session (``pid``: the process that asked, 0 if none did);
+        returns the sequence number of the last event it caused."""
         _, wiped = self.store.close(s.uid, s.volume.key)
         log.info("lock: uid %d (%s), volume %s at %s (%s)", s.uid, user_name_of(s.uid),
                  s.volume.volume_id, s.volume.path, why)
-        if self.audit is not None:  # (locking never waits for the log)
-            self.audit.write("lock", "allowed", s.uid, 0, volume=s.volume.volume_id,
-                             path=s.volume.path, reason=why)
+        self._audit_lock(s, why, pid)
         seq = self._notify(s.volume.key, p.reply(event="locked", uid=s.uid, reason=why))
         if wiped:
             seq = self._notify(s.volume.key, p.reply(event="wipe"))
             self._config_stamps.pop(s.volume.key, None)
         return seq
+
+    def _audit_lock(self, s: Session, why: str, pid: int = 0) -> None:
+        if self.audit is not None:  # (locking never waits for the log)
+            self.audit.write("lock", "allowed", s.uid, pid, volume=s.volume.volume_id,
+                             path=s.volume.path, slot=s.slot_id, reason=why)
 
     def lock_all(self, why: str) -> None:
         for s in self.store.of_uid(None):
@@ -695,6 +699,7 @@ class Agent:
             log.info("lock: uid %d (%s), volume %s at %s (unlocked with a key that the "
                      "volume's config no longer has)", other.uid, user_name_of(other.uid),
                      vol.volume_id, real)
+            self._audit_lock(other, "key changed")
             self._notify(key, p.reply(event="locked", uid=other.uid, reason="key changed"))
         held = self.store.master(key)
         if changed and held is not None:
@@ -747,7 +752,7 @@ class Agent:
             except OSError as e:
                 return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
             sessions = [s for s in sessions if s.volume.directory == directory]
-        last = {s.volume.key: self.lock_session(s, f"requested by pid {conn.pid}")
+        last = {s.volume.key: self.lock_session(s, f"requested by pid {conn.pid}", conn.pid)
                 for s in sessions}
         confirmed = [await self._confirmed(key, seq) for key, seq in last.items()]
         if not all(confirmed):
