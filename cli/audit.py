@@ -97,14 +97,9 @@ def verify(logdir: str, key: str, max_age: float | None) -> None:
                                    "proven yet)" if v.unsealed else ""))
 
 
-def record_filters(fn):  # type: ignore[no-untyped-def]
-    """The options that select records (export and follow)."""
+def selection_options(fn):  # type: ignore[no-untyped-def]
+    """The options that select records (export, follow, forward)."""
     for opt in reversed([
-        click.option("--format", "fmt", type=click.Choice(ax.FORMATS), default="jsonl",
-                     show_default=True,
-                     help="jsonl: the records as written; csv: fixed columns with a header; cef: "
-                          "ArcSight CEF; ecs: Elastic Common Schema 8.11; ocsf: OCSF 1.1 File "
-                          "System Activity."),
         click.option("--since", metavar="TIME", help="Only records at or after TIME (ISO 8601, "
                                                        "or seconds since 1970; UTC)."),
         click.option("--until", metavar="TIME", help="Only records at or before TIME."),
@@ -118,7 +113,17 @@ def record_filters(fn):  # type: ignore[no-untyped-def]
     return fn
 
 
-def _filter(since: str | None, until: str | None, user: str | None, path_glob: str | None,
+def record_filters(fn):  # type: ignore[no-untyped-def]
+    """--format and the options that select records (export and follow)."""
+    fn = selection_options(fn)
+    return click.option("--format", "fmt", type=click.Choice(ax.FORMATS), default="jsonl",
+                        show_default=True,
+                        help="jsonl: the records as written; csv: fixed columns with a header; "
+                             "cef: ArcSight CEF; ecs: Elastic Common Schema 8.11; ocsf: OCSF 1.1 "
+                             "File System Activity.")(fn)
+
+
+def make_filter(since: str | None, until: str | None, user: str | None, path_glob: str | None,
             events: tuple[str, ...]) -> ax.Filter:
     return ax.Filter(since=ax.parse_time(since) if since else None,
                      until=ax.parse_time(until) if until else None,
@@ -135,7 +140,7 @@ def export(logdir: str, fmt: str, since: str | None, until: str | None, user: st
 
     Exporting does not verify: run `cryptfs audit verify` for that.
     """
-    flt = _filter(since, until, user, path_glob, events)
+    flt = make_filter(since, until, user, path_glob, events)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as with cat
     for chunk in ax.WRITERS[fmt](r for r in ax.records(logdir) if flt(r)):
         sys.stdout.write(chunk)
@@ -152,7 +157,7 @@ def follow(logdir: str, from_start: bool, fmt: str, since: str | None, until: st
 
     Ctrl-C stops it.  The csv header is printed once.
     """
-    flt = _filter(since, until, user, path_glob, events)
+    flt = make_filter(since, until, user, path_glob, events)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         for chunk in ax.WRITERS[fmt](r for r in ax.follow(logdir, from_start) if flt(r)):
@@ -162,3 +167,4 @@ def follow(logdir: str, from_start: bool, fmt: str, since: str | None, until: st
         pass
 from cryptfs.cli import audit_bind  # noqa: E402,F401,I001  (registers "audit attach|detach")
 from cryptfs.cli import audit_report  # noqa: E402,F401  (registers "audit report")
+from cryptfs.cli import audit_forward  # noqa: E402,F401  (registers "audit forward")
