@@ -34,6 +34,7 @@ import logging
 import os
 import pwd
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -192,8 +193,16 @@ def _replace(logdir: str, name: str, data: bytes, mode: int) -> None:
 
 
 def check_log(logdir: str) -> None:
-    """Refuse (UsageError) a directory that holds no audit log."""
-    if not os.path.isfile(os.path.join(logdir, KEY_FILE)):
+    """Refuse (UsageError) a directory that holds no audit log, and one that
+    cannot be read (BackingIOError: not the same advice)."""
+    try:
+        st = os.stat(os.path.join(logdir, KEY_FILE))
+    except (PermissionError, FileNotFoundError, NotADirectoryError) as e:
+        if isinstance(e, PermissionError):
+            raise BackingIOError(f"cannot read the access log in {logdir}: {e.strerror}") \
+                from None
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{logdir} holds no access log",
                          hint=f"create one with: cryptfs audit init {logdir}")
 
