@@ -493,8 +493,8 @@ class Cryptfs(Target):
 class CryptfsAudit(Cryptfs):
     """cryptfs with an access log (--audit-log): every access is recorded."""
 
-    def __init__(self, base: Path) -> None:
-        super().__init__(base, "aes-256-gcm")
+    def __init__(self, base: Path, profiler: Profiler | None = None) -> None:
+        super().__init__(base, "aes-256-gcm", profiler)
         self.name = "cryptfs-audit"
         self.logdir = base / "auditlog"
 
@@ -1325,7 +1325,8 @@ def profile(args: argparse.Namespace) -> int:
         if "tar" in workloads:
             ctx.tarball = workdir / "tree.tar"
             log(f"tarball: {build_tarball(sizes.tar_roots, ctx.tarball)}")
-        t = Cryptfs(workdir / "vol", mode, profiler=prof)
+        t = (CryptfsAudit(workdir / "vol", profiler=prof) if mode == "audit"
+             else Cryptfs(workdir / "vol", mode, profiler=prof))
         t.create()
         for wl in workloads:
             t.mount()
@@ -1378,7 +1379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead of the comparison: profile the cryptfs daemon under py-spy "
                         "(workloads small,seq unless --workloads is given)")
     p.add_argument("--profile-mode", default="aes-256-gcm",
-                   choices=["aes-256-gcm", "xchacha20-poly1305"])
+                   choices=["aes-256-gcm", "xchacha20-poly1305", "audit"],
+                   help="audit: aes-256-gcm with an access log (where the log's time goes)")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--profile-top", type=int, default=10, help="functions listed per profile")
     p.add_argument("--native", action="store_true",

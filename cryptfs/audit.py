@@ -42,6 +42,7 @@ from typing import Any
 
 import nacl.exceptions
 import nacl.signing
+import orjson
 
 from cryptfs.errors import BackingIOError, UsageError
 from cryptfs.modes.kdf import hkdf
@@ -59,7 +60,15 @@ NOTE_SEP = "\n\u2014 "  # C2SP signed note: a blank line, then "— name sig" li
 
 
 def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The JSON text of ``obj`` that is hashed and signed: keys sorted, no
+    whitespace, UTF-8, only ``"``, ``\\`` and control characters escaped
+    (the same bytes as Python's ``json.dumps(obj, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)``, made ten times faster)."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # (an int beyond 64 bits, in a record read back from an edited log)
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def b64(b: bytes) -> str:
@@ -319,9 +328,14 @@ class AuditLog:
     def record(self, **fields: Any) -> dict[str, Any]:
         """Append one record (raises OSError if it cannot be written: the
         caller decides whether the access then goes ahead)."""
+        return self.append(fields)
+
+    def append(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`record` for a record already in a dict (it gets ``seq``,
+        ``time_ns`` and ``log``)."""
         if self._pending is not None:
             self._write_pending()
-        rec = {"seq": self.seq + 1, "time_ns": self.clock(), "log": self.log_id, **fields}
+        rec["seq"], rec["time_ns"], rec["log"] = self.seq + 1, self.clock(), self.log_id
         body = canonical(rec)
         h = hashlib.sha256(self.h + body).digest()  # = chain(self.h, rec), serialised once
         # The line is the record with "h" added at the end (the verifier parses
@@ -575,7 +589,7 @@ class Auditor:
         if pid <= 0:
             return ""
         try:
-            return os.readlink(f"/proc/{pid}/exe")
+            return os.readlink(b"/proc/%d/exe" % pid).decode("utf-8", "backslashreplace")
         except OSError:
             return ""
 
@@ -584,10 +598,12 @@ class Auditor:
         must be refused (fail closed)."""
         if "exe" not in fields:
             fields["exe"] = self.exe(pid)
-        fields.setdefault("volume", self.volume_id)  # (the agent's records name theirs)
+        if "volume" not in fields:  # (the agent's records name theirs)
+            fields["volume"] = self.volume_id
+        fields["event"], fields["outcome"], fields["uid"], fields["pid"] = event, outcome, uid, pid
+        fields["user"] = self._users.get(uid) or self.user(uid)
         try:
-            self.log.record(event=event, outcome=outcome, uid=uid, user=self.user(uid), pid=pid,
-                            **fields)
+            self.log.append(fields)
         except OSError as e:
             if not self.broken:
                 log.error(

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import run_cli
 from cryptfs import audit as al
@@ -255,3 +257,19 @@ def test_a_seal_that_finds_the_disk_full_is_made_later(tmp_path: Path) -> None:
         assert v.ok and v.bad_seals == 0 and v.unsealed == 0 and v.valid == written + 2
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(
+    st.text(min_size=1, max_size=12),
+    st.one_of(st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40),
+              st.integers(min_value=-(2**63), max_value=2**64 - 1), st.booleans(), st.none(),
+              st.lists(st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=8),
+                       max_size=4)),
+    max_size=14))
+def test_canonical_is_the_json_text_the_format_describes(record: dict) -> None:
+    """The writer's fast canonical form (orjson) gives the very bytes of the
+    definition in docs/AUDIT.md (Python's json with sorted keys, no spaces,
+    no ASCII escaping), so any JSON library can check the chain."""
+    assert al.canonical(record) == json.dumps(record, sort_keys=True, separators=(",", ":"),
+                                              ensure_ascii=False).encode()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +194,18 @@ def test_the_agent_records_unlocks_failed_unlocks_and_locks(tmp_path: Path) -> N
     assert recs[1]["failures"] == 1 and len(recs[0]["volume"]) == 32
     v = al.verify(str(alog), al.parse_verifier((alog / "audit.pub").read_text()))
     assert v.ok and v.unsealed == 0  # the agent seals its log when it stops
+
+
+def test_a_program_whose_path_is_not_utf8_is_recorded(logged: tuple[Mount, Path],
+                                                      tmp_path: Path) -> None:
+    """/proc/PID/exe is bytes: a program under a name that is not UTF-8 is
+    recorded (its odd bytes as \\xNN), not refused for want of a record."""
+    m, logdir = logged
+    m.path("a.txt").write_text("hello\n")
+    odd = os.fsencode(str(tmp_path)) + b"/ca\xfft"
+    shutil.copy("/bin/cat", odd)
+    out = subprocess.run([odd, str(m.path("a.txt"))], capture_output=True, check=True).stdout
+    assert out == b"hello\n"
+    m.stop()
+    opens = [r for r in records(logdir) if r["event"] == "open" and r["path"] == "/a.txt"]
+    assert [r["exe"] for r in opens] == [str(tmp_path) + "/ca\\xfft"]
