@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import pwd
 import re
@@ -53,6 +54,7 @@ log = logging.getLogger("cryptfs")
 KEY_NAME = "cryptfs-audit"
 PUB_NAME = "audit.pub"
 KEY_FILE = "audit.key"
+CHUNK = 1 << 20  # bytes of a segment reserved at a time
 LOCK_FILE = "audit.lock"  # flock'ed by the one writer of the moment; holds its pid
 SEGMENT_RE = re.compile(r"^segment-(\d{6})\.log$")
 ZERO = bytes(32)
@@ -299,31 +301,71 @@ class AuditLog:
         return os.path.join(self.logdir, f"segment-{n:06d}.log")
 
     def _open_segment(self) -> None:
+        """Open the current segment for appending through a shared mapping.
+
+        Space is reserved ahead (``posix_fallocate``, ``CHUNK`` at a time)
+        and a record is copied into the mapped pages: in the page cache once
+        copied, as with write(2), so it outlives a crash of this process, but
+        with no system call and no change of the file's size per record (on
+        a busy filesystem, a write(2) per record was half of a record's
+        cost).  A full disk shows when space cannot be reserved, before a
+        record depends on it.  Until the segment is closed, and cut to its
+        length, it ends with the unused rest of the reservation: NUL bytes,
+        which readers ignore.
+        """
         path = self._segment_path(self.segment)
         new = not os.path.exists(path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._size = os.fstat(self._fd).st_size  # (kept up to date: no fstat per record)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._map: mmap.mmap | None = None
+        self._size = 0 if new else _data_end(self._fd)
+        self._alloc = os.fstat(self._fd).st_size
+        if self._alloc > self._size:  # a crash left reserved space, or a line cut short
+            os.pwrite(self._fd, bytes(self._alloc - self._size), self._size)
         self._opened = time.monotonic()
         if new:
             self._append({"segment": self.segment, "log": self.log_id, "prev": b64(self.h),
                           "first_seq": self.seq + 1})
+
+    def _reserve(self, end: int) -> None:
+        """Reserve space up to at least ``end`` and map it (OSError, ENOSPC if
+        there is no room for it: then nothing was written)."""
+        if end > self._alloc:
+            want = -(-end // CHUNK) * CHUNK
+            try:
+                os.posix_fallocate(self._fd, self._alloc, want - self._alloc)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                # Not a whole chunk left: what this line needs, or nothing.
+                want = -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
+                os.posix_fallocate(self._fd, self._alloc, want - self._alloc)
+            self._alloc = want
+        if self._map is None:
+            self._map = mmap.mmap(self._fd, self._alloc)
+        elif len(self._map) < self._alloc:
+            self._map.resize(self._alloc)
 
     def _append(self, obj: dict[str, Any]) -> None:
         self._write_line(canonical(obj) + b"\n")
 
     def _write_line(self, data: bytes) -> None:
         """One whole line, or nothing (a torn line would break the chain)."""
+        end = self._size + len(data)
+        if self._map is None or end > len(self._map):
+            self._reserve(end)
+        self._map[self._size:end] = data  # type: ignore[index]
+        self._size = end
+
+    def _close_segment(self) -> None:
+        """Unmap, cut off the unused reservation, close."""
         try:
-            n = os.write(self._fd, data)
-            if n != len(data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
-            try:
-                os.ftruncate(self._fd, self._size)
-            except OSError:
-                pass
-            raise
-        self._size += n
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+            os.ftruncate(self._fd, self._size)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
     def record(self, **fields: Any) -> dict[str, Any]:
         """Append one record (raises OSError if it cannot be written: the
@@ -370,8 +412,7 @@ class AuditLog:
         self._write_pending()
         if (self._size >= self.segment_bytes
                 or time.monotonic() - self._opened >= self.segment_seconds):
-            os.close(self._fd)
-            self._fd = -1
+            self._close_segment()
             self.segment += 1
             self._save_state()
             self._open_segment()
@@ -408,8 +449,7 @@ class AuditLog:
                     self._write_pending()
         finally:
             if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+                self._close_segment()
             for i in range(len(self._seed)):
                 self._seed[i] = 0
             if self._lock >= 0:
@@ -417,10 +457,34 @@ class AuditLog:
                 self._lock = -1
 
 
+def _data_end(fd: int) -> int:
+    """Where the lines of a segment end: after its last newline, before a tail
+    of NUL bytes (reserved, not used) or a line a crash cut short."""
+    size = os.fstat(fd).st_size
+    start = max(0, size - CHUNK)
+    while True:
+        tail = os.pread(fd, size - start, start)
+        nl = tail.rfind(b"\n")
+        if nl >= 0 or start == 0:
+            return start + nl + 1
+        start = max(0, start - CHUNK)
+
+
+def data_end(path: str) -> int:
+    """Where the lines of the segment at ``path`` end (see :func:`_data_end`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _data_end(fd)
+    finally:
+        os.close(fd)
+
+
 # -- verifying -------------------------------------------------------------------------------------
 def _lines(path: str) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as f:
         for raw in f:
+            if not raw.endswith(b"\n") and b"\0" in raw:
+                continue  # the reserved tail of a live segment (a record may be being copied in)
             try:
                 obj = json.loads(raw)
             except ValueError:

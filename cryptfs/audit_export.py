@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptfs import __version__
-from cryptfs.audit import SEGMENT_RE
+from cryptfs.audit import SEGMENT_RE, data_end
 from cryptfs.errors import BackingIOError, UsageError
 
 FORMATS = ("jsonl", "csv", "cef", "ecs", "ocsf")
@@ -60,7 +60,7 @@ def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
     current = names[-1] if names else None
     pos = 0
     if current is not None and not from_start:
-        pos = os.path.getsize(os.path.join(logdir, current))
+        pos = data_end(os.path.join(logdir, current))
     elif from_start:
         for name in names[:-1]:
             yield from _records_of(os.path.join(logdir, name))
@@ -76,6 +76,9 @@ def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
         with open(os.path.join(logdir, current), "rb") as f:
             f.seek(pos)
             chunk = f.read()
+        nul = chunk.find(b"\0")
+        if nul >= 0:
+            chunk = chunk[:nul]  # (space the writer has reserved and not used yet)
         pos += len(chunk)
         buf += chunk
         *complete, buf = buf.split(b"\n")
