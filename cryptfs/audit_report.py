@@ -24,7 +24,7 @@ import os
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -712,58 +712,62 @@ def _exe_cell(rec: Rec) -> str:
     return f"<td class=\"exe\">{_text(rec.exe) if rec.exe else '<i>unknown</i>'}</td>"
 
 
+def _incidents(section: str, title: str, kept: Capped, nothing: str, head: list[tuple[str, str]],
+               row: Callable[[Rec], str], what: str, how: str, note: str = "") -> str:
+    """A section listing the first records of one kind (denials, failed
+    unlocks, integrity failures), or saying there were none."""
+    top = f"<section id=\"{section}\"><h2>{title}</h2>\n"
+    if not kept.total:
+        return top + f"<p class=\"empty\">{nothing}</p></section>\n"
+    shown = kept.rows()
+    return (top + note + _table(head, [row(r) for r in shown])
+            + _more(len(shown), kept.total, what, how) + "</section>\n")
+
+
+def _when_cell(r: Rec) -> str:
+    return f"<td class=\"time\">{_when(r.t)}</td>"
+
+
 def _denials(rep: Report) -> str:
-    head = "<section id=\"denials\"><h2>Denials</h2>\n"
-    if not rep.denials.total:
-        return head + "<p class=\"empty\">No access was denied in this period.</p></section>\n"
-    shown = rep.denials.rows()
-    rows = [f"<tr><td class=\"time\">{_when(r.t)}</td><td>{_text(r.user)}</td>{_exe_cell(r)}"
-            f"<td>{_text(r.event)}</td>{_path_cell(r)}<td>{_text(r.reason)}</td></tr>"
-            for r in shown]
-    return (head + _table([("Time (UTC)", ""), ("User", ""), ("Program", ""), ("Event", ""),
-                           ("Path", ""), ("Reason", "")], rows)
-            + _more(len(shown), rep.denials.total, "denials",
-                    "The first ones are shown; <code>cryptfs audit export LOGDIR --format csv</code> "
-                    "lists all (outcome <code>denied</code>).")
-            + "</section>\n")
+    return _incidents(
+        "denials", "Denials", rep.denials, "No access was denied in this period.",
+        [("Time (UTC)", ""), ("User", ""), ("Program", ""), ("Event", ""), ("Path", ""),
+         ("Reason", "")],
+        lambda r: (f"<tr>{_when_cell(r)}<td>{_text(r.user)}</td>{_exe_cell(r)}"
+                   f"<td>{_text(r.event)}</td>{_path_cell(r)}<td>{_text(r.reason)}</td></tr>"),
+        "denials", "The first ones are shown; <code>cryptfs audit export LOGDIR --format csv</code> "
+                   "lists all (outcome <code>denied</code>).")
 
 
 def _failed_unlocks(rep: Report) -> str:
-    head = "<section id=\"unlocks\"><h2>Failed unlocks</h2>\n"
-    if not rep.failed_unlocks.total:
-        return head + ("<p class=\"empty\">No failed unlock in this period"
-                       + ("" if any(lr.sessions for lr in rep.logs)
-                          else " (no log here records unlocks: the key agent’s log does, "
-                               "<code>cryptfs-agent --audit-log</code>)")
-                       + ".</p></section>\n")
-    shown = rep.failed_unlocks.rows()
-    rows = [f"<tr><td class=\"time\">{_when(r.t)}</td><td>{_text(r.user)}</td>{_exe_cell(r)}"
-            f"{_path_cell(r)}<td class=\"num\">{_text(r.raw.get('slot'))}</td>"
-            f"<td class=\"num\">{_text(r.raw.get('failures'))}</td><td>{_text(r.reason)}</td></tr>"
-            for r in shown]
-    return (head + _table([("Time (UTC)", ""), ("User", ""), ("Program", ""), ("Volume", ""),
-                           ("Slot", "num"), ("In a row", "num"), ("Reason", "")], rows)
-            + _more(len(shown), rep.failed_unlocks.total, "failed unlocks",
-                    "The first ones are shown; <code>cryptfs audit export LOGDIR --event unlock</code> "
-                    "lists all.")
-            + "</section>\n")
+    nothing = ("No failed unlock in this period"
+               + ("" if any(lr.sessions for lr in rep.logs)
+                  else " (no log here records unlocks: the key agent’s log does, "
+                       "<code>cryptfs-agent --audit-log</code>)") + ".")
+    return _incidents(
+        "unlocks", "Failed unlocks", rep.failed_unlocks, nothing,
+        [("Time (UTC)", ""), ("User", ""), ("Program", ""), ("Volume", ""), ("Slot", "num"),
+         ("In a row", "num"), ("Reason", "")],
+        lambda r: (f"<tr>{_when_cell(r)}<td>{_text(r.user)}</td>{_exe_cell(r)}{_path_cell(r)}"
+                   f"<td class=\"num\">{_text(r.raw.get('slot'))}</td>"
+                   f"<td class=\"num\">{_text(r.raw.get('failures'))}</td>"
+                   f"<td>{_text(r.reason)}</td></tr>"),
+        "failed unlocks", "The first ones are shown; <code>cryptfs audit export LOGDIR --event "
+                          "unlock</code> lists all.")
 
 
 def _integrity(rep: Report) -> str:
-    head = "<section id=\"integrity\"><h2>Integrity failures</h2>\n"
-    if not rep.integrity.total:
-        return head + "<p class=\"empty\">No integrity failure in this period.</p></section>\n"
-    shown = rep.integrity.rows()
-    rows = [f"<tr><td class=\"time\">{_when(r.t)}</td>{_path_cell(r)}"
-            f"<td class=\"num\">{_text(r.raw.get('ino'))}</td><td>{_text(r.reason)}</td></tr>"
-            for r in shown]
-    return (head + "<p class=\"note\">A block or header of a file did not authenticate: the "
-                   "ciphertext was changed or damaged, and the mount refused to serve it (EIO).</p>"
-            + _table([("Time (UTC)", ""), ("Path", ""), ("Inode", "num"), ("Where", "")], rows)
-            + _more(len(shown), rep.integrity.total, "integrity failures",
-                    "The first ones are shown; <code>cryptfs audit export LOGDIR --event "
-                    "integrity-failure</code> lists all.")
-            + "</section>\n")
+    return _incidents(
+        "integrity", "Integrity failures", rep.integrity,
+        "No integrity failure in this period.",
+        [("Time (UTC)", ""), ("Path", ""), ("Inode", "num"), ("Where", "")],
+        lambda r: (f"<tr>{_when_cell(r)}{_path_cell(r)}"
+                   f"<td class=\"num\">{_text(r.raw.get('ino'))}</td>"
+                   f"<td>{_text(r.reason)}</td></tr>"),
+        "integrity failures", "The first ones are shown; <code>cryptfs audit export LOGDIR "
+                              "--event integrity-failure</code> lists all.",
+        note="<p class=\"note\">A block or header of a file did not authenticate: the "
+             "ciphertext was changed or damaged, and the mount refused to serve it (EIO).</p>")
 
 
 def _footer() -> str:
