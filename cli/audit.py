@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -88,6 +89,8 @@ def verify(logdir: str, key: str, max_age: float | None) -> None:
         if max_age is not None and age > max_age:
             v.bad(logdir, f"the last seal is {age:.0f} s old (more than {max_age:g} s): "
                           "the tail may have been cut")
+    elif max_age is not None:
+        v.bad(logdir, "the log holds no seal at all: it was cut back, or never sealed")
     if v.first_bad:
         click.echo(f"first bad: {v.first_bad}")
     if not v.ok:
@@ -123,6 +126,13 @@ def record_filters(fn):  # type: ignore[no-untyped-def]
                              "File System Activity.")(fn)
 
 
+def _tolerant_stdout() -> None:
+    """Text a log holds that is not UTF-8 (an edited log) is written with
+    its code escaped rather than ending the export."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def make_filter(since: str | None, until: str | None, user: str | None, path_glob: str | None,
             events: tuple[str, ...]) -> ax.Filter:
     return ax.Filter(since=ax.parse_time(since) if since else None,
@@ -141,7 +151,8 @@ def export(logdir: str, fmt: str, since: str | None, until: str | None, user: st
     Exporting does not verify: run `cryptfs audit verify` for that.
     """
     flt = make_filter(since, until, user, path_glob, events)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as with cat
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _tolerant_stdout()  # `| head` ends it quietly, as with cat
     for chunk in ax.WRITERS[fmt](r for r in ax.records(logdir) if flt(r)):
         sys.stdout.write(chunk)
 
@@ -159,6 +170,7 @@ def follow(logdir: str, from_start: bool, fmt: str, since: str | None, until: st
     """
     flt = make_filter(since, until, user, path_glob, events)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _tolerant_stdout()
     try:
         for chunk in ax.WRITERS[fmt](r for r in ax.follow(logdir, from_start) if flt(r)):
             sys.stdout.write(chunk)

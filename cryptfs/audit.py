@@ -55,6 +55,7 @@ KEY_NAME = "cryptfs-audit"
 PUB_NAME = "audit.pub"
 KEY_FILE = "audit.key"
 CHUNK = 1 << 20  # bytes of a segment reserved at a time
+RESERVE = 64 << 10  # room made sure of before a request acts (a record is far smaller)
 LOCK_FILE = "audit.lock"  # flock'ed by the one writer of the moment; holds its pid
 SEGMENT_RE = re.compile(r"^segment-(\d{6})\.log$")
 ZERO = bytes(32)
@@ -71,6 +72,17 @@ def canonical(obj: Any) -> bytes:
     except TypeError:  # (an int beyond 64 bits, in a record read back from an edited log)
         return json.dumps(obj, sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def _utf8(v: Any) -> Any:
+    """``v`` with every string made valid UTF-8 (lone surrogates written out)."""
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(v, dict):
+        return {_utf8(k): _utf8(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_utf8(x) for x in v]
+    return v
 
 
 def b64(b: bytes) -> str:
@@ -278,24 +290,31 @@ class AuditLog:
             os.close(self._lock)
             raise UsageError(f"{logdir} is not a usable audit log ({getattr(e, 'strerror', e)})",
                              hint="create one with: cryptfs audit init LOGDIR") from None
-        self._recover_tail()
         self._fd = -1
+        self._map: mmap.mmap | None = None
+        self._seal_failed = False
+        self._recover_tail()
         self._opened = 0.0
         self._unsealed = 0
         self._last_seal = time.monotonic()
         self._open_segment()
 
     # The state file is written at each seal; records after it are in the
-    # segment but not in the state: pick the chain up from the segment.
+    # segment it names or in a newer one (a rotation whose state write did
+    # not happen): pick the chain up from there, and go on in the newest.
     def _recover_tail(self) -> None:
-        path = self._segment_path(self.segment)
-        if not os.path.exists(path):
-            return
-        for obj in _lines(path):
-            if "seq" in obj and obj["seq"] == self.seq + 1:
-                self.seq, self.h = obj["seq"], unb64(obj["h"])
-            elif self._pending is not None and obj.get("checkpoint") == self._pending:
-                self._pending = None  # (it was appended; the state just still names it)
+        newest = max([int(m.group(1)) for n in os.listdir(self.logdir)
+                      if (m := SEGMENT_RE.match(n))], default=self.segment)
+        for n in range(self.segment, max(newest, self.segment) + 1):
+            path = self._segment_path(n)
+            if not os.path.exists(path):
+                continue
+            for obj in _lines(path):
+                if "seq" in obj and obj["seq"] == self.seq + 1:
+                    self.seq, self.h = obj["seq"], unb64(obj["h"])
+                elif self._pending is not None and obj.get("checkpoint") == self._pending:
+                    self._pending = None  # (it was appended; the state just still names it)
+        self.segment = max(newest, self.segment)
 
     def _segment_path(self, n: int) -> str:
         return os.path.join(self.logdir, f"segment-{n:06d}.log")
@@ -314,10 +333,10 @@ class AuditLog:
         which readers ignore.
         """
         path = self._segment_path(self.segment)
-        new = not os.path.exists(path)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        self._map: mmap.mmap | None = None
-        self._size = 0 if new else _data_end(self._fd)
+        self._map = None
+        self._size = _data_end(self._fd)
+        new = self._size == 0  # (also a segment created by a rotation that went no further)
         self._alloc = os.fstat(self._fd).st_size
         if self._alloc > self._size:  # a crash left reserved space, or a line cut short
             os.pwrite(self._fd, bytes(self._alloc - self._size), self._size)
@@ -350,6 +369,8 @@ class AuditLog:
 
     def _write_line(self, data: bytes) -> None:
         """One whole line, or nothing (a torn line would break the chain)."""
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the access log's segment is not open")
         end = self._size + len(data)
         if self._map is None or end > len(self._map):
             self._reserve(end)
@@ -378,7 +399,10 @@ class AuditLog:
         if self._pending is not None:
             self._write_pending()
         rec["seq"], rec["time_ns"], rec["log"] = self.seq + 1, self.clock(), self.log_id
-        body = canonical(rec)
+        try:
+            body = orjson.dumps(rec, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # text that is not UTF-8 (a lone surrogate): its code as \udNNN
+            body = orjson.dumps(_utf8(rec), option=orjson.OPT_SORT_KEYS)
         h = hashlib.sha256(self.h + body).digest()  # = chain(self.h, rec), serialised once
         # The line is the record with "h" added at the end (the verifier parses
         # it and recomputes canonical(record without "h") itself).
@@ -386,8 +410,33 @@ class AuditLog:
         self.seq, self.h = rec["seq"], h
         self._unsealed += 1
         if self._unsealed >= self.seal_every or time.monotonic() - self._last_seal >= self.seal_seconds:
-            self.seal()
+            try:
+                self.seal()
+            except OSError as e:
+                # The record is written; it stays unsealed until a seal can be
+                # made (tried again with each record).
+                if not self._seal_failed:
+                    log.error("ALARM: cannot seal the access log in %s (%s): records stay "
+                              "unsealed until it can", self.logdir, e.strerror or e)
+                self._seal_failed = True
+            else:
+                self._seal_failed = False
         return rec
+
+    def tick(self) -> None:
+        """Seal if the last seal is ``seal_seconds`` old, new records or not:
+        a live log's last seal is never much older than that, so an old one
+        means a cut tail (`audit verify --max-age`).  Called by a timer."""
+        if time.monotonic() - self._last_seal >= self.seal_seconds:
+            self.seal()
+
+    def ready(self) -> None:
+        """Make sure the next record has room (OSError if it has none): checked
+        before a request acts, so that its record cannot fail after the act."""
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "the access log's segment is not open")
+        if self._alloc - self._size < RESERVE:
+            self._reserve(self._size + RESERVE)
 
     def seal(self) -> None:
         """Sign a checkpoint with this epoch's key, then move to the next epoch.
@@ -410,16 +459,38 @@ class AuditLog:
         self._seed = bytearray(nxt)
         self._pending = note
         self._write_pending()
-        if (self._size >= self.segment_bytes
-                or time.monotonic() - self._opened >= self.segment_seconds):
-            self._close_segment()
-            self.segment += 1
-            self._save_state()
-            self._open_segment()
-        # (Otherwise the state keeps naming the checkpoint as pending: the next
-        # writer finds it in the segment.  One state write per seal.)
         self._unsealed = 0
         self._last_seal = time.monotonic()
+        # (The state keeps naming the checkpoint as pending: the next writer
+        # finds it in the segment.  One state write per seal.)
+        if (self._size >= self.segment_bytes
+                or time.monotonic() - self._opened >= self.segment_seconds):
+            try:
+                self._rotate()
+            except OSError as e:  # (a new segment is a convenience: go on in this one)
+                log.warning("cannot start a new segment of the access log in %s (%s): "
+                            "going on in segment %d", self.logdir, e.strerror or e, self.segment)
+
+    def _rotate(self) -> None:
+        """Go on in a new segment, once it is open and has its header."""
+        old = (self._fd, self._map, self._size, self._alloc, self._opened)
+        self.segment += 1
+        try:
+            self._open_segment()
+        except BaseException:
+            if self._fd >= 0 and self._fd != old[0]:
+                os.close(self._fd)
+            self.segment -= 1
+            self._fd, self._map, self._size, self._alloc, self._opened = old
+            raise
+        new = (self._fd, self._map, self._size, self._alloc, self._opened)
+        self._fd, self._map, self._size = old[0], old[1], old[2]
+        self._close_segment()
+        self._fd, self._map, self._size, self._alloc, self._opened = new
+        try:
+            self._save_state()
+        except OSError:
+            pass  # (the next writer finds the newest segment itself)
 
     def _write_pending(self) -> None:
         """Append the signed checkpoint that the state file holds and the
@@ -480,16 +551,36 @@ def data_end(path: str) -> int:
 
 
 # -- verifying -------------------------------------------------------------------------------------
+def segment_lines(data: bytes, live_ok: bool = True) -> tuple[list[bytes], int]:
+    """The lines of a segment's bytes, and where the last whole one ends.
+
+    A segment being written ends with reserved NUL bytes, and a reader's
+    copy of it may end in the middle of a record being copied in (or have
+    NULs where records were copied in after that part was read): everything
+    from the first NUL on is left out, and so is a last line without its
+    newline before it.  In a segment with no NUL (closed), such a line is
+    kept: it was cut."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        data = data[:nul]
+        end = data.rfind(b"\n") + 1
+        return data[:end].splitlines(), end
+    lines = data.splitlines()
+    end = len(data)
+    if data and not data.endswith(b"\n") and not live_ok:
+        end = data.rfind(b"\n") + 1
+    return lines, end
+
+
 def _lines(path: str) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n") and b"\0" in raw:
-                continue  # the reserved tail of a live segment (a record may be being copied in)
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                obj = {"_unparsable": raw[:80].decode("utf-8", "replace")}
-            yield obj if isinstance(obj, dict) else {"_unparsable": str(obj)[:80]}
+        data = f.read()  # (one copy: a live segment changes under a reader)
+    for raw in segment_lines(data)[0]:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = {"_unparsable": raw[:80].decode("utf-8", "replace")}
+        yield obj if isinstance(obj, dict) else {"_unparsable": str(obj)[:80]}
 
 
 @dataclass
@@ -668,28 +759,58 @@ class Auditor:
         fields["user"] = self._users.get(uid) or self.user(uid)
         try:
             self.log.append(fields)
-        except OSError as e:
-            if not self.broken:
-                log.error(
-                    "ALARM: cannot write the access log (%s): %s", e.strerror or e,
-                    "continuing without it (fail-open)" if self.fail_open
-                    else "no access is served until it can be written")
-            self.broken = True
-            self._last_try = time.monotonic()
-            return self.fail_open
+        except Exception as e:  # (an OSError, or a bug: either way, no record)
+            if not isinstance(e, OSError):
+                log.exception("cannot make a record of %s", event)
+            return self._failed(e)
         if self.broken:
             self.broken = False
             log.warning("the access log can be written again")
         return True
 
+    def _failed(self, e: Exception) -> bool:
+        if not self.broken:
+            log.error("ALARM: cannot write the access log (%s): %s",
+                      getattr(e, "strerror", None) or e,
+                      "continuing without it (fail-open)" if self.fail_open
+                      else "no access is served until it can be written")
+        self.broken = True
+        self._last_try = time.monotonic()
+        return self.fail_open
+
+    def tick(self) -> None:
+        """The timer's seal (see :meth:`AuditLog.tick`); a failure raises the alarm."""
+        try:
+            self.log.tick()
+        except OSError as e:
+            log.error("ALARM: cannot seal the access log (%s)", e.strerror or e)
+
+    async def sealer(self, *_: Any) -> None:
+        """A task for a trio nursery: :meth:`tick` every few seconds."""
+        import trio
+
+        while True:
+            await trio.sleep(min(10.0, self.log.seal_seconds / 4))
+            self.tick()
+
     def usable(self) -> bool:
-        """Whether plaintext may be served now: the log works, or it is fail-open.
-        While broken, it tries again at most once a second."""
-        if not self.broken or self.fail_open:
-            return True
+        """Whether a request may be served now: the log has room for its
+        record, or it is fail-open.  While broken, it tries again at most
+        once a second."""
+        if not self.broken:
+            try:
+                self.log.ready()  # (room for this request's record, before it acts)
+                return True
+            except OSError as e:
+                return self._failed(e)
         if time.monotonic() - self._last_try < self.RETRY_EVERY:
-            return False
-        return self.write("log-resumed", "allowed", os.geteuid(), 0)
+            return self.fail_open
+        try:
+            self.log.ready()
+        except OSError:
+            self._last_try = time.monotonic()
+            return self.fail_open
+        return self.write("log-resumed", "allowed", os.geteuid(), 0) or self.fail_open
 
     def close(self) -> None:
         try:

@@ -85,7 +85,26 @@ def validate(obj: Any) -> tuple[str, str, dict[str, Any]]:
                 isinstance(v, (str, int, bool))
                 or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
             raise ValueError(k)
+        if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63:
+            raise ValueError(k)
+        for text in (v if isinstance(v, list) else [v]):
+            if isinstance(text, str):
+                text.encode("utf-8")  # (UnicodeEncodeError, a ValueError: a lone surrogate)
     return event, outcome, fields
+
+
+def _text(v: Any) -> Any:
+    """A field as a record may hold it: text that is not UTF-8 (a command's
+    argument from a file name that is not) with its odd bytes as \\xNN."""
+    if isinstance(v, str):
+        try:
+            raw = v.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = v.encode("utf-8", "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
+    if isinstance(v, list):
+        return [_text(x) for x in v]
+    return v
 
 
 def record(backing: str, cfg: VolumeConfig, event: str, outcome: str = "allowed",
@@ -95,8 +114,8 @@ def record(backing: str, cfg: VolumeConfig, event: str, outcome: str = "allowed"
     if cfg.audit is None:
         return
     logdir = cfg.audit["dir"]
-    fields = {k: v for k, v in fields.items() if v is not None}
-    fields.setdefault("backing", os.path.realpath(backing))
+    fields = {k: _text(v) for k, v in fields.items() if v is not None}
+    fields.setdefault("backing", _text(os.path.realpath(backing)))
     try:
         bound_log(logdir, cfg.audit["key"])
         try:
@@ -128,7 +147,7 @@ def through_mount(mnt: str, event: str, outcome: str = "allowed", **fields: Any)
     works through the mount (export), which may not read the backing."""
     try:
         return _through_mount(mnt, None, event, outcome,
-                              {k: v for k, v in fields.items() if v is not None})
+                              {k: _text(v) for k, v in fields.items() if v is not None})
     except PermissionError:
         # The kernel lets only users who may write the mount's root set its
         # xattrs: for anyone else the mount's own records of the reads are

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptfs import __version__
-from cryptfs.audit import SEGMENT_RE, data_end
+from cryptfs.audit import SEGMENT_RE, data_end, segment_lines
 from cryptfs.errors import BackingIOError, UsageError
 
 FORMATS = ("jsonl", "csv", "cef", "ecs", "ocsf")
@@ -64,7 +64,6 @@ def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
     elif from_start:
         for name in names[:-1]:
             yield from _records_of(os.path.join(logdir, name))
-    buf = b""
     while not stop():
         if current is None:
             names = segs()
@@ -76,24 +75,23 @@ def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
         with open(os.path.join(logdir, current), "rb") as f:
             f.seek(pos)
             chunk = f.read()
-        nul = chunk.find(b"\0")
-        if nul >= 0:
-            chunk = chunk[:nul]  # (space the writer has reserved and not used yet)
-        pos += len(chunk)
-        buf += chunk
-        *complete, buf = buf.split(b"\n")
-        yield from _records_in(complete)
+        # Only whole lines, and never past a line still being copied in: the
+        # next look starts where the last whole line ended.
+        lines, end = segment_lines(chunk, live_ok=False)
+        pos += end
+        yield from _records_in(lines)
         later = [n for n in segs() if n > current]
-        if later and not chunk:
-            current, pos, buf = later[0], 0, b""
+        if later and not end:
+            current, pos = later[0], 0
             continue
-        if not chunk:
+        if not end:
             _time.sleep(poll)
 
 
 def _records_of(path: str) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as f:
-        yield from _records_in(f)
+        data = f.read()  # (one copy: a live segment changes under a reader)
+    yield from _records_in(segment_lines(data)[0])
 
 
 def _records_in(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:

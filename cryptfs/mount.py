@@ -208,8 +208,10 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
             f.write(f"{os.getpid()}\n")
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
-        os.close(ready_fd)
-        os.dup2(os.open(os.devnull, os.O_RDWR), 2)  # libfuse's messages are no longer wanted
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 2)  # libfuse's messages are no longer wanted
+        os.dup2(null, ready_fd)  # (the parent has its answer: a later failure goes to the log)
+        os.close(null)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -223,6 +225,8 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
 
             nursery.start_soon(on_signal)
             nursery.start_soon(ops.rotation_worker)
+            if ops.audit is not None:
+                nursery.start_soon(ops.audit.sealer)
             for task in side_tasks:
                 nursery.start_soon(task, ops)
             # The handlers never await, so each request runs to completion
@@ -233,6 +237,10 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
 
     try:
         trio.run(run)
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            log.exception("the filesystem daemon failed: unmounting")
+        raise
     finally:
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)

@@ -277,6 +277,14 @@ class CryptOperations(pyfuse3.Operations):
         """Write the record of one request (False: it could not be written and
         the request must fail)."""
         assert self.audit is not None
+        try:
+            return self._record(event, args, result, err)
+        except Exception as e:  # (a bug in making the record: still no record, no access)
+            log.exception("cannot make the record of %s", event)
+            return self.audit._failed(e)
+
+    def _record(self, event: str, args: tuple[Any, ...], result: Any, err: int | None) -> bool:
+        assert self.audit is not None
         ctx = _ctx(args)
         uid, pid = (ctx.uid, ctx.pid) if ctx is not None else (-1, 0)
         fields: dict[str, Any] = {}
@@ -1314,6 +1322,8 @@ class CryptOperations(pyfuse3.Operations):
         user can only record things under their own name."""
         if self.audit is None:
             raise pyfuse3.FUSEError(errno.EXDEV)
+        if not self._may_rotate(ctx.uid):  # (root, the owner, or a user who is unlocked)
+            raise pyfuse3.FUSEError(errno.EACCES)
         try:
             event, outcome, fields = parse_command_record(value)
         except ValueError:

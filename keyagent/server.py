@@ -160,6 +160,8 @@ class Agent:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reaper)
+            if self.audit is not None:
+                nursery.start_soon(self.audit.sealer)
             nursery.start_soon(self._config_watch)
             nursery.start_soon(self._on_signals, nursery.cancel_scope)
             listeners = [trio.SocketListener(listener)]

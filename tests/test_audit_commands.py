@@ -160,6 +160,8 @@ def test_the_mount_refuses_forged_command_records(tmp_path: Path, passfile: Path
     m.start()
     try:
         for bad in (b"not json", b'{"event": "open", "outcome": "allowed"}',
+                    b'{"event": "export", "outcome": "allowed", "path": "/x\\ud800"}',
+                    b'{"event": "export", "outcome": "allowed", "revoke": 100000000000000000000}',
                     b'{"event": "export", "outcome": "allowed", "uid": 0}',
                     b'{"event": "export", "outcome": "maybe"}'):
             with pytest.raises(OSError) as e:
@@ -208,3 +210,21 @@ def test_a_second_writer_is_told_who_holds_the_log(tmp_path: Path) -> None:
     finally:
         first.close()
     al.AuditLog(str(d), wait=0).close()  # free again
+
+
+def test_export_survives_text_that_is_not_utf8(tmp_path: Path) -> None:
+    """Review finding: one record holding a lone surrogate (as CESU bytes, from
+    an edited log or an older writer) ended every export and follow with an
+    internal error.  Now such text is written escaped and the rest follows."""
+    d = tmp_path / "log"
+    al.init_log(str(d), "odd")
+    w = al.AuditLog(str(d))
+    w.record(event="open", outcome="allowed", path="/SURROGATE")
+    w.record(event="open", outcome="allowed", path="/after")
+    w.close()
+    seg = next(d.glob("segment-*.log"))
+    seg.write_bytes(seg.read_bytes().replace(b"SURROGATE", b"x\\ud800y"))
+    for fmt in ("jsonl", "csv", "cef", "ecs", "ocsf"):
+        res = run_cli("audit", "export", str(d), "--format", fmt, check=False)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, (fmt, res.stderr)
+        assert "/after" in res.stdout and "ud800" in res.stdout, fmt

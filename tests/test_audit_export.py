@@ -6,13 +6,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import new_mount, run_cli
+from cryptfs import audit as al
+from cryptfs import audit_export as ax
 
 # CEF:Version|Device Vendor|Device Product|Device Version|Signature ID|Name|Severity|Extension
 # (ArcSight "Implementing ArcSight CEF" rev. 25: pipes and backslashes escaped in
@@ -160,3 +165,63 @@ def test_follow_prints_records_as_they_are_written(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_follow_after_a_writer_died_in_the_middle_of_a_record(tmp_path: Path) -> None:
+    """Review finding: a follower read the partial line a killed writer left
+    in the reserved tail and moved past it; the next writer wrote over it
+    from its start, so the follower never saw those records (and forward
+    never sent them).  A follower now stops at the last whole line."""
+    d = tmp_path / "log"
+    al.init_log(str(d), "crash")
+    a = al.AuditLog(str(d))
+    for i in range(3):
+        a.record(event="open", outcome="allowed", path=f"/before-{i}")
+    seg = next(d.glob("segment-*.log"))
+    end = al.data_end(str(seg))
+    os.pwrite(a._fd, b'{"event":"open","exe":"/bin/ca', end)  # killed while copying this one
+    os.close(a._fd)
+    os.close(a._lock)
+    got: list[dict] = []
+    follower = ax.follow(str(d), from_start=True, poll=0.05,
+                         stop=lambda: len(got) >= 8 or time.monotonic() > deadline)
+    deadline = time.monotonic() + 10
+    for r in follower:
+        got.append(r)
+        if len(got) == 3:  # (it has seen the partial line by now, and must not pass it)
+            b = al.AuditLog(str(d))
+            for i in range(5):
+                b.record(event="unlink", outcome="allowed", path=f"/after-{i}")
+            b.close()
+    assert [r["path"] for r in got] == [f"/before-{i}" for i in range(3)] + [
+        f"/after-{i}" for i in range(5)]
+    v = al.verify(str(d), al.parse_verifier((d / "audit.pub").read_text()))
+    assert v.ok and v.valid == 8
+
+
+def test_verify_while_the_log_is_being_written_finds_nothing_wrong(tmp_path: Path) -> None:
+    """Review finding: verify of a live log read a line made of an old copy
+    of the reserved tail and a newer record, and reported it modified."""
+    d = tmp_path / "log"
+    pub = al.parse_verifier(al.init_log(str(d), "live"))
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from cryptfs import audit as al
+log = al.AuditLog({str(d)!r}, seal_every=50)
+end = time.monotonic() + 4
+i = 0
+while time.monotonic() < end:
+    log.record(event="open", outcome="allowed", path="/f%d" % i + "x" * (i % 300))
+    i += 1
+log.close()
+"""])
+    try:
+        checks = 0
+        while writer.poll() is None:
+            v = al.verify(str(d), pub)
+            assert v.ok, v.problems
+            checks += 1
+    finally:
+        writer.wait(10)
+    v = al.verify(str(d), pub)
+    assert v.ok and v.unsealed == 0 and checks > 5

@@ -274,3 +274,81 @@ def test_canonical_is_the_json_text_the_format_describes(record: dict) -> None:
     no ASCII escaping), so any JSON library can check the chain."""
     assert al.canonical(record) == json.dumps(record, sort_keys=True, separators=(",", ":"),
                                               ensure_ascii=False).encode()
+
+
+def test_a_segment_that_cannot_be_started_leaves_the_log_whole(tmp_path: Path) -> None:
+    """Review finding: a rotation whose new segment could not be opened left
+    the writer with no file (records went nowhere, the mount died, the log
+    never verified again).  Now it goes on in the old segment, and rotates
+    at a later seal once it can."""
+    d = tmp_path / "log"
+    pub = al.init_log(str(d), "rot")
+    log = al.AuditLog(str(d), seal_every=5, segment_bytes=1500)
+    (d / "segment-000002.log").symlink_to(tmp_path / "nowhere" / "x")  # open() fails
+    for i in range(30):
+        log.record(event="open", outcome="allowed", path=f"/f{i}")
+    assert segments(d) == [d / "segment-000001.log", d / "segment-000002.log"]
+    (d / "segment-000002.log").unlink()
+    for i in range(30, 40):
+        log.record(event="open", outcome="allowed", path=f"/f{i}")
+    log.close()
+    assert len(segments(d)) >= 2
+    v = verdict(d, pub)
+    assert v.ok and v.valid == 40 and v.unsealed == 0, v.problems
+
+
+def test_a_restart_after_a_rotation_whose_state_was_not_written(tmp_path: Path) -> None:
+    """The state file names the old segment, a newer one exists: the next
+    writer goes on in the newest, and the chain holds."""
+    d = tmp_path / "log"
+    pub = al.init_log(str(d), "rot")
+    log = al.AuditLog(str(d), seal_every=5, segment_bytes=1500)
+    state = (d / "audit.key").read_text()
+    for i in range(12):
+        log.record(event="open", outcome="allowed", path=f"/f{i}")
+    os.close(log._fd)  # a crash
+    os.close(log._lock)
+    n = len(segments(d))
+    assert n >= 2
+    st = json.loads((d / "audit.key").read_text())
+    st["segment"] = 1  # as if the state write after the rotation had not happened
+    (d / "audit.key").write_text(json.dumps(st))
+    again = al.AuditLog(str(d), seal_every=5, segment_bytes=1500)
+    again.record(event="unlink", outcome="allowed", path="/f0")
+    again.close()
+    assert state and len(segments(d)) >= n
+    v = verdict(d, pub)
+    assert v.ok and v.valid == 13, v.problems
+
+
+def test_a_live_log_is_sealed_on_time_even_when_idle(tmp_path: Path) -> None:
+    """Review finding: seals came only with records, so an idle mount's last
+    records stayed unsealed and `verify --max-age` cried wolf on an untouched
+    live log.  A timer now seals every seal_seconds, records or not."""
+    import trio
+
+    d = tmp_path / "log"
+    pub = al.init_log(str(d), "idle")
+    auditor = al.Auditor(al.AuditLog(str(d), seal_seconds=0.4), "ab" * 16)
+
+    async def day() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(auditor.sealer)
+            auditor.write("open", "allowed", 0, os.getpid(), path="/a")
+            await trio.sleep(1.0)  # idle: the record is sealed, then sealed again
+            nursery.cancel_scope.cancel()
+
+    trio.run(day)
+    v = verdict(d, pub)
+    assert v.ok and v.valid == 1 and v.unsealed == 0 and v.epochs >= 2
+    assert v.last_seal_ns is not None and time.time_ns() - v.last_seal_ns < 0.8e9
+    res = run_cli("audit", "verify", str(d), "--key", pub, "--max-age", "5")
+    assert "verdict: valid" in res.stdout
+    auditor.close()
+
+
+def test_max_age_fails_a_log_with_no_seal_at_all(tmp_path: Path) -> None:
+    d = tmp_path / "log"
+    pub = al.init_log(str(d), "cut")
+    res = run_cli("audit", "verify", str(d), "--key", pub, "--max-age", "60", check=False)
+    assert res.returncode == 6 and "no seal at all" in res.stdout

@@ -209,3 +209,47 @@ def test_a_program_whose_path_is_not_utf8_is_recorded(logged: tuple[Mount, Path]
     m.stop()
     opens = [r for r in records(logdir) if r["event"] == "open" and r["path"] == "/a.txt"]
     assert [r["exe"] for r in opens] == [str(tmp_path) + "/ca\\xfft"]
+
+
+def test_no_change_is_made_that_its_record_cannot_follow(tmp_path: Path, backing: Path,
+                                                         passfile: Path) -> None:
+    """Review finding: with the log's disk full, an unlink was carried out and
+    then refused for want of a record (the file gone, no record).  Now the
+    room for a record is made sure of before a request acts: every file is
+    either still there or has its unlink record, never neither."""
+    small = tmp_path / "small"
+    _tmpfs(small, "4m")
+    try:
+        logdir = small / "log"
+        pub = run_cli("audit", "init", str(logdir)).stdout.strip()
+        m = new_mount(tmp_path, backing, passfile)
+        m.start("--audit-log", str(logdir))
+        names = [f"c{i:04d}" for i in range(4000)]
+        try:
+            for n in names:
+                fd = os.open(m.path(n), os.O_WRONLY | os.O_CREAT, 0o644)
+                os.close(fd)
+            filler = _fill(small)
+            refused = None
+            for n in names:
+                try:
+                    os.unlink(m.path(n))
+                except PermissionError:
+                    refused = n
+                    break
+            assert refused is not None, "the log never ran out of room"
+            filler.unlink()
+        finally:
+            m.stop()
+        m.start()  # (no log: only to see what is there)
+        try:
+            there = {n for n in names if os.path.lexists(m.path(n))}
+        finally:
+            m.stop()
+        gone = {r["path"][1:] for r in records(logdir)
+                if r["event"] == "unlink" and r["outcome"] == "allowed"}
+        assert refused in there
+        assert there | gone == set(names) and not there & gone
+        assert al.verify(str(logdir), al.parse_verifier(pub)).ok
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
