@@ -286,6 +286,12 @@ class AuditLog:
             self.seq: int = st["seq"]
             self.h: bytes = unb64(st["h"])
             self._pending: str | None = st.get("pending")  # a checkpoint signed, not yet written
+            if not (isinstance(self.log_id, str) and isinstance(self.epoch, int)
+                    and isinstance(self.segment, int) and isinstance(self.seq, int)
+                    and self.seq >= 0 and self.segment >= 1 and len(self._seed) == 32
+                    and len(self.h) == 32
+                    and (self._pending is None or isinstance(self._pending, str))):
+                raise ValueError("audit.key holds the wrong types")
         except (OSError, ValueError, KeyError, TypeError) as e:
             os.close(self._lock)
             raise UsageError(f"{logdir} is not a usable audit log ({getattr(e, 'strerror', e)})",
@@ -293,11 +299,17 @@ class AuditLog:
         self._fd = -1
         self._map: mmap.mmap | None = None
         self._seal_failed = False
-        self._recover_tail()
         self._opened = 0.0
         self._unsealed = 0
         self._last_seal = time.monotonic()
-        self._open_segment()
+        try:
+            self._recover_tail()
+            self._open_segment()
+        except BaseException:
+            if self._fd >= 0:
+                os.close(self._fd)
+            os.close(self._lock)
+            raise
 
     # The state file is written at each seal; records after it are in the
     # segment it names or in a newer one (a rotation whose state write did
@@ -310,8 +322,11 @@ class AuditLog:
             if not os.path.exists(path):
                 continue
             for obj in _lines(path):
-                if "seq" in obj and obj["seq"] == self.seq + 1:
-                    self.seq, self.h = obj["seq"], unb64(obj["h"])
+                if obj.get("seq") == self.seq + 1 and _count(obj["seq"]):
+                    try:
+                        self.seq, self.h = obj["seq"], unb64(obj["h"])
+                    except (KeyError, TypeError, ValueError):
+                        break  # (a damaged record: verify reports it; the chain goes on from here)
                 elif self._pending is not None and obj.get("checkpoint") == self._pending:
                     self._pending = None  # (it was appended; the state just still names it)
         self.segment = max(newest, self.segment)
@@ -479,7 +494,11 @@ class AuditLog:
             self._open_segment()
         except BaseException:
             if self._fd >= 0 and self._fd != old[0]:
-                os.close(self._fd)
+                try:
+                    if os.fstat(self._fd).st_size == 0:  # (created here, not even a header:
+                        os.unlink(self._segment_path(self.segment))  # a follower would wait in it)
+                finally:
+                    os.close(self._fd)
             self.segment -= 1
             self._fd, self._map, self._size, self._alloc, self._opened = old
             raise
@@ -551,6 +570,11 @@ def data_end(path: str) -> int:
 
 
 # -- verifying -------------------------------------------------------------------------------------
+def _count(v: Any) -> bool:
+    """Whether ``v`` is a sequence number (a positive int, not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def segment_lines(data: bytes, live_ok: bool = True) -> tuple[list[bytes], int]:
     """The lines of a segment's bytes, and where the last whole one ends.
 
@@ -653,6 +677,8 @@ def verify(logdir: str, public: bytes) -> Verdict:
                     continue
             if "checkpoint" in obj:
                 try:
+                    if not isinstance(obj["checkpoint"], str):
+                        raise ValueError("not a signed note")
                     cp = Checkpoint.open(obj["checkpoint"], key)
                 except (ValueError, TypeError) as e:
                     v.bad_seals += 1
@@ -673,7 +699,7 @@ def verify(logdir: str, public: bytes) -> Verdict:
                 v.epochs += 1
                 v.last_seal_ns = cp.time_ns
                 continue
-            if "seq" not in obj or "h" not in obj:
+            if not (_count(obj.get("seq")) and isinstance(obj.get("h"), str)):
                 v.modified += 1
                 v.bad(where, "not a record")
                 continue
@@ -785,10 +811,17 @@ class Auditor:
         except OSError as e:
             log.error("ALARM: cannot seal the access log (%s)", e.strerror or e)
 
+    def seal_now(self) -> None:
+        try:
+            self.log.seal()
+        except OSError as e:
+            log.error("ALARM: cannot seal the access log (%s)", e.strerror or e)
+
     async def sealer(self, *_: Any) -> None:
         """A task for a trio nursery: :meth:`tick` every few seconds."""
         import trio
 
+        self.seal_now()  # (a live log has a seal from its start: verify --max-age)
         while True:
             await trio.sleep(min(10.0, self.log.seal_seconds / 4))
             self.tick()

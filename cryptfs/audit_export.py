@@ -32,15 +32,17 @@ CSV_COLUMNS = ("seq", "time", "volume", "event", "outcome", "reason", "uid", "us
                "duration_ns")
 
 
-def records(logdir: str) -> Iterator[dict[str, Any]]:
+def records(logdir: str, checked: bool = True) -> Iterator[dict[str, Any]]:
     """Every record of the log, in order (headers, checkpoints and lines that
-    are not JSON left out: `audit verify` is what judges them)."""
+    are not JSON left out: `audit verify` is what judges them).  ``checked``:
+    also leave out what has no usable seq, time or event, and give every
+    text field as text (False: as found, for a reader that counts them)."""
     try:
         names = sorted(n for n in os.listdir(logdir) if SEGMENT_RE.match(n))
     except OSError as e:
         raise BackingIOError(f"{logdir}: {e.strerror}") from None
     for name in names:
-        yield from _records_of(os.path.join(logdir, name))
+        yield from _records_of(os.path.join(logdir, name), checked)
 
 
 def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
@@ -88,21 +90,38 @@ def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
             _time.sleep(poll)
 
 
-def _records_of(path: str) -> Iterator[dict[str, Any]]:
+def _records_of(path: str, checked: bool = True) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as f:
         data = f.read()  # (one copy: a live segment changes under a reader)
-    yield from _records_in(segment_lines(data)[0])
+    yield from _records_in(segment_lines(data)[0], checked)
 
 
-def _records_in(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+TEXT_FIELDS = ("volume", "outcome", "reason", "user", "exe", "path", "new_path", "intent", "log")
+
+
+def _records_in(lines: Iterable[bytes], checked: bool = True) -> Iterator[dict[str, Any]]:
     """The records among segment lines (headers, checkpoints, torn lines left out)."""
     for raw in lines:
         try:
             obj = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(obj, dict) and "seq" in obj and "event" in obj:
+        if not (isinstance(obj, dict) and "seq" in obj and "event" in obj):
+            continue
+        if not checked:
             yield obj
+            continue
+        # An edited log may hold anything: what cannot be a record is left
+        # out (verify reports it), and a field of the wrong type is shown as text.
+        seq, t = obj.get("seq"), obj.get("time_ns")
+        if (not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(t, int)
+                or isinstance(t, bool) or not 0 <= t < 2**63 or not isinstance(obj["event"], str)):
+            continue
+        for k in TEXT_FIELDS:
+            v = obj.get(k)
+            if v is not None and not isinstance(v, str):
+                obj[k] = json.dumps(v)
+        yield obj
 
 
 def iso(time_ns: int) -> str:

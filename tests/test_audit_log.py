@@ -352,3 +352,31 @@ def test_max_age_fails_a_log_with_no_seal_at_all(tmp_path: Path) -> None:
     pub = al.init_log(str(d), "cut")
     res = run_cli("audit", "verify", str(d), "--key", pub, "--max-age", "60", check=False)
     assert res.returncode == 6 and "no seal at all" in res.stdout
+
+
+@pytest.mark.parametrize("line", [
+    '{"seq":"7","h":"AAAA","event":"open"}',
+    '{"checkpoint":5}',
+    '{"seq":4,"h":"AAAA","event":"open","time_ns":"soon"}',
+    '{"seq":4,"h":"AAAA","event":"open","time_ns":1,"path":5,"exe":["x"]}',
+    '{"seq":4,"event":"open"}',
+    '[1,2]',
+], ids=["seq-text", "checkpoint-number", "time-text", "path-number", "no-h", "not-an-object"])
+def test_a_hostile_line_gets_a_verdict_not_a_traceback(tmp_path: Path, line: str) -> None:
+    """Review finding: lines of the wrong shape made verify, report and export
+    fail with "internal error" (and the next writer with a raw exception)."""
+    d = tmp_path / "log"
+    pub = write_log(d, n=3, close=True)
+    seg = segments(d)[-1]
+    seg.write_text(seg.read_text() + line + "\n")
+    res = run_cli("audit", "verify", str(d), "--key", pub, check=False)
+    assert res.returncode == 6 and "first bad:" in res.stdout, res.stdout + res.stderr
+    for fmt in ("jsonl", "csv", "cef", "ecs", "ocsf"):
+        res = run_cli("audit", "export", str(d), "--format", fmt, "--since", "2000-01-01",
+                      check=False)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, (fmt, res.stderr)
+        assert "/customers/002.csv" in res.stdout, fmt
+    res = run_cli("audit", "report", str(d), "--key", pub, "--html", str(tmp_path / "r.html"),
+                  check=False)
+    assert res.returncode == 6 and "DOES NOT VERIFY" in (tmp_path / "r.html").read_text()
+    al.AuditLog(str(d), wait=0).close()  # a writer still opens it
