@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 
 import click
@@ -11,7 +12,15 @@ from cryptfs.cli.common import passphrase_option, read_passphrase, recorded, rep
 from cryptfs.errors import UsageError
 from cryptfs.export import cryptfs_mount_of
 from cryptfs.ops import RECIPIENTS_XATTR, SHARE_XATTR
-from cryptfs.policy import Rule, load_policy, mode_choices, normalise, parse_mode, store_policy
+from cryptfs.policy import (
+    Program,
+    Rule,
+    load_policy,
+    mode_choices,
+    normalise,
+    parse_mode,
+    store_policy,
+)
 from cryptfs.volume import Volume
 
 AUTH_HELP = "Read the passphrase of a user of the volume from this file ('-': stdin)."
@@ -47,11 +56,28 @@ def policy() -> None:
 @click.option("--dropbox", is_flag=True,
               help="Write-only for everyone else: the creator is not a recipient, so a writer "
                    "cannot read a file back once it is closed (hybrid).")
+@click.option("--program", "programs", multiple=True, metavar="PATH",
+              help="Only this program (its executable's absolute path) may open files here "
+                   "and below; repeat for several.  Others get 'permission denied'.")
+@click.option("--pin", is_flag=True,
+              help="With --program: also pin each program by the SHA-256 of its executable "
+                   "as it is now (an updated binary is then refused until the rule is set "
+                   "again).")
+@click.option("--any-program", is_flag=True,
+              help="Any program may open files here (lifts a --program rule from above).")
 @passphrase_option(help_text=AUTH_HELP)
 @reports_errors
 def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], dropbox: bool,
+         programs: tuple[str, ...], pin: bool, any_program: bool,
          passphrase_file: str | None) -> None:
-    """Set the rule of DIRECTORY (a path inside the volume, e.g. /recordings)."""
+    """Set the rule of DIRECTORY (a path inside the volume, e.g. /recordings).
+
+    The rule says how new files there are encrypted and, with --program,
+    which programs may open files there at all (docs/POLICY.md says what
+    such a check can and cannot stop).  Without --program or --any-program,
+    the programs are as the rule above says.
+    """
+    trusted = _programs(programs, pin, any_program)
     vol = _open(backing, passphrase_file)
     try:
         name, hybrid = parse_mode(mode, vol.config.default_mode)
@@ -67,16 +93,49 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
             raise UsageError("a drop box nobody could read: name a --recipient (or give the "
                              "volume a recovery key)")
         rules = load_policy(vol.config, vol.keys)
-        rule = Rule(normalise(directory), name, hybrid, tuple(dict.fromkeys(recipients)), dropbox)
+        rule = Rule(normalise(directory), name, hybrid, tuple(dict.fromkeys(recipients)), dropbox,
+                    trusted)
         rules.rules[rule.path] = rule
         with recorded(backing, vol.config, "policy-set", path=rule.path, mode=mode,
-                      recipients=list(rule.recipients), dropbox=dropbox):
+                      recipients=list(rule.recipients), dropbox=dropbox,
+                      programs=None if trusted is None else [p.path for p in trusted]):
             store_policy(vol.config, vol.keys, rules)
             vol.save_config()
         recovery = vol.config.recovery is not None
     finally:
         vol.close()
     click.echo(f"{rule.path}: {_describe(rule, recovery)}")
+
+
+def _programs(paths: tuple[str, ...], pin: bool, any_program: bool
+              ) -> tuple[Program, ...] | None:
+    if any_program and paths:
+        raise UsageError("--any-program and --program exclude each other")
+    if pin and not paths:
+        raise UsageError("--pin goes with --program")
+    if any_program:
+        return ()
+    if not paths:
+        return None
+    out = []
+    for path in dict.fromkeys(paths):
+        if not os.path.isabs(path):
+            raise UsageError(f"--program {path}: give the executable's absolute path")
+        real = os.path.realpath(path)
+        if not os.path.isfile(real) or not os.access(real, os.X_OK):
+            raise UsageError(f"--program {path}: not an executable file")
+        if real != path:
+            # The kernel names a process's executable by its real path.
+            raise UsageError(f"--program {path}: that is a link to {real}; name that instead")
+        digest = None
+        if pin:
+            h = hashlib.sha256()
+            with open(real, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            digest = h.hexdigest()
+        out.append(Program(real, digest))
+    return tuple(out)
 
 
 @policy.command("unset")
@@ -120,11 +179,17 @@ def show(backing: str, passphrase_file: str | None) -> None:
 
 def _describe(rule: Rule, recovery: bool) -> str:
     if not rule.hybrid:
-        return f"{rule.mode} (symmetric: every unlocked user)"
-    who = ([] if rule.dropbox else ["the creator"]) + list(rule.recipients) \
-        + (["the recovery key"] if recovery else [])
-    return (f"{rule.mode_name}{' drop box' if rule.dropbox else ''}: readable by "
-            + ", ".join(who))
+        text = f"{rule.mode} (symmetric: every unlocked user)"
+    else:
+        who = ([] if rule.dropbox else ["the creator"]) + list(rule.recipients) \
+            + (["the recovery key"] if recovery else [])
+        text = (f"{rule.mode_name}{' drop box' if rule.dropbox else ''}: readable by "
+                + ", ".join(who))
+    if rule.programs is not None:
+        text += "; programs: " + (", ".join(
+            p.path + (f" (sha256 {p.sha256[:12]}...)" if p.sha256 else "") for p in rule.programs)
+            or "any")
+    return text
 
 
 @click.command()

@@ -38,7 +38,7 @@ COMMAND_EVENTS = frozenset({
 })
 COMMAND_FIELDS = frozenset({
     "command", "backing", "path", "target", "role", "kind", "mode", "recipients", "dropbox",
-    "revoke", "out", "reason", "logdir",
+    "revoke", "out", "reason", "logdir", "programs",
 })
 MAX_RECORD = 8192  # bytes of JSON a command may hand to a mount
 

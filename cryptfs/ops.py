@@ -57,6 +57,7 @@ from cryptfs.modes.wrap import (
 )
 from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX, NameCodec
 from cryptfs.policy import Policy, load_policy
+from cryptfs.programs import Identifier
 from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
 from cryptfs.users import slot_for_uid
@@ -204,6 +205,9 @@ class CryptOperations(pyfuse3.Operations):
         self.codec: NameCodec = _NO_KEYS
         self.wrapper: SymmetricWrapper = _NO_KEYS
         self.policy = Policy()
+        self._program_rules = False  # (whether a rule names programs: checked on each open)
+        self._identify = Identifier()  # which program asks (trusted-programs rules)
+        self._decision: dict[str, Any] | None = None  # how the last one was decided (for its record)
         # X25519 private keys that open hybrid files: per unlocked uid (gated,
         # from the agent), or the mount's own user's for every request.
         self._privates: dict[int, Secret] = {}
@@ -340,6 +344,9 @@ class CryptOperations(pyfuse3.Operations):
         else:
             outcome = "denied" if err in (errno.EACCES, errno.EPERM) else "error"
             fields["reason"] = errno.errorcode.get(err, str(err))
+        if self._decision is not None and event in ("open", "create"):
+            fields.update(self._decision)  # (which rule decided, and how the program was known)
+            self._decision = None
         return self.audit.write(event, outcome, uid, pid, **fields)
 
     def _audit_failure(self, event: str | None, name: str, args: tuple[Any, ...], err: int) -> None:
@@ -489,6 +496,42 @@ class CryptOperations(pyfuse3.Operations):
             self._plain_paths[real] = p  # a backing path always names the same plaintext one
         return p.decode("utf-8", "surrogateescape")
 
+    def _plain_dir_of(self, inode: Inode) -> str | None:
+        """The plaintext path of the directory a file is in (one of them, for
+        a file with hard links); None if it cannot be worked out."""
+        real = os.path.dirname(os.readlink(proc_path(inode.fd)))
+        p = self._plain_paths.get(real)
+        if p is None:
+            try:
+                fd = os.open(real, O_PATH_FLAGS | os.O_DIRECTORY)
+            except OSError:
+                return None
+            try:
+                p = tree.plain_path(self._tree_root, fd, self.codec)
+            finally:
+                os.close(fd)
+            if p is None:
+                return None
+            if len(self._plain_paths) > 4096:
+                self._plain_paths.clear()
+            self._plain_paths[real] = p
+        return p.decode("utf-8", "surrogateescape")
+
+    def _check_program(self, where: str | None, pid: int) -> None:
+        """A rule that names programs lets only those open files (EACCES)."""
+        self._decision = None
+        if where is None:
+            log.error("cannot work out a file's directory for the trusted-programs rule: "
+                      "open refused")
+            raise pyfuse3.FUSEError(errno.EACCES)
+        rule = self.policy.programs_for(where)
+        if rule is None:
+            return
+        allowed, fields = self._identify.decide(rule, pid)
+        self._decision = fields
+        if not allowed:
+            raise pyfuse3.FUSEError(errno.EACCES)
+
     def _public_of(self, uid: int) -> bytes | None:
         """The creator's X25519 public key: the requesting user's (gated) or the mount's."""
         if self.gated:
@@ -624,6 +667,7 @@ class CryptOperations(pyfuse3.Operations):
         self.codec = NameCodec(keys)
         self.wrapper = keys.wrapper
         self.policy = load_policy(self.config, keys)
+        self._program_rules = self.policy.names_programs
 
     def _swap_keys(self, keys: VolumeKeys) -> None:
         """New keys of the same volume (rotated, or the config re-read): open
@@ -642,6 +686,7 @@ class CryptOperations(pyfuse3.Operations):
         self.codec = _NO_KEYS
         self.wrapper = _NO_KEYS
         self.policy = Policy()
+        self._program_rules = False
         self._plain_paths.clear()
         for inode in self._inodes.values():
             inode.content = None  # reloaded (header checked again) at the next use
@@ -1059,6 +1104,8 @@ class CryptOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
+        if self._program_rules:
+            self._check_program(self._plain_dir(parent), ctx.pid)
         backing, full = self._backing(parent, name)
         with self._long_name(parent, backing, full):
             fd = os.open(backing, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -1150,6 +1197,9 @@ class CryptOperations(pyfuse3.Operations):
                    ) -> pyfuse3.FileInfo:
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
+        self._refresh_config()  # (a stat: a rule set since the mount started applies)
+        if self._program_rules:
+            self._check_program(self._plain_dir_of(inode), ctx.pid)
         want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         try:
             content = self._content(inode, want_write, ctx.uid)

@@ -42,12 +42,39 @@ MAX_RULES = 1000
 
 
 @dataclass(frozen=True)
+class Program:
+    """A program allowed to see plaintext: its executable's path, and if
+    pinned the SHA-256 of the executable's content (hex)."""
+
+    path: str
+    sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, **({"sha256": self.sha256} if self.sha256 else {})}
+
+    @classmethod
+    def from_json(cls, d: Any) -> Program:
+        if not isinstance(d, dict) or set(d) - {"path", "sha256"}:
+            raise ValueError("program")
+        path, digest = d.get("path"), d.get("sha256")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError("program path")
+        if digest is not None and (not isinstance(digest, str) or len(digest) != 64
+                                   or set(digest) - set("0123456789abcdef")):
+            raise ValueError("program sha256")
+        return cls(path, digest)
+
+
+@dataclass(frozen=True)
 class Rule:
     path: str
     mode: str
     hybrid: bool = False
     recipients: tuple[str, ...] = ()
     dropbox: bool = False
+    # The programs that may open files here (and below, until a deeper rule
+    # names its own): None = as the rule above says; () = any program.
+    programs: tuple[Program, ...] | None = None
 
     @property
     def mode_name(self) -> str:
@@ -57,6 +84,10 @@ class Rule:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["recipients"] = list(self.recipients)
+        if self.programs is None:
+            del d["programs"]  # (rules from before programs keep their exact form)
+        else:
+            d["programs"] = [p.to_json() for p in self.programs]
         return d
 
     @classmethod
@@ -73,7 +104,11 @@ class Rule:
         hybrid, dropbox = d.get("hybrid", False), d.get("dropbox", False)
         if not isinstance(hybrid, bool) or not isinstance(dropbox, bool) or (dropbox and not hybrid):
             raise ValueError("rule flags")
-        return cls(path, mode, hybrid, tuple(recipients), dropbox)
+        programs = d.get("programs")
+        if programs is not None and not isinstance(programs, list):
+            raise ValueError("rule programs")
+        return cls(path, mode, hybrid, tuple(recipients), dropbox,
+                   None if programs is None else tuple(Program.from_json(p) for p in programs))
 
 
 def normalise(path: str) -> str:
@@ -117,6 +152,22 @@ class Policy:
             if p == "/":
                 return None
             p = posixpath.dirname(p)
+
+    def programs_for(self, directory: str) -> Rule | None:
+        """The rule that says which programs may open files in ``directory``:
+        the deepest at or above it that names programs (None: any program)."""
+        p = directory
+        while True:
+            rule = self.rules.get(p)
+            if rule is not None and rule.programs is not None:
+                return rule if rule.programs else None
+            if p == "/":
+                return None
+            p = posixpath.dirname(p)
+
+    @property
+    def names_programs(self) -> bool:
+        return any(r.programs for r in self.rules.values())
 
     def to_bytes(self) -> bytes:
         return json.dumps({"version": 1, "rules": [r.to_json() for _, r in sorted(self.rules.items())]},

@@ -1,0 +1,143 @@
+"""Trusted programs: a policy rule that names the programs allowed to open
+the files of a directory.  Real programs (a trusted copy of cat and an
+untrusted copy of the same binary elsewhere), a real mount, the access log."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_audit_mount import records
+
+from conftest import Mount, new_mount, run_cli
+from cryptfs.policy import Program, Rule
+from cryptfs.programs import Identifier
+
+SECRET = b"surname,phone\nWang,13812341234\n"
+
+
+@pytest.fixture
+def guarded(tmp_path: Path, backing: Path, passfile: Path) -> Iterator[tuple[Mount, Path, Path]]:
+    """A mount with an access log, /calls/a.csv in it; a trusted and an
+    untrusted copy of cat.  Yields (mount, logdir, directory of the copies)."""
+    bins = tmp_path / "bin"
+    for who in ("trusted", "untrusted"):
+        (bins / who).mkdir(parents=True)
+        shutil.copy("/bin/cat", bins / who / "cat")
+    logdir = tmp_path / "log"
+    run_cli("audit", "init", str(logdir))
+    m = new_mount(tmp_path, backing, passfile)
+    m.start("--audit-log", str(logdir))
+    try:
+        m.path("calls").mkdir()
+        m.path("calls", "a.csv").write_bytes(SECRET)
+        m.path("notes.txt").write_bytes(b"anyone\n")
+        yield m, logdir, bins
+    finally:
+        m.stop()
+
+
+def _set(m: Mount, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run_cli("policy", "set", str(m.backing), *args, "--passphrase-file",
+                   str(m.passfile), check=check)
+
+
+def _cat(prog: Path, path: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(prog), str(path)], capture_output=True)
+
+
+def test_only_the_trusted_program_sees_plaintext(guarded: tuple[Mount, Path, Path]) -> None:
+    m, logdir, bins = guarded
+    trusted, untrusted = bins / "trusted" / "cat", bins / "untrusted" / "cat"
+    out = _set(m, "/calls", "--mode", "aes-256-gcm", "--program", str(trusted)).stdout
+    assert f"programs: {trusted}" in out
+    # The trusted copy reads first (the page cache now holds the plaintext) ...
+    assert _cat(trusted, m.path("calls", "a.csv")).stdout == SECRET
+    # ... and the same binary under another path still gets nothing from it.
+    res = _cat(untrusted, m.path("calls", "a.csv"))
+    assert res.returncode != 0 and b"Permission denied" in res.stderr and not res.stdout
+    with pytest.raises(PermissionError):
+        m.path("calls", "a.csv").read_bytes()  # (this test's own python)
+    with pytest.raises(PermissionError):
+        m.path("calls", "new.csv").write_bytes(b"x")  # creating is opening too
+    assert not os.path.lexists(m.path("calls", "new.csv"))
+    # Outside the rule's directory any program reads.
+    assert _cat(untrusted, m.path("notes.txt")).stdout == b"anyone\n"
+    m.stop()
+    about = [(os.path.basename(r["exe"]), r["outcome"], r.get("rule"), r.get("decision"))
+             for r in records(logdir) if r["event"] in ("open", "create")
+             and r["path"].startswith("/calls/") and r.get("rule")]
+    assert about == [
+        ("cat", "allowed", "/calls", "trusted program (by path)"),
+        ("cat", "denied", "/calls", "not a trusted program here"),
+        (about[2][0], "denied", "/calls", "not a trusted program here"),
+        (about[3][0], "denied", "/calls", "not a trusted program here"),
+    ]
+    denied = [r for r in records(logdir) if r.get("rule") and r["outcome"] == "denied"]
+    assert denied[0]["exe"] == str(untrusted) and denied[0]["reason"] == "EACCES"
+
+
+def test_a_pinned_program_is_refused_once_its_binary_changes(
+        guarded: tuple[Mount, Path, Path]) -> None:
+    m, logdir, bins = guarded
+    trusted = bins / "trusted" / "cat"
+    out = _set(m, "/calls", "--mode", "aes-256-gcm", "--program", str(trusted), "--pin").stdout
+    assert "(sha256 " in out
+    assert _cat(trusted, m.path("calls", "a.csv")).stdout == SECRET
+    with open(trusted, "ab") as f:  # same path, other content (it still runs)
+        f.write(b"\0")
+    res = _cat(trusted, m.path("calls", "a.csv"))
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    m.stop()
+    decisions = [r.get("decision") for r in records(logdir) if r.get("rule") == "/calls"]
+    assert decisions == ["trusted program (by path and SHA-256)",
+                         "its SHA-256 is not the one pinned"]
+
+
+def test_a_deeper_rule_may_lift_the_restriction(guarded: tuple[Mount, Path, Path]) -> None:
+    m, _logdir, bins = guarded
+    trusted, untrusted = bins / "trusted" / "cat", bins / "untrusted" / "cat"
+    m.path("calls", "open").mkdir()
+    m.path("calls", "open", "b.txt").write_bytes(b"public\n")
+    _set(m, "/", "--mode", "aes-256-gcm", "--program", str(trusted))
+    _set(m, "/calls/open", "--mode", "aes-256-gcm", "--any-program")
+    assert _cat(untrusted, m.path("calls", "open", "b.txt")).stdout == b"public\n"
+    assert _cat(untrusted, m.path("calls", "a.csv")).returncode != 0
+    assert _cat(trusted, m.path("calls", "a.csv")).stdout == SECRET
+    run_cli("policy", "unset", str(m.backing), "/", "--passphrase-file", str(m.passfile))
+    assert _cat(untrusted, m.path("calls", "a.csv")).stdout == SECRET  # (taken back while mounted)
+
+
+def test_bad_program_options_are_refused_clearly(guarded: tuple[Mount, Path, Path],
+                                                 tmp_path: Path) -> None:
+    m, _logdir, bins = guarded
+    link = tmp_path / "catlink"
+    link.symlink_to(bins / "trusted" / "cat")
+    plain = tmp_path / "data.txt"
+    plain.write_text("x")
+    for args, text in [
+        (["--program", "cat"], "absolute path"),
+        (["--program", str(plain)], "not an executable file"),
+        (["--program", str(link)], "that is a link to"),
+        (["--pin"], "--pin goes with --program"),
+        (["--any-program", "--program", "/bin/cat"], "exclude each other"),
+    ]:
+        res = _set(m, "/calls", "--mode", "aes-256-gcm", *args, check=False)
+        assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_request_with_no_process_is_not_trusted() -> None:
+    """pid 0 (a request the kernel makes itself) or an executable that cannot
+    be read: no program to trust."""
+    rule = Rule("/calls", "aes-256-gcm", programs=(Program("/bin/cat"),))
+    ident = Identifier()
+    assert ident.decide(rule, 0) == (False, {"rule": "/calls", "decision":
+                                             "no process to identify (pid 0)"})
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    allowed, fields = ident.decide(rule, gone.pid)
+    assert not allowed and fields["decision"] == "the program cannot be identified"
