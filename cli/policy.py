@@ -13,6 +13,7 @@ from cryptfs.errors import UsageError
 from cryptfs.export import cryptfs_mount_of
 from cryptfs.ops import RECIPIENTS_XATTR, SHARE_XATTR
 from cryptfs.policy import (
+    UNTRUSTED,
     Program,
     Rule,
     load_policy,
@@ -65,10 +66,13 @@ def policy() -> None:
                    "again).")
 @click.option("--any-program", is_flag=True,
               help="Any program may open files here (lifts a --program rule from above).")
+@click.option("--untrusted", type=click.Choice(UNTRUSTED), default="deny", show_default=True,
+              help="With --program: what another program gets: 'permission denied', or a "
+                   "read-only view of the file's encrypted bytes.")
 @passphrase_option(help_text=AUTH_HELP)
 @reports_errors
 def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], dropbox: bool,
-         programs: tuple[str, ...], pin: bool, any_program: bool,
+         programs: tuple[str, ...], pin: bool, any_program: bool, untrusted: str,
          passphrase_file: str | None) -> None:
     """Set the rule of DIRECTORY (a path inside the volume, e.g. /recordings).
 
@@ -78,6 +82,8 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
     the programs are as the rule above says.
     """
     trusted = _programs(programs, pin, any_program)
+    if untrusted != "deny" and not programs:
+        raise UsageError("--untrusted goes with --program")
     vol = _open(backing, passphrase_file)
     try:
         name, hybrid = parse_mode(mode, vol.config.default_mode)
@@ -94,7 +100,7 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
                              "volume a recovery key)")
         rules = load_policy(vol.config, vol.keys)
         rule = Rule(normalise(directory), name, hybrid, tuple(dict.fromkeys(recipients)), dropbox,
-                    trusted)
+                    trusted, untrusted)
         rules.rules[rule.path] = rule
         with recorded(backing, vol.config, "policy-set", path=rule.path, mode=mode,
                       recipients=list(rule.recipients), dropbox=dropbox,
@@ -189,6 +195,8 @@ def _describe(rule: Rule, recovery: bool) -> str:
         text += "; programs: " + (", ".join(
             p.path + (f" (sha256 {p.sha256[:12]}...)" if p.sha256 else "") for p in rule.programs)
             or "any")
+        if rule.untrusted != "deny":
+            text += f"; other programs: the {rule.untrusted}"
     return text
 
 

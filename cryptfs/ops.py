@@ -56,7 +56,7 @@ from cryptfs.modes.wrap import (
     x25519_stanza,
 )
 from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX, NameCodec
-from cryptfs.policy import Policy, load_policy
+from cryptfs.policy import Policy, Rule, load_policy
 from cryptfs.programs import Identifier
 from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
@@ -96,7 +96,8 @@ class _Handle:
     """An open regular file: its inode, who opened it, and whether for reading
     (only a readable handle can be mapped to read, which matters when gated)."""
 
-    __slots__ = ("inode", "uid", "readable", "pid", "exe", "path", "opened", "nread", "nwritten")
+    __slots__ = ("inode", "uid", "readable", "pid", "exe", "path", "opened", "nread", "nwritten",
+                 "raw")
 
     def __init__(self, inode: Inode, uid: int, readable: bool, pid: int = 0, path: str = "") -> None:
         self.inode = inode
@@ -108,6 +109,7 @@ class _Handle:
         self.opened = 0
         self.nread = 0
         self.nwritten = 0
+        self.raw = -1  # a read-only fd of the backing file: a ciphertext view (trusted programs)
 
 
 class _Dir:
@@ -517,8 +519,9 @@ class CryptOperations(pyfuse3.Operations):
             self._plain_paths[real] = p
         return p.decode("utf-8", "surrogateescape")
 
-    def _check_program(self, where: str | None, pid: int) -> None:
-        """A rule that names programs lets only those open files (EACCES)."""
+    def _untrusted(self, where: str | None, pid: int) -> Rule | None:
+        """The rule that does not trust the program asking (None: it may open
+        the file).  A rule that names programs lets only those open files."""
         self._decision = None
         if where is None:
             log.error("cannot work out a file's directory for the trusted-programs rule: "
@@ -526,11 +529,10 @@ class CryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         rule = self.policy.programs_for(where)
         if rule is None:
-            return
+            return None
         allowed, fields = self._identify.decide(rule, pid)
         self._decision = fields
-        if not allowed:
-            raise pyfuse3.FUSEError(errno.EACCES)
+        return None if allowed else rule
 
     def _public_of(self, uid: int) -> bytes | None:
         """The creator's X25519 public key: the requesting user's (gated) or the mount's."""
@@ -969,6 +971,23 @@ class CryptOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    def _ciphertext_handle(self, inode: Inode, uid: int, flags: int, pid: int
+                           ) -> pyfuse3.FileInfo:
+        """A read-only view of the file's encrypted bytes, for a program the
+        rule does not trust but lets have those.  Direct I/O: its reads
+        neither fill nor use the page cache (which holds plaintext), and go
+        past the plaintext size the file shows."""
+        raw = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fi = self._open_handle(inode, uid, flags, pid)
+        except BaseException:
+            os.close(raw)
+            raise
+        self._files[fi.fh].raw = raw
+        if self._decision is not None:
+            self._decision["decision"] += ": served the ciphertext"
+        return pyfuse3.FileInfo(fh=fi.fh, direct_io=True, keep_cache=False)
+
     def _handle(self, fh: int, reading: bool = False) -> Inode:
         """The inode of an open file handle, if its opener may still use it.
 
@@ -1104,8 +1123,8 @@ class CryptOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
-        if self._program_rules:
-            self._check_program(self._plain_dir(parent), ctx.pid)
+        if self._program_rules and self._untrusted(self._plain_dir(parent), ctx.pid):
+            raise pyfuse3.FUSEError(errno.EACCES)
         backing, full = self._backing(parent, name)
         with self._long_name(parent, backing, full):
             fd = os.open(backing, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -1198,9 +1217,13 @@ class CryptOperations(pyfuse3.Operations):
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         self._refresh_config()  # (a stat: a rule set since the mount started applies)
-        if self._program_rules:
-            self._check_program(self._plain_dir_of(inode), ctx.pid)
         want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if self._program_rules:
+            rule = self._untrusted(self._plain_dir_of(inode), ctx.pid)
+            if rule is not None:
+                if rule.untrusted != "ciphertext" or want_write:
+                    raise pyfuse3.FUSEError(errno.EACCES)
+                return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
         try:
             content = self._content(inode, want_write, ctx.uid)
             if flags & os.O_TRUNC:
@@ -1212,7 +1235,12 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("fh")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = self._content(self._handle(fh, reading=True), want_write=False).read(off, size)
+        raw = self._files[fh].raw
+        if raw >= 0:
+            self._handle(fh, reading=True)  # (the same gate as any read)
+            data = os.pread(raw, size, off)
+        else:
+            data = self._content(self._handle(fh, reading=True), want_write=False).read(off, size)
         if self.audit is not None:  # (counted for the close record only)
             self._files[fh].nread += len(data)
         return data
@@ -1242,6 +1270,8 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("fh")
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
+        if handle.raw >= 0:
+            os.close(handle.raw)
         self._audit_close(handle)
         inode = handle.inode
         inode.handles.discard(handle)

@@ -39,6 +39,7 @@ _NONCE_LEN = 12
 _AD = b"cryptfs/v2/policy"
 HYBRID_PREFIX = "hybrid-"
 MAX_RULES = 1000
+UNTRUSTED = ("deny", "ciphertext")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class Rule:
     # The programs that may open files here (and below, until a deeper rule
     # names its own): None = as the rule above says; () = any program.
     programs: tuple[Program, ...] | None = None
+    # What another program gets: "deny" (EACCES) or "ciphertext" (a read-only
+    # view of the encrypted bytes).
+    untrusted: str = "deny"
 
     @property
     def mode_name(self) -> str:
@@ -88,6 +92,8 @@ class Rule:
             del d["programs"]  # (rules from before programs keep their exact form)
         else:
             d["programs"] = [p.to_json() for p in self.programs]
+        if self.untrusted == "deny":
+            del d["untrusted"]
         return d
 
     @classmethod
@@ -107,8 +113,12 @@ class Rule:
         programs = d.get("programs")
         if programs is not None and not isinstance(programs, list):
             raise ValueError("rule programs")
+        untrusted = d.get("untrusted", "deny")
+        if untrusted not in UNTRUSTED:
+            raise ValueError("rule untrusted")
         return cls(path, mode, hybrid, tuple(recipients), dropbox,
-                   None if programs is None else tuple(Program.from_json(p) for p in programs))
+                   None if programs is None else tuple(Program.from_json(p) for p in programs),
+                   untrusted)
 
 
 def normalise(path: str) -> str:

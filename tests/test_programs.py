@@ -141,3 +141,29 @@ def test_a_request_with_no_process_is_not_trusted() -> None:
     gone.wait()
     allowed, fields = ident.decide(rule, gone.pid)
     assert not allowed and fields["decision"] == "the program cannot be identified"
+
+
+def test_an_untrusted_program_may_be_given_the_ciphertext(guarded: tuple[Mount, Path, Path]
+                                                          ) -> None:
+    """--untrusted ciphertext: another program opens the file read-only and
+    reads its encrypted bytes (the backing file's, all of them), never the
+    plaintext the trusted program left in the page cache; it may not write."""
+    m, logdir, bins = guarded
+    trusted, untrusted = bins / "trusted" / "cat", bins / "untrusted" / "cat"
+    _set(m, "/calls", "--mode", "aes-256-gcm", "--program", str(trusted),
+         "--untrusted", "ciphertext")
+    assert _cat(trusted, m.path("calls", "a.csv")).stdout == SECRET
+    got = _cat(untrusted, m.path("calls", "a.csv"))
+    assert got.returncode == 0 and SECRET not in got.stdout and b"Wang" not in got.stdout
+    backing_files = [p for p in (m.backing / "tree").rglob("*")
+                     if p.is_file() and p.read_bytes() == got.stdout]
+    assert len(backing_files) == 1  # exactly the encrypted file, header and tag included
+    assert len(got.stdout) > len(SECRET)
+    with pytest.raises(PermissionError):
+        with open(m.path("calls", "a.csv"), "r+b"):
+            pass  # (this test's python, read-write: no view for that)
+    m.stop()
+    decisions = [r.get("decision") for r in records(logdir) if r.get("rule") == "/calls"]
+    assert decisions == ["trusted program (by path)",
+                         "not a trusted program here: served the ciphertext",
+                         "not a trusted program here"]
