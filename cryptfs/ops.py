@@ -60,7 +60,7 @@ from cryptfs.policy import Policy, Rule, load_policy
 from cryptfs.programs import Identifier
 from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
-from cryptfs.users import slot_for_uid
+from cryptfs.users import CIPHERTEXT_ROLES, LOG_ONLY_ROLES, slot_for_uid
 from cryptfs.volume import LockedVolume, Volume
 
 log = logging.getLogger("cryptfs")
@@ -208,6 +208,8 @@ class CryptOperations(pyfuse3.Operations):
         self.wrapper: SymmetricWrapper = _NO_KEYS
         self.policy = Policy()
         self._program_rules = False  # (whether a rule names programs: checked on each open)
+        self._log_only: set[int] = set()  # uids whose role reads the access log only
+        self._cipher_only: set[int] = set()  # uids whose role reads ciphertext only
         self._identify = Identifier()  # which program asks (trusted-programs rules)
         self._decision: dict[str, Any] | None = None  # how the last one was decided (for its record)
         # X25519 private keys that open hybrid files: per unlocked uid (gated,
@@ -659,9 +661,30 @@ class CryptOperations(pyfuse3.Operations):
     # -- access gate (agent mode) --------------------------------------------------------------
     def _allow(self, uid: int) -> None:
         if self.gated:
-            if uid not in self._unlocked or self.keys is None:
+            if uid not in self._unlocked or self.keys is None or uid in self._log_only:
                 raise pyfuse3.FUSEError(errno.EACCES)
             self._seen.add(uid)
+
+    def _plain(self, uid: int) -> None:
+        """Refuse (EACCES) a user whose role reads no customer plaintext: the
+        xattrs of files, a truncate (docs/POLICY.md, roles)."""
+        if uid in self._cipher_only:
+            raise pyfuse3.FUSEError(errno.EACCES)
+
+    def _learn_roles(self) -> None:
+        """On a shared mount, what each unlocked user's role lets them have
+        (root is not bound by roles: it could read the mount's memory)."""
+        self._log_only, self._cipher_only = set(), set()
+        if not self.gated:
+            return
+        for slot in self.config.slots:
+            uid, role = slot.extra.get("uid"), slot.extra.get("role")
+            if not isinstance(uid, int) or uid == 0:
+                continue
+            if role in LOG_ONLY_ROLES:
+                self._log_only.add(uid)
+            elif role in CIPHERTEXT_ROLES:
+                self._cipher_only.add(uid)
 
     def _install(self, keys: VolumeKeys) -> None:
         self._keyrings.clear()
@@ -670,6 +693,7 @@ class CryptOperations(pyfuse3.Operations):
         self.wrapper = keys.wrapper
         self.policy = load_policy(self.config, keys)
         self._program_rules = self.policy.names_programs
+        self._learn_roles()
 
     def _swap_keys(self, keys: VolumeKeys) -> None:
         """New keys of the same volume (rotated, or the config re-read): open
@@ -984,9 +1008,13 @@ class CryptOperations(pyfuse3.Operations):
             os.close(raw)
             raise
         self._files[fi.fh].raw = raw
-        if self._decision is not None:
+        if self._decision is not None and not self._decision["decision"].endswith("ciphertext"):
             self._decision["decision"] += ": served the ciphertext"
         return pyfuse3.FileInfo(fh=fi.fh, direct_io=True, keep_cache=False)
+
+    def _role_of(self, uid: int) -> str:
+        slot = slot_for_uid(self.config, uid)
+        return str(slot.extra.get("role")) if slot is not None else "?"
 
     def _handle(self, fh: int, reading: bool = False) -> Inode:
         """The inode of an open file handle, if its opener may still use it.
@@ -1049,6 +1077,7 @@ class CryptOperations(pyfuse3.Operations):
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if fields.update_size:
+            self._plain(ctx.uid)
             if inode.kind != stat.S_IFREG:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             try:
@@ -1122,6 +1151,9 @@ class CryptOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._allow(ctx.uid)
+        if ctx.uid in self._cipher_only:
+            self._decision = {"decision": f"role {self._role_of(ctx.uid)}: writes no customer data"}
+            raise pyfuse3.FUSEError(errno.EACCES)
         parent = self._inode(parent_inode)
         if self._program_rules and self._untrusted(self._plain_dir(parent), ctx.pid):
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -1218,6 +1250,13 @@ class CryptOperations(pyfuse3.Operations):
         inode = self._inode(inode_no)
         self._refresh_config()  # (a stat: a rule set since the mount started applies)
         want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if ctx.uid in self._cipher_only:
+            self._decision = {"decision": f"role {self._role_of(ctx.uid)}: "
+                                          + ("writes no customer data" if want_write
+                                             else "served the ciphertext")}
+            if want_write:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
         if self._program_rules:
             rule = self._untrusted(self._plain_dir_of(inode), ctx.pid)
             if rule is not None:
@@ -1605,6 +1644,7 @@ class CryptOperations(pyfuse3.Operations):
             self._command_record(ctx, value)
             return
         self._allow(ctx.uid)
+        self._plain(ctx.uid)
         inode = self._inode(inode_no)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR) and name.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(errno.EPERM)  # as Linux: no user.* xattrs on special files
@@ -1619,6 +1659,7 @@ class CryptOperations(pyfuse3.Operations):
         if inode_no == ROOT and name == ROTATE_XATTR and self._may_rotate(ctx.uid):
             return self._rotation_progress()
         self._allow(ctx.uid)
+        self._plain(ctx.uid)
         inode = self._inode(inode_no)
         if not name.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -1652,6 +1693,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode", "removexattr")
     async def removexattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._allow(ctx.uid)
+        self._plain(ctx.uid)
         inode = self._inode(inode_no)
         path, c_name = self._xattr_target(inode, name)
         try:

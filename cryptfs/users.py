@@ -35,6 +35,10 @@ from cryptfs.volume import Volume
 
 ROLES = ("agent", "supervisor", "technician", "admin", "auditor")
 DEFAULT_ROLE = "agent"
+# On a shared mount (docs/POLICY.md): who manages the volume reads ciphertext
+# only; the auditor reads the access log only, nothing through the mount.
+CIPHERTEXT_ROLES = frozenset({"technician", "admin"})
+LOG_ONLY_ROLES = frozenset({"auditor"})
 LASTUSE_NAME = "cryptfs.lastuse"
 
 

@@ -1,0 +1,64 @@
+"""Roles on a shared mount: technicians and admins get ciphertext only, the
+auditor gets nothing through the mount (docs/POLICY.md).  Real system users
+in each role, a real key agent, real programs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conftest import run_cli
+from multiuser import ROOT_PASSPHRASE, Shared, ensure_user, passfile, run_as
+
+SECRET = b"surname,gender,phone\nWang,F,13812341234\n"
+ROLES = {"cfs-tech": "technician", "cfs-admin": "admin", "cfs-audit": "auditor"}
+
+
+def _add(shared: Shared, name: str, role: str) -> Path:
+    ensure_user(name)
+    pf = passfile(shared.root / "pass", name, f"{name} passphrase".encode())
+    rootpf = shared.root / "root.pass"
+    rootpf.write_bytes(ROOT_PASSPHRASE + b"\n")
+    run_cli("user", "add", str(shared.backing), name, "--role", role, "--passphrase-file",
+            str(rootpf), "--new-passphrase-file", str(pf), "--kdf-memory", "8",
+            "--kdf-iterations", "1")
+    return pf
+
+
+def test_each_role_gets_what_the_matrix_says(shared: Shared) -> None:
+    assert shared.unlock("root").returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    shared.path("calls", "a.csv").write_bytes(SECRET)
+    os.chmod(shared.path("calls", "a.csv"), 0o666)
+    for name, role in ROLES.items():
+        pf = _add(shared, name, role)
+        res = shared.unlock(name, pf)
+        assert res.returncode == 0, res.stderr
+    assert shared.unlock("cfs-carol").returncode == 0
+    target = str(shared.path("calls", "a.csv"))
+    backing_bytes = {p.read_bytes() for p in (shared.backing / "tree").rglob("*") if p.is_file()}
+
+    # A supervisor reads the plaintext.
+    assert run_as("cfs-carol", "cat", target).stdout == SECRET
+    # A technician and an admin list the volume and read the encrypted bytes
+    # (backups, checksums), never the plaintext, and write nothing.
+    for name in ("cfs-tech", "cfs-admin"):
+        assert b"a.csv" in run_as(name, "ls", str(shared.path("calls"))).stdout
+        raw = run_as(name, "cat", target)
+        assert raw.returncode == 0 and raw.stdout in backing_bytes and b"Wang" not in raw.stdout
+        res = run_as(name, "sh", "-c", f"echo x >> {target}")
+        assert res.returncode != 0 and b"Permission denied" in res.stderr
+        res = run_as(name, "touch", str(shared.path("calls", f"{name}.txt")))
+        assert res.returncode != 0 and b"Permission denied" in res.stderr
+        res = run_as(name, "truncate", "-s", "0", target)
+        assert res.returncode != 0 and b"Permission denied" in res.stderr
+        res = run_as(name, "getfattr", "-d", target)
+        assert res.returncode != 0 or b"user." not in res.stdout
+    # The auditor gets nothing at all through the mount.
+    res = run_as("cfs-audit", "ls", str(shared.path("calls")))
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    res = run_as("cfs-audit", "cat", target)
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    # Nothing was changed by any of them.
+    assert run_as("cfs-carol", "cat", target).stdout == SECRET
+    assert not os.path.lexists(shared.path("calls", "cfs-tech.txt"))
