@@ -11,9 +11,11 @@ import click
 from cryptfs.cli.common import passphrase_option, read_passphrase, recorded, reports_errors, unlock_recorded
 from cryptfs.errors import UsageError
 from cryptfs.export import cryptfs_mount_of
+from cryptfs.masking import FORMATS, parse_columns
 from cryptfs.ops import RECIPIENTS_XATTR, SHARE_XATTR
 from cryptfs.policy import (
     UNTRUSTED,
+    MaskRule,
     Program,
     Rule,
     load_policy,
@@ -66,13 +68,24 @@ def policy() -> None:
                    "again).")
 @click.option("--any-program", is_flag=True,
               help="Any program may open files here (lifts a --program rule from above).")
+@click.option("--mask", "mask_glob", metavar="GLOB",
+              help="Show files whose names match GLOB (e.g. '*.csv') masked to agents on a "
+                   "shared mount; with --mask-format and --column.")
+@click.option("--mask-format", type=click.Choice(sorted(FORMATS)), default="csv",
+              show_default=True, help="With --mask: csv or tsv, with a header row.")
+@click.option("--column", "columns", multiple=True, metavar="NAME=FUNCTION",
+              help="With --mask: what column NAME shows: keep, mask, first:N, last:M, "
+                   "first:N,last:M, surname or token (repeatable; a column not named is "
+                   "masked).")
+@click.option("--no-masks", is_flag=True, help="No masked views here (lifts a --mask from above).")
 @click.option("--untrusted", type=click.Choice(UNTRUSTED), default="deny", show_default=True,
               help="With --program: what another program gets: 'permission denied', or a "
                    "read-only view of the file's encrypted bytes.")
 @passphrase_option(help_text=AUTH_HELP)
 @reports_errors
 def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], dropbox: bool,
-         programs: tuple[str, ...], pin: bool, any_program: bool, untrusted: str,
+         programs: tuple[str, ...], pin: bool, any_program: bool, mask_glob: str | None,
+         mask_format: str, columns: tuple[str, ...], no_masks: bool, untrusted: str,
          passphrase_file: str | None) -> None:
     """Set the rule of DIRECTORY (a path inside the volume, e.g. /recordings).
 
@@ -84,6 +97,7 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
     trusted = _programs(programs, pin, any_program)
     if untrusted != "deny" and not programs:
         raise UsageError("--untrusted goes with --program")
+    masks = _masks(mask_glob, mask_format, columns, no_masks)
     vol = _open(backing, passphrase_file)
     try:
         name, hybrid = parse_mode(mode, vol.config.default_mode)
@@ -100,7 +114,7 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
                              "volume a recovery key)")
         rules = load_policy(vol.config, vol.keys)
         rule = Rule(normalise(directory), name, hybrid, tuple(dict.fromkeys(recipients)), dropbox,
-                    trusted, untrusted)
+                    trusted, untrusted, masks)
         rules.rules[rule.path] = rule
         with recorded(backing, vol.config, "policy-set", path=rule.path, mode=mode,
                       recipients=list(rule.recipients), dropbox=dropbox,
@@ -111,6 +125,27 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
     finally:
         vol.close()
     click.echo(f"{rule.path}: {_describe(rule, recovery)}")
+
+
+def _masks(glob: str | None, fmt: str, columns: tuple[str, ...], none: bool
+           ) -> tuple[MaskRule, ...] | None:
+    if none and (glob or columns):
+        raise UsageError("--no-masks and --mask exclude each other")
+    if none:
+        return ()
+    if glob is None:
+        if columns:
+            raise UsageError("--column goes with --mask")
+        return None
+    if not glob or "/" in glob:
+        raise UsageError(f"--mask {glob!r}: a pattern of file names, e.g. '*.csv'")
+    try:
+        parsed = parse_columns(columns)
+    except ValueError as e:
+        raise UsageError(f"--column: {e}",
+                         hint="FUNCTION: keep, mask, first:N, last:M, first:N,last:M, surname, "
+                              "token") from None
+    return (MaskRule(glob, fmt, tuple(sorted((k, str(f)) for k, f in parsed.items()))),)
 
 
 def _programs(paths: tuple[str, ...], pin: bool, any_program: bool
@@ -197,6 +232,10 @@ def _describe(rule: Rule, recovery: bool) -> str:
             or "any")
         if rule.untrusted != "deny":
             text += f"; other programs: the {rule.untrusted}"
+    if rule.masks is not None:
+        text += "; masked for agents: " + ("; ".join(
+            f"{m.glob} ({m.fmt}: " + (", ".join(f"{k}={f}" for k, f in m.columns) or "all masked")
+            + ")" for m in rule.masks) or "none")
     return text
 
 

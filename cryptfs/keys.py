@@ -60,6 +60,7 @@ class VolumeKeys:
         self.symlink = AESGCM(hkdf(b, b"cryptfs/v1/symlink"))
         self.xattr = AESGCM(hkdf(b, b"cryptfs/v1/xattr"))
         self.policy = AESGCM(hkdf(b, b"cryptfs/v2/policy"))
+        self.mask_token = hkdf(b, b"cryptfs/v2/mask-token")  # (masked views: token columns)
         # Held in every v2 slot (sealed by the passphrase) and in the recovery
         # key file, never derivable from the config alone: it authenticates
         # the wraps of the master, which public keys alone would let anyone make.

@@ -40,6 +40,7 @@ from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, rea
 from cryptfs.errors import CryptfsError
 from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
 from cryptfs.keys import VolumeKeys
+from cryptfs.masking import NotStructured
 from cryptfs.modes import IntegrityError, content_mode_by_name
 from cryptfs.modes.content import ContentMode
 from cryptfs.modes.errors import NotARecipient
@@ -56,11 +57,11 @@ from cryptfs.modes.wrap import (
     x25519_stanza,
 )
 from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX, NameCodec
-from cryptfs.policy import Policy, Rule, load_policy
+from cryptfs.policy import MaskRule, Policy, Rule, load_policy
 from cryptfs.programs import Identifier
 from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
-from cryptfs.users import CIPHERTEXT_ROLES, LOG_ONLY_ROLES, slot_for_uid
+from cryptfs.users import CIPHERTEXT_ROLES, LOG_ONLY_ROLES, MASKED_ROLES, slot_for_uid
 from cryptfs.volume import LockedVolume, Volume
 
 log = logging.getLogger("cryptfs")
@@ -70,6 +71,7 @@ ROOT_ATTR_TIMEOUT = 60.0  # seconds
 HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
 SHARE_XATTR = b"user.cryptfs.share"  # set: add a recipient (value: user name)
 RECIPIENTS_XATTR = b"user.cryptfs.recipients"  # get: the recipients' names
+MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view (memory)
 ROTATE_XATTR = b"user.cryptfs.rotate"  # on the root: set "go" to walk; get: progress (JSON)
 GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
@@ -97,7 +99,7 @@ class _Handle:
     (only a readable handle can be mapped to read, which matters when gated)."""
 
     __slots__ = ("inode", "uid", "readable", "pid", "exe", "path", "opened", "nread", "nwritten",
-                 "raw")
+                 "raw", "view")
 
     def __init__(self, inode: Inode, uid: int, readable: bool, pid: int = 0, path: str = "") -> None:
         self.inode = inode
@@ -110,6 +112,7 @@ class _Handle:
         self.nread = 0
         self.nwritten = 0
         self.raw = -1  # a read-only fd of the backing file: a ciphertext view (trusted programs)
+        self.view: bytes | None = None  # a masked view (roles that see masked data)
 
 
 class _Dir:
@@ -210,6 +213,8 @@ class CryptOperations(pyfuse3.Operations):
         self._program_rules = False  # (whether a rule names programs: checked on each open)
         self._log_only: set[int] = set()  # uids whose role reads the access log only
         self._cipher_only: set[int] = set()  # uids whose role reads ciphertext only
+        self._masked: set[int] = set()  # uids whose role sees structured files masked
+        self._mask_rules = False  # (whether a rule names masks)
         self._identify = Identifier()  # which program asks (trusted-programs rules)
         self._decision: dict[str, Any] | None = None  # how the last one was decided (for its record)
         # X25519 private keys that open hybrid files: per unlocked uid (gated,
@@ -674,7 +679,7 @@ class CryptOperations(pyfuse3.Operations):
     def _learn_roles(self) -> None:
         """On a shared mount, what each unlocked user's role lets them have
         (root is not bound by roles: it could read the mount's memory)."""
-        self._log_only, self._cipher_only = set(), set()
+        self._log_only, self._cipher_only, self._masked = set(), set(), set()
         if not self.gated:
             return
         for slot in self.config.slots:
@@ -685,6 +690,8 @@ class CryptOperations(pyfuse3.Operations):
                 self._log_only.add(uid)
             elif role in CIPHERTEXT_ROLES:
                 self._cipher_only.add(uid)
+            elif role in MASKED_ROLES:
+                self._masked.add(uid)
 
     def _install(self, keys: VolumeKeys) -> None:
         self._keyrings.clear()
@@ -693,6 +700,7 @@ class CryptOperations(pyfuse3.Operations):
         self.wrapper = keys.wrapper
         self.policy = load_policy(self.config, keys)
         self._program_rules = self.policy.names_programs
+        self._mask_rules = self.policy.names_masks
         self._learn_roles()
 
     def _swap_keys(self, keys: VolumeKeys) -> None:
@@ -1012,6 +1020,58 @@ class CryptOperations(pyfuse3.Operations):
             self._decision["decision"] += ": served the ciphertext"
         return pyfuse3.FileInfo(fh=fi.fh, direct_io=True, keep_cache=False)
 
+    def _mask_of(self, inode: Inode) -> MaskRule | None:
+        where = self._plain_dir_of(inode)
+        name = self._plain_name_of(inode)
+        if where is None or name is None:
+            self._decision = {"decision": "masked view refused: the file's name is unknown"}
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return self.policy.mask_for(where, name)
+
+    def _plain_name_of(self, inode: Inode) -> str | None:
+        real = os.readlink(proc_path(inode.fd))
+        try:
+            fd = os.open(os.path.dirname(real), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            name = tree.decrypt_entry(fd, os.path.basename(real), tree.read_diriv(fd), self.codec)
+        except (OSError, IntegrityError):
+            return None
+        finally:
+            os.close(fd)
+        return name.decode("utf-8", "surrogateescape")
+
+    def _masked_handle(self, inode: Inode, rule: MaskRule, uid: int, flags: int, pid: int
+                       ) -> pyfuse3.FileInfo:
+        """What a role that sees masked data gets of a structured file: reads
+        from a masked view made at open (every field its length, so sizes and
+        offsets hold); writes only at or past the end (new rows), never over
+        the bytes the view masks."""
+        if flags & os.O_TRUNC:
+            self._decision = {"decision": "masked view: no truncating"}
+            raise pyfuse3.FUSEError(errno.EACCES)
+        content = self._content(inode, False, uid)
+        try:
+            size = content.size
+            if size > MAX_MASKED:
+                raise NotStructured(f"larger than {MAX_MASKED} bytes")
+            view = rule.mask().view(content.read(0, size), self.keys.mask_token
+                                    if self.keys is not None else b"")
+        except NotStructured as e:
+            self._unload_content(inode)
+            log.warning("inode %d: masked view refused: %s", inode.ino, e)
+            self._decision = {"decision": f"masked view refused: not {rule.fmt} ({e})"}
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        except BaseException:
+            self._unload_content(inode)
+            raise
+        fi = self._open_handle(inode, uid, flags, pid)
+        handle = self._files[fi.fh]
+        handle.view = view
+        self._decision = {"decision": f"masked view ({rule.fmt}, {rule.glob})"}
+        return pyfuse3.FileInfo(fh=fi.fh, direct_io=True, keep_cache=False)
+
     def _role_of(self, uid: int) -> str:
         slot = slot_for_uid(self.config, uid)
         return str(slot.extra.get("role")) if slot is not None else "?"
@@ -1080,6 +1140,11 @@ class CryptOperations(pyfuse3.Operations):
             self._plain(ctx.uid)
             if inode.kind != stat.S_IFREG:
                 raise pyfuse3.FUSEError(errno.EINVAL)
+            if (ctx.uid in self._masked and self._mask_rules and fh not in self._files
+                    and self._mask_of(inode) is not None):
+                raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view never cuts the file)
+            if fh is not None and fh in self._files and self._files[fh].view is not None:
+                raise pyfuse3.FUSEError(errno.EACCES)
             try:
                 # (an open handle's own truncate needs no new check: drop boxes)
                 uid = None if fh is not None and fh in self._files else ctx.uid
@@ -1263,6 +1328,10 @@ class CryptOperations(pyfuse3.Operations):
                 if rule.untrusted != "ciphertext" or want_write:
                     raise pyfuse3.FUSEError(errno.EACCES)
                 return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
+        if ctx.uid in self._masked and self._mask_rules and inode.kind == stat.S_IFREG:
+            mask = self._mask_of(inode)
+            if mask is not None:
+                return self._masked_handle(inode, mask, ctx.uid, flags, ctx.pid)
         try:
             content = self._content(inode, want_write, ctx.uid)
             if flags & os.O_TRUNC:
@@ -1274,10 +1343,13 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("fh")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        raw = self._files[fh].raw
-        if raw >= 0:
+        handle = self._files[fh]
+        if handle.raw >= 0:
             self._handle(fh, reading=True)  # (the same gate as any read)
-            data = os.pread(raw, size, off)
+            data = os.pread(handle.raw, size, off)
+        elif handle.view is not None:
+            self._handle(fh, reading=True)
+            data = handle.view[off:off + size]
         else:
             data = self._content(self._handle(fh, reading=True), want_write=False).read(off, size)
         if self.audit is not None:  # (counted for the close record only)
@@ -1286,7 +1358,11 @@ class CryptOperations(pyfuse3.Operations):
 
     @_edge("fh")
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        n = self._content(self._handle(fh), want_write=True).write(off, buf)
+        handle = self._files[fh]
+        content = self._content(self._handle(fh), want_write=True)
+        if handle.view is not None and off < content.size:
+            raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view appends; it never overwrites)
+        n = content.write(off, buf)
         if self.audit is not None:
             self._files[fh].nwritten += n
         return n

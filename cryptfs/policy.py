@@ -22,6 +22,7 @@ key (they name directories, which are secret), and covered by the config MAC.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import NotAVolume, UsageError
 from cryptfs.keys import VolumeKeys
+from cryptfs.masking import FORMATS, Function, Mask
 from cryptfs.modes import content_mode_by_name
 from cryptfs.modes.rand import random_bytes
 
@@ -67,6 +69,35 @@ class Program:
 
 
 @dataclass(frozen=True)
+class MaskRule:
+    """Files of a directory whose names match ``glob`` are shown masked to
+    the roles that see masked data (cryptfs.masking)."""
+
+    glob: str
+    fmt: str
+    columns: tuple[tuple[str, str], ...]  # (column name, function text)
+
+    def mask(self) -> Mask:
+        return Mask(self.fmt, {name: Function.parse(f) for name, f in self.columns})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"glob": self.glob, "format": self.fmt, "columns": dict(self.columns)}
+
+    @classmethod
+    def from_json(cls, d: Any) -> MaskRule:
+        if not isinstance(d, dict) or set(d) != {"glob", "format", "columns"}:
+            raise ValueError("mask")
+        glob, fmt, columns = d["glob"], d["format"], d["columns"]
+        if (not isinstance(glob, str) or not glob or "/" in glob or fmt not in FORMATS
+                or not isinstance(columns, dict)
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items())):
+            raise ValueError("mask")
+        for f in columns.values():
+            Function.parse(f)
+        return cls(glob, fmt, tuple(sorted(columns.items())))
+
+
+@dataclass(frozen=True)
 class Rule:
     path: str
     mode: str
@@ -79,6 +110,8 @@ class Rule:
     # What another program gets: "deny" (EACCES) or "ciphertext" (a read-only
     # view of the encrypted bytes).
     untrusted: str = "deny"
+    # Masked views here and below (None: as the rule above says; (): none).
+    masks: tuple[MaskRule, ...] | None = None
 
     @property
     def mode_name(self) -> str:
@@ -94,6 +127,10 @@ class Rule:
             d["programs"] = [p.to_json() for p in self.programs]
         if self.untrusted == "deny":
             del d["untrusted"]
+        if self.masks is None:
+            del d["masks"]
+        else:
+            d["masks"] = [m.to_json() for m in self.masks]
         return d
 
     @classmethod
@@ -116,9 +153,13 @@ class Rule:
         untrusted = d.get("untrusted", "deny")
         if untrusted not in UNTRUSTED:
             raise ValueError("rule untrusted")
+        masks = d.get("masks")
+        if masks is not None and not isinstance(masks, list):
+            raise ValueError("rule masks")
         return cls(path, mode, hybrid, tuple(recipients), dropbox,
                    None if programs is None else tuple(Program.from_json(p) for p in programs),
-                   untrusted)
+                   untrusted,
+                   None if masks is None else tuple(MaskRule.from_json(m) for m in masks))
 
 
 def normalise(path: str) -> str:
@@ -174,6 +215,22 @@ class Policy:
             if p == "/":
                 return None
             p = posixpath.dirname(p)
+
+    def mask_for(self, directory: str, name: str) -> MaskRule | None:
+        """The mask of a file ``name`` in ``directory``: of the deepest rule at
+        or above it that says anything of masks, the first whose glob matches."""
+        p = directory
+        while True:
+            rule = self.rules.get(p)
+            if rule is not None and rule.masks is not None:
+                return next((m for m in rule.masks if fnmatch.fnmatchcase(name, m.glob)), None)
+            if p == "/":
+                return None
+            p = posixpath.dirname(p)
+
+    @property
+    def names_masks(self) -> bool:
+        return any(r.masks for r in self.rules.values())
 
     @property
     def names_programs(self) -> bool:

@@ -39,6 +39,7 @@ DEFAULT_ROLE = "agent"
 # only; the auditor reads the access log only, nothing through the mount.
 CIPHERTEXT_ROLES = frozenset({"technician", "admin"})
 LOG_ONLY_ROLES = frozenset({"auditor"})
+MASKED_ROLES = frozenset({"agent"})  # see structured files masked (a policy's masks)
 LASTUSE_NAME = "cryptfs.lastuse"
 
 

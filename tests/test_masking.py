@@ -1,0 +1,192 @@
+"""Masked views: agents see structured customer files with every field but
+the surname and gender masked, each field keeping its length in bytes.
+The engine against Python's csv module, and a real shared mount with real
+users and real programs (cat, head, grep, python's csv)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import run_cli
+from cryptfs.masking import FULL, Function, Mask, NotStructured, parse_columns
+from multiuser import ROOT_PASSPHRASE, Shared, run_as
+
+KEY = b"k" * 32
+COLUMNS = ["surname=surname", "gender=keep", "phone=first:3,last:4", "card=first:6,last:4"]
+CUSTOMERS = ("surname,gender,phone,card,address\n"
+             "王小明,女,13812341234,6222021234567890123,\"北京市朝阳区, 1号\"\n"
+             "John Smith,M,+86 138 1234 1234,4111111111111111,\"12 \"\"Oak\"\" Rd\"\n").encode()
+
+
+def test_the_functions() -> None:
+    f = {k: Function.parse(v) for k, v in (c.split("=") for c in COLUMNS)}
+    assert f["phone"].apply("13812341234", KEY) == "138****1234"
+    assert f["card"].apply("6222021234567890123", KEY) == "622202*********0123"
+    assert f["surname"].apply("王小明", KEY) == "王" + FULL * 2
+    assert f["surname"].apply("John Smith", KEY) == "**** Smith"
+    token = Function.parse("token")
+    assert token.apply("A123", KEY) == token.apply("A123", KEY) != token.apply("A124", KEY)
+    assert len(token.apply("客户", KEY)) == len("客户".encode())  # (hex, one per byte)
+    assert Function.parse("mask").apply("é中😀a", KEY) == "**" + FULL + "****" + "*"
+    for bad in ("first", "first:x", "middle:2", "keep,mask", ""):
+        with pytest.raises(ValueError):
+            Function.parse(bad)
+
+
+def test_a_view_keeps_every_length_and_parses_as_the_file_did() -> None:
+    view = Mask("csv", parse_columns(COLUMNS)).view(CUSTOMERS, KEY)
+    assert len(view) == len(CUSTOMERS)
+    rows = list(csv.reader(io.StringIO(view.decode())))
+    assert rows[0] == ["surname", "gender", "phone", "card", "address"]
+    assert rows[1][:4] == ["王" + FULL * 2, "女", "138****1234", "622202*********0123"]
+    assert rows[2][:4] == ["**** Smith", "M", "+86**********1234", "411111******1111"]
+    assert "北京" not in view.decode() and "Oak" not in view.decode()
+    # Every field keeps its length in bytes in the file (so every offset holds;
+    # a quote, "" in the file, is masked as **).
+    plain = list(csv.reader(io.StringIO(CUSTOMERS.decode())))
+    for p_row, v_row in zip(plain, rows, strict=True):
+        assert [_raw_len(x) for x in p_row] == [_raw_len(x) for x in v_row]
+
+
+def _raw_len(value: str) -> int:
+    """The bytes a field's value takes in the file (a quote written as "")."""
+    return len(value.encode()) + value.count('"')
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.text(alphabet=st.characters(exclude_categories=["Cs"],
+                                                        exclude_characters="\r\x00"),
+                                 max_size=12), min_size=3, max_size=3),
+                min_size=1, max_size=8),
+       st.sampled_from(["csv", "tsv"]))
+def test_any_file_the_csv_module_writes_gets_a_view_of_the_same_shape(
+        rows: list[list[str]], fmt: str) -> None:
+    sep = {"csv": ",", "tsv": "\t"}[fmt]
+    out = io.StringIO()
+    w = csv.writer(out, delimiter=sep, lineterminator="\n")
+    w.writerow(["name", "keep", "other"])
+    w.writerows(rows)
+    data = out.getvalue().encode()
+    view = Mask(fmt, parse_columns(["keep=keep", "name=first:1"])).view(data, KEY)
+    assert len(view) == len(data)
+    got = list(csv.reader(io.StringIO(view.decode()), delimiter=sep))
+    want = list(csv.reader(io.StringIO(data.decode()), delimiter=sep))
+    assert len(got) == len(want)
+    for g, p in zip(got[1:], want[1:], strict=True):
+        assert g[1] == p[1]  # kept
+        assert _raw_len(g[2]) == _raw_len(p[2])  # masked, same length in the file
+        assert not p[2] or all(c in "*" + FULL for c in g[2] if c not in '"')
+
+
+@pytest.mark.parametrize("data", [
+    b"a,b\n\"open,2\n",  # a quote not closed
+    b"a,b\n1,2,3\n",  # more fields than the header
+    b"a,b\n1\n",  # fewer
+    b"a,b\n1,\xff\n",  # not UTF-8
+    b"a,b\n1,x\"y\n",  # a quote inside an unquoted field
+], ids=["unclosed", "more", "fewer", "not-utf8", "stray-quote"])
+def test_a_file_that_does_not_parse_gets_no_view(data: bytes) -> None:
+    with pytest.raises(NotStructured):
+        Mask("csv", {}).view(data, KEY)
+
+
+# -- on a shared mount -------------------------------------------------------------------------
+
+def _policy(shared: Shared, *args: str) -> str:
+    pf = shared.root / "root.pass"
+    pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+    return run_cli("policy", "set", str(shared.backing), "/calls", "--mode", "aes-256-gcm",
+                   *args, "--passphrase-file", str(pf)).stdout
+
+
+def test_agents_see_customer_files_masked(shared: Shared) -> None:
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    for name, data in (("customers.csv", CUSTOMERS), ("bad.csv", b"a,b\n\"x,1\n"),
+                       ("notes.txt", b"Wang called twice\n")):
+        shared.path("calls", name).write_bytes(data)
+        os.chmod(shared.path("calls", name), 0o666)
+    out = _policy(shared, "--mask", "*.csv", *(x for c in COLUMNS for x in ("--column", c)))
+    assert "masked for agents: *.csv (csv: card=first:6,last:4" in out
+    target = str(shared.path("calls", "customers.csv"))
+    expected = Mask("csv", parse_columns(COLUMNS)).view(CUSTOMERS, b"")  # (no token column)
+
+    # An agent, with real programs.
+    assert run_as("cfs-alice", "cat", target).stdout == expected
+    assert run_as("cfs-alice", "head", "-n", "2", target).stdout == b"\n".join(
+        expected.split(b"\n")[:2]) + b"\n"
+    assert run_as("cfs-alice", "grep", "Smith", target).stdout == expected.split(b"\n")[2] + b"\n"
+    assert run_as("cfs-alice", "grep", "-c", "1381234", target).stdout == b"0\n"
+    got = run_as("cfs-alice", "python3", "-c",
+                 f"import csv; print([r[2] for r in csv.reader(open({target!r}))])").stdout
+    assert got == b"['phone', '138****1234', '+86**********1234']\n"
+    assert os.stat(target).st_size == len(CUSTOMERS)
+    # A file that is not what its mask says: nothing, rather than plaintext.
+    res = run_as("cfs-alice", "cat", str(shared.path("calls", "bad.csv")))
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    # What the mask does not match is served as it is.
+    assert run_as("cfs-alice", "cat", str(shared.path("calls", "notes.txt"))).stdout \
+        == b"Wang called twice\n"
+    # A supervisor sees the plaintext.
+    assert run_as("cfs-carol", "cat", target).stdout == CUSTOMERS
+
+    # An agent may add rows, never write over masked bytes or cut the file.
+    row = "李雷,男,13900001111,6222020000000000000,上海\n"
+    assert run_as("cfs-alice", "sh", "-c", f"printf '%s' '{row}' >> {target}").returncode == 0
+    res = run_as("cfs-alice", "python3", "-c",
+                 f"f = open({target!r}, 'r+b'); f.write(b'X'); f.flush()")
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    res = run_as("cfs-alice", "truncate", "-s", "10", target)
+    assert res.returncode != 0
+    assert run_as("cfs-carol", "cat", target).stdout == CUSTOMERS + row.encode()
+    assert run_as("cfs-alice", "cat", target).stdout.endswith(
+        "李＊,男,139****1111,622202*********0000,＊＊\n".encode())
+
+
+JSONL = ('{"name": "王小明", "gender": "女", "phone": "13812341234", "age": 42, "vip": true, '
+         '"note": "line\\nbreak \\u4e2d \\"q\\"", "addr": {"city": "北京", "zip": 100020}}\n'
+         '{"name":"John Smith","gender":"M","phone":"+86 138 1234 1234","age":-0.5}\n').encode()
+
+
+def test_a_json_lines_view_is_json_of_the_same_length() -> None:
+    view = Mask("jsonl", parse_columns(["name=surname", "gender=keep", "phone=first:3,last:4"])
+                ).view(JSONL, KEY)
+    assert len(view) == len(JSONL)
+    rows = [json.loads(line) for line in view.decode().splitlines()]
+    assert rows[0]["name"] == "王" + FULL * 2 and rows[0]["gender"] == "女"
+    assert rows[0]["phone"] == "138****1234" and rows[0]["age"] == 10 and rows[0]["vip"] is True
+    assert rows[0]["addr"] == {"city": FULL * 2, "zip": 100000}
+    assert set(rows[0]["note"]) == {"*"} and "中" not in view.decode()
+    assert rows[1] == {"name": "**** Smith", "gender": "M", "phone": "+86**********1234",
+                       "age": -0.0}
+
+
+@pytest.mark.parametrize("data", [b'{"a": 1}\nnot json\n', b'[1, 2]\n', b'{"a": "\xff"}\n'],
+                         ids=["not-json", "not-an-object", "not-utf8"])
+def test_a_json_lines_file_that_does_not_parse_gets_no_view(data: bytes) -> None:
+    with pytest.raises(NotStructured):
+        Mask("jsonl", {}).view(data, KEY)
+
+
+def test_agents_see_json_lines_masked_too(shared: Shared) -> None:
+    assert shared.unlock("root").returncode == 0
+    assert shared.unlock("cfs-bob").returncode == 0
+    shared.path("crm").mkdir(mode=0o777)
+    shared.path("crm", "c.jsonl").write_bytes(JSONL)
+    pf = shared.root / "root.pass"
+    pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+    run_cli("policy", "set", str(shared.backing), "/crm", "--mode", "aes-256-gcm", "--mask",
+            "*.jsonl", "--mask-format", "jsonl", "--column", "name=surname", "--column",
+            "gender=keep", "--passphrase-file", str(pf))
+    got = run_as("cfs-bob", "python3", "-c", "import json, sys\n"
+                 f"for line in open({str(shared.path('crm', 'c.jsonl'))!r}):\n"
+                 "    r = json.loads(line); print(r['name'], r['gender'], r['phone'])")
+    assert got.stdout.decode() == f"王{FULL * 2} 女 {'*' * 11}\n**** Smith M {'*' * 17}\n"
