@@ -14,7 +14,14 @@ import click
 
 from cryptfs import audit_events
 from cryptfs.config import VolumeConfig, load_config
-from cryptfs.errors import EXIT_CODES, BackingIOError, CryptfsError, UsageError, WrongPassphrase
+from cryptfs.errors import (
+    EXIT_CODES,
+    BackingIOError,
+    CryptfsError,
+    RoleRefused,
+    UsageError,
+    WrongPassphrase,
+)
 from cryptfs.secret import Secret
 from cryptfs.volume import Volume, open_volume
 
@@ -142,3 +149,24 @@ def unlock_recorded(backing: str, passphrase: Secret) -> Volume:
         except CryptfsError:
             pass  # (the wrong passphrase is what the user is told)
         raise
+
+
+MANAGERS = ("admin",)  # who may add and remove users, set the policy, bind the log
+ROTATORS = ("admin", "technician")  # who may rotate keys
+
+
+def require_role(backing: str, vol: Volume, roles: tuple[str, ...], event: str,
+                 what: str) -> None:
+    """Refuse (exit 9, recorded as denied) a user whose slot's role is not
+    one of ``roles``.  A slot without a role (a volume's owner slot made by
+    the library, the frozen samples) counts as admin."""
+    role = vol.slot.extra.get("role", "admin")
+    if role in roles:
+        return
+    try:
+        audit_events.record(backing, vol.config, event, "denied", reason=f"role {role}",
+                            command=command_name())
+    except CryptfsError:
+        pass  # (the refusal is what the user is told)
+    raise RoleRefused(f"the role {role} may not {what}",
+                      hint=f"a user with the role {' or '.join(roles)} can (docs/POLICY.md)")

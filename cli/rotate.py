@@ -15,10 +15,12 @@ import click
 
 from cryptfs import rotate as rot
 from cryptfs.cli.common import (
+    ROTATORS,
     passphrase_option,
     read_passphrase,
     recorded,
     reports_errors,
+    require_role,
     unlock_recorded,
 )
 from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError
@@ -199,9 +201,10 @@ def rotate(backing: str, kind: str | None, recovery_key: str | None,
     """
     if kind is None:
         raise click.UsageError("choose one of --slots, --wrap-key, --reencrypt")
-    with opened_for_rotation(backing, passphrase_file, "Passphrase", recovery_key) as (vol, recovery), \
-            recorded(backing, vol.config, "rotation", kind=kind):
-        run_rotation(vol, kind, recovery)
+    with opened_for_rotation(backing, passphrase_file, "Passphrase", recovery_key) as (vol, recovery):
+        require_role(backing, vol, ROTATORS, "rotation", "rotate keys")
+        with recorded(backing, vol.config, "rotation", kind=kind):
+            run_rotation(vol, kind, recovery)
 
 
 @contextlib.contextmanager

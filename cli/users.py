@@ -7,11 +7,13 @@ import os
 import click
 
 from cryptfs.cli.common import (
+    MANAGERS,
     invoking_user,
     passphrase_option,
     read_passphrase,
     recorded,
     reports_errors,
+    require_role,
     unlock_recorded,
 )
 from cryptfs.cli.rotate import opened_for_rotation, run_rotation
@@ -51,6 +53,7 @@ def add(backing: str, name: str, role: str, passphrase_file: str | None,
     with auth:
         vol = unlock_recorded(backing, auth)
     try:
+        require_role(backing, vol, MANAGERS, "user-add", "add users")
         new = read_passphrase(new_passphrase_file, f"New passphrase for {name}", confirm=True)
         with new, recorded(backing, vol.config, "user-add", target=name, role=role):
             slot = add_user(vol, name, role, new, Kdf(kdf_iterations, kdf_memory * 1024))
@@ -81,12 +84,13 @@ def remove(backing: str, name: str, revoke: bool, recovery_key: str | None,
     if recovery_key is not None and not revoke:
         raise UsageError("--recovery-key goes with --revoke")
     with opened_for_rotation(backing, passphrase_file, "Passphrase of an existing user (to "
-                             "authorise)", recovery_key) as (vol, recovery), \
-            recorded(backing, vol.config, "user-remove", target=name, revoke=revoke):
-        slot = remove_user(vol, name, save=not revoke)
-        if revoke:
-            # The slot goes with the new key generation, in one config write.
-            run_rotation(vol, "wrap-key", recovery, new_generation=True)
+                             "authorise)", recovery_key) as (vol, recovery):
+        require_role(backing, vol, MANAGERS, "user-remove", "remove users")
+        with recorded(backing, vol.config, "user-remove", target=name, revoke=revoke):
+            slot = remove_user(vol, name, save=not revoke)
+            if revoke:
+                # The slot goes with the new key generation, in one config write.
+                run_rotation(vol, "wrap-key", recovery, new_generation=True)
     click.echo(f"removed {name} (key slot {slot.id})" + (", access revoked" if revoke else ""))
 
 
@@ -135,6 +139,8 @@ def passwd(backing: str, name: str | None, passphrase_file: str | None,
         except WrongPassphrase:
             raise WrongPassphrase("that passphrase opens no key slot of this volume") from None
     try:
+        if slot_for_name(vol.config, who).id != vol.slot.id:  # (resetting someone else's)
+            require_role(backing, vol, MANAGERS, "passwd", "reset another user's passphrase")
         new = read_passphrase(new_passphrase_file, f"New passphrase for {who}", confirm=True)
         with new, recorded(backing, vol.config, "passwd", target=who):
             fresh = set_passphrase(vol, slot_for_name(vol.config, who), new,

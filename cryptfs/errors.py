@@ -43,6 +43,12 @@ class BackingIOError(CryptfsError):
     exit_code = 7
 
 
+class RoleRefused(CryptfsError):
+    """The user's role does not allow what they asked (docs/POLICY.md)."""
+
+    exit_code = 9
+
+
 EXIT_CODES = {
     0: "success",
     1: "unexpected internal error (please report it)",
@@ -53,4 +59,5 @@ EXIT_CODES = {
     6: "fsck found damage",
     7: "I/O or permission error on the backing directory",
     8: "the key agent is not running, unreachable, or refused the request",
+    9: "your role does not allow this (docs/POLICY.md)",
 }

@@ -2383,6 +2383,7 @@ def test_v1_recovery_key_file_and_upgraded_volumes(tmp_path: Path) -> None:
         assert up.conf["cryptfs"] == 2 and "auth" not in up.conf["recovery"]
         assert up.keys.authority == hkdf(up.keys.base, "cryptfs/v2/authority")
         assert decrypt_volume(backing, recovery_key=key).keys.authority is None
+    new_pw.write_text("root's new passphrase\n")  # (the admin rotates: docs/POLICY.md)
     run_cli("rotate", str(backing), "--slots", "--passphrase-file", str(new_pw))
     readers: list[dict[str, Any]] = [{"passphrase": b"root's new passphrase"},
                                      {"passphrase": b"agent7's new passphrase"},

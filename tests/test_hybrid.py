@@ -122,7 +122,7 @@ class Hybrid(Shared):
     """A shared agent mount of a volume with a recovery key (and maybe rules)."""
 
     recovery_key: Path
-    admin: str  # whose passphrase `policy set` is given
+    admin: str  # whose passphrase `policy set` is given (an admin's)
 
     def policy_set(self, directory: str, *args: str) -> str:
         return run_cli("policy", "set", str(self.backing), directory, *args,
@@ -167,22 +167,22 @@ def hybrid_scenario(rules: tuple[tuple[str, ...], ...] = RULES,
         finally:
             vol.close()
         give_recovery_key(root / "backing", ROOT_PASSPHRASE, key)
-        if not root_slot:
-            vol = open_volume(str(root / "backing"), Secret(USERS[ALICE][1]))
-            try:
-                remove_user(vol, "root")
-            finally:
-                vol.close()
-            (root / "backing" / "tree").chmod(0o777)
         (root / "pass").mkdir(mode=0o755)
         secrets = {**{n: s for n, (_, s) in USERS.items()}, **(extra_users or {})}
         files = {name: passfile(root / "pass", name, s) for name, s in secrets.items()}
         files["root"] = passfile(root / "pass", "root", ROOT_PASSPHRASE)
         h = Hybrid(root, root / "backing", agent, mount, files)
         h.recovery_key = key
-        h.admin = "root" if root_slot else ALICE
+        h.admin = "root"  # (the volume's admin sets the rules: docs/POLICY.md)
         for directory, *args in rules:
             h.policy_set(directory, *args)
+        if not root_slot:  # (then root's slot goes)
+            vol = open_volume(str(root / "backing"), Secret(USERS[ALICE][1]))
+            try:
+                remove_user(vol, "root")
+            finally:
+                vol.close()
+            (root / "backing" / "tree").chmod(0o777)
         agent.start("--idle-timeout", "0", "--backoff", "0.2", "--backoff-max", "1")
         mount.start()
         yield h

@@ -4,6 +4,7 @@ in each role, a real key agent, real programs."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -62,3 +63,47 @@ def test_each_role_gets_what_the_matrix_says(shared: Shared) -> None:
     # Nothing was changed by any of them.
     assert run_as("cfs-carol", "cat", target).stdout == SECRET
     assert not os.path.lexists(shared.path("calls", "cfs-tech.txt"))
+
+
+def test_only_an_admin_manages_the_volume(tmp_path: Path) -> None:
+    """Adding and removing users, the policy, binding the log: admins only;
+    rotating keys: admins and technicians.  Refusals exit 9 and are recorded."""
+    fast = ("--kdf-memory", "8", "--kdf-iterations", "1")
+    backing, logdir = tmp_path / "b", tmp_path / "log"
+    passes = {}
+    for who in ("root", "cfs-alice", "cfs-tech"):
+        passes[who] = tmp_path / f"{who}.pass"
+        passes[who].write_text(f"{who} secret\n")
+    run_cli("init", str(backing), "--passphrase-file", str(passes["root"]), "--no-recovery-key",
+            *fast)
+    run_cli("audit", "init", str(logdir))
+    run_cli("audit", "attach", str(backing), str(logdir), "--passphrase-file",
+            str(passes["root"]))
+    for who, role in (("cfs-alice", "agent"), ("cfs-tech", "technician")):
+        ensure_user(who)
+        run_cli("user", "add", str(backing), who, "--role", role, "--passphrase-file",
+                str(passes["root"]), "--new-passphrase-file", str(passes[who]), *fast)
+    for who in ("cfs-alice", "cfs-tech"):
+        pf = ("--passphrase-file", str(passes[who]))
+        for args in (("user", "add", str(backing), "nobody", "--new-passphrase-file",
+                      str(passes[who]), *fast),
+                     ("user", "remove", str(backing), "root"),
+                     ("user", "passwd", str(backing), "root", "--new-passphrase-file",
+                      str(passes[who]), *fast),
+                     ("policy", "set", str(backing), "/x", "--mode", "aes-256-gcm"),
+                     ("audit", "detach", str(backing))):
+            res = run_cli(*args, *pf, check=False)
+            assert res.returncode == 9 and "may not" in res.stderr, (who, args, res.stderr)
+    res = run_cli("rotate", str(backing), "--slots", "--passphrase-file",
+                  str(passes["cfs-alice"]), check=False)
+    assert res.returncode == 9 and "the role agent may not rotate keys" in res.stderr
+    run_cli("rotate", str(backing), "--slots", "--passphrase-file", str(passes["cfs-tech"]))
+    # Everyone may still change their own passphrase.
+    run_cli("passwd", str(backing), "--passphrase-file", str(passes["cfs-alice"]),
+            "--new-passphrase-file", str(passes["cfs-alice"]))
+    out = run_cli("audit", "export", str(logdir), "--format", "jsonl").stdout
+    denied = [json.loads(x) for x in out.splitlines() if '"denied"' in x]
+    assert [(r["event"], r["reason"]) for r in denied[:5]] == [
+        ("user-add", "role agent"), ("user-remove", "role agent"), ("passwd", "role agent"),
+        ("policy-set", "role agent"), ("audit-detach", "role agent")]
+    assert sum(1 for r in denied if r["event"] == "rotation") == 1

@@ -53,12 +53,20 @@ def test_add_list_remove(vol: tuple[Path, Path], tmp_path: Path) -> None:
     assert "wrapped" not in "\n".join(listing) and slot["wrapped"] not in "\n".join(listing)
     # The new user's passphrase opens the volume (fsck needs the key).
     run_cli("fsck", str(backing), "--passphrase-file", str(new))
-    # Alice's passphrase can authorise removing root; then root's no longer works.
-    out = run_cli("user", "remove", str(backing), "root", "--passphrase-file", str(new)).stdout
+    # A supervisor may not manage users (exit 9); an admin may.
+    res = run_cli("user", "remove", str(backing), "root", "--passphrase-file", str(new),
+                  check=False)
+    assert res.returncode == 9 and "the role supervisor may not remove users" in res.stderr
+    assert [s["user"] for s in _slots(backing)] == ["root", "cfs-alice"]
+    admin = _pass(tmp_path, "bob.pass", b"bob secret")
+    run_cli("user", "add", str(backing), "cfs-bob", "--role", "admin", "--passphrase-file",
+            str(pf), "--new-passphrase-file", str(admin), *FAST)
+    # Bob's passphrase can authorise removing root; then root's no longer works.
+    out = run_cli("user", "remove", str(backing), "root", "--passphrase-file", str(admin)).stdout
     assert out.strip() == "removed root (key slot 0)"
     res = run_cli("fsck", str(backing), "--passphrase-file", str(pf), check=False)
     assert res.returncode == 3
-    assert [s["user"] for s in _slots(backing)] == ["cfs-alice"]
+    assert [s["user"] for s in _slots(backing)] == ["cfs-alice", "cfs-bob"]
 
 
 def test_adding_needs_a_passphrase_that_opens_the_volume(vol: tuple[Path, Path],
