@@ -299,7 +299,13 @@ class CryptOperations(pyfuse3.Operations):
     def _record(self, event: str, args: tuple[Any, ...], result: Any, err: int | None) -> bool:
         assert self.audit is not None
         ctx = _ctx(args)
-        uid, pid = (ctx.uid, ctx.pid) if ctx is not None else (-1, 0)
+        if ctx is not None:
+            uid, pid = ctx.uid, ctx.pid
+        elif event in ("read", "write", "fsync", "flush", "release") and args[0] in self._files:
+            handle = self._files[args[0]]  # (requests on a handle come without a context:
+            uid, pid = handle.uid, handle.pid  # they are its opener's)
+        else:
+            uid, pid = -1, 0
         fields: dict[str, Any] = {}
         if event in ("mkdir", "mknod", "create", "symlink", "unlink", "rmdir", "lookup"):
             fields["path"] = self._name_path(args[0], args[1])

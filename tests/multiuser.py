@@ -309,3 +309,18 @@ def give_recovery_key(backing: Path, passphrase: bytes, key: Path) -> None:
             os.close(fd)
     finally:
         vol.close()
+
+
+def bind_log(s: Shared) -> Path:
+    """Give the shared volume an access log (bound with `cryptfs audit attach`,
+    by root, the admin): the mount is restarted to write it."""
+    from conftest import run_cli
+
+    logdir = s.root / "auditlog"
+    pf = s.root / "root-attach.pass"
+    pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+    s.mount.stop()
+    run_cli("audit", "init", str(logdir))
+    run_cli("audit", "attach", str(s.backing), str(logdir), "--passphrase-file", str(pf))
+    s.mount.start()
+    return logdir

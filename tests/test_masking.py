@@ -13,10 +13,11 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_audit_mount import records
 
 from conftest import run_cli
 from cryptfs.masking import FULL, Function, Mask, NotStructured, parse_columns
-from multiuser import ROOT_PASSPHRASE, Shared, run_as
+from multiuser import ROOT_PASSPHRASE, Shared, bind_log, run_as
 
 KEY = b"k" * 32
 COLUMNS = ["surname=surname", "gender=keep", "phone=first:3,last:4", "card=first:6,last:4"]
@@ -107,6 +108,7 @@ def _policy(shared: Shared, *args: str) -> str:
 
 
 def test_agents_see_customer_files_masked(shared: Shared) -> None:
+    logdir = bind_log(shared)
     for who in ("root", "cfs-alice", "cfs-carol"):
         assert shared.unlock(who).returncode == 0
     shared.path("calls").mkdir(mode=0o777)
@@ -149,6 +151,16 @@ def test_agents_see_customer_files_masked(shared: Shared) -> None:
     assert run_as("cfs-carol", "cat", target).stdout == CUSTOMERS + row.encode()
     assert run_as("cfs-alice", "cat", target).stdout.endswith(
         "李＊,男,139****1111,622202*********0000,＊＊\n".encode())
+    # Every decision is in the access log.
+    shared.mount.stop()
+    alice = [(r["event"], r["outcome"], r.get("path"), r.get("decision"))
+             for r in records(logdir) if r["user"] == "cfs-alice"
+             and r["event"] in ("open", "write", "truncate")]
+    assert ("open", "allowed", "/calls/customers.csv", "masked view (csv, *.csv)") in alice
+    assert ("open", "denied", "/calls/bad.csv",
+            "masked view refused: not csv (a quoted field is not closed)") in alice
+    assert ("open", "allowed", "/calls/notes.txt", None) in alice
+    assert ("write", "denied", "/calls/customers.csv", None) in alice  # (the overwrite)
 
 
 JSONL = ('{"name": "王小明", "gender": "女", "phone": "13812341234", "age": 42, "vip": true, '

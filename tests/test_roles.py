@@ -8,8 +8,10 @@ import json
 import os
 from pathlib import Path
 
+from test_audit_mount import records
+
 from conftest import run_cli
-from multiuser import ROOT_PASSPHRASE, Shared, ensure_user, passfile, run_as
+from multiuser import ROOT_PASSPHRASE, Shared, bind_log, ensure_user, passfile, run_as
 
 SECRET = b"surname,gender,phone\nWang,F,13812341234\n"
 ROLES = {"cfs-tech": "technician", "cfs-admin": "admin", "cfs-audit": "auditor"}
@@ -27,8 +29,10 @@ def _add(shared: Shared, name: str, role: str) -> Path:
 
 
 def test_each_role_gets_what_the_matrix_says(shared: Shared) -> None:
+    logdir = bind_log(shared)
     assert shared.unlock("root").returncode == 0
-    shared.path("calls").mkdir(mode=0o777)
+    shared.path("calls").mkdir()
+    os.chmod(shared.path("calls"), 0o777)  # (mkdir's mode goes through the umask)
     shared.path("calls", "a.csv").write_bytes(SECRET)
     os.chmod(shared.path("calls", "a.csv"), 0o666)
     for name, role in ROLES.items():
@@ -63,6 +67,16 @@ def test_each_role_gets_what_the_matrix_says(shared: Shared) -> None:
     # Nothing was changed by any of them.
     assert run_as("cfs-carol", "cat", target).stdout == SECRET
     assert not os.path.lexists(shared.path("calls", "cfs-tech.txt"))
+    # Every decision is in the access log.
+    shared.mount.stop()
+    recs = records(logdir)
+    tech = {(r["event"], r["outcome"], r.get("decision")) for r in recs
+            if r["user"] == "cfs-tech" and r["event"] in ("open", "create")}
+    assert tech == {("open", "allowed", "role technician: served the ciphertext"),
+                    ("open", "denied", "role technician: writes no customer data"),
+                    ("create", "denied", "role technician: writes no customer data")}
+    audit = {(r["event"], r["outcome"]) for r in recs if r["user"] == "cfs-audit"}
+    assert audit and all(outcome == "denied" for _, outcome in audit)
 
 
 def test_only_an_admin_manages_the_volume(tmp_path: Path) -> None:
