@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import posixpath
 import stat
 import struct
 import time
@@ -302,8 +303,8 @@ class CryptOperations(pyfuse3.Operations):
         if ctx is not None:
             uid, pid = ctx.uid, ctx.pid
         elif event in ("read", "write", "fsync", "flush", "release") and args[0] in self._files:
-            handle = self._files[args[0]]  # (requests on a handle come without a context:
-            uid, pid = handle.uid, handle.pid  # they are its opener's)
+            opener = self._files[args[0]]  # (requests on a handle come without a context:
+            uid, pid = opener.uid, opener.pid  # they are its opener's)
         else:
             uid, pid = -1, 0
         fields: dict[str, Any] = {}
@@ -1026,6 +1027,40 @@ class CryptOperations(pyfuse3.Operations):
             self._decision["decision"] += ": served the ciphertext"
         return pyfuse3.FileInfo(fh=fi.fh, direct_io=True, keep_cache=False)
 
+    def _guard_move(self, ctx: pyfuse3.RequestContext, src_dir: str | None,
+                    src_name: str | bytes | None, dst_dir: str | None, dst_name: str | bytes,
+                    is_dir: bool) -> None:
+        """A rename or link must not take a file out of what protects it: the
+        mask an agent sees it through, or a trusted-programs rule (for a
+        program that rule does not trust).  EACCES otherwise."""
+        if src_dir is None or dst_dir is None or src_name is None:
+            raise pyfuse3.FUSEError(errno.EACCES)  # (where it is is not known: no move)
+        name_src = src_name if isinstance(src_name, str) else src_name.decode(
+            "utf-8", "surrogateescape")
+        name_dst = dst_name if isinstance(dst_name, str) else dst_name.decode(
+            "utf-8", "surrogateescape")
+        src_path = posixpath.join(src_dir, name_src)
+        dst_path = posixpath.join(dst_dir, name_dst)
+        if self._mask_rules and ctx.uid in self._masked:
+            if is_dir:
+                moved_out = self.policy.masks_at(src_path) and (
+                    self.policy.masks_at(src_path) != self.policy.masks_at(dst_path))
+            else:
+                mask = self.policy.mask_for(src_dir, name_src)
+                moved_out = mask is not None and mask != self.policy.mask_for(dst_dir, name_dst)
+            if moved_out:
+                self._decision = {"decision": "masked file: not moved out of its mask"}
+                raise pyfuse3.FUSEError(errno.EACCES)
+        if self._program_rules:
+            rule = self.policy.programs_for(src_path if is_dir else src_dir)
+            if rule is not None and rule != self.policy.programs_for(
+                    dst_path if is_dir else dst_dir):
+                allowed, _ = self._identify.decide(rule, ctx.pid)
+                if not allowed:
+                    self._decision = {"decision": "not moved out of its trusted-programs rule "
+                                                  "by a program it does not trust"}
+                    raise pyfuse3.FUSEError(errno.EACCES)
+
     def _mask_of(self, inode: Inode) -> MaskRule | None:
         where = self._plain_dir_of(inode)
         name = self._plain_name_of(inode)
@@ -1144,6 +1179,7 @@ class CryptOperations(pyfuse3.Operations):
         inode = self._inode(inode_no)
         if fields.update_size:
             self._plain(ctx.uid)
+            self._refresh_config()
             if inode.kind != stat.S_IFREG:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             if (ctx.uid in self._masked and self._mask_rules and fh not in self._files
@@ -1265,6 +1301,10 @@ class CryptOperations(pyfuse3.Operations):
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         parent = self._inode(new_parent_inode)
+        self._refresh_config()
+        if self._mask_rules or self._program_rules:
+            self._guard_move(ctx, self._plain_dir_of(inode), self._plain_name_of(inode),
+                             self._plain_dir(parent), new_name, inode.kind == stat.S_IFDIR)
         backing, full = self._backing(parent, new_name)
         with self._long_name(parent, backing, full):
             sysio.link_empty(inode.fd, parent.fd, backing)
@@ -1298,6 +1338,14 @@ class CryptOperations(pyfuse3.Operations):
         new_parent = self._inode(parent_inode_new)
         b_old, full_old = self._backing(old_parent, name_old)
         b_new, full_new = self._backing(new_parent, name_new)
+        self._refresh_config()  # (a stat: a rule set since the mount started applies)
+        if self._mask_rules or self._program_rules:
+            src, dst = self._plain_dir(old_parent), self._plain_dir(new_parent)
+            is_dir = stat.S_ISDIR(os.stat(b_old, dir_fd=old_parent.fd, follow_symlinks=False).st_mode)
+            self._guard_move(ctx, src, name_old, dst, name_new, is_dir)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                other = os.stat(b_new, dir_fd=new_parent.fd, follow_symlinks=False).st_mode
+                self._guard_move(ctx, dst, name_new, src, name_old, stat.S_ISDIR(other))
         if flags & pyfuse3.RENAME_EXCHANGE:
             # Each name stays in its directory, so no name is re-encrypted.
             sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_EXCHANGE)

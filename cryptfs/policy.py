@@ -228,6 +228,18 @@ class Policy:
                 return None
             p = posixpath.dirname(p)
 
+    def masks_at(self, path: str) -> tuple[MaskRule, ...]:
+        """The masks that apply to files in ``path`` and below (of the deepest
+        rule at or above it that says anything of masks)."""
+        p = path
+        while True:
+            rule = self.rules.get(p)
+            if rule is not None and rule.masks is not None:
+                return rule.masks
+            if p == "/":
+                return ()
+            p = posixpath.dirname(p)
+
     @property
     def names_masks(self) -> bool:
         return any(r.masks for r in self.rules.values())

@@ -202,3 +202,30 @@ def test_agents_see_json_lines_masked_too(shared: Shared) -> None:
                  f"for line in open({str(shared.path('crm', 'c.jsonl'))!r}):\n"
                  "    r = json.loads(line); print(r['name'], r['gender'], r['phone'])")
     assert got.stdout.decode() == f"王{FULL * 2} 女 {'*' * 11}\n**** Smith M {'*' * 17}\n"
+
+
+def test_a_masked_file_is_not_moved_or_linked_out_of_its_mask(shared: Shared) -> None:
+    """An agent who may write the directory still cannot rename a masked file
+    to a name or place no mask covers, nor link it there (the view follows
+    the file's path)."""
+    for who in ("root", "cfs-alice"):
+        assert shared.unlock(who).returncode == 0
+    for d in ("calls", "open"):
+        shared.path(d).mkdir()
+        os.chmod(shared.path(d), 0o777)
+    shared.path("calls", "c.csv").write_bytes(CUSTOMERS)
+    os.chmod(shared.path("calls", "c.csv"), 0o666)
+    _policy(shared, "--mask", "*.csv", *(x for c in COLUMNS for x in ("--column", c)))
+    src = str(shared.path("calls", "c.csv"))
+    for cmd in (["mv", src, str(shared.path("calls", "c.txt"))],
+                ["mv", src, str(shared.path("open", "c.csv"))],
+                ["ln", src, str(shared.path("open", "c.csv"))],
+                ["mv", str(shared.path("calls")), str(shared.path("open", "calls"))]):
+        res = run_as("cfs-alice", *cmd)
+        assert res.returncode != 0 and b"Permission denied" in res.stderr, cmd
+    assert run_as("cfs-alice", "cat", src).stdout == Mask(
+        "csv", parse_columns(COLUMNS)).view(CUSTOMERS, b"")
+    # Within its mask it may move (another *.csv name in the same directory).
+    assert run_as("cfs-alice", "mv", src, str(shared.path("calls", "d.csv"))).returncode == 0
+    # root (not bound by roles) moves it where it likes.
+    os.rename(shared.path("calls", "d.csv"), shared.path("open", "d.csv"))

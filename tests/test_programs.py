@@ -167,3 +167,21 @@ def test_an_untrusted_program_may_be_given_the_ciphertext(guarded: tuple[Mount, 
     assert decisions == ["trusted program (by path)",
                          "not a trusted program here: served the ciphertext",
                          "not a trusted program here"]
+
+
+def test_an_untrusted_program_cannot_move_a_file_out_of_its_rule(
+        guarded: tuple[Mount, Path, Path]) -> None:
+    m, _logdir, bins = guarded
+    trusted = bins / "trusted" / "cat"
+    _set(m, "/calls", "--mode", "aes-256-gcm", "--program", str(trusted))
+    res = subprocess.run(["mv", str(m.path("calls", "a.csv")), str(m.path("a.csv"))],
+                         capture_output=True)
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    res = subprocess.run(["ln", str(m.path("calls", "a.csv")), str(m.path("a2.csv"))],
+                         capture_output=True)
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    assert not os.path.lexists(m.path("a.csv")) and not os.path.lexists(m.path("a2.csv"))
+    # Within the rule's directory, names may change.
+    subprocess.run(["mv", str(m.path("calls", "a.csv")), str(m.path("calls", "b.csv"))],
+                   check=True)
+    assert _cat(trusted, m.path("calls", "b.csv")).stdout == SECRET
