@@ -158,9 +158,11 @@ ROTATORS = ("admin", "technician")  # who may rotate keys
 def require_role(backing: str, vol: Volume, roles: tuple[str, ...], event: str,
                  what: str) -> None:
     """Refuse (exit 9, recorded as denied) a user whose slot's role is not
-    one of ``roles``.  A slot without a role (a volume's owner slot made by
-    the library, the frozen samples) counts as admin."""
-    role = vol.slot.extra.get("role", "admin")
+    one of ``roles``.  A slot without a role or user (a volume's owner slot
+    made by the library, the frozen samples) counts as admin."""
+    # (a slot of a system user without a role is an agent's, as `user list`
+    # says; the owner slot the library makes, of no user, is the admin's)
+    role = vol.slot.extra.get("role") or ("agent" if "uid" in vol.slot.extra else "admin")
     if role in roles:
         return
     try:

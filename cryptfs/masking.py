@@ -41,7 +41,7 @@ class NotStructured(ValueError):
 
 
 def _mask_char(c: str) -> str:
-    n = len(c.encode("utf-8"))
+    n = len(c.encode("utf-8", "surrogatepass"))
     return FULL if n == 3 else "*" * n
 
 
@@ -94,8 +94,9 @@ class Function:
                 return _masked(value, lambda i, n: i >= start or value[i].isspace())
             return _masked(value, lambda i, n: i == 0 or value[i].isspace())
         # token: hex of an HMAC, cut to the value's length in bytes
-        size = len(value.encode("utf-8"))
-        digest = hmac.new(token_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+        raw = value.encode("utf-8", "surrogatepass")
+        size = len(raw)
+        digest = hmac.new(token_key, raw, hashlib.sha256).hexdigest()
         return (digest * (size // 64 + 1))[:size]
 
 
@@ -119,8 +120,11 @@ class Mask:
         rows = _split(text, sep)
         if not rows:
             return data
-        header = [_unquote(text[a:b]) for a, b, _ in rows[0]]
-        funcs = [self.columns.get(name.strip("\ufeff \t"), Function("mask")) for name in header]
+        header = [_unquote(text[a:b]).strip("\ufeff \t") for a, b, _ in rows[0]]
+        if self.columns and not set(self.columns) & set(header):
+            # (a file without a header row: its first row would be shown in clear)
+            raise NotStructured("its first row names none of the mask's columns")
+        funcs = [self.columns.get(name, Function("mask")) for name in header]
         out: list[str | None] = list(text)
         for row in rows[1:]:
             if len(row) != len(header):
@@ -149,7 +153,7 @@ def _chars_of(shown: str, raw: str) -> list[str | None]:
     items: list[str | None] = []
     j = 0
     for c in raw:
-        n = len(c.encode("utf-8"))
+        n = len(c.encode("utf-8", "surrogatepass"))
         piece = shown[j:j + 1]
         if piece == c or piece == FULL:
             items.append(piece)
@@ -299,8 +303,10 @@ class _JsonLine:
         while True:
             self._ws()
             start = self.i
-            self._string_span()  # the key: kept
+            spellings = self._string_span()  # a key: kept at the top, masked below it
             key = json.loads(self.s[start:self.i])
+            if not top and func is not None and func.name != "keep":
+                self._lay(start + 1, spellings, key, Function("mask").apply(key, self.key))
             self._ws()
             self.i += 1  # :
             self._ws()

@@ -62,7 +62,13 @@ from cryptfs.policy import MaskRule, Policy, Rule, load_policy
 from cryptfs.programs import Identifier
 from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
-from cryptfs.users import CIPHERTEXT_ROLES, LOG_ONLY_ROLES, MASKED_ROLES, slot_for_uid
+from cryptfs.users import (
+    CIPHERTEXT_ROLES,
+    DEFAULT_ROLE,
+    LOG_ONLY_ROLES,
+    MASKED_ROLES,
+    slot_for_uid,
+)
 from cryptfs.volume import LockedVolume, Volume
 
 log = logging.getLogger("cryptfs")
@@ -81,7 +87,8 @@ _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 class Inode:
     """What the filesystem holds for one inode the kernel has looked up."""
 
-    __slots__ = ("ino", "fd", "access", "kind", "nlookup", "handles", "diriv", "meta", "content")
+    __slots__ = ("ino", "fd", "access", "kind", "nlookup", "handles", "diriv", "meta", "content",
+                 "viewed")
 
     def __init__(self, ino: int, fd: int, kind: int, access: int = os.O_PATH) -> None:
         self.ino = ino
@@ -93,6 +100,7 @@ class Inode:
         self.diriv: bytes | None = None  # directories
         self.meta: Any = None  # regular: (block overhead, header length); symlink: target
         self.content: ContentFile | None = None  # regular files while open
+        self.viewed = False  # a masked or encrypted view was served: its pages may be cached
 
 
 class _Handle:
@@ -100,7 +108,7 @@ class _Handle:
     (only a readable handle can be mapped to read, which matters when gated)."""
 
     __slots__ = ("inode", "uid", "readable", "pid", "exe", "path", "opened", "nread", "nwritten",
-                 "raw", "view")
+                 "raw", "view", "policy")
 
     def __init__(self, inode: Inode, uid: int, readable: bool, pid: int = 0, path: str = "") -> None:
         self.inode = inode
@@ -114,6 +122,7 @@ class _Handle:
         self.nwritten = 0
         self.raw = -1  # a read-only fd of the backing file: a ciphertext view (trusted programs)
         self.view: bytes | None = None  # a masked view (roles that see masked data)
+        self.policy: Any = None  # the policy (and roles) it was opened under
 
 
 class _Dir:
@@ -216,6 +225,7 @@ class CryptOperations(pyfuse3.Operations):
         self._cipher_only: set[int] = set()  # uids whose role reads ciphertext only
         self._masked: set[int] = set()  # uids whose role sees structured files masked
         self._mask_rules = False  # (whether a rule names masks)
+        self._rechecked = 0.0  # when reads last looked at the config
         self._identify = Identifier()  # which program asks (trusted-programs rules)
         self._decision: dict[str, Any] | None = None  # how the last one was decided (for its record)
         # X25519 private keys that open hybrid files: per unlocked uid (gated,
@@ -690,7 +700,7 @@ class CryptOperations(pyfuse3.Operations):
         if not self.gated:
             return
         for slot in self.config.slots:
-            uid, role = slot.extra.get("uid"), slot.extra.get("role")
+            uid, role = slot.extra.get("uid"), slot.extra.get("role") or DEFAULT_ROLE
             if not isinstance(uid, int) or uid == 0:
                 continue
             if role in LOG_ONLY_ROLES:
@@ -997,7 +1007,9 @@ class CryptOperations(pyfuse3.Operations):
         if not inode.handles:
             inode.content = None
 
-    def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0,
+                     view: bool = False) -> pyfuse3.FileInfo:
+        self._exclusive(inode, view)
         fh = self._new_fh()
         handle = _Handle(inode, uid, readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
         if self.audit is not None:
@@ -1006,9 +1018,42 @@ class CryptOperations(pyfuse3.Operations):
             handle.path = self._paths.get(inode.ino, "?")
         self._files[fh] = handle
         inode.handles.add(handle)
-        if self.gated:
+        handle.policy = self.policy
+        if view or self.gated:
+            inode.viewed = inode.viewed or view
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        if inode.viewed:  # (the kernel drops the cached pages of a view at this open)
+            inode.viewed = False
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _exclusive(self, inode: Inode, view: bool) -> None:
+        """A view (masked, or the encrypted bytes) and the plaintext of one file
+        are never open at once: the kernel keeps one page cache per inode, and
+        a private mmap of either would show the other's pages."""
+        if any((h.view is not None or h.raw >= 0) != view for h in inode.handles):
+            self._decision = {"decision": "refused: open as "
+                              + ("plaintext" if view else "a masked or encrypted view")
+                              + " by someone else (they would share the page cache)"}
+            raise pyfuse3.FUSEError(errno.EACCES)
+
+    def _recheck_soon(self) -> None:
+        """On a shared mount, reads and writes through open handles also pick
+        up a policy or role changed since (a stat of the config, at most
+        twice a second)."""
+        now = time.monotonic()
+        if now - self._rechecked >= 0.5:
+            self._rechecked = now
+            self._refresh_config()
+
+    def _still_allowed(self, handle: _Handle) -> None:
+        """A handle opened under an older policy or role: what its user may
+        have now (a mask set, a role changed since) decides its reads and writes."""
+        if handle.uid in self._cipher_only or handle.uid in self._log_only or (
+                handle.uid in self._masked and self._mask_rules
+                and self._mask_of(handle.inode) is not None):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        handle.policy = self.policy
 
     def _ciphertext_handle(self, inode: Inode, uid: int, flags: int, pid: int
                            ) -> pyfuse3.FileInfo:
@@ -1018,7 +1063,7 @@ class CryptOperations(pyfuse3.Operations):
         past the plaintext size the file shows."""
         raw = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fi = self._open_handle(inode, uid, flags, pid)
+            fi = self._open_handle(inode, uid, flags, pid, view=True)
         except BaseException:
             os.close(raw)
             raise
@@ -1041,10 +1086,15 @@ class CryptOperations(pyfuse3.Operations):
             "utf-8", "surrogateescape")
         src_path = posixpath.join(src_dir, name_src)
         dst_path = posixpath.join(dst_dir, name_dst)
+        # Rules name paths: a directory moved takes the rules of directories
+        # below it nowhere (they stay with the old paths).
+        below = [r for p, r in self.policy.rules.items()
+                 if is_dir and (p + "/").startswith(src_path + "/")]
         if self._mask_rules and ctx.uid in self._masked:
             if is_dir:
-                moved_out = self.policy.masks_at(src_path) and (
-                    self.policy.masks_at(src_path) != self.policy.masks_at(dst_path))
+                moved_out = any(r.masks for r in below) or (
+                    self.policy.masks_at(src_path) and (
+                        self.policy.masks_at(src_path) != self.policy.masks_at(dst_path)))
             else:
                 mask = self.policy.mask_for(src_dir, name_src)
                 moved_out = mask is not None and mask != self.policy.mask_for(dst_dir, name_dst)
@@ -1053,8 +1103,11 @@ class CryptOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
         if self._program_rules:
             rule = self.policy.programs_for(src_path if is_dir else src_dir)
+            rules = [r for r in below if r.programs]
             if rule is not None and rule != self.policy.programs_for(
                     dst_path if is_dir else dst_dir):
+                rules.append(rule)
+            for rule in rules:
                 allowed, _ = self._identify.decide(rule, ctx.pid)
                 if not allowed:
                     self._decision = {"decision": "not moved out of its trusted-programs rule "
@@ -1107,7 +1160,11 @@ class CryptOperations(pyfuse3.Operations):
         except BaseException:
             self._unload_content(inode)
             raise
-        fi = self._open_handle(inode, uid, flags, pid)
+        try:
+            fi = self._open_handle(inode, uid, flags, pid, view=True)
+        except BaseException:
+            self._unload_content(inode)
+            raise
         handle = self._files[fi.fh]
         handle.view = view
         self._decision = {"decision": f"masked view ({rule.fmt}, {rule.glob})"}
@@ -1386,6 +1443,7 @@ class CryptOperations(pyfuse3.Operations):
             mask = self._mask_of(inode)
             if mask is not None:
                 return self._masked_handle(inode, mask, ctx.uid, flags, ctx.pid)
+        self._exclusive(inode, view=False)  # (before O_TRUNC changes anything)
         try:
             content = self._content(inode, want_write, ctx.uid)
             if flags & os.O_TRUNC:
@@ -1398,6 +1456,10 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("fh")
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._files[fh]
+        if self.gated:
+            self._recheck_soon()
+        if handle.policy is not self.policy and handle.view is None and handle.raw < 0:
+            self._still_allowed(handle)
         if handle.raw >= 0:
             self._handle(fh, reading=True)  # (the same gate as any read)
             data = os.pread(handle.raw, size, off)
@@ -1413,6 +1475,10 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("fh")
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._files[fh]
+        if self.gated:
+            self._recheck_soon()
+        if handle.policy is not self.policy and handle.view is None:
+            self._still_allowed(handle)
         content = self._content(self._handle(fh), want_write=True)
         if handle.view is not None and off < content.size:
             raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view appends; it never overwrites)

@@ -223,7 +223,9 @@ class Policy:
         while True:
             rule = self.rules.get(p)
             if rule is not None and rule.masks is not None:
-                return next((m for m in rule.masks if fnmatch.fnmatchcase(name, m.glob)), None)
+                # (case-insensitive: DATA.CSV is a CSV file as much as data.csv)
+                return next((m for m in rule.masks
+                             if fnmatch.fnmatchcase(name.lower(), m.glob.lower())), None)
             if p == "/":
                 return None
             p = posixpath.dirname(p)

@@ -59,6 +59,17 @@ class Identifier:
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _same_file(pid: int, path: str) -> bool:
+        """Whether the process runs the very file at ``path`` in the mount's
+        own view of the filesystem (device and inode)."""
+        try:
+            running = os.stat(b"/proc/%d/exe" % pid)
+            named = os.stat(path)
+        except OSError:
+            return False
+        return (running.st_dev, running.st_ino) == (named.st_dev, named.st_ino)
+
     def decide(self, rule: Rule, pid: int) -> tuple[bool, dict[str, Any]]:
         """Whether the process ``pid`` may open a file under ``rule``, and the
         fields of the access log that say how that was decided."""
@@ -72,6 +83,11 @@ class Identifier:
         for program in rule.programs or ():
             if program.path != exe:
                 continue
+            if not self._same_file(pid, program.path):
+                # Another file under that path: a bind mount in another mount
+                # namespace (unshare -Urm), or the binary replaced since it started.
+                fields["decision"] = "not the program at that path here"
+                return False, fields
             if program.sha256 is None:
                 fields["decision"] = "trusted program (by path)"
                 return True, fields

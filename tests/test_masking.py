@@ -9,6 +9,9 @@ import csv
 import io
 import json
 import os
+import pwd
+import subprocess
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -175,7 +178,7 @@ def test_a_json_lines_view_is_json_of_the_same_length() -> None:
     rows = [json.loads(line) for line in view.decode().splitlines()]
     assert rows[0]["name"] == "王" + FULL * 2 and rows[0]["gender"] == "女"
     assert rows[0]["phone"] == "138****1234" and rows[0]["age"] == 10 and rows[0]["vip"] is True
-    assert rows[0]["addr"] == {"city": FULL * 2, "zip": 100000}
+    assert rows[0]["addr"] == {"****": FULL * 2, "***": 100000}  # (nested keys are data too)
     assert set(rows[0]["note"]) == {"*"} and "中" not in view.decode()
     assert rows[1] == {"name": "**** Smith", "gender": "M", "phone": "+86**********1234",
                        "age": -0.0}
@@ -229,3 +232,96 @@ def test_a_masked_file_is_not_moved_or_linked_out_of_its_mask(shared: Shared) ->
     assert run_as("cfs-alice", "mv", src, str(shared.path("calls", "d.csv"))).returncode == 0
     # root (not bound by roles) moves it where it likes.
     os.rename(shared.path("calls", "d.csv"), shared.path("open", "d.csv"))
+
+
+MMAP_READ = ("import mmap, os, sys\n"
+             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "m = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)\n"
+             "sys.stdout.buffer.write(m[:])\n"
+             "if len(sys.argv) > 2:\n"
+             "    sys.stdout.flush(); sys.stdin.readline(); sys.stdout.buffer.write(m[:])\n")
+
+
+def test_a_view_and_the_plaintext_never_share_the_page_cache(shared: Shared) -> None:
+    """Review finding: a private mmap of a masked view showed the plaintext
+    pages a supervisor's mapping had brought in (one page cache per inode).
+    A view and the plaintext of one file are now never open at once."""
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir()
+    os.chmod(shared.path("calls"), 0o777)
+    f = shared.path("calls", "c.csv")
+    f.write_bytes(CUSTOMERS)
+    os.chmod(f, 0o666)
+    _policy(shared, "--mask", "*.csv", *(x for c in COLUMNS for x in ("--column", c)))
+    masked = Mask("csv", parse_columns(COLUMNS)).view(CUSTOMERS, b"")
+    alice = pwd.getpwnam("cfs-alice")
+    holder = subprocess.Popen(["python3", "-c", MMAP_READ, str(f), "hold"], user=alice.pw_uid,
+                              group=alice.pw_gid, extra_groups=[], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd="/")
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.read(len(masked)) == masked  # the agent's mapping: masked
+        res = run_as("cfs-carol", "python3", "-c", MMAP_READ, str(f))
+        assert res.returncode != 0 and b"Permission denied" in res.stderr  # (not now)
+        holder.stdin.write(b"\n")
+        holder.stdin.close()
+        assert holder.stdout.read() == masked  # (and its pages stayed masked)
+    finally:
+        holder.wait(10)
+    # Once the agent is done, the supervisor maps the plaintext, and after
+    # the supervisor, the agent maps the masked view again, not cached plaintext.
+    assert run_as("cfs-carol", "python3", "-c", MMAP_READ, str(f)).stdout == CUSTOMERS
+    assert run_as("cfs-alice", "python3", "-c", MMAP_READ, str(f)).stdout == masked
+
+
+def test_review_findings_of_the_masking_engine() -> None:
+    """Nested JSON keys are data too; a lone surrogate escape is masked, not a
+    crash; a CSV without a header row (its first row would show) gets no view;
+    a glob matches whatever the case of the name."""
+    view = Mask("jsonl", parse_columns(["name=keep"])).view(
+        b'{"name":"x","calls":{"13812341234":{"t":"a"}},"z":"\\ud83d"}\n', KEY)
+    assert view == b'{"name":"x","calls":{"***********":{"*":"*"}},"z":"******"}\n'
+    with pytest.raises(NotStructured):
+        Mask("csv", parse_columns(["surname=surname"])).view(b"Wang,F,138\nLi,M,139\n", KEY)
+    from cryptfs.policy import MaskRule, Policy, Rule
+    rule = MaskRule("*.csv", "csv", (("surname", "surname"),))
+    policy = Policy({"/calls": Rule("/calls", "aes-256-gcm", masks=(rule,))})
+    assert policy.mask_for("/calls", "DATA.CSV") == rule
+
+
+def test_moving_a_directory_above_a_mask_is_refused_and_old_handles_follow_new_rules(
+        shared: Shared) -> None:
+    for who in ("root", "cfs-alice"):
+        assert shared.unlock(who).returncode == 0
+    for d in ("team", "team/a", "team/a/calls"):
+        shared.path(*d.split("/")).mkdir()
+        os.chmod(shared.path(*d.split("/")), 0o777)
+    f = shared.path("team", "a", "calls", "c.csv")
+    f.write_bytes(CUSTOMERS)
+    os.chmod(f, 0o666)
+    alice = pwd.getpwnam("cfs-alice")
+    # A handle the agent opened before the mask was set ...
+    holder = subprocess.Popen(
+        ["python3", "-c", "import sys\nf = open(sys.argv[1], 'rb')\nprint('open', flush=True)\n"
+                          "sys.stdin.readline()\ntry:\n    f.read()\n    print('read')\n"
+                          "except OSError as e:\n    print(e.errno)\n", str(f)],
+        user=alice.pw_uid, group=alice.pw_gid, extra_groups=[], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "open\n"
+        pf = shared.root / "root.pass"
+        pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+        run_cli("policy", "set", str(shared.backing), "/team/a/calls", "--mode", "aes-256-gcm",
+                "--mask", "*.csv", "--column", "surname=surname", "--passphrase-file", str(pf))
+        # ... reads no plaintext once the rule is there (EACCES = 13).
+        time.sleep(0.6)  # (reads look at the config at most twice a second)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "13\n"
+    finally:
+        holder.wait(10)
+    res = run_as("cfs-alice", "mv", str(shared.path("team", "a")), str(shared.path("team", "b")))
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    assert b"13812341234" not in run_as("cfs-alice", "cat", str(f)).stdout

@@ -185,3 +185,45 @@ def test_an_untrusted_program_cannot_move_a_file_out_of_its_rule(
     subprocess.run(["mv", str(m.path("calls", "a.csv")), str(m.path("calls", "b.csv"))],
                    check=True)
     assert _cat(trusted, m.path("calls", "b.csv")).stdout == SECRET
+
+
+MMAP_READ = ("import mmap, os, sys\n"
+             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "m = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)\n"
+             "sys.stdout.buffer.write(m[:])\n")
+
+
+def test_a_mapping_of_the_ciphertext_view_gets_no_cached_plaintext(
+        guarded: tuple[Mount, Path, Path]) -> None:
+    """Review finding: on a passphrase mount (page cache kept) an untrusted
+    program's private mmap of the ciphertext view showed the plaintext pages
+    a trusted read had left.  Opening a view now drops them, and the next
+    plaintext open drops the view's."""
+    m, _logdir, bins = guarded
+    trusted = bins / "trusted" / "cat"
+    py = bins / "untrusted" / "python3"
+    shutil.copy("/usr/bin/python3", py)
+    _set(m, "/calls", "--mode", "aes-256-gcm", "--program", str(trusted),
+         "--untrusted", "ciphertext")
+    f = m.path("calls", "a.csv")
+    assert _cat(trusted, f).stdout == SECRET  # (its pages are now cached)
+    got = subprocess.run([str(py), "-c", MMAP_READ, str(f)], capture_output=True).stdout
+    assert got and SECRET not in got and b"Wang" not in got
+    assert _cat(trusted, f).stdout == SECRET  # (and not the view's pages)
+
+
+def test_another_binary_mounted_over_the_trusted_path_is_not_trusted(
+        guarded: tuple[Mount, Path, Path]) -> None:
+    """Review finding: in a mount namespace of their own (unshare -m, which
+    an unprivileged user gets with -Urm), anyone could bind-mount any program
+    over the trusted path; /proc/PID/exe then names the trusted path.  The
+    mount now also checks that the running file is the one at that path."""
+    m, _logdir, bins = guarded
+    trusted = bins / "trusted" / "cat"
+    _set(m, "/calls", "--mode", "aes-256-gcm", "--program", str(trusted))
+    script = (f"mount --bind /usr/bin/python3 {trusted} && "
+              f"exec {trusted} -c 'print(open(\"{m.path('calls', 'a.csv')}\").read())'")
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True)
+    assert res.returncode != 0 and b"Permission denied" in res.stderr, res
+    assert b"Wang" not in res.stdout
+    assert _cat(trusted, m.path("calls", "a.csv")).stdout == SECRET  # (the real one still is)
