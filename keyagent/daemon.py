@@ -8,6 +8,7 @@ import logging
 import os
 import pwd
 import resource
+import signal
 import socket
 import stat
 import sys
@@ -146,6 +147,11 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
     for problem in harden():
         log.warning("hardening: %s", problem)
     _raise_fd_limit()
+    # A stop asked for before the agent's loop listens for it (a client may
+    # connect as soon as the socket listens) is kept, and acted on first.
+    early: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda n, _frame: early.append(n))
     sock = activated_socket()
     if sock is None:
         try:
@@ -168,6 +174,7 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
         except CryptfsError as e:
             raise click.ClickException(str(e)) from None
     agent = Agent(opts, auditor)
+    agent.early_signals = early
     trio_sock = trio.socket.from_stdlib_socket(sock)
     try:
         trio.run(agent.run, trio_sock)

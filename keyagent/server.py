@@ -153,17 +153,18 @@ class Agent:
         self._config_stamps: dict[str, tuple[int, ...]] = {}  # volume key -> config stat
         self._unlocking: set[int] = set()
         self._argon2 = trio.CapacityLimiter(opts.argon2_parallel)
+        self.early_signals: list[int] = []  # stops asked for before run() listened for them
         self._fs_limiters: dict[int, trio.CapacityLimiter] = {}
 
     # -- running ---------------------------------------------------------------------
     async def run(self, listener: trio.socket.SocketType,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(self._on_signals, nursery.cancel_scope)
             nursery.start_soon(self._reaper)
             if self.audit is not None:
                 nursery.start_soon(self.audit.sealer)
             nursery.start_soon(self._config_watch)
-            nursery.start_soon(self._on_signals, nursery.cancel_scope)
             listeners = [trio.SocketListener(listener)]
             await nursery.start(trio.serve_listeners, self.handle, listeners)
             log.info("agent ready (idle timeout %s, pid %d)",
@@ -171,8 +172,14 @@ class Agent:
                      os.getpid())
             task_status.started()
 
-    async def _on_signals(self, scope: trio.CancelScope) -> None:
+    async def _on_signals(self, scope: trio.CancelScope,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
+            if self.early_signals:  # (one that came before this loop listened)
+                log.info("signal %d: stopping", self.early_signals[0])
+                scope.cancel()
+                return
             async for signum in signals:
                 log.info("signal %d: locking every session and stopping", signum)
                 self.lock_all("agent stopping")
