@@ -179,11 +179,8 @@ def _programs(paths: tuple[str, ...], pin: bool, any_program: bool
             raise UsageError(f"--program {path}: that is a link to {real}; name that instead")
         digest = None
         if pin:
-            h = hashlib.sha256()
             with open(real, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            digest = h.hexdigest()
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
         out.append(Program(real, digest))
     return tuple(out)
 

@@ -1009,7 +1009,6 @@ class CryptOperations(pyfuse3.Operations):
 
     def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0,
                      view: bool = False) -> pyfuse3.FileInfo:
-        self._exclusive(inode, view)
         fh = self._new_fh()
         handle = _Handle(inode, uid, readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
         if self.audit is not None:
@@ -1061,6 +1060,7 @@ class CryptOperations(pyfuse3.Operations):
         rule does not trust but lets have those.  Direct I/O: its reads
         neither fill nor use the page cache (which holds plaintext), and go
         past the plaintext size the file shows."""
+        self._exclusive(inode, view=True)
         raw = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
         try:
             fi = self._open_handle(inode, uid, flags, pid, view=True)
@@ -1145,6 +1145,7 @@ class CryptOperations(pyfuse3.Operations):
         if flags & os.O_TRUNC:
             self._decision = {"decision": "masked view: no truncating"}
             raise pyfuse3.FUSEError(errno.EACCES)
+        self._exclusive(inode, view=True)  # (before the view is made)
         content = self._content(inode, False, uid)
         try:
             size = content.size

@@ -46,10 +46,8 @@ class Identifier:
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             digest = self._hashes.get(key)
             if digest is None:
-                h = hashlib.sha256()
-                while chunk := os.read(fd, 1 << 20):
-                    h.update(chunk)
-                digest = h.hexdigest()
+                with open(fd, "rb", closefd=False) as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
                 if len(self._hashes) >= MAX_REMEMBERED:
                     self._hashes.clear()
                 self._hashes[key] = digest
