@@ -370,8 +370,10 @@ class CryptOperations(pyfuse3.Operations):
         else:
             outcome = "denied" if err in (errno.EACCES, errno.EPERM) else "error"
             fields["reason"] = errno.errorcode.get(err, str(err))
-        if self._decision is not None and event in ("open", "create"):
-            fields.update(self._decision)  # (which rule decided, and how the program was known)
+        if self._decision is not None:
+            # (which rule decided, and how the program was known: the open's,
+            # create's, rename's or link's; never left for a later record)
+            fields.update(self._decision)
             self._decision = None
         return self.audit.write(event, outcome, uid, pid, **fields)
 

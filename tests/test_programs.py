@@ -171,7 +171,7 @@ def test_an_untrusted_program_may_be_given_the_ciphertext(guarded: tuple[Mount, 
 
 def test_an_untrusted_program_cannot_move_a_file_out_of_its_rule(
         guarded: tuple[Mount, Path, Path]) -> None:
-    m, _logdir, bins = guarded
+    m, logdir, bins = guarded
     trusted = bins / "trusted" / "cat"
     _set(m, "/calls", "--mode", "aes-256-gcm", "--program", str(trusted))
     res = subprocess.run(["mv", str(m.path("calls", "a.csv")), str(m.path("a.csv"))],
@@ -185,6 +185,14 @@ def test_an_untrusted_program_cannot_move_a_file_out_of_its_rule(
     subprocess.run(["mv", str(m.path("calls", "a.csv")), str(m.path("calls", "b.csv"))],
                    check=True)
     assert _cat(trusted, m.path("calls", "b.csv")).stdout == SECRET
+    m.stop()
+    # The refusals say why, and each decision stays with its own record.
+    recs = [(r["event"], r["outcome"], r.get("decision")) for r in records(logdir)
+            if r["event"] in ("rename", "link", "open") and r["outcome"] == "denied"
+            or r.get("decision", "").startswith("trusted")]
+    moved = "not moved out of its trusted-programs rule by a program it does not trust"
+    assert recs == [("rename", "denied", moved), ("link", "denied", moved),
+                    ("open", "allowed", "trusted program (by path)")]
 
 
 MMAP_READ = ("import mmap, os, sys\n"
