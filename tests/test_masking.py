@@ -344,6 +344,9 @@ def test_a_token_depends_on_the_file_and_masking_stays_pure() -> None:
     assert one == keys.mask_token_key(b"\x01" * 16) and one != two != keys.mask_token
     with pytest.raises(ValueError):
         keys.mask_token_key(b"short")
+    from cryptfs.modes.kdf import hkdf  # (as docs/FORMAT.md, Keys, writes it)
+    assert one == hkdf(hkdf(b"m" * 32, b"cryptfs/v2/mask-token"),
+                       b"cryptfs/v2/mask-token/file" + b"\x01" * 16)
     mask = Mask("csv", parse_columns(["id=token", "surname=surname"]))
     data = b"id,surname\nCUST-00000234,Wang\nCUST-00000234,Li\n"
     rows_one = list(csv.reader(io.StringIO(mask.view(data, one).decode())))
