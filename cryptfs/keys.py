@@ -12,6 +12,8 @@
       |- HKDF "cryptfs/v1/symlink"   -> AES-256-GCM key for symlink targets
       |- HKDF "cryptfs/v1/xattr"     -> AES-256-GCM key for user.* xattr values
       |- HKDF "cryptfs/v2/policy"    -> AES-256-GCM key for the directory policy (config)
+      |- HKDF "cryptfs/v2/mask-token" -> mask-token key; per file (masked views' token
+      |      columns): HKDF(it, "cryptfs/v2/mask-token/file" || file id) -> 32 B HMAC key
       '- HKDF "cryptfs/v2/authority" -> the authority key: in every v2 slot and the
                                         recovery key file; binds the wraps of the master
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
+from cryptfs.modes.content import FILE_ID_LEN
 from cryptfs.modes.kdf import hkdf
 from cryptfs.modes.wrap import Keyring, SymmetricWrapper
 from cryptfs.secret import Secret
@@ -67,6 +70,16 @@ class VolumeKeys:
         self.authority = hkdf(b, b"cryptfs/v2/authority")
         # Names this generation's master in the chain proof of the next one.
         self.fingerprint = hkdf(m, b"cryptfs/v2/fingerprint")
+
+    def mask_token_key(self, file_id: bytes) -> bytes:
+        """The HMAC key of the ``token`` columns in one file's masked views.
+
+        Bound to the file's random id (from its authenticated header): the
+        tokens an agent sees of rows it wrote into a file of its own say
+        nothing of the tokens of any other file."""
+        if len(file_id) != FILE_ID_LEN:
+            raise ValueError("a file id has 16 bytes")
+        return hkdf(self.mask_token, b"cryptfs/v2/mask-token/file" + file_id)
 
     def keyring(self, privates: list[bytes] | tuple[bytes, ...] = ()) -> Keyring:
         """What opens file headers: these wrap keys, plus the given X25519 keys

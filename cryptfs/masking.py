@@ -11,8 +11,11 @@ A mask names, per column (CSV, TSV with a header row) a function:
 - ``surname``: keep the surname only: the last word of a name written with
   spaces (Western order), else the first character (Chinese order);
 - ``token``: a keyed hash (HMAC-SHA-256) of the value, in hex, cut to the
-  value's length: the same value always gives the same token, which does
-  not reveal it.
+  value's length: within one file the same value always gives the same
+  token, which does not reveal it.  The caller gives the key, one per file
+  (cryptfs.keys: ``mask_token_key(file_id)``), so that tokens an agent
+  sees of values it chose (rows of a file of its own) are no dictionary
+  for any other file; or no key, and token columns are masked as ``mask``.
 
 **Every field keeps its length in bytes**, so the view has the file's size
 and every row its offsets: a masked character becomes ``*`` (one byte), or
@@ -80,10 +83,11 @@ class Function:
         return ",".join(p for p in (f"first:{self.first}" if self.first else "",
                                     f"last:{self.last}" if self.last else "") if p)
 
-    def apply(self, value: str, token_key: bytes) -> str:
+    def apply(self, value: str, token_key: bytes | None) -> str:
+        """``value`` as this function shows it (``token`` with no key: masked)."""
         if self.name == "keep" or not value:
             return value
-        if self.name == "mask":
+        if self.name == "mask" or (self.name == "token" and token_key is None):
             return _masked(value, lambda i, n: False)
         if self.name == "keep-ends":
             return _masked(value, lambda i, n: i < self.first or i >= n - self.last)
@@ -94,6 +98,7 @@ class Function:
                 return _masked(value, lambda i, n: i >= start or value[i].isspace())
             return _masked(value, lambda i, n: i == 0 or value[i].isspace())
         # token: hex of an HMAC, cut to the value's length in bytes
+        assert token_key is not None
         raw = value.encode("utf-8", "surrogatepass")
         size = len(raw)
         digest = hmac.new(token_key, raw, hashlib.sha256).hexdigest()
@@ -107,9 +112,16 @@ class Mask:
     fmt: str  # csv | tsv
     columns: dict[str, Function]
 
-    def view(self, data: bytes, token_key: bytes) -> bytes:
+    @property
+    def tokenised(self) -> bool:
+        """Whether a column shows tokens (then rows an agent wrote into the
+        file would show it the token of a value it chose)."""
+        return any(f.name == "token" for f in self.columns.values())
+
+    def view(self, data: bytes, token_key: bytes | None) -> bytes:
         """The masked view of ``data``: the same length, every field masked as
-        its column says (NotStructured if it does not parse)."""
+        its column says (NotStructured if it does not parse); ``token_key``
+        is the file's own (None: token columns masked)."""
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -257,7 +269,7 @@ _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r"
             "t": "\t"}
 
 
-def _jsonl_view(text: str, columns: dict[str, Function], token_key: bytes) -> str:
+def _jsonl_view(text: str, columns: dict[str, Function], token_key: bytes | None) -> str:
     """Each line an object: the value of each key shown as its function says
     (unnamed keys: masked); strings masked character by character in place
     (an escape by as many ``*``), numbers with their digits as 0 (a leading
@@ -280,7 +292,8 @@ def _jsonl_view(text: str, columns: dict[str, Function], token_key: bytes) -> st
 
 
 class _JsonLine:
-    def __init__(self, line: str, columns: dict[str, Function], token_key: bytes) -> None:
+    def __init__(self, line: str, columns: dict[str, Function], token_key: bytes | None
+                 ) -> None:
         self.s, self.columns, self.key = line, columns, token_key
         self.out: list[str] = list(line)
         self.i = 0

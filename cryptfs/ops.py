@@ -79,6 +79,9 @@ HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
 SHARE_XATTR = b"user.cryptfs.share"  # set: add a recipient (value: user name)
 RECIPIENTS_XATTR = b"user.cryptfs.recipients"  # get: the recipients' names
 MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view (memory)
+# Rows an agent writes into a file show it their tokens under that file's key.
+NO_ORACLE_WRITES = ("masked view: no writes into a file with token columns "
+                    "(they would be a token oracle)")
 ROTATE_XATTR = b"user.cryptfs.rotate"  # on the root: set "go" to walk; get: progress (JSON)
 GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
@@ -1147,14 +1150,17 @@ class CryptOperations(pyfuse3.Operations):
         if flags & os.O_TRUNC:
             self._decision = {"decision": "masked view: no truncating"}
             raise pyfuse3.FUSEError(errno.EACCES)
+        mask = rule.mask()
+        if (flags & os.O_ACCMODE) != os.O_RDONLY and mask.tokenised:
+            self._decision = {"decision": NO_ORACLE_WRITES}
+            raise pyfuse3.FUSEError(errno.EACCES)
         self._exclusive(inode, view=True)  # (before the view is made)
         content = self._content(inode, False, uid)
         try:
             size = content.size
             if size > MAX_MASKED:
                 raise NotStructured(f"larger than {MAX_MASKED} bytes")
-            view = rule.mask().view(content.read(0, size), self.keys.mask_token
-                                    if self.keys is not None else b"")
+            view = mask.view(content.read(0, size), self._token_key(inode, content))
         except NotStructured as e:
             self._unload_content(inode)
             log.warning("inode %d: masked view refused: %s", inode.ino, e)
@@ -1172,6 +1178,26 @@ class CryptOperations(pyfuse3.Operations):
         handle.view = view
         self._decision = {"decision": f"masked view ({rule.fmt}, {rule.glob})"}
         return pyfuse3.FileInfo(fh=fi.fh, direct_io=True, keep_cache=False)
+
+    def _token_key(self, inode: Inode, content: ContentFile) -> bytes | None:
+        """The key of the token columns of this file's view: the file's own
+        (its id is in its authenticated header); or None (token columns
+        masked) if a role that sees masked data owns the file, that is,
+        created it: its creator saw the tokens of its own rows under that
+        key, so real rows a supervisor or an export later writes into the
+        same file (the agent's file put at the export's name) would invert."""
+        if self.keys is None or os.fstat(inode.fd).st_uid in self._masked:
+            return None
+        return self.keys.mask_token_key(content.header.file_id)
+
+    def _view_still_writable(self, handle: _Handle) -> None:
+        """A masked view opened for writing under an older policy: no more
+        writes once the file's mask has a token column."""
+        mask = self._mask_of(handle.inode)
+        if mask is not None and mask.mask().tokenised:
+            self._decision = {"decision": NO_ORACLE_WRITES}
+            raise pyfuse3.FUSEError(errno.EACCES)
+        handle.policy = self.policy
 
     def _role_of(self, uid: int) -> str:
         slot = slot_for_uid(self.config, uid)
@@ -1482,6 +1508,8 @@ class CryptOperations(pyfuse3.Operations):
             self._recheck_soon()
         if handle.policy is not self.policy and handle.view is None:
             self._still_allowed(handle)
+        elif handle.policy is not self.policy:
+            self._view_still_writable(handle)
         content = self._content(self._handle(fh), want_write=True)
         if handle.view is not None and off < content.size:
             raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view appends; it never overwrites)

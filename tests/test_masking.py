@@ -20,7 +20,7 @@ from test_audit_mount import records
 
 from conftest import run_cli
 from cryptfs.masking import FULL, Function, Mask, NotStructured, parse_columns
-from multiuser import ROOT_PASSPHRASE, Shared, bind_log, run_as
+from multiuser import ROOT_PASSPHRASE, ScriptHolder, Shared, bind_log, run_as
 
 KEY = b"k" * 32
 COLUMNS = ["surname=surname", "gender=keep", "phone=first:3,last:4", "card=first:6,last:4"]
@@ -325,3 +325,161 @@ def test_moving_a_directory_above_a_mask_is_refused_and_old_handles_follow_new_r
     res = run_as("cfs-alice", "mv", str(shared.path("team", "a")), str(shared.path("team", "b")))
     assert res.returncode != 0 and b"Permission denied" in res.stderr
     assert b"13812341234" not in run_as("cfs-alice", "cat", str(f)).stdout
+
+
+# -- token columns: no chosen-plaintext oracle (issue 12, part 2) ------------------------------
+
+def test_a_token_depends_on_the_file_and_masking_stays_pure() -> None:
+    """The token of a value is the same within one file and differs between
+    two files (the key is derived from the file's random id); with no key,
+    a token column is masked.  The masking engine does no I/O of its own."""
+    import ast
+
+    import cryptfs.masking
+    from cryptfs.keys import VolumeKeys
+    from cryptfs.secret import Secret
+
+    keys = VolumeKeys(Secret(b"m" * 32), 1)
+    one, two = keys.mask_token_key(b"\x01" * 16), keys.mask_token_key(b"\x02" * 16)
+    assert one == keys.mask_token_key(b"\x01" * 16) and one != two != keys.mask_token
+    with pytest.raises(ValueError):
+        keys.mask_token_key(b"short")
+    from cryptfs.modes.kdf import hkdf  # (as docs/FORMAT.md, Keys, writes it)
+    assert one == hkdf(hkdf(b"m" * 32, b"cryptfs/v2/mask-token"),
+                       b"cryptfs/v2/mask-token/file" + b"\x01" * 16)
+    mask = Mask("csv", parse_columns(["id=token", "surname=surname"]))
+    data = b"id,surname\nCUST-00000234,Wang\nCUST-00000234,Li\n"
+    rows_one = list(csv.reader(io.StringIO(mask.view(data, one).decode())))
+    rows_two = list(csv.reader(io.StringIO(mask.view(data, two).decode())))
+    assert rows_one[1][0] == rows_one[2][0]  # stable within one file
+    assert rows_one[1][0] != rows_two[1][0]  # another file, another token
+    assert rows_one[1][0] != "CUST-00000234" and len(rows_one[1][0]) == len("CUST-00000234")
+    assert mask.view(data, None) == b"id,surname\n*************,W***\n*************,L*\n"
+    assert mask.tokenised and not Mask("csv", parse_columns(COLUMNS)).tokenised
+    tree_ = ast.parse(open(cryptfs.masking.__file__, encoding="utf-8").read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree_) if isinstance(n, ast.Import)
+                for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree_)
+                                     if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "hashlib", "hmac", "json", "collections", "dataclasses"}
+
+
+REAL = ("customer_id,pin,surname\n"
+        "CUST-00000234,4821,Wang\n"
+        "CUST-00007310,0090,Smith\n")
+TOKEN_COLUMNS = ["customer_id=token", "pin=token", "surname=keep"]
+
+
+def _rows(view: bytes) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(view.decode())))[1:]
+
+
+def test_an_agent_cannot_learn_the_token_of_a_value_it_chose(shared: Shared) -> None:
+    """The attack of issue 12: an agent writes every candidate (10,000 PINs,
+    the real customer id among the ids) as rows, reads their tokens from its
+    masked view and inverts the real file's tokens.  Its own file shows it no
+    tokens at all; a copy a supervisor makes has tokens under its own key,
+    which invert nothing of the real file; an append to the real file is
+    refused and recorded; a file with no token column still takes rows."""
+    logdir = bind_log(shared)
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    for d in ("calls", "notes"):
+        shared.path(d).mkdir(mode=0o777)
+        os.chmod(shared.path(d), 0o777)
+    real = shared.path("calls", "customers.csv")
+    real.write_bytes(REAL.encode())
+    os.chmod(real, 0o666)
+    notes = shared.path("notes", "n.csv")
+    notes.write_bytes(CUSTOMERS)
+    os.chmod(notes, 0o666)
+    pf = shared.root / "root.pass"
+    pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+    _policy(shared, "--mask", "*.csv", *(x for c in TOKEN_COLUMNS for x in ("--column", c)))
+    run_cli("policy", "set", str(shared.backing), "/notes", "--mode", "aes-256-gcm", "--mask",
+            "*.csv", *(x for c in COLUMNS for x in ("--column", c)), "--passphrase-file", str(pf))
+
+    real_view = run_as("cfs-alice", "cat", str(real)).stdout
+    (id_tok, pin_tok, surname), _ = _rows(real_view)
+    assert surname == "Wang" and id_tok != "CUST-00000234" and len(pin_tok) == 4
+    assert all(c in "0123456789abcdef" for c in id_tok + pin_tok)  # (tokens are shown)
+
+    # 1. Candidates in a file of the agent's own, in the masked directory.
+    cand = shared.path("calls", "cand.csv")
+    script = ("import sys\nwith open(sys.argv[1], 'w') as f:\n"
+              "    f.write('customer_id,pin,surname\\n')\n"
+              "    for n in range(10000):\n"
+              "        f.write(f'CUST-{n * 31 % 10000:08d},{n:04d},X\\n')\n")
+    assert run_as("cfs-alice", "python3", "-c", script, str(cand)).returncode == 0
+    own = _rows(run_as("cfs-alice", "cat", str(cand)).stdout)
+    assert len(own) == 10000
+    assert {(i, p) for i, p, _ in own} == {("*" * 13, "****")}  # (its own rows: no tokens)
+    # A copy a supervisor makes is a new file: tokens, under its own key.
+    copy = shared.path("calls", "copy.csv")
+    assert run_as("cfs-carol", "cp", str(cand), str(copy)).returncode == 0
+    copied = _rows(run_as("cfs-alice", "cat", str(copy)).stdout)
+    assert copied[0][0] != "*" * 13 and copied[0][0] != copied[1][0]
+    ids = {i: n for n, (i, _, _) in enumerate(copied)}
+    pins = {p: n for n, (_, p, _) in enumerate(copied)}
+    assert id_tok not in ids  # (the real id is among the candidates, under another token)
+    assert pins.get(pin_tok) != 4821  # the inversion does not give the real PIN
+
+    # 2. Candidates appended to the real file: refused, the file unchanged.
+    before = run_as("cfs-carol", "cat", str(real)).stdout
+    assert before == REAL.encode()
+    for cmd in (f"printf 'CUST-00000234,4821,X\\n' >> {real}",
+                f"python3 -c \"open('{real}', 'r+b').seek(0, 2)\""):
+        res = run_as("cfs-alice", "sh", "-c", cmd)
+        assert res.returncode != 0 and b"Permission denied" in res.stderr, cmd
+    assert run_as("cfs-carol", "cat", str(real)).stdout == before
+    # 3. A masked file without token columns still takes an agent's rows.
+    row = "李雷,男,13900001111,6222020000000000000,上海\n"
+    assert run_as("cfs-alice", "sh", "-c", f"printf '%s' '{row}' >> {notes}").returncode == 0
+    assert run_as("cfs-carol", "cat", str(notes)).stdout == CUSTOMERS + row.encode()
+
+    # 4. The agent's file put in place of the real one: rows a supervisor
+    # then writes into it show no tokens to agents (the agent knows that key).
+    assert run_as("cfs-alice", "chmod", "666", str(cand)).returncode == 0
+    assert run_as("cfs-alice", "mv", str(cand), str(real)).returncode == 0
+    assert run_as("cfs-carol", "sh", "-c", f"printf 'CUST-00000234,4821,Wang\\n' >> {real}"
+                  ).returncode == 0
+    assert _rows(run_as("cfs-alice", "cat", str(real)).stdout)[-1] == ["*" * 13, "****", "Wang"]
+
+    shared.mount.stop()
+    alice = [(r["event"], r["outcome"], r.get("path"), r.get("decision"))
+             for r in records(logdir) if r["user"] == "cfs-alice" and r["event"] == "open"]
+    refusal = ("open", "denied", "/calls/customers.csv", "masked view: no writes into a file "
+               "with token columns (they would be a token oracle)")
+    assert alice.count(refusal) == 2
+
+
+APPENDER = ("import os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)\n"
+            "print('opened', flush=True)\n"
+            "for line in sys.stdin:\n"
+            "    try:\n"
+            "        os.write(fd, line.encode())\n"
+            "        print('written', flush=True)\n"
+            "    except OSError as e:\n"
+            "        print(e.errno, flush=True)\n")
+
+
+def test_a_handle_opened_before_a_token_column_was_set_writes_no_more(shared: Shared) -> None:
+    """An agent who opened a masked file for appending while its mask had no
+    token column cannot go on adding rows through that handle once it has."""
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    os.chmod(shared.path("calls"), 0o777)
+    f = shared.path("calls", "customers.csv")
+    f.write_bytes(REAL.encode())
+    os.chmod(f, 0o666)
+    _policy(shared, "--mask", "*.csv", "--column", "surname=keep")
+    holder = ScriptHolder("cfs-alice", f, APPENDER)
+    try:
+        assert holder.do("CUST-00000001,0001,A") == "written"  # (no token column yet)
+        _policy(shared, "--mask", "*.csv", *(x for c in TOKEN_COLUMNS for x in ("--column", c)))
+        time.sleep(0.6)  # (writes look at the config at most twice a second)
+        assert holder.do("CUST-00000002,0002,B") == "13"
+    finally:
+        holder.end()
+    assert run_as("cfs-carol", "cat", str(f)).stdout == (REAL + "CUST-00000001,0001,A\n").encode()
