@@ -22,7 +22,7 @@ class LoopClock:
 
     def __init__(self) -> None:
         self._stalled = 0.0
-        self._last = trio.current_time()
+        self._last: float | None = None  # when the heartbeat last ran (None: not running)
 
     async def run(self) -> None:
         while True:
@@ -31,14 +31,13 @@ class LoopClock:
             self._stalled += self._late(trio.current_time())
 
     def _late(self, now: float) -> float:
-        late = now - self._last - TICK
+        late = now - self._last - TICK if self._last is not None else 0.0
         return late if late > SLACK else 0.0
 
     def stalled(self) -> float:
         """Seconds stalled so far, a stall that just ended included (even if
         the heartbeat has not run since)."""
-        now = trio.current_time()
-        return self._stalled + self._late(now)
+        return self._stalled + self._late(trio.current_time())
 
 
 class Silence:
