@@ -841,12 +841,12 @@ class Agent:
                     await self._watch_in(conn, key, watcher, silence)
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                e = leaf(group)
-                if isinstance(e, trio.TooSlowError):
+                first = leaf(group)
+                if isinstance(first, trio.TooSlowError):
                     log.info("watch: pid %d said nothing for %g s: dropped", conn.pid,
                              self.opts.request_timeout)
                     return
-                raise e from None  # handled (or logged) by handle()
+                raise first from None  # handled (or logged) by handle()
         finally:
             self._watchers.get(key, set()).discard(watcher)
             send.close()
