@@ -67,8 +67,8 @@ def test_a_large_masked_view_stalls_no_one_else(shared: Shared) -> None:
                 == [b"big.csv", b"notes.txt"]
             assert run_as("cfs-carol", "cat", str(shared.path("calls", "notes.txt"))).stdout \
                 == b"Wang called twice\n"
-            # (the plaintext of the very file waits until no view is open or
-            # being made: a view and the plaintext never share the page cache)
+            # (the plaintext of the very file is refused while its view is
+            # made, as while a view is open: they never share the page cache)
             assert run_as("cfs-carol", "head", "-c", "9", str(big)).returncode != 0
             took = time.monotonic() - t0
             # ...and all of that finished before the agent's open returned.
