@@ -115,6 +115,7 @@ class ContentFile:
         self.size = p_size
         self._zero_block = bytes(self.c_block)
         self._tail: tuple[int, bytes] | None = None  # (block_no, plaintext) of the final block
+        self.changes = 0  # writes and truncates made through it (what a view was made from)
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -214,6 +215,7 @@ class ContentFile:
         length = len(data)
         if length == 0:
             return 0
+        self.changes += 1
         end = p_off + length
         old_size = self.size
         new_size = max(old_size, end)
@@ -279,6 +281,7 @@ class ContentFile:
         old_size = self.size
         if new_size == old_size:
             return
+        self.changes += 1
         old_final = n_blocks(old_size) - 1
         new_final = n_blocks(new_size) - 1
         if new_size < old_size:

@@ -170,6 +170,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
     import trio
 
     from cryptfs.ops import CryptOperations
+    from cryptfs.views import REQUEST_WORKERS
 
     _raise_fd_limit()
     # Held while mounted: an offline `cryptfs rotate` (which takes it
@@ -229,10 +230,12 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
                 nursery.start_soon(ops.audit.sealer)
             for task in side_tasks:
                 nursery.start_soon(task, ops)
-            # The handlers never await, so each request runs to completion
-            # anyway; one worker task spares trio spawning and parking extra
-            # ones (about 10% less CPU per request, measured on small files).
-            await pyfuse3.main(min_tasks=1, max_tasks=1)
+            # Handlers run to completion without awaiting, except an open
+            # that waits for a large masked view (cryptfs.views): more than
+            # one worker task, so such an open never holds up other users'
+            # requests.  (In steady state pyfuse3 keeps one task reading and
+            # parks one more: see docs/PERFORMANCE.md for what it costs.)
+            await pyfuse3.main(min_tasks=1, max_tasks=REQUEST_WORKERS)
             nursery.cancel_scope.cancel()
 
     try:

@@ -11,7 +11,10 @@ handle of a regular file is open, one :class:`ContentFile` per inode (header
 checked at the first open) serves all handles.
 
 Handlers are ``async`` but never await: each runs to completion on the trio
-thread, so no locks are needed.  Only ``FUSEError`` leaves a handler; see
+thread, so no locks are needed.  The one exception is an open that needs a
+large masked view (cryptfs.views): it awaits the view made in a thread,
+then decides the open again from the start, so nothing it checked before
+the await is trusted after it.  Only ``FUSEError`` leaves a handler; see
 :func:`_edge`.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hmac
 import json
 import logging
 import os
@@ -33,7 +37,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from cryptfs import rotate, sysio, tree
+from cryptfs import rotate, sysio, tree, views
 from cryptfs.audit import Auditor
 from cryptfs.audit_events import AUDIT_XATTR, parse_command_record
 from cryptfs.config import CONFIG_NAME, load_config, user_authority
@@ -194,6 +198,13 @@ def _edge(target: str, event: str | None = None) -> Callable[[_F], _F]:
     return deco
 
 
+def _same_key(a: bytes | None, b: bytes | None) -> bool:
+    """Whether two token keys (None: no tokens) are the same, in constant time."""
+    if a is None or b is None:
+        return a is b
+    return hmac.compare_digest(a, b)
+
+
 def _ctx(args: tuple[Any, ...]) -> Any:
     return args[-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else None
 
@@ -273,6 +284,7 @@ class CryptOperations(pyfuse3.Operations):
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
         self._layout_hints = True  # until the backing filesystem refuses an xattr
+        self._views = views.ViewMaker()  # large masked views: made in threads, bounded
 
     # -- bookkeeping ---------------------------------------------------------------------
     def ino_of(self, target: str, args: tuple[Any, ...]) -> int | None:
@@ -1141,12 +1153,14 @@ class CryptOperations(pyfuse3.Operations):
             os.close(fd)
         return name.decode("utf-8", "surrogateescape")
 
-    def _masked_handle(self, inode: Inode, rule: MaskRule, uid: int, flags: int, pid: int
-                       ) -> pyfuse3.FileInfo:
+    def _masked_handle(self, inode: Inode, rule: MaskRule, uid: int, flags: int, pid: int,
+                       built: views.Built | None = None) -> pyfuse3.FileInfo | views.Wanted:
         """What a role that sees masked data gets of a structured file: reads
         from a masked view made at open (every field its length, so sizes and
         offsets hold); writes only at or past the end (new rows), never over
-        the bytes the view masks."""
+        the bytes the view masks.  A view larger than views.INLINE_MAX is
+        made off the request loop: this returns what to make, and the open
+        comes back with it (``built``) to decide again."""
         if flags & os.O_TRUNC:
             self._decision = {"decision": "masked view: no truncating"}
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -1160,7 +1174,24 @@ class CryptOperations(pyfuse3.Operations):
             size = content.size
             if size > MAX_MASKED:
                 raise NotStructured(f"larger than {MAX_MASKED} bytes")
-            view = mask.view(content.read(0, size), self._token_key(inode, content))
+            token = self._token_key(inode, content)
+            make_view = functools.partial(mask.view, token_key=token)
+            st = os.fstat(inode.fd)
+            stamp = views.Stamp(content, content.changes, st.st_size, st.st_mtime_ns, rule,
+                                self.keys.key_id if self.keys is not None else -1)
+            if built is not None and built.stamp == stamp and _same_key(built.token, token):
+                if built.error is not None:
+                    raise built.error
+                assert built.view is not None
+                view = built.view
+            elif size <= views.INLINE_MAX:
+                view = make_view(content.read(0, size))
+            elif built is not None:
+                self._decision = {"decision": "masked view refused: the file, its rule or the "
+                                              "keys changed while its view was made"}
+                raise pyfuse3.FUSEError(errno.EACCES)
+            else:
+                return views.Wanted(stamp, token, content.header, size, make_view)
         except NotStructured as e:
             self._unload_content(inode)
             log.warning("inode %d: masked view refused: %s", inode.ino, e)
@@ -1198,6 +1229,48 @@ class CryptOperations(pyfuse3.Operations):
             self._decision = {"decision": NO_ORACLE_WRITES}
             raise pyfuse3.FUSEError(errno.EACCES)
         handle.policy = self.policy
+
+    async def _open_view(self, wanted: views.Wanted, inode_no: int, flags: int,
+                         ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        """Make a large masked view in a worker thread while other requests
+        are served, then decide the open again from the start (user still
+        unlocked, role, rules, keys, the file unchanged: see
+        ``_masked_handle``); anything changed fails closed."""
+        inode = self._inode(inode_no)
+        self._decision = None  # (nothing of this open is left for another request's record)
+        try:
+            self._views.admit(ctx.uid)
+        except views.Busy:
+            self._unload_content(inode)
+            self._decision = {"decision": "masked view refused: too many views being made"}
+            raise pyfuse3.FUSEError(errno.EBUSY) from None
+        # Its own descriptor (the inode's may be reopened meanwhile), and a
+        # placeholder view handle: while the view is made, no plaintext open
+        # of the file (_exclusive), and the inode and its content stay loaded.
+        hold = _Handle(inode, ctx.uid, readable=False)
+        hold.view = b""
+        built = views.Built(wanted.stamp, wanted.token)
+        try:
+            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            self._views.done(ctx.uid)
+            self._unload_content(inode)
+            raise
+        inode.handles.add(hold)
+        log.info("inode %d: making a masked view of %d bytes off the request loop", inode.ino,
+                 wanted.size)
+        try:
+            built.view = await self._views.build(fd, wanted.header, wanted.size, wanted.mask)
+        except (IntegrityError, OSError, NotStructured) as e:
+            built.error = e  # (an error of the file as it was: raised if it still is)
+        finally:
+            inode.handles.discard(hold)
+            os.close(fd)
+            self._views.done(ctx.uid)
+        self._decision = None
+        fi = self._open_now(inode_no, flags, ctx, built)
+        assert not isinstance(fi, views.Wanted)  # (given ``built``, a view is used or refused)
+        return fi
 
     def _role_of(self, uid: int) -> str:
         slot = slot_for_uid(self.config, uid)
@@ -1451,6 +1524,16 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode", "open")
     async def open(self, inode_no: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        fi = self._open_now(inode_no, flags, ctx)
+        if isinstance(fi, views.Wanted):
+            fi = await self._open_view(fi, inode_no, flags, ctx)
+        return fi
+
+    def _open_now(self, inode_no: int, flags: int, ctx: pyfuse3.RequestContext,
+                  built: views.Built | None = None) -> pyfuse3.FileInfo | views.Wanted:
+        """Decide an open and act on it, or say which masked view it needs
+        made first (``built``: the view made since, used only if it was made
+        from what this decision names)."""
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         self._refresh_config()  # (a stat: a rule set since the mount started applies)
@@ -1471,7 +1554,7 @@ class CryptOperations(pyfuse3.Operations):
         if ctx.uid in self._masked and self._mask_rules and inode.kind == stat.S_IFREG:
             mask = self._mask_of(inode)
             if mask is not None:
-                return self._masked_handle(inode, mask, ctx.uid, flags, ctx.pid)
+                return self._masked_handle(inode, mask, ctx.uid, flags, ctx.pid, built)
         self._exclusive(inode, view=False)  # (before O_TRUNC changes anything)
         try:
             content = self._content(inode, want_write, ctx.uid)

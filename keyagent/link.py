@@ -6,6 +6,9 @@ only those uids.  Every ``ping_every`` seconds it pings the agent and reports
 which uids used the volume (so their sessions do not idle out); if the agent
 does not answer in time, or the connection breaks, the gatekeeper is told
 the agent is lost and denies everyone (fail closed) until the link is back.
+"In time" is counted in the time this loop could listen: a mount whose own
+loop was stalled does not take that for the agent being gone
+(cryptfs.keyagent.liveness).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Protocol
 import trio
 
 from cryptfs.keyagent import protocol as p
+from cryptfs.keyagent.liveness import LoopClock, Silence
 from cryptfs.keyagent.server import Conn, leaf
 from cryptfs.secret import Secret
 
@@ -105,9 +109,15 @@ async def _session(socket_path: str, backing: str, volume_id: str, gate: Gatekee
                 master.wipe()
         log.info("key agent connected at %s: %d user(s) unlocked", socket_path,
                  len(state["uids"]))
+        clock = LoopClock()
+        silence = Silence(clock)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(clock.run)
             nursery.start_soon(_pinger, conn, gate, ping_every)
-            await _events(conn, gate, ping_every + answer_within)
+            # The agent is lost after this long without a word from it, not
+            # counting the time this loop itself could not listen.
+            nursery.start_soon(silence.watch, ping_every + answer_within)
+            await _events(conn, gate, silence)
             nursery.cancel_scope.cancel()
 
 
@@ -132,13 +142,13 @@ async def _pinger(conn: Conn, gate: Gatekeeper, every: float) -> None:
         await trio.sleep(every)
 
 
-async def _events(conn: Conn, gate: Gatekeeper, within: float) -> None:
+async def _events(conn: Conn, gate: Gatekeeper, silence: Silence) -> None:
     while True:
-        with trio.fail_after(within):
-            try:
-                msg, secret = await conn.read_message()
-            except EOFError:
-                return
+        try:
+            msg, secret = await conn.read_message()
+        except EOFError:
+            return
+        silence.heard()
         try:
             event = msg.get("event")
             if not msg.get("ok"):

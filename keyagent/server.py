@@ -32,6 +32,7 @@ from cryptfs.audit import Auditor
 from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config_at, user_authority
 from cryptfs.errors import CryptfsError, NotAVolume
 from cryptfs.keyagent import protocol as p
+from cryptfs.keyagent.liveness import LoopClock, Silence
 from cryptfs.keyagent.store import Session, Store, VolumeRef
 from cryptfs.keys import VolumeKeys
 from cryptfs.secret import Secret
@@ -155,6 +156,7 @@ class Agent:
         self._argon2 = trio.CapacityLimiter(opts.argon2_parallel)
         self.early_signals: list[int] = []  # stops asked for before run() listened for them
         self._fs_limiters: dict[int, trio.CapacityLimiter] = {}
+        self.clock = LoopClock()  # how long this loop was stalled (a watch's silence excludes it)
 
     # -- running ---------------------------------------------------------------------
     async def run(self, listener: trio.socket.SocketType,
@@ -162,6 +164,7 @@ class Agent:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._on_signals, nursery.cancel_scope)
             nursery.start_soon(self._reaper)
+            nursery.start_soon(self.clock.run)
             if self.audit is not None:
                 nursery.start_soon(self.audit.sealer)
             nursery.start_soon(self._config_watch)
@@ -827,13 +830,23 @@ class Agent:
                         await conn.send(p.reply(event="user-key", uid=s.uid, secret=True), copy)
                     finally:
                         copy.wipe()
+            silence = Silence(self.clock)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_out, conn, receive, nursery.cancel_scope)
-                    await self._watch_in(conn, key, watcher)
+                    # A mount pings every 2 s: one silent for request_timeout
+                    # seconds of this loop's running time is dropped (it
+                    # reconnects and gets a fresh state).
+                    nursery.start_soon(silence.watch, self.opts.request_timeout)
+                    await self._watch_in(conn, key, watcher, silence)
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                raise leaf(group) from None  # handled (or logged) by handle()
+                first = leaf(group)
+                if isinstance(first, trio.TooSlowError):
+                    log.info("watch: pid %d said nothing for %g s: dropped", conn.pid,
+                             self.opts.request_timeout)
+                    return
+                raise first from None  # handled (or logged) by handle()
         finally:
             self._watchers.get(key, set()).discard(watcher)
             send.close()
@@ -851,17 +864,17 @@ class Agent:
                     secret.wipe()
         scope.cancel()  # the channel was closed: this watcher fell behind
 
-    async def _watch_in(self, conn: Conn, key: str, watcher: _Watcher) -> None:
+    async def _watch_in(self, conn: Conn, key: str, watcher: _Watcher, silence: Silence) -> None:
         while True:
             try:
-                with trio.fail_after(self.opts.request_timeout):
-                    msg, secret = await conn.read_message()
-            except (EOFError, trio.TooSlowError):
+                msg, secret = await conn.read_message()
+            except EOFError:
                 return
             except p.ProtocolError as e:
                 with trio.move_on_after(1):
                     await conn.send(p.error(e.code, str(e)))
                 return
+            silence.heard()
             if secret is not None:
                 secret.wipe()
             try:
