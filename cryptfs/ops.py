@@ -719,6 +719,10 @@ class CryptOperations(pyfuse3.Operations):
         self.wrapper = keys.wrapper
         self.policy = load_policy(self.config, keys)
         self._program_rules = self.policy.names_programs
+        if self._program_rules:
+            warning = self._identify.warn_once()
+            if warning is not None:
+                log.warning("%s", warning)
         self._mask_rules = self.policy.names_masks
         self._learn_roles()
 
