@@ -1274,7 +1274,12 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def readlink(self, inode_no: int, ctx: pyfuse3.RequestContext) -> bytes:
         self._allow(ctx.uid)
-        return self._target(self._inode(inode_no))
+        inode = self._inode(inode_no)
+        if ctx.uid in self._cipher_only:
+            # Their view is the ciphertext, of targets as of contents: the
+            # target as stored, never decrypted (docs/POLICY.md, roles).
+            return os.readlink(b"", dir_fd=inode.fd)
+        return self._target(inode)
 
     # -- creating and removing entries -------------------------------------------------------
     @_edge("inode", "mknod")
@@ -1880,6 +1885,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def listxattr(self, inode_no: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._allow(ctx.uid)
+        self._plain(ctx.uid)  # (decrypted names: as getxattr, not for ciphertext-only roles)
         inode = self._inode(inode_no)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
             return []
