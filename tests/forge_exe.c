@@ -18,7 +18,8 @@
  * file.  Prints "forged" on stderr once the exe link is replaced.
  *
  * Compiled with -Wl,-z,now so that no call after the loader is gone goes
- * through it; after the unmap only raw system calls are made.
+ * through it; after the unmap it calls only libc's syscall() and strlen(),
+ * which need nothing of the loader.
  */
 #define _GNU_SOURCE
 #include <errno.h>

@@ -30,8 +30,8 @@ USER = "cfs-alice"  # an agent: plaintext for its role, so only the programs rul
 
 
 def _compile(out: Path) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the attack program")
+    if shutil.which("gcc") is None or not os.path.exists(LOADER):
+        pytest.skip("gcc and the x86-64 dynamic loader are needed for the attack program")
     exe = out / "forge_exe"
     subprocess.run(["gcc", "-O1", "-Wall", "-Wl,-z,now", "-o", str(exe),
                     str(Path(__file__).with_name("forge_exe.c"))], check=True)
