@@ -734,6 +734,10 @@ class CryptOperations(pyfuse3.Operations):
         self.wrapper = keys.wrapper
         self.policy = load_policy(self.config, keys)
         self._program_rules = self.policy.names_programs
+        if self._program_rules:
+            warning = self._identify.warn_once()
+            if warning is not None:
+                log.warning("%s", warning)
         self._mask_rules = self.policy.names_masks
         self._learn_roles()
 
@@ -1369,7 +1373,12 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def readlink(self, inode_no: int, ctx: pyfuse3.RequestContext) -> bytes:
         self._allow(ctx.uid)
-        return self._target(self._inode(inode_no))
+        inode = self._inode(inode_no)
+        if ctx.uid in self._cipher_only:
+            # Their view is the ciphertext, of targets as of contents: the
+            # target as stored, never decrypted (docs/POLICY.md, roles).
+            return os.readlink(b"", dir_fd=inode.fd)
+        return self._target(inode)
 
     # -- creating and removing entries -------------------------------------------------------
     @_edge("inode", "mknod")
@@ -1987,6 +1996,7 @@ class CryptOperations(pyfuse3.Operations):
     @_edge("inode")
     async def listxattr(self, inode_no: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._allow(ctx.uid)
+        self._plain(ctx.uid)  # (decrypted names: as getxattr, not for ciphertext-only roles)
         inode = self._inode(inode_no)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
             return []
