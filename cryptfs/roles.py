@@ -86,6 +86,8 @@ def claim_refusal(slot: Slot | None, event: str, outcome: str, fields: dict[str,
     """
     if outcome == "denied":
         return None
+    if event == "user-add" and fields.get("role") not in ROLES:
+        return "the record names no role the user could be given"
     if slot is None:
         return "no key slot in this volume"
     role = slot_role(slot)
