@@ -100,7 +100,11 @@ TEXT_FIELDS = ("volume", "outcome", "reason", "user", "exe", "path", "new_path",
 
 
 def _records_in(lines: Iterable[bytes], checked: bool = True) -> Iterator[dict[str, Any]]:
-    """The records among segment lines (headers, checkpoints, torn lines left out)."""
+    """The records among segment lines (headers, checkpoints, torn lines left
+    out).  Each is parsed as `audit verify` parses it (a line ends at LF; of
+    duplicate keys the last counts) and given out re-serialised: the values
+    are the ones the chain covers, and a line whose bytes are not the record
+    as written fails verify."""
     for raw in lines:
         try:
             obj = json.loads(raw)
