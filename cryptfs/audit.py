@@ -758,14 +758,7 @@ def verify(logdir: str, public: bytes) -> Verdict:
                 claimed = unb64(obj["h"])
             except (ValueError, TypeError):
                 claimed = b""
-            if not written_form(raw, obj, body):
-                # The bytes of the line are not the ones the chain covers: a
-                # reader that keeps another duplicate key sees other values.
-                v.modified += 1
-                pending_bad += 1
-                v.bad(where, "its bytes are not the record as written (duplicate keys, "
-                             "spacing, key order or escapes changed): edited")
-            elif got != claimed:
+            if got != claimed:
                 # Either the record was edited (its content no longer gives its h)
                 # or something before it changed (then its h is right but the chain
                 # it continues is not).
@@ -773,6 +766,14 @@ def verify(logdir: str, public: bytes) -> Verdict:
                 pending_bad += 1
                 v.bad(where, "its content does not match its hash: edited, or the chain before "
                              "it was")
+            elif not written_form(raw, obj, body):
+                # The content gives the hash, but the bytes of the line are not
+                # the ones the chain covers: a reader that keeps another of two
+                # duplicate keys sees other values.
+                v.modified += 1
+                pending_bad += 1
+                v.bad(where, "its bytes are not the record as written (duplicate keys, "
+                             "spacing, key order or escapes changed): edited")
             h, seq = claimed or got, obj["seq"]
             pending += 1
     v.unsealed = pending
