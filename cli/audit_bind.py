@@ -10,7 +10,6 @@ from cryptfs import audit_events
 from cryptfs.audit import PUB_NAME, check_log
 from cryptfs.cli.audit import audit
 from cryptfs.cli.common import (
-    MANAGERS,
     command_name,
     passphrase_option,
     read_passphrase,
@@ -49,7 +48,7 @@ def attach(backing: str, logdir: str, passphrase_file: str | None) -> None:
     with read_passphrase(passphrase_file, "Passphrase") as pw:
         vol = unlock_recorded(backing, pw)
     try:
-        require_role(backing, vol, MANAGERS, "audit-attach", "bind the volume to a log")
+        require_role(backing, vol, "audit-attach", "bind the volume to a log")
         cfg = vol.config
         if cfg.audit is not None and cfg.audit["dir"] != where:
             raise UsageError(f"{backing} is already bound to the access log in {cfg.audit['dir']}",
@@ -85,7 +84,7 @@ def detach(backing: str, force: bool, passphrase_file: str | None) -> None:
     with read_passphrase(passphrase_file, "Passphrase") as pw:
         vol = unlock_recorded(backing, pw)
     try:
-        require_role(backing, vol, MANAGERS, "audit-detach", "unbind the volume from its log")
+        require_role(backing, vol, "audit-detach", "unbind the volume from its log")
         cfg = vol.config
         if cfg.audit is None:
             raise UsageError(f"{backing} is not bound to an access log")

@@ -22,6 +22,7 @@ from cryptfs.errors import (
     UsageError,
     WrongPassphrase,
 )
+from cryptfs.roles import allowed_roles, may_run, slot_role
 from cryptfs.secret import Secret
 from cryptfs.volume import Volume, open_volume
 
@@ -151,19 +152,12 @@ def unlock_recorded(backing: str, passphrase: Secret) -> Volume:
         raise
 
 
-MANAGERS = ("admin",)  # who may add and remove users, set the policy, bind the log
-ROTATORS = ("admin", "technician")  # who may rotate keys
-
-
-def require_role(backing: str, vol: Volume, roles: tuple[str, ...], event: str,
-                 what: str) -> None:
-    """Refuse (exit 9, recorded as denied) a user whose slot's role is not
-    one of ``roles``.  A slot without a role or user (a volume's owner slot
-    made by the library, the frozen samples) counts as admin."""
-    # (a slot of a system user without a role is an agent's, as `user list`
-    # says; the owner slot the library makes, of no user, is the admin's)
-    role = vol.slot.extra.get("role") or ("agent" if "uid" in vol.slot.extra else "admin")
-    if role in roles:
+def require_role(backing: str, vol: Volume, event: str, what: str) -> None:
+    """Refuse (exit 9, recorded as denied) a user whose slot's role may not run
+    the command that records ``event`` (the table is cryptfs.roles.COMMAND_ROLES;
+    a slot without a role is an agent's, as everywhere)."""
+    role = slot_role(vol.slot)
+    if may_run(role, event):
         return
     try:
         audit_events.record(backing, vol.config, event, "denied", reason=f"role {role}",
@@ -171,4 +165,4 @@ def require_role(backing: str, vol: Volume, roles: tuple[str, ...], event: str,
     except CryptfsError:
         pass  # (the refusal is what the user is told)
     raise RoleRefused(f"the role {role} may not {what}",
-                      hint=f"a user with the role {' or '.join(roles)} can (docs/POLICY.md)")
+                      hint=f"a user with the role {allowed_roles(event)} can (docs/POLICY.md)")

@@ -9,7 +9,6 @@ import os
 import click
 
 from cryptfs.cli.common import (
-    MANAGERS,
     passphrase_option,
     read_passphrase,
     recorded,
@@ -108,7 +107,7 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
     masks = _masks(mask_glob, mask_format, columns, no_masks)
     vol = _open(backing, passphrase_file)
     try:
-        require_role(backing, vol, MANAGERS, "policy-set", "set the policy")
+        require_role(backing, vol, "policy-set", "set the policy")
         name, hybrid = parse_mode(mode, vol.config.default_mode)
         if (recipients or dropbox) and not hybrid:
             raise UsageError("--recipient and --dropbox need a hybrid mode",
@@ -194,7 +193,7 @@ def unset(backing: str, directory: str, passphrase_file: str | None) -> None:
     """Remove the rule of DIRECTORY (new files there follow the rule above it)."""
     vol = _open(backing, passphrase_file)
     try:
-        require_role(backing, vol, MANAGERS, "policy-unset", "change the policy")
+        require_role(backing, vol, "policy-unset", "change the policy")
         rules = load_policy(vol.config, vol.keys)
         path = normalise(directory)
         if rules.rules.pop(path, None) is None:

@@ -15,7 +15,6 @@ import click
 
 from cryptfs import rotate as rot
 from cryptfs.cli.common import (
-    ROTATORS,
     passphrase_option,
     read_passphrase,
     recorded,
@@ -202,7 +201,7 @@ def rotate(backing: str, kind: str | None, recovery_key: str | None,
     if kind is None:
         raise click.UsageError("choose one of --slots, --wrap-key, --reencrypt")
     with opened_for_rotation(backing, passphrase_file, "Passphrase", recovery_key) as (vol, recovery):
-        require_role(backing, vol, ROTATORS, "rotation", "rotate keys")
+        require_role(backing, vol, "rotation", "rotate keys")
         with recorded(backing, vol.config, "rotation", kind=kind):
             run_rotation(vol, kind, recovery)
 

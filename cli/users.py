@@ -7,7 +7,6 @@ import os
 import click
 
 from cryptfs.cli.common import (
-    MANAGERS,
     invoking_user,
     passphrase_option,
     read_passphrase,
@@ -53,7 +52,7 @@ def add(backing: str, name: str, role: str, passphrase_file: str | None,
     with auth:
         vol = unlock_recorded(backing, auth)
     try:
-        require_role(backing, vol, MANAGERS, "user-add", "add users")
+        require_role(backing, vol, "user-add", "add users")
         new = read_passphrase(new_passphrase_file, f"New passphrase for {name}", confirm=True)
         with new, recorded(backing, vol.config, "user-add", target=name, role=role):
             slot = add_user(vol, name, role, new, Kdf(kdf_iterations, kdf_memory * 1024))
@@ -85,7 +84,7 @@ def remove(backing: str, name: str, revoke: bool, recovery_key: str | None,
         raise UsageError("--recovery-key goes with --revoke")
     with opened_for_rotation(backing, passphrase_file, "Passphrase of an existing user (to "
                              "authorise)", recovery_key) as (vol, recovery):
-        require_role(backing, vol, MANAGERS, "user-remove", "remove users")
+        require_role(backing, vol, "user-remove", "remove users")
         with recorded(backing, vol.config, "user-remove", target=name, revoke=revoke):
             slot = remove_user(vol, name, save=not revoke)
             if revoke:
@@ -140,7 +139,7 @@ def passwd(backing: str, name: str | None, passphrase_file: str | None,
             raise WrongPassphrase("that passphrase opens no key slot of this volume") from None
     try:
         if slot_for_name(vol.config, who).id != vol.slot.id:  # (resetting someone else's)
-            require_role(backing, vol, MANAGERS, "passwd", "reset another user's passphrase")
+            require_role(backing, vol, "passwd", "reset another user's passphrase")
         new = read_passphrase(new_passphrase_file, f"New passphrase for {who}", confirm=True)
         with new, recorded(backing, vol.config, "passwd", target=who):
             fresh = set_passphrase(vol, slot_for_name(vol.config, who), new,

@@ -97,6 +97,24 @@ def chain(prev: bytes, record: dict[str, Any]) -> bytes:
     return hashlib.sha256(prev + canonical(record)).digest()
 
 
+def written_form(raw: bytes, obj: dict[str, Any], body: bytes | None = None) -> bool:
+    """Whether the line ``raw`` (without its newline) is exactly what the
+    writer makes of ``obj``, the line parsed: a record (it has ``seq``) is
+    ``canonical(record without "h")`` with ``"h"`` added last; a header or a
+    checkpoint is ``canonical(obj)``.  So a line whose bytes were edited in
+    a way that parses the same (a duplicate key, spacing, key order,
+    escapes, a CR) is not in written form, whichever duplicate a reader
+    keeps.  ``body``: ``canonical(record without "h")`` if known."""
+    if "seq" not in obj:
+        return raw == canonical(obj)
+    h = obj.get("h")
+    if not isinstance(h, str) or len(obj) < 2:
+        return False
+    if body is None:
+        body = canonical({k: v for k, v in obj.items() if k != "h"})
+    return raw == body[:-1] + b',"h":' + canonical(h) + b"}"
+
+
 def key_hash(public: bytes) -> bytes:
     """The 4-byte key id of a signed note: SHA-256(name || LF || 0x01 || key)[:4]."""
     return hashlib.sha256(KEY_NAME.encode() + b"\n\x01" + public).digest()[:4]
@@ -588,15 +606,31 @@ def segment_lines(data: bytes, live_ok: bool = True) -> tuple[list[bytes], int]:
     if nul >= 0:
         data = data[:nul]
         end = data.rfind(b"\n") + 1
-        return data[:end].splitlines(), end
-    lines = data.splitlines()
+        return _split(data[:end]), end
+    lines = _split(data)
     end = len(data)
     if data and not data.endswith(b"\n") and not live_ok:
         end = data.rfind(b"\n") + 1
     return lines, end
 
 
+def _split(data: bytes) -> list[bytes]:
+    """Lines end at LF alone (the writer's): a CR, or any other byte that
+    bytes.splitlines would take for a line end, stays part of its line."""
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
 def _lines(path: str) -> Iterator[dict[str, Any]]:
+    for _raw, obj in _raw_lines(path):
+        yield obj
+
+
+def _raw_lines(path: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """Each line of a segment, as its bytes and as parsed (``_unparsable``:
+    a line that is not a JSON object)."""
     with open(path, "rb") as f:
         data = f.read()  # (one copy: a live segment changes under a reader)
     for raw in segment_lines(data)[0]:
@@ -604,7 +638,7 @@ def _lines(path: str) -> Iterator[dict[str, Any]]:
             obj = json.loads(raw)
         except ValueError:
             obj = {"_unparsable": raw[:80].decode("utf-8", "replace")}
-        yield obj if isinstance(obj, dict) else {"_unparsable": str(obj)[:80]}
+        yield raw, obj if isinstance(obj, dict) else {"_unparsable": str(obj)[:80]}
 
 
 @dataclass
@@ -655,11 +689,17 @@ def verify(logdir: str, public: bytes) -> Verdict:
             v.bad(name, f"segment {expected_index} is missing (the next present is {index})")
         expected_index = index + 1
         first = True
-        for obj in _lines(os.path.join(logdir, name)):
-            where = f"{name} seq {obj.get('seq', '?')}"
+        for line_no, (raw, obj) in enumerate(_raw_lines(os.path.join(logdir, name)), 1):
+            where = f"{name} line {line_no} (seq {obj.get('seq', '?')})"
             if "_unparsable" in obj:
                 v.modified += 1
-                v.bad(name, f"a line that is not JSON: {obj['_unparsable']!r}")
+                v.bad(f"{name} line {line_no}", f"not JSON: {obj['_unparsable']!r}")
+                continue
+            if "seq" not in obj and not written_form(raw, obj):
+                # (a record's written form is checked below, with its hash)
+                v.modified += 1
+                v.bad(where, "its bytes are not the line as written (duplicate keys, spacing, "
+                             "key order or escapes changed): edited")
                 continue
             if first:
                 first = False
@@ -712,7 +752,8 @@ def verify(logdir: str, public: bytes) -> Verdict:
                     v.gaps += 1
                     v.missing += obj["seq"] - seq - 1
                     v.bad(where, f"records {seq + 1}..{obj['seq'] - 1} are missing")
-            got = chain(h, rec)
+            body = canonical(rec)
+            got = hashlib.sha256(h + body).digest()  # = chain(h, rec)
             try:
                 claimed = unb64(obj["h"])
             except (ValueError, TypeError):
@@ -725,6 +766,14 @@ def verify(logdir: str, public: bytes) -> Verdict:
                 pending_bad += 1
                 v.bad(where, "its content does not match its hash: edited, or the chain before "
                              "it was")
+            elif not written_form(raw, obj, body):
+                # The content gives the hash, but the bytes of the line are not
+                # the ones the chain covers: a reader that keeps another of two
+                # duplicate keys sees other values.
+                v.modified += 1
+                pending_bad += 1
+                v.bad(where, "its bytes are not the record as written (duplicate keys, "
+                             "spacing, key order or escapes changed): edited")
             h, seq = claimed or got, obj["seq"]
             pending += 1
     v.unsealed = pending

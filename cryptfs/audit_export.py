@@ -100,7 +100,11 @@ TEXT_FIELDS = ("volume", "outcome", "reason", "user", "exe", "path", "new_path",
 
 
 def _records_in(lines: Iterable[bytes], checked: bool = True) -> Iterator[dict[str, Any]]:
-    """The records among segment lines (headers, checkpoints, torn lines left out)."""
+    """The records among segment lines (headers, checkpoints, torn lines left
+    out).  Each is parsed as `audit verify` parses it (a line ends at LF; of
+    duplicate keys the last counts) and given out re-serialised: the values
+    are the ones the chain covers, and a line whose bytes are not the record
+    as written fails verify."""
     for raw in lines:
         try:
             obj = json.loads(raw)
@@ -178,6 +182,17 @@ def as_jsonl(rs: Iterable[dict[str, Any]]) -> Iterator[str]:
         yield json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may evaluate (OWASP)
+
+
+def csv_cell(v: object) -> object:
+    """A CSV cell no spreadsheet evaluates: text that starts like a formula
+    gets a leading ``'`` (OWASP's rule for CSV injection); numbers stay numbers."""
+    if isinstance(v, str) and v.startswith(FORMULA_START):
+        return "'" + v
+    return v
+
+
 def as_csv(rs: Iterable[dict[str, Any]]) -> Iterator[str]:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -187,17 +202,28 @@ def as_csv(rs: Iterable[dict[str, Any]]) -> Iterator[str]:
         buf.seek(0)
         buf.truncate()
         row = {**r, "time": iso(r.get("time_ns", 0))}
-        w.writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+        w.writerow(["" if row.get(c) is None else csv_cell(row.get(c)) for c in CSV_COLUMNS])
         yield buf.getvalue()
 
 
+def _no_breaks(text: str) -> str:
+    """Control characters and what a reader may take for a line break, as spaces."""
+    return "".join(" " if ord(c) < 32 or c in "\x7f\x85\u2028\u2029" else c for c in text)
+
+
 def _cef_header(v: object) -> str:
-    return str(v).replace("\\", "\\\\").replace("|", "\\|")
+    """A CEF header field: '\\' and '|' escaped; a line break (which would end
+    the event) and other control characters as a space."""
+    text = str(v).replace("\\", "\\\\").replace("|", "\\|")
+    return _no_breaks(text)
 
 
 def _cef_value(v: object) -> str:
-    return (str(v).replace("\\", "\\\\").replace("=", "\\=").replace("\n", "\\n")
-            .replace("\r", "\\r"))
+    """A CEF extension value: '\\' and '=' escaped, line breaks as \\n and \\r;
+    other control characters as a space."""
+    text = (str(v).replace("\\", "\\\\").replace("=", "\\=").replace("\r\n", "\\n")
+            .replace("\n", "\\n").replace("\r", "\\r"))
+    return _no_breaks(text)
 
 
 _SEVERITY = {"allowed": 3, "error": 6, "denied": 7}

@@ -64,11 +64,11 @@ from cryptfs.modes.wrap import (
 from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX, NameCodec
 from cryptfs.policy import MaskRule, Policy, Rule, load_policy
 from cryptfs.programs import Identifier
+from cryptfs.roles import claim_refusal, slot_role
 from cryptfs.secret import Secret
 from cryptfs.tree import O_PATH_FLAGS, proc_path
 from cryptfs.users import (
     CIPHERTEXT_ROLES,
-    DEFAULT_ROLE,
     LOG_ONLY_ROLES,
     MASKED_ROLES,
     slot_for_uid,
@@ -377,8 +377,8 @@ class CryptOperations(pyfuse3.Operations):
                                                           ("ctime", f.update_ctime)) if on)
                 fields["by_handle"] = args[3] is not None
         elif event in ("setxattr", "removexattr"):
-            if args[1] == AUDIT_XATTR and args[0] == ROOT and err is None:
-                return True  # (the command's record is the record)
+            if args[1] == AUDIT_XATTR and args[0] == ROOT and err in (None, errno.EACCES):
+                return True  # (the command's record is the record; a refused one, its refusal)
             fields["name"] = args[1].decode("utf-8", "backslashreplace")
         if err is None:
             outcome = "allowed"
@@ -717,7 +717,7 @@ class CryptOperations(pyfuse3.Operations):
         if not self.gated:
             return
         for slot in self.config.slots:
-            uid, role = slot.extra.get("uid"), slot.extra.get("role") or DEFAULT_ROLE
+            uid, role = slot.extra.get("uid"), slot_role(slot)
             if not isinstance(uid, int) or uid == 0:
                 continue
             if role in LOG_ONLY_ROLES:
@@ -1278,7 +1278,7 @@ class CryptOperations(pyfuse3.Operations):
 
     def _role_of(self, uid: int) -> str:
         slot = slot_for_uid(self.config, uid)
-        return str(slot.extra.get("role")) if slot is not None else "?"
+        return slot_role(slot) if slot is not None else "?"
 
     def _handle(self, fh: int, reading: bool = False) -> Inode:
         """The inode of an open file handle, if its opener may still use it.
@@ -1757,11 +1757,13 @@ class CryptOperations(pyfuse3.Operations):
     def _command_record(self, ctx: pyfuse3.RequestContext, value: bytes) -> None:
         """A command (`cryptfs user add` ...) hands its record to this mount,
         which holds the log: written with the uid and pid of the request, so a
-        user can only record things under their own name."""
+        user can only record things under their own name, and only what their
+        role may do (cryptfs.roles.claim_refusal).  A refused claim is
+        recorded as ``command-record`` denied, and the request fails EACCES."""
         if self.audit is None:
             raise pyfuse3.FUSEError(errno.EXDEV)
         if not self._may_rotate(ctx.uid):  # (root, the owner, or a user who is unlocked)
-            raise pyfuse3.FUSEError(errno.EACCES)
+            self._refuse_claim(ctx, None, "not unlocked")
         try:
             event, outcome, fields = parse_command_record(value)
         except ValueError:
@@ -1770,8 +1772,21 @@ class CryptOperations(pyfuse3.Operations):
         logdir = fields.pop("logdir", None)
         if logdir is not None and logdir != os.path.realpath(self.audit.log.logdir):
             raise pyfuse3.FUSEError(errno.EXDEV)  # (the volume is bound to another log)
+        if ctx.uid not in (0, self._euid):
+            self._refresh_config()  # (a role changed a moment ago counts)
+            why = claim_refusal(slot_for_uid(self.config, ctx.uid), event, outcome, fields)
+            if why is not None:
+                self._refuse_claim(ctx, event, why)
         if not self.audit.write(event, outcome, ctx.uid, ctx.pid, **fields):
             raise pyfuse3.FUSEError(errno.EIO)
+
+    def _refuse_claim(self, ctx: pyfuse3.RequestContext, event: str | None, why: str) -> None:
+        """Record a command's record that was refused (what it claimed, and why), then fail."""
+        assert self.audit is not None
+        if not self.audit.write("command-record", "denied", ctx.uid, ctx.pid, path="/",
+                                claimed=event or "?", reason=why):
+            raise pyfuse3.FUSEError(errno.EIO)
+        raise pyfuse3.FUSEError(errno.EACCES)
 
     def _may_rotate(self, uid: int) -> bool:
         """Root, the mount's owner, or an unlocked user may ask for the walk:

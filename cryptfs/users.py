@@ -30,16 +30,17 @@ from typing import Any
 from cryptfs import sysio
 from cryptfs.config import Kdf, Slot, VolumeConfig
 from cryptfs.errors import UsageError
+from cryptfs.roles import (  # noqa: F401 - (the role tables live in cryptfs.roles)
+    CIPHERTEXT_ROLES,
+    DEFAULT_ROLE,
+    LOG_ONLY_ROLES,
+    MASKED_ROLES,
+    ROLES,
+    slot_role,
+)
 from cryptfs.secret import Secret
 from cryptfs.volume import Volume
 
-ROLES = ("agent", "supervisor", "technician", "admin", "auditor")
-DEFAULT_ROLE = "agent"
-# On a shared mount (docs/POLICY.md): who manages the volume reads ciphertext
-# only; the auditor reads the access log only, nothing through the mount.
-CIPHERTEXT_ROLES = frozenset({"technician", "admin"})
-LOG_ONLY_ROLES = frozenset({"auditor"})
-MASKED_ROLES = frozenset({"agent"})  # see structured files masked (a policy's masks)
 LASTUSE_NAME = "cryptfs.lastuse"
 
 
@@ -71,11 +72,6 @@ def user_name_of(uid: int) -> str:
 def slot_uid(slot: Slot) -> int | None:
     uid = slot.extra.get("uid")
     return uid if isinstance(uid, int) and not isinstance(uid, bool) else None
-
-
-def slot_role(slot: Slot) -> str:
-    role = slot.extra.get("role")
-    return role if isinstance(role, str) and role in ROLES else DEFAULT_ROLE
 
 
 def slot_for_uid(cfg: VolumeConfig, uid: int) -> Slot | None:

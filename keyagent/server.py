@@ -33,6 +33,7 @@ from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config_at, user_autho
 from cryptfs.errors import CryptfsError, NotAVolume
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.liveness import LoopClock, Silence
+from cryptfs.keyagent.refusals import RefusalLog
 from cryptfs.keyagent.store import Session, Store, VolumeRef
 from cryptfs.keys import VolumeKeys
 from cryptfs.secret import Secret
@@ -157,10 +158,19 @@ class Agent:
         self.early_signals: list[int] = []  # stops asked for before run() listened for them
         self._fs_limiters: dict[int, trio.CapacityLimiter] = {}
         self.clock = LoopClock()  # how long this loop was stalled (a watch's silence excludes it)
+        self._refusals = RefusalLog()  # log lines of refused unlocks: the first few per uid
 
     # -- running ---------------------------------------------------------------------
     async def run(self, listener: trio.socket.SocketType,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(listener, task_status)
+        finally:
+            for uid, held, seconds in self._refusals.ended(everything=True):
+                self._refusal_summary(uid, held, seconds)  # (no count is lost at a stop)
+
+    async def _run(self, listener: trio.socket.SocketType,
+                   task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._on_signals, nursery.cancel_scope)
             nursery.start_soon(self._reaper)
@@ -196,6 +206,22 @@ class Agent:
             await trio.sleep(tick)
             for s in self.store.expired():
                 self.lock_session(s, "idle timeout")
+            for uid, held, seconds in self._refusals.ended():
+                self._refusal_summary(uid, held, seconds)
+
+    def _refused(self, uid: int, level: int, msg: str, *args: Any) -> None:
+        """Log an unlock of ``uid`` refused before a passphrase was tried: the
+        first few of a minute one by one, the rest as one summary line
+        (keyagent.refusals)."""
+        show, summary = self._refusals.admit(uid)
+        if summary is not None:
+            self._refusal_summary(uid, *summary)
+        if show:
+            log.log(level, msg, *args)
+
+    def _refusal_summary(self, uid: int, held: int, seconds: float) -> None:
+        log.warning("unlock refused: uid %d (%s): %d more refused unlocks in the last %.0f s "
+                    "(not logged one by one)", uid, user_name_of(uid), held, max(1.0, seconds))
 
     async def _config_watch(self) -> None:
         """Every CONFIG_CHECK_EVERY seconds, check the configs of held volumes
@@ -603,8 +629,8 @@ class Agent:
         who = f"uid {uid} ({user_name_of(uid)}), pid {conn.pid}"
         wait = self.store.retry_after(uid)
         if wait > 0:
-            log.warning("unlock refused: %s: backing off after %d failed attempts (%.0f s left)",
-                        who, self.store.failure_count(uid), wait)
+            self._refused(uid, logging.WARNING, "unlock refused: %s: backing off after %d failed "
+                          "attempts (%.0f s left)", who, self.store.failure_count(uid), wait)
             return p.error(p.BACKOFF, f"too many failed unlocks: try again in "
                                       f"{math.ceil(wait)} s", retry_after=wait)
         if uid in self._unlocking:
@@ -641,10 +667,11 @@ class Agent:
             async with self._argon2:
                 opened = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
         except CryptfsError as e:
-            log.error("unlock refused: %s: %s", who, e)
+            self._refused(uid, logging.ERROR, "unlock refused: %s: %s", who, e)
             return p.error(p.NOT_A_VOLUME, str(e))
         if opened is None:
             count, delay = self.store.failed(uid, key)
+            # (every passphrase tried is logged and recorded: the backoff bounds them)
             log.warning("unlock failed: %s, volume %s at %s: wrong passphrase "
                         "(%d in a row; next attempt allowed in %.0f s)",
                         who, cfg.volume_id.hex(), real, count, delay)
@@ -683,7 +710,7 @@ class Agent:
                 cfg.open_keys(master).close()
         except CryptfsError as e:
             wipe()
-            log.error("unlock refused: %s: %s", who, e)
+            self._refused(uid, logging.ERROR, "unlock refused: %s: %s", who, e)
             return p.error(p.NOT_A_VOLUME, str(e))
         except OSError as e:
             wipe()

@@ -949,6 +949,62 @@ def test_concurrent_unlocks_of_one_user(start_agent: Callable[..., AgentProcess]
     assert_healthy(agent)
 
 
+def test_refusal_windows_by_the_clock() -> None:
+    from cryptfs.keyagent.refusals import RefusalLog
+
+    now = [0.0]
+    r = RefusalLog(first=2, window=60.0, clock=lambda: now[0])
+    assert [r.admit(7) for _ in range(5)] == [(True, None)] * 2 + [(False, None)] * 3
+    assert r.admit(8) == (True, None) and r.ended() == []  # (each uid its own window)
+    now[0] = 61.0
+    # The next refusal after the window says what was held back, and is logged.
+    assert r.admit(7) == (True, (3, 61.0))
+    now[0] = 200.0
+    r.admit(7), r.admit(7), r.admit(7)
+    assert r.ended() == []  # (7: its window is not over; 8: nothing held back)
+    now[0] = 270.0
+    assert r.ended() == [(7, 1, 60.0)]  # (the timer: a flood that stopped)
+    assert r.ended() == [] and r.admit(7) == (True, None)
+
+
+def test_a_flood_of_refused_unlocks_is_summarised(start_agent: Callable[..., AgentProcess],
+                                                  vol: Vol, tmp_path: Path) -> None:
+    """One user asks again and again while backing off: the agent's log shows the
+    first few refusals of a minute, then one line with the count of the rest (at
+    the latest when the agent stops); each passphrase tried is still logged and
+    recorded (the backoff bounds those)."""
+    alog = tmp_path / "agent-log"
+    subprocess.run([sys.executable, "-m", "cryptfs.cli.main", "audit", "init", str(alog)],
+                   check=True, capture_output=True)
+    agent = start_agent("--idle-timeout", "0", "--backoff", "60", "--backoff-max", "60",
+                        "--audit-log", str(alog))
+    alice, n = uid("cfs-alice"), 400
+    r = user_request("cfs-alice", agent, {"op": "unlock", "backing": str(vol.backing)},
+                     b"wrong passphrase of alice")
+    assert r["code"] == "wrong-passphrase"
+    replies = [decoded(f) for f in as_user(
+        "cfs-alice", agent, *[_unlock_req(vol, PASS["cfs-alice"]) for _ in range(n)])]
+    assert {r["code"] for r in replies} == {"backoff"}
+    # Bob is not held up, and his unlock is logged as ever.
+    assert user_request("cfs-bob", agent, {"op": "unlock", "backing": str(vol.backing)},
+                        PASS["cfs-bob"])["ok"]
+    assert agent.stop() == 0
+    log = agent.log_text()
+    mine = [ln for ln in log.splitlines() if f"uid {alice} (cfs-alice)" in ln]
+    assert len(mine) == 7, log  # the wrong passphrase; 5 backoffs one by one; 1 summary
+    assert "unlock failed" in mine[0] and all("backing off" in ln for ln in mine[1:6])
+    assert re.search(rf"WARNING: unlock refused: uid {alice} \(cfs-alice\): {n - 5} more refused "
+                     r"unlocks in the last \d+ s \(not logged one by one\)", mine[6]), mine[6]
+    assert len(log) < 8192, len(log)
+    assert re.search(rf"unlock: uid {uid('cfs-bob')} \(cfs-bob\)", log)
+    # The access log: the one passphrase tried (refusals while backing off try none).
+    lines = [json.loads(x) for seg in sorted(alog.glob("segment-*.log"))
+             for x in seg.read_text().splitlines()]
+    got = [(r["event"], r["outcome"], r["user"]) for r in lines if "event" in r]
+    assert got == [("unlock", "denied", "cfs-alice"), ("unlock", "allowed", "cfs-bob"),
+                   ("lock", "allowed", "cfs-bob")], got
+
+
 # ================================================================================================
 # What is unlocked: slots, paths, the config MAC
 # ================================================================================================

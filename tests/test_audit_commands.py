@@ -5,16 +5,21 @@ holds the log; a command whose record cannot be written does nothing."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import pwd
 import subprocess
 from pathlib import Path
 
 import pytest
 from test_audit_mount import _tmpfs, records
+from test_roles import _add
 
 from conftest import Mount, new_mount, run_cli
 from cryptfs import audit as al
+from multiuser import Shared, bind_log, run_as
 
 FAST = ("--kdf-memory", "8", "--kdf-iterations", "1")
 
@@ -228,3 +233,86 @@ def test_export_survives_text_that_is_not_utf8(tmp_path: Path) -> None:
         res = run_cli("audit", "export", str(d), "--format", fmt, check=False)
         assert res.returncode == 0 and "Traceback" not in res.stderr, (fmt, res.stderr)
         assert "/after" in res.stdout and "ud800" in res.stdout, fmt
+
+
+HAND = ("import errno, os, sys\n"
+        "try:\n"
+        "    os.setxattr(sys.argv[1], b'user.cryptfs.audit', sys.argv[2].encode())\n"
+        "    print('accepted')\n"
+        "except OSError as e:\n"
+        "    print(errno.errorcode[e.errno])\n")
+FORMULA = '=HYPERLINK("http://x","y")'
+
+
+def _hand(shared: Shared, user: str, **record: object) -> str:
+    """``user`` hands the mount a command's record, as a forger would: directly."""
+    res = run_as(user, "/usr/bin/python3", "-c", HAND, str(shared.mount.mnt), json.dumps(record))
+    return res.stdout.decode().strip() or res.stderr.decode()
+
+
+def test_a_record_claims_only_what_its_requester_may_do(shared: Shared) -> None:
+    """An agent who may write the mount root hands `user-add allowed role=admin`:
+    refused (EACCES) and recorded as a refused claim, never as a user-add.  A
+    claim is judged by the requester's own slot (its role), never by the record's
+    fields; one's own refused attempt may still be recorded, and a formula in
+    its reason comes out of the CSV export as text."""
+    logdir = bind_log(shared)
+    assert shared.unlock("root").returncode == 0
+    os.chmod(shared.mount.mnt, 0o777)  # the mount root is writable by everyone
+    # An admin's real command, through the mount that holds the log, as before.
+    passes = {"cfs-tech": _add(shared, "cfs-tech", "technician"),
+              "cfs-admin": _add(shared, "cfs-admin", "admin")}
+    for user in ("cfs-alice", "cfs-carol", "cfs-tech", "cfs-admin"):
+        assert shared.unlock(user, passes.get(user)).returncode == 0
+    cmd = {"command": "cryptfs user add", "backing": str(shared.backing)}
+    forged = {"event": "user-add", "outcome": "allowed", "target": "cfs-bob", "role": "admin",
+              **cmd}
+    assert _hand(shared, "cfs-alice", **forged) == "EACCES"
+    assert _hand(shared, "cfs-alice", **{**forged, "outcome": "error"}) == "EACCES"
+    assert _hand(shared, "cfs-carol", **forged) == "EACCES"  # a supervisor manages nothing
+    assert _hand(shared, "cfs-tech", **forged) == "EACCES"
+    assert _hand(shared, "cfs-tech", event="rotation", outcome="allowed", kind="slots",
+                 command="cryptfs rotate") == "accepted"
+    assert _hand(shared, "cfs-admin", **{**forged, "role": "agent"}) == "accepted"
+    assert _hand(shared, "cfs-admin", **{**forged, "role": "root"}) == "EACCES"  # no such role
+    # One's own passphrase is everyone's to change; another's is a manager's.
+    assert _hand(shared, "cfs-carol", event="passwd", outcome="allowed", target="cfs-carol",
+                 command="cryptfs user passwd") == "accepted"
+    assert _hand(shared, "cfs-carol", event="passwd", outcome="allowed", target="cfs-bob",
+                 command="cryptfs user passwd") == "EACCES"
+    # An agent's own refused attempt: accepted, whatever its reason says.
+    assert _hand(shared, "cfs-alice", event="user-add", outcome="denied", reason=FORMULA,
+                 **cmd) == "accepted"
+    shared.mount.stop()
+
+    alice, admin = (pwd.getpwnam(u).pw_uid for u in ("cfs-alice", "cfs-admin"))
+    rs = records(logdir)
+    adds = [(r["uid"], r["outcome"], r.get("target"), r.get("role")) for r in rs
+            if r["event"] == "user-add"]
+    assert adds == [(0, "allowed", "cfs-tech", "technician"), (0, "allowed", "cfs-admin", "admin"),
+                    (admin, "allowed", "cfs-bob", "agent"), (alice, "denied", None, None)]
+    assert not any(r["event"] == "user-add" and r["outcome"] != "denied" and r["uid"] == alice
+                   for r in rs)
+    refused = [(r["user"], r["claimed"], r["reason"]) for r in rs
+               if r["event"] == "command-record"]
+    assert refused == [
+        ("cfs-alice", "user-add", "role agent may not run user-add (only admin)"),
+        ("cfs-alice", "user-add", "role agent may not run user-add (only admin)"),
+        ("cfs-carol", "user-add", "role supervisor may not run user-add (only admin)"),
+        ("cfs-tech", "user-add", "role technician may not run user-add (only admin)"),
+        ("cfs-admin", "user-add", "the record names no role the user could be given"),
+        ("cfs-carol", "passwd", "role supervisor may not run passwd (only admin)"),
+    ]
+    assert all(r["outcome"] == "denied" for r in rs if r["event"] == "command-record")
+    assert not any(r["event"] == "setxattr" for r in rs)  # (the refusal is the record)
+    # The formula an agent put in a reason is text in the auditor's spreadsheet.
+    out = run_cli("audit", "export", str(logdir), "--format", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    mine = [row for row in rows if row["user"] == "cfs-alice" and row["event"] == "user-add"]
+    assert [row["reason"] for row in mine] == ["'" + FORMULA]
+    assert not any(cell.startswith(("=", "+", "@", "\t", "\r")) for row in rows
+                   for cell in row.values())
+    assert all(row["seq"].isdigit() and row["uid"].lstrip("-").isdigit()
+               for row in rows)  # (numbers stay numbers)
+    pub = (logdir / "audit.pub").read_text()
+    assert al.verify(str(logdir), al.parse_verifier(pub)).ok

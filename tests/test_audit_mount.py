@@ -253,3 +253,48 @@ def test_no_change_is_made_that_its_record_cannot_follow(tmp_path: Path, backing
         assert al.verify(str(logdir), al.parse_verifier(pub)).ok
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _cli_verify(logdir: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("audit", "verify", str(logdir), "--key", str(logdir / "audit.pub"),
+                   check=False)
+
+
+def test_a_sealed_line_verifies_only_byte_for_byte(tmp_path: Path,
+                                                   logged: tuple[Mount, Path]) -> None:
+    """Root edits a sealed line so that it parses to the same record (duplicate
+    keys in front, spacing, a CR): grep and a SIEM that keeps the first of two
+    keys see forged values, so verify must fail, naming segment and line."""
+    m, logdir = logged
+    subprocess.run(["cp", "/etc/hostname", str(m.path("note.txt"))], check=True)
+    subprocess.run(["cat", str(m.path("note.txt"))], check=True, capture_output=True)
+    m.stop()  # (seals the tail)
+    res = _cli_verify(logdir)
+    assert res.returncode == 0 and "verdict: valid" in res.stdout, res.stdout + res.stderr
+    seg = sorted(logdir.glob("segment-*.log"))[0]
+    lines = seg.read_bytes().split(b"\n")
+    n = next(i for i, ln in enumerate(lines) if b'"event":"open"' in ln)
+    seq = json.loads(lines[n])["seq"]
+    forged = b'{"exe":"/usr/bin/forged","path":"/not/what/was/read",' + lines[n][1:]
+    # (what the chain covers is unchanged for a parser that keeps the last key)
+    assert json.loads(forged) == json.loads(lines[n])
+    spaced = lines[n].replace(b'","', b'", "', 1)
+    edits = {"duplicate keys": forged, "a space": spaced, "a CR": lines[n] + b"\r",
+             "key order": b'{"seq":%d,' % seq + lines[n][1:].replace(b'"seq":%d,' % seq, b"", 1),
+             "h sorted in": json.dumps(json.loads(lines[n]), sort_keys=True, separators=(",", ":"),
+                                       ensure_ascii=False).encode(),
+             "an escape": lines[n].replace(b'"event"', b'"\\u0065vent"', 1)}
+    for what, line in edits.items():
+        assert json.loads(line) == json.loads(lines[n]), what
+        copy = tmp_path / f"copy-{what.replace(' ', '-')}"
+        shutil.copytree(logdir, copy)
+        target = sorted(copy.glob("segment-*.log"))[0]
+        target.write_bytes(b"\n".join(lines[:n] + [line] + lines[n + 1:]))
+        res = _cli_verify(copy)
+        assert res.returncode == 6, (what, res.stdout, res.stderr)
+        assert f"first bad: {seg.name} line {n + 1} (seq {seq}): its bytes are not the record " \
+               "as written" in res.stdout, (what, res.stdout)
+        assert "modified: 1 " in res.stdout and "does not verify" in res.stderr
+        assert "Traceback" not in res.stderr
+    # The untouched log still verifies.
+    assert _cli_verify(logdir).returncode == 0
