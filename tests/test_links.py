@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def _rootpf(shared: Shared) -> Path:
     return pf
 
 
-def _mask_crm(shared: Shared, check: bool = True):  # type: ignore[no-untyped-def]
+def _mask_crm(shared: Shared, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run_cli("policy", "set", str(shared.backing), "/crm", "--mode", "aes-256-gcm",
                    "--mask", "*.csv", *(x for c in COLUMNS for x in ("--column", c)),
                    "--passphrase-file", str(_rootpf(shared)), check=check)
@@ -243,6 +244,13 @@ def test_a_hard_link_does_not_lift_the_mask(shared: Shared) -> None:
     # Removing the name outside the mask is fine (the file stays masked).
     assert run_as("cfs-carol", "rm", pub).returncode == 0
     assert run_as("cfs-alice", "cat", crm).stdout == MASKED
+    # A link into the mask works, even for an agent, and masks the file under both names.
+    shared.path("pub", "new.csv").write_bytes(CUSTOMERS)
+    os.chmod(shared.path("pub", "new.csv"), 0o666)
+    res = run_as("cfs-alice", "ln", str(shared.path("pub", "new.csv")),
+                 str(shared.path("crm", "new.csv")))
+    assert res.returncode == 0, res.stderr
+    assert run_as("cfs-alice", "cat", str(shared.path("pub", "new.csv"))).stdout == MASKED
     shared.mount.stop()
     alice = [(r["path"], r["outcome"], r.get("decision")) for r in records(logdir)
              if r["user"] == "cfs-alice" and r["event"] == "open"]
