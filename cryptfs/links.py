@@ -84,9 +84,14 @@ def under(path: str, directory: str) -> bool:
     return directory == "/" or path == directory or path.startswith(directory + "/")
 
 
+class _Blind(Exception):
+    """A rule's directory exists, maybe, but cannot be reached (a directory
+    IV on its way is damaged, or a directory cannot be read)."""
+
+
 def _plain_dir_rel(root_fd: int, path: str, codec: NameCodec) -> str | None:
     """The backing path (relative to the tree) of plaintext directory ``path``;
-    None if there is none."""
+    None if there is no such directory."""
     fd = os.dup(root_fd)
     rel = []
     try:
@@ -97,8 +102,10 @@ def _plain_dir_rel(root_fd: int, path: str, codec: NameCodec) -> str | None:
             os.close(fd)
             fd = sub
             rel.append(backing)
-    except (OSError, IntegrityError):
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except (OSError, IntegrityError):
+        raise _Blind from None
     finally:
         os.close(fd)
     return "/".join(rel) or "."
@@ -108,16 +115,20 @@ Entry = tuple[int, str | None, bytes | None, os.DirEntry[str]]
 
 
 def _entries(root_fd: int, top: str, top_plain: str | None, codec: NameCodec | None,
-             skip: set[tuple[int, int]]) -> Generator[Entry, None, None]:
+             skip: set[tuple[int, int]], skip_rel: frozenset[str] = frozenset()
+             ) -> Generator[Entry, None, None]:
     """Every entry that is not a directory at or below ``top`` (a backing path
     relative to ``root_fd``), as (its directory's fd, that directory's
     plaintext path or None if unknown or not asked for, its IV or None, the
-    entry).  Directories in ``skip`` (device, inode) are not entered, and
-    each one entered is added to it; nothing on another filesystem is."""
+    entry).  Directories in ``skip`` (device, inode) or at a backing path in
+    ``skip_rel`` are not entered; each one entered is added to ``skip``;
+    nothing on another filesystem is."""
     dev = os.fstat(root_fd).st_dev
     stack: list[tuple[str, str | None]] = [(top, top_plain)]
     while stack:
         rel, plain = stack.pop()
+        if rel in skip_rel:
+            continue
         try:
             fd = os.open(rel, _DIR_FLAGS, dir_fd=root_fd)
         except OSError:
@@ -184,10 +195,17 @@ def find_names(tree_root: str, codec: NameCodec, st: os.stat_result, policy: Pol
         found: list[tuple[str, str]] = []
         unplaced = 0  # found under a rule directory, but the name or a directory's does not decrypt
         walked: set[tuple[int, int]] = set()
+        tops: set[str] = set()
         for d in restricting_dirs(policy):
-            rel = _plain_dir_rel(root_fd, d, codec)
+            try:
+                rel = _plain_dir_rel(root_fd, d, codec)
+            except _Blind:
+                # (names below it cannot be told from names elsewhere: every
+                # name not found yet is unknown)
+                return Names(tuple(found), max(unplaced, st.st_nlink - len(found)))
             if rel is None:
                 continue  # (no such directory: it holds no name)
+            tops.add(rel)
             gen = _entries(root_fd, rel, d, codec, walked)
             try:
                 for dir_fd, plain, diriv, e in gen:
@@ -203,9 +221,10 @@ def find_names(tree_root: str, codec: NameCodec, st: os.stat_result, policy: Pol
             finally:
                 gen.close()
         # The names not found yet: elsewhere in the tree (under no restricting
-        # rule), or outside it.
+        # rule), or outside it.  (Nothing below a rule's directory counts as
+        # elsewhere, even if it could not be read the first time.)
         outside = 0
-        gen = _entries(root_fd, ".", None, None, walked)
+        gen = _entries(root_fd, ".", None, None, set(), frozenset(tops))
         try:
             for dir_fd, _, _, e in gen:
                 if _is_it(dir_fd, e, st):

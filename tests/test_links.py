@@ -145,6 +145,16 @@ def test_a_name_that_cannot_be_placed_is_unknown(built: Tree, tmp_path: Path) ->
     assert names.found == (("/crm", "h.csv"),) and names.unknown == 1
 
 
+def test_a_rule_directory_that_cannot_be_reached_leaves_every_name_unknown(built: Tree) -> None:
+    st = built.create("/crm/deep/h.csv")
+    built.link("/crm/deep/h.csv", "/pub/h.txt")
+    diriv = Path(built.backing_path("/crm"), ".diriv")
+    diriv.chmod(0o644)
+    diriv.write_bytes(b"short")  # (damaged: /crm/deep cannot be found from its name)
+    names = built.names(st, _policy(Rule("/crm/deep", "aes-256-gcm", masks=(MASK,))))
+    assert names.found == () and names.unknown == 2  # (not "one name elsewhere")
+
+
 def test_what_a_set_of_names_is_governed_by() -> None:
     policy = _policy(CRM, Rule("/crm2", "aes-256-gcm", masks=(OTHER_MASK,)),
                      Rule("/crm/open", "aes-256-gcm", masks=()))
