@@ -18,7 +18,9 @@ from cryptfs.cli.common import (
 )
 from cryptfs.errors import UsageError
 from cryptfs.export import cryptfs_mount_of
+from cryptfs.links import Straddler, straddling
 from cryptfs.masking import FORMATS, parse_columns
+from cryptfs.names import NameCodec
 from cryptfs.ops import RECIPIENTS_XATTR, SHARE_XATTR
 from cryptfs.policy import (
     UNTRUSTED,
@@ -130,9 +132,45 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
             store_policy(vol.config, vol.keys, rules)
             vol.save_config()
         recovery = vol.config.recovery is not None
+        straddlers = _straddlers(vol, rule)
     finally:
         vol.close()
     click.echo(f"{rule.path}: {_describe(rule, recovery)}")
+    _warn_straddlers(rule.path, straddlers)
+
+
+def _straddlers(vol: Volume, rule: Rule) -> list[Straddler] | str:
+    """Files with hard links inside and outside a rule that restricts (a
+    message instead if the tree cannot be read)."""
+    if not (rule.masks or rule.programs):
+        return []
+    try:
+        return straddling(vol.tree, NameCodec(vol.keys), rule.path)
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def _warn_straddlers(path: str, found: list[Straddler] | str) -> None:
+    if isinstance(found, str):
+        click.echo(f"cryptfs: warning: cannot look for hard-linked files across {path} "
+                   f"({found}): a file with names inside and outside it is protected under "
+                   "every name", err=True)
+        return
+    if not found:
+        return
+    click.echo(f"cryptfs: warning: {len(found)} file(s) with hard links both inside and outside "
+               f"{path}: each is now protected by this rule under every one of its names "
+               "(docs/POLICY.md, hard links):", err=True)
+    for s in found:
+        more = f" (and {s.missing} name(s) outside the tree or that do not decrypt)" \
+            if s.missing else ""
+        click.echo("cryptfs: warning:   " + " = ".join(map(_shown, s.names)) + more, err=True)
+
+
+def _shown(path: str) -> str:
+    """A plaintext path as one printable line (names may hold any byte but / and NUL)."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _masks(glob: str | None, fmt: str, columns: tuple[str, ...], none: bool

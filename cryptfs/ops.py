@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from cryptfs import rotate, sysio, tree, views
+from cryptfs import links, rotate, sysio, tree, views
 from cryptfs.audit import Auditor
 from cryptfs.audit_events import AUDIT_XATTR, parse_command_record
 from cryptfs.config import CONFIG_NAME, load_config, user_authority
@@ -248,6 +248,8 @@ class CryptOperations(pyfuse3.Operations):
         self._keyrings: dict[int | None, Keyring] = {}  # by uid (gated) or None: see _keyring
         self._own_private: Secret | None = getattr(vol, "private", None)
         self._plain_paths: dict[str, bytes | None] = {}  # backing dir path -> plaintext path
+        self._names = links.NamesCache()  # every name of hard-linked files (see _names_of)
+        self._epoch = 0  # renames, links and removals made here (they may move names)
         self._backing_fd = os.open(vol.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._config_stamp = self._stat_config()
         self._rotation: rotate.Progress | None = None
@@ -569,11 +571,138 @@ class CryptOperations(pyfuse3.Operations):
                       "open refused")
             raise pyfuse3.FUSEError(errno.EACCES)
         rule = self.policy.programs_for(where)
-        if rule is None:
-            return None
-        allowed, fields = self._identify.decide(rule, pid)
-        self._decision = fields
-        return None if allowed else rule
+        return self._untrusted_by([rule] if rule is not None else [], pid)
+
+    def _untrusted_by(self, rules: list[Rule], pid: int) -> Rule | None:
+        """Of ``rules`` (every trusted-programs rule that governs a name of the
+        file), one that does not trust the program asking: one that denies
+        rather than one that serves the ciphertext, if any does.  None: every
+        rule trusts it."""
+        self._decision = None
+        refusing: list[tuple[Rule, dict[str, Any]]] = []
+        trusted: dict[str, Any] | None = None
+        for rule in rules:
+            allowed, fields = self._identify.decide(rule, pid)
+            if not allowed:
+                refusing.append((rule, fields))
+            elif trusted is None:
+                trusted = fields
+        if refusing:
+            rule, fields = next(((r, f) for r, f in refusing if r.untrusted != "ciphertext"),
+                                refusing[0])
+            self._decision = fields
+            return rule
+        if trusted is not None:
+            if len(rules) > 1:  # (a hard-linked file: trusted by the rule of every name)
+                trusted["rule"] = ", ".join(r.path for r in rules)
+            self._decision = trusted
+        return None
+
+    def _programs_of(self, inode: Inode) -> list[Rule]:
+        """The trusted-programs rules that govern a file: of its one name's
+        directory, or (hard links) of every name's (docs/POLICY.md)."""
+        names = self._other_names(inode)
+        if names is not None:
+            return names.programs(self.policy)
+        where = self._plain_dir_of(inode)
+        if where is None:
+            log.error("cannot work out a file's directory for the trusted-programs rule: "
+                      "refused")
+            raise pyfuse3.FUSEError(errno.EACCES)
+        rule = self.policy.programs_for(where)
+        return [rule] if rule is not None else []
+
+    # -- hard links: every name of a file ------------------------------------------------------
+    def _other_names(self, inode: Inode) -> links.Names | None:
+        """Every name of a file that a restricting rule could govern; None if
+        it has exactly one name, the one its descriptor was opened through
+        (that name is then exact and needs no walk)."""
+        st = os.fstat(inode.fd)
+        if st.st_nlink == 1:
+            try:
+                here = os.stat(os.readlink(proc_path(inode.fd)), follow_symlinks=False)
+                if (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+                    return None
+            except OSError:
+                pass  # (that name was removed: another one is the file's now)
+        return self._names_of_stat(st)
+
+    def _names_of_stat(self, st: os.stat_result) -> links.Names:
+        if st.st_nlink == 0:
+            return links.Names((), unknown=1)  # (removed, and reopened: its place is unknown)
+        names = self._names.get(st, self.policy, self._epoch)
+        if names is None:
+            names = links.find_names(self._tree_root, self.codec, st, self.policy)
+            self._names.put(st, self.policy, self._epoch, names)
+        return names
+
+    def _names_of(self, inode: Inode) -> links.Names:
+        """Every name of a file under a restricting rule (one, or all its hard links)."""
+        names = self._other_names(inode)
+        if names is not None:
+            return names
+        where = self._plain_dir_of(inode)
+        name = self._plain_name_of(inode)
+        if where is None or name is None:
+            return links.Names((), unknown=1)
+        return links.Names(((where, name),))
+
+    def _guard_link(self, ctx: pyfuse3.RequestContext, inode: Inode, dst_dir: str | None,
+                    new_name: bytes) -> None:
+        """A new name for a file.  It keeps every rule of its other names (the
+        strictest of all governs it), so a link out of a rule takes nothing
+        out of it; still, an agent may not link a masked file to a name
+        another mask or none covers, nor a program a trusted-programs rule
+        does not trust link a file out of that rule (as for a rename)."""
+        if dst_dir is None:
+            raise pyfuse3.FUSEError(errno.EACCES)  # (where it goes is not known: no link)
+        names = self._names_of(inode)
+        p_new = new_name.decode("utf-8", "surrogateescape")
+        if self._mask_rules and ctx.uid in self._masked:
+            masks = names.masks(self.policy)
+            if names.unknown or (masks and self.policy.mask_for(dst_dir, p_new) not in masks):
+                self._decision = {"decision": "masked file: not moved out of its mask"}
+                raise pyfuse3.FUSEError(errno.EACCES)
+        if self._program_rules:
+            here = self.policy.programs_for(dst_dir)
+            if self._untrusted_by([r for r in names.programs(self.policy) if r != here],
+                                  ctx.pid) is not None:
+                self._decision = {**(self._decision or {}),
+                                  "decision": "not moved out of its trusted-programs rule by a "
+                                              "program it does not trust"}
+                raise pyfuse3.FUSEError(errno.EACCES)
+            self._decision = None
+
+    def _guard_file(self, ctx: pyfuse3.RequestContext, where: str | None, p_name: bytes,
+                    st: os.stat_result, what: str) -> None:
+        """A regular file ``p_name`` in directory ``where`` that is about to be
+        renamed, removed or replaced (``what``).  A program that a
+        trusted-programs rule of any of the file's names does not trust may do
+        none of these.  And nobody removes or replaces the last name a mask
+        covers while the file keeps other names: that would take it out of
+        the mask as a rename would (EACCES, recorded)."""
+        if not stat.S_ISREG(st.st_mode):
+            return
+        if where is None:
+            self._decision = {"decision": f"not {what}: the file's directory is unknown"}
+            raise pyfuse3.FUSEError(errno.EACCES)
+        name = p_name.decode("utf-8", "surrogateescape")
+        names = (self._names_of_stat(st) if st.st_nlink > 1
+                 else links.Names(((where, name),)))
+        if self._program_rules:
+            if self._untrusted_by(names.programs(self.policy), ctx.pid) is not None:
+                self._decision = {**(self._decision or {}),
+                                  "decision": f"not {what} by a program its trusted-programs "
+                                              "rule does not trust"}
+                raise pyfuse3.FUSEError(errno.EACCES)
+            self._decision = None
+        if self._mask_rules and what != "renamed" and st.st_nlink > 1:
+            mask = self.policy.mask_for(where, name)
+            rest = names.without(where, name)
+            if mask is not None and (rest.unknown or mask not in rest.masks(self.policy)):
+                self._decision = {"decision": f"masked file: not {what} while it has hard links "
+                                              "outside its mask (that would move it out)"}
+                raise pyfuse3.FUSEError(errno.EACCES)
 
     def _public_of(self, uid: int) -> bytes | None:
         """The creator's X25519 public key: the requesting user's (gated) or the mount's."""
@@ -586,7 +715,6 @@ class CryptOperations(pyfuse3.Operations):
     def _new_file_keys(self, parent: Inode, uid: int) -> tuple[ContentMode, Any]:
         """Content mode and key wrapper of a file created in ``parent`` by ``uid``,
         as the directory's policy rule says (default: the volume's mode, symmetric)."""
-        self._refresh_config()  # (a stat: a policy set since the mount started applies)
         if not self.policy.rules:
             return self.vol.default_mode, self.wrapper
         where = self._plain_dir(parent)
@@ -760,6 +888,7 @@ class CryptOperations(pyfuse3.Operations):
         self.policy = Policy()
         self._program_rules = False
         self._plain_paths.clear()
+        self._names.clear()
         for inode in self._inodes.values():
             inode.content = None  # reloaded (header checked again) at the next use
             if inode.kind == stat.S_IFLNK:
@@ -1096,9 +1225,10 @@ class CryptOperations(pyfuse3.Operations):
     def _guard_move(self, ctx: pyfuse3.RequestContext, src_dir: str | None,
                     src_name: str | bytes | None, dst_dir: str | None, dst_name: str | bytes,
                     is_dir: bool) -> None:
-        """A rename or link must not take a file out of what protects it: the
-        mask an agent sees it through, or a trusted-programs rule (for a
-        program that rule does not trust).  EACCES otherwise."""
+        """A rename must not take a file out of what protects it: the mask
+        agents see it through (whoever renames: declassifying is a policy
+        change, never a move), or a trusted-programs rule (for a program that
+        rule does not trust).  EACCES otherwise."""
         if src_dir is None or dst_dir is None or src_name is None:
             raise pyfuse3.FUSEError(errno.EACCES)  # (where it is is not known: no move)
         name_src = src_name if isinstance(src_name, str) else src_name.decode(
@@ -1111,7 +1241,7 @@ class CryptOperations(pyfuse3.Operations):
         # below it nowhere (they stay with the old paths).
         below = [r for p, r in self.policy.rules.items()
                  if is_dir and (p + "/").startswith(src_path + "/")]
-        if self._mask_rules and ctx.uid in self._masked:
+        if self._mask_rules:
             if is_dir:
                 moved_out = any(r.masks for r in below) or (
                     self.policy.masks_at(src_path) and (
@@ -1136,12 +1266,20 @@ class CryptOperations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.EACCES)
 
     def _mask_of(self, inode: Inode) -> MaskRule | None:
-        where = self._plain_dir_of(inode)
-        name = self._plain_name_of(inode)
-        if where is None or name is None:
-            self._decision = {"decision": "masked view refused: the file's name is unknown"}
+        """The mask a file is served through to masked roles: of its name, or
+        of any of its hard links' (two different ones: refused)."""
+        names = self._names_of(inode)
+        if names.unknown:
+            self._decision = {"decision": "masked view refused: the file's name is unknown"
+                              if not names.found else
+                              "masked view refused: a name of the file (a hard link) is unknown"}
             raise pyfuse3.FUSEError(errno.EACCES)
-        return self.policy.mask_for(where, name)
+        masks = names.masks(self.policy)
+        if len(masks) > 1:
+            self._decision = {"decision": "masked view refused: its hard links are under "
+                                          "different masks"}
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return next(iter(masks), None)
 
     def _plain_name_of(self, inode: Inode) -> str | None:
         real = os.readlink(proc_path(inode.fd))
@@ -1345,6 +1483,13 @@ class CryptOperations(pyfuse3.Operations):
             self._refresh_config()
             if inode.kind != stat.S_IFREG:
                 raise pyfuse3.FUSEError(errno.EINVAL)
+            if self._program_rules and self._untrusted_by(self._programs_of(inode),
+                                                          ctx.pid) is not None:
+                self._decision = {**(self._decision or {}),
+                                  "decision": "not truncated by a program its trusted-programs "
+                                              "rule does not trust"}
+                raise pyfuse3.FUSEError(errno.EACCES)
+            self._decision = None
             if (ctx.uid in self._masked and self._mask_rules and fh not in self._files
                     and self._mask_of(inode) is not None):
                 raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view never cuts the file)
@@ -1426,6 +1571,7 @@ class CryptOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._allow(ctx.uid)
+        self._refresh_config()  # (a stat, first: a rule or role set since applies to all below)
         if ctx.uid in self._cipher_only:
             self._decision = {"decision": f"role {self._role_of(ctx.uid)}: writes no customer data"}
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -1471,11 +1617,11 @@ class CryptOperations(pyfuse3.Operations):
         parent = self._inode(new_parent_inode)
         self._refresh_config()
         if self._mask_rules or self._program_rules:
-            self._guard_move(ctx, self._plain_dir_of(inode), self._plain_name_of(inode),
-                             self._plain_dir(parent), new_name, inode.kind == stat.S_IFDIR)
+            self._guard_link(ctx, inode, self._plain_dir(parent), new_name)
         backing, full = self._backing(parent, new_name)
         with self._long_name(parent, backing, full):
             sysio.link_empty(inode.fd, parent.fd, backing)
+        self._epoch += 1
         st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         inode.nlookup += 1
         return self._attr(inode, st)
@@ -1485,7 +1631,12 @@ class CryptOperations(pyfuse3.Operations):
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
+        self._refresh_config()  # (a stat: a rule set since the mount started applies)
+        if self._mask_rules or self._program_rules:
+            self._guard_file(ctx, self._plain_dir(parent), name,
+                             os.stat(backing, dir_fd=parent.fd, follow_symlinks=False), "removed")
         os.unlink(backing, dir_fd=parent.fd)
+        self._epoch += 1
         if full:
             tree.remove_long_name(parent.fd, backing)
 
@@ -1495,6 +1646,7 @@ class CryptOperations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         tree.remove_empty_dir(parent.fd, backing)
+        self._epoch += 1
         if full:
             tree.remove_long_name(parent.fd, backing)
 
@@ -1509,11 +1661,21 @@ class CryptOperations(pyfuse3.Operations):
         self._refresh_config()  # (a stat: a rule set since the mount started applies)
         if self._mask_rules or self._program_rules:
             src, dst = self._plain_dir(old_parent), self._plain_dir(new_parent)
-            is_dir = stat.S_ISDIR(os.stat(b_old, dir_fd=old_parent.fd, follow_symlinks=False).st_mode)
-            self._guard_move(ctx, src, name_old, dst, name_new, is_dir)
-            if flags & pyfuse3.RENAME_EXCHANGE:
-                other = os.stat(b_new, dir_fd=new_parent.fd, follow_symlinks=False).st_mode
-                self._guard_move(ctx, dst, name_new, src, name_old, stat.S_ISDIR(other))
+            st_old = os.stat(b_old, dir_fd=old_parent.fd, follow_symlinks=False)
+            self._guard_move(ctx, src, name_old, dst, name_new, stat.S_ISDIR(st_old.st_mode))
+            self._guard_file(ctx, src, name_old, st_old, "renamed")
+            try:
+                st_new: os.stat_result | None = os.stat(b_new, dir_fd=new_parent.fd,
+                                                        follow_symlinks=False)
+            except FileNotFoundError:
+                st_new = None
+            if st_new is not None and flags & pyfuse3.RENAME_EXCHANGE:
+                self._guard_move(ctx, dst, name_new, src, name_old, stat.S_ISDIR(st_new.st_mode))
+                self._guard_file(ctx, dst, name_new, st_new, "renamed")
+            elif st_new is not None and (st_new.st_dev, st_new.st_ino) != (st_old.st_dev,
+                                                                          st_old.st_ino):
+                self._guard_file(ctx, dst, name_new, st_new, "replaced")
+        self._epoch += 1  # (before: a failed rename that moved something still counts)
         if flags & pyfuse3.RENAME_EXCHANGE:
             # Each name stays in its directory, so no name is re-encrypted.
             sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_EXCHANGE)
@@ -1555,7 +1717,7 @@ class CryptOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
             return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
         if self._program_rules:
-            rule = self._untrusted(self._plain_dir_of(inode), ctx.pid)
+            rule = self._untrusted_by(self._programs_of(inode), ctx.pid)
             if rule is not None:
                 if rule.untrusted != "ciphertext" or want_write:
                     raise pyfuse3.FUSEError(errno.EACCES)

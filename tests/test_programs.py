@@ -181,18 +181,22 @@ def test_an_untrusted_program_cannot_move_a_file_out_of_its_rule(
                          capture_output=True)
     assert res.returncode != 0 and b"Permission denied" in res.stderr
     assert not os.path.lexists(m.path("a.csv")) and not os.path.lexists(m.path("a2.csv"))
-    # Within the rule's directory, names may change.
-    subprocess.run(["mv", str(m.path("calls", "a.csv")), str(m.path("calls", "b.csv"))],
-                   check=True)
-    assert _cat(trusted, m.path("calls", "b.csv")).stdout == SECRET
+    # Nor may it rename the file within the rule's directory (issue 12: an
+    # untrusted program neither renames, removes nor truncates such files;
+    # this used to be allowed).
+    res = subprocess.run(["mv", str(m.path("calls", "a.csv")), str(m.path("calls", "b.csv"))],
+                         capture_output=True)
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    assert _cat(trusted, m.path("calls", "a.csv")).stdout == SECRET
     m.stop()
     # The refusals say why, and each decision stays with its own record.
     recs = [(r["event"], r["outcome"], r.get("decision")) for r in records(logdir)
             if r["event"] in ("rename", "link", "open") and r["outcome"] == "denied"
             or r.get("decision", "").startswith("trusted")]
     moved = "not moved out of its trusted-programs rule by a program it does not trust"
+    renamed = "not renamed by a program its trusted-programs rule does not trust"
     assert recs == [("rename", "denied", moved), ("link", "denied", moved),
-                    ("open", "allowed", "trusted program (by path)")]
+                    ("rename", "denied", renamed), ("open", "allowed", "trusted program (by path)")]
 
 
 MMAP_READ = ("import mmap, os, sys\n"
