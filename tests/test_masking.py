@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pwd
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -626,3 +627,65 @@ def test_every_way_someone_else_changes_the_file_ends_the_agents_reads(shared: S
             assert holder.do("read") == EACCES_LINE, change
         finally:
             holder.end()
+
+
+MAP_PAGE = ("import ctypes, mmap, os, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.mmap.restype = ctypes.c_void_p\n"
+            "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,"
+            " ctypes.c_int, ctypes.c_long]\n"
+            "def mapped(fd, flags):\n"
+            "    p = libc.mmap(None, 4096, mmap.PROT_READ, flags, fd, 0)\n"
+            "    return None if p == ctypes.c_void_p(-1).value else p\n"
+            "def page(p):\n"
+            "    return ctypes.string_at(p, 200).rstrip(b'\\0').hex()\n")
+# OWN_HANDLE, and its mappings of the file: "map" maps it (MAP_SHARED
+# tried first), "page" prints what the private mapping shows.
+MAP_HOLDER = MAP_PAGE + OWN_HANDLE.replace(
+    "        if cmd == 'write':",
+    "        if cmd == 'map':\n"
+    "            shared_map = mapped(fd, mmap.MAP_SHARED)\n"
+    "            private = mapped(fd, mmap.MAP_PRIVATE)\n"
+    "            print(shared_map is None and private is not None, flush=True)\n"
+    "        elif cmd == 'page':\n"
+    "            print(page(private), flush=True)\n"
+    "        elif cmd == 'write':")
+MAP_READ = MAP_PAGE + "print(page(mapped(os.open(sys.argv[1], os.O_RDONLY), mmap.MAP_PRIVATE)))\n"
+
+
+def test_an_agents_private_mapping_sees_no_page_another_read_brings_in(shared: Shared) -> None:
+    """An agent maps its own file privately (a shared mapping is refused on a
+    shared mount: ENODEV); a supervisor appends a row and maps the file too.
+    Mapped pages live in the kernel's one page cache of the file: the
+    supervisor's fault would put the row in clear into the agent's mapping,
+    with the daemon asked only for the supervisor.  Now the supervisor's read
+    is refused (logged) while the agent holds it, and the agent's mapping
+    faults (SIGBUS) rather than showing the row."""
+    logdir = bind_log(shared)
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    os.chmod(shared.path("calls"), 0o777)
+    _policy(shared, "--mask", "*.csv", "--column", "surname=keep")
+    f = shared.path("calls", "x.csv")
+    own = b"customer_id,pin,surname\nCUST-9,0000,Agent\n"
+    holder = ScriptHolder("cfs-alice", f, MAP_HOLDER)
+    try:
+        for row in own.decode().splitlines():
+            assert holder.do(f"write {row}") == "written"
+        assert holder.do("map") == "True"  # (MAP_SHARED refused, MAP_PRIVATE mapped)
+        assert bytes.fromhex(holder.do("page")) == own
+        assert run_as("cfs-carol", "sh", "-c", f"printf 'CUST-1,4821,Wang\\n' >> {f}"
+                      ).returncode == 0
+        res = run_as("cfs-carol", "python3", "-c", MAP_READ, str(f))
+        assert res.returncode == -signal.SIGBUS and b"4821".hex().encode() not in res.stdout
+        assert holder.do("page") == ""  # (the agent's mapping faults: SIGBUS, no output)
+        assert holder.proc.wait(10) == -signal.SIGBUS
+    finally:
+        holder.end()
+    shared.mount.stop()
+    from cryptfs.ownreads import FOREIGN_READ, HELD_FOREIGN
+    reads = [(r["user"], r["outcome"], r.get("decision"))
+             for r in records(logdir) if r["event"] == "read"]
+    assert ("cfs-carol", "denied", HELD_FOREIGN) in reads
+    assert ("cfs-alice", "denied", FOREIGN_READ) in reads
