@@ -541,7 +541,7 @@ def test_an_agent_reads_no_rows_others_wrote_through_its_create_handle(shared: S
         res = run_as("cfs-carol", "sh", "-c", f"printf 'CUST-1,4821,Wang\\n' >> {f}")
         assert res.returncode == 0, res.stderr
         got = holder.do("read")
-        assert got == EACCES_LINE and "4821".encode().hex() not in got
+        assert got == EACCES_LINE and b"4821".hex() not in got
         assert holder.do("read") == EACCES_LINE  # (for as long as it is open)
         res = run_as("cfs-carol", "cat", str(f))
         assert res.returncode != 0 and b"Permission denied" in res.stderr and b"4821" not in \
@@ -598,7 +598,7 @@ def test_a_file_moved_into_a_mask_while_an_agent_holds_it_open(shared: Shared) -
         assert run_as("cfs-carol", "sh", "-c", "printf 'CUST-2,7777,Li\\n' >> "
                       f"{shared.path('calls', 'b.csv')}").returncode == 0
         got = b.do("read")
-        assert got == EACCES_LINE and "7777".encode().hex() not in got
+        assert got == EACCES_LINE and b"7777".hex() not in got
     finally:
         b.end()
     view = _read_as("cfs-alice", shared.path("calls", "b.csv")).stdout
