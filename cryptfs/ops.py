@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from cryptfs import links, rotate, sysio, tree, views
+from cryptfs import links, ownreads, rotate, sysio, tree, views
 from cryptfs.audit import Auditor
 from cryptfs.audit_events import AUDIT_XATTR, parse_command_record
 from cryptfs.config import CONFIG_NAME, load_config, user_authority
@@ -115,7 +115,7 @@ class _Handle:
     (only a readable handle can be mapped to read, which matters when gated)."""
 
     __slots__ = ("inode", "uid", "readable", "pid", "exe", "path", "opened", "nread", "nwritten",
-                 "raw", "view", "policy")
+                 "raw", "view", "policy", "own_only", "foreign")
 
     def __init__(self, inode: Inode, uid: int, readable: bool, pid: int = 0, path: str = "") -> None:
         self.inode = inode
@@ -130,6 +130,8 @@ class _Handle:
         self.raw = -1  # a read-only fd of the backing file: a ciphertext view (trusted programs)
         self.view: bytes | None = None  # a masked view (roles that see masked data)
         self.policy: Any = None  # the policy (and roles) it was opened under
+        self.own_only = False  # plaintext of a masked role: reads only its own (ownreads)
+        self.foreign = False  # someone else changed the file's plaintext since it was opened
 
 
 class _Dir:
@@ -1168,6 +1170,7 @@ class CryptOperations(pyfuse3.Operations):
         self._files[fh] = handle
         inode.handles.add(handle)
         handle.policy = self.policy
+        handle.own_only = not view and uid in self._masked
         if view or self.gated:
             inode.viewed = inode.viewed or view
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
@@ -1203,6 +1206,18 @@ class CryptOperations(pyfuse3.Operations):
                 and self._mask_of(handle.inode) is not None):
             raise pyfuse3.FUSEError(errno.EACCES)
         handle.policy = self.policy
+
+    def _own_reads(self, handle: _Handle, inode: Inode) -> None:
+        """A plaintext read, refused (EACCES) where it could show a masked role
+        what someone else wrote into a file a mask governs (cryptfs.ownreads):
+        through that role's own handle, or into the page cache its mapping
+        shares.  Costs nothing until someone else changes such a file."""
+        if not (self._mask_rules and ownreads.foreign_held(inode.handles)):
+            return
+        if self._mask_of(inode) is not None:
+            self._decision = {"decision": ownreads.FOREIGN_READ if handle.foreign
+                              else ownreads.HELD_FOREIGN}
+            raise pyfuse3.FUSEError(errno.EACCES)
 
     def _ciphertext_handle(self, inode: Inode, uid: int, flags: int, pid: int
                            ) -> pyfuse3.FileInfo:
@@ -1498,7 +1513,9 @@ class CryptOperations(pyfuse3.Operations):
             try:
                 # (an open handle's own truncate needs no new check: drop boxes)
                 uid = None if fh is not None and fh in self._files else ctx.uid
-                self._content(inode, want_write=True, uid=uid).truncate(attr.st_size)
+                content = self._content(inode, want_write=True, uid=uid)
+                ownreads.changed_by(inode.handles, ctx.uid)
+                content.truncate(attr.st_size)
             finally:
                 self._unload_content(inode)
         if fields.update_mode and inode.kind != stat.S_IFLNK:
@@ -1730,6 +1747,7 @@ class CryptOperations(pyfuse3.Operations):
         try:
             content = self._content(inode, want_write, ctx.uid)
             if flags & os.O_TRUNC:
+                ownreads.changed_by(inode.handles, ctx.uid)
                 content.truncate(0)
         except BaseException:
             self._unload_content(inode)
@@ -1750,7 +1768,9 @@ class CryptOperations(pyfuse3.Operations):
             self._handle(fh, reading=True)
             data = handle.view[off:off + size]
         else:
-            data = self._content(self._handle(fh, reading=True), want_write=False).read(off, size)
+            inode = self._handle(fh, reading=True)
+            self._own_reads(handle, inode)
+            data = self._content(inode, want_write=False).read(off, size)
         if self.audit is not None:  # (counted for the close record only)
             self._files[fh].nread += len(data)
         return data
@@ -1767,6 +1787,7 @@ class CryptOperations(pyfuse3.Operations):
         content = self._content(self._handle(fh), want_write=True)
         if handle.view is not None and off < content.size:
             raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view appends; it never overwrites)
+        ownreads.changed_by(handle.inode.handles, handle.uid)
         n = content.write(off, buf)
         if self.audit is not None:
             self._files[fh].nwritten += n

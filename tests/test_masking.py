@@ -10,8 +10,10 @@ import io
 import json
 import os
 import pwd
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -485,3 +487,207 @@ def test_a_handle_opened_before_a_token_column_was_set_writes_no_more(shared: Sh
     finally:
         holder.end()
     assert run_as("cfs-carol", "cat", str(f)).stdout == (REAL + "CUST-00000001,0001,A\n").encode()
+
+
+# -- an agent's own plaintext handle reads only what it wrote (issue 12) --------------------------
+
+OWN_HANDLE = ("import os, sys\n"
+              "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)\n"
+              "os.fchmod(fd, 0o666)\n"
+              "print('opened', flush=True)\n"
+              "for line in sys.stdin:\n"
+              "    cmd, _, arg = line.rstrip('\\n').partition(' ')\n"
+              "    try:\n"
+              "        if cmd == 'write':\n"
+              "            os.write(fd, arg.encode() + b'\\n')\n"
+              "            print('written', flush=True)\n"
+              "        else:\n"
+              "            print(os.pread(fd, 65536, 0).hex() or '-', flush=True)\n"
+              "    except OSError as e:\n"
+              "        print(e.errno, flush=True)\n")
+EACCES_LINE = "13"
+
+
+def _read_as(user: str, path: Path, want: int = 0) -> subprocess.CompletedProcess[bytes]:
+    """cat as ``user``, retried for a moment until it exits with ``want`` (a
+    killed holder's handle is released by the kernel a little later)."""
+    deadline = time.monotonic() + 5
+    while True:
+        res = run_as(user, "cat", str(path))
+        if (res.returncode == 0) == (want == 0) or time.monotonic() > deadline:
+            return res
+        time.sleep(0.1)
+
+
+def test_an_agent_reads_no_rows_others_wrote_through_its_create_handle(shared: Shared) -> None:
+    """The reproduction: an agent creates /calls/export.csv under a mask and
+    keeps it open; a supervisor appends a customer row.  The agent's reads
+    through its handle stop (EACCES, logged), the supervisor's row never in
+    them; until then it reads back its own rows.  While that handle is open,
+    nobody else's read is served (a private mapping of the agent's would see
+    the pages it brings in); once it is closed, the agent gets the masked view."""
+    logdir = bind_log(shared)
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    os.chmod(shared.path("calls"), 0o777)
+    _policy(shared, "--mask", "*.csv", "--column", "surname=keep")
+    f = shared.path("calls", "export.csv")
+    holder = ScriptHolder("cfs-alice", f, OWN_HANDLE)
+    try:
+        assert holder.do("write customer_id,pin,surname") == "written"
+        assert holder.do("write CUST-9,0000,Agent") == "written"
+        own = b"customer_id,pin,surname\nCUST-9,0000,Agent\n"
+        assert bytes.fromhex(holder.do("read")) == own  # (its own rows, in clear)
+        assert bytes.fromhex(holder.do("read")) == own  # (and again: nothing changed)
+        res = run_as("cfs-carol", "sh", "-c", f"printf 'CUST-1,4821,Wang\\n' >> {f}")
+        assert res.returncode == 0, res.stderr
+        got = holder.do("read")
+        assert got == EACCES_LINE and b"4821".hex() not in got
+        assert holder.do("read") == EACCES_LINE  # (for as long as it is open)
+        res = run_as("cfs-carol", "cat", str(f))
+        assert res.returncode != 0 and b"Permission denied" in res.stderr and b"4821" not in \
+            res.stdout
+    finally:
+        holder.end()
+    assert _read_as("cfs-carol", f).stdout == own + b"CUST-1,4821,Wang\n"
+    view = _read_as("cfs-alice", f).stdout
+    assert view.endswith(b"******,****,Wang\n") and b"4821" not in view
+    shared.mount.stop()
+    reads = [(r["user"], r["outcome"], r.get("path"), r.get("decision"))
+             for r in records(logdir) if r["event"] == "read"]
+    from cryptfs.ownreads import FOREIGN_READ, HELD_FOREIGN
+    assert reads.count(("cfs-alice", "denied", "/calls/export.csv", FOREIGN_READ)) == 2
+    assert ("cfs-carol", "denied", "/calls/export.csv", HELD_FOREIGN) in reads
+
+
+def test_a_file_moved_into_a_mask_while_an_agent_holds_it_open(shared: Shared) -> None:
+    """Moved into a masked directory with the agent's handle open: the agent
+    still reads what it wrote, and what it read in clear where no mask was;
+    a row someone else writes (before or after the move) is not served once
+    a mask governs the file."""
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    for d in ("calls", "pub"):
+        shared.path(d).mkdir(mode=0o777)
+        os.chmod(shared.path(d), 0o777)
+    _policy(shared, "--mask", "*.csv", "--column", "surname=keep")
+    own = b"customer_id,pin,surname\nCUST-9,0000,Agent\n"
+    # a.csv: moved by the agent itself; the supervisor writes after the move.
+    a = ScriptHolder("cfs-alice", shared.path("pub", "a.csv"), OWN_HANDLE)
+    try:
+        for row in own.decode().splitlines():
+            assert a.do(f"write {row}") == "written"
+        assert run_as("cfs-alice", "mv", str(shared.path("pub", "a.csv")),
+                      str(shared.path("calls", "a.csv"))).returncode == 0
+        assert bytes.fromhex(a.do("read")) == own  # (its own rows, under the mask too)
+        assert run_as("cfs-carol", "sh", "-c", "printf 'CUST-1,4821,Wang\\n' >> "
+                      f"{shared.path('calls', 'a.csv')}").returncode == 0
+        assert a.do("read") == EACCES_LINE
+    finally:
+        a.end()
+    # b.csv: the supervisor writes where no mask is (the agent may read that),
+    # then moves the file under the mask.
+    b = ScriptHolder("cfs-alice", shared.path("pub", "b.csv"), OWN_HANDLE)
+    try:
+        for row in own.decode().splitlines():
+            assert b.do(f"write {row}") == "written"
+        assert run_as("cfs-carol", "sh", "-c", "printf 'CUST-1,4821,Wang\\n' >> "
+                      f"{shared.path('pub', 'b.csv')}").returncode == 0
+        assert bytes.fromhex(b.do("read")) == own + b"CUST-1,4821,Wang\n"  # (no mask here)
+        assert run_as("cfs-carol", "mv", str(shared.path("pub", "b.csv")),
+                      str(shared.path("calls", "b.csv"))).returncode == 0
+        assert run_as("cfs-carol", "sh", "-c", "printf 'CUST-2,7777,Li\\n' >> "
+                      f"{shared.path('calls', 'b.csv')}").returncode == 0
+        got = b.do("read")
+        assert got == EACCES_LINE and b"7777".hex() not in got
+    finally:
+        b.end()
+    view = _read_as("cfs-alice", shared.path("calls", "b.csv")).stdout
+    assert view.endswith(b"******,****,Li\n") and b"7777" not in view
+
+
+def test_every_way_someone_else_changes_the_file_ends_the_agents_reads(shared: Shared) -> None:
+    """A supervisor's truncate (setattr size), an O_TRUNC overwrite and a write
+    in place, each into a file an agent created under a mask and holds open."""
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    os.chmod(shared.path("calls"), 0o777)
+    _policy(shared, "--mask", "*.csv", "--column", "surname=keep")
+    for n, change in enumerate(("truncate -s 30 {f}",
+                                "printf 'customer_id,pin,surname\\nCUST-1,4821,Wang\\n' > {f}",
+                                "printf 'CUST-1,4821,Wang' | dd of={f} bs=1 seek=24 conv=notrunc")):
+        f = shared.path("calls", f"e{n}.csv")
+        holder = ScriptHolder("cfs-alice", f, OWN_HANDLE)
+        try:
+            assert holder.do("write customer_id,pin,surname") == "written"
+            assert holder.do("write CUST-9,0000,Agent") == "written"
+            assert holder.do("read") != EACCES_LINE
+            res = run_as("cfs-carol", "sh", "-c", change.format(f=f))
+            assert res.returncode == 0, (change, res.stderr)
+            assert holder.do("read") == EACCES_LINE, change
+        finally:
+            holder.end()
+
+
+MAP_PAGE = ("import ctypes, mmap, os, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.mmap.restype = ctypes.c_void_p\n"
+            "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,"
+            " ctypes.c_int, ctypes.c_long]\n"
+            "def mapped(fd, flags):\n"
+            "    p = libc.mmap(None, 4096, mmap.PROT_READ, flags, fd, 0)\n"
+            "    return None if p == ctypes.c_void_p(-1).value else p\n"
+            "def page(p):\n"
+            "    return ctypes.string_at(p, 200).rstrip(b'\\0').hex()\n")
+# OWN_HANDLE, and its mappings of the file: "map" maps it (MAP_SHARED
+# tried first), "page" prints what the private mapping shows.
+MAP_HOLDER = MAP_PAGE + OWN_HANDLE.replace(
+    "        if cmd == 'write':",
+    "        if cmd == 'map':\n"
+    "            shared_map = mapped(fd, mmap.MAP_SHARED)\n"
+    "            private = mapped(fd, mmap.MAP_PRIVATE)\n"
+    "            print(shared_map is None and private is not None, flush=True)\n"
+    "        elif cmd == 'page':\n"
+    "            print(page(private), flush=True)\n"
+    "        elif cmd == 'write':")
+MAP_READ = MAP_PAGE + "print(page(mapped(os.open(sys.argv[1], os.O_RDONLY), mmap.MAP_PRIVATE)))\n"
+
+
+def test_an_agents_private_mapping_sees_no_page_another_read_brings_in(shared: Shared) -> None:
+    """An agent maps its own file privately (a shared mapping is refused on a
+    shared mount: ENODEV); a supervisor appends a row and maps the file too.
+    Mapped pages live in the kernel's one page cache of the file: the
+    supervisor's fault would put the row in clear into the agent's mapping,
+    with the daemon asked only for the supervisor.  Now the supervisor's read
+    is refused (logged) while the agent holds it, and the agent's mapping
+    faults (SIGBUS) rather than showing the row."""
+    logdir = bind_log(shared)
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    os.chmod(shared.path("calls"), 0o777)
+    _policy(shared, "--mask", "*.csv", "--column", "surname=keep")
+    f = shared.path("calls", "x.csv")
+    own = b"customer_id,pin,surname\nCUST-9,0000,Agent\n"
+    holder = ScriptHolder("cfs-alice", f, MAP_HOLDER)
+    try:
+        for row in own.decode().splitlines():
+            assert holder.do(f"write {row}") == "written"
+        assert holder.do("map") == "True"  # (MAP_SHARED refused, MAP_PRIVATE mapped)
+        assert bytes.fromhex(holder.do("page")) == own
+        assert run_as("cfs-carol", "sh", "-c", f"printf 'CUST-1,4821,Wang\\n' >> {f}"
+                      ).returncode == 0
+        res = run_as("cfs-carol", "python3", "-c", MAP_READ, str(f))
+        assert res.returncode == -signal.SIGBUS and b"4821".hex().encode() not in res.stdout
+        assert holder.do("page") == ""  # (the agent's mapping faults: SIGBUS, no output)
+        assert holder.proc.wait(10) == -signal.SIGBUS
+    finally:
+        holder.end()
+    shared.mount.stop()
+    from cryptfs.ownreads import FOREIGN_READ, HELD_FOREIGN
+    reads = [(r["user"], r["outcome"], r.get("decision"))
+             for r in records(logdir) if r["event"] == "read"]
+    assert ("cfs-carol", "denied", HELD_FOREIGN) in reads
+    assert ("cfs-alice", "denied", FOREIGN_READ) in reads
