@@ -49,6 +49,13 @@ MAX_HEADER_LEN = 0xFFFF
 # header (a random disk read per file when listing a cold directory).
 LAYOUT_XATTR = "user.cryptfs-layout"
 
+# A mark on the backing file, set by the mount before the first write of a
+# role that sees masked data (an agent): the file may hold rows that role
+# chose, so its masked views show no tokens (docs/POLICY.md, Tokens).  Its
+# presence is all that counts (value b"1"); removing it takes write access
+# to the backing directory.
+AGENT_ROWS_XATTR = "user.cryptfs-agent-rows"
+
 
 def layout_hint(mode: ContentMode, h_len: int) -> bytes:
     return struct.pack(">BH", mode.mode_id, h_len)

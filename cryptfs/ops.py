@@ -43,7 +43,7 @@ from cryptfs.audit_events import AUDIT_XATTR, parse_command_record
 from cryptfs.config import CONFIG_NAME, load_config, user_authority
 from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
 from cryptfs.errors import CryptfsError
-from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
+from cryptfs.header import AGENT_ROWS_XATTR, LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
 from cryptfs.keys import VolumeKeys
 from cryptfs.masking import NotStructured
 from cryptfs.modes import IntegrityError, content_mode_by_name
@@ -95,7 +95,7 @@ class Inode:
     """What the filesystem holds for one inode the kernel has looked up."""
 
     __slots__ = ("ino", "fd", "access", "kind", "nlookup", "handles", "diriv", "meta", "content",
-                 "viewed")
+                 "viewed", "agent_rows")
 
     def __init__(self, ino: int, fd: int, kind: int, access: int = os.O_PATH) -> None:
         self.ino = ino
@@ -108,6 +108,7 @@ class Inode:
         self.meta: Any = None  # regular: (block overhead, header length); symlink: target
         self.content: ContentFile | None = None  # regular files while open
         self.viewed = False  # a masked or encrypted view was served: its pages may be cached
+        self.agent_rows = False  # marked (AGENT_ROWS_XATTR) as written by a masked role
 
 
 class _Handle:
@@ -1376,7 +1377,32 @@ class CryptOperations(pyfuse3.Operations):
         same file (the agent's file put at the export's name) would invert."""
         if self.keys is None or os.fstat(inode.fd).st_uid in self._masked:
             return None
+        if inode.agent_rows:
+            return None
+        try:
+            os.getxattr(proc_path(inode.fd), AGENT_ROWS_XATTR)
+            return None  # (a masked role wrote into it: some rows may be its choice)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                return None  # (cannot tell: no tokens)
         return self.keys.mask_token_key(content.header.file_id)
+
+    def _mark_agent_rows(self, inode: Inode) -> None:
+        """Before a masked role's first write into a file: mark it, so that its
+        masked views never show tokens (rows it chose would be a dictionary
+        for the others, even after the file moved into a mask or a token
+        column was added).  A file that cannot be marked is not written."""
+        if inode.agent_rows:
+            return
+        try:
+            os.setxattr(proc_path(inode.fd), AGENT_ROWS_XATTR, b"1")
+        except OSError as e:
+            log.error("inode %d: cannot mark the file as written by a masked role (%s): "
+                      "write refused", inode.ino, e.strerror)
+            self._decision = {"decision": "not written: the file cannot be marked as holding "
+                                          "rows of a masked role (its tokens would be an oracle)"}
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        inode.agent_rows = True
 
     def _view_still_writable(self, handle: _Handle) -> None:
         """A masked view opened for writing under an older policy: no more
@@ -1787,6 +1813,8 @@ class CryptOperations(pyfuse3.Operations):
         content = self._content(self._handle(fh), want_write=True)
         if handle.view is not None and off < content.size:
             raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view appends; it never overwrites)
+        if handle.uid in self._masked:
+            self._mark_agent_rows(handle.inode)
         ownreads.changed_by(handle.inode.handles, handle.uid)
         n = content.write(off, buf)
         if self.audit is not None:

@@ -456,6 +456,41 @@ def test_an_agent_cannot_learn_the_token_of_a_value_it_chose(shared: Shared) -> 
     assert alice.count(refusal) == 2
 
 
+def test_rows_an_agent_wrote_before_the_file_came_under_a_token_mask_show_no_tokens(
+        shared: Shared) -> None:
+    """The same oracle by another road: an agent appends candidates to a real
+    file while no mask covers it, then a supervisor moves the file into a
+    directory whose mask tokenises (moving into a mask is allowed).  The file
+    carries the mark of an agent's write, so its view shows no tokens; a file
+    no agent wrote into, next to it, still shows them."""
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    for d in ("pub", "calls"):
+        shared.path(d).mkdir(mode=0o777)
+        os.chmod(shared.path(d), 0o777)
+    touched, clean = shared.path("pub", "customers.csv"), shared.path("calls", "clean.csv")
+    for f in (touched, clean):
+        f.write_bytes(REAL.encode())
+        os.chmod(f, 0o666)
+    _policy(shared, "--mask", "*.csv", *(x for c in TOKEN_COLUMNS for x in ("--column", c)))
+    assert run_as("cfs-alice", "sh", "-c",
+                  f"printf 'CUST-00000234,4821,Cand\\n' >> {touched}").returncode == 0
+    moved = shared.path("calls", "customers.csv")
+    assert run_as("cfs-carol", "mv", str(touched), str(moved)).returncode == 0
+    view = _rows(run_as("cfs-alice", "cat", str(moved)).stdout)
+    assert [r[2] for r in view] == ["Wang", "Smith", "Cand"]
+    assert {(i, p) for i, p, _ in view} == {("*" * 13, "****")}  # (no tokens at all)
+    shown = _rows(run_as("cfs-alice", "cat", str(clean)).stdout)
+    assert shown[0][0] != "*" * 13 and all(c in "0123456789abcdef" for c in shown[0][0])
+    # (the supervisor still reads every row in clear)
+    assert run_as("cfs-carol", "cat", str(moved)).stdout == (
+        REAL + "CUST-00000234,4821,Cand\n").encode()
+    # The mark is on the backing file (it outlives the mount's memory): one file has it.
+    marked = [f for f in (shared.backing / "tree").rglob("*") if f.is_file()
+              and "user.cryptfs-agent-rows" in os.listxattr(f)]
+    assert len(marked) == 1 and os.getxattr(marked[0], "user.cryptfs-agent-rows") == b"1"
+
+
 APPENDER = ("import os, sys\n"
             "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)\n"
             "print('opened', flush=True)\n"
