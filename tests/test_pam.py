@@ -103,7 +103,7 @@ def test_snippet_default_locks_and_never_sees_the_password() -> None:
     assert commented == ["auth optional pam_exec.so expose_authtok quiet /usr/bin/cryptfs-pam "
                          "unlock --backing /srv/x"]
     text = SNIPPET.read_text()
-    assert "3.5.1.2" in text and "@include cryptfs" in text
+    assert "3.5.1.3" in text and "@include cryptfs" in text
 
 
 def adapt(line: str, setup: Setup, log: Path | None = None) -> str:
