@@ -9,7 +9,7 @@ Two jobs, each one line of PAM configuration (packaging/pam/cryptfs):
 * ``unlock --backing DIR``, in the auth stack with ``expose_authtok``: unlock
   the user's key slot of DIR with the password just typed at login.  Opt-in
   only: it makes the login password the volume passphrase, which PCI DSS
-  3.5.1.2 forbids for disk-level encryption; use it only where the operator
+  3.5.1.3 forbids for disk-level encryption; use it only where the operator
   accepts that.
 
 pam_exec runs this as the uid of the login service (root for login, sshd,
@@ -154,7 +154,7 @@ def unlock(backings: tuple[str, ...], agent_socket: str | None) -> None:
     """Unlock PAM_USER's key slot of each DIR with the password on standard input.
 
     Opt-in, and only where the operator accepts that the login password
-    opens the volume (PCI DSS 3.5.1.2 forbids that for disk-level
+    opens the volume (PCI DSS 3.5.1.3 forbids that for disk-level
     encryption).  A volume in which the user has no key slot is skipped.
     Exits 0 if every volume with a slot was unlocked and there was one; 3 on a
     wrong password; 8 if the agent is unreachable or refused.

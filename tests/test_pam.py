@@ -206,7 +206,7 @@ def test_help() -> None:
     res = helper("--help")
     assert res.returncode == 0 and "lock" in res.stdout and "unlock" in res.stdout
     res = helper("unlock", "--help")
-    assert res.returncode == 0 and "expose_authtok" in res.stdout and "3.5.1.2" in res.stdout
+    assert res.returncode == 0 and "expose_authtok" in res.stdout and "3.5.1.3" in res.stdout
 
 
 def test_helper_bad_input(setup: Setup) -> None:
