@@ -106,14 +106,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _refuse_unknown_fields(d: dict[str, Any]) -> None:
     """Every object of the config, checked for fields this release does not write."""
+    def items(key: str) -> list[Any]:
+        v = d.get(key)
+        return v if isinstance(v, list) else []
+
     refuse_unknown(d, TOP_FIELDS)
     refuse_unknown(d.get("kdf"), KDF_FIELDS, "kdf.")
-    for i, slot in enumerate(d.get("slots") if isinstance(d.get("slots"), list) else []):
+    for i, slot in enumerate(items("slots")):
         refuse_unknown(slot, SLOT_FIELDS, f"slots[{i}].")
         if isinstance(slot, dict):
             refuse_unknown(slot.get("kdf"), SLOT_KDF_FIELDS, f"slots[{i}].kdf.")
     refuse_unknown(d.get("recovery"), RECOVERY_FIELDS, "recovery.")
-    for i, item in enumerate(d.get("retired") if isinstance(d.get("retired"), list) else []):
+    for i, item in enumerate(items("retired")):
         refuse_unknown(item, RETIRED_FIELDS, f"retired[{i}].")
     refuse_unknown(d.get("rotation"), ROTATION_FIELDS, "rotation.")
     refuse_unknown(d.get("chain"), CHAIN_FIELDS, "chain.")
