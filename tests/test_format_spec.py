@@ -2506,7 +2506,7 @@ def test_recovery_key_file_formats(v2_copy: tuple[Path, Volume, dict[str, Any]],
     for line, why in [(f"{RECOVERY_MAGIC_V1}:{vid}:{r}", "no authority key"),
                       (f"{RECOVERY_MAGIC}:{vid}:{r}", "bad key line"),
                       (f"{RECOVERY_MAGIC_V1}:{vid}:{r}:{a}", "bad key line"),
-                      (f"{RECOVERY_MAGIC}:{vid}:{r}:", "bad base64|0 bytes"),
+                      (f"{RECOVERY_MAGIC}:{vid}:{r}:", "bad base64|0 bytes|44 characters"),
                       (f"{RECOVERY_MAGIC}:{vid}:{r}:{a}:{a}", "bad key line"),
                       (f"{RECOVERY_MAGIC}:{vid}:{r}:{base64.b64encode(os.urandom(32)).decode()}",
                        "recovery wrapped")]:
