@@ -88,12 +88,18 @@ def passphrase_option(name: str = "--passphrase-file", help_text: str | None = N
         type=click.Path(dir_okay=False, allow_dash=True),
         default=None,
         help=help_text or "Read the passphrase from this file's first line "
-        "('-' for standard input) instead of prompting.",
+        "('-' for standard input) instead of prompting: its bytes as they are, "
+        "without the line's LF or CRLF.",
     )
 
 
 def read_passphrase(path: str | None, prompt: str, confirm: bool = False) -> Secret:
-    """From a file (first line), else from the terminal (twice if ``confirm``)."""
+    """From a file (first line), else from the terminal (twice if ``confirm``).
+
+    From a file, the passphrase is the bytes of its first line as they are (no
+    decoding, no trimming of spaces), without the LF that ends the line and one
+    CR just before it; a file without a LF is one line.  From the terminal, the
+    typed text encoded as UTF-8.  (docs/FORMAT.md, "Opening a slot".)"""
     if path is not None:
         try:
             if path == "-":
@@ -103,7 +109,7 @@ def read_passphrase(path: str | None, prompt: str, confirm: bool = False) -> Sec
                     line = f.readline()
         except OSError as e:
             raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from None
-        value = line.rstrip(b"\r\n")
+        value = line.removesuffix(b"\n").removesuffix(b"\r")
     else:
         if not (sys.stdin.isatty() and os.isatty(sys.stderr.fileno())):
             raise UsageError("no terminal to ask for the passphrase",

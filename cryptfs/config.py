@@ -55,7 +55,73 @@ USER_KEY_LEN = 64  # a v2 slot's secret: the user's X25519 private key || the vo
 _SEALED_USER_KEY_LEN = _SLOT_NONCE_LEN + USER_KEY_LEN + 16
 _SLOT_MASTER_LABEL = b"cryptfs/v2/slot-master"
 _SLOT_MASTER_LEN = x25519.KEY_LEN + MASTER_KEY_LEN + x25519.TAG_LEN
-ROTATION_KINDS = ("slots", "wrap-key", "reencrypt")
+ROTATION_KINDS = ("wrap-key", "reencrypt")  # (a `--slots` rotation finishes at once: no record)
+
+# Every field this release writes, per object.  A config holding any other
+# is refused before anything in it is used: a newer release's field (perhaps
+# one that restricts something) must not be silently ignored, and a field
+# added after sealing must not pass because it was dropped before the MAC.
+TOP_FIELDS = frozenset({"cryptfs", "volume_id", "created", "default_mode", "features", "kdf",
+                        "key_id", "slots", "recovery", "base", "retired", "rotation", "policy",
+                        "chain", "audit", "mac"})
+KDF_FIELDS = frozenset({"algorithm", "ops", "mem_kib"})  # the default cost: no salt
+SLOT_KDF_FIELDS = KDF_FIELDS | {"salt"}
+SLOT_FIELDS = frozenset({"id", "label", "created", "kdf", "wrapped", "public", "master",
+                         "user", "uid", "role"})
+RECOVERY_FIELDS = frozenset({"public", "wrapped", "auth"})
+RETIRED_FIELDS = frozenset({"key_id", "wrapped"})
+ROTATION_FIELDS = frozenset({"kind", "started"})
+CHAIN_FIELDS = frozenset({"from", "mac"})
+AUDIT_FIELDS = frozenset({"dir", "key"})
+
+
+class UnknownField(ValueError):
+    """A config (or policy) object holds a field this release does not write."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"unknown field {where}: not written by this release; refused")
+
+
+def refuse_unknown(obj: Any, known: frozenset[str], where: str = "") -> None:
+    """UnknownField for the first key of ``obj`` (if a dict) not in ``known``."""
+    if isinstance(obj, dict):
+        for k in sorted(set(obj) - known, key=str):
+            raise UnknownField(f"{where}{k}")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (a reader that keeps the first
+    of two equal keys and one that keeps the last must not see two configs)."""
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise _DuplicateKey(repr(k))
+        seen.add(k)
+    return dict(pairs)
+
+
+def _refuse_unknown_fields(d: dict[str, Any]) -> None:
+    """Every object of the config, checked for fields this release does not write."""
+    def items(key: str) -> list[Any]:
+        v = d.get(key)
+        return v if isinstance(v, list) else []
+
+    refuse_unknown(d, TOP_FIELDS)
+    refuse_unknown(d.get("kdf"), KDF_FIELDS, "kdf.")
+    for i, slot in enumerate(items("slots")):
+        refuse_unknown(slot, SLOT_FIELDS, f"slots[{i}].")
+        if isinstance(slot, dict):
+            refuse_unknown(slot.get("kdf"), SLOT_KDF_FIELDS, f"slots[{i}].kdf.")
+    refuse_unknown(d.get("recovery"), RECOVERY_FIELDS, "recovery.")
+    for i, item in enumerate(items("retired")):
+        refuse_unknown(item, RETIRED_FIELDS, f"retired[{i}].")
+    refuse_unknown(d.get("rotation"), ROTATION_FIELDS, "rotation.")
+    refuse_unknown(d.get("chain"), CHAIN_FIELDS, "chain.")
+    refuse_unknown(d.get("audit"), AUDIT_FIELDS, "audit.")
 
 
 def b64e(b: bytes) -> str:
@@ -101,7 +167,7 @@ class Kdf:
         return cls(ops, mem, salt)
 
 
-_SLOT_FIELDS = ("id", "label", "kdf", "wrapped", "created", "public", "master")
+_SLOT_FIELDS = ("id", "label", "kdf", "wrapped", "created", "public", "master")  # (not `extra`)
 
 
 @dataclass
@@ -145,7 +211,10 @@ class Slot:
                 raise ValueError("bad slot key lengths")
         if len(wrapped) != (_SEALED_USER_KEY_LEN if public is not None else _SEALED_KEY_LEN):
             raise ValueError("bad wrapped key length")
-        return cls(sid, label, Kdf.from_json(d.get("kdf")), wrapped, created, extra, public, master)
+        kdf = Kdf.from_json(d.get("kdf"))
+        if not kdf.salt:
+            raise ValueError("slot kdf without salt")
+        return cls(sid, label, kdf, wrapped, created, extra, public, master)
 
 
 @dataclass
@@ -303,7 +372,10 @@ class VolumeConfig:
     @classmethod
     def from_bytes(cls, raw: bytes) -> VolumeConfig:
         try:
-            d = json.loads(raw)
+            d = json.loads(raw, object_pairs_hook=_no_duplicates)
+        except _DuplicateKey as e:
+            raise NotAVolume(f"volume config names the field {e} twice: it was edited or damaged",
+                             hint="restore cryptfs.conf from a backup") from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise NotAVolume("volume config is not valid JSON (corrupt?)") from None
         if not isinstance(d, dict) or "cryptfs" not in d:
@@ -316,6 +388,7 @@ class VolumeConfig:
                 hint="use the cryptfs release that created the volume",
             )
         try:
+            _refuse_unknown_fields(d)
             features = d["features"]
             if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
                 raise ValueError("features")
@@ -355,9 +428,21 @@ class VolumeConfig:
                 raise NotAVolume(f"volume config says it is version {version} but is version "
                                  f"{cfg.version}: it was edited or damaged",
                                  hint="restore cryptfs.conf from a backup")
+            # The MAC is computed over the object as this release writes it
+            # (body()); it must be exactly the object as read, or something the
+            # parse dropped or normalised (a value's type, an order, a spelling)
+            # would go unauthenticated.
+            if canonical({**cfg.body(), "mac": b64e(cfg.mac)}) != canonical(d):
+                raise NotAVolume("volume config is not in the form this release writes "
+                                 "(a value of another type or spelling): it was edited or damaged",
+                                 hint="restore cryptfs.conf from a backup")
             return cfg
         except NotAVolume:
             raise
+        except UnknownField as e:
+            raise NotAVolume(f"volume config: {e}",
+                             hint="use the cryptfs release that wrote it, or restore "
+                                  "cryptfs.conf from a backup") from None
         except (KeyError, TypeError, ValueError, binascii.Error) as e:
             raise NotAVolume(f"volume config is malformed ({type(e).__name__}: {e})") from None
 

@@ -17,12 +17,17 @@ only ``A-Z a-z 0-9 - _``, so every backing name with a dot is cryptfs's own:
 
 Symlink targets and ``user.*`` xattr values are sealed with AES-256-GCM and a
 random 12-byte nonce: ``nonce || ciphertext || tag``.
+
+Extended attributes must fit Linux's limits once encrypted (a backing name of
+at most 255 bytes, a value of at most 64 KiB), so the plaintext limits are
+smaller: ``XATTR_NAME_MAX_PLAIN`` and ``XATTR_VALUE_MAX_PLAIN`` below.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import re
 
 from cryptography.exceptions import InvalidTag
 
@@ -41,17 +46,42 @@ XATTR_BACKING_PREFIX = "user.cryptfs."
 SYMLINK_AD = b"cryptfs/v1/symlink"
 MAX_SYMLINK_TARGET = 3000  # bytes of plaintext; the sealed, encoded target stays < 4096
 _NONCE_LEN = 12  # bytes
+_SIV_LEN = 16  # bytes AES-SIV adds
+_GCM_TAG_LEN = 16  # bytes
+XATTR_NAME_MAX = 255  # bytes: Linux's limit on an attribute name (backing names included)
+XATTR_SIZE_MAX = 65536  # bytes: Linux's limit on an attribute value (backing values included)
+
+
+def _b64u_len(n: int) -> int:
+    return (4 * n + 2) // 3
+
+
+# The longest plaintext attribute name (the whole name, "user." included)
+# whose backing name "user.cryptfs." + b64u(AES-SIV(name)) fits XATTR_NAME_MAX:
+# 165 bytes.  The largest value whose sealed form fits XATTR_SIZE_MAX: 65508.
+XATTR_NAME_MAX_PLAIN = max(n for n in range(XATTR_NAME_MAX + 1)
+                           if len(XATTR_BACKING_PREFIX) + _b64u_len(n + _SIV_LEN) <= XATTR_NAME_MAX)
+XATTR_VALUE_MAX_PLAIN = XATTR_SIZE_MAX - _NONCE_LEN - _GCM_TAG_LEN
 
 
 def b64u(b: bytes) -> str:
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode("ascii")
 
 
+_B64U = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def unb64u(s: str) -> bytes:
+    """The bytes of ``s`` in its one spelling :func:`b64u` writes (no padding, no
+    other character, no stray trailing bits): otherwise two backing names
+    would decrypt to one plaintext name."""
     try:
-        return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+        raw = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
     except (ValueError, TypeError):
         raise IntegrityError("bad base64") from None
+    if not _B64U.fullmatch(s) or b64u(raw) != s:
+        raise IntegrityError("bad base64")
+    return raw
 
 
 def long_name(c_name: str) -> str:

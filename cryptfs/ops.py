@@ -61,7 +61,15 @@ from cryptfs.modes.wrap import (
     recipient_tags,
     x25519_stanza,
 )
-from cryptfs.names import MAX_SYMLINK_TARGET, NAME_MAX, XATTR_BACKING_PREFIX, XATTR_PREFIX, NameCodec
+from cryptfs.names import (
+    MAX_SYMLINK_TARGET,
+    NAME_MAX,
+    XATTR_BACKING_PREFIX,
+    XATTR_NAME_MAX_PLAIN,
+    XATTR_PREFIX,
+    XATTR_VALUE_MAX_PLAIN,
+    NameCodec,
+)
 from cryptfs.policy import MaskRule, Policy, Rule, load_policy
 from cryptfs.programs import Identifier
 from cryptfs.roles import claim_refusal, slot_role
@@ -2177,6 +2185,8 @@ class CryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # only user.* is stored (encrypted)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if len(name) > XATTR_NAME_MAX_PLAIN:
+            raise pyfuse3.FUSEError(errno.ERANGE)  # its backing name would pass Linux's 255 bytes
         return proc_path(inode.fd), self.codec.xattr_name(name)
 
     @_edge("inode", "setxattr")
@@ -2197,6 +2207,8 @@ class CryptOperations(pyfuse3.Operations):
             self._share(inode, ctx.uid, value)
             return
         path, c_name = self._xattr_target(inode, name)
+        if len(value) > XATTR_VALUE_MAX_PLAIN:
+            raise pyfuse3.FUSEError(errno.E2BIG)  # sealed, it would pass Linux's 64 KiB
         os.setxattr(path, c_name, self.codec.seal_xattr(c_name, value))
 
     @_edge("inode")

@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
-from cryptfs.config import VolumeConfig
+from cryptfs.config import UnknownField, VolumeConfig, refuse_unknown
 from cryptfs.errors import NotAVolume, UsageError
 from cryptfs.keys import VolumeKeys
 from cryptfs.masking import FORMATS, Function, Mask
@@ -42,6 +42,10 @@ _AD = b"cryptfs/v2/policy"
 HYBRID_PREFIX = "hybrid-"
 MAX_RULES = 1000
 UNTRUSTED = ("deny", "ciphertext")
+# The fields this release writes (cryptfs.config.refuse_unknown: any other is refused).
+POLICY_FIELDS = frozenset({"version", "rules"})
+RULE_FIELDS = frozenset({"path", "mode", "hybrid", "recipients", "dropbox", "programs",
+                         "untrusted", "masks"})
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ class Rule:
     def from_json(cls, d: Any) -> Rule:
         if not isinstance(d, dict):
             raise ValueError("rule")
+        refuse_unknown(d, RULE_FIELDS, f"policy.rules[{d.get('path')!r}].")
         path, mode = d.get("path"), d.get("mode")
         recipients = d.get("recipients", [])
         if not isinstance(path, str) or normalise(path) != path or not isinstance(mode, str):
@@ -257,6 +262,7 @@ class Policy:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Policy:
         d = json.loads(raw)
+        refuse_unknown(d, POLICY_FIELDS, "policy.")
         if not isinstance(d, dict) or d.get("version") != 1 or not isinstance(d.get("rules"), list):
             raise ValueError("policy")
         rules = [Rule.from_json(r) for r in d["rules"]]
@@ -271,6 +277,9 @@ def load_policy(cfg: VolumeConfig, keys: VolumeKeys) -> Policy:
     try:
         raw = keys.policy.decrypt(sealed[:_NONCE_LEN], sealed[_NONCE_LEN:], _AD + cfg.volume_id)
         return Policy.from_bytes(raw)
+    except UnknownField as e:
+        raise NotAVolume(f"the volume's directory policy: {e}",
+                         hint="use the cryptfs release that wrote it") from None
     except (InvalidTag, ValueError, KeyError, UnicodeDecodeError, RecursionError):
         raise NotAVolume("the volume's directory policy does not decrypt or parse: the config "
                          "was damaged") from None

@@ -8,7 +8,8 @@ keep offline::
 
     # cryptfs recovery key of volume 6f1c...; created 2026-11-29T05:00:00Z
     # Whoever holds this file can decrypt every file of the volume. Keep it offline.
-    CRYPTFS-RECOVERY-KEY-1:6f1c...:<base64 of the 32-byte X25519 private key>
+    CRYPTFS-RECOVERY-KEY-2:6f1c...:<base64 of the 32-byte X25519 private key>:<base64 of
+        the volume's authority key>   (one line; "-1" files of version 1 configs lack the last)
 
 With it, the master key is recovered without any passphrase, the config is
 authenticated, and :func:`extract` writes the plaintext tree (or parts of
@@ -18,9 +19,9 @@ it) to a directory: no mount, no user, every mode of the volume.
 from __future__ import annotations
 
 import base64
-import binascii
 import errno
 import os
+import re
 import secrets
 import stat
 import time
@@ -103,20 +104,44 @@ def read_key_file(path: str) -> tuple[bytes, Secret]:
             raw = f.read(64 * 1024)
     except OSError as e:
         raise UsageError(f"cannot read the recovery key file {path}: {e.strerror}") from None
-    for line in raw.decode("utf-8", "replace").splitlines():
-        if line.startswith((PREFIX + ":", PREFIX2 + ":")):
-            fields = line.strip().split(":")
-            if len(fields) != (3 if line.startswith(PREFIX + ":") else 4):
-                break
+    key_line = _key_line(raw)
+    if key_line is not None:
+        fields = key_line.split(":")
+        if (fields[0], len(fields)) in ((PREFIX, 3), (PREFIX2, 4)) and _HEX32.fullmatch(fields[1]):
             try:
-                volume_id = bytes.fromhex(fields[1])
-                key = b"".join(base64.b64decode(f, validate=True) for f in fields[2:])
-            except (ValueError, binascii.Error):
-                break
-            if len(volume_id) == 16 and len(key) == x25519.KEY_LEN * (len(fields) - 2):
-                return volume_id, Secret(key)
-            break
-    raise UsageError(f"{path} is not a cryptfs recovery key file")
+                key = b"".join(_b64_key(f) for f in fields[2:])
+            except ValueError:
+                key = b""
+            if len(key) == x25519.KEY_LEN * (len(fields) - 2):
+                return bytes.fromhex(fields[1]), Secret(key)
+    raise UsageError(f"{path} is not a cryptfs recovery key file",
+                     hint="it holds one line CRYPTFS-RECOVERY-KEY-2:<volume id>:<key>:<key> "
+                          "besides blank and # comment lines (docs/FORMAT.md)")
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def _key_line(raw: bytes) -> str | None:
+    """The one line of a key file that is neither blank nor a ``#`` comment (each
+    line stripped of spaces, tabs and a CR); None unless the file is ASCII and
+    has exactly one such line."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    lines = [ln.strip(" \t\r") for ln in text.split("\n")]
+    keys = [ln for ln in lines if ln and not ln.startswith("#")]
+    return keys[0] if len(keys) == 1 else None
+
+
+def _b64_key(text: str) -> bytes:
+    """32 bytes in standard base64 with padding, in its one canonical spelling
+    (44 characters; ValueError otherwise)."""
+    raw = base64.b64decode(text, validate=True) if len(text) == 44 else b""
+    if len(raw) != x25519.KEY_LEN or base64.b64encode(raw).decode() != text:
+        raise ValueError("not a key")
+    return raw
 
 
 def unlock_with_recovery_key(cfg: VolumeConfig, volume_id: bytes, key: Secret) -> VolumeKeys:

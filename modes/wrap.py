@@ -19,11 +19,17 @@ X25519 recipient stanza (type 2), body of 88 bytes (hybrid mode)::
 ``ad`` is supplied by the caller (the file header's fixed prefix), so a
 wrapped key cannot be moved to another file.  Nonce rule: random per
 symmetric wrap; a fresh ephemeral key per X25519 wrap.
+
+Reading is strict: every stanza is parsed and checked (a type other than
+these three, or a symmetric or X25519 stanza of another length, is an
+integrity error wherever it stands), and every stanza the reader holds a key
+for is opened: each must open, and all must give the same file key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 
@@ -54,8 +60,16 @@ class Stanza:
         return struct.pack(">BH", self.type, len(self.body)) + self.body
 
 
+# Body length of each stanza type (None: any).
+BODY_LEN: dict[int, int | None] = {STANZA_PADDING: None, STANZA_SYMMETRIC: _SYM.size,
+                                   STANZA_X25519: X25519_BODY_LEN}
+
+
 def decode_stanzas(data: bytes | memoryview, count: int) -> tuple[list[Stanza], int]:
-    """Parse ``count`` stanzas from the start of ``data``; returns them and bytes used."""
+    """Parse ``count`` stanzas from the start of ``data``; returns them and bytes used.
+
+    Each is checked: its type is known and its body has that type's length
+    (IntegrityError otherwise), before any of them is used."""
     out: list[Stanza] = []
     pos = 0
     for _ in range(count):
@@ -65,6 +79,11 @@ def decode_stanzas(data: bytes | memoryview, count: int) -> tuple[list[Stanza], 
         pos += 3
         if pos + length > len(data):
             raise IntegrityError("truncated stanza")
+        if typ not in BODY_LEN:
+            raise IntegrityError("unknown stanza type")
+        want = BODY_LEN[typ]
+        if want is not None and length != want:
+            raise IntegrityError("bad stanza length")
         out.append(Stanza(typ, bytes(data[pos : pos + length])))
         pos += length
     return out, pos
@@ -125,24 +144,32 @@ class Keyring:
         raise TypeError("a keyring only unwraps")
 
     def unwrap(self, stanzas: list[Stanza], ad: bytes) -> bytes:
+        """The file key.  Every stanza is checked, and every one this keyring
+        has a key for is opened (not only the first): each must open and all
+        must agree, or the header is damaged (IntegrityError).  None to open:
+        NotARecipient for a hybrid file, NotForMe for a symmetric one."""
+        found: bytes | None = None
         for st in stanzas:
+            if BODY_LEN.get(st.type, -1) not in (None, len(st.body)):
+                raise IntegrityError()
+            key: bytes | None = None
             if st.type == STANZA_SYMMETRIC:
-                if len(st.body) != _SYM.size:
-                    raise IntegrityError()
                 w = self.symmetric.get(struct.unpack_from(">I", st.body)[0])
                 if w is not None:
-                    return w.unwrap([st], ad)
+                    key = w.open_stanza(st, ad)
             elif st.type == STANZA_X25519:
-                if len(st.body) != X25519_BODY_LEN:
-                    raise IntegrityError()
                 private = self.privates.get(st.body[:TAG_LEN])
                 if private is not None:
                     try:
-                        return x25519.unwrap(st.body[TAG_LEN:], private, FILE_KEY_LABEL, ad)
+                        key = x25519.unwrap(st.body[TAG_LEN:], private, FILE_KEY_LABEL, ad)
                     except NotForMe:
                         raise IntegrityError() from None
-            elif st.type != STANZA_PADDING:
-                raise IntegrityError()
+            if key is not None:
+                if found is not None and not hmac.compare_digest(key, found):
+                    raise IntegrityError()
+                found = key
+        if found is not None:
+            return found
         if is_hybrid(stanzas):
             raise NotARecipient()
         raise NotForMe()
@@ -161,17 +188,18 @@ class SymmetricWrapper:
         return [Stanza(STANZA_SYMMETRIC, body)]
 
     def unwrap(self, stanzas: list[Stanza], ad: bytes) -> bytes:
-        for st in stanzas:
-            if st.type != STANZA_SYMMETRIC:
-                continue
-            if len(st.body) != _SYM.size:
-                raise IntegrityError()
-            key_id, nonce, ct = _SYM.unpack(st.body)
-            if key_id != self.key_id:
-                continue
-            try:
-                key = self._aead.decrypt(nonce, ct, ad)
-            except InvalidTag:
-                raise IntegrityError() from None
-            return key
-        raise NotForMe()
+        """As a keyring holding only this generation (every stanza checked)."""
+        return Keyring({self.key_id: self}).unwrap(stanzas, ad)
+
+    def open_stanza(self, st: Stanza, ad: bytes) -> bytes:
+        """The file key in one symmetric stanza of this generation (IntegrityError
+        if it does not open)."""
+        if st.type != STANZA_SYMMETRIC or len(st.body) != _SYM.size:
+            raise IntegrityError()
+        key_id, nonce, ct = _SYM.unpack(st.body)
+        if key_id != self.key_id:
+            raise IntegrityError()
+        try:
+            return self._aead.decrypt(nonce, ct, ad)
+        except InvalidTag:
+            raise IntegrityError() from None

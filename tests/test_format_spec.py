@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from nacl import bindings as sodium
 
-from conftest import PASSPHRASE, Mount, make_volume, new_mount
+from conftest import PASSPHRASE, Mount, make_volume, new_mount, run_cli
 
 DATA = Path(__file__).parent / "data"
 SAMPLES = sorted(p for p in DATA.iterdir() if p.is_dir() and p.name.startswith("sample-v"))
@@ -229,13 +229,57 @@ class Keys:
         return self.wraps[self.key_id]
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """FORMAT.md: "No object in it names a key twice"."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise SpecError(f"config: a key named twice in one object: {sorted(keys)!r}")
+    return dict(pairs)
+
+
+# FORMAT.md: the keys each object of the config may hold ("no object holds a key this page
+# does not name for it: a reader refuses such a config before using anything in it").
+CONFIG_KEYS = {"cryptfs", "volume_id", "created", "default_mode", "features", "kdf", "key_id",
+               "slots", "recovery", "base", "retired", "rotation", "policy", "chain", "audit", "mac"}
+KDF_KEYS = {"algorithm", "ops", "mem_kib"}                   # the config's default kdf: no salt
+SLOT_KDF_KEYS = KDF_KEYS | {"salt"}                          # a slot's kdf: the salt required
+SLOT_KEYS = {"id", "label", "created", "kdf", "wrapped"} | {"user", "uid", "role"} | V2_SLOT_KEYS
+OBJECT_KEYS = {"recovery": {"public", "wrapped", "auth"}, "rotation": {"kind", "started"},
+               "chain": {"from", "mac"}, "audit": {"dir", "key"}}
+RETIRED_KEYS = {"key_id", "wrapped"}
+POLICY_KEYS = {"version", "rules"}
+RULE_KEYS = {"path", "mode", "hybrid", "recipients", "dropbox", "programs", "untrusted", "masks"}
+
+
+def _only(obj: Any, keys: set[str], where: str) -> None:
+    if isinstance(obj, dict) and set(obj) - keys:
+        raise SpecError(f"config: unknown field(s) {sorted(set(obj) - keys)} in {where}")
+
+
+def check_known_keys(conf: dict[str, Any]) -> None:
+    _only(conf, CONFIG_KEYS, "the config")
+    _only(conf.get("kdf"), KDF_KEYS, "kdf")
+    for slot in conf.get("slots") if isinstance(conf.get("slots"), list) else []:
+        _only(slot, SLOT_KEYS, "a slot")
+        if isinstance(slot, dict):
+            _only(slot.get("kdf"), SLOT_KDF_KEYS, "a slot's kdf")
+            if isinstance(slot.get("kdf"), dict) and "salt" not in slot["kdf"]:
+                raise SpecError("config: a slot's kdf has no salt")
+    for key, keys in OBJECT_KEYS.items():
+        _only(conf.get(key), keys, key)
+    for item in conf.get("retired") if isinstance(conf.get("retired"), list) else []:
+        _only(item, RETIRED_KEYS, "an entry of retired")
+
+
 def load_config(backing: Path) -> dict[str, Any]:
     try:
-        conf = json.loads((backing / "cryptfs.conf").read_bytes().decode("utf-8"))
+        conf = json.loads((backing / "cryptfs.conf").read_bytes().decode("utf-8"),
+                          object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as e:
         raise SpecError(f"cryptfs.conf is not UTF-8 JSON: {e}") from e
     if not isinstance(conf, dict):
         raise SpecError("cryptfs.conf is not a JSON object")
+    check_known_keys(conf)
     return conf
 
 
@@ -249,7 +293,8 @@ def read_recovery_key(path: Path) -> tuple[bytes, bytes, bytes | None]:
         text = path.read_text("ascii")
     except UnicodeDecodeError as e:
         raise SpecError("recovery key file: not ASCII") from e
-    lines = [ln.strip() for ln in text.splitlines()]
+    # "lines end with LF (a CR before it is allowed); spaces and tabs around a line are ignored"
+    lines = [ln.strip(" \t\r") for ln in text.split("\n")]
     keys = [ln for ln in lines if ln and not ln.startswith("#")]
     if len(keys) != 1:
         raise SpecError("recovery key file: not exactly one key line")
@@ -263,6 +308,12 @@ def read_recovery_key(path: Path) -> tuple[bytes, bytes, bytes | None]:
         raise SpecError("recovery key file: bad volume id") from e
     if len(vid) != 16 or parts[1] != vid.hex():
         raise SpecError("recovery key file: bad volume id")
+    # "the standard alphabet with + and / (not the URL-safe one), with its = padding, so
+    # exactly 44 characters ending in =" (b64 in its one spelling, FORMAT.md Conventions)
+    for part in parts[2:]:
+        if len(part) != 44 or not part.endswith("=") or base64.b64encode(
+                b64(part, 32, "recovery key file: key")).decode() != part:
+            raise SpecError("recovery key file: a key is not 44 characters of canonical b64")
     r = b64(parts[2], 32, "recovery key file: r")
     a = b64(parts[3], 32, "recovery key file: A") if len(parts) == 4 else None
     return vid, r, a
@@ -536,7 +587,11 @@ def open_policy(base: bytes, volume_id: bytes, sealed: bytes) -> dict[str, Any]:
     if not isinstance(policy, dict) or policy.get("version") != 1 \
             or not isinstance(policy.get("rules"), list):
         raise SpecError(f"bad policy {policy!r}")
+    if set(policy) - POLICY_KEYS:
+        raise SpecError(f"policy: unknown field(s) {sorted(set(policy) - POLICY_KEYS)}")
     for rule in policy["rules"]:
+        if isinstance(rule, dict) and set(rule) - RULE_KEYS:
+            raise SpecError(f"policy rule: unknown field(s) {sorted(set(rule) - RULE_KEYS)}")
         ok = (isinstance(rule, dict) and isinstance(rule.get("path"), str)
               and rule["path"].startswith("/") and rule.get("mode") in MODE_IDS
               and isinstance(rule.get("hybrid"), bool) and isinstance(rule.get("dropbox"), bool)
@@ -611,21 +666,26 @@ def parse_header(keys: Keys, raw: bytes) -> Header:
     hybrid file with no stanza for this reader's keys."""
     hlen, mode_id, flags, file_id, stanzas = split_header(raw)
     ad = raw[0:8] + file_id
+    # "Which stanzas a reader opens: every one it holds a key for, not only the first ...
+    # Each of them must open, and all must give the same file_key."
     file_key = None
     for stype, body in stanzas:
         if stype == STANZA_SYMMETRIC:
             (kid,) = struct.unpack(">I", body[:4])
             if kid not in keys.wraps:
                 continue  # a generation this volume no longer holds: skipped
-            file_key = gcm_open(keys.wraps[kid], body[4:16], body[16:64], ad, "file key wrap")
+            key = gcm_open(keys.wraps[kid], body[4:16], body[16:64], ad, "file key wrap")
         elif stype == STANZA_X25519:
             tag = body[:8]
             if tag not in keys.private:
                 continue
-            file_key = x25519_unwrap(body[8:], keys.private[tag], "cryptfs/v1/file-key", ad,
-                                     "X25519 stanza")
-        if file_key is not None:
-            break
+            key = x25519_unwrap(body[8:], keys.private[tag], "cryptfs/v1/file-key", ad,
+                                "X25519 stanza")
+        else:
+            continue
+        if file_key is not None and not hmac.compare_digest(key, file_key):
+            raise SpecError("two stanzas open to different file keys")
+        file_key = key
     types = {t for t, _ in stanzas}
     if file_key is None:
         if STANZA_SYMMETRIC not in types and STANZA_X25519 in types:
@@ -2031,6 +2091,90 @@ def _chain0(c: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return c["chain"], "mac"
 
 
+# -- fields added after sealing, by a holder of the master who seals the config again: only
+# "no object holds a key this page does not name for it" stops these (the MAC verifies)
+ADDED_FIELD = "pepper"
+ADDED_AT: dict[str, Any] = {
+    "top": lambda c: c,
+    "kdf": lambda c: c["kdf"],
+    "slot": lambda c: c["slots"][0],
+    "slot-kdf": lambda c: c["slots"][0]["kdf"],
+    "recovery": lambda c: c["recovery"],
+    "retired": lambda c: c["retired"][0],
+    "chain": lambda c: c["chain"],
+    "rotation": lambda c: c.setdefault("rotation", {"kind": "wrap-key", "started": "2026-01-01T00:00:00Z"}),
+    "audit": lambda c: c.setdefault("audit", {"dir": "/var/log/cryptfs-audit", "key": "cryptfs-audit+x"}),
+}
+
+
+def _field_added(where: str):
+    return _resealed(lambda c: ADDED_AT[where](c).update({ADDED_FIELD: True}))
+
+
+def _policy_rule_field_added(backing: Path, vol: Volume) -> None:
+    """A holder of the master (so of the base key) adds a field to a policy rule, seals the
+    policy and the config again."""
+    vid = bytes.fromhex(vol.conf["volume_id"])
+    pkey, ad = hkdf(vol.keys.base, "cryptfs/v2/policy"), b"cryptfs/v2/policy" + vid
+    sealed = base64.b64decode(vol.conf["policy"])
+    policy = json.loads(gcm_open(pkey, sealed[:12], sealed[12:], ad, "policy"))
+    policy["rules"][0][ADDED_FIELD] = True
+    text = json.dumps(policy).encode()
+    remac(backing, vol.keys.master,
+          lambda c: c.update(policy=b64e(gcm_seal(pkey, text, ad))))
+
+
+def _key_named_twice(backing: Path, vol: Volume) -> None:
+    """`key_id` named twice with the same value: the parsed object, so the MAC, is unchanged;
+    a reader that kept the first of two different values would see another config."""
+    p = backing / "cryptfs.conf"
+    text = p.read_text().lstrip()
+    assert text.startswith("{")
+    p.write_text(f'{{"key_id": {vol.conf["key_id"]}, ' + text[1:])
+
+
+def symmetric_file(vol: Volume) -> bytes:
+    return min(p for p, e in vol.entries.items()
+               if e.kind == "file" and not e.hybrid and e.key_ids and len(e.data) > 100)
+
+
+def reheader(vol: Volume, plain: bytes, edit) -> None:
+    """Rewrite a symmetric file's header with ``edit(stanzas, file_key, ad) -> stanzas`` and a
+    valid header MAC (what a holder of the volume key can do): blocks are bound to the file id
+    and their index, not to their offset, so they stay valid when H changes.  Only the stanza
+    rules can catch the result."""
+    bp = vol.entries[plain].backing
+    raw = Path(bp).read_bytes()
+    hlen, mode_id, flags, file_id, stanzas = split_header(raw)
+    ad = raw[0:8] + file_id
+    (kid, body), = [(struct.unpack(">I", b[:4])[0], b) for t, b in stanzas if t == STANZA_SYMMETRIC]
+    file_key = gcm_open(vol.keys.wraps[kid], body[4:16], body[16:64], ad, "file key wrap")
+    new = edit(stanzas, file_key, ad, vol.keys.wraps[kid], kid)
+    blob = b"".join(struct.pack(">BH", t, len(b)) + b for t, b in new)
+    h = 29 + len(blob) + 32
+    head = raw[0:10] + struct.pack(">H", h) + file_id + bytes([len(new)]) + blob
+    mac_key = hkdf(file_key, "cryptfs/v1/file", 64)[32:]
+    Path(bp).write_bytes(head + hmac.new(mac_key, head, hashlib.sha256).digest() + raw[hlen:])
+
+
+def _sym_stanza(wrap_key: bytes, kid: int, file_key: bytes, ad: bytes) -> tuple[int, bytes]:
+    nonce = os.urandom(12)
+    return STANZA_SYMMETRIC, struct.pack(">I", kid) + nonce + AESGCM(wrap_key).encrypt(nonce, file_key, ad)
+
+
+STANZA_EDITS: dict[str, Any] = {
+    # the control: the same rewrite with nothing added must still read
+    "none": lambda st, fk, ad, wk, kid: st,
+    "unknown-type-after": lambda st, fk, ad, wk, kid: [*st, (7, b"later")],
+    "unknown-type-empty-after": lambda st, fk, ad, wk, kid: [*st, (200, b"")],
+    "symmetric-63-after": lambda st, fk, ad, wk, kid: [*st, (STANZA_SYMMETRIC, bytes(63))],
+    "x25519-87-after": lambda st, fk, ad, wk, kid: [*st, (STANZA_X25519, bytes(87))],
+    "second-symmetric-other-key": lambda st, fk, ad, wk, kid: [*st, _sym_stanza(wk, kid, os.urandom(32), ad)],
+    "second-symmetric-unopenable": lambda st, fk, ad, wk, kid: [
+        *st, (STANZA_SYMMETRIC, struct.pack(">I", kid) + os.urandom(60))],
+}
+
+
 TAMPERS_V2 = {
     # config fields; the MAC catches them
     "conf-retired-wrapped": _conf(_flip_b64_at(_retired0)),
@@ -2091,6 +2235,15 @@ TAMPERS_V2 = {
     "symmetric-stanza-added": t_symmetric_stanza_added,
     "hybrid-block": lambda backing, vol: t_last_byte(vol, HYBRID_FILE),
     "hybrid-sparse-zero-final-block": t_hybrid_sparse_final,
+    # fields added after sealing, at every level, and a key named twice
+    **{f"resealed-field-added-{where}": _field_added(where) for where in ADDED_AT},
+    "resealed-field-added-policy-rule": _policy_rule_field_added,
+    "conf-key-named-twice": _key_named_twice,
+    # a header whose MAC is right (made by a holder of the volume key) but whose stanzas after
+    # the one that opens break the stanza rules
+    **{f"stanza-{name}": (lambda name: lambda backing, vol: reheader(vol, symmetric_file(vol),
+                                                                       STANZA_EDITS[name]))(name)
+       for name in STANZA_EDITS if name != "none"},
 }
 # A tampered stanza is the reader's own or another recipient's; the other recipient's stanza
 # is caught by the header MAC, so both readers must fail on all of these.
@@ -2131,6 +2284,19 @@ def test_v2_untampered_controls(v2_copy: tuple[Path, Volume, dict[str, Any]]) ->
     assert views() == before
     bp, off, slen = _padding(backing, vol)
     assert Path(bp).read_bytes()[off:off + slen] == bytes(slen)
+
+
+def test_rewritten_header_control(v2_copy: tuple[Path, Volume, dict[str, Any]]) -> None:
+    """The stanza tampers fail for the right reason: the same header rewrite and re-MAC with
+    nothing added still reads, for both readers, and so does a second symmetric stanza that
+    opens to the same file key (every stanza opens, and all agree)."""
+    backing, vol, readers = v2_copy
+    plain = symmetric_file(vol)
+    for edit in (STANZA_EDITS["none"],
+                 lambda st, fk, ad, wk, kid: [*st, _sym_stanza(wk, kid, fk, ad), (0, bytes(5))]):
+        reheader(vol, plain, edit)
+        for how in readers.values():
+            assert decrypt_volume(backing, **how).entries[plain].data == vol.entries[plain].data
 
 
 def test_not_a_recipient_is_not_damage(v2_copy: tuple[Path, Volume, dict[str, Any]]) -> None:
@@ -2340,7 +2506,7 @@ def test_recovery_key_file_formats(v2_copy: tuple[Path, Volume, dict[str, Any]],
     for line, why in [(f"{RECOVERY_MAGIC_V1}:{vid}:{r}", "no authority key"),
                       (f"{RECOVERY_MAGIC}:{vid}:{r}", "bad key line"),
                       (f"{RECOVERY_MAGIC_V1}:{vid}:{r}:{a}", "bad key line"),
-                      (f"{RECOVERY_MAGIC}:{vid}:{r}:", "bad base64|0 bytes"),
+                      (f"{RECOVERY_MAGIC}:{vid}:{r}:", "bad base64|0 bytes|44 characters"),
                       (f"{RECOVERY_MAGIC}:{vid}:{r}:{a}:{a}", "bad key line"),
                       (f"{RECOVERY_MAGIC}:{vid}:{r}:{base64.b64encode(os.urandom(32)).decode()}",
                        "recovery wrapped")]:
@@ -2441,3 +2607,83 @@ def test_recovery_key_opens_the_master_as_the_spec_says(tmp_path: Path) -> None:
     # the slot and the key file hold the same authority key, the base key's
     assert keys.authority == rkeys.authority == hkdf(keys.base, "cryptfs/v2/authority")
     assert "chain" not in json.loads((tmp_path / "b" / "cryptfs.conf").read_text())  # no rotation yet
+
+
+# ---------------------------------------------------------------------------------------------
+# 3c. cryptfs refuses what this decryptor refuses: the fields and stanzas FORMAT.md forbids
+# ---------------------------------------------------------------------------------------------
+
+FIELD_TAMPERS = [*(f"resealed-field-added-{w}" for w in ADDED_AT), "resealed-field-added-policy-rule",
+                 "conf-key-named-twice"]
+STANZA_TAMPERS = [f"stanza-{n}" for n in STANZA_EDITS if n != "none"]
+
+
+def _cli_refusal(res: Any, code: int, *words: str) -> None:
+    out = res.stdout + res.stderr
+    assert res.returncode == code, out
+    assert "Traceback" not in out and all(w in out for w in words), out
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("tamper", FIELD_TAMPERS)
+def test_cryptfs_refuses_a_config_field_added_after_sealing(tamper: str, tmp_path: Path) -> None:
+    """A config with a field added (and the MAC made again by a holder of the master), or a key
+    named twice: `cryptfs info`, `fsck` and `mount` refuse it, naming the field."""
+    backing, _ = copy_sample(SAMPLES_V2[0], tmp_path / "vol")
+    TAMPERS_V2[tamper](backing, decrypt_volume(backing, SAMPLE_PASS))
+    pf = tmp_path / "pass"
+    pf.write_bytes(SAMPLE_PASS + b"\n")
+    if tamper == "conf-key-named-twice":
+        words: tuple[str, ...] = ("names the field 'key_id' twice",)
+    elif tamper.endswith("policy-rule"):  # sealed: only a reader with the key sees inside
+        words = ("unknown field policy.rules[", f"].{ADDED_FIELD}: not written by this release; refused")
+    else:
+        where = {"top": "", "kdf": "kdf.", "slot": "slots[0].", "slot-kdf": "slots[0].kdf.",
+                 "recovery": "recovery.", "retired": "retired[0].", "chain": "chain.",
+                 "rotation": "rotation.", "audit": "audit."}[tamper.rsplit("-added-", 1)[1]]
+        words = (f"unknown field {where}{ADDED_FIELD}: not written by this release; refused",)
+    sealed_only = tamper.endswith("policy-rule")
+    info = run_cli("info", str(backing), check=False)
+    if sealed_only:
+        assert info.returncode == 0  # `info` opens nothing sealed (FORMAT.md says so of it)
+    else:
+        _cli_refusal(info, 4, *words)
+    _cli_refusal(run_cli("fsck", str(backing), "--passphrase-file", str(pf), check=False),
+                 6 if sealed_only else 4, *words)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(pf), check=False)
+    try:
+        _cli_refusal(res, 4, *words)
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            os.system(f"fusermount3 -u {mnt}")  # noqa: S605 - (only if the test failed)
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("tamper", STANZA_TAMPERS)
+def test_cryptfs_refuses_a_stanza_after_the_one_that_opens(tamper: str, tmp_path: Path) -> None:
+    """A header with a valid MAC whose stanzas after the opening one break the rules: the
+    mount answers EIO and logs it, fsck reports the header; the rest of the volume reads."""
+    backing, manifest = copy_sample(SAMPLES_V2[0], tmp_path / "vol")
+    vol = decrypt_volume(backing, SAMPLE_PASS)
+    plain = symmetric_file(vol)
+    TAMPERS_V2[tamper](backing, vol)
+    pf = tmp_path / "pass"
+    pf.write_bytes(SAMPLE_PASS + b"\n")
+    res = run_cli("fsck", str(backing), "--passphrase-file", str(pf), check=False)
+    _cli_refusal(res, 6, f"damaged: /{plain.decode()}: header", "1 damaged item(s)")
+    m = new_mount(tmp_path, backing, pf)
+    m.start()
+    try:
+        with pytest.raises(OSError) as err:
+            m.path(plain.decode()).read_bytes()
+        assert err.value.errno == 5  # EIO
+        other = min(p for p, e in vol.entries.items()
+                    if e.kind == "file" and e.readable and p != plain)
+        assert m.path(other.decode()).read_bytes() == vol.entries[other].data
+    finally:
+        m.stop()
+    log = m.log_text()
+    assert "integrity" in log and vol.entries[plain].data[:16] not in log.encode()

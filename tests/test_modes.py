@@ -164,8 +164,54 @@ def test_symmetric_wrap_round_trip_and_binding() -> None:
         SymmetricWrapper(bytes(32), key_id=1).unwrap(stanzas, b"ad-1")
     with pytest.raises(NotForMe):
         SymmetricWrapper(KEY, key_id=2).unwrap(stanzas, b"ad-1")  # another key generation
-    with pytest.raises(NotForMe):
+    with pytest.raises(IntegrityError):  # an unknown stanza type is damage (FORMAT.md)
         w.unwrap([Stanza(9, b"unknown type")], b"ad-1")
+
+
+def test_every_stanza_is_checked_not_only_up_to_the_one_that_opens() -> None:
+    """FORMAT.md: every stanza is parsed and checked, before and after the one that
+    opens, and every stanza the reader has a key for must open to the same file key."""
+    from cryptfs.modes import x25519
+    from cryptfs.modes.errors import NotARecipient
+    from cryptfs.modes.wrap import Keyring, padding, x25519_stanza
+
+    file_key, other_key, ad = bytes(range(32, 64)), bytes(32), b"ad-1"
+    g1, g2 = SymmetricWrapper(KEY, key_id=1), SymmetricWrapper(bytes(range(1, 33)), key_id=2)
+    ring = Keyring({1: g1, 2: g2})
+    good = g1.wrap(file_key, ad)
+    assert ring.unwrap(good + [padding(10)], ad) == file_key
+    raw = b"".join(s.encode() for s in good) + Stanza(7, b"x" * 5).encode()
+    for bad in ([*good, Stanza(7, b"x" * 5)],                     # unknown type after the opener
+                [*good, Stanza(STANZA_SYMMETRIC, bytes(63))],     # a symmetric stanza of 63 bytes
+                [*good, Stanza(2, bytes(87))],                    # an X25519 stanza of 87 bytes
+                [*good, *g1.wrap(other_key, ad)],                 # a second one: another key
+                [*good, *g2.wrap(other_key, ad)],                 # another generation, another key
+                [*good, Stanza(STANZA_SYMMETRIC, struct.pack(">I", 1) + bytes(60))]):  # unopenable
+        with pytest.raises(IntegrityError):
+            ring.unwrap(bad, ad)
+    with pytest.raises(IntegrityError):  # a wrapper of one generation checks every stanza too
+        g1.unwrap([*good, Stanza(7, b"x" * 5)], ad)
+    with pytest.raises(IntegrityError):
+        decode_stanzas(raw, 2)
+    # A generation the reader does not hold is skipped (a stanza of a newer one, say) ...
+    assert ring.unwrap([*SymmetricWrapper(bytes(32), key_id=9).wrap(other_key, ad), *good], ad) \
+        == file_key
+    # ... and both generations it holds must agree when both are there.
+    assert ring.unwrap([*good, *g2.wrap(file_key, ad)], ad) == file_key
+    # An X25519 stanza the reader holds the key of is opened too, and must agree.
+    priv = x25519.new_private_key()
+    pub = x25519.public_key(priv)
+    ring_x = Keyring({1: g1}, [priv])
+    assert ring_x.unwrap([*good, x25519_stanza(file_key, pub, ad)], ad) == file_key
+    with pytest.raises(IntegrityError):
+        ring_x.unwrap([*good, x25519_stanza(other_key, pub, ad)], ad)
+    with pytest.raises(IntegrityError):
+        ring_x.unwrap([x25519_stanza(file_key, pub, ad), x25519_stanza(other_key, pub, ad)], ad)
+    # Nothing to open: a hybrid file is not for this reader, a symmetric one not this volume's.
+    with pytest.raises(NotARecipient):
+        Keyring({1: g1}).unwrap([x25519_stanza(file_key, pub, ad), padding(10)], ad)
+    with pytest.raises(NotForMe):
+        Keyring({3: SymmetricWrapper(KEY, key_id=3)}).unwrap(good, ad)
 
 
 @settings(max_examples=300, deadline=None)
