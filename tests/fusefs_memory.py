@@ -9,6 +9,9 @@ per line on stdin, with one JSON line on stdout:
     inval NAME        -> notify_inval_entry(root, NAME)
     reset             -> zero the op counters
     populate N        -> create files f00000 .. in the root behind the kernel's back
+    delete NAME       -> remove NAME from the root and notify_delete
+    chmod NAME MODE   -> change NAME's mode (octal) behind the kernel's back
+    inval-inode NAME  -> notify_inval_inode(NAME's inode, attributes only)
 
 Files whose name starts with ``dio-`` are opened with FOPEN_DIRECT_IO; reading a file
 created as ``block`` (direct I/O too, so every read reaches the daemon) waits, as a
@@ -485,6 +488,17 @@ def control(fs: MemoryFS, session: Session) -> None:
             out["ok"] = fs.inodes[abi.ROOT_ID].entries.pop(arg.encode(), None) is not None
         elif cmd == "inval":
             out["ok"] = session.notify_inval_entry(abi.ROOT_ID, arg.encode())
+        elif cmd == "delete":
+            root = fs.inodes[abi.ROOT_ID]
+            ino = root.entries.pop(arg.encode())
+            out["ok"] = session.notify_delete(abi.ROOT_ID, ino, arg.encode())
+        elif cmd == "chmod":
+            name, mode = arg.split()
+            node = fs.inodes[fs.inodes[abi.ROOT_ID].entries[name.encode()]]
+            node.attr.mode = stat.S_IFMT(node.attr.mode) | int(mode, 8)
+        elif cmd == "inval-inode":
+            ino = fs.inodes[abi.ROOT_ID].entries[arg.encode()]
+            out["ok"] = session.notify_inval_inode(ino, -1, 0)
         elif cmd == "reset":
             fs.ops.clear()
         elif cmd == "populate":
@@ -504,6 +518,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mountpoint")
     p.add_argument("--entry-timeout", type=float, default=1.0)
+    p.add_argument("--attr-timeout", type=float, default=1.0)
     p.add_argument("--writeback", action="store_true")
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--no-readdirplus", action="store_true")
@@ -516,7 +531,7 @@ def main() -> None:
         os.setgroups([])
         os.setgid(pw.pw_gid)
         os.setuid(pw.pw_uid)
-    fs = MemoryFS(entry_timeout=args.entry_timeout)
+    fs = MemoryFS(entry_timeout=args.entry_timeout, attr_timeout=args.attr_timeout)
     opts = InitOptions(writeback_cache=args.writeback,
                        readdirplus="off" if args.no_readdirplus else "auto",
                        direct_io_allow_mmap=not args.no_dio_mmap)

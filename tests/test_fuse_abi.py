@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from cryptfs.fuse import abi, replies
 from cryptfs.fuse import requests as rq
 from cryptfs.fuse.errors import FuseError, MalformedRequest
-from cryptfs.fuse.session import Session
+from cryptfs.fuse.session import Deferred, Session
 
 C_TYPES = {"u64": "uint64_t", "i64": "int64_t", "u32": "uint32_t", "i32": "int32_t", "u16": "uint16_t"}
 SKIP = set(rq._SKIP)
@@ -277,6 +277,9 @@ def test_any_bytes_decode_or_raise_one_error(body: bytes, opcode: int) -> None:
 class Recorder:
     """A filesystem whose handlers fail in every way a handler can."""
 
+    session: Session
+    pending: list[Deferred]
+
     def getattr(self, req: rq.GetattrIn) -> replies.AttrOut:
         if req.nodeid == 2:
             raise KeyError("a secret path must not reach the log")
@@ -289,11 +292,23 @@ class Recorder:
     def getxattr(self, req: rq.GetxattrIn) -> bytes:
         return b"0123456789"
 
+    def readlink(self, req: rq.EmptyIn) -> object:
+        """Answered later from another thread, after the loop served other requests."""
+        later = self.session.defer(req)
+        if req.nodeid == 9:
+            later.reply(b"early")          # before the handler even returns
+            later.reply(b"twice")          # a second answer is dropped
+            return later
+        self.pending.append(later)
+        return later
+
 
 @pytest.fixture
 def looped() -> tuple[socket.socket, Session, threading.Thread]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    session = Session(Recorder(), "/nonexistent")
+    fs = Recorder()
+    session = Session(fs, "/nonexistent")
+    fs.session, fs.pending = session, []
     session.fd = theirs.fileno()
     t = threading.Thread(target=session.serve, daemon=True)
     t.start()
@@ -350,6 +365,32 @@ def test_xattr_size_probe_and_erange(looped: tuple[socket.socket, Session, threa
     assert ask(sock, small)[:2] == (42, -errno.ERANGE)
     exact = header(abi.GETXATTR, 44, abi.GETXATTR_IN.st.pack(10, 0) + b"user.a\0")
     assert ask(sock, exact) == (44, 0, b"0123456789")
+
+
+def test_deferred_replies_come_from_another_thread_once(
+        looped: tuple[socket.socket, Session, threading.Thread]) -> None:
+    sock, session, _ = looped
+    sock.send(header(abi.READLINK, 50, b""))                 # deferred, pending
+    assert ask(sock, getattr_msg(52, 7))[:2] == (52, 0)      # the loop is free meanwhile
+    fs = session.fs
+    assert isinstance(fs, Recorder) and len(fs.pending) == 1
+    threading.Thread(target=fs.pending[0].reply, args=(b"/target",)).start()
+    sock.settimeout(5)
+    data = sock.recv(4096)
+    assert abi.OUT_HEADER.st.unpack_from(data) == (16 + 7, 0, 50) and data[16:] == b"/target"
+    assert session._inflight == {}
+    msg = abi.IN_HEADER.st.pack(40, abi.READLINK, 54, 9, 0, 0, 0, 0, 0)
+    assert ask(sock, msg) == (54, 0, b"early")
+    assert ask(sock, getattr_msg(56, 7))[:2] == (56, 0)      # no stray second reply before it
+    # an INTERRUPT for a deferred request reaches it; one for an unknown unique is ignored
+    sock.send(header(abi.READLINK, 58, b""))
+    later = fs.pending[1]
+    later.on_interrupt(lambda: later.fail(errno.EINTR))
+    sock.send(header(abi.INTERRUPT, 58 | 1, struct.pack("=Q", 999)))
+    sock.send(header(abi.INTERRUPT, 58 | 1, struct.pack("=Q", 58)))
+    assert ask(sock, getattr_msg(60, 7))[:2] == (58, -errno.EINTR)
+    assert later.interrupted
+    assert abi.OUT_HEADER.st.unpack_from(sock.recv(4096))[1:] == (0, 60)
 
 
 def test_init_negotiates_only_what_the_kernel_offers(

@@ -287,6 +287,25 @@ def test_inval_entry_removes_a_name_deleted_behind_the_kernels_back(tmp_path: Pa
         assert fs.stop() == 0
 
 
+def test_inval_inode_and_delete_notifications(tmp_path: Path) -> None:
+    require_fuse()
+    fs = MemFS(tmp_path / "mnt", "--entry-timeout", "3600", "--attr-timeout", "3600").start()
+    try:
+        p = fs.mnt / "f"
+        p.write_text("x")
+        os.chmod(p, 0o644)
+        assert fs.ctl("chmod f 600")["ok"]
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o644     # cached for an hour
+        assert fs.ctl("inval-inode f")["ok"]
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600     # asked again
+        (fs.mnt / "g").write_text("g")
+        assert (fs.mnt / "g").exists()
+        assert fs.ctl("delete g")["ok"]
+        assert not (fs.mnt / "g").exists() and os.listdir(fs.mnt) == ["f"]
+    finally:
+        assert fs.stop() == 0
+
+
 def test_a_blocked_read_is_interrupted_by_a_signal(memfs: MemFS) -> None:
     (memfs.mnt / "block").write_bytes(b"")
     reader = subprocess.Popen([sys.executable, "-c", "import sys; open(sys.argv[1], 'rb').read(10)",

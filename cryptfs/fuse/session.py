@@ -319,8 +319,7 @@ class Session:
         try:
             result = handler(req)
             if result.__class__ is Deferred:
-                self._inflight[req.unique] = result
-                return
+                return  # registered by defer(); answered from elsewhere
             body = encode(req, result)
         except FuseError as e:
             self._send(req.unique, -e.errno, b"")
@@ -408,8 +407,11 @@ class Session:
 
     # --- replies and notifications --------------------------------------------------------
     def defer(self, req: Request) -> Deferred:
-        """A reply that a handler gives later (return it from the handler)."""
-        return Deferred(self, req)
+        """A reply that a handler gives later (return it from the handler).  It may be
+        answered from another thread at once, even before the handler returns."""
+        later = Deferred(self, req)
+        self._inflight[req.unique] = later
+        return later
 
     def _send(self, unique: int, error: int, body: bytes) -> None:
         try:
