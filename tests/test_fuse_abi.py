@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -384,6 +385,10 @@ def test_deferred_replies_come_from_another_thread_once(
     assert ask(sock, getattr_msg(56, 7))[:2] == (56, 0)      # no stray second reply before it
     # an INTERRUPT for a deferred request reaches it; one for an unknown unique is ignored
     sock.send(header(abi.READLINK, 58, b""))
+    deadline = time.monotonic() + 5
+    while len(fs.pending) < 2:              # the loop thread takes it in its own time
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     later = fs.pending[1]
     later.on_interrupt(lambda: later.fail(errno.EINTR))
     sock.send(header(abi.INTERRUPT, 58 | 1, struct.pack("=Q", 999)))

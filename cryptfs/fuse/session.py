@@ -212,6 +212,11 @@ class Deferred:
         except FuseError as e:
             self._session._send(self.req.unique, -e.errno, b"")
             return
+        except Exception as e:  # a reply of the wrong type: EIO, never a caller left waiting
+            log.error("fuse: deferred %s reply failed with %s", abi.OPCODE_NAMES[self.req.opcode],
+                      type(e).__name__)
+            self._session._send(self.req.unique, -errno.EIO, b"")
+            return
         self._session._send(self.req.unique, 0, body)
 
     def fail(self, err: int) -> None:
@@ -322,18 +327,25 @@ class Session:
                 return  # registered by defer(); answered from elsewhere
             body = encode(req, result)
         except FuseError as e:
-            self._send(req.unique, -e.errno, b"")
+            self._fail(req.unique, e.errno)
             return
         except OSError as e:
-            self._send(req.unique, -(e.errno or errno.EIO), b"")
+            self._fail(req.unique, e.errno or errno.EIO)
             return
         except Exception as e:  # the _edge rule: nothing but an errno leaves a handler
             frame = traceback.extract_tb(e.__traceback__)[-1]
             log.error("fuse: %s failed with %s at %s:%d", abi.OPCODE_NAMES[opcode],
                       type(e).__name__, os.path.basename(frame.filename), frame.lineno or 0)
-            self._send(req.unique, -errno.EIO, b"")
+            self._fail(req.unique, errno.EIO)
             return
         self._send(req.unique, 0, body)
+
+    def _fail(self, unique: int, err: int) -> None:
+        # A handler that deferred and then raised: the error is the one answer.
+        if self._inflight and (later := self._inflight.get(unique)) is not None:
+            if not later._finish():
+                return
+        self._send(unique, -err, b"")
 
     def _special(self, req: Request) -> None:
         op = req.opcode
