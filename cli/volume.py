@@ -23,7 +23,7 @@ from cryptfs.errors import DamageFound, UsageError
 from cryptfs.export import export as export_file
 from cryptfs.export import parse_recipients, recipients_from_file
 from cryptfs.modes import CONTENT_MODES
-from cryptfs.mount import volume_of_path
+from cryptfs.mounttable import volume_of_path
 from cryptfs.recovery import add_recovery, create_key_file, extract, open_for_recovery
 from cryptfs.users import ROLES, set_passphrase, user_fields
 from cryptfs.volume import init_volume, open_volume
