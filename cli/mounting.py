@@ -8,7 +8,7 @@ import os
 import click
 
 from cryptfs.audit import check_log
-from cryptfs.audit_events import bound_log
+from cryptfs.audit.commands import bound_log
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors, unlock_recorded
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError

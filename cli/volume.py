@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from cryptfs import audit_events
 from cryptfs import fsck as fsck_mod
+from cryptfs.audit import commands
 from cryptfs.cli.common import (
     command_name,
     invoking_user,
@@ -237,7 +237,7 @@ def export(path: str, to: tuple[str, ...], recipients_file: str | None, out: str
     if on is not None:
         # Recorded by the mount the file is read through, in the log it writes
         # (the exporting user may have no access to the backing directory).
-        audit_events.through_mount(on[0], "export", path=on[1], recipients=texts,
+        commands.through_mount(on[0], "export", path=on[1], recipients=texts,
                                    out=os.path.abspath(out) if out else "-",
                                    command=command_name())
     size = export_file(path, recipients, out, sys.stdout.buffer)

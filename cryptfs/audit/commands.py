@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from cryptfs.audit import PUB_NAME, AuditLog, LogBusy, canonical, check_log, parse_verifier
+from cryptfs.audit.chain import PUB_NAME, canonical, parse_verifier
+from cryptfs.audit.writer import AuditLog, LogBusy, check_log
 from cryptfs.config import VolumeConfig
 from cryptfs.control import MAX_RECORD, hand_record
 from cryptfs.errors import BackingIOError, CryptfsError, UsageError
