@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from cryptfs import process
 from cryptfs.audit.chain import PUB_NAME, canonical, parse_verifier
 from cryptfs.audit.writer import AuditLog, LogBusy, check_log
 from cryptfs.config import VolumeConfig
@@ -93,7 +94,7 @@ def record(backing: str, cfg: VolumeConfig, event: str, outcome: str = "allowed"
         try:
             uid = os.getuid()
             writer.record(event=event, outcome=outcome, uid=uid, user=_user(uid), pid=os.getpid(),
-                          exe=os.readlink("/proc/self/exe"), volume=cfg.volume_id.hex(), **fields)
+                          exe=process.exe(os.getpid()) or "", volume=cfg.volume_id.hex(), **fields)
         finally:
             try:
                 writer.close()

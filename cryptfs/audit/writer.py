@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from cryptfs import process
 from cryptfs.audit.chain import (
     CHUNK,
     KEY_FILE,
@@ -462,12 +463,7 @@ class Auditor:
         """The requesting process's executable ("" if it cannot be read: pid 0,
         a process already gone, or another namespace).  Read for every record,
         never remembered: a process may exec another program under the same pid."""
-        if pid <= 0:
-            return ""
-        try:
-            return os.readlink(b"/proc/%d/exe" % pid).decode("utf-8", "backslashreplace")
-        except OSError:
-            return ""
+        return process.exe(pid) or ""
 
     def write(self, event: str, outcome: str, uid: int, pid: int, **fields: Any) -> bool:
         """Record an event; False if it could not be written and the access
