@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
 from cryptfs.errors import UsageError
 from cryptfs.keyagent.client import AgentClient
-from cryptfs.mount import mounts
+from cryptfs.mounttable import backing_of
 from cryptfs.users import system_user
 
 SOCKET_HELP = "The key agent's socket (default: $CRYPTFS_AGENT_SOCKET or /run/cryptfs/agent.sock)."
-
-
-def backing_of(path: str) -> str:
-    """BACKING given directly, or the mountpoint of a cryptfs mount of it."""
-    real = os.path.realpath(path)
-    for mp, fstype, source in mounts():
-        if mp == real and fstype.startswith("fuse") and source.startswith("cryptfs:"):
-            return source.split(":", 1)[1]
-    return real
 
 
 def _as_uid(user: str | None) -> dict[str, int]:

@@ -10,8 +10,11 @@ import time
 
 import click
 
-from cryptfs import audit as al
-from cryptfs import audit_export as ax
+from cryptfs.audit.chain import parse_verifier
+from cryptfs.audit.export import FORMATS, WRITERS, Filter, parse_time, records
+from cryptfs.audit.export import follow as follow_records
+from cryptfs.audit.verify import verify as verify_log
+from cryptfs.audit.writer import init_log
 from cryptfs.cli.common import reports_errors
 from cryptfs.errors import CryptfsError, UsageError
 
@@ -46,7 +49,7 @@ def init(logdir: str, log_id: str | None) -> None:
     name = log_id or os.path.basename(os.path.abspath(logdir))
     if not name or any(c.isspace() or c == "/" for c in name):
         raise UsageError(f"unusable log name {name!r}: no spaces or slashes")
-    pub = al.init_log(logdir, name)
+    pub = init_log(logdir, name)
     click.echo(pub)
 
 
@@ -59,7 +62,7 @@ def _read_key(key: str) -> bytes:
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the verifier key {key}: {getattr(e, 'strerror', e)}") \
                 from None
-    return al.parse_verifier(text)
+    return parse_verifier(text)
 
 
 @audit.command("verify")
@@ -77,7 +80,7 @@ def verify(logdir: str, key: str, max_age: float | None) -> None:
     Reports valid, modified, missing, reordered, unsealed-tail and gap counts
     and the first bad record.  Exit 6 on any problem.
     """
-    v = al.verify(logdir, _read_key(key))
+    v = verify_log(logdir, _read_key(key))
     click.echo(f"segments: {v.segments}, seals: {v.epochs}")
     click.echo(f"valid: {v.valid}  modified: {v.modified}  missing: {v.missing}  "
                f"reordered: {v.reordered}  gaps: {v.gaps}  bad seals: {v.bad_seals}  "
@@ -119,7 +122,7 @@ def selection_options(fn):  # type: ignore[no-untyped-def]
 def record_filters(fn):  # type: ignore[no-untyped-def]
     """--format and the options that select records (export and follow)."""
     fn = selection_options(fn)
-    return click.option("--format", "fmt", type=click.Choice(ax.FORMATS), default="jsonl",
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl",
                         show_default=True,
                         help="jsonl: the records as written; csv: fixed columns with a header; "
                              "cef: ArcSight CEF; ecs: Elastic Common Schema 8.11; ocsf: OCSF 1.1 "
@@ -134,9 +137,9 @@ def _tolerant_stdout() -> None:
 
 
 def make_filter(since: str | None, until: str | None, user: str | None, path_glob: str | None,
-            events: tuple[str, ...]) -> ax.Filter:
-    return ax.Filter(since=ax.parse_time(since) if since else None,
-                     until=ax.parse_time(until) if until else None,
+            events: tuple[str, ...]) -> Filter:
+    return Filter(since=parse_time(since) if since else None,
+                     until=parse_time(until) if until else None,
                      user=user, path=path_glob, event=events)
 
 
@@ -153,7 +156,7 @@ def export(logdir: str, fmt: str, since: str | None, until: str | None, user: st
     flt = make_filter(since, until, user, path_glob, events)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _tolerant_stdout()  # `| head` ends it quietly, as with cat
-    for chunk in ax.WRITERS[fmt](r for r in ax.records(logdir) if flt(r)):
+    for chunk in WRITERS[fmt](r for r in records(logdir) if flt(r)):
         sys.stdout.write(chunk)
 
 
@@ -172,7 +175,7 @@ def follow(logdir: str, from_start: bool, fmt: str, since: str | None, until: st
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _tolerant_stdout()
     try:
-        for chunk in ax.WRITERS[fmt](r for r in ax.follow(logdir, from_start) if flt(r)):
+        for chunk in WRITERS[fmt](r for r in follow_records(logdir, from_start) if flt(r)):
             sys.stdout.write(chunk)
             sys.stdout.flush()
     except KeyboardInterrupt:

@@ -6,8 +6,7 @@ import os
 
 import click
 
-from cryptfs import audit_events
-from cryptfs.audit import PUB_NAME, check_log
+from cryptfs.audit import PUB_NAME, check_log, commands
 from cryptfs.cli.audit import audit
 from cryptfs.cli.common import (
     command_name,
@@ -55,8 +54,8 @@ def attach(backing: str, logdir: str, passphrase_file: str | None) -> None:
                              hint="cryptfs audit detach it first")
         old = cfg.audit
         cfg.audit = {"dir": where, "key": key}
-        audit_events.bound_log(where, key)
-        with audit_events.recorded(backing, cfg, "audit-attach", logdir=where,
+        commands.bound_log(where, key)
+        with commands.recorded(backing, cfg, "audit-attach", logdir=where,
                                    command=command_name()):
             try:
                 vol.save_config()
@@ -89,9 +88,9 @@ def detach(backing: str, force: bool, passphrase_file: str | None) -> None:
         if cfg.audit is None:
             raise UsageError(f"{backing} is not bound to an access log")
         try:
-            audit_events.record(backing, cfg, "audit-detach", logdir=cfg.audit["dir"],
+            commands.record(backing, cfg, "audit-detach", logdir=cfg.audit["dir"],
                                 command=command_name())
-        except audit_events.LogUnavailable:
+        except commands.LogUnavailable:
             if not force:
                 raise
             click.echo(f"cryptfs: warning: the detach is not recorded in {cfg.audit['dir']}",

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cryptfs import audit_syslog as fw
+from cryptfs.audit import syslog
 from cryptfs.cli.audit import audit, make_filter, selection_options
 from cryptfs.cli.common import reports_errors
 
@@ -25,11 +25,11 @@ from cryptfs.cli.common import reports_errors
 @click.option("--from-start", is_flag=True,
               help="With no state file yet, send the records already in the log first "
                    "(default: from the next record written). An existing state file wins.")
-@click.option("--facility", type=click.Choice(list(fw.FACILITIES)), default=fw.DEFAULT_FACILITY,
+@click.option("--facility", type=click.Choice(list(syslog.FACILITIES)), default=syslog.DEFAULT_FACILITY,
               show_default=True, help="The syslog facility of the messages.")
 @click.option("--hostname", metavar="NAME",
               help="The HOSTNAME field (default: this machine's host name).")
-@click.option("--enterprise-id", type=click.IntRange(1), default=fw.EXAMPLE_PEN,
+@click.option("--enterprise-id", type=click.IntRange(1), default=syslog.EXAMPLE_PEN,
               show_default=True, metavar="PEN",
               help="The IANA enterprise number in the SD-ID cryptfs@PEN (the default is the "
                    "one reserved for documentation; use your organisation's if it has one).")
@@ -58,9 +58,9 @@ def forward(logdir: str, target: str, state: str | None, from_start: bool, facil
     state file names (rewritten or replaced), 7 if the log cannot be read or
     the collector cannot be reached at start.
     """
-    host, port = fw.parse_target(target)
+    host, port = syslog.parse_target(target)
     if hostname is not None:
-        fw.check_hostname(hostname)
+        syslog.check_hostname(hostname)
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -73,10 +73,10 @@ def forward(logdir: str, target: str, state: str | None, from_start: bool, facil
     logger.setLevel(logging.INFO)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        fw.Forwarder(logdir, host, port, state or fw.default_state(logdir, host, port),
+        syslog.Forwarder(logdir, host, port, state or syslog.default_state(logdir, host, port),
                      select_record=make_filter(since, until, user, path_glob, events),
                      from_start=from_start, hostname=hostname,
-                     facility=fw.FACILITIES[facility], enterprise_id=enterprise_id,
+                     facility=syslog.FACILITIES[facility], enterprise_id=enterprise_id,
                      retry_max=retry_max, stop=lambda: bool(stopping)).run()
     finally:
         for s, old in previous.items():

@@ -6,24 +6,24 @@ import os
 
 import click
 
-from cryptfs import audit as al
-from cryptfs import audit_export as ax
-from cryptfs import audit_report as ar
+from cryptfs.audit.chain import KEY_FILE, PUB_NAME, SEGMENT_RE
+from cryptfs.audit.export import parse_time
+from cryptfs.audit.report import LogSource, verdict_text, write_report
 from cryptfs.cli.audit import LogDamaged, _read_key, audit
 from cryptfs.cli.common import reports_errors
 from cryptfs.errors import UsageError
 
 
-def _sources(logdirs: tuple[str, ...], keys: tuple[str, ...]) -> list[ar.LogSource]:
+def _sources(logdirs: tuple[str, ...], keys: tuple[str, ...]) -> list[LogSource]:
     if keys and len(keys) != len(logdirs):
         raise UsageError(f"{len(keys)} --key for {len(logdirs)} LOGDIR: give one per LOGDIR, in "
                          "the same order, or none (then each LOGDIR's audit.pub is used)")
     sources = []
     for i, logdir in enumerate(logdirs):
         names = os.listdir(logdir)
-        if not any(n in (al.PUB_NAME, al.KEY_FILE) or al.SEGMENT_RE.match(n) for n in names):
+        if not any(n in (PUB_NAME, KEY_FILE) or SEGMENT_RE.match(n) for n in names):
             raise UsageError(f"{logdir} holds no access log")
-        stored = os.path.join(logdir, al.PUB_NAME)
+        stored = os.path.join(logdir, PUB_NAME)
         if keys:
             key = keys[i]
             is_stored = os.path.exists(key) and os.path.exists(stored) and \
@@ -31,9 +31,9 @@ def _sources(logdirs: tuple[str, ...], keys: tuple[str, ...]) -> list[ar.LogSour
         elif os.path.exists(stored):
             key, is_stored = stored, True
         else:
-            raise UsageError(f"{logdir} has no {al.PUB_NAME} to verify it with",
+            raise UsageError(f"{logdir} has no {PUB_NAME} to verify it with",
                              hint="give the log's verifier key: --key PUB (one per LOGDIR)")
-        sources.append(ar.LogSource(logdir, _read_key(key), is_stored))
+        sources.append(LogSource(logdir, _read_key(key), is_stored))
     return sources
 
 
@@ -71,10 +71,10 @@ def report(logdirs: tuple[str, ...], out: str, keys: tuple[str, ...], since: str
           --key customers.pub --key agent.pub --since 2026-11-01 --html report.html
     """
     sources = _sources(logdirs, keys)
-    rep = ar.write_report(sources, out, since=ax.parse_time(since) if since else None,
-                          until=ax.parse_time(until) if until else None)
+    rep = write_report(sources, out, since=parse_time(since) if since else None,
+                          until=parse_time(until) if until else None)
     for lr in rep.logs:
-        _, state = ar.verdict_text(lr)
+        _, state = verdict_text(lr)
         click.echo(f"{lr.source.logdir}: {state}")
     click.echo(f"report: {out}")
     bad = [lr.source.logdir for lr in rep.logs if not lr.verdict.ok]

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from cryptfs import audit_events
+from cryptfs.audit import commands
 from cryptfs.config import VolumeConfig, load_config
 from cryptfs.errors import (
     EXIT_CODES,
@@ -141,8 +141,8 @@ def command_name() -> str:
 def recorded(backing: str, cfg: VolumeConfig, event: str, **fields: Any
              ) -> AbstractContextManager[None]:
     """The access-log record of what this command is about to do (see
-    cryptfs.audit_events): written first, or the command does nothing."""
-    return audit_events.recorded(backing, cfg, event, command=command_name(), **fields)
+    cryptfs.audit.commands): written first, or the command does nothing."""
+    return commands.recorded(backing, cfg, event, command=command_name(), **fields)
 
 
 def unlock_recorded(backing: str, passphrase: Secret) -> Volume:
@@ -151,7 +151,7 @@ def unlock_recorded(backing: str, passphrase: Secret) -> Volume:
         return open_volume(backing, passphrase)
     except WrongPassphrase:
         try:
-            audit_events.record(backing, load_config(backing), "unlock", "denied",
+            commands.record(backing, load_config(backing), "unlock", "denied",
                                 reason="wrong passphrase", command=command_name())
         except CryptfsError:
             pass  # (the wrong passphrase is what the user is told)
@@ -166,7 +166,7 @@ def require_role(backing: str, vol: Volume, event: str, what: str) -> None:
     if may_run(role, event):
         return
     try:
-        audit_events.record(backing, vol.config, event, "denied", reason=f"role {role}",
+        commands.record(backing, vol.config, event, "denied", reason=f"role {role}",
                             command=command_name())
     except CryptfsError:
         pass  # (the refusal is what the user is told)

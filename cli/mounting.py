@@ -8,14 +8,11 @@ import os
 import click
 
 from cryptfs.audit import check_log
-from cryptfs.audit_events import bound_log
+from cryptfs.audit.commands import bound_log
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors, unlock_recorded
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
 from cryptfs.keyagent.client import socket_path
-from cryptfs.keyagent.link import watch_agent
-from cryptfs.mount import check_mountpoint, mount_volume
-from cryptfs.mount import unmount as do_unmount
 from cryptfs.policy import load_policy
 from cryptfs.volume import read_volume
 
@@ -60,6 +57,11 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
     their own key slot with `cryptfs unlock`; everyone else gets "permission
     denied".  If the agent is unreachable, everyone is denied until it is back.
     """
+    # Only this command loads the filesystem (and the agent link, which runs
+    # in the mount daemon on trio); every other command stays light.
+    from cryptfs.keyagent.link import watch_agent
+    from cryptfs.mount import check_mountpoint, mount_volume
+
     check_mountpoint(mountpoint)  # fail before asking for a passphrase
     opts = [o.strip() for group in options for o in group.split(",") if o.strip()]
     if audit_log is not None:
@@ -120,4 +122,6 @@ def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool
 @reports_errors
 def unmount(mountpoint: str, lazy: bool) -> None:
     """Unmount a cryptfs volume (its daemon then exits)."""
+    from cryptfs.mount import unmount as do_unmount
+
     do_unmount(mountpoint, lazy=lazy)

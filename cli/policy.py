@@ -8,6 +8,7 @@ import os
 
 import click
 
+from cryptfs import control
 from cryptfs.cli.common import (
     passphrase_option,
     read_passphrase,
@@ -17,11 +18,10 @@ from cryptfs.cli.common import (
     unlock_recorded,
 )
 from cryptfs.errors import UsageError
-from cryptfs.export import cryptfs_mount_of
 from cryptfs.links import Straddler, straddling
 from cryptfs.masking import FORMATS, parse_columns
+from cryptfs.mounttable import volume_of_path
 from cryptfs.names import NameCodec
-from cryptfs.ops import RECIPIENTS_XATTR, SHARE_XATTR
 from cryptfs.policy import (
     UNTRUSTED,
     MaskRule,
@@ -299,7 +299,7 @@ def share(path: str, with_: tuple[str, ...], list_: bool) -> None:
     """
     if not with_ and not list_:
         raise UsageError("name a user: --with USER (or --list)")
-    if cryptfs_mount_of(path) is None:
+    if volume_of_path(path) is None:
         raise UsageError(f"{path} is not on a mounted cryptfs volume")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
@@ -308,7 +308,7 @@ def share(path: str, with_: tuple[str, ...], list_: bool) -> None:
                          "file's header, so it needs write permission)")
     for name in with_:
         try:
-            os.setxattr(path, SHARE_XATTR, name.encode("utf-8"))
+            control.share(path, name)
         except OSError as e:
             why = {
                 errno.EACCES: "you are not one of its recipients (or not unlocked)",
@@ -320,7 +320,7 @@ def share(path: str, with_: tuple[str, ...], list_: bool) -> None:
             raise UsageError(f"cannot share {path} with {name}: {why}") from None
         click.echo(f"shared {path} with {name}")
     try:
-        names = os.getxattr(path, RECIPIENTS_XATTR).decode("utf-8", "replace").split()
+        names = control.recipients(path)
     except OSError as e:
         raise UsageError(f"cannot read the recipients of {path}: {e.strerror}") from None
     if list_:

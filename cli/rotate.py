@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Any
 
 import click
 
+from cryptfs import control
 from cryptfs import rotate as rot
 from cryptfs.cli.common import (
     passphrase_option,
@@ -23,8 +23,7 @@ from cryptfs.cli.common import (
     unlock_recorded,
 )
 from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError
-from cryptfs.mount import mount_of_backing
-from cryptfs.ops import ROTATE_XATTR
+from cryptfs.mounttable import mount_of_backing
 from cryptfs.recovery import read_key_file, unlock_with_recovery_key
 from cryptfs.secret import Secret
 from cryptfs.volume import UnlockedVolume, Volume
@@ -150,7 +149,7 @@ def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] 
     deadline = time.monotonic() + WAIT_FOR_MOUNT
     while True:
         try:
-            os.setxattr(mnt, ROTATE_XATTR, b"go")
+            control.start_rotation(mnt)
             break
         except OSError as e:
             # EBUSY: the mount has not got the new key yet (an agent mount gets
@@ -164,7 +163,7 @@ def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] 
                              hint="is a user with a key slot unlocked there?") from None
     while True:
         try:
-            prog = json.loads(os.getxattr(mnt, ROTATE_XATTR))
+            prog = control.rotation_progress(mnt)
         except OSError as e:
             raise MountError(f"lost the mount on {mnt} during the rotation: {e.strerror}",
                              hint="run cryptfs rotate again to finish") from None

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from cryptfs import audit_events
 from cryptfs import fsck as fsck_mod
+from cryptfs.audit import commands
 from cryptfs.cli.common import (
     command_name,
     invoking_user,
@@ -23,7 +23,7 @@ from cryptfs.errors import DamageFound, UsageError
 from cryptfs.export import export as export_file
 from cryptfs.export import parse_recipients, recipients_from_file
 from cryptfs.modes import CONTENT_MODES
-from cryptfs.mount import volume_of_path
+from cryptfs.mounttable import volume_of_path
 from cryptfs.recovery import add_recovery, create_key_file, extract, open_for_recovery
 from cryptfs.users import ROLES, set_passphrase, user_fields
 from cryptfs.volume import init_volume, open_volume
@@ -237,7 +237,7 @@ def export(path: str, to: tuple[str, ...], recipients_file: str | None, out: str
     if on is not None:
         # Recorded by the mount the file is read through, in the log it writes
         # (the exporting user may have no access to the backing directory).
-        audit_events.through_mount(on[0], "export", path=on[1], recipients=texts,
+        commands.through_mount(on[0], "export", path=on[1], recipients=texts,
                                    out=os.path.abspath(out) if out else "-",
                                    command=command_name())
     size = export_file(path, recipients, out, sys.stdout.buffer)

@@ -25,15 +25,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from cryptfs.errors import BackingIOError, NotAVolume, WrongPassphrase
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
 from cryptfs.modes import NotForMe, content_mode_by_name, x25519
 from cryptfs.modes.errors import IntegrityError
 from cryptfs.modes.kdf import ARGON2_SALT_LEN, MIN_MEM_KIB, MIN_OPS, argon2id, hkdf
 from cryptfs.modes.rand import random_bytes
+from cryptfs.modes.seal import OVERHEAD, Seal
 from cryptfs.secret import Secret
 
 CONFIG_NAME = "cryptfs.conf"
@@ -49,10 +47,9 @@ DEFAULT_MEM_KIB = 128 * 1024
 MAX_OPS = 64
 MAX_MEM_KIB = 4096 * 1024  # 4 GiB
 
-_SLOT_NONCE_LEN = 12  # bytes
-_SEALED_KEY_LEN = _SLOT_NONCE_LEN + 32 + 16  # nonce || AES-256-GCM(32-byte key)
+_SEALED_KEY_LEN = OVERHEAD + 32  # a 32-byte key sealed (cryptfs.modes.seal)
 USER_KEY_LEN = 64  # a v2 slot's secret: the user's X25519 private key || the volume authority key
-_SEALED_USER_KEY_LEN = _SLOT_NONCE_LEN + USER_KEY_LEN + 16
+_SEALED_USER_KEY_LEN = OVERHEAD + USER_KEY_LEN
 _SLOT_MASTER_LABEL = b"cryptfs/v2/slot-master"
 _SLOT_MASTER_LEN = x25519.KEY_LEN + MASTER_KEY_LEN + x25519.TAG_LEN
 ROTATION_KINDS = ("wrap-key", "reencrypt")  # (a `--slots` rotation finishes at once: no record)
@@ -246,15 +243,6 @@ def _slot_master_ad(volume_id: bytes, slot_id: int, key_id: int, authority: byte
     # The authority key (a secret every user's slot holds) makes a wrap that
     # someone without it made fail: the public keys alone forge nothing.
     return volume_id + struct.pack(">II", slot_id, key_id) + authority
-
-
-def _seal(aead: AESGCM, secret: bytes, ad: bytes) -> bytes:
-    nonce = random_bytes(_SLOT_NONCE_LEN)
-    return nonce + aead.encrypt(nonce, secret, ad)
-
-
-def _open(aead: AESGCM, sealed: bytes, ad: bytes) -> bytes:
-    return aead.decrypt(sealed[:_SLOT_NONCE_LEN], sealed[_SLOT_NONCE_LEN:], ad)
 
 
 def _now() -> str:
@@ -458,10 +446,10 @@ class VolumeConfig:
         base = retired = None
         try:
             if self.base is not None:
-                base = Secret(_open(keys.base_wrap, self.base, self.volume_id))
-            retired = {kid: Secret(_open(keys.retired_wrap, w, self.volume_id + struct.pack(">I", kid)))
+                base = Secret(keys.base_wrap.open(self.base, self.volume_id))
+            retired = {kid: Secret(keys.retired_wrap.open(w, self.volume_id + struct.pack(">I", kid)))
                        for kid, w in self.retired.items()}
-        except InvalidTag:
+        except IntegrityError:
             keys.close()
             raise NotAVolume("volume config holds keys that do not open: it was damaged") from None
         keys.close()
@@ -492,8 +480,8 @@ class VolumeConfig:
         key_id = self.next_key_id()
         new = VolumeKeys(Secret(master.reveal()), key_id, Secret(old.base.reveal()), kept)
         self.key_id = key_id
-        self.base = _seal(new.base_wrap, new.base.reveal(), self.volume_id)
-        self.retired = {kid: _seal(new.retired_wrap, m.reveal(), self.volume_id + struct.pack(">I", kid))
+        self.base = new.base_wrap.seal(new.base.reveal(), self.volume_id)
+        self.retired = {kid: new.retired_wrap.seal(m.reveal(), self.volume_id + struct.pack(">I", kid))
                         for kid, m in kept.items()}
         for slot in self.slots:
             if slot.public is not None:
@@ -552,7 +540,7 @@ class VolumeConfig:
                                _slot_master_ad(self.volume_id, slot_id, self.key_id, keys.authority)),
         )
         k = argon2id(passphrase.reveal(), slot.kdf.salt, slot.kdf.ops, slot.kdf.mem_kib)
-        slot.wrapped = _seal(AESGCM(k), priv + keys.authority, _slot_ad(self.volume_id, slot))
+        slot.wrapped = Seal(k).seal(priv + keys.authority, _slot_ad(self.volume_id, slot))
         return slot
 
     def try_slot(self, slot: Slot, passphrase: Secret) -> SlotKeys | None:
@@ -562,8 +550,8 @@ class VolumeConfig:
         (and the authority key, :meth:`open_keys`)."""
         k = argon2id(passphrase.reveal(), slot.kdf.salt, slot.kdf.ops, slot.kdf.mem_kib)
         try:
-            inner = _open(AESGCM(k), slot.wrapped, _slot_ad(self.volume_id, slot))
-        except InvalidTag:
+            inner = Seal(k).open(slot.wrapped, _slot_ad(self.volume_id, slot))
+        except IntegrityError:
             return None
         if slot.public is None or slot.master is None:
             return SlotKeys(Secret(inner), None)

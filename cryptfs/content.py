@@ -22,7 +22,16 @@ import errno
 import os
 from collections.abc import Sequence
 
-from cryptfs.header import FLAG_SPARSE, MAX_HEADER_LEN, PREFIX, PREFIX_LEN, FileHeader, KeyWrapper, peek
+from cryptfs.header import (
+    FLAG_SPARSE,
+    MAX_HEADER_LEN,
+    PREFIX,
+    PREFIX_LEN,
+    FileHeader,
+    KeyUnwrapper,
+    KeyWrapper,
+    peek,
+)
 from cryptfs.modes import BLOCK_SIZE, IntegrityError
 from cryptfs.modes.content import ContentMode
 from cryptfs.modes.wrap import Stanza, decode_stanzas
@@ -130,7 +139,7 @@ class ContentFile:
         return cf
 
     @classmethod
-    def load(cls, fd: int, wrapper: KeyWrapper) -> ContentFile:
+    def load(cls, fd: int, wrapper: KeyUnwrapper) -> ContentFile:
         c_size = os.fstat(fd).st_size
         if c_size == 0:
             raise BlockError(None, "empty backing file (header missing)")

@@ -18,7 +18,7 @@ from typing import BinaryIO
 import pyrage
 
 from cryptfs.errors import BackingIOError, UsageError
-from cryptfs.mount import mounts
+from cryptfs.mounttable import volume_of_path
 
 
 def parse_recipients(texts: list[str]) -> list[pyrage.x25519.Recipient]:
@@ -45,24 +45,11 @@ def recipients_from_file(path: str) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def cryptfs_mount_of(path: str) -> str | None:
-    """The mountpoint of the cryptfs mount that holds ``path``, if any."""
-    real = os.path.realpath(path)
-    best = None
-    for mp, fstype, source in mounts():
-        if fstype != "fuse.cryptfs" and not source.startswith("cryptfs:"):
-            continue
-        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
-                best is None or len(mp) > len(best)):
-            best = mp
-    return best
-
-
 def export(path: str, recipients: list[pyrage.x25519.Recipient], out: str | None,
            stdout: BinaryIO) -> int:
     """Encrypt ``path`` to ``recipients`` into ``out`` (a new file) or ``stdout``;
     returns the plaintext size."""
-    if cryptfs_mount_of(path) is None:
+    if volume_of_path(path) is None:
         raise UsageError(f"{path} is not on a mounted cryptfs volume",
                          hint="export reads a file through the mount: mount the volume first")
     try:

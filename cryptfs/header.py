@@ -72,7 +72,13 @@ def parse_layout_hint(raw: bytes) -> tuple[ContentMode, int]:
 
 
 class KeyWrapper(Protocol):
+    """What makes a new header: wraps its file key (cryptfs.modes.wrap)."""
+
     def wrap(self, file_key: bytes, ad: bytes) -> list[Stanza]: ...
+
+
+class KeyUnwrapper(Protocol):
+    """What opens a header: the file key from its stanzas (a Keyring)."""
 
     def unwrap(self, stanzas: list[Stanza], ad: bytes) -> bytes: ...
 
@@ -152,7 +158,7 @@ class FileHeader:
         return cls(mode, 0, file_id, tuple(stanzas), file_key)
 
     @classmethod
-    def decode(cls, buf: bytes | memoryview, wrapper: KeyWrapper) -> FileHeader:
+    def decode(cls, buf: bytes | memoryview, wrapper: KeyUnwrapper) -> FileHeader:
         """Parse and authenticate a header; ``buf`` may run past its end."""
         buf = bytes(buf)
         if len(buf) < PREFIX_LEN + MAC_LEN:

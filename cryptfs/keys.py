@@ -27,10 +27,11 @@ Per file (see cryptfs.header):
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from cryptfs.modes.content import FILE_ID_LEN
 from cryptfs.modes.kdf import hkdf
+from cryptfs.modes.seal import Seal
 from cryptfs.modes.wrap import Keyring, SymmetricWrapper
 from cryptfs.secret import Secret
 
@@ -53,16 +54,16 @@ class VolumeKeys:
         self.key_id = key_id
         b = self.base.reveal()
         self.config_mac_key = hkdf(m, b"cryptfs/v1/config")
-        self.base_wrap = AESGCM(hkdf(m, b"cryptfs/v2/base"))
-        self.retired_wrap = AESGCM(hkdf(m, b"cryptfs/v2/retired"))
+        self.base_wrap = Seal(hkdf(m, b"cryptfs/v2/base"))
+        self.retired_wrap = Seal(hkdf(m, b"cryptfs/v2/retired"))
         self.wrapper = SymmetricWrapper(wrap_key(m), key_id)
         self.symmetric = {key_id: self.wrapper}
         for kid, old in self.retired.items():
             self.symmetric[kid] = SymmetricWrapper(wrap_key(old.reveal()), kid)
         self.names = AESSIV(hkdf(b, b"cryptfs/v1/names", 64))
-        self.symlink = AESGCM(hkdf(b, b"cryptfs/v1/symlink"))
-        self.xattr = AESGCM(hkdf(b, b"cryptfs/v1/xattr"))
-        self.policy = AESGCM(hkdf(b, b"cryptfs/v2/policy"))
+        self.symlink = Seal(hkdf(b, b"cryptfs/v1/symlink"))
+        self.xattr = Seal(hkdf(b, b"cryptfs/v1/xattr"))
+        self.policy = Seal(hkdf(b, b"cryptfs/v2/policy"))
         self.mask_token = hkdf(b, b"cryptfs/v2/mask-token")  # (masked views: token columns)
         # Held in every v2 slot (sealed by the passphrase) and in the recovery
         # key file, never derivable from the config alone: it authenticates

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
-import re
 import resource
 import signal
 import socket
@@ -20,7 +19,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from cryptfs import rotate
-from cryptfs.errors import CryptfsError, MountError, UsageError
+from cryptfs.errors import CryptfsError, MountError
+from cryptfs.mounttable import is_fuse_mount, mounts
 from cryptfs.volume import LockedVolume, Volume
 
 # A task run beside the filesystem for as long as it is mounted; it gets the
@@ -45,63 +45,6 @@ def check_mountpoint(mountpoint: str) -> str:
         raise MountError("/dev/fuse is missing: the fuse kernel module is not loaded",
                          hint="modprobe fuse (or run where FUSE is available)")
     return mnt
-
-
-_OCTAL = re.compile(rb"\\([0-7]{3})")
-
-
-def _unescape(field: bytes) -> str:
-    """A mountinfo field: space, tab, newline and backslash are written as \\ooo."""
-    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
-
-
-def mounts() -> list[tuple[str, str, str]]:
-    """(mountpoint, fstype, source) from /proc/self/mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            left, _, right = line.partition(b" - ")
-            fields = left.split()
-            rfields = right.split()
-            if len(fields) >= 5 and len(rfields) >= 2:
-                out.append((_unescape(fields[4]), os.fsdecode(rfields[0]), _unescape(rfields[1])))
-    return out
-
-
-def mount_of_backing(backing: str) -> str | None:
-    """The mountpoint where ``backing`` is mounted by cryptfs, if it is (by its
-    real path, whatever path names it).  Refused if it is mounted more than
-    once: only one mount can walk the files, and the others would keep old
-    keys and file keys."""
-    want = "cryptfs:" + os.path.realpath(backing)
-    found = [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
-    if len(found) > 1:
-        raise UsageError(f"{backing} is mounted {len(found)} times ({', '.join(found)}): "
-                         "unmount all but one, then rotate")
-    return found[0] if found else None
-
-
-def volume_of_path(path: str) -> tuple[str, str] | None:
-    """(mountpoint, path inside the volume) of a path on a cryptfs mount, or
-    None if it is on none."""
-    where = os.path.realpath(path)
-    best: tuple[str, str] | None = None
-    for mp, fstype, source in mounts():
-        if not (fstype.startswith("fuse") and source.startswith("cryptfs:")):
-            continue
-        if where == mp or where.startswith(mp.rstrip("/") + "/"):
-            if best is None or len(mp) > len(best[0]):
-                best = (mp, source)
-    if best is None:
-        return None
-    return best[0], "/" + os.path.relpath(where, best[0]).removeprefix(".")
-
-
-def is_fuse_mount(mnt: str, fstype: str | None = None) -> bool:
-    for mp, typ, _src in mounts():
-        if mp == mnt and (typ == fstype if fstype else typ.startswith("fuse")):
-            return True
-    return False
 
 
 def setup_logging(log_file: str | None, foreground: bool, verbose: bool = False) -> None:

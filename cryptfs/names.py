@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptfs.keys import VolumeKeys
 from cryptfs.modes import IntegrityError
 from cryptfs.modes.rand import random_bytes
+from cryptfs.modes.seal import OVERHEAD as SEAL_OVERHEAD
 
 DIRIV_NAME = ".diriv"
 DIRIV_LEN = 16  # bytes
@@ -45,9 +46,7 @@ XATTR_PREFIX = b"user."
 XATTR_BACKING_PREFIX = "user.cryptfs."
 SYMLINK_AD = b"cryptfs/v1/symlink"
 MAX_SYMLINK_TARGET = 3000  # bytes of plaintext; the sealed, encoded target stays < 4096
-_NONCE_LEN = 12  # bytes
 _SIV_LEN = 16  # bytes AES-SIV adds
-_GCM_TAG_LEN = 16  # bytes
 XATTR_NAME_MAX = 255  # bytes: Linux's limit on an attribute name (backing names included)
 XATTR_SIZE_MAX = 65536  # bytes: Linux's limit on an attribute value (backing values included)
 
@@ -61,7 +60,7 @@ def _b64u_len(n: int) -> int:
 # 165 bytes.  The largest value whose sealed form fits XATTR_SIZE_MAX: 65508.
 XATTR_NAME_MAX_PLAIN = max(n for n in range(XATTR_NAME_MAX + 1)
                            if len(XATTR_BACKING_PREFIX) + _b64u_len(n + _SIV_LEN) <= XATTR_NAME_MAX)
-XATTR_VALUE_MAX_PLAIN = XATTR_SIZE_MAX - _NONCE_LEN - _GCM_TAG_LEN
+XATTR_VALUE_MAX_PLAIN = XATTR_SIZE_MAX - SEAL_OVERHEAD
 
 
 def b64u(b: bytes) -> str:
@@ -121,16 +120,14 @@ class NameCodec:
 
     # -- symlink targets -----------------------------------------------------------------
     def seal_target(self, target: bytes) -> str:
-        nonce = random_bytes(_NONCE_LEN)
-        return b64u(nonce + self._symlink.encrypt(nonce, target, SYMLINK_AD))
+        return b64u(self._symlink.seal(target, SYMLINK_AD))
 
     def open_target(self, c_target: str | bytes) -> bytes:
         if isinstance(c_target, bytes):
             c_target = c_target.decode("ascii", "replace")
-        raw = unb64u(c_target)
         try:
-            return self._symlink.decrypt(raw[:_NONCE_LEN], raw[_NONCE_LEN:], SYMLINK_AD)
-        except (InvalidTag, ValueError):
+            return self._symlink.open(unb64u(c_target), SYMLINK_AD)
+        except (IntegrityError, ValueError):
             raise IntegrityError("symlink target failed authentication") from None
 
     # -- extended attributes ---------------------------------------------------------------
@@ -146,14 +143,12 @@ class NameCodec:
             raise IntegrityError("xattr name failed authentication") from None
 
     def seal_xattr(self, c_name: str, value: bytes) -> bytes:
-        nonce = random_bytes(_NONCE_LEN)
-        return nonce + self._xattr.encrypt(nonce, value, c_name.encode("ascii"))
+        return self._xattr.seal(value, c_name.encode("ascii"))
 
     def open_xattr(self, c_name: str, sealed: bytes) -> bytes:
         try:
-            return self._xattr.decrypt(sealed[:_NONCE_LEN], sealed[_NONCE_LEN:],
-                                       c_name.encode("ascii"))
-        except (InvalidTag, ValueError):
+            return self._xattr.open(sealed, c_name.encode("ascii"))
+        except (IntegrityError, ValueError):
             raise IntegrityError("xattr value failed authentication") from None
 
 

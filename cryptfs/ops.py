@@ -39,9 +39,9 @@ import trio
 
 from cryptfs import links, ownreads, rotate, sysio, tree, views
 from cryptfs.audit import Auditor
-from cryptfs.audit_events import AUDIT_XATTR, parse_command_record
 from cryptfs.config import CONFIG_NAME, load_config, user_authority
 from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
+from cryptfs.control import AUDIT_XATTR, RECIPIENTS_XATTR, ROTATE_XATTR, SHARE_XATTR, parse_command_record
 from cryptfs.errors import CryptfsError
 from cryptfs.header import AGENT_ROWS_XATTR, LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
 from cryptfs.keys import VolumeKeys
@@ -88,13 +88,10 @@ log = logging.getLogger("cryptfs")
 ROOT = pyfuse3.ROOT_INODE
 ROOT_ATTR_TIMEOUT = 60.0  # seconds
 HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
-SHARE_XATTR = b"user.cryptfs.share"  # set: add a recipient (value: user name)
-RECIPIENTS_XATTR = b"user.cryptfs.recipients"  # get: the recipients' names
 MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view (memory)
 # Rows an agent writes into a file show it their tokens under that file's key.
 NO_ORACLE_WRITES = ("masked view: no writes into a file with token columns "
                     "(they would be a token oracle)")
-ROTATE_XATTR = b"user.cryptfs.rotate"  # on the root: set "go" to walk; get: progress (JSON)
 GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 

@@ -28,16 +28,12 @@ import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-
 from cryptfs.config import UnknownField, VolumeConfig, refuse_unknown
 from cryptfs.errors import NotAVolume, UsageError
 from cryptfs.keys import VolumeKeys
 from cryptfs.masking import FORMATS, Function, Mask
-from cryptfs.modes import content_mode_by_name
-from cryptfs.modes.rand import random_bytes
+from cryptfs.modes import IntegrityError, content_mode_by_name
 
-_NONCE_LEN = 12
 _AD = b"cryptfs/v2/policy"
 HYBRID_PREFIX = "hybrid-"
 MAX_RULES = 1000
@@ -275,12 +271,12 @@ def load_policy(cfg: VolumeConfig, keys: VolumeKeys) -> Policy:
         return Policy()
     sealed = cfg.policy
     try:
-        raw = keys.policy.decrypt(sealed[:_NONCE_LEN], sealed[_NONCE_LEN:], _AD + cfg.volume_id)
+        raw = keys.policy.open(sealed, _AD + cfg.volume_id)
         return Policy.from_bytes(raw)
     except UnknownField as e:
         raise NotAVolume(f"the volume's directory policy: {e}",
                          hint="use the cryptfs release that wrote it") from None
-    except (InvalidTag, ValueError, KeyError, UnicodeDecodeError, RecursionError):
+    except (IntegrityError, ValueError, KeyError, UnicodeDecodeError, RecursionError):
         raise NotAVolume("the volume's directory policy does not decrypt or parse: the config "
                          "was damaged") from None
 
@@ -292,5 +288,4 @@ def store_policy(cfg: VolumeConfig, keys: VolumeKeys, policy: Policy) -> None:
         return
     if len(policy.rules) > MAX_RULES:
         raise UsageError(f"a volume holds at most {MAX_RULES} policy rules")
-    nonce = random_bytes(_NONCE_LEN)
-    cfg.policy = nonce + keys.policy.encrypt(nonce, policy.to_bytes(), _AD + cfg.volume_id)
+    cfg.policy = keys.policy.seal(policy.to_bytes(), _AD + cfg.volume_id)

@@ -5,7 +5,8 @@ A rule may name the programs allowed to open the files of its directory
 pid the kernel gives with the request: its executable is
 ``/proc/PID/exe``, and, for a program pinned by its SHA-256, the content of
 that executable as the process runs it (read through ``/proc/PID/exe``, so
-a binary replaced on disk since is not what is hashed).  Hashes are
+a binary replaced on disk since is not what is hashed; cryptfs.process reads
+the link).  Hashes are
 remembered per (device, inode, size, mtime, ctime) of the executable.
 
 The exe link is only what the process's memory descriptor says, and a
@@ -23,6 +24,7 @@ import hashlib
 import os
 from typing import Any
 
+from cryptfs import process
 from cryptfs.policy import Rule
 
 MAX_REMEMBERED = 256
@@ -68,17 +70,6 @@ class Identifier:
         self.own_userns = _ns_id("/proc/self/ns/user")
         self._warned = False
 
-    @staticmethod
-    def exe(pid: int) -> str | None:
-        """The path of the process's executable; None if there is no process
-        to ask (pid 0: a request the kernel makes itself) or it cannot be read."""
-        if pid <= 0:
-            return None
-        try:
-            return os.readlink(b"/proc/%d/exe" % pid).decode("utf-8", "backslashreplace")
-        except OSError:
-            return None
-
     def warn_once(self) -> str | None:
         """What an operator should know the first time a rule names programs
         (None: nothing, or said already)."""
@@ -94,9 +85,8 @@ class Identifier:
 
     def _sha256(self, proc: int) -> str | None:
         """The SHA-256 (hex) of the executable the process runs; None if unreadable."""
-        try:
-            fd = os.open("exe", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
-        except OSError:
+        fd = process.open_exe_at(proc)
+        if fd is None:
             return None
         try:
             st = os.fstat(fd)
@@ -118,12 +108,12 @@ class Identifier:
     def _same_file(proc: int, path: str) -> bool:
         """Whether the process runs the very file at ``path`` in the mount's
         own view of the filesystem (device and inode)."""
+        running = process.stat_exe_at(proc)
         try:
-            running = os.stat("exe", dir_fd=proc)
             named = os.stat(path)
         except OSError:
             return False
-        return (running.st_dev, running.st_ino) == (named.st_dev, named.st_ino)
+        return running is not None and (running.st_dev, running.st_ino) == (named.st_dev, named.st_ino)
 
     def decide(self, rule: Rule, pid: int) -> tuple[bool, dict[str, Any]]:
         """Whether the process ``pid`` may open a file under ``rule``, and the
@@ -132,12 +122,11 @@ class Identifier:
         if pid <= 0:
             fields["decision"] = "no process to identify (pid 0)"
             return False, fields
-        try:
-            # Every read below goes through this descriptor: should the
-            # process end and its pid be reused meanwhile, they fail rather
-            # than describe the newcomer.
-            proc = os.open(b"/proc/%d" % pid, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+        # Every read below goes through this descriptor: should the process
+        # end and its pid be reused meanwhile, they fail rather than describe
+        # the newcomer.
+        proc = process.open_proc(pid)
+        if proc is None:
             fields["decision"] = "the program cannot be identified"
             return False, fields
         try:
@@ -152,11 +141,7 @@ class Identifier:
         # another (unshare and setns of a user namespace need a process of
         # one thread, and that thread is here): one look is enough.
         userns = _ns_id("ns/user", dir_fd=proc)
-        exe: str | None
-        try:
-            exe = os.readlink(b"exe", dir_fd=proc).decode("utf-8", "backslashreplace")
-        except OSError:
-            exe = None
+        exe = process.exe_at(proc)
         if exe is None or userns is None or self.own_userns is None:
             fields["decision"] = "the program cannot be identified"
             return False, fields

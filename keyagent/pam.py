@@ -32,7 +32,7 @@ import syslog
 import click
 
 from cryptfs.cli.common import error_boundary
-from cryptfs.errors import UsageError, WrongPassphrase
+from cryptfs.errors import CryptfsError, UsageError, WrongPassphrase
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.client import AgentClient, AgentError
 from cryptfs.secret import Secret
@@ -167,7 +167,8 @@ def unlock(backings: tuple[str, ...], agent_socket: str | None) -> None:
                     "/usr/bin/cryptfs-pam unlock --backing DIR")
     user = pam_user()
     client = AgentClient(agent_socket, timeout=AGENT_TIMEOUT)
-    unlocked, failures = [], []
+    unlocked: list[str] = []
+    failures: list[CryptfsError] = []
     with read_password() as password:
         for backing in backings:
             path = os.path.abspath(backing)

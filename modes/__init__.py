@@ -2,7 +2,8 @@
 
 Content modes seal and open one plaintext block at a time
 (:mod:`cryptfs.modes.content`); key wrapping turns a per-file key into
-header stanzas and back (:mod:`cryptfs.modes.wrap`).  Everything here is pure
+header stanzas and back (:mod:`cryptfs.modes.wrap`); every other secret
+or record is sealed by the one AEAD seal (:mod:`cryptfs.modes.seal`).  Everything here is pure
 and synchronous: no I/O, no trio, no pyfuse3.
 """
 

@@ -9,6 +9,8 @@ Symmetric stanza (type 1), body of 64 bytes::
 
     key_id (u32) || nonce (12) || AES-256-GCM(wrap_key[key_id], nonce, file_key, ad) (48)
 
+    (key_id, then the file key sealed by cryptfs.modes.seal.Seal)
+
 X25519 recipient stanza (type 2), body of 88 bytes (hybrid mode)::
 
     tag (8) || epk (32) || ChaCha20-Poly1305(k, zero nonce, file_key, ad) (48)
@@ -33,12 +35,9 @@ import hmac
 import struct
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from cryptfs.modes import x25519
 from cryptfs.modes.errors import IntegrityError, NotARecipient, NotForMe
-from cryptfs.modes.rand import random_bytes
+from cryptfs.modes.seal import OVERHEAD, Seal
 
 FILE_KEY_LEN = 32  # bytes
 STANZA_PADDING = 0
@@ -47,8 +46,8 @@ STANZA_X25519 = 2
 TAG_LEN = 8  # bytes
 X25519_BODY_LEN = TAG_LEN + x25519.KEY_LEN + FILE_KEY_LEN + x25519.TAG_LEN  # 88
 FILE_KEY_LABEL = b"cryptfs/v1/file-key"
-_NONCE_LEN = 12  # bytes
-_SYM = struct.Struct(">I12s48s")
+_KEY_ID = struct.Struct(">I")
+_SYM_BODY_LEN = _KEY_ID.size + OVERHEAD + FILE_KEY_LEN  # key_id || sealed file key: 64
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class Stanza:
 
 
 # Body length of each stanza type (None: any).
-BODY_LEN: dict[int, int | None] = {STANZA_PADDING: None, STANZA_SYMMETRIC: _SYM.size,
+BODY_LEN: dict[int, int | None] = {STANZA_PADDING: None, STANZA_SYMMETRIC: _SYM_BODY_LEN,
                                    STANZA_X25519: X25519_BODY_LEN}
 
 
@@ -179,12 +178,11 @@ class SymmetricWrapper:
     """Wraps file keys under a key derived from the volume master key."""
 
     def __init__(self, wrap_key: bytes, key_id: int) -> None:
-        self._aead = AESGCM(wrap_key)
+        self._seal = Seal(wrap_key)
         self.key_id = key_id
 
     def wrap(self, file_key: bytes, ad: bytes) -> list[Stanza]:
-        nonce = random_bytes(_NONCE_LEN)
-        body = _SYM.pack(self.key_id, nonce, self._aead.encrypt(nonce, file_key, ad))
+        body = _KEY_ID.pack(self.key_id) + self._seal.seal(file_key, ad)
         return [Stanza(STANZA_SYMMETRIC, body)]
 
     def unwrap(self, stanzas: list[Stanza], ad: bytes) -> bytes:
@@ -194,12 +192,9 @@ class SymmetricWrapper:
     def open_stanza(self, st: Stanza, ad: bytes) -> bytes:
         """The file key in one symmetric stanza of this generation (IntegrityError
         if it does not open)."""
-        if st.type != STANZA_SYMMETRIC or len(st.body) != _SYM.size:
+        if st.type != STANZA_SYMMETRIC or len(st.body) != _SYM_BODY_LEN:
             raise IntegrityError()
-        key_id, nonce, ct = _SYM.unpack(st.body)
+        (key_id,) = _KEY_ID.unpack_from(st.body)
         if key_id != self.key_id:
             raise IntegrityError()
-        try:
-            return self._aead.decrypt(nonce, ct, ad)
-        except InvalidTag:
-            raise IntegrityError() from None
+        return self._seal.open(st.body[_KEY_ID.size:], ad)

@@ -9,25 +9,24 @@ Layout of a wrapped secret (``wrap`` output)::
     k      = HKDF-SHA256(ikm = shared, salt = epk || recipient, info = label)
 
 Nonce rule: every wrap derives a fresh key from a fresh ephemeral key, so
-the fixed zero nonce is never used twice under one key (as in age).  The
+the fixed zero nonce is never used twice under one key (as in age;
+cryptfs.modes.seal.seal_single_use).  The
 ``label`` names the purpose (e.g. ``b"cryptfs/v1/recovery"``), so a wrap made
 for one purpose never opens as another.
 """
 
 from __future__ import annotations
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cryptfs.modes.errors import IntegrityError, NotForMe
 from cryptfs.modes.kdf import hkdf
 from cryptfs.modes.rand import random_bytes
+from cryptfs.modes.seal import open_single_use, seal_single_use
 
 KEY_LEN = 32  # bytes: X25519 private and public keys
 TAG_LEN = 16  # bytes
-_ZERO_NONCE = bytes(12)
 
 
 def new_private_key() -> bytes:
@@ -57,7 +56,7 @@ def wrap(secret: bytes, recipient: bytes, label: bytes, ad: bytes = b"") -> byte
     eph = new_private_key()
     epk = public_key(eph)
     k = _key(X25519PrivateKey.from_private_bytes(eph), recipient, epk, recipient, label)
-    return epk + ChaCha20Poly1305(k).encrypt(_ZERO_NONCE, secret, ad)
+    return epk + seal_single_use(k, secret, ad)
 
 
 def unwrap(wrapped: bytes, private: bytes, label: bytes, ad: bytes = b"") -> bytes:
@@ -72,6 +71,6 @@ def unwrap(wrapped: bytes, private: bytes, label: bytes, ad: bytes = b"") -> byt
     epk, ct = wrapped[:KEY_LEN], wrapped[KEY_LEN:]
     k = _key(X25519PrivateKey.from_private_bytes(private), epk, epk, public_key(private), label)
     try:
-        return ChaCha20Poly1305(k).decrypt(_ZERO_NONCE, ct, ad)
-    except InvalidTag:
+        return open_single_use(k, ct, ad)
+    except IntegrityError:
         raise NotForMe() from None

@@ -18,7 +18,9 @@ from test_audit_mount import _tmpfs, records
 from test_roles import _add
 
 from conftest import Mount, new_mount, run_cli
-from cryptfs import audit as al
+from cryptfs.audit.chain import parse_verifier
+from cryptfs.audit.verify import verify
+from cryptfs.audit.writer import AuditLog, LogBusy, init_log
 from multiuser import Shared, bind_log, run_as
 
 FAST = ("--kdf-memory", "8", "--kdf-iterations", "1")
@@ -85,7 +87,7 @@ def test_offline_commands_record_themselves(tmp_path: Path, passfile: Path) -> N
     assert rs[8]["out"] == str(tmp_path / "out")
     assert len({r["pid"] for r in rs}) == len(rs)  # one process each
     # Every command sealed what it wrote: the whole log verifies, nothing unsealed.
-    v = al.verify(str(logdir), al.parse_verifier(pub))
+    v = verify(str(logdir), parse_verifier(pub))
     assert v.ok and v.valid == len(rs) and v.unsealed == 0
 
 
@@ -155,7 +157,7 @@ def test_the_mount_writes_the_bound_log_and_takes_commands_records(tmp_path: Pat
     assert exp["recipients"] == [recipient] and exp["out"] == str(tmp_path / "c1.age")
     assert pol["command"] == "cryptfs policy set" and pol["mode"] == "xchacha20-poly1305"
     assert not any(r["event"] == "setxattr" for r in rs)  # (the command's record is the record)
-    v = al.verify(str(logdir), al.parse_verifier(pub))
+    v = verify(str(logdir), parse_verifier(pub))
     assert v.ok and v.valid == len(rs)
 
 
@@ -206,15 +208,15 @@ def test_a_log_put_in_place_of_the_bound_one_is_refused(tmp_path: Path, passfile
 
 def test_a_second_writer_is_told_who_holds_the_log(tmp_path: Path) -> None:
     d = tmp_path / "log"
-    al.init_log(str(d), "one")
-    first = al.AuditLog(str(d))
+    init_log(str(d), "one")
+    first = AuditLog(str(d))
     try:
-        with pytest.raises(al.LogBusy) as e:
-            al.AuditLog(str(d), wait=0.2)
+        with pytest.raises(LogBusy) as e:
+            AuditLog(str(d), wait=0.2)
         assert f"pid {os.getpid()}" in str(e.value)
     finally:
         first.close()
-    al.AuditLog(str(d), wait=0).close()  # free again
+    AuditLog(str(d), wait=0).close()  # free again
 
 
 def test_export_survives_text_that_is_not_utf8(tmp_path: Path) -> None:
@@ -222,8 +224,8 @@ def test_export_survives_text_that_is_not_utf8(tmp_path: Path) -> None:
     an edited log or an older writer) ended every export and follow with an
     internal error.  Now such text is written escaped and the rest follows."""
     d = tmp_path / "log"
-    al.init_log(str(d), "odd")
-    w = al.AuditLog(str(d))
+    init_log(str(d), "odd")
+    w = AuditLog(str(d))
     w.record(event="open", outcome="allowed", path="/SURROGATE")
     w.record(event="open", outcome="allowed", path="/after")
     w.close()
@@ -315,4 +317,4 @@ def test_a_record_claims_only_what_its_requester_may_do(shared: Shared) -> None:
     assert all(row["seq"].isdigit() and row["uid"].lstrip("-").isdigit()
                for row in rows)  # (numbers stay numbers)
     pub = (logdir / "audit.pub").read_text()
-    assert al.verify(str(logdir), al.parse_verifier(pub)).ok
+    assert verify(str(logdir), parse_verifier(pub)).ok

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import new_mount, run_cli
-from cryptfs import audit as al
-from cryptfs import audit_export as ax
+from cryptfs.audit.chain import data_end, parse_verifier
+from cryptfs.audit.export import follow
+from cryptfs.audit.verify import verify
+from cryptfs.audit.writer import AuditLog, init_log
 
 # CEF:Version|Device Vendor|Device Product|Device Version|Signature ID|Name|Severity|Extension
 # (ArcSight "Implementing ArcSight CEF" rev. 25: pipes and backslashes escaped in
@@ -142,11 +144,11 @@ def test_follow_prints_records_as_they_are_written(tmp_path: Path) -> None:
     import sys
     import time
 
-    from cryptfs import audit as al
+    from cryptfs.audit.writer import AuditLog, init_log
 
     d = tmp_path / "log"
-    al.init_log(str(d), "follow-test")
-    log = al.AuditLog(str(d), seal_every=3, segment_bytes=1500)
+    init_log(str(d), "follow-test")
+    log = AuditLog(str(d), seal_every=3, segment_bytes=1500)
     log.record(event="open", outcome="allowed", uid=0, path="/before")
     proc = subprocess.Popen([sys.executable, "-m", "cryptfs.cli.main", "audit", "follow", str(d),
                              "--event", "open", "--format", "csv"],
@@ -173,29 +175,29 @@ def test_follow_after_a_writer_died_in_the_middle_of_a_record(tmp_path: Path) ->
     from its start, so the follower never saw those records (and forward
     never sent them).  A follower now stops at the last whole line."""
     d = tmp_path / "log"
-    al.init_log(str(d), "crash")
-    a = al.AuditLog(str(d))
+    init_log(str(d), "crash")
+    a = AuditLog(str(d))
     for i in range(3):
         a.record(event="open", outcome="allowed", path=f"/before-{i}")
     seg = next(d.glob("segment-*.log"))
-    end = al.data_end(str(seg))
+    end = data_end(str(seg))
     os.pwrite(a._fd, b'{"event":"open","exe":"/bin/ca', end)  # killed while copying this one
     os.close(a._fd)
     os.close(a._lock)
     got: list[dict] = []
-    follower = ax.follow(str(d), from_start=True, poll=0.05,
-                         stop=lambda: len(got) >= 8 or time.monotonic() > deadline)
+    follower = follow(str(d), from_start=True, poll=0.05,
+                      stop=lambda: len(got) >= 8 or time.monotonic() > deadline)
     deadline = time.monotonic() + 10
     for r in follower:
         got.append(r)
         if len(got) == 3:  # (it has seen the partial line by now, and must not pass it)
-            b = al.AuditLog(str(d))
+            b = AuditLog(str(d))
             for i in range(5):
                 b.record(event="unlink", outcome="allowed", path=f"/after-{i}")
             b.close()
     assert [r["path"] for r in got] == [f"/before-{i}" for i in range(3)] + [
         f"/after-{i}" for i in range(5)]
-    v = al.verify(str(d), al.parse_verifier((d / "audit.pub").read_text()))
+    v = verify(str(d), parse_verifier((d / "audit.pub").read_text()))
     assert v.ok and v.valid == 8
 
 
@@ -203,11 +205,11 @@ def test_verify_while_the_log_is_being_written_finds_nothing_wrong(tmp_path: Pat
     """Review finding: verify of a live log read a line made of an old copy
     of the reserved tail and a newer record, and reported it modified."""
     d = tmp_path / "log"
-    pub = al.parse_verifier(al.init_log(str(d), "live"))
+    pub = parse_verifier(init_log(str(d), "live"))
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import time
-from cryptfs import audit as al
-log = al.AuditLog({str(d)!r}, seal_every=50)
+from cryptfs.audit.writer import AuditLog
+log = AuditLog({str(d)!r}, seal_every=50)
 end = time.monotonic() + 4
 i = 0
 while time.monotonic() < end:
@@ -218,10 +220,10 @@ log.close()
     try:
         checks = 0
         while writer.poll() is None:
-            v = al.verify(str(d), pub)
+            v = verify(str(d), pub)
             assert v.ok, v.problems
             checks += 1
     finally:
         writer.wait(10)
-    v = al.verify(str(d), pub)
+    v = verify(str(d), pub)
     assert v.ok and v.unsealed == 0 and checks > 5

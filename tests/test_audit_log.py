@@ -15,15 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import run_cli
-from cryptfs import audit as al
+from cryptfs.audit.chain import ZERO, Checkpoint, b64, canonical, chain, parse_verifier, public_of, unb64
+from cryptfs.audit.verify import Verdict, verify
+from cryptfs.audit.writer import AuditLog, Auditor, init_log
 
 N = 47  # records: several seals (every 5) and segments (every ~2 KB), and an unsealed tail
 
 
 def write_log(d: Path, n: int = N, close: bool = False, clock: object = None) -> str:
-    pub = al.init_log(str(d), "vol-test")
+    pub = init_log(str(d), "vol-test")
     kw = {"clock": clock} if clock else {}
-    log = al.AuditLog(str(d), seal_every=5, segment_bytes=2000, **kw)
+    log = AuditLog(str(d), seal_every=5, segment_bytes=2000, **kw)
     for i in range(n):
         log.record(event="open", outcome="allowed", uid=1000 + i % 3, user="alice",
                    pid=4242, exe="/usr/bin/cat", path=f"/customers/{i:03d}.csv")
@@ -35,8 +37,8 @@ def write_log(d: Path, n: int = N, close: bool = False, clock: object = None) ->
     return pub
 
 
-def verdict(d: Path, pub: str) -> al.Verdict:
-    return al.verify(str(d), al.parse_verifier(pub))
+def verdict(d: Path, pub: str) -> Verdict:
+    return verify(str(d), parse_verifier(pub))
 
 
 def segments(d: Path) -> list[Path]:
@@ -91,7 +93,7 @@ def test_closing_seals_the_tail(tmp_path: Path) -> None:
 def test_the_writer_carries_on_after_a_restart(tmp_path: Path) -> None:
     d = tmp_path / "log"
     pub = write_log(d)  # crashed with 2 unsealed records
-    log = al.AuditLog(str(d), seal_every=5, segment_bytes=2000)
+    log = AuditLog(str(d), seal_every=5, segment_bytes=2000)
     for i in range(8):
         log.record(event="unlink", outcome="allowed", path=f"/x{i}")
     log.close()
@@ -184,8 +186,8 @@ def test_resealing_with_the_current_key_is_found(log: tuple[Path, str]) -> None:
     checkpoint with that seed.  Epoch 0's checkpoint was signed with a key they
     never had, so it does not verify."""
     d, pub = log
-    seed = al.unb64(json.loads((d / "audit.key").read_text())["seed"])
-    h = al.ZERO
+    seed = unb64(json.loads((d / "audit.key").read_text())["seed"])
+    h = ZERO
     size = 0
     epoch = 0
     for seg in segments(d):
@@ -193,16 +195,16 @@ def test_resealing_with_the_current_key_is_found(log: tuple[Path, str]) -> None:
         out = []
         for o in objs:
             if "segment" in o:
-                o["prev"] = al.b64(h)
+                o["prev"] = b64(h)
             elif "seq" in o:
                 rec = {k: v for k, v in o.items() if k != "h"}
                 if rec["seq"] == 2:
                     rec["outcome"] = "denied"
-                h = al.chain(h, rec)
-                o = {**rec, "h": al.b64(h)}
+                h = chain(h, rec)
+                o = {**rec, "h": b64(h)}
                 size = rec["seq"]
             elif "checkpoint" in o:
-                cp = al.Checkpoint("vol-test", size, h, epoch, al._public(seed), time.time_ns())
+                cp = Checkpoint("vol-test", size, h, epoch, public_of(seed), time.time_ns())
                 o = {"checkpoint": cp.sign(seed)}
                 epoch += 1
             out.append(o)
@@ -241,8 +243,8 @@ def test_a_seal_that_finds_the_disk_full_is_made_later(tmp_path: Path) -> None:
     _tmpfs(small, "256k")
     try:
         d = small / "log"
-        pub = al.init_log(str(d), "full")
-        log = al.AuditLog(str(d), seal_every=10**9)
+        pub = init_log(str(d), "full")
+        log = AuditLog(str(d), seal_every=10**9)
         for i in range(5):
             log.record(event="open", outcome="allowed", path=f"/{i}")
         filler = _fill(small)
@@ -258,7 +260,7 @@ def test_a_seal_that_finds_the_disk_full_is_made_later(tmp_path: Path) -> None:
         log.seal()
         os.close(log._fd)  # a crash after the seal
         os.close(log._lock)
-        again = al.AuditLog(str(d))
+        again = AuditLog(str(d))
         again.record(event="unlink", outcome="allowed", path="/1")
         again.close()
         v = verdict(d, pub)
@@ -279,7 +281,7 @@ def test_canonical_is_the_json_text_the_format_describes(record: dict) -> None:
     """The writer's fast canonical form (orjson) gives the very bytes of the
     definition in docs/AUDIT.md (Python's json with sorted keys, no spaces,
     no ASCII escaping), so any JSON library can check the chain."""
-    assert al.canonical(record) == json.dumps(record, sort_keys=True, separators=(",", ":"),
+    assert canonical(record) == json.dumps(record, sort_keys=True, separators=(",", ":"),
                                               ensure_ascii=False).encode()
 
 
@@ -289,8 +291,8 @@ def test_a_segment_that_cannot_be_started_leaves_the_log_whole(tmp_path: Path) -
     never verified again).  Now it goes on in the old segment, and rotates
     at a later seal once it can."""
     d = tmp_path / "log"
-    pub = al.init_log(str(d), "rot")
-    log = al.AuditLog(str(d), seal_every=5, segment_bytes=1500)
+    pub = init_log(str(d), "rot")
+    log = AuditLog(str(d), seal_every=5, segment_bytes=1500)
     (d / "segment-000002.log").symlink_to(tmp_path / "nowhere" / "x")  # open() fails
     for i in range(30):
         log.record(event="open", outcome="allowed", path=f"/f{i}")
@@ -308,8 +310,8 @@ def test_a_restart_after_a_rotation_whose_state_was_not_written(tmp_path: Path) 
     """The state file names the old segment, a newer one exists: the next
     writer goes on in the newest, and the chain holds."""
     d = tmp_path / "log"
-    pub = al.init_log(str(d), "rot")
-    log = al.AuditLog(str(d), seal_every=5, segment_bytes=1500)
+    pub = init_log(str(d), "rot")
+    log = AuditLog(str(d), seal_every=5, segment_bytes=1500)
     state = (d / "audit.key").read_text()
     for i in range(12):
         log.record(event="open", outcome="allowed", path=f"/f{i}")
@@ -320,7 +322,7 @@ def test_a_restart_after_a_rotation_whose_state_was_not_written(tmp_path: Path) 
     st = json.loads((d / "audit.key").read_text())
     st["segment"] = 1  # as if the state write after the rotation had not happened
     (d / "audit.key").write_text(json.dumps(st))
-    again = al.AuditLog(str(d), seal_every=5, segment_bytes=1500)
+    again = AuditLog(str(d), seal_every=5, segment_bytes=1500)
     again.record(event="unlink", outcome="allowed", path="/f0")
     again.close()
     assert state and len(segments(d)) >= n
@@ -335,8 +337,8 @@ def test_a_live_log_is_sealed_on_time_even_when_idle(tmp_path: Path) -> None:
     import trio
 
     d = tmp_path / "log"
-    pub = al.init_log(str(d), "idle")
-    auditor = al.Auditor(al.AuditLog(str(d), seal_seconds=0.4), "ab" * 16)
+    pub = init_log(str(d), "idle")
+    auditor = Auditor(AuditLog(str(d), seal_seconds=0.4), "ab" * 16)
 
     async def day() -> None:
         async with trio.open_nursery() as nursery:
@@ -356,7 +358,7 @@ def test_a_live_log_is_sealed_on_time_even_when_idle(tmp_path: Path) -> None:
 
 def test_max_age_fails_a_log_with_no_seal_at_all(tmp_path: Path) -> None:
     d = tmp_path / "log"
-    pub = al.init_log(str(d), "cut")
+    pub = init_log(str(d), "cut")
     res = run_cli("audit", "verify", str(d), "--key", pub, "--max-age", "60", check=False)
     assert res.returncode == 6 and "no seal at all" in res.stdout
 
@@ -386,4 +388,4 @@ def test_a_hostile_line_gets_a_verdict_not_a_traceback(tmp_path: Path, line: str
     res = run_cli("audit", "report", str(d), "--key", pub, "--html", str(tmp_path / "r.html"),
                   check=False)
     assert res.returncode == 6 and "DOES NOT VERIFY" in (tmp_path / "r.html").read_text()
-    al.AuditLog(str(d), wait=0).close()  # a writer still opens it
+    AuditLog(str(d), wait=0).close()  # a writer still opens it

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Mount, new_mount, run_cli
-from cryptfs import audit as al
+from cryptfs.audit.chain import parse_verifier
+from cryptfs.audit.verify import verify
 
 
 def records(logdir: Path) -> list[dict]:
@@ -70,7 +71,7 @@ def test_a_session_of_work_records_exactly_what_happened(logged: tuple[Mount, Pa
     trunc = next(r for r in recs if r["event"] == "truncate")
     assert trunc["size"] == 3 and all(r["volume"] == recs[0]["volume"] for r in recs)
     assert len(recs[0]["volume"]) == 32
-    v = al.verify(str(logdir), al.parse_verifier((logdir / "audit.pub").read_text()))
+    v = verify(str(logdir), parse_verifier((logdir / "audit.pub").read_text()))
     assert v.ok and v.valid == len(recs) and v.unsealed == 0  # unmount seals the tail
 
 
@@ -192,7 +193,7 @@ def test_the_agent_records_unlocks_failed_unlocks_and_locks(tmp_path: Path) -> N
     recs = records(alog)
     assert recs[0]["exe"].endswith("python3.11") or recs[0]["exe"].startswith("/usr/bin/python")
     assert recs[1]["failures"] == 1 and len(recs[0]["volume"]) == 32
-    v = al.verify(str(alog), al.parse_verifier((alog / "audit.pub").read_text()))
+    v = verify(str(alog), parse_verifier((alog / "audit.pub").read_text()))
     assert v.ok and v.unsealed == 0  # the agent seals its log when it stops
 
 
@@ -250,7 +251,7 @@ def test_no_change_is_made_that_its_record_cannot_follow(tmp_path: Path, backing
                 if r["event"] == "unlink" and r["outcome"] == "allowed"}
         assert refused in there
         assert there | gone == set(names) and not there & gone
-        assert al.verify(str(logdir), al.parse_verifier(pub)).ok
+        assert verify(str(logdir), parse_verifier(pub)).ok
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 

@@ -29,8 +29,9 @@ from typing import Any
 import pytest
 
 from conftest import CRYPTFS, new_mount, run_cli
-from cryptfs import audit as al
-from cryptfs import audit_report as ar
+from cryptfs.audit import report
+from cryptfs.audit.chain import parse_verifier
+from cryptfs.audit.writer import AuditLog, init_log
 
 SCRIPT_NAME = "<script>alert(1)</script>"
 QUOTES_NAME = '"&<>.txt'
@@ -46,9 +47,9 @@ class Writer:
     """The real writer, with a clock this test sets."""
 
     def __init__(self, logdir: Path, log_id: str, seal_every: int = 40) -> None:
-        self.pub = al.init_log(str(logdir), log_id)
+        self.pub = init_log(str(logdir), log_id)
         self.t = DAY
-        self.log = al.AuditLog(str(logdir), seal_every=seal_every, seal_seconds=1e9,
+        self.log = AuditLog(str(logdir), seal_every=seal_every, seal_seconds=1e9,
                                clock=lambda: self.t)
         self.written: list[dict[str, Any]] = []
 
@@ -334,7 +335,7 @@ def test_verdicts(good: Rendered, logs: Logs) -> None:
 def test_summary_numbers(good: Rendered, logs: Logs) -> None:
     recs = logs.records
     people = {r["user"] for r in recs if r["uid"] >= 0 and r["event"] not in ("mount", "unmount")}
-    accessed = {p for r in recs if r["event"] not in ar.NOT_ACCESS
+    accessed = {p for r in recs if r["event"] not in report.NOT_ACCESS
                 for p in (r.get("path"), r.get("new_path")) if p}
     t = tiles(good.doc)
     assert t["Records"] == f"{len(recs):,}"
@@ -358,7 +359,7 @@ def test_chart_per_user_over_time(good: Rendered, logs: Logs) -> None:
     legend = [squash(li.text()) for li in sec.find("ul", "legend")[0].find("li")]
     per_user: dict[str, int] = {}
     for r in logs.records:
-        if r["event"] not in ar.NOT_ACCESS:
+        if r["event"] not in report.NOT_ACCESS:
             per_user[r["user"]] = per_user.get(r["user"], 0) + 1
     assert legend == [f"{u} {n}" for u, n in sorted(per_user.items(), key=lambda i: (-i[1], i[0]))]
     # every access is in one bar: the tooltips add up to the legend
@@ -495,12 +496,12 @@ def test_large_logs_give_a_bounded_page(tmp_path: Path) -> None:
                           path=f"/d/{i}.txt", reason="EACCES")
     w.log.close()
     out = tmp_path / "big.html"
-    ar.write_report([ar.LogSource(str(tmp_path / "big"), al.parse_verifier(w.pub), False)],
+    report.write_report([report.LogSource(str(tmp_path / "big"), parse_verifier(w.pub), False)],
                     str(out))
     doc = dom(out.read_text())
-    assert len(table_rows(doc, "denials")) == ar.MAX_ROWS
-    assert len(table_rows(doc, "files")) == ar.TOP_FILES
-    assert len(table_rows(doc, "programs")) == ar.TOP_PROGRAMS
+    assert len(table_rows(doc, "denials")) == report.MAX_ROWS
+    assert len(table_rows(doc, "files")) == report.TOP_FILES
+    assert len(table_rows(doc, "programs")) == report.TOP_PROGRAMS
     assert "2,800 more denials not shown." in squash(doc.text())
     assert "2,975 more files not shown." in squash(doc.text())
     assert "33 other users" in squash(doc.find("ul", "legend")[0].text())
@@ -515,7 +516,7 @@ def test_control_and_bidi_characters_are_shown_as_escapes(tmp_path: Path) -> Non
           reason="EACCES")
     w.log.close()
     out = tmp_path / "r.html"
-    ar.write_report([ar.LogSource(str(tmp_path / "log"), al.parse_verifier(w.pub), True)], str(out))
+    report.write_report([report.LogSource(str(tmp_path / "log"), parse_verifier(w.pub), True)], str(out))
     paths = [row[4] for row in table_rows(dom(out.read_text()), "denials")]
     assert paths == ["/invoice\\u202efdp.exe", "/a\\u001b[31mred\\u000aline"]
 
@@ -542,7 +543,7 @@ def test_records_of_any_shape_still_give_a_page(tmp_path: Path) -> None:
     lines.insert(3, "{not json")
     seg.write_text("\n".join(lines) + "\n")
     out = tmp_path / "r.html"
-    rep = ar.write_report([ar.LogSource(str(tmp_path / "log"), al.parse_verifier(w.pub), True)],
+    rep = report.write_report([report.LogSource(str(tmp_path / "log"), parse_verifier(w.pub), True)],
                           str(out))
     assert not rep.ok and rep.logs[0].unreadable == 2
     doc = dom(out.read_text())
@@ -550,7 +551,7 @@ def test_records_of_any_shape_still_give_a_page(tmp_path: Path) -> None:
     assert "2 records have no usable time or event" in squash(doc.text())
     assert period(doc).startswith("Period covered 1970-01-01T00:00:00Z to 2026-03-02T14:00:00Z")
     svg = doc.find("svg")[0]
-    assert 0 < len(svg.find("rect")) <= ar.MAX_BUCKETS
+    assert 0 < len(svg.find("rect")) <= report.MAX_BUCKETS
     assert '{"name": ["x"]}' in [row[2] for row in table_rows(doc, "files")]
 
 
@@ -607,7 +608,7 @@ def test_not_a_log_and_no_key(tmp_path: Path) -> None:
     res = run_cli("audit", "report", str(d), "--key", (tmp_path / "none").as_posix(), "--html",
                   str(tmp_path / "r.html"), check=False)
     assert res.returncode == 2 and "not an audit verifier key" in res.stderr
-    pub = al.init_log(str(tmp_path / "log"), "log")
+    pub = init_log(str(tmp_path / "log"), "log")
     res = run_cli("audit", "report", str(tmp_path / "log"), "--key", pub, "--html",
                   str(tmp_path / "no" / "r.html"), check=False)
     assert res.returncode == 7 and f"cannot write the report {tmp_path}/no/r.html" in res.stderr

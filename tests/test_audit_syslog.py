@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 from test_cli_errors import assert_one_error, assert_usage_error
 
 from conftest import CRYPTFS, new_mount, run_cli
-from cryptfs import audit as al
-from cryptfs import audit_syslog as fw
+from cryptfs.audit import syslog
+from cryptfs.audit.writer import AuditLog, init_log
 
 WEIRD = '/customers/a"b]c\\d/Zhāng 张伟 ☃.csv'  # every character §6.3.3 escapes, and UTF-8
 
@@ -88,15 +88,15 @@ def record(**fields: Any) -> dict[str, Any]:
 # -- the message, on its own -----------------------------------------------------------------------
 def test_a_message_byte_for_byte() -> None:
     r = record(path=WEIRD, intent="read")
-    msg = fw.message(r, "files1")
+    msg = syslog.message(r, "files1")
     assert msg.decode() == (
         '<86>1 2025-11-29T07:06:40.123456Z files1 cryptfs 4242 open [meta sequenceId="1"]'
         '[cryptfs@32473 seq="1" time_ns="1764400000123456789" log="customers" volume="0f3c" '
         'event="open" outcome="allowed" uid="1000" user="alice" pid="4242" exe="/usr/bin/cat" '
         'path="/customers/a\\"b\\]c\\\\d/Zhāng 张伟 ☃.csv" intent="read" h="' + "x" * 44 + '"] '
         + json.dumps(r, sort_keys=True, separators=(",", ":")))
-    assert fw.frame(msg) == str(len(msg)).encode() + b" " + msg
-    assert max(fw.message(r, "h").rpartition(b"] ")[2]) < 0x80  # MSG: ASCII, no BOM
+    assert syslog.frame(msg) == str(len(msg)).encode() + b" " + msg
+    assert max(syslog.message(r, "h").rpartition(b"] ")[2]) < 0x80  # MSG: ASCII, no BOM
 
 
 @pytest.mark.parametrize("fields, facility, pri", [
@@ -107,12 +107,12 @@ def test_a_message_byte_for_byte() -> None:
     ({"event": "integrity-failure"}, "audit", 13 * 8 + 3),
 ])
 def test_pri_is_facility_and_severity(fields: dict[str, Any], facility: str, pri: int) -> None:
-    p = parse_5424(fw.message(record(**fields), "h", fw.FACILITIES[facility]))
+    p = parse_5424(syslog.message(record(**fields), "h", syslog.FACILITIES[facility]))
     assert p.pri == pri
 
 
 def test_header_fields_that_cannot_be_taken_as_they_are() -> None:
-    p = parse_5424(fw.message(record(seq=2147483647 + 5, pid=0, event="a b=c" + "x" * 40,
+    p = parse_5424(syslog.message(record(seq=2147483647 + 5, pid=0, event="a b=c" + "x" * 40,
                                      time_ns=None, path=None, **{"we ird=]\"": 1}),
                               "host name", enterprise_id=99999))
     assert p.sd["meta"] == {"sequenceId": "5"}  # RFC 5424 §7.3.1: starts again at 1
@@ -129,7 +129,7 @@ def test_header_fields_that_cannot_be_taken_as_they_are() -> None:
 def test_every_record_is_a_valid_message(path: str, user: str, event: str, seq: int,
                                          time_ns: int, extra: dict[str, str]) -> None:
     r = {**extra, **record(path=path, user=user, event=event, seq=seq, time_ns=time_ns)}
-    p = parse_5424(fw.message(r, "h"))
+    p = parse_5424(syslog.message(r, "h"))
     params = p.sd["cryptfs@32473"]
     assert params["path"] == path and params["user"] == user and params["seq"] == str(seq)
     assert 1 <= int(p.sd["meta"]["sequenceId"]) <= 2147483647
@@ -142,7 +142,7 @@ def test_every_record_is_a_valid_message(path: str, user: str, event: str, seq: 
     ("logs.example.com:514", ("logs.example.com", 514)), ("127.0.0.1:6514", ("127.0.0.1", 6514)),
     ("[::1]:514", ("::1", 514)), ("[fe80::1%eth0]:601", ("fe80::1%eth0", 601))])
 def test_targets(text: str, want: tuple[str, int]) -> None:
-    assert fw.parse_target(text) == want
+    assert syslog.parse_target(text) == want
 
 
 # -- a real rsyslogd -------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ class Forwarder:
 @pytest.fixture
 def logdir(tmp_path: Path) -> Path:
     d = tmp_path / "log"
-    al.init_log(str(d), "customers")
+    init_log(str(d), "customers")
     return d
 
 
@@ -311,7 +311,7 @@ def forwarder(logdir: Path, rsyslog: Rsyslog, tmp_path: Path) -> Iterator[Forwar
 
 def write(logdir: Path, n: int, **kw: Any) -> list[dict[str, Any]]:
     """``n`` records from the real writer (then sealed and closed)."""
-    log = al.AuditLog(str(logdir), **kw)
+    log = AuditLog(str(logdir), **kw)
     try:
         return [log.record(event="open" if i % 3 else "close", outcome="allowed", uid=1000,
                            user="alice", pid=4000 + i, exe="/usr/bin/cat", volume="0f3c",
@@ -321,7 +321,7 @@ def write(logdir: Path, n: int, **kw: Any) -> list[dict[str, Any]]:
 
 
 def in_log(logdir: Path) -> dict[int, dict[str, Any]]:
-    from cryptfs.audit_export import records
+    from cryptfs.audit.export import records
     return {r["seq"]: r for r in records(str(logdir))}
 
 
@@ -339,13 +339,13 @@ def check_content(got: dict[str, Any], r: dict[str, Any]) -> None:
     when = datetime.datetime.fromisoformat(got["time"])
     assert when.utcoffset() == datetime.timedelta(0)
     assert int(when.timestamp()) * 10**6 + when.microsecond == r["time_ns"] // 1000
-    assert got["rawmsg"].encode() == fw.message(r, "files1")  # byte for byte as sent
+    assert got["rawmsg"].encode() == syslog.message(r, "files1")  # byte for byte as sent
 
 
 # -- forwarding ------------------------------------------------------------------------------------
 def test_records_arrive_once_in_order_and_in_real_time(logdir: Path, rsyslog: Rsyslog,
                                                        forwarder: Forwarder) -> None:
-    log = al.AuditLog(str(logdir))
+    log = AuditLog(str(logdir))
     try:
         log.record(event="mount", outcome="allowed", uid=0, user="root", pid=1, exe="/bin/x",
                    volume="0f3c", path="/mnt")
@@ -479,13 +479,13 @@ def test_the_receiver_in_the_docs(tmp_path: Path, logdir: Path) -> None:
     f = Forwarder(logdir, ("--to", f"127.0.0.1:{r.port}", "--hostname", "files1",
                            "--from-start"), tmp_path / "forward.stderr")
     try:
-        log = al.AuditLog(str(logdir))
+        log = AuditLog(str(logdir))
         log.record(event="rename", outcome="allowed", uid=1000, user="alice", pid=31337,
                    exe="/usr/bin/mv", volume="9c1e4f2a", path=WEIRD, new_path="/customers/[x].csv")
         log.close()
         f.start()
         wait_until("the message", lambda: r.out.exists() and r.out.read_bytes().endswith(b"\n"))
-        assert r.out.read_bytes() == fw.message(in_log(logdir)[1], "files1") + b"\n"
+        assert r.out.read_bytes() == syslog.message(in_log(logdir)[1], "files1") + b"\n"
     finally:
         f.stop()
         r.stop()
@@ -534,16 +534,16 @@ def test_a_log_it_cannot_read() -> None:
     top = Path(tempfile.mkdtemp(prefix="cryptfs-forward-"))
     try:
         top.chmod(0o755)
-        al.init_log(str(top / "log"), "customers")
+        init_log(str(top / "log"), "customers")
         res = subprocess.run([sys.executable, str(Path(__file__).parent / "as_user.py"), "nobody",
                               "audit", "forward", str(top / "log"), "--to", "127.0.0.1:514"],
                              capture_output=True, text=True, timeout=30)
         assert_usage_error(res, "is not readable")  # (click's check, as for follow and export)
         # the library's own check, for callers other than the command line
-        code = ("import os, pwd, sys; from cryptfs import audit_syslog as fw; "
+        code = ("import os, pwd, sys; from cryptfs.audit import syslog; "
                 "from cryptfs.errors import BackingIOError; "
                 "os.setuid(pwd.getpwnam('nobody').pw_uid)\n"
-                "try: fw.Forwarder(sys.argv[1], '127.0.0.1', 514, '/nonexistent').run()\n"
+                "try: syslog.Forwarder(sys.argv[1], '127.0.0.1', 514, '/nonexistent').run()\n"
                 "except BackingIOError as e: print(e, '|', e.exit_code)")
         out = subprocess.run([sys.executable, "-c", code, str(top / "log")], capture_output=True,
                              text=True, timeout=30).stdout

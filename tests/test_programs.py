@@ -143,6 +143,37 @@ def test_a_request_with_no_process_is_not_trusted() -> None:
     assert not allowed and fields["decision"] == "the program cannot be identified"
 
 
+def test_the_exe_a_record_names_and_a_rule_decides_by_is_read_one_way(tmp_path: Path) -> None:
+    """cryptfs.process is the one reader of /proc/PID/exe: the log's Auditor
+    and the Identifier see the same path for a running program (a copy of
+    sleep under a name that is not UTF-8), and nothing once it has exited."""
+    from cryptfs import process
+    from cryptfs.audit.writer import Auditor
+
+    odd = tmp_path / os.fsdecode(b"sl\xffeep")
+    shutil.copy("/bin/sleep", odd)
+    child = subprocess.Popen([odd, "30"])
+    try:
+        want = str(tmp_path) + "/sl\\xffeep"
+        proc = process.open_proc(child.pid)
+        assert proc is not None
+        try:
+            assert process.exe_at(proc) == want
+            st = process.stat_exe_at(proc)
+            assert st is not None and st.st_ino == os.stat(odd).st_ino
+        finally:
+            os.close(proc)
+        assert process.exe(child.pid) == want == Auditor.exe(child.pid)
+        ok, fields = Identifier().decide(Rule("/x", "aes-256-gcm", programs=(Program(want),)),
+                                         child.pid)
+        assert fields["decision"] != "the program cannot be identified"
+    finally:
+        child.kill()
+        child.wait()
+    assert process.exe(child.pid) is None and Auditor.exe(child.pid) == ""
+    assert process.open_proc(child.pid) is None and process.exe(0) is None
+
+
 def test_an_untrusted_program_may_be_given_the_ciphertext(guarded: tuple[Mount, Path, Path]
                                                           ) -> None:
     """--untrusted ciphertext: another program opens the file read-only and

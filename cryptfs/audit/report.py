@@ -1,7 +1,7 @@
 """The access report: one self-contained HTML page for an auditor of the data owner.
 
 The page is built from one or more log directories (a mount's, a key agent's)
-and shows, in this order: the verdict of :func:`cryptfs.audit.verify` for each
+and shows, in this order: the verdict of :func:`cryptfs.audit.verify.verify` for each
 log, a summary, accesses per user over time (an inline SVG chart), the files
 and programs most accessed, denials, failed unlocks and integrity failures.
 
@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptfs import __version__
-from cryptfs import audit as al
-from cryptfs.audit_export import iso, records
+from cryptfs.audit.chain import PUB_NAME, verifier_text
+from cryptfs.audit.export import iso, records
+from cryptfs.audit.verify import Verdict, verify
 from cryptfs.errors import BackingIOError, UsageError
 
 MAX_ROWS = 200  # rows of a table of events (denials, failed unlocks, integrity failures)
@@ -181,7 +182,7 @@ class LogSource:
 @dataclass
 class LogResult:
     source: LogSource
-    verdict: al.Verdict
+    verdict: Verdict
     records: int = 0  # in the period
     unreadable: int = 0  # records without a usable time or event (left out)
     log_ids: set[str] = field(default_factory=set)
@@ -258,7 +259,7 @@ def collect(sources: Iterable[LogSource], since: int | None = None,
     """Verify each log, then read its records in the period through once."""
     rep = Report(since=since, until=until)
     for src in sources:
-        lr = LogResult(src, al.verify(src.logdir, src.public))
+        lr = LogResult(src, verify(src.logdir, src.public))
         rep.logs.append(lr)
         for raw in records(src.logdir, checked=False):
             rec = Rec.of(raw)
@@ -500,12 +501,12 @@ def _verification(rep: Report) -> str:
             out.append("<p class=\"note\">Nothing has been written to this log yet.</p>\n")
         if src.key_stored:
             out.append("<p class=\"keynote\">Checked with the key stored next to the log "
-                       f"({_text(os.path.join(src.logdir, al.PUB_NAME))}). Whoever could rewrite "
+                       f"({_text(os.path.join(src.logdir, PUB_NAME))}). Whoever could rewrite "
                        "the log could also replace that key, so this proves less than a check "
                        "with a copy of the key kept elsewhere (<code>--key</code>).</p>\n")
         else:
             out.append("<p class=\"note\">Checked with the verifier key given "
-                       f"(<code>{_text(al.verifier_text(src.public)[:40])}…</code>).</p>\n")
+                       f"(<code>{_text(verifier_text(src.public)[:40])}…</code>).</p>\n")
         if lr.unreadable:
             out.append(f"<p class=\"bad-text\">{_n(lr.unreadable)} records have no usable time "
                        "or event and are left out of everything below.</p>\n")

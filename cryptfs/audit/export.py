@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptfs import __version__
-from cryptfs.audit import SEGMENT_RE, data_end, segment_lines
+from cryptfs.audit.chain import SEGMENT_RE, data_end, segment_lines
 from cryptfs.errors import BackingIOError, UsageError
 
 FORMATS = ("jsonl", "csv", "cef", "ecs", "ocsf")

@@ -1,31 +1,12 @@
-"""The access log: hash-chained records, sealed by forward-evolving Ed25519 keys.
+"""Writing the access log: one writer at a time, records, seals; and what a mount records.
 
-A log directory holds::
-
-    LOGDIR/audit.pub             the epoch-0 verifier key (what an auditor needs)
-    LOGDIR/audit.key             the writer's current signing seed and epoch (0600)
-    LOGDIR/segment-000001.log    JSON lines: a header, records, checkpoints
-    LOGDIR/segment-000002.log    ...
-
-**Chain.** Every record carries ``h = SHA-256(h_prev || canonical(record))``
-(``h_prev`` of the first record ever: 32 zero bytes); a segment's header
-names the index it must have and the ``h`` it continues from, so a segment
-renamed, removed or reordered breaks the chain.
-
-**Seals.** Every ``seal_every`` records or ``seal_seconds`` seconds, the
-writer appends a checkpoint: a C2SP signed note whose body names the log,
-the number of records so far, the last ``h``, the epoch, and the public key
-of the *next* epoch, signed with the key of this epoch.  Then it derives the
-next epoch's key and overwrites the old one in ``audit.key``.  An auditor
-starts from ``audit.pub`` (epoch 0) and follows the keys each checkpoint
-certifies; whoever takes the machine later holds only the current epoch's
-key and cannot re-sign an earlier epoch.  Records after the last checkpoint
-are the *unsealed tail*: the verifier counts them, but nothing proves them.
+:class:`AuditLog` appends records to a log directory (layout and chain:
+cryptfs.audit.chain) and seals them; :class:`Auditor` is what a mount or the
+key agent records through, failing closed or open.
 """
 
 from __future__ import annotations
 
-import base64
 import errno
 import fcntl
 import hashlib
@@ -34,158 +15,39 @@ import logging
 import mmap
 import os
 import pwd
-import re
 import stat
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import nacl.exceptions
-import nacl.signing
 import orjson
 
+from cryptfs import process
+from cryptfs.audit.chain import (
+    CHUNK,
+    KEY_FILE,
+    PUB_NAME,
+    SEGMENT_RE,
+    ZERO,
+    Checkpoint,
+    b64,
+    canonical,
+    evolve,
+    fd_data_end,
+    is_seq,
+    lines_of,
+    public_of,
+    unb64,
+    utf8_text,
+    verifier_text,
+)
 from cryptfs.errors import BackingIOError, UsageError
-from cryptfs.modes.kdf import hkdf
 from cryptfs.modes.rand import random_bytes
 
 log = logging.getLogger("cryptfs")
+log = logging.getLogger("cryptfs")
 
-KEY_NAME = "cryptfs-audit"
-PUB_NAME = "audit.pub"
-KEY_FILE = "audit.key"
-CHUNK = 1 << 20  # bytes of a segment reserved at a time
 RESERVE = 64 << 10  # room made sure of before a request acts (a record is far smaller)
 LOCK_FILE = "audit.lock"  # flock'ed by the one writer of the moment; holds its pid
-SEGMENT_RE = re.compile(r"^segment-(\d{6})\.log$")
-ZERO = bytes(32)
-NOTE_SEP = "\n\u2014 "  # C2SP signed note: a blank line, then "— name sig" lines
-
-
-def canonical(obj: Any) -> bytes:
-    """The JSON text of ``obj`` that is hashed and signed: keys sorted, no
-    whitespace, UTF-8, only ``"``, ``\\`` and control characters escaped
-    (the same bytes as Python's ``json.dumps(obj, sort_keys=True,
-    separators=(",", ":"), ensure_ascii=False)``, made ten times faster)."""
-    try:
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # (an int beyond 64 bits, in a record read back from an edited log)
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False).encode("utf-8", "surrogatepass")
-
-
-def _utf8(v: Any) -> Any:
-    """``v`` with every string made valid UTF-8 (lone surrogates written out)."""
-    if isinstance(v, str):
-        return v.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(v, dict):
-        return {_utf8(k): _utf8(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_utf8(x) for x in v]
-    return v
-
-
-def b64(b: bytes) -> str:
-    return base64.b64encode(b).decode("ascii")
-
-
-def unb64(s: str) -> bytes:
-    return base64.b64decode(s, validate=True)
-
-
-def chain(prev: bytes, record: dict[str, Any]) -> bytes:
-    return hashlib.sha256(prev + canonical(record)).digest()
-
-
-def written_form(raw: bytes, obj: dict[str, Any], body: bytes | None = None) -> bool:
-    """Whether the line ``raw`` (without its newline) is exactly what the
-    writer makes of ``obj``, the line parsed: a record (it has ``seq``) is
-    ``canonical(record without "h")`` with ``"h"`` added last; a header or a
-    checkpoint is ``canonical(obj)``.  So a line whose bytes were edited in
-    a way that parses the same (a duplicate key, spacing, key order,
-    escapes, a CR) is not in written form, whichever duplicate a reader
-    keeps.  ``body``: ``canonical(record without "h")`` if known."""
-    if "seq" not in obj:
-        return raw == canonical(obj)
-    h = obj.get("h")
-    if not isinstance(h, str) or len(obj) < 2:
-        return False
-    if body is None:
-        body = canonical({k: v for k, v in obj.items() if k != "h"})
-    return raw == body[:-1] + b',"h":' + canonical(h) + b"}"
-
-
-def key_hash(public: bytes) -> bytes:
-    """The 4-byte key id of a signed note: SHA-256(name || LF || 0x01 || key)[:4]."""
-    return hashlib.sha256(KEY_NAME.encode() + b"\n\x01" + public).digest()[:4]
-
-
-def verifier_text(public: bytes) -> str:
-    """A note verifier key: name+keyid+base64(0x01 || key) (as C2SP signed-note)."""
-    data = b64(bytes([1]) + public)
-    return f"{KEY_NAME}+{key_hash(public).hex()}+{data}"
-
-
-def parse_verifier(text: str) -> bytes:
-    try:
-        name, kid, data = text.strip().split("+", 2)
-        raw = unb64(data)
-    except ValueError:
-        raise UsageError("not an audit verifier key (expected cryptfs-audit+<id>+<key>)") from None
-    if name != KEY_NAME or len(raw) != 33 or raw[0] != 1 or key_hash(raw[1:]).hex() != kid:
-        raise UsageError("not an audit verifier key (expected cryptfs-audit+<id>+<key>)")
-    return raw[1:]
-
-
-def _evolve(seed: bytes) -> bytes:
-    return hkdf(seed, b"cryptfs/audit/next-epoch")
-
-
-def _public(seed: bytes) -> bytes:
-    return bytes(nacl.signing.SigningKey(seed).verify_key)
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Checkpoint:
-    log_id: str
-    size: int  # records so far
-    root: bytes  # the last record's h
-    epoch: int
-    next_key: bytes  # the public key of epoch + 1
-    time_ns: int
-
-    def body(self) -> str:
-        return (f"{KEY_NAME}/{self.log_id}\n{self.size}\n{b64(self.root)}\n"
-                f"epoch {self.epoch}\nnext {b64(self.next_key)}\ntime {self.time_ns}\n")
-
-    def sign(self, seed: bytes) -> str:
-        sk = nacl.signing.SigningKey(seed)
-        sig = sk.sign(self.body().encode()).signature
-        return self.body() + NOTE_SEP + f"{KEY_NAME} {b64(key_hash(_public(seed)) + sig)}\n"
-
-    @classmethod
-    def open(cls, note: str, public: bytes) -> Checkpoint:
-        """Parse a signed note and check its signature with ``public``."""
-        body, sep, sigline = note.partition(NOTE_SEP)
-        if not sep:
-            raise ValueError("not a signed note")
-        name, _, sig_b64 = sigline.strip().partition(" ")
-        raw = unb64(sig_b64)
-        if name != KEY_NAME or len(raw) != 68 or raw[:4] != key_hash(public):
-            raise ValueError("signed by another key")
-        try:
-            nacl.signing.VerifyKey(public).verify(body.encode(), raw[4:])
-        except nacl.exceptions.BadSignatureError:
-            raise ValueError("bad signature") from None
-        lines = body.split("\n")
-        origin, size, root, epoch, nxt, when = lines[:6]
-        if not origin.startswith(KEY_NAME + "/") or not epoch.startswith("epoch ") \
-                or not nxt.startswith("next ") or not when.startswith("time "):
-            raise ValueError("malformed checkpoint")
-        return cls(origin[len(KEY_NAME) + 1:], int(size), unb64(root), int(epoch[6:]),
-                   unb64(nxt[5:]), int(when[5:]))
-
 
 # -- writing ---------------------------------------------------------------------------------------
 def init_log(logdir: str, log_id: str) -> str:
@@ -197,10 +59,10 @@ def init_log(logdir: str, log_id: str) -> str:
     except OSError as e:
         raise BackingIOError(f"{logdir}: {e.strerror}") from None
     seed = random_bytes(32)
-    pub = verifier_text(_public(seed))
+    pub = verifier_text(public_of(seed))
     _write_state(logdir, {"log": log_id, "epoch": 0, "seed": b64(seed), "segment": 1,
                           "seq": 0, "h": b64(ZERO)})
-    _replace(logdir, PUB_NAME, (pub + "\n").encode(), 0o644)
+    replace_file(logdir, PUB_NAME, (pub + "\n").encode(), 0o644)
     return pub
 
 
@@ -208,10 +70,10 @@ def _write_state(logdir: str, state: dict[str, Any]) -> None:
     # Replaced, not rewritten in place: the old epoch's seed is in no file any
     # more once the rename is on disk (what the filesystem keeps of freed
     # blocks is outside what a file API can erase: docs/AUDIT.md).
-    _replace(logdir, KEY_FILE, (json.dumps(state, sort_keys=True) + "\n").encode(), 0o600)
+    replace_file(logdir, KEY_FILE, (json.dumps(state, sort_keys=True) + "\n").encode(), 0o600)
 
 
-def _replace(logdir: str, name: str, data: bytes, mode: int) -> None:
+def replace_file(logdir: str, name: str, data: bytes, mode: int) -> None:
     """Atomically give ``name`` the content ``data``, on disk when this returns."""
     dfd = os.open(logdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -339,8 +201,8 @@ class AuditLog:
             path = self._segment_path(n)
             if not os.path.exists(path):
                 continue
-            for obj in _lines(path):
-                if obj.get("seq") == self.seq + 1 and _count(obj["seq"]):
+            for obj in lines_of(path):
+                if obj.get("seq") == self.seq + 1 and is_seq(obj["seq"]):
                     try:
                         self.seq, self.h = obj["seq"], unb64(obj["h"])
                     except (KeyError, TypeError, ValueError):
@@ -368,7 +230,7 @@ class AuditLog:
         path = self._segment_path(self.segment)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         self._map = None
-        self._size = _data_end(self._fd)
+        self._size = fd_data_end(self._fd)
         new = self._size == 0  # (also a segment created by a rotation that went no further)
         self._alloc = os.fstat(self._fd).st_size
         if self._alloc > self._size:  # a crash left reserved space, or a line cut short
@@ -435,7 +297,7 @@ class AuditLog:
         try:
             body = orjson.dumps(rec, option=orjson.OPT_SORT_KEYS)
         except TypeError:  # text that is not UTF-8 (a lone surrogate): its code as \udNNN
-            body = orjson.dumps(_utf8(rec), option=orjson.OPT_SORT_KEYS)
+            body = orjson.dumps(utf8_text(rec), option=orjson.OPT_SORT_KEYS)
         h = hashlib.sha256(self.h + body).digest()  # = chain(self.h, rec), serialised once
         # The line is the record with "h" added at the end (the verifier parses
         # it and recomputes canonical(record without "h") itself).
@@ -482,8 +344,8 @@ class AuditLog:
         if self._pending is not None:
             self._write_pending()
         seed = bytes(self._seed)
-        nxt = _evolve(seed)
-        note = Checkpoint(self.log_id, self.seq, self.h, self.epoch, _public(nxt),
+        nxt = evolve(seed)
+        note = Checkpoint(self.log_id, self.seq, self.h, self.epoch, public_of(nxt),
                           self.clock()).sign(seed)
         self._save_state(self.epoch + 1, nxt, note)  # (raises: nothing changed)
         self.epoch += 1
@@ -565,221 +427,6 @@ class AuditLog:
                 self._lock = -1
 
 
-def _data_end(fd: int) -> int:
-    """Where the lines of a segment end: after its last newline, before a tail
-    of NUL bytes (reserved, not used) or a line a crash cut short."""
-    size = os.fstat(fd).st_size
-    start = max(0, size - CHUNK)
-    while True:
-        tail = os.pread(fd, size - start, start)
-        nl = tail.rfind(b"\n")
-        if nl >= 0 or start == 0:
-            return start + nl + 1
-        start = max(0, start - CHUNK)
-
-
-def data_end(path: str) -> int:
-    """Where the lines of the segment at ``path`` end (see :func:`_data_end`)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return _data_end(fd)
-    finally:
-        os.close(fd)
-
-
-# -- verifying -------------------------------------------------------------------------------------
-def _count(v: Any) -> bool:
-    """Whether ``v`` is a sequence number (a positive int, not a bool)."""
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def segment_lines(data: bytes, live_ok: bool = True) -> tuple[list[bytes], int]:
-    """The lines of a segment's bytes, and where the last whole one ends.
-
-    A segment being written ends with reserved NUL bytes, and a reader's
-    copy of it may end in the middle of a record being copied in (or have
-    NULs where records were copied in after that part was read): everything
-    from the first NUL on is left out, and so is a last line without its
-    newline before it.  In a segment with no NUL (closed), such a line is
-    kept: it was cut."""
-    nul = data.find(b"\0")
-    if nul >= 0:
-        data = data[:nul]
-        end = data.rfind(b"\n") + 1
-        return _split(data[:end]), end
-    lines = _split(data)
-    end = len(data)
-    if data and not data.endswith(b"\n") and not live_ok:
-        end = data.rfind(b"\n") + 1
-    return lines, end
-
-
-def _split(data: bytes) -> list[bytes]:
-    """Lines end at LF alone (the writer's): a CR, or any other byte that
-    bytes.splitlines would take for a line end, stays part of its line."""
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    return lines
-
-
-def _lines(path: str) -> Iterator[dict[str, Any]]:
-    for _raw, obj in _raw_lines(path):
-        yield obj
-
-
-def _raw_lines(path: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """Each line of a segment, as its bytes and as parsed (``_unparsable``:
-    a line that is not a JSON object)."""
-    with open(path, "rb") as f:
-        data = f.read()  # (one copy: a live segment changes under a reader)
-    for raw in segment_lines(data)[0]:
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            obj = {"_unparsable": raw[:80].decode("utf-8", "replace")}
-        yield raw, obj if isinstance(obj, dict) else {"_unparsable": str(obj)[:80]}
-
-
-@dataclass
-class Verdict:
-    valid: int = 0  # records whose chain and seal check out
-    modified: int = 0  # records whose hash does not match their content
-    missing: int = 0  # records a checkpoint or the sequence says exist but are not there
-    reordered: int = 0  # segments out of order (by name, header or sequence)
-    unsealed: int = 0  # records after the last checkpoint
-    gaps: int = 0  # breaks in the sequence numbers
-    bad_seals: int = 0  # checkpoints that do not verify or do not match the chain
-    first_bad: str | None = None
-    segments: int = 0
-    epochs: int = 0
-    last_seal_ns: int | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.modified or self.missing or self.reordered or self.gaps
-                    or self.bad_seals or self.problems)
-
-    def bad(self, where: str, what: str) -> None:
-        self.problems.append(f"{where}: {what}")
-        if self.first_bad is None:
-            self.first_bad = f"{where}: {what}"
-
-
-def verify(logdir: str, public: bytes) -> Verdict:
-    """Check a log directory with the epoch-0 public key alone."""
-    v = Verdict()
-    try:
-        names = sorted(n for n in os.listdir(logdir) if SEGMENT_RE.match(n))
-    except OSError as e:
-        raise BackingIOError(f"{logdir}: {e.strerror}") from None
-    if not names:
-        return v  # a log nothing was written to yet
-    key, epoch, h, seq = public, 0, ZERO, 0
-    pending = 0  # records since the last good seal
-    pending_bad = 0  # of which do not match their hash
-    expected_index = 1
-    log_id: str | None = None
-    for name in names:
-        index = int(SEGMENT_RE.match(name).group(1))  # type: ignore[union-attr]
-        v.segments += 1
-        if index != expected_index:
-            v.missing += 1
-            v.bad(name, f"segment {expected_index} is missing (the next present is {index})")
-        expected_index = index + 1
-        first = True
-        for line_no, (raw, obj) in enumerate(_raw_lines(os.path.join(logdir, name)), 1):
-            where = f"{name} line {line_no} (seq {obj.get('seq', '?')})"
-            if "_unparsable" in obj:
-                v.modified += 1
-                v.bad(f"{name} line {line_no}", f"not JSON: {obj['_unparsable']!r}")
-                continue
-            if "seq" not in obj and not written_form(raw, obj):
-                # (a record's written form is checked below, with its hash)
-                v.modified += 1
-                v.bad(where, "its bytes are not the line as written (duplicate keys, spacing, "
-                             "key order or escapes changed): edited")
-                continue
-            if first:
-                first = False
-                if "segment" not in obj:
-                    v.bad(name, "no segment header")
-                else:
-                    if obj.get("segment") != index:
-                        v.reordered += 1
-                        v.bad(name, f"its header says segment {obj.get('segment')}: renamed or "
-                                    "reordered")
-                    if log_id is not None and obj.get("log") != log_id:
-                        v.bad(name, "belongs to another log")
-                    if obj.get("prev") != b64(h):
-                        v.bad(name, "does not continue from the previous segment's last record")
-                    continue
-            if "checkpoint" in obj:
-                try:
-                    if not isinstance(obj["checkpoint"], str):
-                        raise ValueError("not a signed note")
-                    cp = Checkpoint.open(obj["checkpoint"], key)
-                except (ValueError, TypeError) as e:
-                    v.bad_seals += 1
-                    v.bad(name, f"checkpoint of epoch {epoch} does not verify ({e}): re-sealed "
-                                "or edited")
-                    continue
-                if cp.epoch != epoch or cp.size != seq or cp.root != h:
-                    v.bad_seals += 1
-                    if cp.size > seq:
-                        v.missing += cp.size - seq
-                    v.bad(name, f"checkpoint of epoch {cp.epoch} seals {cp.size} records, "
-                                f"but the chain has {seq}")
-                    continue
-                log_id = log_id or cp.log_id
-                v.valid += pending - pending_bad
-                pending = pending_bad = 0
-                key, epoch = cp.next_key, epoch + 1
-                v.epochs += 1
-                v.last_seal_ns = cp.time_ns
-                continue
-            if not (_count(obj.get("seq")) and isinstance(obj.get("h"), str)):
-                v.modified += 1
-                v.bad(where, "not a record")
-                continue
-            rec = {k: val for k, val in obj.items() if k != "h"}
-            if obj["seq"] != seq + 1:
-                if obj["seq"] <= seq:
-                    v.reordered += 1
-                    v.bad(where, f"sequence goes back (after {seq})")
-                else:
-                    v.gaps += 1
-                    v.missing += obj["seq"] - seq - 1
-                    v.bad(where, f"records {seq + 1}..{obj['seq'] - 1} are missing")
-            body = canonical(rec)
-            got = hashlib.sha256(h + body).digest()  # = chain(h, rec)
-            try:
-                claimed = unb64(obj["h"])
-            except (ValueError, TypeError):
-                claimed = b""
-            if got != claimed:
-                # Either the record was edited (its content no longer gives its h)
-                # or something before it changed (then its h is right but the chain
-                # it continues is not).
-                v.modified += 1
-                pending_bad += 1
-                v.bad(where, "its content does not match its hash: edited, or the chain before "
-                             "it was")
-            elif not written_form(raw, obj, body):
-                # The content gives the hash, but the bytes of the line are not
-                # the ones the chain covers: a reader that keeps another of two
-                # duplicate keys sees other values.
-                v.modified += 1
-                pending_bad += 1
-                v.bad(where, "its bytes are not the record as written (duplicate keys, "
-                             "spacing, key order or escapes changed): edited")
-            h, seq = claimed or got, obj["seq"]
-            pending += 1
-    v.unsealed = pending
-    return v
-
-
 # -- what a mount records ----------------------------------------------------------------------------
 class Auditor:
     """One record per event of a mount, with who did it and with which program.
@@ -816,12 +463,7 @@ class Auditor:
         """The requesting process's executable ("" if it cannot be read: pid 0,
         a process already gone, or another namespace).  Read for every record,
         never remembered: a process may exec another program under the same pid."""
-        if pid <= 0:
-            return ""
-        try:
-            return os.readlink(b"/proc/%d/exe" % pid).decode("utf-8", "backslashreplace")
-        except OSError:
-            return ""
+        return process.exe(pid) or ""
 
     def write(self, event: str, outcome: str, uid: int, pid: int, **fields: Any) -> bool:
         """Record an event; False if it could not be written and the access

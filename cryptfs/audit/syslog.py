@@ -51,8 +51,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cryptfs import audit as al
-from cryptfs import audit_export as ax
+from cryptfs.audit.export import follow, records
+from cryptfs.audit.writer import check_log, replace_file
 from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, UsageError
 
 log = logging.getLogger("cryptfs.forward")
@@ -218,7 +218,7 @@ def save_cursor(path: str, cursor: Cursor, target: str) -> None:
     """Atomically: a new file, fsync, rename (never half a cursor after a crash)."""
     data = json.dumps({"seq": cursor.seq, "h": cursor.h, "to": target}, sort_keys=True) + "\n"
     directory, name = os.path.split(os.path.abspath(path))
-    al._replace(directory, name, data.encode(), 0o600)  # (the log's own atomic replace)
+    replace_file(directory, name, data.encode(), 0o600)  # (the log's own atomic replace)
 
 
 # -- the forwarder --------------------------------------------------------------------------------
@@ -282,12 +282,12 @@ class Forwarder:
             raise BackingIOError(f"cannot read the access log in {self.logdir}: {e.strerror}",
                                  hint="run it as the user who writes the log (root for a "
                                       "mount's or the agent's)") from None
-        al.check_log(self.logdir)
+        check_log(self.logdir)
         saved = load_cursor(self.state)
         if saved is None and self.from_start:
             return Cursor()
         last, at = Cursor(), None
-        for r in ax.records(self.logdir):
+        for r in records(self.logdir):
             seq = r.get("seq")
             if isinstance(seq, int) and seq >= last.seq:
                 last = Cursor(seq, r.get("h"))
@@ -328,7 +328,7 @@ class Forwarder:
         log.info("forwarding %s to %s, after record %d", self.logdir, self.target,
                  self.examined.seq)
         try:
-            for record in ax.follow(self.logdir, from_start=True, poll=self.poll,
+            for record in follow(self.logdir, from_start=True, poll=self.poll,
                                     stop=self._tick):
                 if self.stop():
                     break

@@ -10,37 +10,25 @@ recorded as a second record with outcome ``error``.
 
 One process writes a log at a time (:class:`cryptfs.audit.AuditLog` holds its
 lock).  While the volume's own mount holds it, a command hands its record to
-the mount (an xattr on the mount's root), which writes it with the uid and
+the mount (cryptfs.control.AUDIT_XATTR on the mount's root), which writes it with the uid and
 pid the kernel gives for the command's request.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import pwd
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from cryptfs.audit import PUB_NAME, AuditLog, LogBusy, canonical, check_log, parse_verifier
+from cryptfs import process
+from cryptfs.audit.chain import PUB_NAME, canonical, parse_verifier
+from cryptfs.audit.writer import AuditLog, LogBusy, check_log
 from cryptfs.config import VolumeConfig
+from cryptfs.control import MAX_RECORD, hand_record
 from cryptfs.errors import BackingIOError, CryptfsError, UsageError
-from cryptfs.mount import mount_of_backing
-
-AUDIT_XATTR = b"user.cryptfs.audit"  # on a mount's root: a command's record, for the mount to write
-
-# What a command may ask a mount to record (anything else is refused there).
-COMMAND_EVENTS = frozenset({
-    "export", "recovery", "rotation", "user-add", "user-remove", "passwd",
-    "policy-set", "policy-unset", "audit-attach", "audit-detach", "unlock",
-})
-COMMAND_FIELDS = frozenset({
-    "command", "backing", "path", "target", "role", "kind", "mode", "recipients", "dropbox",
-    "revoke", "out", "reason", "logdir", "programs",
-})
-MAX_RECORD = 8192  # bytes of JSON a command may hand to a mount
+from cryptfs.mounttable import mount_of_backing
 
 
 class LogUnavailable(BackingIOError):
@@ -69,28 +57,6 @@ def _user(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
-
-
-def validate(obj: Any) -> tuple[str, str, dict[str, Any]]:
-    """A command's record as handed to a mount: (event, outcome, fields), or ValueError."""
-    if not isinstance(obj, dict):
-        raise ValueError("not an object")
-    fields = dict(obj)
-    event, outcome = fields.pop("event", None), fields.pop("outcome", None)
-    fields.pop("volume", None)  # (the mount names its own volume)
-    if event not in COMMAND_EVENTS or outcome not in ("allowed", "denied", "error"):
-        raise ValueError("event")
-    for k, v in fields.items():
-        if k not in COMMAND_FIELDS or not (
-                isinstance(v, (str, int, bool))
-                or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
-            raise ValueError(k)
-        if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63:
-            raise ValueError(k)
-        for text in (v if isinstance(v, list) else [v]):
-            if isinstance(text, str):
-                text.encode("utf-8")  # (UnicodeEncodeError, a ValueError: a lone surrogate)
-    return event, outcome, fields
 
 
 def _text(v: Any) -> Any:
@@ -128,7 +94,7 @@ def record(backing: str, cfg: VolumeConfig, event: str, outcome: str = "allowed"
         try:
             uid = os.getuid()
             writer.record(event=event, outcome=outcome, uid=uid, user=_user(uid), pid=os.getpid(),
-                          exe=os.readlink("/proc/self/exe"), volume=cfg.volume_id.hex(), **fields)
+                          exe=process.exe(os.getpid()) or "", volume=cfg.volume_id.hex(), **fields)
         finally:
             try:
                 writer.close()
@@ -167,13 +133,7 @@ def _through_mount(mnt: str, logdir: str | None, event: str, outcome: str,
     data = canonical({"event": event, "outcome": outcome, **fields})
     if len(data) > MAX_RECORD:
         raise UsageError("the record is too long for the mount to write")
-    try:
-        os.setxattr(mnt, AUDIT_XATTR, data)
-    except OSError as e:
-        if e.errno == errno.EXDEV:  #: that mount writes another log (or none)
-            return False
-        raise
-    return True
+    return hand_record(mnt, data)
 
 
 @contextmanager
@@ -189,11 +149,3 @@ def recorded(backing: str, cfg: VolumeConfig, event: str, **fields: Any) -> Iter
         except LogUnavailable:
             pass  # (the failure itself is what the user sees)
         raise
-
-
-def parse_command_record(value: bytes) -> tuple[str, str, dict[str, Any]]:
-    """The mount's side of :data:`AUDIT_XATTR` (ValueError if malformed)."""
-    if len(value) > MAX_RECORD:
-        raise ValueError("too long")
-    return validate(json.loads(value))
-

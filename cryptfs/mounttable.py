@@ -1,0 +1,80 @@
+"""The mount table: which cryptfs mounts there are, read from /proc/self/mountinfo.
+
+A cryptfs mount names its volume in the source field as ``cryptfs:<real
+path of the backing directory>`` (cryptfs.mount.fuse_options).  Pure
+reading: a command may ask where a volume is mounted without loading the
+filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from cryptfs.errors import UsageError
+
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> str:
+    """A mountinfo field: space, tab, newline and backslash are written as \\ooo."""
+    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, source) from /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.partition(b" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) >= 5 and len(rfields) >= 2:
+                out.append((_unescape(fields[4]), os.fsdecode(rfields[0]), _unescape(rfields[1])))
+    return out
+
+
+def mount_of_backing(backing: str) -> str | None:
+    """The mountpoint where ``backing`` is mounted by cryptfs, if it is (by its
+    real path, whatever path names it).  Refused if it is mounted more than
+    once: only one mount can walk the files, and the others would keep old
+    keys and file keys."""
+    want = "cryptfs:" + os.path.realpath(backing)
+    found = [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
+    if len(found) > 1:
+        raise UsageError(f"{backing} is mounted {len(found)} times ({', '.join(found)}): "
+                         "unmount all but one, then rotate")
+    return found[0] if found else None
+
+
+def volume_of_path(path: str) -> tuple[str, str] | None:
+    """(mountpoint, path inside the volume) of a path on a cryptfs mount, or
+    None if it is on none."""
+    where = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    for mp, fstype, source in mounts():
+        if not (fstype.startswith("fuse") and source.startswith("cryptfs:")):
+            continue
+        if where == mp or where.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) > len(best[0]):
+                best = (mp, source)
+    if best is None:
+        return None
+    return best[0], "/" + os.path.relpath(where, best[0]).removeprefix(".")
+
+
+def is_fuse_mount(mnt: str, fstype: str | None = None) -> bool:
+    for mp, typ, _src in mounts():
+        if mp == mnt and (typ == fstype if fstype else typ.startswith("fuse")):
+            return True
+    return False
+
+
+def backing_of(path: str) -> str:
+    """The backing directory of the cryptfs mount on ``path``, or ``path`` itself
+    (real) if no cryptfs is mounted there."""
+    real = os.path.realpath(path)
+    for mp, fstype, source in mounts():
+        if mp == real and fstype.startswith("fuse") and source.startswith("cryptfs:"):
+            return source.split(":", 1)[1]
+    return real
