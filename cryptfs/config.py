@@ -28,8 +28,10 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from cryptfs import lineage
 from cryptfs.errors import BackingIOError, NotAVolume, WrongPassphrase
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
+from cryptfs.lineage import Link
 from cryptfs.modes import NotForMe, content_mode_by_name, x25519
 from cryptfs.modes.errors import IntegrityError
 from cryptfs.modes.kdf import ARGON2_SALT_LEN, MIN_MEM_KIB, MIN_OPS, argon2id, hkdf
@@ -250,6 +252,7 @@ class VolumeConfig:
     policy: bytes | None = None  # the directory policy, sealed (cryptfs.policy)
     chain: tuple[int, bytes] | None = None  # (previous key id, MAC by the previous master)
     audit: dict[str, str] | None = None  # the access log bound to the volume: {"dir", "key"}
+    lineage: list[Link] = field(default_factory=list)  # signed links of the last rotations
 
     # -- serialisation ---------------------------------------------------------
     @property
@@ -257,7 +260,7 @@ class VolumeConfig:
         """2 if anything of version 2 is in use (an older cryptfs then refuses
         the volume clearly instead of failing to unlock it), else 1."""
         v2 = (any(s.v2 for s in self.slots) or self.base or self.retired or self.rotation
-              or self.policy or self.chain or self.audit
+              or self.policy or self.chain or self.audit or self.lineage
               or (self.recovery is not None and self.recovery.auth))
         return FORMAT_VERSION if v2 else 1
 
@@ -280,6 +283,7 @@ class VolumeConfig:
             **({"policy": b64e(self.policy)} if self.policy else {}),
             **({"chain": {"from": self.chain[0], "mac": b64e(self.chain[1])}} if self.chain else {}),
             **({"audit": dict(self.audit)} if self.audit else {}),
+            **({"lineage": lineage.to_json(self.lineage)} if self.lineage else {}),
         }
 
     def compute_mac(self, keys: VolumeKeys) -> bytes:
@@ -350,6 +354,7 @@ class VolumeConfig:
                 policy=b64d(d["policy"]) if "policy" in d else None,
                 chain=_chain_from_json(d["chain"], key_id) if "chain" in d else None,
                 audit=_audit_from_json(d["audit"]) if "audit" in d else None,
+                lineage=lineage.from_json(d["lineage"], key_id) if "lineage" in d else [],
             )
             if cfg.version != version:
                 raise NotAVolume(f"volume config says it is version {version} but is version "
@@ -419,6 +424,7 @@ class VolumeConfig:
             self.recovery = Recovery.to(self.recovery.public, master, self.volume_id,
                                         new.authority if self.recovery.auth else None)
         self.chain = (old.key_id, self.chain_mac(old.master, old.key_id, new))
+        self.lineage = lineage.extended(self.lineage, self.volume_id, old, new)
         return new
 
     def chain_mac(self, previous: Secret, previous_id: int, new: VolumeKeys) -> bytes:
@@ -427,14 +433,20 @@ class VolumeConfig:
                         + new.fingerprint, "sha256").digest()
 
     def follows(self, held: VolumeKeys, new: VolumeKeys) -> bool:
-        """Whether this config's generation was made by a holder of ``held``
-        (the generation just before it): what a running agent or mount checks
+        """Whether this config's generation ``new`` was made by a holder of
+        ``held``, directly (``chain``: the generation just before it) or
+        through generations in between, each made by a holder of the one
+        before (``lineage``: rotations this holder did not see, e.g. two
+        within one config check).  What a running agent or mount checks
         before it follows a rotation, so neither a config put back from
         earlier nor one forged by someone who lacks the current master is
         followed."""
-        if self.chain is None or self.chain[0] != held.key_id or new.key_id <= held.key_id:
+        if new.key_id <= held.key_id:
             return False
-        return hmac.compare_digest(self.chain[1], self.chain_mac(held.master, held.key_id, new))
+        if self.chain is not None and self.chain[0] == held.key_id and hmac.compare_digest(
+                self.chain[1], self.chain_mac(held.master, held.key_id, new)):
+            return True
+        return lineage.descends(self.lineage, self.volume_id, held, new)
 
     def drop_retired(self, keys: VolumeKeys) -> VolumeKeys:
         """Forget the retired generations (no header needs them any more)."""
