@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
+import fcntl
 import hmac
 import json
 import os
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -639,6 +643,47 @@ def load_config_at(dir_fd: int, where: str) -> VolumeConfig:
     finally:
         os.close(fd)
     return VolumeConfig.from_bytes(raw)
+
+
+CONFIG_LOCK_WAIT = 10.0  # seconds a writer waits for another one to finish
+
+
+@contextlib.contextmanager
+def config_lock(backing: str) -> Iterator[None]:
+    """Serialise the writers of one volume's config that must not lose each
+    other's change (a rotation's new generation, the end of a walk): an
+    exclusive ``flock`` on the config file itself, taken again if the file
+    was replaced while waiting (a lock on the old inode guards nothing).
+    Readers take no lock: the file is only ever replaced whole."""
+    path = config_path(backing)
+    deadline = time.monotonic() + CONFIG_LOCK_WAIT
+    while True:
+        try:
+            try:  # (for writing where possible: NFS locks need it)
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except PermissionError:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotAVolume(f"{backing} is not a cryptfs volume (no {CONFIG_NAME})") from None
+        except OSError as e:
+            raise BackingIOError(f"{path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
+                break
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.ENOENT):
+                os.close(fd)
+                raise BackingIOError(f"cannot lock {path}: {e.strerror}") from None
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise BackingIOError(f"{path} is being changed by another command (locked for "
+                                 f"more than {CONFIG_LOCK_WAIT:g} s)", hint="try again")
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_config(backing: str, cfg: VolumeConfig) -> None:
