@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
+import fcntl
 import hmac
 import json
 import os
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptfs import lineage
 from cryptfs.errors import BackingIOError, NotAVolume, WrongPassphrase
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
+from cryptfs.lineage import Link
 from cryptfs.modes import NotForMe, content_mode_by_name, x25519
 from cryptfs.modes.errors import IntegrityError
 from cryptfs.modes.kdf import ARGON2_SALT_LEN, MIN_MEM_KIB, MIN_OPS, argon2id, hkdf
@@ -60,7 +66,7 @@ ROTATION_KINDS = ("wrap-key", "reencrypt")  # (a `--slots` rotation finishes at 
 # added after sealing must not pass because it was dropped before the MAC.
 TOP_FIELDS = frozenset({"cryptfs", "volume_id", "created", "default_mode", "features", "kdf",
                         "key_id", "slots", "recovery", "base", "retired", "rotation", "policy",
-                        "chain", "audit", "mac"})
+                        "chain", "lineage", "audit", "mac"})
 KDF_FIELDS = frozenset({"algorithm", "ops", "mem_kib"})  # the default cost: no salt
 SLOT_KDF_FIELDS = KDF_FIELDS | {"salt"}
 SLOT_FIELDS = frozenset({"id", "label", "created", "kdf", "wrapped", "public", "master",
@@ -307,6 +313,7 @@ class VolumeConfig:
     policy: bytes | None = None  # the directory policy, sealed (cryptfs.policy)
     chain: tuple[int, bytes] | None = None  # (previous key id, MAC by the previous master)
     audit: dict[str, str] | None = None  # the access log bound to the volume: {"dir", "key"}
+    lineage: list[Link] = field(default_factory=list)  # signed links of the last rotations
 
     # -- serialisation ---------------------------------------------------------
     @property
@@ -314,7 +321,7 @@ class VolumeConfig:
         """2 if anything of version 2 is in use (an older cryptfs then refuses
         the volume clearly instead of failing to unlock it), else 1."""
         v2 = (any(s.v2 for s in self.slots) or self.base or self.retired or self.rotation
-              or self.policy or self.chain or self.audit
+              or self.policy or self.chain or self.audit or self.lineage
               or (self.recovery is not None and self.recovery.auth))
         return FORMAT_VERSION if v2 else 1
 
@@ -337,6 +344,7 @@ class VolumeConfig:
             **({"policy": b64e(self.policy)} if self.policy else {}),
             **({"chain": {"from": self.chain[0], "mac": b64e(self.chain[1])}} if self.chain else {}),
             **({"audit": dict(self.audit)} if self.audit else {}),
+            **({"lineage": lineage.to_json(self.lineage)} if self.lineage else {}),
         }
 
     def compute_mac(self, keys: VolumeKeys) -> bytes:
@@ -411,6 +419,7 @@ class VolumeConfig:
                 policy=b64d(d["policy"]) if "policy" in d else None,
                 chain=_chain_from_json(d["chain"], key_id) if "chain" in d else None,
                 audit=_audit_from_json(d["audit"]) if "audit" in d else None,
+                lineage=lineage.from_json(d["lineage"], key_id) if "lineage" in d else [],
             )
             if cfg.version != version:
                 raise NotAVolume(f"volume config says it is version {version} but is version "
@@ -492,6 +501,7 @@ class VolumeConfig:
             self.recovery = Recovery.to(self.recovery.public, master, self.volume_id,
                                         new.authority if self.recovery.auth else None)
         self.chain = (old.key_id, self.chain_mac(old.master, old.key_id, new))
+        self.lineage = lineage.extended(self.lineage, self.volume_id, old, new)
         return new
 
     def chain_mac(self, previous: Secret, previous_id: int, new: VolumeKeys) -> bytes:
@@ -500,14 +510,20 @@ class VolumeConfig:
                         + new.fingerprint, "sha256").digest()
 
     def follows(self, held: VolumeKeys, new: VolumeKeys) -> bool:
-        """Whether this config's generation was made by a holder of ``held``
-        (the generation just before it): what a running agent or mount checks
+        """Whether this config's generation ``new`` was made by a holder of
+        ``held``, directly (``chain``: the generation just before it) or
+        through generations in between, each made by a holder of the one
+        before (``lineage``: rotations this holder did not see, e.g. two
+        within one config check).  What a running agent or mount checks
         before it follows a rotation, so neither a config put back from
         earlier nor one forged by someone who lacks the current master is
         followed."""
-        if self.chain is None or self.chain[0] != held.key_id or new.key_id <= held.key_id:
+        if new.key_id <= held.key_id:
             return False
-        return hmac.compare_digest(self.chain[1], self.chain_mac(held.master, held.key_id, new))
+        if self.chain is not None and self.chain[0] == held.key_id and hmac.compare_digest(
+                self.chain[1], self.chain_mac(held.master, held.key_id, new)):
+            return True
+        return lineage.descends(self.lineage, self.volume_id, held, new)
 
     def drop_retired(self, keys: VolumeKeys) -> VolumeKeys:
         """Forget the retired generations (no header needs them any more)."""
@@ -700,6 +716,47 @@ def load_config_at(dir_fd: int, where: str) -> VolumeConfig:
     finally:
         os.close(fd)
     return VolumeConfig.from_bytes(raw)
+
+
+CONFIG_LOCK_WAIT = 10.0  # seconds a writer waits for another one to finish
+
+
+@contextlib.contextmanager
+def config_lock(backing: str) -> Iterator[None]:
+    """Serialise the writers of one volume's config that must not lose each
+    other's change (a rotation's new generation, the end of a walk): an
+    exclusive ``flock`` on the config file itself, taken again if the file
+    was replaced while waiting (a lock on the old inode guards nothing).
+    Readers take no lock: the file is only ever replaced whole."""
+    path = config_path(backing)
+    deadline = time.monotonic() + CONFIG_LOCK_WAIT
+    while True:
+        try:
+            try:  # (for writing where possible: NFS locks need it)
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except PermissionError:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotAVolume(f"{backing} is not a cryptfs volume (no {CONFIG_NAME})") from None
+        except OSError as e:
+            raise BackingIOError(f"{path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
+                break
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.ENOENT):
+                os.close(fd)
+                raise BackingIOError(f"cannot lock {path}: {e.strerror}") from None
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise BackingIOError(f"{path} is being changed by another command (locked for "
+                                 f"more than {CONFIG_LOCK_WAIT:g} s)", hint="try again")
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_config(backing: str, cfg: VolumeConfig) -> None:

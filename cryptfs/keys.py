@@ -5,7 +5,9 @@
       |- HKDF "cryptfs/v1/config"    -> HMAC-SHA256 key over the volume config
       |- HKDF "cryptfs/v1/wrap"      -> AES-256-GCM key that wraps per-file data keys
       |- HKDF "cryptfs/v2/base"      -> AES-256-GCM key that wraps the base key (config)
-      '- HKDF "cryptfs/v2/retired"   -> AES-256-GCM key that wraps retired masters (config)
+      |- HKDF "cryptfs/v2/retired"   -> AES-256-GCM key that wraps retired masters (config)
+      '- HKDF "cryptfs/v2/lineage"   -> Ed25519 seed: signs the next generation's lineage
+                                        link (cryptfs.lineage)
 
     base (the first generation's master; kept across rotations)
       |- HKDF "cryptfs/v1/names"     -> AES-SIV key (64 B) for file names and xattr names
@@ -71,6 +73,8 @@ class VolumeKeys:
         self.authority = hkdf(b, b"cryptfs/v2/authority")
         # Names this generation's master in the chain proof of the next one.
         self.fingerprint = hkdf(m, b"cryptfs/v2/fingerprint")
+        # Signs (Ed25519 seed) the lineage link to the next generation (cryptfs.lineage).
+        self.lineage_seed = hkdf(m, b"cryptfs/v2/lineage")
 
     def mask_token_key(self, file_id: bytes) -> bytes:
         """The HMAC key of the ``token`` columns in one file's masked views.

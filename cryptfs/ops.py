@@ -42,7 +42,7 @@ from cryptfs.audit import Auditor
 from cryptfs.config import CONFIG_NAME, load_config, user_authority
 from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
 from cryptfs.control import AUDIT_XATTR, RECIPIENTS_XATTR, ROTATE_XATTR, SHARE_XATTR, parse_command_record
-from cryptfs.errors import CryptfsError
+from cryptfs.errors import CryptfsError, NotAVolume
 from cryptfs.header import AGENT_ROWS_XATTR, LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
 from cryptfs.keys import VolumeKeys
 from cryptfs.masking import NotStructured
@@ -808,26 +808,29 @@ class CryptOperations(pyfuse3.Operations):
         self.config = fresh
         self._swap_keys(keys)
 
-    def _follow_rotation(self, fresh: Any) -> VolumeKeys:
+    def _follow_rotation(self, fresh: Any, since: VolumeKeys | None = None) -> VolumeKeys:
         """The new master of a rotated config, opened with a user key this
-        mount holds: its own user's, or (gated) an unlocked user's."""
+        mount holds: its own user's, or (gated) an unlocked user's; followed
+        only if a holder of ``since`` (default: the keys held) made it,
+        directly or through generations in between (``fresh.follows``)."""
         held: list[tuple[Any, Secret]] = []
         slot = getattr(self.vol, "slot", None)
         if slot is not None and self._own_private is not None:
             held.append((next((s for s in fresh.slots if s.id == slot.id), None), self._own_private))
         for uid, priv in self._privates.items():
             held.append((slot_for_uid(fresh, uid), priv))
-        assert self.keys is not None
+        since = since if since is not None else self.keys
+        assert since is not None
         for now, priv in held:
             opened = fresh.slot_master(now, priv) if now is not None else None
             if opened is None:
                 continue
             with opened.master:
                 keys = fresh.open_keys(opened.master, user_authority(priv.reveal()))
-            if not fresh.follows(self.keys, keys):
+            if not fresh.follows(since, keys):
                 keys.close()
-                raise CryptfsError("its key generation was not made by a holder of the current "
-                                   "one (a config put back from earlier, or forged): not followed")
+                raise NotAVolume("its key generation was not made by a holder of the current "
+                                 "one (a config put back from earlier, or forged): not followed")
             log.info("the volume's key was rotated to generation %d: following", keys.key_id)
             return keys
         raise CryptfsError("its key was rotated and no key slot this mount holds a key of "
@@ -927,20 +930,27 @@ class CryptOperations(pyfuse3.Operations):
         self._swap_keys(keys)
         return slot_for_uid(fresh, uid) is not None
 
-    def agent_state(self, uids: list[int], master: Secret | None) -> None:
+    def agent_state(self, uids: list[int], master: Secret | None,
+                    key_id: int | None = None) -> None:
         self._unlocked = set()
         if master is None:
             self._drop_keys()
             self._forget_privates()
             return
-        self.agent_keys(master)
-        if self.keys is not None:
+        if self.agent_keys(master, key_id):
+            # (served once this mount has keys: now, or when the agent that
+            # was a rotation behind the config sends the new ones)
             self._unlocked = {uid for uid in uids if self._has_slot(uid)}
 
-    def agent_keys(self, master: Secret) -> None:
-        """A master key from the agent: used with the config as it is on disk
-        now (a policy set or a key rotated since the mount started), which it
-        must authenticate, and whose policy must open (else: fail closed)."""
+    def agent_keys(self, master: Secret, key_id: int | None = None) -> bool:
+        """A master key from the agent (of generation ``key_id``): used with
+        the config as it is on disk now (a policy set or a key rotated since
+        the mount started), which it must authenticate, and whose policy must
+        open (else: fail closed).  A config already rotated past ``key_id``
+        (back-to-back rotations: the agent follows the next one within its
+        config check) is followed from it if it descends from it, else the
+        mount keeps what it has until the agent sends the newer key.  False:
+        refused (access stays denied)."""
         stamp = self._stat_config()
         try:
             try:
@@ -951,7 +961,12 @@ class CryptOperations(pyfuse3.Operations):
                 fresh, stamp = self.config, None
             if fresh.volume_id != self.config.volume_id:
                 raise CryptfsError("the backing directory holds another volume now")
-            keys = fresh.open_keys(master)
+            if key_id is not None and fresh.key_id > key_id:
+                keys = self._ahead_of_agent(fresh, master, key_id)
+                if keys is None:
+                    return True
+            else:
+                keys = fresh.open_keys(master)
             load_policy(fresh, keys)
         except CryptfsError as e:
             self._drop_keys()
@@ -959,7 +974,7 @@ class CryptOperations(pyfuse3.Operations):
             self._unlocked.clear()
             log.error("the key agent's key does not open this volume's config (%s): refused; "
                       "access stays denied", e)
-            return
+            return False
         self.config = fresh
         self._config_stamp = stamp
         if self.keys is not None:
@@ -967,6 +982,28 @@ class CryptOperations(pyfuse3.Operations):
         else:
             self._install(keys)
         log.info("volume keys (generation %d) received from the key agent", keys.key_id)
+        return True
+
+    def _ahead_of_agent(self, fresh: Any, master: Secret, key_id: int) -> VolumeKeys | None:
+        """The config on disk is a newer generation than the agent's key (it
+        was rotated again after the agent read it): its keys if it descends
+        from the agent's generation and a user key this mount holds opens it;
+        None if that cannot be told yet (this mount keeps what it has and the
+        agent, which re-reads the config every 2 s, sends the newer key).
+        CryptfsError if it does not descend from it (put back, forged)."""
+        if self.keys is not None and self.keys.key_id >= fresh.key_id:
+            return None  # (this mount followed it already; the agent's key is the older one)
+        since = VolumeKeys(Secret(master.reveal()), key_id)
+        try:
+            return self._follow_rotation(fresh, since)
+        except NotAVolume:
+            raise  # (forged, or not of its line: fail closed)
+        except CryptfsError:  # (no user key this mount holds opens it yet)
+            log.info("the volume's config is newer (generation %d) than the key agent's key "
+                     "(generation %d): waiting for the agent to follow it", fresh.key_id, key_id)
+            return None
+        finally:
+            since.close()
 
     def agent_wipe(self) -> None:
         self._drop_keys()

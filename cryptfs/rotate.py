@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hmac
 import json
 import os
 import stat
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs.config import VolumeConfig, load_config, save_config
+from cryptfs.config import VolumeConfig, config_lock, load_config, save_config, user_authority
 from cryptfs.content import ContentFile, read_stanzas
 from cryptfs.errors import BackingIOError, MountError, NotAVolume, UsageError
 from cryptfs.header import FileHeader
@@ -59,6 +60,7 @@ from cryptfs.modes.wrap import (
     recipient_tag,
 )
 from cryptfs.names import is_cryptfs_entry
+from cryptfs.recovery import unlock_with_recovery_key
 from cryptfs.secret import Secret
 from cryptfs.volume import UnlockedVolume
 
@@ -113,6 +115,12 @@ def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False) -> bool:
     """
     if kind not in KINDS:
         raise UsageError(f"unknown rotation {kind!r}")
+    with config_lock(vol.backing):
+        _rebase(vol)
+        return _begin(vol, kind, new_generation)
+
+
+def _begin(vol: UnlockedVolume, kind: str, new_generation: bool) -> bool:
     cfg = vol.config
     running = cfg.rotation["kind"] if cfg.rotation else None
     if running is not None and STRENGTH[running] >= STRENGTH[kind] and not new_generation:
@@ -130,19 +138,71 @@ def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False) -> bool:
     return True
 
 
+def _rebase(vol: UnlockedVolume) -> None:
+    """With the config locked: if it changed since ``vol`` read it (another
+    rotation began meanwhile, a walk ended, a user was added), go on from the
+    config on disk, so no generation is made twice (two masters for one
+    ``key_id``: the walks of one would leave files the other cannot open)
+    and no change is lost.  A newer generation is opened with the key this
+    command holds and taken only if it descends from the one it opened."""
+    fresh = load_config(vol.backing)
+    if fresh.mac == vol.config.mac:
+        return
+    if fresh.volume_id != vol.config.volume_id:
+        raise NotAVolume(f"{vol.backing} holds another volume now")
+    if not hmac.compare_digest(vol.config.compute_mac(vol.keys), vol.config.mac):
+        # (a change not saved yet, e.g. the slot a revocation removes: never dropped)
+        raise UsageError("the volume's config was changed by another command while this one "
+                         "ran (a rotation, a user added?): nothing was changed",
+                         hint="run the command again")
+    if fresh.key_id == vol.keys.key_id:
+        keys = fresh.open_keys(vol.keys.master)
+    else:
+        keys = _reopened(vol, fresh)
+        if not fresh.follows(vol.keys, keys):
+            keys.close()
+            raise NotAVolume("the volume's config was replaced by one whose key generation "
+                             "does not descend from the one this command opened (put back "
+                             "from earlier, or forged): nothing rotated",
+                             hint="restore cryptfs.conf from a backup")
+    old, vol.config, vol.keys = vol.keys, fresh, keys
+    old.close()
+
+
+def _reopened(vol: UnlockedVolume, fresh: VolumeConfig) -> VolumeKeys:
+    """The keys of ``fresh`` (a newer generation) through the user key or the
+    recovery key ``vol`` was opened with."""
+    private = vol.private_key
+    slot = getattr(vol, "slot", None)
+    if private is None:
+        raise UsageError("the volume's key was rotated while this command ran: run it again")
+    if slot is None:
+        return unlock_with_recovery_key(fresh, fresh.volume_id, private)
+    now = next((s for s in fresh.slots if s.id == slot.id), None)
+    opened = fresh.slot_master(now, private) if now is not None else None
+    if opened is None:
+        raise UsageError("the volume's key was rotated while this command ran and your key "
+                         "slot does not hold the new key", hint="unlock and run it again")
+    vol.slot = now  # type: ignore[attr-defined]
+    with opened.master:
+        return fresh.open_keys(opened.master, user_authority(private.reveal()))
+
+
 def finish_config(backing: str, keys: VolumeKeys) -> tuple[VolumeConfig, VolumeKeys] | None:
     """The walk is done: forget the retired masters and the rotation record in
     the config *as it is on disk now* (users or policy may have changed during
     the walk), if it still is the generation that was walked.  Returns the
-    saved config and its keys, or None if another rotation began meanwhile."""
-    fresh = load_config(backing)
-    if fresh.key_id != keys.key_id:
-        return None
-    fresh.open_keys(keys.master).close()  # authentic, under the generation walked
-    fresh.rotation = None
-    new = fresh.drop_retired(keys)
-    fresh.seal(new)
-    save_config(backing, fresh)
+    saved config and its keys, or None if another rotation began meanwhile
+    (locked: a rotation beginning now waits and starts from what is saved)."""
+    with config_lock(backing):
+        fresh = load_config(backing)
+        if fresh.key_id != keys.key_id:
+            return None
+        fresh.open_keys(keys.master).close()  # authentic, under the generation walked
+        fresh.rotation = None
+        new = fresh.drop_retired(keys)
+        fresh.seal(new)
+        save_config(backing, fresh)
     return fresh, new
 
 

@@ -28,8 +28,9 @@ log = logging.getLogger("cryptfs")
 
 
 class Gatekeeper(Protocol):
-    def agent_state(self, uids: list[int], master: Secret | None) -> None: ...
-    def agent_keys(self, master: Secret) -> None: ...
+    def agent_state(self, uids: list[int], master: Secret | None,
+                    key_id: int | None = None) -> None: ...
+    def agent_keys(self, master: Secret, key_id: int | None = None) -> bool: ...
     def agent_wipe(self) -> None: ...
     def agent_unlocked(self, uid: int, private: Secret | None) -> None: ...
     def agent_user_key(self, uid: int, private: Secret) -> None: ...
@@ -40,6 +41,12 @@ class Gatekeeper(Protocol):
 
 class LinkError(Exception):
     pass
+
+
+def _key_id(msg: dict[str, Any]) -> int | None:
+    """The key generation the agent says the key it sends is of."""
+    kid = msg.get("key_id")
+    return kid if isinstance(kid, int) and not isinstance(kid, bool) else None
 
 
 def _uids(msg: dict[str, Any]) -> list[int]:
@@ -103,7 +110,7 @@ async def _session(socket_path: str, backing: str, volume_id: str, gate: Gatekee
             raise LinkError(f"the agent refused to serve this volume: "
                             f"{state.get('message') or state.get('code')}")
         try:
-            gate.agent_state(_uids(state), master)
+            gate.agent_state(_uids(state), master, _key_id(state))
         finally:
             if master is not None:
                 master.wipe()
@@ -156,7 +163,7 @@ async def _events(conn: Conn, gate: Gatekeeper, silence: Silence) -> None:
             if event == "keys":
                 if secret is None:
                     raise LinkError("keys event without a key")
-                gate.agent_keys(secret)
+                gate.agent_keys(secret, _key_id(msg))
             elif event == "wipe":
                 gate.agent_wipe()
             elif event == "unlocked" and isinstance(msg.get("uid"), int):

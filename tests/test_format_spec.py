@@ -51,9 +51,9 @@ SAMPLES_V2 = [p for p in SAMPLES if p.name.startswith("sample-v2-")]
 CONFIG_VERSIONS = (1, 2)
 # The same feature set in versions 1 and 2: v2 adds config keys and stanza types, not features.
 FEATURES_V1 = {"aead-blocks", "last-block-flag", "long-names", "siv-names", "xattrs"}
-V2_CONFIG_KEYS = {"base", "retired", "rotation", "policy", "chain"}
+V2_CONFIG_KEYS = {"base", "retired", "rotation", "policy", "chain", "lineage"}
 # "except during and after a rotation": what a config shows of one (see V2Rules in open_config)
-ROTATED_KEYS = {"base", "retired", "rotation", "chain"}
+ROTATED_KEYS = {"base", "retired", "rotation", "chain", "lineage"}
 V2_SLOT_KEYS = {"public", "master"}
 ROLES = {"agent", "supervisor", "technician", "admin", "auditor"}
 MAGIC = b"CRYPTF"
@@ -240,13 +240,15 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # FORMAT.md: the keys each object of the config may hold ("no object holds a key this page
 # does not name for it: a reader refuses such a config before using anything in it").
 CONFIG_KEYS = {"cryptfs", "volume_id", "created", "default_mode", "features", "kdf", "key_id",
-               "slots", "recovery", "base", "retired", "rotation", "policy", "chain", "audit", "mac"}
+               "slots", "recovery", "base", "retired", "rotation", "policy", "chain", "lineage",
+               "audit", "mac"}
 KDF_KEYS = {"algorithm", "ops", "mem_kib"}                   # the config's default kdf: no salt
 SLOT_KDF_KEYS = KDF_KEYS | {"salt"}                          # a slot's kdf: the salt required
 SLOT_KEYS = {"id", "label", "created", "kdf", "wrapped"} | {"user", "uid", "role"} | V2_SLOT_KEYS
 OBJECT_KEYS = {"recovery": {"public", "wrapped", "auth"}, "rotation": {"kind", "started"},
                "chain": {"from", "mac"}, "audit": {"dir", "key"}}
 RETIRED_KEYS = {"key_id", "wrapped"}
+LINK_KEYS = {"from", "to", "key", "sig"}  # an entry of lineage
 POLICY_KEYS = {"version", "rules"}
 RULE_KEYS = {"path", "mode", "hybrid", "recipients", "dropbox", "programs", "untrusted", "masks"}
 
@@ -269,6 +271,8 @@ def check_known_keys(conf: dict[str, Any]) -> None:
         _only(conf.get(key), keys, key)
     for item in conf.get("retired") if isinstance(conf.get("retired"), list) else []:
         _only(item, RETIRED_KEYS, "an entry of retired")
+    for item in conf.get("lineage") if isinstance(conf.get("lineage"), list) else []:
+        _only(item, LINK_KEYS, "an entry of lineage")
 
 
 def load_config(backing: Path) -> dict[str, Any]:
