@@ -240,7 +240,19 @@ class Frontend:
 
     # -- extended attributes -------------------------------------------------------------------
     def setxattr(self, req: rq.SetxattrIn) -> None:
-        self.ops.setxattr(req.nodeid, req.name, bytes(req.value), req)
+        value = bytes(req.value)  # (a view of the read buffer; getxattr below may not reuse it)
+        if req.flags & (os.XATTR_CREATE | os.XATTR_REPLACE):
+            # As pyfuse3 did: XATTR_CREATE fails if the attribute exists,
+            # XATTR_REPLACE if it does not (getxattr's checks and errors).
+            try:
+                self.ops.getxattr(req.nodeid, req.name, req)
+            except FuseError as e:
+                if e.errno != errno.ENODATA or req.flags & os.XATTR_REPLACE:
+                    raise
+            else:
+                if req.flags & os.XATTR_CREATE:
+                    raise FuseError(errno.EEXIST)
+        self.ops.setxattr(req.nodeid, req.name, value, req)
 
     def getxattr(self, req: rq.GetxattrIn) -> bytes:
         return self.ops.getxattr(req.nodeid, req.name, req)
