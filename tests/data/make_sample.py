@@ -30,7 +30,6 @@ import shutil
 import stat
 import sys
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
