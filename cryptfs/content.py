@@ -22,6 +22,7 @@ import errno
 import os
 from collections.abc import Sequence
 
+from cryptfs import sysio
 from cryptfs.header import (
     FLAG_SPARSE,
     MAX_HEADER_LEN,
@@ -39,6 +40,7 @@ from cryptfs.modes.wrap import Stanza, decode_stanzas
 BS = BLOCK_SIZE
 _RUN_MAX = 512  # blocks per pwritev: two pieces each, IOV_MAX is 1024
 _ZERO_PLAIN = bytes(BS)
+_ZERO_CHUNK = 256 * BS  # plaintext bytes of zeros written per step (zero, punch)
 
 
 class BlockError(IntegrityError):
@@ -309,6 +311,58 @@ class ContentFile:
                         (new_final, bytes(new_size - new_final * BS))]
             self._write_or_roll_back(todo, new_final, old_size, pt)
         self.size = new_size
+
+    # -- fallocate(2) --------------------------------------------------------------------
+    def reserve(self, p_off: int, length: int) -> None:
+        """Reserve backing space for the blocks of plaintext ``[p_off, p_off+length)``
+        (FALLOC_FL_KEEP_SIZE on the backing file: its size and content stay), so
+        writing them later cannot fail for want of space.  A block is rewritten
+        in place with the same length, so its reserved space is the space it uses."""
+        if length <= 0:
+            return
+        first, last = p_off // BS, (p_off + length - 1) // BS
+        c_start = self._c_off(first)
+        sysio.fallocate(self.fd, sysio.FALLOC_FL_KEEP_SIZE, c_start,
+                        self._c_off(last) + self.c_block - c_start)
+
+    def zero(self, p_off: int, length: int) -> None:
+        """Plaintext ``[p_off, p_off+length)`` (within the size) becomes zero bytes,
+        written as sealed blocks of zeros: space stays allocated (FALLOC_FL_ZERO_RANGE)."""
+        end = min(self.size, p_off + length)
+        pos = p_off
+        while pos < end:
+            n = min(_ZERO_CHUNK, end - pos)
+            self.write(pos, bytes(n))
+            pos += n
+
+    def punch(self, p_off: int, length: int) -> None:
+        """Plaintext ``[p_off, p_off+length)`` (within the size) reads as zero bytes
+        afterwards (FALLOC_FL_PUNCH_HOLE).  Whole blocks before the final one become
+        holes of the backing file (the file is flagged sparse, the format's way to
+        say such a block reads as zeros); partial blocks at the ends and the final
+        block are written as zero plaintext.  A backing file that cannot punch
+        holes gets zeros written instead."""
+        end = min(self.size, p_off + length)
+        if p_off >= end:
+            return
+        final = n_blocks(self.size) - 1
+        first_whole = -(-p_off // BS)
+        last_whole = min(end // BS, final) - 1  # (the final block is never a hole)
+        if first_whole > last_whole:
+            self.zero(p_off, end - p_off)
+            return
+        self.changes += 1
+        self._mark_sparse()
+        c_start = self._c_off(first_whole)
+        try:
+            sysio.fallocate(self.fd, sysio.FALLOC_FL_PUNCH_HOLE | sysio.FALLOC_FL_KEEP_SIZE,
+                            c_start, (last_whole + 1 - first_whole) * self.c_block)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.zero(first_whole * BS, (last_whole + 1 - first_whole) * BS)
+        self.zero(p_off, first_whole * BS - p_off)
+        self.zero((last_whole + 1) * BS, end - (last_whole + 1) * BS)
 
     def verify(self) -> list[int]:
         """Check every block; return the numbers of those that fail (fsck).

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from cryptfs import rotate
-from cryptfs.errors import CryptfsError, MountError
+from cryptfs.errors import CryptfsError, MountError, UsageError
 from cryptfs.mounttable import is_fuse_mount, mounts
 from cryptfs.volume import LockedVolume, Volume
 
@@ -92,28 +92,40 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> set[str]:
-    import pyfuse3
+# Options the kernel's FUSE module takes itself; every other -o is a generic
+# mount option (cryptfs.fuse.mountpoint knows which).  default_permissions is
+# always on: the kernel checks file modes before a request reaches cryptfs.
+_FUSE_OPTIONS = ("allow_other", "default_permissions")
 
-    opts = set(pyfuse3.default_options)
-    opts.add(f"fsname={FSNAME}:{os.path.realpath(vol.backing)}")
-    opts.add(f"subtype={FSNAME}")
+
+def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> list[str]:
+    """The generic mount options of ``-o`` (``ro``, ``noexec`` ...), checked;
+    ``allow_other`` stays in the list and is taken out by :func:`serve`."""
+    from cryptfs.fuse.mountpoint import known_option
+
+    opts: list[str] = []
     for o in extra:
-        if o in ("", "default_permissions"):
+        if o in ("", "default_permissions") or o in opts:
             continue
-        opts.add(o)
+        if o not in _FUSE_OPTIONS and not known_option(o):
+            raise UsageError(f"unknown mount option {o!r}",
+                             hint="generic options: ro, rw, noexec, exec, nosuid, nodev, sync, "
+                                  "dirsync, noatime, nodiratime; and allow_other")
+        opts.append(o)
     return opts
 
 
-def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int | None,
+def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd: int | None,
           pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
           audit: tuple[str, bool] | None = None) -> int:
     """Mount, signal readiness on ``ready_fd``, serve until unmounted."""
-    import pyfuse3
     import trio
 
+    from cryptfs.frontend import Frontend, init_options
+    from cryptfs.fuse import MountError as FuseMountError
+    from cryptfs.fuse import Session
+    from cryptfs.fuse.mountpoint import unmount_quietly
     from cryptfs.ops import CryptOperations
-    from cryptfs.views import REQUEST_WORKERS
 
     _raise_fd_limit()
     # Held while mounted: an offline `cryptfs rotate` (which takes it
@@ -139,9 +151,14 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
         if not ops.audit.write("mount", "allowed", os.getuid(), os.getpid(), path=mnt,
                                backing=vol.backing):
             raise MountError(f"cannot write the access log in {logdir}")
+    frontend = Frontend(ops)
+    session = Session(frontend, mnt, init_options(ops),
+                      fsname=f"{FSNAME}:{os.path.realpath(vol.backing)}", subtype=FSNAME,
+                      allow_other="allow_other" in options, default_permissions=True,
+                      mount_options=[o for o in options if o not in _FUSE_OPTIONS])
     try:
-        pyfuse3.init(ops, mnt, options)
-    except RuntimeError as e:
+        session.mount()
+    except (FuseMountError, OSError) as e:
         raise MountError(f"FUSE mount failed: {e}",
                          hint="is the mountpoint busy, or allow_other not permitted "
                               "(user_allow_other in /etc/fuse.conf)?") from None
@@ -153,7 +170,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 2)  # libfuse's messages are no longer wanted
+        os.dup2(null, 2)  # (messages go to the log from here on)
         os.dup2(null, ready_fd)  # (the parent has its answer: a later failure goes to the log)
         os.close(null)
 
@@ -164,21 +181,24 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
                                                signal.SIGHUP) as signals:
                     async for signum in signals:
                         log.info("signal %d: unmounting", signum)
-                        pyfuse3.terminate()
+                        # From a thread, while the loop still answers: the kernel
+                        # may write dirty pages back before the mount goes.  A busy
+                        # mount is detached lazily; either way serving ends here.
+                        await trio.to_thread.run_sync(session.unmount)
+                        nursery.cancel_scope.cancel()
                         return
 
+            frontend.attach(session, nursery)
             nursery.start_soon(on_signal)
             nursery.start_soon(ops.rotation_worker)
             if ops.audit is not None:
                 nursery.start_soon(ops.audit.sealer)
             for task in side_tasks:
                 nursery.start_soon(task, ops)
-            # Handlers run to completion without awaiting, except an open
-            # that waits for a large masked view (cryptfs.views): more than
-            # one worker task, so such an open never holds up other users'
-            # requests.  (In steady state pyfuse3 keeps one task reading and
-            # parks one more: see docs/PERFORMANCE.md for what it costs.)
-            await pyfuse3.main(min_tasks=1, max_tasks=REQUEST_WORKERS)
+            # Handlers run to completion on this thread, between the other
+            # tasks' steps; an open that waits for a large masked view
+            # (cryptfs.views) is answered later from a task of this nursery.
+            await session.serve_trio()
             nursery.cancel_scope.cancel()
 
     try:
@@ -189,7 +209,12 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: set[str], ready_fd: int
         raise
     finally:
         sd_notify("STOPPING=1")
-        pyfuse3.close(unmount=True)
+        try:  # (nothing serves the mount any more: detach it, never wait on it)
+            if not unmount_quietly(mnt, lazy=True):
+                log.error("%s is still mounted", mnt)
+        except OSError as e:
+            log.error("unmount of %s failed: %s", mnt, os.strerror(e.errno or 0))
+        session.close()
         if ops.audit is not None:
             ops.audit.write("unmount", "allowed", os.getuid(), os.getpid(), path=mnt)
             ops.audit.close()

@@ -1,4 +1,4 @@
-"""The pyfuse3 operations: the only module of cryptfs that imports pyfuse3.
+"""The request handlers of one volume, on cryptfs.fuse's typed replies.
 
 Design (as passthrough_ll and gocryptfs do it): every inode the kernel knows
 holds a descriptor of its backing object, so renames, hard links and
@@ -10,12 +10,15 @@ are the backing inode numbers (the root is swapped with inode 1).  While any
 handle of a regular file is open, one :class:`ContentFile` per inode (header
 checked at the first open) serves all handles.
 
-Handlers are ``async`` but never await: each runs to completion on the trio
-thread, so no locks are needed.  The one exception is an open that needs a
-large masked view (cryptfs.views): it awaits the view made in a thread,
-then decides the open again from the start, so nothing it checked before
-the await is trusted after it.  Only ``FUSEError`` leaves a handler; see
-:func:`_edge`.
+Handlers are synchronous: each runs to completion on the trio thread (the
+request loop is a trio task, cryptfs.frontend), so no locks are needed.  The
+one exception is an open that needs a large masked view (cryptfs.views):
+``open`` returns the :class:`views.Wanted` view, and :meth:`open_view`, run as
+a trio task with a deferred reply, awaits the view made in a thread, then
+decides the open again from the start, so nothing it checked before the
+await is trusted after it.  Only ``FuseError`` leaves a handler; see
+:func:`_edge`.  Arguments are positional as the kernel's requests carry them;
+``ctx`` is the typed request (its ``uid``, ``gid``, ``pid``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import errno
 import functools
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -31,10 +35,9 @@ import posixpath
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-import pyfuse3
 import trio
 
 from cryptfs import links, ownreads, rotate, sysio, tree, views
@@ -43,6 +46,10 @@ from cryptfs.config import CONFIG_NAME, load_config, user_authority
 from cryptfs.content import BlockError, ContentFile, plain_size, pwrite_all, read_stanzas
 from cryptfs.control import AUDIT_XATTR, RECIPIENTS_XATTR, ROTATE_XATTR, SHARE_XATTR, parse_command_record
 from cryptfs.errors import CryptfsError, NotAVolume
+from cryptfs.fuse import EntryOut, FuseError, OpenOut, StatfsOut
+from cryptfs.fuse.abi import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, ROOT_ID
+from cryptfs.fuse.replies import Attr
+from cryptfs.fuse.requests import Request
 from cryptfs.header import AGENT_ROWS_XATTR, LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
 from cryptfs.keys import VolumeKeys
 from cryptfs.masking import NotStructured
@@ -85,7 +92,7 @@ from cryptfs.volume import LockedVolume, Volume
 
 log = logging.getLogger("cryptfs")
 
-ROOT = pyfuse3.ROOT_INODE
+ROOT = ROOT_ID
 ROOT_ATTR_TIMEOUT = 60.0  # seconds
 HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
 MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view (memory)
@@ -93,7 +100,7 @@ MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view 
 NO_ORACLE_WRITES = ("masked view: no writes into a file with token columns "
                     "(they would be a token oracle)")
 GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
-_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class Inode:
@@ -155,7 +162,7 @@ class _NoKeys:
     deny such requests first; this is the second line."""
 
     def __getattr__(self, name: str) -> Any:
-        raise pyfuse3.FUSEError(errno.EACCES)
+        raise FuseError(errno.EACCES)
 
 
 _NO_KEYS: Any = _NoKeys()
@@ -175,31 +182,58 @@ def _edge(target: str, event: str | None = None) -> Callable[[_F], _F]:
         name = fn.__name__
         unchecked = name in ("forget", "release", "releasedir", "statfs", "getattr")
 
-        @functools.wraps(fn)
-        async def wrapped(self: CryptOperations, *args: Any) -> Any:
+        def failed(self: CryptOperations, args: tuple[Any, ...], e: Exception) -> FuseError:
             audit = self.audit
-            if audit is not None and not unchecked and not audit.usable():
-                raise pyfuse3.FUSEError(errno.EACCES)  # no log, no plaintext
-            try:
-                result = await fn(self, *args)
-            except pyfuse3.FUSEError as e:
+            if isinstance(e, FuseError):
                 if audit is not None:
                     self._audit_failure(event, name, args, e.errno)
-                raise
-            except IntegrityError as e:
+                return e
+            if isinstance(e, IntegrityError):
                 self.report_integrity(self.ino_of(target, args), e)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            except OSError as e:
+                return FuseError(errno.EIO)
+            if isinstance(e, OSError):
                 if audit is not None:
                     self._audit_failure(event, name, args, e.errno or errno.EIO)
-                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-            except Exception:
-                log.exception("internal error in %s (request failed with EIO)", name)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            if audit is not None and event is not None and not self._audit(event, args, result, None):
+                return FuseError(e.errno or errno.EIO)
+            log.error("internal error in %s (request failed with EIO)", name, exc_info=e)
+            return FuseError(errno.EIO)
+
+        def done(self: CryptOperations, args: tuple[Any, ...], result: Any) -> Any:
+            # (an open that waits for a masked view is recorded when it is decided)
+            if (self.audit is not None and event is not None and result.__class__ is not views.Wanted
+                    and not self._audit(event, args, result, None)):
                 self._undo(event, result)
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             return result
+
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def awaited(self: CryptOperations, *args: Any) -> Any:
+                if self.audit is not None and not unchecked and not self.audit.usable():
+                    raise FuseError(errno.EACCES)  # no log, no plaintext
+                try:
+                    result = await fn(self, *args)
+                except Exception as e:
+                    err = failed(self, args, e)
+                    if err is e:
+                        raise
+                    raise err from None
+                return done(self, args, result)
+
+            return awaited  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapped(self: CryptOperations, *args: Any) -> Any:
+            if self.audit is not None and not unchecked and not self.audit.usable():
+                raise FuseError(errno.EACCES)  # no log, no plaintext
+            try:
+                result = fn(self, *args)
+            except Exception as e:
+                err = failed(self, args, e)
+                if err is e:
+                    raise
+                raise err from None
+            return done(self, args, result)
 
         return wrapped  # type: ignore[return-value]
 
@@ -214,10 +248,10 @@ def _same_key(a: bytes | None, b: bytes | None) -> bool:
 
 
 def _ctx(args: tuple[Any, ...]) -> Any:
-    return args[-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else None
+    return args[-1] if args and isinstance(args[-1], Request) else None
 
 
-class CryptOperations(pyfuse3.Operations):
+class CryptOperations:
     """The filesystem of one volume.
 
     Given an unlocked :class:`Volume` it serves everyone the kernel lets in
@@ -234,7 +268,6 @@ class CryptOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, vol: Volume | LockedVolume, *, timeout: float = 60.0) -> None:
-        super().__init__()
         self.vol = vol
         self.config = vol.config
         self.gated = vol.keys is None
@@ -295,6 +328,10 @@ class CryptOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._layout_hints = True  # until the backing filesystem refuses an xattr
         self._views = views.ViewMaker()  # large masked views: made in threads, bounded
+        # Drops an inode's cached attributes and pages in the kernel (from a
+        # worker thread: the kernel may wait for a read only the loop answers).
+        # Set by the frontend to its session's notify_inval_inode.
+        self.invalidate_inode: Callable[[int], object] = lambda ino: None
 
     # -- bookkeeping ---------------------------------------------------------------------
     def ino_of(self, target: str, args: tuple[Any, ...]) -> int | None:
@@ -347,7 +384,7 @@ class CryptOperations(pyfuse3.Operations):
             fields["path"] = self._name_path(args[0], args[1])
             if err is None and event != "unlink" and event != "rmdir":
                 attr = result[1] if event == "create" else result
-                self._paths[attr.st_ino] = fields["path"]
+                self._paths[attr.nodeid] = fields["path"]
                 if event == "create":
                     self._files[result[0].fh].path = fields["path"]
         elif event == "rename":
@@ -380,7 +417,7 @@ class CryptOperations(pyfuse3.Operations):
             if f.update_mode:
                 fields["mode"] = oct(stat.S_IMODE(args[1].st_mode))
             if event == "utimes":
-                if result is not None and result.st_nlink == 0 and not f.update_atime:
+                if result is not None and result.attr.nlink == 0 and not f.update_atime:
                     return True  # (the kernel writing back the times of a file already deleted)
                 fields["times"] = ",".join(n for n, on in (("atime", f.update_atime),
                                                           ("mtime", f.update_mtime),
@@ -435,7 +472,7 @@ class CryptOperations(pyfuse3.Operations):
         try:
             return self._inodes[ino]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.ESTALE) from None
+            raise FuseError(errno.ESTALE) from None
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -468,7 +505,7 @@ class CryptOperations(pyfuse3.Operations):
             if opened:
                 os.close(opened[0])
             log.error("backing entry on another filesystem refused (inode %d)", st.st_ino)
-            raise pyfuse3.FUSEError(errno.EXDEV)
+            raise FuseError(errno.EXDEV)
         inode = self._inodes.get(self._fuse_ino(st.st_ino))
         if inode is None:
             fd, access = opened or self._open_entry(dir_fd, backing, st)
@@ -494,7 +531,7 @@ class CryptOperations(pyfuse3.Operations):
 
     def _backing(self, parent: Inode, name: bytes) -> tuple[str, str | None]:
         if len(name) > NAME_MAX:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+            raise FuseError(errno.ENAMETOOLONG)
         return self.codec.backing_name(name, self._diriv(parent))
 
     @contextlib.contextmanager
@@ -512,11 +549,11 @@ class CryptOperations(pyfuse3.Operations):
     def _diriv(self, inode: Inode) -> bytes:
         if inode.diriv is None:
             if inode.kind != stat.S_IFDIR:
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
+                raise FuseError(errno.ENOTDIR)
             inode.diriv = tree.read_diriv(inode.fd)
         return inode.diriv
 
-    def _owner(self, ctx: pyfuse3.RequestContext, parent: Inode) -> tuple[int, int] | None:
+    def _owner(self, ctx: Request, parent: Inode) -> tuple[int, int] | None:
         """Owner to give a new entry created for ``ctx`` (None: what it got is right).
 
         The backing entry is created with the daemon's uid and gid, or the
@@ -577,7 +614,7 @@ class CryptOperations(pyfuse3.Operations):
         if where is None:
             log.error("cannot work out a file's directory for the trusted-programs rule: "
                       "open refused")
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         rule = self.policy.programs_for(where)
         return self._untrusted_by([rule] if rule is not None else [], pid)
 
@@ -616,7 +653,7 @@ class CryptOperations(pyfuse3.Operations):
         if where is None:
             log.error("cannot work out a file's directory for the trusted-programs rule: "
                       "refused")
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         rule = self.policy.programs_for(where)
         return [rule] if rule is not None else []
 
@@ -655,7 +692,7 @@ class CryptOperations(pyfuse3.Operations):
             return links.Names((), unknown=1)
         return links.Names(((where, name),))
 
-    def _guard_link(self, ctx: pyfuse3.RequestContext, inode: Inode, dst_dir: str | None,
+    def _guard_link(self, ctx: Request, inode: Inode, dst_dir: str | None,
                     new_name: bytes) -> None:
         """A new name for a file.  It keeps every rule of its other names (the
         strictest of all governs it), so a link out of a rule takes nothing
@@ -663,14 +700,14 @@ class CryptOperations(pyfuse3.Operations):
         another mask or none covers, nor a program a trusted-programs rule
         does not trust link a file out of that rule (as for a rename)."""
         if dst_dir is None:
-            raise pyfuse3.FUSEError(errno.EACCES)  # (where it goes is not known: no link)
+            raise FuseError(errno.EACCES)  # (where it goes is not known: no link)
         names = self._names_of(inode)
         p_new = new_name.decode("utf-8", "surrogateescape")
         if self._mask_rules and ctx.uid in self._masked:
             masks = names.masks(self.policy)
             if names.unknown or (masks and self.policy.mask_for(dst_dir, p_new) not in masks):
                 self._decision = {"decision": "masked file: not moved out of its mask"}
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
         if self._program_rules:
             here = self.policy.programs_for(dst_dir)
             if self._untrusted_by([r for r in names.programs(self.policy) if r != here],
@@ -678,10 +715,10 @@ class CryptOperations(pyfuse3.Operations):
                 self._decision = {**(self._decision or {}),
                                   "decision": "not moved out of its trusted-programs rule by a "
                                               "program it does not trust"}
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             self._decision = None
 
-    def _guard_file(self, ctx: pyfuse3.RequestContext, where: str | None, p_name: bytes,
+    def _guard_file(self, ctx: Request, where: str | None, p_name: bytes,
                     st: os.stat_result, what: str) -> None:
         """A regular file ``p_name`` in directory ``where`` that is about to be
         renamed, removed or replaced (``what``).  A program that a
@@ -693,7 +730,7 @@ class CryptOperations(pyfuse3.Operations):
             return
         if where is None:
             self._decision = {"decision": f"not {what}: the file's directory is unknown"}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         name = p_name.decode("utf-8", "surrogateescape")
         names = (self._names_of_stat(st) if st.st_nlink > 1
                  else links.Names(((where, name),)))
@@ -702,7 +739,7 @@ class CryptOperations(pyfuse3.Operations):
                 self._decision = {**(self._decision or {}),
                                   "decision": f"not {what} by a program its trusted-programs "
                                               "rule does not trust"}
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             self._decision = None
         if self._mask_rules and what != "renamed" and st.st_nlink > 1:
             mask = self.policy.mask_for(where, name)
@@ -710,7 +747,7 @@ class CryptOperations(pyfuse3.Operations):
             if mask is not None and (rest.unknown or mask not in rest.masks(self.policy)):
                 self._decision = {"decision": f"masked file: not {what} while it has hard links "
                                               "outside its mask (that would move it out)"}
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
 
     def _public_of(self, uid: int) -> bytes | None:
         """The creator's X25519 public key: the requesting user's (gated) or the mount's."""
@@ -731,7 +768,7 @@ class CryptOperations(pyfuse3.Operations):
             # file of a recipients-only directory readable by everyone.
             log.error("inode %d: cannot work out this directory's path for the policy: "
                       "create refused", parent.ino)
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         rule = self.policy.rule_for(where)
         if rule is None:
             return self.vol.default_mode, self.wrapper
@@ -748,7 +785,7 @@ class CryptOperations(pyfuse3.Operations):
         if not recipients:
             log.error("inode %d: its policy rule leaves a new file no recipient: create "
                       "refused", parent.ino)  # (the rule's path is secret: not logged)
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         return mode, RecipientWrapper(recipients, spare=HYBRID_SPARE)
 
     def _keyring(self, uid: int | None) -> Keyring:
@@ -773,7 +810,7 @@ class CryptOperations(pyfuse3.Operations):
         try:
             key = self._keyring(uid).unwrap(list(hdr.stanzas), hdr.wrap_ad(hdr.mode, hdr.file_id))
         except NotARecipient:
-            raise pyfuse3.FUSEError(errno.EACCES) from None
+            raise FuseError(errno.EACCES) from None
         if key != hdr.file_key:
             raise IntegrityError("hybrid file key mismatch")
 
@@ -840,14 +877,14 @@ class CryptOperations(pyfuse3.Operations):
     def _allow(self, uid: int) -> None:
         if self.gated:
             if uid not in self._unlocked or self.keys is None or uid in self._log_only:
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             self._seen.add(uid)
 
     def _plain(self, uid: int) -> None:
         """Refuse (EACCES) a user whose role reads no customer plaintext: the
         xattrs of files, a truncate (docs/POLICY.md, roles)."""
         if uid in self._cipher_only:
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
 
     def _learn_roles(self) -> None:
         """On a shared mount, what each unlocked user's role lets them have
@@ -1047,9 +1084,9 @@ class CryptOperations(pyfuse3.Operations):
     async def _drop_pages(self, inos: set[int]) -> None:
         for ino in inos:
             try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+                await trio.to_thread.run_sync(self.invalidate_inode, ino)
             except OSError:
-                pass  # the kernel no longer knows the inode
+                pass  # the mount is gone
 
     async def agent_lost(self, why: str) -> None:
         self._unlocked.clear()
@@ -1062,27 +1099,15 @@ class CryptOperations(pyfuse3.Operations):
         return seen
 
     # -- attributes ------------------------------------------------------------------------
-    def _attr(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = inode.ino
-        e.generation = 0
-        e.entry_timeout = self.timeout
+    def _attr(self, inode: Inode, st: os.stat_result) -> EntryOut:
+        attr = Attr(inode.ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                    self._plain_size(inode, st), st.st_blocks, st.st_atime_ns, st.st_mtime_ns,
+                    st.st_ctime_ns, st.st_rdev, 65536)
         # The mount's root is stat'able by everyone even when gated (it tells
         # nothing), so its attributes may stay cached: one request less on
         # every path walk, which checks the root's permissions first.
-        e.attr_timeout = ROOT_ATTR_TIMEOUT if inode.ino == ROOT else self.attr_timeout
-        e.st_mode = st.st_mode
-        e.st_nlink = st.st_nlink
-        e.st_uid = st.st_uid
-        e.st_gid = st.st_gid
-        e.st_rdev = st.st_rdev
-        e.st_size = self._plain_size(inode, st)
-        e.st_blksize = 65536
-        e.st_blocks = st.st_blocks
-        e.st_atime_ns = st.st_atime_ns
-        e.st_mtime_ns = st.st_mtime_ns
-        e.st_ctime_ns = st.st_ctime_ns
-        return e
+        return EntryOut(inode.ino, attr, self.timeout,
+                        ROOT_ATTR_TIMEOUT if inode.ino == ROOT else self.attr_timeout)
 
     def _plain_size(self, inode: Inode, st: os.stat_result) -> int:
         if inode.kind == stat.S_IFREG:
@@ -1137,11 +1162,8 @@ class CryptOperations(pyfuse3.Operations):
             inode.meta = self.codec.open_target(os.readlink("", dir_fd=inode.fd))
         return inode.meta  # type: ignore[no-any-return]
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = 0
-        e.entry_timeout = self.timeout
-        return e
+    def _negative(self) -> EntryOut:
+        return EntryOut(0, Attr(), self.timeout, 0.0)
 
     # -- content ---------------------------------------------------------------------------
     def _reopen(self, inode: Inode, access: int) -> None:
@@ -1178,7 +1200,7 @@ class CryptOperations(pyfuse3.Operations):
                     self._refresh_config()
                     content = ContentFile.load(inode.fd, self._keyring(uid))
             except NotARecipient:
-                raise pyfuse3.FUSEError(errno.EACCES) from None
+                raise FuseError(errno.EACCES) from None
             if inode.meta is not None and inode.meta != (content.overhead, content.h_len):
                 log.warning("inode %d: layout hint disagrees with the header; header used",
                             inode.ino)
@@ -1203,7 +1225,7 @@ class CryptOperations(pyfuse3.Operations):
             inode.content = None
 
     def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0,
-                     view: bool = False) -> pyfuse3.FileInfo:
+                     view: bool = False) -> OpenOut:
         fh = self._new_fh()
         handle = _Handle(inode, uid, readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
         if self.audit is not None:
@@ -1216,11 +1238,11 @@ class CryptOperations(pyfuse3.Operations):
         handle.own_only = not view and uid in self._masked
         if view or self.gated:
             inode.viewed = inode.viewed or view
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            return OpenOut(fh, FOPEN_DIRECT_IO)
         if inode.viewed:  # (the kernel drops the cached pages of a view at this open)
             inode.viewed = False
-            return pyfuse3.FileInfo(fh=fh, keep_cache=False)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            return OpenOut(fh, 0)
+        return OpenOut(fh, FOPEN_KEEP_CACHE)
 
     def _exclusive(self, inode: Inode, view: bool) -> None:
         """A view (masked, or the encrypted bytes) and the plaintext of one file
@@ -1230,7 +1252,7 @@ class CryptOperations(pyfuse3.Operations):
             self._decision = {"decision": "refused: open as "
                               + ("plaintext" if view else "a masked or encrypted view")
                               + " by someone else (they would share the page cache)"}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
 
     def _recheck_soon(self) -> None:
         """On a shared mount, reads and writes through open handles also pick
@@ -1247,7 +1269,7 @@ class CryptOperations(pyfuse3.Operations):
         if handle.uid in self._cipher_only or handle.uid in self._log_only or (
                 handle.uid in self._masked and self._mask_rules
                 and self._mask_of(handle.inode) is not None):
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         handle.policy = self.policy
 
     def _own_reads(self, handle: _Handle, inode: Inode) -> None:
@@ -1260,10 +1282,10 @@ class CryptOperations(pyfuse3.Operations):
         if self._mask_of(inode) is not None:
             self._decision = {"decision": ownreads.FOREIGN_READ if handle.foreign
                               else ownreads.HELD_FOREIGN}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
 
     def _ciphertext_handle(self, inode: Inode, uid: int, flags: int, pid: int
-                           ) -> pyfuse3.FileInfo:
+                           ) -> OpenOut:
         """A read-only view of the file's encrypted bytes, for a program the
         rule does not trust but lets have those.  Direct I/O: its reads
         neither fill nor use the page cache (which holds plaintext), and go
@@ -1278,9 +1300,9 @@ class CryptOperations(pyfuse3.Operations):
         self._files[fi.fh].raw = raw
         if self._decision is not None and not self._decision["decision"].endswith("ciphertext"):
             self._decision["decision"] += ": served the ciphertext"
-        return pyfuse3.FileInfo(fh=fi.fh, direct_io=True, keep_cache=False)
+        return OpenOut(fi.fh, FOPEN_DIRECT_IO)
 
-    def _guard_move(self, ctx: pyfuse3.RequestContext, src_dir: str | None,
+    def _guard_move(self, ctx: Request, src_dir: str | None,
                     src_name: str | bytes | None, dst_dir: str | None, dst_name: str | bytes,
                     is_dir: bool) -> None:
         """A rename must not take a file out of what protects it: the mask
@@ -1288,7 +1310,7 @@ class CryptOperations(pyfuse3.Operations):
         change, never a move), or a trusted-programs rule (for a program that
         rule does not trust).  EACCES otherwise."""
         if src_dir is None or dst_dir is None or src_name is None:
-            raise pyfuse3.FUSEError(errno.EACCES)  # (where it is is not known: no move)
+            raise FuseError(errno.EACCES)  # (where it is is not known: no move)
         name_src = src_name if isinstance(src_name, str) else src_name.decode(
             "utf-8", "surrogateescape")
         name_dst = dst_name if isinstance(dst_name, str) else dst_name.decode(
@@ -1309,7 +1331,7 @@ class CryptOperations(pyfuse3.Operations):
                 moved_out = mask is not None and mask != self.policy.mask_for(dst_dir, name_dst)
             if moved_out:
                 self._decision = {"decision": "masked file: not moved out of its mask"}
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
         if self._program_rules:
             rule = self.policy.programs_for(src_path if is_dir else src_dir)
             rules = [r for r in below if r.programs]
@@ -1321,7 +1343,7 @@ class CryptOperations(pyfuse3.Operations):
                 if not allowed:
                     self._decision = {"decision": "not moved out of its trusted-programs rule "
                                                   "by a program it does not trust"}
-                    raise pyfuse3.FUSEError(errno.EACCES)
+                    raise FuseError(errno.EACCES)
 
     def _mask_of(self, inode: Inode) -> MaskRule | None:
         """The mask a file is served through to masked roles: of its name, or
@@ -1331,12 +1353,12 @@ class CryptOperations(pyfuse3.Operations):
             self._decision = {"decision": "masked view refused: the file's name is unknown"
                               if not names.found else
                               "masked view refused: a name of the file (a hard link) is unknown"}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         masks = names.masks(self.policy)
         if len(masks) > 1:
             self._decision = {"decision": "masked view refused: its hard links are under "
                                           "different masks"}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         return next(iter(masks), None)
 
     def _plain_name_of(self, inode: Inode) -> str | None:
@@ -1354,7 +1376,7 @@ class CryptOperations(pyfuse3.Operations):
         return name.decode("utf-8", "surrogateescape")
 
     def _masked_handle(self, inode: Inode, rule: MaskRule, uid: int, flags: int, pid: int,
-                       built: views.Built | None = None) -> pyfuse3.FileInfo | views.Wanted:
+                       built: views.Built | None = None) -> OpenOut | views.Wanted:
         """What a role that sees masked data gets of a structured file: reads
         from a masked view made at open (every field its length, so sizes and
         offsets hold); writes only at or past the end (new rows), never over
@@ -1363,11 +1385,11 @@ class CryptOperations(pyfuse3.Operations):
         comes back with it (``built``) to decide again."""
         if flags & os.O_TRUNC:
             self._decision = {"decision": "masked view: no truncating"}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         mask = rule.mask()
         if (flags & os.O_ACCMODE) != os.O_RDONLY and mask.tokenised:
             self._decision = {"decision": NO_ORACLE_WRITES}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         self._exclusive(inode, view=True)  # (before the view is made)
         content = self._content(inode, False, uid)
         try:
@@ -1389,14 +1411,14 @@ class CryptOperations(pyfuse3.Operations):
             elif built is not None:
                 self._decision = {"decision": "masked view refused: the file, its rule or the "
                                               "keys changed while its view was made"}
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             else:
                 return views.Wanted(stamp, token, content.header, size, make_view)
         except NotStructured as e:
             self._unload_content(inode)
             log.warning("inode %d: masked view refused: %s", inode.ino, e)
             self._decision = {"decision": f"masked view refused: not {rule.fmt} ({e})"}
-            raise pyfuse3.FUSEError(errno.EACCES) from None
+            raise FuseError(errno.EACCES) from None
         except BaseException:
             self._unload_content(inode)
             raise
@@ -1408,7 +1430,7 @@ class CryptOperations(pyfuse3.Operations):
         handle = self._files[fi.fh]
         handle.view = view
         self._decision = {"decision": f"masked view ({rule.fmt}, {rule.glob})"}
-        return pyfuse3.FileInfo(fh=fi.fh, direct_io=True, keep_cache=False)
+        return OpenOut(fi.fh, FOPEN_DIRECT_IO)
 
     def _token_key(self, inode: Inode, content: ContentFile) -> bytes | None:
         """The key of the token columns of this file's view: the file's own
@@ -1443,7 +1465,7 @@ class CryptOperations(pyfuse3.Operations):
                       "write refused", inode.ino, e.strerror)
             self._decision = {"decision": "not written: the file cannot be marked as holding "
                                           "rows of a masked role (its tokens would be an oracle)"}
-            raise pyfuse3.FUSEError(errno.EACCES) from None
+            raise FuseError(errno.EACCES) from None
         inode.agent_rows = True
 
     def _view_still_writable(self, handle: _Handle) -> None:
@@ -1452,11 +1474,11 @@ class CryptOperations(pyfuse3.Operations):
         mask = self._mask_of(handle.inode)
         if mask is not None and mask.mask().tokenised:
             self._decision = {"decision": NO_ORACLE_WRITES}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         handle.policy = self.policy
 
     async def _open_view(self, wanted: views.Wanted, inode_no: int, flags: int,
-                         ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+                         ctx: Request) -> OpenOut:
         """Make a large masked view in a worker thread while other requests
         are served, then decide the open again from the start (user still
         unlocked, role, rules, keys, the file unchanged: see
@@ -1468,7 +1490,7 @@ class CryptOperations(pyfuse3.Operations):
         except views.Busy:
             self._unload_content(inode)
             self._decision = {"decision": "masked view refused: too many views being made"}
-            raise pyfuse3.FUSEError(errno.EBUSY) from None
+            raise FuseError(errno.EBUSY) from None
         # Its own descriptor (the inode's may be reopened meanwhile), and a
         # placeholder view handle: while the view is made, no plaintext open
         # of the file (_exclusive), and the inode and its content stay loaded.
@@ -1520,13 +1542,13 @@ class CryptOperations(pyfuse3.Operations):
                             self._quarantine_logged.add((inode.ino, other.uid))
                             log.info("inode %d: reads refused while uid %d, now locked, still "
                                      "has it open", inode.ino, other.uid)
-                        raise pyfuse3.FUSEError(errno.EACCES)
+                        raise FuseError(errno.EACCES)
         return inode
 
     # -- lookups and attributes -------------------------------------------------------------
     @_edge("inode")
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-                     ) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes, ctx: Request
+                     ) -> EntryOut:
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, _ = self._backing(parent, name)
@@ -1536,11 +1558,11 @@ class CryptOperations(pyfuse3.Operations):
             return self._negative()
         attr = self._attr(*self._remember(parent.fd, backing, st))
         if self.audit is not None:
-            self._paths[attr.st_ino] = self._name_path(parent_inode, name)
+            self._paths[attr.nodeid] = self._name_path(parent_inode, name)
         return attr
 
     @_edge("none")
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             inode = self._inodes.get(ino)
             if inode is not None:
@@ -1548,36 +1570,35 @@ class CryptOperations(pyfuse3.Operations):
                 self._maybe_drop(inode)
 
     @_edge("inode")
-    async def getattr(self, inode_no: int, ctx: pyfuse3.RequestContext
-                      ) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode_no: int, ctx: Request
+                      ) -> EntryOut:
         if inode_no != ROOT:
             self._allow(ctx.uid)
         inode = self._inode(inode_no)
         return self._attr(inode, os.fstat(inode.fd))
 
     @_edge("inode", "setattr")
-    async def setattr(self, inode_no: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def setattr(self, inode_no: int, attr: Any, fields: Any, fh: int | None,
+                ctx: Request) -> EntryOut:
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if fields.update_size:
             self._plain(ctx.uid)
             self._refresh_config()
             if inode.kind != stat.S_IFREG:
-                raise pyfuse3.FUSEError(errno.EINVAL)
+                raise FuseError(errno.EINVAL)
             if self._program_rules and self._untrusted_by(self._programs_of(inode),
                                                           ctx.pid) is not None:
                 self._decision = {**(self._decision or {}),
                                   "decision": "not truncated by a program its trusted-programs "
                                               "rule does not trust"}
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             self._decision = None
             if (ctx.uid in self._masked and self._mask_rules and fh not in self._files
                     and self._mask_of(inode) is not None):
-                raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view never cuts the file)
+                raise FuseError(errno.EACCES)  # (a masked view never cuts the file)
             if fh is not None and fh in self._files and self._files[fh].view is not None:
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             try:
                 # (an open handle's own truncate needs no new check: drop boxes)
                 uid = None if fh is not None and fh in self._files else ctx.uid
@@ -1601,7 +1622,7 @@ class CryptOperations(pyfuse3.Operations):
         return self._attr(inode, os.fstat(inode.fd))
 
     @_edge("inode")
-    async def readlink(self, inode_no: int, ctx: pyfuse3.RequestContext) -> bytes:
+    def readlink(self, inode_no: int, ctx: Request) -> bytes:
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if ctx.uid in self._cipher_only:
@@ -1612,19 +1633,19 @@ class CryptOperations(pyfuse3.Operations):
 
     # -- creating and removing entries -------------------------------------------------------
     @_edge("inode", "mknod")
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Request) -> EntryOut:
         self._allow(ctx.uid)
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-            raise pyfuse3.FUSEError(errno.EPERM)  # device nodes have no place in a volume
+            raise FuseError(errno.EPERM)  # device nodes have no place in a volume
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         with self._long_name(parent, backing, full):
             os.mknod(backing, mode, dir_fd=parent.fd)
         return self._finish_new(parent, backing, ctx)
 
-    def _finish_new(self, parent: Inode, backing: str, ctx: pyfuse3.RequestContext
-                    ) -> pyfuse3.EntryAttributes:
+    def _finish_new(self, parent: Inode, backing: str, ctx: Request
+                    ) -> EntryOut:
         owner = self._owner(ctx, parent)
         if owner is not None:
             os.chown(backing, *owner, dir_fd=parent.fd, follow_symlinks=False)
@@ -1632,14 +1653,14 @@ class CryptOperations(pyfuse3.Operations):
         return self._attr(*self._remember(parent.fd, backing, st))
 
     @_edge("inode", "mkdir")
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Request) -> EntryOut:
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         try:
             os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
-            raise pyfuse3.FUSEError(errno.EEXIST)
+            raise FuseError(errno.EEXIST)
         except FileNotFoundError:
             pass
         if os.fstat(parent.fd).st_mode & stat.S_ISGID:
@@ -1652,17 +1673,17 @@ class CryptOperations(pyfuse3.Operations):
         return self._attr(inode, st)
 
     @_edge("inode", "create")
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Request
+                     ) -> tuple[OpenOut, EntryOut]:
         self._allow(ctx.uid)
         self._refresh_config()  # (a stat, first: a rule or role set since applies to all below)
         if ctx.uid in self._cipher_only:
             self._decision = {"decision": f"role {self._role_of(ctx.uid)}: writes no customer data"}
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         parent = self._inode(parent_inode)
         if self._program_rules and self._untrusted(self._plain_dir(parent), ctx.pid):
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EACCES)
         backing, full = self._backing(parent, name)
         with self._long_name(parent, backing, full):
             fd = os.open(backing, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
@@ -1683,11 +1704,11 @@ class CryptOperations(pyfuse3.Operations):
         return self._open_handle(inode, ctx.uid, flags, ctx.pid), self._attr(inode, st)
 
     @_edge("inode", "symlink")
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: Request) -> EntryOut:
         self._allow(ctx.uid)
         if len(target) > MAX_SYMLINK_TARGET:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+            raise FuseError(errno.ENAMETOOLONG)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         with self._long_name(parent, backing, full):
@@ -1695,8 +1716,8 @@ class CryptOperations(pyfuse3.Operations):
         return self._finish_new(parent, backing, ctx)
 
     @_edge("inode", "link")
-    async def link(self, inode_no: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def link(self, inode_no: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Request) -> EntryOut:
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         parent = self._inode(new_parent_inode)
@@ -1712,7 +1733,7 @@ class CryptOperations(pyfuse3.Operations):
         return self._attr(inode, st)
 
     @_edge("inode", "unlink")
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def unlink(self, parent_inode: int, name: bytes, ctx: Request) -> None:
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
@@ -1726,7 +1747,7 @@ class CryptOperations(pyfuse3.Operations):
             tree.remove_long_name(parent.fd, backing)
 
     @_edge("inode", "rmdir")
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def rmdir(self, parent_inode: int, name: bytes, ctx: Request) -> None:
         self._allow(ctx.uid)
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
@@ -1736,8 +1757,8 @@ class CryptOperations(pyfuse3.Operations):
             tree.remove_long_name(parent.fd, backing)
 
     @_edge("inode", "rename")
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Request) -> None:
         self._allow(ctx.uid)
         old_parent = self._inode(parent_inode_old)
         new_parent = self._inode(parent_inode_new)
@@ -1754,19 +1775,19 @@ class CryptOperations(pyfuse3.Operations):
                                                         follow_symlinks=False)
             except FileNotFoundError:
                 st_new = None
-            if st_new is not None and flags & pyfuse3.RENAME_EXCHANGE:
+            if st_new is not None and flags & sysio.RENAME_EXCHANGE:
                 self._guard_move(ctx, dst, name_new, src, name_old, stat.S_ISDIR(st_new.st_mode))
                 self._guard_file(ctx, dst, name_new, st_new, "renamed")
             elif st_new is not None and (st_new.st_dev, st_new.st_ino) != (st_old.st_dev,
                                                                           st_old.st_ino):
                 self._guard_file(ctx, dst, name_new, st_new, "replaced")
         self._epoch += 1  # (before: a failed rename that moved something still counts)
-        if flags & pyfuse3.RENAME_EXCHANGE:
+        if flags & sysio.RENAME_EXCHANGE:
             # Each name stays in its directory, so no name is re-encrypted.
             sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_EXCHANGE)
             return
         with self._long_name(new_parent, b_new, full_new):
-            if flags & pyfuse3.RENAME_NOREPLACE:
+            if flags & sysio.RENAME_NOREPLACE:
                 sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_NOREPLACE)
             else:
                 tree.rename_over(old_parent.fd, b_old, new_parent.fd, b_new)
@@ -1778,15 +1799,19 @@ class CryptOperations(pyfuse3.Operations):
 
     # -- regular files ------------------------------------------------------------------------
     @_edge("inode", "open")
-    async def open(self, inode_no: int, flags: int, ctx: pyfuse3.RequestContext
-                   ) -> pyfuse3.FileInfo:
-        fi = self._open_now(inode_no, flags, ctx)
-        if isinstance(fi, views.Wanted):
-            fi = await self._open_view(fi, inode_no, flags, ctx)
-        return fi
+    def open(self, inode_no: int, flags: int, ctx: Request) -> OpenOut | views.Wanted:
+        """The open, decided; or the large masked view it needs made first (then
+        the caller defers the reply and runs :meth:`open_view`)."""
+        return self._open_now(inode_no, flags, ctx)
 
-    def _open_now(self, inode_no: int, flags: int, ctx: pyfuse3.RequestContext,
-                  built: views.Built | None = None) -> pyfuse3.FileInfo | views.Wanted:
+    @_edge("inode", "open")
+    async def open_view(self, inode_no: int, flags: int, wanted: views.Wanted,
+                        ctx: Request) -> OpenOut:
+        """The rest of an open that :meth:`open` answered with ``wanted``."""
+        return await self._open_view(wanted, inode_no, flags, ctx)
+
+    def _open_now(self, inode_no: int, flags: int, ctx: Request,
+                  built: views.Built | None = None) -> OpenOut | views.Wanted:
         """Decide an open and act on it, or say which masked view it needs
         made first (``built``: the view made since, used only if it was made
         from what this decision names)."""
@@ -1799,13 +1824,13 @@ class CryptOperations(pyfuse3.Operations):
                                           + ("writes no customer data" if want_write
                                              else "served the ciphertext")}
             if want_write:
-                raise pyfuse3.FUSEError(errno.EACCES)
+                raise FuseError(errno.EACCES)
             return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
         if self._program_rules:
             rule = self._untrusted_by(self._programs_of(inode), ctx.pid)
             if rule is not None:
                 if rule.untrusted != "ciphertext" or want_write:
-                    raise pyfuse3.FUSEError(errno.EACCES)
+                    raise FuseError(errno.EACCES)
                 return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
         if ctx.uid in self._masked and self._mask_rules and inode.kind == stat.S_IFREG:
             mask = self._mask_of(inode)
@@ -1823,7 +1848,7 @@ class CryptOperations(pyfuse3.Operations):
         return self._open_handle(inode, ctx.uid, flags, ctx.pid)
 
     @_edge("fh")
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._files[fh]
         if self.gated:
             self._recheck_soon()
@@ -1844,7 +1869,7 @@ class CryptOperations(pyfuse3.Operations):
         return data
 
     @_edge("fh")
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         handle = self._files[fh]
         if self.gated:
             self._recheck_soon()
@@ -1854,7 +1879,7 @@ class CryptOperations(pyfuse3.Operations):
             self._view_still_writable(handle)
         content = self._content(self._handle(fh), want_write=True)
         if handle.view is not None and off < content.size:
-            raise pyfuse3.FUSEError(errno.EACCES)  # (a masked view appends; it never overwrites)
+            raise FuseError(errno.EACCES)  # (a masked view appends; it never overwrites)
         if handle.uid in self._masked:
             self._mark_agent_rows(handle.inode)
         ownreads.changed_by(handle.inode.handles, handle.uid)
@@ -1864,14 +1889,14 @@ class CryptOperations(pyfuse3.Operations):
         return n
 
     @_edge("fh")
-    async def flush(self, fh: int) -> None:
+    def flush(self, fh: int) -> None:
         # Every write is already in the backing file, so there is nothing to
         # do; ENOSYS tells the kernel to stop sending FLUSH (one request less
         # per close).  It still writes its dirty pages back before close returns.
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        raise FuseError(errno.ENOSYS)
 
     @_edge("fh")
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    def fsync(self, fh: int, datasync: bool) -> None:
         fd = self._handle(fh).fd
         if datasync:
             os.fdatasync(fd)
@@ -1879,7 +1904,56 @@ class CryptOperations(pyfuse3.Operations):
             os.fsync(fd)
 
     @_edge("fh")
-    async def release(self, fh: int) -> None:
+    def fallocate(self, fh: int, off: int, length: int, mode: int) -> None:
+        """fallocate(2) on the plaintext, with the checks of a write.  Mode 0
+        reserves backing space for the range and extends the file (zeros) if it
+        ends past the end; KEEP_SIZE only reserves; PUNCH_HOLE|KEEP_SIZE makes the
+        range read as zeros (whole blocks become holes: ContentFile.punch);
+        ZERO_RANGE writes zeros (space stays allocated) and, without KEEP_SIZE,
+        extends as mode 0 does.  Other modes (collapse, insert, unshare): EOPNOTSUPP."""
+        keep, punch, zero = sysio.FALLOC_FL_KEEP_SIZE, sysio.FALLOC_FL_PUNCH_HOLE, \
+            sysio.FALLOC_FL_ZERO_RANGE
+        if mode & ~(keep | punch | zero) or (mode & punch and mode != punch | keep):
+            raise FuseError(errno.EOPNOTSUPP)
+        handle = self._files[fh]
+        if self.gated:
+            self._recheck_soon()
+        if handle.policy is not self.policy and handle.view is None:
+            self._still_allowed(handle)
+        if handle.view is not None or handle.raw >= 0:
+            self._decision = {"decision": "no fallocate through a masked or encrypted view"}
+            raise FuseError(errno.EACCES)  # (a masked view only appends rows)
+        content = self._content(self._handle(fh), want_write=True)
+        if handle.uid in self._masked:
+            self._mark_agent_rows(handle.inode)
+        ownreads.changed_by(handle.inode.handles, handle.uid)
+        end = off + length
+        if mode & punch:
+            content.punch(off, length)
+            return
+        if mode & zero:
+            content.zero(off, length)
+        if end > content.size and not mode & keep:
+            content.reserve(content.size, end - content.size)
+            content.truncate(end)
+        elif not mode & zero:
+            content.reserve(off, length)
+
+    def kill_suidgid(self, ino: int) -> None:
+        """Clear a regular file's set-user-ID bit, and its set-group-ID bit if it is
+        group-executable, as the kernel does for a write by an unprivileged caller
+        (HANDLE_KILLPRIV_V2 hands that to the filesystem; cryptfs.frontend calls
+        this after a write, truncate or O_TRUNC open the kernel marked)."""
+        inode = self._inodes.get(ino)
+        if inode is None or inode.kind != stat.S_IFREG:
+            return
+        mode = os.fstat(inode.fd).st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~kill)
+
+    @_edge("fh")
+    def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
         if handle.raw >= 0:
             os.close(handle.raw)
@@ -1891,7 +1965,7 @@ class CryptOperations(pyfuse3.Operations):
 
     # -- directories -----------------------------------------------------------------------------
     @_edge("inode")
-    async def opendir(self, inode_no: int, ctx: pyfuse3.RequestContext) -> int:
+    def opendir(self, inode_no: int, ctx: Request) -> int:
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         fh = self._new_fh()
@@ -1918,7 +1992,11 @@ class CryptOperations(pyfuse3.Operations):
         return entries
 
     @_edge("dir")
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    def readdir(self, fh: int, start_id: int, token: Callable[[bytes, EntryOut, int], bool]
+                ) -> None:
+        """Entries from ``start_id`` on, each given to ``token`` (name, entry, the
+        next entry's id) until it returns False (the reply is full).  Every entry
+        given counts as one lookup (the reply is a READDIRPLUS)."""
         d = self._dirs[fh]
         self._allow(d.uid)
         inode = d.inode
@@ -1944,13 +2022,13 @@ class CryptOperations(pyfuse3.Operations):
                     attr = self._attr(child, st)
                 except FileNotFoundError:
                     continue
-                except (OSError, pyfuse3.FUSEError) as e:
+                except (OSError, FuseError) as e:
                     if child is not None:
                         self._maybe_drop(child)
                     log.warning("directory inode %d: an entry is hidden (%s)", inode.ino,
                                 os.strerror(e.errno) if e.errno else type(e).__name__)
                     continue
-            if not pyfuse3.readdir_reply(token, p_name, attr, i + 1):
+            if not token(p_name, attr, i + 1):
                 if child is not None:
                     self._maybe_drop(child)
                 break
@@ -1958,11 +2036,11 @@ class CryptOperations(pyfuse3.Operations):
                 child.nlookup += 1
 
     @_edge("dir")
-    async def releasedir(self, fh: int) -> None:
+    def releasedir(self, fh: int) -> None:
         del self._dirs[fh]
 
     @_edge("dir")
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
         lfd = tree.open_dir(self._dirs[fh].inode.fd)
         try:
             os.fsync(lfd)
@@ -1970,32 +2048,23 @@ class CryptOperations(pyfuse3.Operations):
             os.close(lfd)
 
     @_edge("none")
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    def statfs(self, ctx: Request) -> StatfsOut:
         sv = os.statvfs(self.vol.tree)
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = sv.f_bsize
-        s.f_frsize = sv.f_frsize
-        s.f_blocks = sv.f_blocks
-        s.f_bfree = sv.f_bfree
-        s.f_bavail = sv.f_bavail
-        s.f_files = sv.f_files
-        s.f_ffree = sv.f_ffree
-        s.f_favail = sv.f_favail
-        s.f_namemax = NAME_MAX
-        return s
+        return StatfsOut(sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree,
+                         sv.f_bsize, NAME_MAX, sv.f_frsize)
 
     # -- rotation inside the mount ---------------------------------------------------------------
     def _rotation_request(self, uid: int, value: bytes) -> None:
         """`cryptfs rotate` wrote a new key generation into the config and asks
         this mount to walk its files (it holds them open: nobody else may)."""
         if value != b"go":
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         self._config_stamp = None
         self._refresh_config()
         if self.keys is None or self.keys.key_id != self.config.key_id:
             log.warning("rotation requested, but this mount does not hold the new key "
                         "generation (yet)")
-            raise pyfuse3.FUSEError(errno.EBUSY)
+            raise FuseError(errno.EBUSY)
         if self._rotation is not None and self._rotation.state == "running":
             return
         kind = self.config.rotation["kind"] if self.config.rotation else None
@@ -2007,39 +2076,39 @@ class CryptOperations(pyfuse3.Operations):
                  kind, self.keys.key_id, uid)
         self._rotation_wanted.set()
 
-    def _command_record(self, ctx: pyfuse3.RequestContext, value: bytes) -> None:
+    def _command_record(self, ctx: Request, value: bytes) -> None:
         """A command (`cryptfs user add` ...) hands its record to this mount,
         which holds the log: written with the uid and pid of the request, so a
         user can only record things under their own name, and only what their
         role may do (cryptfs.roles.claim_refusal).  A refused claim is
         recorded as ``command-record`` denied, and the request fails EACCES."""
         if self.audit is None:
-            raise pyfuse3.FUSEError(errno.EXDEV)
+            raise FuseError(errno.EXDEV)
         if not self._may_rotate(ctx.uid):  # (root, the owner, or a user who is unlocked)
             self._refuse_claim(ctx, None, "not unlocked")
         try:
             event, outcome, fields = parse_command_record(value)
         except ValueError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise FuseError(errno.EINVAL) from None
         fields.setdefault("backing", self.vol.backing)
         logdir = fields.pop("logdir", None)
         if logdir is not None and logdir != os.path.realpath(self.audit.log.logdir):
-            raise pyfuse3.FUSEError(errno.EXDEV)  # (the volume is bound to another log)
+            raise FuseError(errno.EXDEV)  # (the volume is bound to another log)
         if ctx.uid not in (0, self._euid):
             self._refresh_config()  # (a role changed a moment ago counts)
             why = claim_refusal(slot_for_uid(self.config, ctx.uid), event, outcome, fields)
             if why is not None:
                 self._refuse_claim(ctx, event, why)
         if not self.audit.write(event, outcome, ctx.uid, ctx.pid, **fields):
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise FuseError(errno.EIO)
 
-    def _refuse_claim(self, ctx: pyfuse3.RequestContext, event: str | None, why: str) -> None:
+    def _refuse_claim(self, ctx: Request, event: str | None, why: str) -> None:
         """Record a command's record that was refused (what it claimed, and why), then fail."""
         assert self.audit is not None
         if not self.audit.write("command-record", "denied", ctx.uid, ctx.pid, path="/",
                                 claimed=event or "?", reason=why):
-            raise pyfuse3.FUSEError(errno.EIO)
-        raise pyfuse3.FUSEError(errno.EACCES)
+            raise FuseError(errno.EIO)
+        raise FuseError(errno.EACCES)
 
     def _may_rotate(self, uid: int) -> bool:
         """Root, the mount's owner, or an unlocked user may ask for the walk:
@@ -2181,16 +2250,16 @@ class CryptOperations(pyfuse3.Operations):
         try:
             name = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise FuseError(errno.EINVAL) from None
         self._refresh_config()
         public = self.config.publics().get(name)
         if public is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)  # no such user with a key pair
+            raise FuseError(errno.ENOENT)  # no such user with a key pair
         try:
             content = self._content(inode, want_write=True, uid=uid)
             hdr = content.header
             if not hdr.hybrid:
-                raise pyfuse3.FUSEError(errno.EINVAL)  # symmetric: every user can already
+                raise FuseError(errno.EINVAL)  # symmetric: every user can already
             if recipient_tag(public) in recipient_tags(hdr.stanzas):
                 return
             stanzas = list(hdr.stanzas)
@@ -2198,7 +2267,7 @@ class CryptOperations(pyfuse3.Operations):
             room = next((i for i, st in enumerate(stanzas)
                          if st.type == STANZA_PADDING and 3 + len(st.body) >= need), None)
             if room is None:
-                raise pyfuse3.FUSEError(errno.ENOSPC)  # no room left in the header
+                raise FuseError(errno.ENOSPC)  # no room left in the header
             left = 3 + len(stanzas[room].body) - need
             new = [x25519_stanza(hdr.file_key, public, hdr.wrap_ad(hdr.mode, hdr.file_id))]
             if left:
@@ -2216,16 +2285,16 @@ class CryptOperations(pyfuse3.Operations):
     # -- extended attributes ------------------------------------------------------------------------
     def _xattr_target(self, inode: Inode, name: bytes) -> tuple[str, str]:
         if not name.startswith(XATTR_PREFIX):
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # only user.* is stored (encrypted)
+            raise FuseError(errno.EOPNOTSUPP)  # only user.* is stored (encrypted)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR):
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FuseError(errno.ENODATA)
         if len(name) > XATTR_NAME_MAX_PLAIN:
-            raise pyfuse3.FUSEError(errno.ERANGE)  # its backing name would pass Linux's 255 bytes
+            raise FuseError(errno.ERANGE)  # its backing name would pass Linux's 255 bytes
         return proc_path(inode.fd), self.codec.xattr_name(name)
 
     @_edge("inode", "setxattr")
-    async def setxattr(self, inode_no: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
+    def setxattr(self, inode_no: int, name: bytes, value: bytes,
+                       ctx: Request) -> None:
         if inode_no == ROOT and name == ROTATE_XATTR and self._may_rotate(ctx.uid):
             self._rotation_request(ctx.uid, value)
             return
@@ -2236,24 +2305,24 @@ class CryptOperations(pyfuse3.Operations):
         self._plain(ctx.uid)
         inode = self._inode(inode_no)
         if inode.kind not in (stat.S_IFREG, stat.S_IFDIR) and name.startswith(XATTR_PREFIX):
-            raise pyfuse3.FUSEError(errno.EPERM)  # as Linux: no user.* xattrs on special files
+            raise FuseError(errno.EPERM)  # as Linux: no user.* xattrs on special files
         if name == SHARE_XATTR and inode.kind == stat.S_IFREG:
             self._share(inode, ctx.uid, value)
             return
         path, c_name = self._xattr_target(inode, name)
         if len(value) > XATTR_VALUE_MAX_PLAIN:
-            raise pyfuse3.FUSEError(errno.E2BIG)  # sealed, it would pass Linux's 64 KiB
+            raise FuseError(errno.E2BIG)  # sealed, it would pass Linux's 64 KiB
         os.setxattr(path, c_name, self.codec.seal_xattr(c_name, value))
 
     @_edge("inode")
-    async def getxattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, inode_no: int, name: bytes, ctx: Request) -> bytes:
         if inode_no == ROOT and name == ROTATE_XATTR and self._may_rotate(ctx.uid):
             return self._rotation_progress()
         self._allow(ctx.uid)
         self._plain(ctx.uid)
         inode = self._inode(inode_no)
         if not name.startswith(XATTR_PREFIX):
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FuseError(errno.ENODATA)
         if name == RECIPIENTS_XATTR and inode.kind == stat.S_IFREG:
             return self._recipients(inode)
         path, c_name = self._xattr_target(inode, name)
@@ -2261,12 +2330,12 @@ class CryptOperations(pyfuse3.Operations):
             sealed = os.getxattr(path, c_name)
         except OSError as e:
             if e.errno == errno.ENODATA:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+                raise FuseError(errno.ENODATA) from None
             raise
         return self.codec.open_xattr(c_name, sealed)
 
     @_edge("inode")
-    async def listxattr(self, inode_no: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    def listxattr(self, inode_no: int, ctx: Request) -> list[bytes]:
         self._allow(ctx.uid)
         self._plain(ctx.uid)  # (decrypted names: as getxattr, not for ciphertext-only roles)
         inode = self._inode(inode_no)
@@ -2283,7 +2352,7 @@ class CryptOperations(pyfuse3.Operations):
         return out
 
     @_edge("inode", "removexattr")
-    async def removexattr(self, inode_no: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def removexattr(self, inode_no: int, name: bytes, ctx: Request) -> None:
         self._allow(ctx.uid)
         self._plain(ctx.uid)
         inode = self._inode(inode_no)
@@ -2292,7 +2361,7 @@ class CryptOperations(pyfuse3.Operations):
             os.removexattr(path, c_name)
         except OSError as e:
             if e.errno == errno.ENODATA:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+                raise FuseError(errno.ENODATA) from None
             raise
 
     # -- shutdown -------------------------------------------------------------------------------------

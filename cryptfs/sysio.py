@@ -1,6 +1,7 @@
 """The few Linux system calls that Python's os module lacks.
 
-``renameat2`` (RENAME_NOREPLACE, RENAME_EXCHANGE) and the ``AT_EMPTY_PATH``
+``renameat2`` (RENAME_NOREPLACE, RENAME_EXCHANGE), ``fallocate`` with its
+modes, and the ``AT_EMPTY_PATH``
 forms of ``fchownat``/``utimensat``, which act on an O_PATH descriptor
 itself (needed for symlinks, which cannot be opened any other way); and one
 small composite, :func:`replace_file_at`.
@@ -20,6 +21,10 @@ AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 class _Timespec(ctypes.Structure):
@@ -35,6 +40,11 @@ def _check(res: int, what: str) -> None:
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int) -> None:
     _check(_libc.renameat2(olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname),
                            ctypes.c_uint(flags)), "renameat2")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with ``mode`` (os.posix_fallocate has none)."""
+    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
 
 
 def fchown_empty(fd: int, uid: int, gid: int) -> None:

@@ -10,8 +10,8 @@ that bound memory and keep request workers free:
 - at most ``MAX_BUILDS`` views are made at once (each holds the file's
   plaintext and its view: up to 2 x 64 MiB);
 - at most ``MAX_WAITING`` opens wait for a view at once, ``PER_UID`` of one
-  user; beyond that an open fails with EBUSY at once, so opens that wait can
-  never take every request worker (``REQUEST_WORKERS`` is more).
+  user; beyond that an open fails with EBUSY at once.  A waiting open holds
+  no request worker (its reply is deferred, cryptfs.frontend), only memory.
 
 The thread reads through its own descriptor and its own
 :class:`ContentFile` (the file's header and size as they were at the open),
@@ -33,9 +33,8 @@ from cryptfs.header import FileHeader
 
 INLINE_MAX = 4096  # bytes of plaintext: a view this small is made in the handler
 MAX_BUILDS = 2  # views made at once (threads)
-MAX_WAITING = 8  # opens waiting for a view at once (each holds a request worker)
+MAX_WAITING = 8  # opens waiting for a view at once
 PER_UID = 2  # of them, opens of one user
-REQUEST_WORKERS = MAX_WAITING + 4  # pyfuse3 worker tasks: some always free for other requests
 
 
 class Busy(Exception):

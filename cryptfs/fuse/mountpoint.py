@@ -30,16 +30,29 @@ import shutil
 import socket
 import stat
 import subprocess
+from collections.abc import Sequence
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
+MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
 MNT_DETACH = 2
 _KERNEL_OPTIONS = ("allow_other", "default_permissions")
+# Generic mount options (mount(8)) as mount(2) flags: (set, clear).
+_FLAGS = {"ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY), "noexec": (MS_NOEXEC, 0),
+          "exec": (0, MS_NOEXEC), "nosuid": (MS_NOSUID, 0), "nodev": (MS_NODEV, 0),
+          "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS), "dirsync": (MS_DIRSYNC, 0),
+          "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME), "nodiratime": (MS_NODIRATIME, 0),
+          "diratime": (0, MS_NODIRATIME)}
 
 
 class MountError(Exception):
@@ -53,23 +66,38 @@ def fusermount_binary() -> str:
     return path
 
 
+def known_option(option: str) -> bool:
+    """Whether ``option`` is a generic mount option :func:`mount` takes in ``extra``."""
+    return option in _FLAGS
+
+
 def mount(mountpoint: str, fsname: str = "cryptfs", subtype: str = "cryptfs",
-          allow_other: bool = False, default_permissions: bool = False) -> int:
-    """Mount a new FUSE connection on ``mountpoint``; return its /dev/fuse descriptor."""
+          allow_other: bool = False, default_permissions: bool = False,
+          extra: Sequence[str] = ()) -> int:
+    """Mount a new FUSE connection on ``mountpoint``; return its /dev/fuse descriptor.
+    ``extra``: generic mount options (``ro``, ``noexec``, ``noatime`` ...; see _FLAGS)."""
+    unknown = [o for o in extra if o not in _FLAGS]
+    if unknown:
+        raise MountError(f"unknown mount option: {', '.join(unknown)}")
     options = [o for o, on in (("allow_other", allow_other),
                                ("default_permissions", default_permissions)) if on]
     if os.geteuid() == 0:
-        return _mount_direct(mountpoint, fsname, subtype, options)
-    return _mount_fusermount(mountpoint, fsname, subtype, options)
+        return _mount_direct(mountpoint, fsname, subtype, options, extra)
+    return _mount_fusermount(mountpoint, fsname, subtype, options + list(extra))
 
 
-def _mount_direct(mountpoint: str, fsname: str, subtype: str, options: list[str]) -> int:
+def _mount_direct(mountpoint: str, fsname: str, subtype: str, options: list[str],
+                  extra: Sequence[str] = ()) -> int:
+    flags = MS_NOSUID | MS_NODEV
+    for o in extra:
+        on, off = _FLAGS[o]
+        flags = (flags | on) & ~off
     st = os.stat(mountpoint)
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     data = ",".join([f"fd={fd}", f"rootmode={stat.S_IFMT(st.st_mode):o}", f"user_id={os.geteuid()}",
                      f"group_id={os.getegid()}", *options])
     res = _libc.mount(os.fsencode(fsname), os.fsencode(mountpoint), f"fuse.{subtype}".encode(),
-                      MS_NOSUID | MS_NODEV, data.encode())
+                      flags | MS_NOSUID | MS_NODEV, data.encode())
     if res != 0:
         err = ctypes.get_errno()
         os.close(fd)
@@ -143,12 +171,13 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(bytes(out))
 
 
-def unmount_quietly(mountpoint: str) -> bool:
-    """Unmount if mounted, lazily if busy.  True if the mount is gone afterwards."""
+def unmount_quietly(mountpoint: str, lazy: bool = False) -> bool:
+    """Unmount if mounted, lazily if busy (or at once with ``lazy``: for a mount
+    nobody serves any more).  True if the mount is gone afterwards."""
     if not is_mounted(mountpoint):
         return True
     try:
-        unmount(mountpoint)
+        unmount(mountpoint, lazy=lazy)
     except OSError as e:
         if e.errno not in (errno.EBUSY, errno.EINVAL):
             raise

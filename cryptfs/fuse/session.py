@@ -44,7 +44,7 @@ import os
 import signal
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,12 +229,13 @@ class Session:
 
     def __init__(self, fs: object, mountpoint_: str, options: InitOptions | None = None,
                  fsname: str = "cryptfs", subtype: str = "cryptfs", allow_other: bool = False,
-                 default_permissions: bool = False) -> None:
+                 default_permissions: bool = False, mount_options: Sequence[str] = ()) -> None:
         self.fs = fs
         self.mountpoint = os.path.abspath(mountpoint_)
         self.options = options or InitOptions()
         self.fsname, self.subtype = fsname, subtype
         self.allow_other, self.default_permissions = allow_other, default_permissions
+        self.mount_options = tuple(mount_options)
         self.fd = -1
         self.conn: Connection | None = None
         self._inflight: dict[int, Deferred] = {}
@@ -251,7 +252,8 @@ class Session:
     # --- mount / unmount ------------------------------------------------------------------
     def mount(self) -> None:
         self.fd = mountpoint.mount(self.mountpoint, self.fsname, self.subtype,
-                                   self.allow_other, self.default_permissions)
+                                   self.allow_other, self.default_permissions,
+                                   self.mount_options)
 
     def unmount(self) -> bool:
         """Unmount (lazily if busy); True if the mount point is free afterwards."""
@@ -283,6 +285,40 @@ class Session:
             self.fd = -1
 
     # --- the loop -------------------------------------------------------------------------
+    async def serve_trio(self, batch: int = 64) -> None:
+        """``serve`` as a trio task: the descriptor is non-blocking, requests are
+        read and answered until EAGAIN, then the task waits for the descriptor to
+        become readable.  Handlers run on the trio thread, so they share it with
+        the program's other trio tasks without locks; every ``batch`` requests
+        the task yields once, so a steady stream of requests never starves them."""
+        import trio
+
+        buf = self._buf
+        fd = self.fd
+        readv = os.readv
+        os.set_blocking(fd, False)
+        served = 0
+        while not self._ended:
+            try:
+                n = readv(fd, [buf])
+            except BlockingIOError:
+                served = 0
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    break
+                if e.errno in (errno.EINTR, errno.ENOENT):
+                    continue
+                raise
+            if n == 0:
+                break
+            self.handle(n)
+            served += 1
+            if served >= batch:
+                served = 0
+                await trio.lowlevel.checkpoint()
+
     def serve(self) -> None:
         """Answer requests until the mount goes away (ENODEV) or DESTROY."""
         buf = self._buf

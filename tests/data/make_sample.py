@@ -30,13 +30,12 @@ import shutil
 import stat
 import sys
 
-import trio
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from cryptfs import rotate  # noqa: E402
 from cryptfs.config import Kdf  # noqa: E402
+from cryptfs.fuse.requests import EmptyIn  # noqa: E402
 from cryptfs.ops import ROOT, CryptOperations  # noqa: E402
 from cryptfs.policy import Policy, Rule, store_policy  # noqa: E402
 from cryptfs.recovery import add_recovery  # noqa: E402
@@ -65,29 +64,30 @@ def contents() -> list[tuple[bytes, str, bytes]]:
     ]
 
 
-async def build(ops: CryptOperations, items: list[tuple[bytes, str, bytes]]) -> None:
-    ctx = __import__("pyfuse3").RequestContext()
+def build(ops: CryptOperations, items: list[tuple[bytes, str, bytes]]) -> None:
+    ctx = EmptyIn()  # the request as a handler sees it: uid 0, gid 0, pid 0
+    ctx.uid = ctx.gid = ctx.pid = 0
     inodes = {b"": ROOT}
     for path, kind, data in items:
         parent_path, _, name = path.rpartition(b"/")
         if parent_path not in inodes:  # a directory made by an earlier build
             grand, _, pname = parent_path.rpartition(b"/")
-            inodes[parent_path] = (await ops.lookup(inodes[grand], pname, ctx)).st_ino
+            inodes[parent_path] = (ops.lookup(inodes[grand], pname, ctx)).nodeid
         parent = inodes[parent_path]
         if kind == "dir":
-            inodes[path] = (await ops.mkdir(parent, name, stat.S_IFDIR | 0o755, ctx)).st_ino
+            inodes[path] = (ops.mkdir(parent, name, stat.S_IFDIR | 0o755, ctx)).nodeid
         elif kind == "symlink":
-            await ops.symlink(parent, name, data, ctx)
+            ops.symlink(parent, name, data, ctx)
         elif kind == "sparse":  # written as its two ends, leaving a hole
-            fi, _ = await ops.create(parent, name, stat.S_IFREG | 0o644, os.O_RDWR, ctx)
-            await ops.write(fi.fh, 0, data[:5])
-            await ops.write(fi.fh, len(data) - 3, data[-3:])
-            await ops.release(fi.fh)
+            fi, _ = ops.create(parent, name, stat.S_IFREG | 0o644, os.O_RDWR, ctx)
+            ops.write(fi.fh, 0, data[:5])
+            ops.write(fi.fh, len(data) - 3, data[-3:])
+            ops.release(fi.fh)
         else:
-            fi, _ = await ops.create(parent, name, stat.S_IFREG | 0o644, os.O_RDWR, ctx)
+            fi, _ = ops.create(parent, name, stat.S_IFREG | 0o644, os.O_RDWR, ctx)
             for off in range(0, len(data), 65536):
-                await ops.write(fi.fh, off, data[off : off + 65536])
-            await ops.release(fi.fh)
+                ops.write(fi.fh, off, data[off : off + 65536])
+            ops.release(fi.fh)
 
 
 def make(name: str, mode: str, users_and_recovery: bool = False) -> None:
@@ -113,7 +113,7 @@ def make(name: str, mode: str, users_and_recovery: bool = False) -> None:
             os.close(fd)
         extra = {"agent_passphrase": "sample agent passphrase", "recovery_key": "RECOVERY.key"}
     ops = CryptOperations(vol)
-    trio.run(build, ops, items)
+    build(ops, items)
     ops.close()
     vol.close()
     manifest = [
@@ -215,12 +215,12 @@ def make_v2_hybrid(name: str) -> None:
 
     before, after = contents_v2_before(), contents_v2_after()
     ops = CryptOperations(vol)
-    trio.run(build, ops, before)
+    build(ops, before)
     ops.close()
     assert rotate.begin(vol, "slots")  # as `cryptfs rotate --slots`: no file is touched
     assert vol.config.key_id == 2
     ops = CryptOperations(vol)
-    trio.run(build, ops, after)
+    build(ops, after)
     ops.close()
     vol.close()
 
