@@ -40,7 +40,6 @@ from cryptfs.config import (
     _SLOT_MASTER_LABEL,
     Recovery,
     VolumeConfig,
-    _seal,
     _slot_master_ad,
     b64e,
     load_config,
@@ -144,7 +143,7 @@ def forge_as_former_user(backing: Path, kept: bytes, passphrase: bytes, name: st
     master = random_bytes(32)
     keys = VolumeKeys(Secret(master), cfg.key_id + 1, Secret(base))
     cfg.key_id = keys.key_id
-    cfg.base = _seal(keys.base_wrap, base, cfg.volume_id)
+    cfg.base = keys.base_wrap.seal(base, cfg.volume_id)
     cfg.retired, cfg.rotation, cfg.chain = {}, None, None
     assert user_key is not None  # a v2 slot
     private = user_key.reveal()[:32]
