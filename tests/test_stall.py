@@ -125,10 +125,11 @@ class _Gate:
         self.lost: list[str] = []
         self.states = 0
 
-    def agent_state(self, uids: list[int], master: Secret | None) -> None:
+    def agent_state(self, uids: list[int], master: Secret | None,
+                    key_id: int | None = None) -> None:
         self.states += 1
 
-    def agent_keys(self, master: Secret) -> None: ...
+    def agent_keys(self, master: Secret, key_id: int | None = None) -> None: ...
     def agent_wipe(self) -> None: ...
     def agent_unlocked(self, uid: int, private: Secret | None) -> None: ...
     def agent_user_key(self, uid: int, private: Secret) -> None: ...
@@ -185,8 +186,9 @@ def _run_link(tmp_path: os.PathLike[str], agent: str, block_loop_for: float,
                 nursery.start_soon(_fake_agent, trio.SocketListener(sock), False)
             nursery.start_soon(lambda: link.watch_agent(path, backing, "v", gate, ping_every=0.2,
                                                         answer_within=0.5))
-            while gate.states == 0:
-                await trio.sleep(0.01)
+            with trio.fail_after(10):  # (a link that never gets the state fails, not hangs)
+                while gate.states == 0:
+                    await trio.sleep(0.01)
             await trio.sleep(0.3)
             if block_loop_for:
                 time.sleep(block_loop_for)  # the whole loop stalls, as a long handler would
