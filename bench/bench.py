@@ -1231,7 +1231,7 @@ _NOTES = {
         "pyfuse3's Cython request loop: read(/dev/fuse), dispatch, reply (writev)",
     "writev (libc.so.6)": "replying to the kernel (read data is copied here)",
     "read (libc.so.6)": "reading requests from /dev/fuse (write data is copied here)",
-    "CryptOperations._maybe_drop (cryptfs/ops.py)":
+    "Core._maybe_drop (cryptfs/fs/core.py)":
         "close() of the O_PATH fd on FORGET: frees the unlinked backing inode",
 }
 

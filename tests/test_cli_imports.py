@@ -15,7 +15,7 @@ import pytest
 from conftest import Mount
 
 # The filesystem, its request loop, and what only a mount daemon needs.
-HEAVY = ("pyfuse3", "trio", "cryptfs.ops", "cryptfs.mount", "cryptfs.views", "cryptfs.fuse",
+HEAVY = ("pyfuse3", "trio", "cryptfs.ops", "cryptfs.fs", "cryptfs.mount", "cryptfs.views", "cryptfs.fuse",
          "cryptfs.keyagent.link", "cryptfs.keyagent.server")
 
 PROBE = r"""
@@ -47,7 +47,7 @@ def test_the_probe_sees_what_a_mount_loads() -> None:
     res = subprocess.run([sys.executable, "-c", "import cryptfs.mount, cryptfs.ops; " + PROBE],
                          input=" ".join(HEAVY), capture_output=True, text=True, timeout=60)
     loaded = set(res.stderr.split())
-    assert {"trio", "cryptfs.fuse", "cryptfs.ops", "cryptfs.mount"} <= loaded, res.stderr
+    assert {"trio", "cryptfs.fuse", "cryptfs.ops", "cryptfs.fs", "cryptfs.mount"} <= loaded, res.stderr
     assert "pyfuse3" not in loaded  # (the filesystem speaks the kernel's protocol itself)
 
 

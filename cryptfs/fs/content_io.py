@@ -1,0 +1,331 @@
+"""File content: open (plaintext, ciphertext view or masked view), read,
+write, flush, fsync, fallocate and release, on one :class:`ContentFile` per
+open inode.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+import time
+
+from cryptfs import ownreads, sysio, views
+from cryptfs.content import BlockError, ContentFile, read_stanzas
+from cryptfs.fs.audit_hooks import _edge
+from cryptfs.fs.core import (
+    Core,
+)
+from cryptfs.fs.inodes import Inode, _Handle
+from cryptfs.fuse import FuseError, OpenOut
+from cryptfs.fuse.abi import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
+from cryptfs.fuse.requests import Request
+from cryptfs.header import LAYOUT_XATTR, layout_hint, parse_layout_hint, peek
+from cryptfs.modes import IntegrityError
+from cryptfs.modes.content import ContentMode
+from cryptfs.modes.errors import NotARecipient
+from cryptfs.modes.wrap import (
+    STANZA_SYMMETRIC,
+)
+from cryptfs.tree import proc_path
+
+log = logging.getLogger("cryptfs")
+
+
+class ContentIO(Core):
+    """File content (see the module)."""
+
+    def _layout(self, inode: Inode) -> tuple[ContentMode, int]:
+        """Mode and header length of a regular file: from the layout hint
+        xattr if it has one (no data read), else from the header's first bytes."""
+        if self._layout_hints:
+            try:
+                where = proc_path(inode.fd) if inode.access == os.O_PATH else inode.fd
+                return parse_layout_hint(os.getxattr(where, LAYOUT_XATTR))
+            except OSError:
+                pass  # no hint (made elsewhere, or xattrs not kept): read the header
+            except IntegrityError:
+                log.warning("inode %d: malformed layout hint ignored", inode.ino)
+        if inode.access == os.O_PATH:
+            fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return peek(os.pread(fd, 12, 0))
+            finally:
+                os.close(fd)
+        return peek(os.pread(inode.fd, 12, 0))
+
+    def _set_layout_hint(self, fd: int, content: ContentFile) -> None:
+        if self._layout_hints:
+            try:
+                os.setxattr(fd, LAYOUT_XATTR, layout_hint(content.header.mode, content.h_len))
+            except OSError as e:
+                log.info("backing filesystem keeps no xattrs (%s): sizes come from headers",
+                         e.strerror)
+                self._layout_hints = False
+
+    def _content(self, inode: Inode, want_write: bool, uid: int | None = None) -> ContentFile:
+        """The inode's content engine, its header checked when first needed.
+
+        ``uid`` (on open and truncate, not on each read or write of an open
+        handle) must be able to open the file key: of a hybrid file, only its
+        recipients can (EACCES for others, whoever loaded it before)."""
+        if want_write and inode.access != os.O_RDWR:
+            self._reopen(inode, os.O_RDWR)
+        elif inode.access == os.O_PATH:
+            self._reopen(inode, os.O_RDONLY)
+        if inode.content is not None and uid is not None:
+            self._check_recipient(inode.content, uid)
+        if inode.content is None:
+            try:
+                try:
+                    content = ContentFile.load(inode.fd, self._keyring(uid))
+                except BlockError:
+                    if not self._newer_generation(inode.fd):
+                        raise
+                    # Rotated by someone else (another mount, another namespace):
+                    # follow it through a slot key this mount holds, then retry.
+                    self._config_stamp = None
+                    self._refresh_config()
+                    content = ContentFile.load(inode.fd, self._keyring(uid))
+            except NotARecipient:
+                raise FuseError(errno.EACCES) from None
+            if inode.meta is not None and inode.meta != (content.overhead, content.h_len):
+                log.warning("inode %d: layout hint disagrees with the header; header used",
+                            inode.ino)
+            inode.content = content
+            inode.meta = (content.overhead, content.h_len)
+        return inode.content
+
+    def _newer_generation(self, fd: int) -> bool:
+        """Whether the file's header names a key generation newer than this
+        mount's (so a rotation happened that this mount did not walk)."""
+        try:
+            stanzas = read_stanzas(fd)
+        except (IntegrityError, OSError):
+            return False
+        held = self.keys.key_id if self.keys is not None else 0
+        return any(st.type == STANZA_SYMMETRIC and struct.unpack_from(">I", st.body)[0] > held
+                   for st in stanzas if len(st.body) >= 4)
+
+    def _unload_content(self, inode: Inode) -> None:
+        """Forget the header once no handle is open: the next open checks it again."""
+        if not inode.handles:
+            inode.content = None
+
+    def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0,
+                     view: bool = False) -> OpenOut:
+        fh = self._new_fh()
+        handle = _Handle(inode, uid, readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
+        if self.audit is not None:
+            handle.pid, handle.opened = pid, time.monotonic_ns()
+            handle.exe = self.audit.exe(pid)  # (at close the process may be gone)
+            handle.path = self._paths.get(inode.ino, "?")
+        self._files[fh] = handle
+        inode.handles.add(handle)
+        handle.policy = self.policy
+        handle.own_only = not view and uid in self._masked
+        if view or self.gated:
+            inode.viewed = inode.viewed or view
+            return OpenOut(fh, FOPEN_DIRECT_IO)
+        if inode.viewed:  # (the kernel drops the cached pages of a view at this open)
+            inode.viewed = False
+            return OpenOut(fh, 0)
+        return OpenOut(fh, FOPEN_KEEP_CACHE)
+
+    def _own_reads(self, handle: _Handle, inode: Inode) -> None:
+        """A plaintext read, refused (EACCES) where it could show a masked role
+        what someone else wrote into a file a mask governs (cryptfs.ownreads):
+        through that role's own handle, or into the page cache its mapping
+        shares.  Costs nothing until someone else changes such a file."""
+        if not (self._mask_rules and ownreads.foreign_held(inode.handles)):
+            return
+        if self._mask_of(inode) is not None:
+            self._decision = {"decision": ownreads.FOREIGN_READ if handle.foreign
+                              else ownreads.HELD_FOREIGN}
+            raise FuseError(errno.EACCES)
+
+    def _ciphertext_handle(self, inode: Inode, uid: int, flags: int, pid: int
+                           ) -> OpenOut:
+        """A read-only view of the file's encrypted bytes, for a program the
+        rule does not trust but lets have those.  Direct I/O: its reads
+        neither fill nor use the page cache (which holds plaintext), and go
+        past the plaintext size the file shows."""
+        self._exclusive(inode, view=True)
+        raw = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fi = self._open_handle(inode, uid, flags, pid, view=True)
+        except BaseException:
+            os.close(raw)
+            raise
+        self._files[fi.fh].raw = raw
+        if self._decision is not None and not self._decision["decision"].endswith("ciphertext"):
+            self._decision["decision"] += ": served the ciphertext"
+        return OpenOut(fi.fh, FOPEN_DIRECT_IO)
+
+    # -- regular files ------------------------------------------------------------------------
+    @_edge("inode", "open")
+    def open(self, inode_no: int, flags: int, ctx: Request) -> OpenOut | views.Wanted:
+        """The open, decided; or the large masked view it needs made first (then
+        the caller defers the reply and runs :meth:`open_view`)."""
+        return self._open_now(inode_no, flags, ctx)
+
+    @_edge("inode", "open")
+    async def open_view(self, inode_no: int, flags: int, wanted: views.Wanted,
+                        ctx: Request) -> OpenOut:
+        """The rest of an open that :meth:`open` answered with ``wanted``."""
+        return await self._open_view(wanted, inode_no, flags, ctx)
+
+    def _open_now(self, inode_no: int, flags: int, ctx: Request,
+                  built: views.Built | None = None) -> OpenOut | views.Wanted:
+        """Decide an open and act on it, or say which masked view it needs
+        made first (``built``: the view made since, used only if it was made
+        from what this decision names)."""
+        self._allow(ctx.uid)
+        inode = self._inode(inode_no)
+        self._refresh_config()  # (a stat: a rule set since the mount started applies)
+        want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if ctx.uid in self._cipher_only:
+            self._decision = {"decision": f"role {self._role_of(ctx.uid)}: "
+                                          + ("writes no customer data" if want_write
+                                             else "served the ciphertext")}
+            if want_write:
+                raise FuseError(errno.EACCES)
+            return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
+        if self._program_rules:
+            rule = self._untrusted_by(self._programs_of(inode), ctx.pid)
+            if rule is not None:
+                if rule.untrusted != "ciphertext" or want_write:
+                    raise FuseError(errno.EACCES)
+                return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
+        if ctx.uid in self._masked and self._mask_rules and inode.kind == stat.S_IFREG:
+            mask = self._mask_of(inode)
+            if mask is not None:
+                return self._masked_handle(inode, mask, ctx.uid, flags, ctx.pid, built)
+        self._exclusive(inode, view=False)  # (before O_TRUNC changes anything)
+        try:
+            content = self._content(inode, want_write, ctx.uid)
+            if flags & os.O_TRUNC:
+                ownreads.changed_by(inode.handles, ctx.uid)
+                content.truncate(0)
+        except BaseException:
+            self._unload_content(inode)
+            raise
+        return self._open_handle(inode, ctx.uid, flags, ctx.pid)
+
+    @_edge("fh")
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._files[fh]
+        if self.gated:
+            self._recheck_soon()
+        if handle.policy is not self.policy and handle.view is None and handle.raw < 0:
+            self._still_allowed(handle)
+        if handle.raw >= 0:
+            self._handle(fh, reading=True)  # (the same gate as any read)
+            data = os.pread(handle.raw, size, off)
+        elif handle.view is not None:
+            self._handle(fh, reading=True)
+            data = handle.view[off:off + size]
+        else:
+            inode = self._handle(fh, reading=True)
+            self._own_reads(handle, inode)
+            data = self._content(inode, want_write=False).read(off, size)
+        if self.audit is not None:  # (counted for the close record only)
+            self._files[fh].nread += len(data)
+        return data
+
+    @_edge("fh")
+    def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
+        handle = self._files[fh]
+        if self.gated:
+            self._recheck_soon()
+        if handle.policy is not self.policy and handle.view is None:
+            self._still_allowed(handle)
+        elif handle.policy is not self.policy:
+            self._view_still_writable(handle)
+        content = self._content(self._handle(fh), want_write=True)
+        if handle.view is not None and off < content.size:
+            raise FuseError(errno.EACCES)  # (a masked view appends; it never overwrites)
+        if handle.uid in self._masked:
+            self._mark_agent_rows(handle.inode)
+        ownreads.changed_by(handle.inode.handles, handle.uid)
+        n = content.write(off, buf)
+        if self.audit is not None:
+            self._files[fh].nwritten += n
+        return n
+
+    @_edge("fh")
+    def flush(self, fh: int) -> None:
+        # Every write is already in the backing file, so there is nothing to
+        # do; ENOSYS tells the kernel to stop sending FLUSH (one request less
+        # per close).  It still writes its dirty pages back before close returns.
+        raise FuseError(errno.ENOSYS)
+
+    @_edge("fh")
+    def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    @_edge("fh")
+    def fallocate(self, fh: int, off: int, length: int, mode: int) -> None:
+        """fallocate(2) on the plaintext, with the checks of a write.  Mode 0
+        reserves backing space for the range and extends the file (zeros) if it
+        ends past the end; KEEP_SIZE only reserves; PUNCH_HOLE|KEEP_SIZE makes the
+        range read as zeros (whole blocks become holes: ContentFile.punch);
+        ZERO_RANGE writes zeros (space stays allocated) and, without KEEP_SIZE,
+        extends as mode 0 does.  Other modes (collapse, insert, unshare): EOPNOTSUPP."""
+        keep, punch, zero = sysio.FALLOC_FL_KEEP_SIZE, sysio.FALLOC_FL_PUNCH_HOLE, \
+            sysio.FALLOC_FL_ZERO_RANGE
+        if mode & ~(keep | punch | zero) or (mode & punch and mode != punch | keep):
+            raise FuseError(errno.EOPNOTSUPP)
+        handle = self._files[fh]
+        if self.gated:
+            self._recheck_soon()
+        if handle.policy is not self.policy and handle.view is None:
+            self._still_allowed(handle)
+        if handle.view is not None or handle.raw >= 0:
+            self._decision = {"decision": "no fallocate through a masked or encrypted view"}
+            raise FuseError(errno.EACCES)  # (a masked view only appends rows)
+        content = self._content(self._handle(fh), want_write=True)
+        if handle.uid in self._masked:
+            self._mark_agent_rows(handle.inode)
+        ownreads.changed_by(handle.inode.handles, handle.uid)
+        end = off + length
+        if mode & punch:
+            content.punch(off, length)
+            return
+        if mode & zero:
+            content.zero(off, length)
+        if end > content.size and not mode & keep:
+            content.reserve(content.size, end - content.size)
+            content.truncate(end)
+        elif not mode & zero:
+            content.reserve(off, length)
+
+    def kill_suidgid(self, ino: int) -> None:
+        """Clear a regular file's set-user-ID bit, and its set-group-ID bit if it is
+        group-executable, as the kernel does for a write by an unprivileged caller
+        (HANDLE_KILLPRIV_V2 hands that to the filesystem; cryptfs.frontend calls
+        this after a write, truncate or O_TRUNC open the kernel marked)."""
+        inode = self._inodes.get(ino)
+        if inode is None or inode.kind != stat.S_IFREG:
+            return
+        mode = os.fstat(inode.fd).st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            os.chmod(proc_path(inode.fd), stat.S_IMODE(mode) & ~kill)
+
+    @_edge("fh")
+    def release(self, fh: int) -> None:
+        handle = self._files.pop(fh)
+        if handle.raw >= 0:
+            os.close(handle.raw)
+        self._audit_close(handle)
+        inode = handle.inode
+        inode.handles.discard(handle)
+        self._unload_content(inode)
+        self._maybe_drop(inode)

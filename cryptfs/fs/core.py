@@ -1,0 +1,314 @@
+"""The state of one mounted volume and its inode table.
+
+:class:`Core` holds what every concern of the request handlers shares: the
+volume, its keys and policy, the inodes the kernel has looked up (each with a
+descriptor of its backing object, see cryptfs.fs.inodes), the open handles,
+and the access log.  The handlers live in one mixin per concern
+(cryptfs.fs.dirs, .content_io, .xattrs, ...); cryptfs.fs.operations composes
+them into :class:`CryptOperations`.  Under ``TYPE_CHECKING`` this class also
+names what one concern calls of another, so mypy checks those calls.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from cryptfs import links, rotate, views
+from cryptfs.audit import Auditor
+from cryptfs.content import ContentFile
+from cryptfs.fs.inodes import Inode, _Dir, _Handle
+from cryptfs.fuse import EntryOut, FuseError, OpenOut
+from cryptfs.fuse.abi import ROOT_ID
+from cryptfs.fuse.requests import Request
+from cryptfs.keys import VolumeKeys
+from cryptfs.modes.content import ContentMode
+from cryptfs.modes.wrap import (
+    Keyring,
+    SymmetricWrapper,
+)
+from cryptfs.names import (
+    NameCodec,
+)
+from cryptfs.policy import MaskRule, Policy, Rule
+from cryptfs.programs import Identifier
+from cryptfs.secret import Secret
+from cryptfs.tree import O_PATH_FLAGS, proc_path
+from cryptfs.volume import LockedVolume, Volume
+
+log = logging.getLogger("cryptfs")
+
+ROOT = ROOT_ID
+ROOT_ATTR_TIMEOUT = 60.0  # seconds
+HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
+MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view (memory)
+# Rows an agent writes into a file show it their tokens under that file's key.
+NO_ORACLE_WRITES = ("masked view: no writes into a file with token columns "
+                    "(they would be a token oracle)")
+GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
+
+
+class _NoKeys:
+    """Stands in for the name codec and key wrapper while the volume is locked
+    (agent mode, nobody unlocked): any use fails closed.  The access checks
+    deny such requests first; this is the second line."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise FuseError(errno.EACCES)
+
+
+_NO_KEYS: Any = _NoKeys()
+
+
+class Core:
+    """What every concern of the handlers shares: the volume's state, its inode
+    table and open handles (composed into cryptfs.fs.operations.CryptOperations)."""
+
+    enable_writeback_cache = True
+
+    if TYPE_CHECKING:
+        # What one concern calls of another (defined in the module named).
+        # cryptfs.fs.access
+        def _untrusted(self, where: str | None, pid: int) -> Rule | None: ...
+        def _untrusted_by(self, rules: list[Rule], pid: int) -> Rule | None: ...
+        def _programs_of(self, inode: Inode) -> list[Rule]: ...
+        def _names_of(self, inode: Inode) -> links.Names: ...
+        def _guard_link(self, ctx: Request, inode: Inode, dst_dir: str | None,
+                        new_name: bytes) -> None: ...
+        def _guard_file(self, ctx: Request, where: str | None, p_name: bytes,
+                        st: os.stat_result, what: str) -> None: ...
+        def _allow(self, uid: int) -> None: ...
+        def _plain(self, uid: int) -> None: ...
+        def _exclusive(self, inode: Inode, view: bool) -> None: ...
+        def _recheck_soon(self) -> None: ...
+        def _still_allowed(self, handle: _Handle) -> None: ...
+        def _guard_move(self, ctx: Request, src_dir: str | None,
+                        src_name: str | bytes | None, dst_dir: str | None, dst_name: str | bytes,
+                        is_dir: bool) -> None: ...
+        def _role_of(self, uid: int) -> str: ...
+        # cryptfs.fs.attrs
+        def _attr(self, inode: Inode, st: os.stat_result) -> EntryOut: ...
+        def _target(self, inode: Inode) -> bytes: ...
+        def _negative(self) -> EntryOut: ...
+        # cryptfs.fs.audit_hooks
+        def _name_path(self, parent_ino: int, name: bytes) -> str: ...
+        def _audit_close(self, handle: _Handle) -> None: ...
+        def _command_record(self, ctx: Request, value: bytes) -> None: ...
+        # cryptfs.fs.content_io
+        def _layout(self, inode: Inode) -> tuple[ContentMode, int]: ...
+        def _set_layout_hint(self, fd: int, content: ContentFile) -> None: ...
+        def _content(self, inode: Inode, want_write: bool, uid: int | None = None) -> ContentFile: ...
+        def _unload_content(self, inode: Inode) -> None: ...
+        def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0,
+                         view: bool = False) -> OpenOut: ...
+        def _open_now(self, inode_no: int, flags: int, ctx: Request,
+                      built: views.Built | None = None) -> OpenOut | views.Wanted: ...
+        # cryptfs.fs.dirs
+        def _plain_dir(self, parent: Inode) -> str | None: ...
+        def _plain_dir_of(self, inode: Inode) -> str | None: ...
+        # cryptfs.fs.filekeys
+        def _new_file_keys(self, parent: Inode, uid: int) -> tuple[ContentMode, Any]: ...
+        def _keyring(self, uid: int | None) -> Keyring: ...
+        def _check_recipient(self, content: ContentFile, uid: int) -> None: ...
+        def _all_privates(self) -> list[Secret]: ...
+        def _recipients(self, inode: Inode) -> bytes: ...
+        def _share(self, inode: Inode, uid: int, value: bytes) -> None: ...
+        # cryptfs.fs.gate
+        def _stat_config(self) -> tuple[int, int, int, int] | None: ...
+        def _refresh_config(self) -> None: ...
+        def _install(self, keys: VolumeKeys) -> None: ...
+        def _swap_keys(self, keys: VolumeKeys) -> None: ...
+        def _forget_privates(self, uid: int | None = None) -> None: ...
+        # cryptfs.fs.masked
+        def _mask_of(self, inode: Inode) -> MaskRule | None: ...
+        def _plain_name_of(self, inode: Inode) -> str | None: ...
+        def _masked_handle(self, inode: Inode, rule: MaskRule, uid: int, flags: int, pid: int,
+                           built: views.Built | None = None) -> OpenOut | views.Wanted: ...
+        def _mark_agent_rows(self, inode: Inode) -> None: ...
+        def _view_still_writable(self, handle: _Handle) -> None: ...
+        async def _open_view(self, wanted: views.Wanted, inode_no: int, flags: int,
+                             ctx: Request) -> OpenOut: ...
+        # cryptfs.fs.rotation
+        def _rotation_request(self, uid: int, value: bytes) -> None: ...
+        def _may_rotate(self, uid: int) -> bool: ...
+        def _rotation_progress(self) -> bytes: ...
+
+    def __init__(self, vol: Volume | LockedVolume, *, timeout: float = 60.0) -> None:
+        self.vol = vol
+        self.config = vol.config
+        self.gated = vol.keys is None
+        self.keys: VolumeKeys | None = None
+        self.codec: NameCodec = _NO_KEYS
+        self.wrapper: SymmetricWrapper = _NO_KEYS
+        self.policy = Policy()
+        self._program_rules = False  # (whether a rule names programs: checked on each open)
+        self._log_only: set[int] = set()  # uids whose role reads the access log only
+        self._cipher_only: set[int] = set()  # uids whose role reads ciphertext only
+        self._masked: set[int] = set()  # uids whose role sees structured files masked
+        self._mask_rules = False  # (whether a rule names masks)
+        self._rechecked = 0.0  # when reads last looked at the config
+        self._identify = Identifier()  # which program asks (trusted-programs rules)
+        self._decision: dict[str, Any] | None = None  # how the last one was decided (for its record)
+        # X25519 private keys that open hybrid files: per unlocked uid (gated,
+        # from the agent), or the mount's own user's for every request.
+        self._privates: dict[int, Secret] = {}
+        self._keyrings: dict[int | None, Keyring] = {}  # by uid (gated) or None: see _keyring
+        self._own_private: Secret | None = getattr(vol, "private", None)
+        self._plain_paths: dict[str, bytes | None] = {}  # backing dir path -> plaintext path
+        self._names = links.NamesCache()  # every name of hard-linked files (see _names_of)
+        self._epoch = 0  # renames, links and removals made here (they may move names)
+        self._backing_fd = os.open(vol.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._config_stamp = self._stat_config()
+        self._rotation: rotate.Progress | None = None
+        self.audit: Auditor | None = None  # the access log, if the mount keeps one
+        self._paths: dict[int, str] = {ROOT: "/"}  # (audit) last known plaintext path by inode
+        self._rotation_wanted = trio.Event()
+        if vol.keys is not None:
+            self._install(vol.keys)
+        self._unlocked: set[int] = set()  # gated: uids with a session in the agent
+        self._seen: set[int] = set()  # gated: uids served since the last activity report
+        self._quarantine_logged: set[tuple[int, int]] = set()
+        self.attr_timeout = timeout
+        if self.gated:
+            # Names are checked on every use (no dentry outlives its reply).
+            # Attributes last one clock tick (1 ms asks for the shortest the
+            # kernel has): a stat needs no second request right after the
+            # lookup that just checked the caller, and a locked user cannot
+            # reach a cached attribute without such a lookup.
+            timeout = 0.0
+            self.attr_timeout = GATED_ATTR_TIMEOUT
+            self.enable_writeback_cache = False
+        self.timeout = timeout
+        self.is_root = os.geteuid() == 0
+        self._euid, self._egid = os.geteuid(), os.getegid()
+        self._tree_root = os.path.realpath(vol.tree)
+        root_fd = os.open(vol.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(root_fd)
+        self._root_st_ino = st.st_ino
+        self._dev = st.st_dev
+        root = Inode(ROOT, root_fd, stat.S_IFDIR)
+        root.nlookup = 1
+        self._inodes: dict[int, Inode] = {ROOT: root}
+        self._files: dict[int, _Handle] = {}
+        self._dirs: dict[int, _Dir] = {}
+        self._next_fh = 1
+        self._layout_hints = True  # until the backing filesystem refuses an xattr
+        self._views = views.ViewMaker()  # large masked views: made in threads, bounded
+        # Drops an inode's cached attributes and pages in the kernel (from a
+        # worker thread: the kernel may wait for a read only the loop answers).
+        # Set by the frontend to its session's notify_inval_inode.
+        self.invalidate_inode: Callable[[int], object] = lambda ino: None
+
+    def _fuse_ino(self, st_ino: int) -> int:
+        if st_ino == self._root_st_ino:
+            return ROOT
+        if st_ino == ROOT:
+            return self._root_st_ino
+        return st_ino
+
+    def _inode(self, ino: int) -> Inode:
+        try:
+            return self._inodes[ino]
+        except KeyError:
+            raise FuseError(errno.ESTALE) from None
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    @staticmethod
+    def _open_entry(dir_fd: int, backing: str, st: os.stat_result) -> tuple[int, int]:
+        """A descriptor for a backing entry and how it was opened."""
+        if stat.S_ISREG(st.st_mode):
+            for access in (os.O_RDWR, os.O_RDONLY):
+                try:
+                    # O_NONBLOCK: should the entry have become a FIFO meanwhile
+                    fd = os.open(backing, access | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                                 dir_fd=dir_fd)
+                    return fd, access
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ELOOP):
+                        raise
+        return os.open(backing, O_PATH_FLAGS, dir_fd=dir_fd), os.O_PATH
+
+    def _remember(self, dir_fd: int, backing: str, st: os.stat_result, count: int = 1,
+                  opened: tuple[int, int] | None = None) -> tuple[Inode, os.stat_result]:
+        """The Inode for a backing entry (opened if new), its lookup count raised by ``count``.
+
+        ``opened`` is a descriptor (and its access mode) the caller already
+        holds for the entry; it is kept, or closed if the inode is known.
+        """
+        if st.st_dev != self._dev:
+            if opened:
+                os.close(opened[0])
+            log.error("backing entry on another filesystem refused (inode %d)", st.st_ino)
+            raise FuseError(errno.EXDEV)
+        inode = self._inodes.get(self._fuse_ino(st.st_ino))
+        if inode is None:
+            fd, access = opened or self._open_entry(dir_fd, backing, st)
+            st = os.fstat(fd)
+            ino = self._fuse_ino(st.st_ino)
+            inode = self._inodes.get(ino)
+            if inode is None:
+                kind = stat.S_IFMT(st.st_mode)
+                inode = Inode(ino, fd, kind, access if kind == stat.S_IFREG else os.O_PATH)
+                self._inodes[ino] = inode
+            else:
+                os.close(fd)
+        elif opened:
+            os.close(opened[0])
+        inode.nlookup += count
+        return inode, st
+
+    def _maybe_drop(self, inode: Inode) -> None:
+        if inode.nlookup <= 0 and not inode.handles and inode.ino != ROOT:
+            del self._inodes[inode.ino]
+            self._paths.pop(inode.ino, None)
+            os.close(inode.fd)
+
+    # -- descriptors -----------------------------------------------------------------------
+    def _reopen(self, inode: Inode, access: int) -> None:
+        """Replace the inode's descriptor by one opened with ``access``."""
+        fd = os.open(proc_path(inode.fd), access | os.O_CLOEXEC)
+        os.close(inode.fd)
+        inode.fd = fd
+        inode.access = access
+        if inode.content is not None:
+            inode.content.fd = fd
+
+    def _handle(self, fh: int, reading: bool = False) -> Inode:
+        """The inode of an open file handle, if its opener may still use it.
+
+        Gated, a read is also refused while someone who has since locked
+        still holds the file open: a program of theirs may have it mapped
+        (MAP_PRIVATE), and the page that this read brings into the page cache
+        would show through their mapping without the daemon being asked.
+        """
+        handle = self._files[fh]
+        inode = handle.inode
+        if self.gated:
+            self._allow(handle.uid)
+            if reading:
+                for other in inode.handles:
+                    if other.readable and other.uid not in self._unlocked:
+                        if (inode.ino, other.uid) not in self._quarantine_logged:
+                            self._quarantine_logged.add((inode.ino, other.uid))
+                            log.info("inode %d: reads refused while uid %d, now locked, still "
+                                     "has it open", inode.ino, other.uid)
+                        raise FuseError(errno.EACCES)
+        return inode
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for inode in list(self._inodes.values()):
+            os.close(inode.fd)
+        self._inodes.clear()
+        os.close(self._backing_fd)
+        self._forget_privates()

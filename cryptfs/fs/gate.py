@@ -1,0 +1,311 @@
+"""The volume's keys and config as the mount holds them, and the agent-driven
+gate (agent mode): the ``agent_*`` methods the key agent's link calls, the
+roles learned from the config, the unlocked users, config reload and following
+a rotation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from typing import Any
+
+import trio
+
+from cryptfs.config import CONFIG_NAME, load_config, user_authority
+from cryptfs.errors import CryptfsError, NotAVolume
+from cryptfs.fs.core import (
+    _NO_KEYS,
+    Core,
+)
+from cryptfs.keys import VolumeKeys
+from cryptfs.names import (
+    NameCodec,
+)
+from cryptfs.policy import Policy, load_policy
+from cryptfs.roles import slot_role
+from cryptfs.secret import Secret
+from cryptfs.users import (
+    CIPHERTEXT_ROLES,
+    LOG_ONLY_ROLES,
+    MASKED_ROLES,
+    slot_for_uid,
+)
+
+log = logging.getLogger("cryptfs")
+
+
+class Gate(Core):
+    """The keys, the config and the agent-driven gate (see the module)."""
+
+    def _stat_config(self) -> tuple[int, int, int, int] | None:
+        try:  # (through a descriptor of the backing directory: no path walk per create)
+            st = os.stat(CONFIG_NAME, dir_fd=self._backing_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        # (ctime too: a writer can set the mtime and keep inode and size)
+        return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
+
+    def _refresh_config(self) -> None:
+        """Use the config again if it changed (a policy set, a user added, a key
+        rotated): authenticated with the held key, or (after a rotation) with
+        the key this mount's user's slot now holds."""
+        stamp = self._stat_config()
+        if stamp == self._config_stamp or self.keys is None:
+            return
+        self._config_stamp = stamp
+        try:
+            fresh = load_config(self.vol.backing)
+            if fresh.volume_id != self.config.volume_id:
+                raise CryptfsError("the volume id changed")
+            if fresh.key_id == self.keys.key_id:
+                keys = fresh.open_keys(self.keys.master)
+            else:
+                keys = self._follow_rotation(fresh)
+            load_policy(fresh, keys)
+        except CryptfsError as e:
+            log.warning("the volume's config changed but cannot be used: %s", e)
+            return
+        self.config = fresh
+        self._swap_keys(keys)
+
+    def _follow_rotation(self, fresh: Any, since: VolumeKeys | None = None) -> VolumeKeys:
+        """The new master of a rotated config, opened with a user key this
+        mount holds: its own user's, or (gated) an unlocked user's; followed
+        only if a holder of ``since`` (default: the keys held) made it,
+        directly or through generations in between (``fresh.follows``)."""
+        held: list[tuple[Any, Secret]] = []
+        slot = getattr(self.vol, "slot", None)
+        if slot is not None and self._own_private is not None:
+            held.append((next((s for s in fresh.slots if s.id == slot.id), None), self._own_private))
+        for uid, priv in self._privates.items():
+            held.append((slot_for_uid(fresh, uid), priv))
+        since = since if since is not None else self.keys
+        assert since is not None
+        for now, priv in held:
+            opened = fresh.slot_master(now, priv) if now is not None else None
+            if opened is None:
+                continue
+            with opened.master:
+                keys = fresh.open_keys(opened.master, user_authority(priv.reveal()))
+            if not fresh.follows(since, keys):
+                keys.close()
+                raise NotAVolume("its key generation was not made by a holder of the current "
+                                 "one (a config put back from earlier, or forged): not followed")
+            log.info("the volume's key was rotated to generation %d: following", keys.key_id)
+            return keys
+        raise CryptfsError("its key was rotated and no key slot this mount holds a key of "
+                           "has the new one")
+
+    def _learn_roles(self) -> None:
+        """On a shared mount, what each unlocked user's role lets them have
+        (root is not bound by roles: it could read the mount's memory)."""
+        self._log_only, self._cipher_only, self._masked = set(), set(), set()
+        if not self.gated:
+            return
+        for slot in self.config.slots:
+            uid, role = slot.extra.get("uid"), slot_role(slot)
+            if not isinstance(uid, int) or uid == 0:
+                continue
+            if role in LOG_ONLY_ROLES:
+                self._log_only.add(uid)
+            elif role in CIPHERTEXT_ROLES:
+                self._cipher_only.add(uid)
+            elif role in MASKED_ROLES:
+                self._masked.add(uid)
+
+    def _install(self, keys: VolumeKeys) -> None:
+        self._keyrings.clear()
+        self.keys = keys
+        self.codec = NameCodec(keys)
+        self.wrapper = keys.wrapper
+        self.policy = load_policy(self.config, keys)
+        self._program_rules = self.policy.names_programs
+        if self._program_rules:
+            warning = self._identify.warn_once()
+            if warning is not None:
+                log.warning("%s", warning)
+        self._mask_rules = self.policy.names_masks
+        self._learn_roles()
+
+    def _swap_keys(self, keys: VolumeKeys) -> None:
+        """New keys of the same volume (rotated, or the config re-read): open
+        files keep their file keys, which did not change."""
+        old = self.keys
+        self._install(keys)
+        if old is not None and old is not keys:
+            old.close()
+
+    def _drop_keys(self) -> None:
+        """Forget the keys and everything decrypted with them."""
+        if self.keys is not None:
+            self.keys.close()
+        self.keys = None
+        self._keyrings.clear()
+        self.codec = _NO_KEYS
+        self.wrapper = _NO_KEYS
+        self.policy = Policy()
+        self._program_rules = False
+        self._plain_paths.clear()
+        self._names.clear()
+        for inode in self._inodes.values():
+            inode.content = None  # reloaded (header checked again) at the next use
+            if inode.kind == stat.S_IFLNK:
+                inode.meta = None  # a decrypted symlink target
+
+    def _has_slot(self, uid: int) -> bool:
+        """Only a uid with a key slot in this volume's (authenticated) config is
+        ever served, whatever the agent says.  A uid not in the config the
+        mount knows makes it read the config again (a user added since), and
+        use it if it authenticates under the key it holds."""
+        if slot_for_uid(self.config, uid) is not None:
+            return True
+        if self.keys is None:
+            return False
+        stamp = self._stat_config()
+        try:
+            fresh = load_config(self.vol.backing)
+            keys = fresh.open_keys(self.keys.master)
+            load_policy(fresh, keys)
+        except CryptfsError as e:
+            log.warning("cannot re-read this volume's config: %s", e)
+            return False
+        if fresh.volume_id != self.config.volume_id:
+            keys.close()
+            return False
+        self.config = fresh
+        self._config_stamp = stamp
+        self._swap_keys(keys)
+        return slot_for_uid(fresh, uid) is not None
+
+    def agent_state(self, uids: list[int], master: Secret | None,
+                    key_id: int | None = None) -> None:
+        self._unlocked = set()
+        if master is None:
+            self._drop_keys()
+            self._forget_privates()
+            return
+        if self.agent_keys(master, key_id):
+            # (served once this mount has keys: now, or when the agent that
+            # was a rotation behind the config sends the new ones)
+            self._unlocked = {uid for uid in uids if self._has_slot(uid)}
+
+    def agent_keys(self, master: Secret, key_id: int | None = None) -> bool:
+        """A master key from the agent (of generation ``key_id``): used with
+        the config as it is on disk now (a policy set or a key rotated since
+        the mount started), which it must authenticate, and whose policy must
+        open (else: fail closed).  A config already rotated past ``key_id``
+        (back-to-back rotations: the agent follows the next one within its
+        config check) is followed from it if it descends from it, else the
+        mount keeps what it has until the agent sends the newer key.  False:
+        refused (access stays denied)."""
+        stamp = self._stat_config()
+        try:
+            try:
+                fresh = load_config(self.vol.backing)
+            except CryptfsError as e:
+                log.warning("cannot re-read this volume's config (%s): using the one read at "
+                            "mount time", e)
+                fresh, stamp = self.config, None
+            if fresh.volume_id != self.config.volume_id:
+                raise CryptfsError("the backing directory holds another volume now")
+            if key_id is not None and fresh.key_id > key_id:
+                keys = self._ahead_of_agent(fresh, master, key_id)
+                if keys is None:
+                    return True
+            else:
+                keys = fresh.open_keys(master)
+            load_policy(fresh, keys)
+        except CryptfsError as e:
+            self._drop_keys()
+            self._forget_privates()
+            self._unlocked.clear()
+            log.error("the key agent's key does not open this volume's config (%s): refused; "
+                      "access stays denied", e)
+            return False
+        self.config = fresh
+        self._config_stamp = stamp
+        if self.keys is not None:
+            self._swap_keys(keys)  # (a rotation: open files keep working)
+        else:
+            self._install(keys)
+        log.info("volume keys (generation %d) received from the key agent", keys.key_id)
+        return True
+
+    def _ahead_of_agent(self, fresh: Any, master: Secret, key_id: int) -> VolumeKeys | None:
+        """The config on disk is a newer generation than the agent's key (it
+        was rotated again after the agent read it): its keys if it descends
+        from the agent's generation and a user key this mount holds opens it;
+        None if that cannot be told yet (this mount keeps what it has and the
+        agent, which re-reads the config every 2 s, sends the newer key).
+        CryptfsError if it does not descend from it (put back, forged)."""
+        if self.keys is not None and self.keys.key_id >= fresh.key_id:
+            return None  # (this mount followed it already; the agent's key is the older one)
+        since = VolumeKeys(Secret(master.reveal()), key_id)
+        try:
+            return self._follow_rotation(fresh, since)
+        except NotAVolume:
+            raise  # (forged, or not of its line: fail closed)
+        except CryptfsError:  # (no user key this mount holds opens it yet)
+            log.info("the volume's config is newer (generation %d) than the key agent's key "
+                     "(generation %d): waiting for the agent to follow it", fresh.key_id, key_id)
+            return None
+        finally:
+            since.close()
+
+    def agent_wipe(self) -> None:
+        self._drop_keys()
+        self._forget_privates()
+        log.info("nobody is unlocked any more: volume keys wiped")
+
+    def _forget_privates(self, uid: int | None = None) -> None:
+        self._keyrings.clear()
+        for u in [uid] if uid is not None else list(self._privates):
+            priv = self._privates.pop(u, None)
+            if priv is not None:
+                priv.wipe()
+
+    def agent_user_key(self, uid: int, private: Secret) -> None:
+        """A user's X25519 key (for the hybrid files wrapped to them)."""
+        self._forget_privates(uid)
+        self._privates[uid] = Secret(private.reveal())
+        self._keyrings.clear()
+
+    def agent_unlocked(self, uid: int, private: Secret | None = None) -> None:
+        if not self._has_slot(uid):
+            log.error("the key agent reports uid %d unlocked, but this volume has no key slot "
+                      "for it: refused", uid)
+            return
+        if private is not None:
+            self.agent_user_key(uid, private)
+        self._unlocked.add(uid)
+        log.info("uid %d unlocked: access granted", uid)
+
+    async def agent_locked(self, uid: int) -> None:
+        self._unlocked.discard(uid)
+        self._forget_privates(uid)
+        self._quarantine_logged = {q for q in self._quarantine_logged if q[1] != uid}
+        log.info("uid %d locked: access revoked", uid)
+        # Pages of its open files that a program mapped with mmap (the only
+        # plaintext a gated mount leaves in the page cache) are dropped, so
+        # touching them again asks the daemon, which refuses.
+        await self._drop_pages({h.inode.ino for h in self._files.values()
+                                if h.uid == uid and h.readable})
+
+    async def _drop_pages(self, inos: set[int]) -> None:
+        for ino in inos:
+            try:
+                await trio.to_thread.run_sync(self.invalidate_inode, ino)
+            except OSError:
+                pass  # the mount is gone
+
+    async def agent_lost(self, why: str) -> None:
+        self._unlocked.clear()
+        self._drop_keys()
+        self._forget_privates()
+        await self._drop_pages({h.inode.ino for h in self._files.values()})
+
+    def take_activity(self) -> set[int]:
+        seen, self._seen = self._seen, set()
+        return seen

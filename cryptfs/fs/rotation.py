@@ -1,0 +1,165 @@
+"""The rotation walk inside the mount: `cryptfs rotate` asks through
+ROTATE_XATTR, and a trio task re-wraps every file the mount holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+
+import trio
+
+from cryptfs import rotate
+from cryptfs.content import read_stanzas
+from cryptfs.errors import CryptfsError
+from cryptfs.fs.core import (
+    ROOT,
+    Core,
+)
+from cryptfs.fuse import FuseError
+from cryptfs.modes import IntegrityError
+from cryptfs.modes.wrap import (
+    Keyring,
+)
+
+log = logging.getLogger("cryptfs")
+
+
+class Rotation(Core):
+    """The rotation walk (see the module)."""
+
+    # -- rotation inside the mount ---------------------------------------------------------------
+    def _rotation_request(self, uid: int, value: bytes) -> None:
+        """`cryptfs rotate` wrote a new key generation into the config and asks
+        this mount to walk its files (it holds them open: nobody else may)."""
+        if value != b"go":
+            raise FuseError(errno.EINVAL)
+        self._config_stamp = None
+        self._refresh_config()
+        if self.keys is None or self.keys.key_id != self.config.key_id:
+            log.warning("rotation requested, but this mount does not hold the new key "
+                        "generation (yet)")
+            raise FuseError(errno.EBUSY)
+        if self._rotation is not None and self._rotation.state == "running":
+            return
+        kind = self.config.rotation["kind"] if self.config.rotation else None
+        self._rotation = rotate.Progress(kind or "slots")
+        if kind is None:
+            self._rotation.state = "finished"
+            return
+        log.info("rotation (%s) to key generation %d: walking the files (asked by uid %d)",
+                 kind, self.keys.key_id, uid)
+        self._rotation_wanted.set()
+
+    def _may_rotate(self, uid: int) -> bool:
+        """Root, the mount's owner, or an unlocked user may ask for the walk:
+        it only carries out what the authenticated config already says (a
+        passphrase was needed to write that), and reveals no plaintext."""
+        return uid in (0, self._euid) or not self.gated or uid in self._unlocked
+
+    def _rotation_progress(self) -> bytes:
+        if self._rotation is None:
+            return b'{"state": "idle"}'
+        return json.dumps(self._rotation.to_json()).encode()
+
+    async def rotation_worker(self) -> None:
+        """Runs the walks that :meth:`_rotation_request` asks for, one file per
+        step between requests (each step runs to completion on this thread,
+        so no request sees a file half rotated)."""
+        while True:
+            await self._rotation_wanted.wait()
+            self._rotation_wanted = trio.Event()
+            prog = self._rotation
+            assert prog is not None and self.keys is not None
+            # The walk opens hybrid files with every user key this mount holds
+            # (the keys of the users unlocked when it starts, or its own user's).
+            keyring = self.keys.keyring([p.reveal() for p in self._all_privates()])
+            try:
+                rels = [rel for _, _, rel in rotate.regular_files(self._tree_root)]
+                prog.total = len(rels)
+                for rel in rels:
+                    await trio.sleep(0)
+                    if self.keys is None:
+                        raise CryptfsError("the volume was locked during the rotation")
+                    self._rotate_path(rel, prog, keyring)
+                    prog.done += 1
+                # Files renamed during the walk may have been missed: one pass that
+                # cannot be interrupted checks every header, then the old keys go.
+                self._rotation_final(prog, keyring)
+            except Exception as e:  # noqa: BLE001 - reported through the progress xattr
+                prog.state = "failed"
+                prog.message = (str(e) if isinstance(e, CryptfsError)
+                                else getattr(e, "strerror", None) or f"{type(e).__name__}: {e}")
+                log.error("rotation failed: %s (run cryptfs rotate again to resume)", prog.message)
+
+    def _rotate_path(self, rel: str, prog: rotate.Progress, keyring: Keyring) -> None:
+        assert self.keys is not None
+        target = f"tree/{rel}"
+        try:
+            fd = os.open(rel, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._inodes[ROOT].fd)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            prog.failed.append(f"{target} ({e.strerror})")
+            return
+        try:
+            inode = self._inodes.get(self._fuse_ino(os.fstat(fd).st_ino))
+            content = inode.content if inode is not None else None
+            damaged = len(prog.damaged)
+            new = rotate.step(fd, content, keyring, self.keys, self.config, prog,
+                              self.vol.backing, target)
+            if len(prog.damaged) > damaged:
+                log.error("inode %s: damaged, so not re-encrypted (its readable blocks stay "
+                          "readable)", inode.ino if inode is not None else "?")
+            if new is not None:
+                if inode is not None:
+                    if content is not None:
+                        new.fd = inode.fd
+                        inode.content = new
+                    inode.meta = (new.overhead, new.h_len)
+                self._set_layout_hint(fd, new)
+        finally:
+            os.close(fd)
+
+    def _rotation_final(self, prog: rotate.Progress, keyring: Keyring) -> None:
+        assert self.keys is not None
+        for _, _, rel in rotate.regular_files(self._tree_root):
+            target = f"tree/{rel}"
+            try:
+                fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._inodes[ROOT].fd)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                prog.failed.append(f"{target} ({e.strerror})")
+                continue
+            try:
+                stanzas = read_stanzas(fd)
+            except IntegrityError:
+                continue  # a header that does not parse opens with no key
+            except OSError as e:
+                prog.failed.append(f"{target} ({e.strerror})")
+                continue
+            finally:
+                os.close(fd)
+            if rotate.is_stale(stanzas, self.keys, self.config) and target not in prog.skipped \
+                    and target not in prog.damaged and not any(f.startswith(target + " ")
+                                                               for f in prog.failed):
+                self._rotate_path(rel, prog, keyring)
+        finished = False
+        if not prog.failed:
+            os.sync()
+            done = rotate.finish_config(self.vol.backing, self.keys)
+            if done is not None:
+                self.config, keys = done
+                self._config_stamp = self._stat_config()
+                self._swap_keys(keys)
+                finished = True
+        rotate.outcome(prog, finished)
+        log.info("rotation (%s) walked: %d of %d files rewritten, %d bytes%s", prog.kind,
+                 prog.changed, prog.total, prog.bytes,
+                 "; the old key generations are forgotten" if finished else "")
+        if prog.message:
+            log.warning("rotation (%s): %s", prog.kind, prog.message)
