@@ -16,6 +16,7 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
+from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
 
 
@@ -48,20 +49,17 @@ def attach(backing: str, logdir: str, passphrase_file: str | None) -> None:
         vol = unlock_recorded(backing, pw)
     try:
         require_role(backing, vol, "audit-attach", "bind the volume to a log")
-        cfg = vol.config
-        if cfg.audit is not None and cfg.audit["dir"] != where:
-            raise UsageError(f"{backing} is already bound to the access log in {cfg.audit['dir']}",
-                             hint="cryptfs audit detach it first")
-        old = cfg.audit
-        cfg.audit = {"dir": where, "key": key}
+        def change(cfg: VolumeConfig) -> None:  # (on the config as it is now: update_config)
+            if cfg.audit is not None and cfg.audit["dir"] != where:
+                raise UsageError(f"{backing} is already bound to the access log in "
+                                 f"{cfg.audit['dir']}", hint="cryptfs audit detach it first")
+            cfg.audit = {"dir": where, "key": key}
+
+        change(vol.config)
         commands.bound_log(where, key)
-        with commands.recorded(backing, cfg, "audit-attach", logdir=where,
+        with commands.recorded(backing, vol.config, "audit-attach", logdir=where,
                                    command=command_name()):
-            try:
-                vol.save_config()
-            except BaseException:
-                cfg.audit = old
-                raise
+            vol.update_config(change)
     finally:
         vol.close()
     click.echo(f"{backing} now records every access in {where}")
@@ -95,8 +93,16 @@ def detach(backing: str, force: bool, passphrase_file: str | None) -> None:
                 raise
             click.echo(f"cryptfs: warning: the detach is not recorded in {cfg.audit['dir']}",
                        err=True)
-        where, cfg.audit = cfg.audit["dir"], None
-        vol.save_config()
+        where = cfg.audit["dir"]
+
+        def detached(fresh: VolumeConfig) -> None:  # (on the config as it is now)
+            if fresh.audit != cfg.audit:
+                raise UsageError("the volume's access log binding was changed by another "
+                                 "command while this one ran: nothing was changed",
+                                 hint="run the command again")
+            fresh.audit = None
+
+        vol.update_config(detached)
     finally:
         vol.close()
     click.echo(f"{backing} no longer records its accesses in {where}")

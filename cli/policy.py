@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import os
@@ -17,6 +18,7 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
+from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
 from cryptfs.links import Straddler, straddling
 from cryptfs.masking import FORMATS, parse_columns
@@ -114,23 +116,27 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
         if (recipients or dropbox) and not hybrid:
             raise UsageError("--recipient and --dropbox need a hybrid mode",
                              hint="e.g. --mode hybrid")
-        publics = vol.config.publics()
-        missing = [r for r in recipients if r not in publics]
-        if missing:
-            raise UsageError(f"no user of this volume with a key pair is called "
-                             f"{', '.join(missing)}", hint="see: cryptfs user list")
-        if dropbox and not recipients and vol.config.recovery is None:
-            raise UsageError("a drop box nobody could read: name a --recipient (or give the "
-                             "volume a recovery key)")
-        rules = load_policy(vol.config, vol.keys)
         rule = Rule(normalise(directory), name, hybrid, tuple(dict.fromkeys(recipients)), dropbox,
                     trusted, untrusted, masks)
-        rules.rules[rule.path] = rule
+
+        def change(cfg: VolumeConfig) -> None:  # (on the config as it is now: see update_config)
+            publics = cfg.publics()
+            missing = [r for r in recipients if r not in publics]
+            if missing:
+                raise UsageError(f"no user of this volume with a key pair is called "
+                                 f"{', '.join(missing)}", hint="see: cryptfs user list")
+            if dropbox and not recipients and cfg.recovery is None:
+                raise UsageError("a drop box nobody could read: name a --recipient (or give the "
+                                 "volume a recovery key)")
+            rules = load_policy(cfg, vol.keys)
+            rules.rules[rule.path] = rule
+            store_policy(cfg, vol.keys, rules)
+
+        change(copy.deepcopy(vol.config))  # (refused before anything is recorded)
         with recorded(backing, vol.config, "policy-set", path=rule.path, mode=mode,
                       recipients=list(rule.recipients), dropbox=dropbox,
                       programs=None if trusted is None else [p.path for p in trusted]):
-            store_policy(vol.config, vol.keys, rules)
-            vol.save_config()
+            vol.update_config(change)
         recovery = vol.config.recovery is not None
         straddlers = _straddlers(vol, rule)
     finally:
@@ -232,13 +238,17 @@ def unset(backing: str, directory: str, passphrase_file: str | None) -> None:
     vol = _open(backing, passphrase_file)
     try:
         require_role(backing, vol, "policy-unset", "change the policy")
-        rules = load_policy(vol.config, vol.keys)
         path = normalise(directory)
-        if rules.rules.pop(path, None) is None:
-            raise UsageError(f"{path} has no rule", hint=f"see: cryptfs policy show {backing}")
+
+        def change(cfg: VolumeConfig) -> None:  # (on the config as it is now: see update_config)
+            rules = load_policy(cfg, vol.keys)
+            if rules.rules.pop(path, None) is None:
+                raise UsageError(f"{path} has no rule", hint=f"see: cryptfs policy show {backing}")
+            store_policy(cfg, vol.keys, rules)
+
+        change(copy.deepcopy(vol.config))  # (refused before anything is recorded)
         with recorded(backing, vol.config, "policy-unset", path=path):
-            store_policy(vol.config, vol.keys, rules)
-            vol.save_config()
+            vol.update_config(change)
     finally:
         vol.close()
     click.echo(f"{path}: rule removed")

@@ -92,8 +92,13 @@ def add_recovery(vol: Volume, key_fd: int) -> None:
         os.fsync(key_fd)
     except OSError as e:
         raise BackingIOError(f"cannot write the recovery key file: {e.strerror}") from None
-    vol.config.recovery = recovery
-    vol.save_config()
+
+    def change(cfg: VolumeConfig) -> None:
+        if cfg.recovery is not None:
+            raise UsageError("this volume already has a recovery key")
+        cfg.recovery = recovery
+
+    vol.update_config(change)
 
 
 def read_key_file(path: str) -> tuple[bytes, Secret]:

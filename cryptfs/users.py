@@ -98,31 +98,35 @@ def user_fields(name: str, role: str) -> dict[str, Any]:
 def add_user(vol: Volume, name: str, role: str, passphrase: Secret, kdf: Kdf | None = None) -> Slot:
     """A new key slot for system user ``name``; the config is re-sealed and saved."""
     fields = user_fields(name, role)
-    cfg = vol.config
-    if slot_for_uid(cfg, fields["uid"]) is not None:
-        raise UsageError(f"{name} (uid {fields['uid']}) already has a key slot",
-                         hint=f"cryptfs user passwd {vol.backing} {name} to change the passphrase")
-    slot = cfg.make_slot(vol.keys, passphrase, name, kdf=kdf, **fields)
-    cfg.slots.append(slot)
-    vol.save_config()
-    return slot
+
+    def change(cfg: VolumeConfig) -> Slot:
+        if slot_for_uid(cfg, fields["uid"]) is not None:
+            raise UsageError(f"{name} (uid {fields['uid']}) already has a key slot",
+                             hint=f"cryptfs user passwd {vol.backing} {name} to change the "
+                                  "passphrase")
+        slot = cfg.make_slot(vol.keys, passphrase, name, kdf=kdf, **fields)
+        cfg.slots.append(slot)
+        return slot
+
+    return vol.update_config(change)
 
 
 def remove_user(vol: Volume, name: str, save: bool = True) -> Slot:
     """Remove ``name``'s slot (``save=False``: the caller saves, e.g. together
-    with the key rotation of a revocation)."""
-    cfg = vol.config
-    slot = slot_for_name(cfg, name)
-    if len(cfg.slots) == 1:
-        raise UsageError(f"{name} holds the volume's only key slot; removing it would lock "
-                         "everyone out for good", hint="add another user first")
-    if slot.id == vol.slot.id:
-        raise UsageError(f"{name} cannot remove themselves: authorise with another user's "
-                         "passphrase")
-    cfg.slots = [s for s in cfg.slots if s.id != slot.id]
-    if save:
-        vol.save_config()
-    return slot
+    with the key rotation of a revocation, which takes the config lock and
+    stops if the config changed meanwhile)."""
+    def change(cfg: VolumeConfig) -> Slot:
+        slot = slot_for_name(cfg, name)
+        if len(cfg.slots) == 1:
+            raise UsageError(f"{name} holds the volume's only key slot; removing it would lock "
+                             "everyone out for good", hint="add another user first")
+        if slot.id == vol.slot.id:
+            raise UsageError(f"{name} cannot remove themselves: authorise with another user's "
+                             "passphrase")
+        cfg.slots = [s for s in cfg.slots if s.id != slot.id]
+        return slot
+
+    return vol.update_config(change) if save else change(vol.config)
 
 
 def set_passphrase(vol: Volume, slot: Slot, new: Secret, kdf: Kdf | None = None) -> Slot:
@@ -134,13 +138,21 @@ def set_passphrase(vol: Volume, slot: Slot, new: Secret, kdf: Kdf | None = None)
     key, so the slot gets a new pair: hybrid files wrapped only to the old
     one need a new ``cryptfs share`` (or the recovery key).
     """
-    cfg = vol.config
     own = vol.slot.id == slot.id and vol.private is not None
-    fresh = cfg.make_slot(vol.keys, new, slot.label, kdf=kdf or slot.kdf,
-                          slot_id=slot.id, private=vol.private if own else None, **slot.extra)
-    fresh.created = slot.created
-    cfg.slots = [fresh if s.id == slot.id else s for s in cfg.slots]
-    vol.save_config()
+
+    def change(cfg: VolumeConfig) -> Slot:
+        now = next((s for s in cfg.slots if s.id == slot.id), None)
+        if now is None or now.extra != slot.extra:
+            raise UsageError(f"the key slot of {slot.label} was removed or changed by another "
+                             "command while this one ran: nothing was changed",
+                             hint="run the command again")
+        fresh = cfg.make_slot(vol.keys, new, now.label, kdf=kdf or now.kdf,
+                              slot_id=now.id, private=vol.private if own else None, **now.extra)
+        fresh.created = now.created
+        cfg.slots = [fresh if s.id == now.id else s for s in cfg.slots]
+        return fresh
+
+    fresh = vol.update_config(change)
     if vol.slot.id == slot.id:
         vol.slot = fresh
     return fresh

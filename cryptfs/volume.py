@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptfs import tree
 from cryptfs.config import (
@@ -19,6 +20,7 @@ from cryptfs.config import (
     Kdf,
     Slot,
     VolumeConfig,
+    config_lock,
     config_path,
     load_config,
     new_config,
@@ -32,6 +34,10 @@ from cryptfs.modes.rand import random_bytes
 from cryptfs.modes.wrap import Keyring
 from cryptfs.names import NameCodec
 from cryptfs.secret import Secret
+
+T = TypeVar("T")
+CHANGED = ("the volume's config was changed by another command while this one ran ({}): "
+           "nothing was changed")
 
 
 class _Backing:
@@ -83,9 +89,45 @@ class UnlockedVolume(_Backing):
         return self.keys.keyring([priv.reveal()] if priv is not None and len(priv) else [])
 
     def save_config(self) -> None:
-        """Authenticate the (changed) config with the keys and write it out."""
+        """Authenticate the (changed) config with the keys and write it out
+        (the caller holds ``config_lock``: every other writer goes through
+        :meth:`update_config`)."""
         self.config.seal(self.keys)
         save_config(self.backing, self.config)
+
+    def update_config(self, change: Callable[[VolumeConfig], T]) -> T:
+        """The one read-modify-write of the config for a command: with the
+        config locked (``config_lock``), read it again, apply ``change`` to
+        that fresh copy (which it may refuse, raising), then seal and save it.
+        So a change made by another command since this one unlocked is kept,
+        never overwritten by the copy read at unlock.
+
+        The fresh config must be authentic under the keys this command holds
+        (the same key generation: after a rotation the command stops, exit 2)
+        and still hold the slot it was unlocked with, unchanged in user, uid
+        and role (what authorised the command)."""
+        with config_lock(self.backing):
+            fresh = load_config(self.backing)
+            if fresh.mac != self.config.mac:
+                self._check_fresh(fresh)
+            self.config = fresh
+            result = change(fresh)
+            self.save_config()
+        return result
+
+    def _check_fresh(self, fresh: VolumeConfig) -> None:
+        if fresh.volume_id != self.config.volume_id:
+            raise NotAVolume(f"{self.backing} holds another volume now")
+        if fresh.key_id != self.keys.key_id:
+            raise UsageError(CHANGED.format("the volume's key was rotated"),
+                             hint="run the command again")
+        fresh.verify(self.keys)  # (raises if edited or damaged)
+        slot = getattr(self, "slot", None)
+        if isinstance(slot, Slot):
+            now = next((s for s in fresh.slots if s.id == slot.id), None)
+            if now is None or now.extra != slot.extra:
+                raise UsageError(CHANGED.format("the key slot that authorised it was removed "
+                                                "or changed"), hint="run the command again")
 
     def close(self) -> None:
         self.keys.close()
