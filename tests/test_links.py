@@ -55,7 +55,8 @@ class Tree:
         finally:
             os.close(fd)
 
-    def create(self, plain: str) -> os.stat_result:
+    def _new_entry(self, plain: str) -> str:
+        """The backing path a new plaintext name takes (its long-name file written)."""
         parent, name = os.path.split(plain)
         d = self.backing_path(parent)
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
@@ -65,20 +66,15 @@ class Tree:
                 tree.write_long_name(fd, backing, full)
         finally:
             os.close(fd)
-        Path(d, backing).write_bytes(b"x")
-        return os.stat(os.path.join(d, backing))
+        return os.path.join(d, backing)
+
+    def create(self, plain: str) -> os.stat_result:
+        path = self._new_entry(plain)
+        Path(path).write_bytes(b"x")
+        return os.stat(path)
 
     def link(self, old: str, new: str) -> os.stat_result:
-        parent, name = os.path.split(new)
-        d = self.backing_path(parent)
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            backing, full = self.codec.backing_name(name.encode(), tree.read_diriv(fd))
-            if full is not None:
-                tree.write_long_name(fd, backing, full)
-        finally:
-            os.close(fd)
-        os.link(self.backing_path(old), os.path.join(d, backing))
+        os.link(self.backing_path(old), self._new_entry(new))
         return os.stat(self.backing_path(old))
 
     def names(self, st: os.stat_result, policy: Policy) -> links.Names:
