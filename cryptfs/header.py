@@ -133,7 +133,7 @@ class FileHeader:
         body = PREFIX.pack(MAGIC, VERSION, self.mode.mode_id, self.flags, self.length,
                            self.file_id, len(self.stanzas))
         body += b"".join(s.encode() for s in self.stanzas)
-        return body + hmac.new(self.keys()[1], body, "sha256").digest()
+        return body + hmac.digest(self.keys()[1], body, "sha256")
 
     def with_flags(self, flags: int) -> FileHeader:
         return replace(self, flags=flags)
@@ -179,7 +179,7 @@ class FileHeader:
         except NotForMe:
             raise IntegrityError("no stanza for this volume's key") from None
         hdr = cls(mode, flags, file_id, tuple(stanzas), file_key)
-        mac = hmac.new(hdr.keys()[1], buf[: hlen - MAC_LEN], "sha256").digest()
+        mac = hmac.digest(hdr.keys()[1], buf[: hlen - MAC_LEN], "sha256")
         if not hmac.compare_digest(mac, buf[hlen - MAC_LEN : hlen]):
             raise IntegrityError()
         return hdr

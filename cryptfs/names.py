@@ -94,16 +94,30 @@ def is_cryptfs_entry(backing_name: str) -> bool:
     return backing_name.startswith(LONG_PREFIX) and not backing_name.endswith(LONG_SUFFIX)
 
 
+RECENT_NAMES = 1024  # encrypted names remembered per codec
+
+
 class NameCodec:
     def __init__(self, keys: VolumeKeys) -> None:
         self._siv = keys.names
         self._symlink = keys.symlink
         self._xattr = keys.xattr
+        # Recent encryptions: a small file's lookup, create and unlink encrypt
+        # the same name in the same directory.  AES-SIV is deterministic, so a
+        # remembered result is the result; bounded, emptied when full.
+        self._recent: dict[tuple[bytes, bytes], str] = {}
 
     # -- file names ------------------------------------------------------------------
     def encrypt(self, p_name: bytes, diriv: bytes) -> str:
         """Full encrypted name (may be longer than NAME_MAX; see :func:`backing_name`)."""
-        return b64u(self._siv.encrypt(p_name, [diriv]))
+        key = (diriv, p_name)
+        c_name = self._recent.get(key)
+        if c_name is None:
+            c_name = b64u(self._siv.encrypt(p_name, [diriv]))
+            if len(self._recent) >= RECENT_NAMES:
+                self._recent.clear()
+            self._recent[key] = c_name
+        return c_name
 
     def decrypt(self, c_name: str, diriv: bytes) -> bytes:
         try:

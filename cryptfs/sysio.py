@@ -52,12 +52,19 @@ def fchown_empty(fd: int, uid: int, gid: int) -> None:
     _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), "fchownat")
 
 
-def utimens_empty(fd: int, atime_ns: int, mtime_ns: int) -> None:
-    """utimensat on the object an O_PATH fd refers to, symlinks included."""
-    ts = (_Timespec * 2)(
-        _Timespec(atime_ns // 1_000_000_000, atime_ns % 1_000_000_000),
-        _Timespec(mtime_ns // 1_000_000_000, mtime_ns % 1_000_000_000),
-    )
+UTIME_OMIT = (1 << 30) - 2  # tv_nsec: leave this time as it is
+
+
+def _timespec(t_ns: int | None) -> _Timespec:
+    if t_ns is None:
+        return _Timespec(0, UTIME_OMIT)
+    return _Timespec(t_ns // 1_000_000_000, t_ns % 1_000_000_000)
+
+
+def utimens_empty(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """utimensat on the object an O_PATH fd refers to, symlinks included
+    (a time given as None is left unchanged: UTIME_OMIT, no stat needed)."""
+    ts = (_Timespec * 2)(_timespec(atime_ns), _timespec(mtime_ns))
     _check(_libc.utimensat(fd, b"", ts, AT_EMPTY_PATH), "utimensat")
 
 

@@ -117,11 +117,10 @@ class Attributes(Core):
             sysio.fchown_empty(inode.fd, attr.st_uid if fields.update_uid else -1,
                                attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
-            st = os.fstat(inode.fd)
             sysio.utimens_empty(
                 inode.fd,
-                attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
             )
         return self._attr(inode, os.fstat(inode.fd))
 

@@ -244,6 +244,7 @@ class Core:
 
         ``opened`` is a descriptor (and its access mode) the caller already
         holds for the entry; it is kept, or closed if the inode is known.
+        ``st`` must then be that descriptor's own fstat (it is not taken again).
         """
         if st.st_dev != self._dev:
             if opened:
@@ -252,8 +253,11 @@ class Core:
             raise FuseError(errno.EXDEV)
         inode = self._inodes.get(self._fuse_ino(st.st_ino))
         if inode is None:
-            fd, access = opened or self._open_entry(dir_fd, backing, st)
-            st = os.fstat(fd)
+            if opened is None:  # (stat again through the descriptor: the entry may have changed)
+                fd, access = self._open_entry(dir_fd, backing, st)
+                st = os.fstat(fd)
+            else:
+                fd, access = opened
             ino = self._fuse_ino(st.st_ino)
             inode = self._inodes.get(ino)
             if inode is None:
