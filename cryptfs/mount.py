@@ -215,6 +215,9 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
         except OSError as e:
             log.error("unmount of %s failed: %s", mnt, os.strerror(e.errno or 0))
         session.close()
+        served = session.served()
+        log.info("served %d requests: %s", sum(served.values()),
+                 ", ".join(f"{name} {n}" for name, n in served.items()) or "none")
         if ops.audit is not None:
             ops.audit.write("unmount", "allowed", os.getuid(), os.getpid(), path=mnt)
             ops.audit.close()

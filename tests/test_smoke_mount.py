@@ -1,5 +1,6 @@
 """The shortest path through a real mount: write, read back, see only ciphertext below."""
 
+import re
 from pathlib import Path
 
 from conftest import Mount, run_cli
@@ -27,3 +28,21 @@ def test_fsck_clean_after_use(mount: Mount, passfile: Path) -> None:
     res = run_cli("fsck", str(mount.backing), "--passphrase-file", str(passfile))
     assert "clean" in res.stdout
     assert "2 directories, 1 files" in res.stdout
+
+
+def test_unmount_logs_the_requests_served_by_opcode(mount: Mount) -> None:
+    """The daemon's own count of what the kernel asked (the benchmark's
+    bench/requests.py reads this line): one CREATE per new file, one UNLINK per
+    removal, and a total that is the sum of its parts."""
+    for i in range(25):
+        mount.path(f"f{i}").write_bytes(b"x" * 100)
+    for i in range(10):
+        mount.path(f"f{i}").unlink()
+    mount.stop()
+    lines = re.findall(r"served (\d+) requests: (.*)", mount.log_text())
+    assert lines, mount.log_text()
+    total, parts = lines[-1]
+    counts = {name: int(n) for name, n in (p.rsplit(" ", 1) for p in parts.split(", "))}
+    assert counts["create"] == 25 and counts["unlink"] == 10, counts
+    assert counts["init"] == 1
+    assert sum(counts.values()) == int(total)

@@ -248,6 +248,14 @@ class Session:
             handler = getattr(fs, abi.OPCODE_NAMES[opcode], None) or _DEFAULTS.get(opcode, _enosys)
             self._table[opcode] = (handler, enc)
         self._ended = False
+        # Requests served, by opcode (a list index per request: cheap enough to
+        # keep always; the mount logs it at unmount, the benchmark reads it).
+        self.counts = [0] * len(self._table)
+
+    def served(self) -> dict[str, int]:
+        """Requests decoded so far, by opcode name (most first)."""
+        named = {abi.OPCODE_NAMES.get(op, str(op)): n for op, n in enumerate(self.counts) if n}
+        return dict(sorted(named.items(), key=lambda kv: -kv[1]))
 
     # --- mount / unmount ------------------------------------------------------------------
     def mount(self) -> None:
@@ -352,6 +360,7 @@ class Session:
                 self._send(head[1], -errno.EINVAL, b"")
             return
         opcode = req.opcode
+        self.counts[opcode] += 1
         entry = self._table[opcode]
         if entry is None:
             self._special(req)
