@@ -19,7 +19,6 @@ give the same story, whichever copy they were read from.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,8 +95,8 @@ def read_collector(path: str) -> CollectorFile:
                     out.damaged += 1
                     continue
                 r = recs[0]
-                log_id = r.get("log") if isinstance(r.get("log"), str) else ""
-                key = (server_of(r), log_id, r["seq"], str(r.get("h")))
+                log_id = r["log"] if isinstance(r.get("log"), str) else ""
+                key = (server_of(r), log_id, int(r["seq"]), str(r.get("h")))
                 if key in seen:
                     out.repeated += 1
                     continue
@@ -109,7 +108,3 @@ def read_collector(path: str) -> CollectorFile:
         recs.sort(key=lambda r: r["seq"] if is_int(r["seq"]) else 0)
     out.records = list(merged(logs[k] for k in sorted(logs)))
     return out
-
-
-def records_from(path: str) -> Iterator[dict[str, Any]]:
-    yield from read_collector(path).records

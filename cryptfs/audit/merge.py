@@ -35,8 +35,8 @@ def merge_key(r: dict[str, Any]) -> tuple[int, str, str, int]:
     """Where a record goes in the merged story.  (A record without a usable
     time or seq, from an edited log, goes first: `audit verify` judges it.)"""
     t, seq, log_id = r.get("time_ns"), r.get("seq"), r.get("log")
-    return (t if is_int(t) else -1, server_of(r), log_id if isinstance(log_id, str) else "",
-            seq if is_int(seq) else 0)
+    return (t if isinstance(t, int) else -1, server_of(r),
+            log_id if isinstance(log_id, str) else "", seq if isinstance(seq, int) else 0)
 
 
 def is_int(v: Any) -> bool:
