@@ -7,12 +7,17 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import click
 
 from cryptfs.audit.chain import parse_verifier
+from cryptfs.audit.collector import read_collector
 from cryptfs.audit.export import FORMATS, WRITERS, Filter, parse_time, records
 from cryptfs.audit.export import follow as follow_records
+from cryptfs.audit.merge import check_together, follow_many, merged
+from cryptfs.audit.verify import Verdict
 from cryptfs.audit.verify import verify as verify_log
 from cryptfs.audit.writer import init_log
 from cryptfs.cli.common import reports_errors
@@ -38,8 +43,12 @@ def audit() -> None:
 @click.argument("logdir", type=click.Path(file_okay=False))
 @click.option("--log-id", default=None, metavar="NAME",
               help="Name of the log in its checkpoints (default: the directory's name).")
+@click.option("--server", default=None, metavar="NAME",
+              help="The server name its records carry, whoever writes them (default: the host "
+                   "name of the machine that writes each record; `cryptfs mount --server` "
+                   "gives another).")
 @reports_errors
-def init(logdir: str, log_id: str | None) -> None:
+def init(logdir: str, log_id: str | None, server: str | None) -> None:
     """Create an access log in LOGDIR and print its verifier key.
 
     Give the printed key (also in LOGDIR/audit.pub) to the auditors, and keep
@@ -49,7 +58,7 @@ def init(logdir: str, log_id: str | None) -> None:
     name = log_id or os.path.basename(os.path.abspath(logdir))
     if not name or any(c.isspace() or c == "/" for c in name):
         raise UsageError(f"unusable log name {name!r}: no spaces or slashes")
-    pub = init_log(logdir, name)
+    pub = init_log(logdir, name, server)
     click.echo(pub)
 
 
@@ -66,25 +75,68 @@ def _read_key(key: str) -> bytes:
 
 
 @audit.command("verify")
-@click.argument("logdir", type=click.Path(file_okay=False, exists=True))
-@click.option("--key", "key", required=True, metavar="PUB",
+@click.argument("logdirs", nargs=-1, required=True, metavar="LOGDIR...",
+                type=click.Path(file_okay=False, exists=True))
+@click.option("--key", "keys", required=True, multiple=True, metavar="PUB",
               help="The log's verifier key (cryptfs-audit+...), or a file holding it "
-                   "(LOGDIR/audit.pub, from a copy kept elsewhere).")
+                   "(LOGDIR/audit.pub, from a copy kept elsewhere).  With several LOGDIRs, "
+                   "once per LOGDIR, in the same order.")
 @click.option("--max-age", type=float, default=None, metavar="SECONDS",
               help="Also fail if the last seal is older than this (a live log is sealed at "
                    "least every minute: an old last seal means a cut tail).")
 @reports_errors
-def verify(logdir: str, key: str, max_age: float | None) -> None:
+def verify(logdirs: tuple[str, ...], keys: tuple[str, ...], max_age: float | None) -> None:
     """Check the log in LOGDIR: exit 0 only if every sealed record is intact.
 
-    Reports valid, modified, missing, reordered, unsealed-tail and gap counts
-    and the first bad record.  Exit 6 on any problem.
+    Reports valid, modified, missing, reordered, unsealed-tail and gap counts,
+    the servers its records name, and the first bad record.  Exit 6 on any
+    problem.
+
+    Several LOGDIRs (one per server of a shared volume, and their key
+    agents'): each is checked on its own, with its own --key, and reported
+    under the servers its records name.
     """
-    v = verify_log(logdir, _read_key(key))
+    if len(keys) != len(logdirs):
+        raise UsageError(f"{len(keys)} --key for {len(logdirs)} LOGDIR: give one per LOGDIR, in "
+                         "the same order")
+    publics = [_read_key(k) for k in keys]
+    check_together(list(logdirs))
+    if len(logdirs) == 1:
+        v = _verify_one(logdirs[0], publics[0], max_age)
+        if not v.ok:
+            raise LogDamaged(f"the access log in {logdirs[0]} does not verify "
+                             f"({len(v.problems)} problem(s))")
+        return
+    bad = []
+    for logdir, public in zip(logdirs, publics, strict=True):
+        click.echo(f"== {logdir}")
+        v = _verify_one(logdir, public, max_age)
+        if not v.ok:
+            click.echo(f"verdict: DOES NOT VERIFY ({len(v.problems)} problem(s))")
+            bad.append(f"{_servers(v)} ({logdir}): {v.first_bad}")
+    if bad:
+        raise LogDamaged(f"{len(bad)} of {len(logdirs)} access logs do not verify: "
+                         + "; ".join(bad))
+
+
+def _servers(v: Verdict) -> str:
+    """The servers a log's records name, as words."""
+    if not v.servers:
+        return "no server named"
+    return ("server " if len(v.servers) == 1 else "servers ") + ", ".join(sorted(v.servers))
+
+
+def _verify_one(logdir: str, public: bytes, max_age: float | None) -> Verdict:
+    v = verify_log(logdir, public)
     click.echo(f"segments: {v.segments}, seals: {v.epochs}")
     click.echo(f"valid: {v.valid}  modified: {v.modified}  missing: {v.missing}  "
                f"reordered: {v.reordered}  gaps: {v.gaps}  bad seals: {v.bad_seals}  "
                f"unsealed tail: {v.unsealed}")
+    if len(v.servers) == 1:
+        click.echo(f"server: {next(iter(v.servers))}")
+    elif v.servers:
+        click.echo("servers: " + ", ".join(f"{name} ({n} records)"
+                                           for name, n in sorted(v.servers.items())))
     if v.last_seal_ns is not None:
         age = time.time() - v.last_seal_ns / 1e9
         click.echo(f"last seal: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(v.last_seal_ns / 1e9))}"
@@ -96,11 +148,10 @@ def verify(logdir: str, key: str, max_age: float | None) -> None:
         v.bad(logdir, "the log holds no seal at all: it was cut back, or never sealed")
     if v.first_bad:
         click.echo(f"first bad: {v.first_bad}")
-    if not v.ok:
-        raise LogDamaged(f"the access log in {logdir} does not verify "
-                         f"({len(v.problems)} problem(s))")
-    click.echo("verdict: valid" + (f" ({v.unsealed} record(s) after the last seal are not "
-                                   "proven yet)" if v.unsealed else ""))
+    if v.ok:
+        click.echo("verdict: valid" + (f" ({v.unsealed} record(s) after the last seal are not "
+                                       "proven yet)" if v.unsealed else ""))
+    return v
 
 
 def selection_options(fn):  # type: ignore[no-untyped-def]
@@ -144,38 +195,75 @@ def make_filter(since: str | None, until: str | None, user: str | None, path_glo
 
 
 @audit.command("export")
-@click.argument("logdir", type=click.Path(file_okay=False, exists=True))
+@click.argument("logdirs", nargs=-1, metavar="LOGDIR...",
+                type=click.Path(file_okay=False, exists=True))
+@click.option("--from-syslog", "syslog_file", metavar="FILE",
+              type=click.Path(dir_okay=False, exists=True),
+              help="Instead of LOGDIRs: read the records from a syslog collector's file, which "
+                   "`cryptfs audit forward` fed (one RFC 5424 message a line, as received), "
+                   "each record once, merged by time as LOGDIRs are.")
 @record_filters
 @reports_errors
-def export(logdir: str, fmt: str, since: str | None, until: str | None, user: str | None,
-           path_glob: str | None, events: tuple[str, ...]) -> None:
+def export(logdirs: tuple[str, ...], syslog_file: str | None, fmt: str, since: str | None,
+           until: str | None, user: str | None, path_glob: str | None,
+           events: tuple[str, ...]) -> None:
     """Write the records of the log in LOGDIR to standard output.
+
+    Several LOGDIRs (the logs of the servers of one shared volume, and of
+    their key agents): their records merged by time (then server name, log
+    and seq), each naming its server.  --from-syslog FILE reads a collector's
+    copy of the same records instead.
 
     Exporting does not verify: run `cryptfs audit verify` for that.
     """
     flt = make_filter(since, until, user, path_glob, events)
+    if syslog_file is not None:
+        if logdirs:
+            raise UsageError("give LOGDIRs or --from-syslog FILE, not both")
+        got = read_collector(syslog_file)
+        if got.damaged:
+            click.echo(f"cryptfs: warning: {got.damaged} cryptfs message(s) in {syslog_file} hold "
+                       "no usable record (cut by the collector, or edited): left out", err=True)
+        source: Iterable[dict[str, Any]] = got.records
+    elif not logdirs:
+        raise UsageError("give a LOGDIR (or several), or --from-syslog FILE")
+    elif len(logdirs) == 1:
+        source = records(logdirs[0])
+    else:
+        check_together(list(logdirs))
+        source = merged(records(d) for d in logdirs)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _tolerant_stdout()  # `| head` ends it quietly, as with cat
-    for chunk in WRITERS[fmt](r for r in records(logdir) if flt(r)):
+    for chunk in WRITERS[fmt](r for r in source if flt(r)):
         sys.stdout.write(chunk)
 
 
 @audit.command("follow")
-@click.argument("logdir", type=click.Path(file_okay=False, exists=True))
+@click.argument("logdirs", nargs=-1, required=True, metavar="LOGDIR...",
+                type=click.Path(file_okay=False, exists=True))
 @click.option("--from-start", is_flag=True, help="Print the records already there first.")
 @record_filters
 @reports_errors
-def follow(logdir: str, from_start: bool, fmt: str, since: str | None, until: str | None,
-           user: str | None, path_glob: str | None, events: tuple[str, ...]) -> None:
+def follow(logdirs: tuple[str, ...], from_start: bool, fmt: str, since: str | None,
+           until: str | None, user: str | None, path_glob: str | None,
+           events: tuple[str, ...]) -> None:
     """Print records of the log in LOGDIR as they are written (like tail -f).
+
+    Several LOGDIRs: all of them at once, records interleaved as they
+    arrive (what one look at the logs finds, merged by time); with
+    --from-start, the records already there first, merged by time.
 
     Ctrl-C stops it.  The csv header is printed once.
     """
     flt = make_filter(since, until, user, path_glob, events)
+    if len(logdirs) > 1:
+        check_together(list(logdirs))
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _tolerant_stdout()
+    source = follow_records(logdirs[0], from_start) if len(logdirs) == 1 else \
+        follow_many(list(logdirs), from_start)
     try:
-        for chunk in WRITERS[fmt](r for r in follow_records(logdir, from_start) if flt(r)):
+        for chunk in WRITERS[fmt](r for r in source if flt(r)):
             sys.stdout.write(chunk)
             sys.stdout.flush()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import click
 
 from cryptfs.audit.chain import KEY_FILE, PUB_NAME, SEGMENT_RE
 from cryptfs.audit.export import parse_time
+from cryptfs.audit.merge import check_together
 from cryptfs.audit.report import LogSource, verdict_text, write_report
 from cryptfs.cli.audit import LogDamaged, _read_key, audit
 from cryptfs.cli.common import reports_errors
@@ -62,7 +63,9 @@ def report(logdirs: tuple[str, ...], out: str, keys: tuple[str, ...], since: str
     without a network: no script, nothing fetched.
 
     Give the mount's log and the key agent's together to see both on one
-    page.  Exit 0 if every log verifies, 6 if one does not (the page is
+    page; and the logs of every server of a shared volume, to see them as
+    one story (records merged by time; the tables then name each row's
+    server).  Exit 0 if every log verifies, 6 if one does not (the page is
     written all the same, with that verdict first).
 
     \b
@@ -71,6 +74,7 @@ def report(logdirs: tuple[str, ...], out: str, keys: tuple[str, ...], since: str
           --key customers.pub --key agent.pub --since 2026-11-01 --html report.html
     """
     sources = _sources(logdirs, keys)
+    check_together(list(logdirs))
     rep = write_report(sources, out, since=parse_time(since) if since else None,
                           until=parse_time(until) if until else None)
     for lr in rep.logs:

@@ -9,6 +9,7 @@ import click
 
 from cryptfs.audit import check_log
 from cryptfs.audit.commands import bound_log
+from cryptfs.audit.writer import LogTarget, check_server
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors, unlock_recorded
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
@@ -41,12 +42,17 @@ from cryptfs.volume import read_volume
 @click.option("--audit-fail-open", is_flag=True,
               help="With --audit-log: if the log cannot be written, serve anyway and raise an "
                    "alarm in the daemon's log (default: refuse).")
+@click.option("--server", metavar="NAME",
+              help="The server name every record of the access log carries (chained and "
+                   "sealed with it), so that an auditor merging several servers' logs sees who "
+                   "wrote what (default: the name the log was given before, else this "
+                   "machine's host name).")
 @passphrase_option()
 @reports_errors
 def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
           log_file: str | None, pid_file: str | None, use_agent: bool,
           agent_socket: str | None, audit_log: str | None, audit_fail_open: bool,
-          passphrase_file: str | None) -> None:
+          server: str | None, passphrase_file: str | None) -> None:
     """Unlock BACKING and mount its plaintext view on MOUNTPOINT.
 
     Returns once the filesystem is ready; the filesystem daemon stays in the
@@ -66,13 +72,15 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
     opts = [o.strip() for group in options for o in group.split(",") if o.strip()]
     if audit_log is not None:
         check_log(audit_log)
+    if server is not None:
+        check_server(server)
     if use_agent:
         if passphrase_file is not None:
             raise UsageError("--agent mounts take no passphrase: users unlock with cryptfs unlock")
         if os.geteuid() != 0:
             raise UsageError("a shared --agent mount must be started by root")
         locked = read_volume(backing)
-        audit = _audit_for(locked.config, audit_log, audit_fail_open)
+        audit = _audit_for(locked.config, audit_log, audit_fail_open, server)
         link = functools.partial(watch_agent, os.path.abspath(socket_path(agent_socket)),
                                  locked.backing, locked.config.volume_id.hex())
         # noexec unless asked otherwise: programs are not run from customer
@@ -90,7 +98,7 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         vol = unlock_recorded(backing, pw)
     try:
         load_policy(vol.config, vol.keys)  # a policy that does not open: refuse here, clearly
-        audit = _audit_for(vol.config, audit_log, audit_fail_open)
+        audit = _audit_for(vol.config, audit_log, audit_fail_open, server)
     except BaseException:
         vol.close()
         raise
@@ -98,8 +106,8 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
                  pid_file=pid_file, audit=audit)
 
 
-def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool
-               ) -> tuple[str, bool] | None:
+def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool, server: str | None
+               ) -> LogTarget | None:
     """The access log a mount writes: the one the volume is bound to, else --audit-log."""
     if cfg.audit is not None:
         bound = cfg.audit["dir"]
@@ -107,12 +115,14 @@ def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool
             raise UsageError(f"this volume is bound to the access log in {bound}, "
                              f"not {audit_log}", hint="leave out --audit-log")
         bound_log(bound, cfg.audit["key"])
-        return bound, fail_open
+        return LogTarget(bound, fail_open, server)
     if audit_log is None:
         if fail_open:
             raise UsageError("--audit-fail-open goes with an access log (--audit-log)")
+        if server is not None:
+            raise UsageError("--server names the server in an access log (--audit-log)")
         return None
-    return os.path.abspath(audit_log), fail_open
+    return LogTarget(os.path.abspath(audit_log), fail_open, server)
 
 
 @click.command()

@@ -16,12 +16,15 @@ import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptfs import rotate
 from cryptfs.errors import CryptfsError, MountError, UsageError
 from cryptfs.mounttable import is_fuse_mount, mounts
 from cryptfs.volume import LockedVolume, Volume
+
+if TYPE_CHECKING:
+    from cryptfs.audit.writer import LogTarget
 
 # A task run beside the filesystem for as long as it is mounted; it gets the
 # operations object (cryptfs.ops.CryptOperations).
@@ -117,7 +120,7 @@ def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> list[str]:
 
 def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd: int | None,
           pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
-          audit: tuple[str, bool] | None = None) -> int:
+          audit: LogTarget | None = None) -> int:
     """Mount, signal readiness on ``ready_fd``, serve until unmounted."""
     import trio
 
@@ -146,8 +149,9 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
     ops = CryptOperations(vol)
     if audit is not None:
         from cryptfs.audit import AuditLog, Auditor
-        logdir, fail_open = audit
-        ops.audit = Auditor(AuditLog(logdir), vol.config.volume_id.hex(), fail_open)
+        logdir, fail_open, server = audit
+        ops.audit = Auditor(AuditLog(logdir, server=server), vol.config.volume_id.hex(),
+                            fail_open)
         if not ops.audit.write("mount", "allowed", os.getuid(), os.getpid(), path=mnt,
                                backing=vol.backing):
             raise MountError(f"cannot write the access log in {logdir}")
@@ -230,7 +234,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
 def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: bool,
                  options: Iterable[str], log_file: str | None = None,
                  pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
-                 audit: tuple[str, bool] | None = None) -> None:
+                 audit: LogTarget | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
     opts = fuse_options(vol, options)
     if log_file:

@@ -382,7 +382,7 @@ def test_export_for_one_user_gives_exactly_their_records(day: Day) -> None:
         "uid": str(uid), "user": "cfs-bob", "pid": str(r["pid"]), "exe": r["exe"],
         "path": r["path"], "new_path": r.get("new_path", ""), "intent": r.get("intent", ""),
         "bytes_read": str(r.get("bytes_read", "")), "bytes_written": str(r.get("bytes_written", "")),
-        "duration_ns": str(r.get("duration_ns", "")),
+        "duration_ns": str(r.get("duration_ns", "")), "server": r["server"],
     } for i, r in enumerate(bobs)]
     for row, r in zip(rows, bobs, strict=True):
         secs, ns = divmod(r["time_ns"], 10**9)

@@ -29,7 +29,7 @@ from cryptfs.errors import BackingIOError, UsageError
 FORMATS = ("jsonl", "csv", "cef", "ecs", "ocsf")
 CSV_COLUMNS = ("seq", "time", "volume", "event", "outcome", "reason", "uid", "user", "pid",
                "exe", "path", "new_path", "intent", "bytes_read", "bytes_written",
-               "duration_ns")
+               "duration_ns", "server")
 
 
 def records(logdir: str, checked: bool = True) -> Iterator[dict[str, Any]]:
@@ -45,6 +45,59 @@ def records(logdir: str, checked: bool = True) -> Iterator[dict[str, Any]]:
         yield from _records_of(os.path.join(logdir, name), checked)
 
 
+class Tail:
+    """Where a reader of a live log stands: :meth:`read` gives what was
+    written since, whole lines only, across new segments (``moved`` says
+    whether it got anywhere, records or not: a checkpoint moves it too).
+
+    Without ``from_start`` it starts at the end of what is written now."""
+
+    def __init__(self, logdir: str, from_start: bool = False) -> None:
+        self.logdir = logdir
+        names = self._segments()
+        self.current = names[-1] if names else None
+        self.pos = 0
+        self.backlog: list[str] = []  # whole segments before the current one, to read first
+        self.moved = False
+        if self.current is not None and not from_start:
+            self.pos = data_end(os.path.join(logdir, self.current))
+        elif from_start:
+            self.backlog = names[:-1]
+
+    def _segments(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.logdir) if SEGMENT_RE.match(n))
+        except OSError as e:
+            raise BackingIOError(f"{self.logdir}: {e.strerror}") from None
+
+    def read(self) -> list[dict[str, Any]]:
+        """The records written since the last read (one older segment at a time)."""
+        self.moved = False
+        if self.backlog:
+            self.moved = True
+            return list(_records_of(os.path.join(self.logdir, self.backlog.pop(0))))
+        while True:
+            if self.current is None:
+                names = self._segments()
+                if not names:
+                    return []
+                self.current, self.pos = names[0], 0
+            with open(os.path.join(self.logdir, self.current), "rb") as f:
+                f.seek(self.pos)
+                chunk = f.read()
+            # Only whole lines, and never past a line still being copied in: the
+            # next look starts where the last whole one ended.
+            lines, end = segment_lines(chunk, live_ok=False)
+            self.pos += end
+            if end:
+                self.moved = True
+                return list(records_in(lines))
+            later = [n for n in self._segments() if n > self.current]
+            if not later:
+                return []
+            self.current, self.pos = later[0], 0
+
+
 def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
            stop: Callable[[], bool] = lambda: False) -> Iterator[dict[str, Any]]:
     """Records as they are written (like ``tail -f``), across new segments.
@@ -52,54 +105,24 @@ def follow(logdir: str, from_start: bool = False, poll: float = 0.2,
     Without ``from_start``, only records written from now on."""
     import time as _time
 
-    def segs() -> list[str]:
-        try:
-            return sorted(n for n in os.listdir(logdir) if SEGMENT_RE.match(n))
-        except OSError as e:
-            raise BackingIOError(f"{logdir}: {e.strerror}") from None
-
-    names = segs()
-    current = names[-1] if names else None
-    pos = 0
-    if current is not None and not from_start:
-        pos = data_end(os.path.join(logdir, current))
-    elif from_start:
-        for name in names[:-1]:
-            yield from _records_of(os.path.join(logdir, name))
+    tail = Tail(logdir, from_start)
     while not stop():
-        if current is None:
-            names = segs()
-            current = names[0] if names else None
-            pos = 0
-            if current is None:
-                _time.sleep(poll)
-                continue
-        with open(os.path.join(logdir, current), "rb") as f:
-            f.seek(pos)
-            chunk = f.read()
-        # Only whole lines, and never past a line still being copied in: the
-        # next look starts where the last whole line ended.
-        lines, end = segment_lines(chunk, live_ok=False)
-        pos += end
-        yield from _records_in(lines)
-        later = [n for n in segs() if n > current]
-        if later and not end:
-            current, pos = later[0], 0
-            continue
-        if not end:
+        yield from tail.read()
+        if not tail.moved:
             _time.sleep(poll)
 
 
 def _records_of(path: str, checked: bool = True) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as f:
         data = f.read()  # (one copy: a live segment changes under a reader)
-    yield from _records_in(segment_lines(data)[0], checked)
+    yield from records_in(segment_lines(data)[0], checked)
 
 
-TEXT_FIELDS = ("volume", "outcome", "reason", "user", "exe", "path", "new_path", "intent", "log")
+TEXT_FIELDS = ("volume", "outcome", "reason", "user", "exe", "path", "new_path", "intent", "log",
+               "server")
 
 
-def _records_in(lines: Iterable[bytes], checked: bool = True) -> Iterator[dict[str, Any]]:
+def records_in(lines: Iterable[bytes], checked: bool = True) -> Iterator[dict[str, Any]]:
     """The records among segment lines (headers, checkpoints, torn lines left
     out).  Each is parsed as `audit verify` parses it (a line ends at LF; of
     duplicate keys the last counts) and given out re-serialised: the values
@@ -237,7 +260,7 @@ def as_cef(rs: Iterable[dict[str, Any]]) -> Iterator[str]:
             "suid": r.get("uid"), "suser": r.get("user"), "spid": r.get("pid"),
             "sproc": r.get("exe"), "filePath": r.get("path"), "oldFilePath": None,
             "outcome": r.get("outcome"), "reason": r.get("reason"),
-            "cs1Label": "volume", "cs1": r.get("volume"),
+            "cs1Label": "volume", "cs1": r.get("volume"), "dvchost": r.get("server"),
             "cn1Label": "seq", "cn1": r.get("seq"),
             "in": r.get("bytes_read"), "out": r.get("bytes_written"),
         }
@@ -268,6 +291,8 @@ def ecs_document(r: dict[str, Any]) -> dict[str, Any]:
         "process": {"pid": r.get("pid"), "executable": r.get("exe") or None},
         "cryptfs": {"volume": r.get("volume"), "log": r.get("log"), "hash": r.get("h")},
     }
+    if r.get("server") is not None:
+        doc["host"] = {"name": r["server"]}
     if r.get("reason"):
         doc["event"]["reason"] = r["reason"]
     if r.get("path") is not None:
@@ -315,6 +340,8 @@ def ocsf_event(r: dict[str, Any]) -> dict[str, Any]:
     }
     if r.get("reason"):
         ev["status_detail"] = r["reason"]
+    if r.get("server") is not None:
+        ev["device"] = {"hostname": r["server"], "type_id": 1, "type": "Server"}
     if activity == 99:
         ev["activity_name"] = r.get("event") or "Other"
     if r.get("new_path") is not None:

@@ -24,13 +24,14 @@ import os
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptfs import __version__
 from cryptfs.audit.chain import PUB_NAME, verifier_text
 from cryptfs.audit.export import iso, records
+from cryptfs.audit.merge import merge_key
 from cryptfs.audit.verify import Verdict, verify
 from cryptfs.errors import BackingIOError, UsageError
 
@@ -81,6 +82,7 @@ class Rec:
     path: str | None
     new_path: str | None
     reason: str
+    server: str  # "" in records written before records named their server
     raw: dict[str, Any]
 
     @classmethod
@@ -93,7 +95,8 @@ class Rec:
         path, new_path = r.get("path"), r.get("new_path")
         return cls(t, r["event"], _str(r.get("outcome")), user, uid, _str(r.get("exe")),
                    None if path is None else _str(path),
-                   None if new_path is None else _str(new_path), _str(r.get("reason")), r)
+                   None if new_path is None else _str(new_path), _str(r.get("reason")),
+                   _str(r.get("server")), r)
 
 
 class Capped:
@@ -199,6 +202,7 @@ class Report:
     last: int | None = None
     records: int = 0
     users: set[str] = field(default_factory=set)
+    servers: set[str] = field(default_factory=set)  # named by the records in the period
     files: dict[str, FileStats] = field(default_factory=dict)
     programs: dict[str, ProgramStats] = field(default_factory=dict)
     per_user: Counter[str] = field(default_factory=Counter)
@@ -220,6 +224,8 @@ class Report:
             lr.log_ids.add(rec.raw["log"])
         if isinstance(rec.raw.get("volume"), str) and len(lr.volumes) < 8:
             lr.volumes.add(rec.raw["volume"])
+        if rec.server:
+            self.servers.add(rec.server)
         lr.sessions += rec.event in ("unlock", "lock")
         person = rec.uid is not None and rec.uid >= 0
         if person and rec.event not in ("mount", "unmount"):
@@ -256,17 +262,21 @@ class Report:
 
 def collect(sources: Iterable[LogSource], since: int | None = None,
             until: int | None = None) -> Report:
-    """Verify each log, then read its records in the period through once."""
+    """Verify each log, then read the records in the period through once,
+    the logs merged by time (cryptfs.audit.merge)."""
     rep = Report(since=since, until=until)
     for src in sources:
-        lr = LogResult(src, verify(src.logdir, src.public))
-        rep.logs.append(lr)
-        for raw in records(src.logdir, checked=False):
-            rec = Rec.of(raw)
-            if rec is None:
-                lr.unreadable += 1
-            elif (since is None or rec.t >= since) and (until is None or rec.t <= until):
-                rep.add(lr, rec)
+        rep.logs.append(LogResult(src, verify(src.logdir, src.public)))
+
+    def of(lr: LogResult) -> Iterator[tuple[LogResult, dict[str, Any]]]:
+        return ((lr, raw) for raw in records(lr.source.logdir, checked=False))
+
+    for lr, raw in heapq.merge(*(of(lr) for lr in rep.logs), key=lambda i: merge_key(i[1])):
+        rec = Rec.of(raw)
+        if rec is None:
+            lr.unreadable += 1
+        elif (since is None or rec.t >= since) and (until is None or rec.t <= until):
+            rep.add(lr, rec)
     return rep
 
 
@@ -468,7 +478,10 @@ def _verification(rep: Report) -> str:
         mark = {"ok": "\u2713 ", "warn": "\u2713 ", "bad": "\u2717 "}[cls]
         ids = ", ".join(_text(i) for i in sorted(lr.log_ids)[:3])
         vols = ", ".join(_text(x[:12]) for x in sorted(lr.volumes)[:3])
-        about = "log" + (f" “{ids}”" if ids else "") + (f" · volume {vols}" if vols else "")
+        servers = ", ".join(_text(x) for x in sorted(v.servers)[:3])
+        about = ("log" + (f" “{ids}”" if ids else "")
+                 + (f" · server{'s' if len(v.servers) > 1 else ''} {servers}" if servers else "")
+                 + (f" · volume {vols}" if vols else ""))
         out.append(f"<div class=\"verdict {cls}\"><div class=\"head\">"
                    f"<span class=\"state\">{mark}{state}</span>"
                    f"<span class=\"log\">{_text(src.logdir)}</span></div>\n"
@@ -729,12 +742,26 @@ def _when_cell(r: Rec) -> str:
     return f"<td class=\"time\">{_when(r.t)}</td>"
 
 
+def _by_server(rep: Report) -> bool:
+    """Whether the tables name the server of each row: when the records come
+    from more than one."""
+    return len(rep.servers) > 1
+
+
+def _when_where(rep: Report) -> list[tuple[str, str]]:
+    return [("Time (UTC)", "")] + ([("Server", "")] if _by_server(rep) else [])
+
+
+def _when_where_cells(rep: Report, r: Rec) -> str:
+    return _when_cell(r) + (f"<td>{_text(r.server)}</td>" if _by_server(rep) else "")
+
+
 def _denials(rep: Report) -> str:
     return _incidents(
         "denials", "Denials", rep.denials, "No access was denied in this period.",
-        [("Time (UTC)", ""), ("User", ""), ("Program", ""), ("Event", ""), ("Path", ""),
+        [*_when_where(rep), ("User", ""), ("Program", ""), ("Event", ""), ("Path", ""),
          ("Reason", "")],
-        lambda r: (f"<tr>{_when_cell(r)}<td>{_text(r.user)}</td>{_exe_cell(r)}"
+        lambda r: (f"<tr>{_when_where_cells(rep, r)}<td>{_text(r.user)}</td>{_exe_cell(r)}"
                    f"<td>{_text(r.event)}</td>{_path_cell(r)}<td>{_text(r.reason)}</td></tr>"),
         "denials", "The first ones are shown; <code>cryptfs audit export LOGDIR --format csv</code> "
                    "lists all (outcome <code>denied</code>).")
@@ -747,9 +774,9 @@ def _failed_unlocks(rep: Report) -> str:
                        "<code>cryptfs-agent --audit-log</code>)") + ".")
     return _incidents(
         "unlocks", "Failed unlocks", rep.failed_unlocks, nothing,
-        [("Time (UTC)", ""), ("User", ""), ("Program", ""), ("Volume", ""), ("Slot", "num"),
+        [*_when_where(rep), ("User", ""), ("Program", ""), ("Volume", ""), ("Slot", "num"),
          ("In a row", "num"), ("Reason", "")],
-        lambda r: (f"<tr>{_when_cell(r)}<td>{_text(r.user)}</td>{_exe_cell(r)}{_path_cell(r)}"
+        lambda r: (f"<tr>{_when_where_cells(rep, r)}<td>{_text(r.user)}</td>{_exe_cell(r)}{_path_cell(r)}"
                    f"<td class=\"num\">{_text(r.raw.get('slot'))}</td>"
                    f"<td class=\"num\">{_text(r.raw.get('failures'))}</td>"
                    f"<td>{_text(r.reason)}</td></tr>"),
@@ -761,8 +788,8 @@ def _integrity(rep: Report) -> str:
     return _incidents(
         "integrity", "Integrity failures", rep.integrity,
         "No integrity failure in this period.",
-        [("Time (UTC)", ""), ("Path", ""), ("Inode", "num"), ("Where", "")],
-        lambda r: (f"<tr>{_when_cell(r)}{_path_cell(r)}"
+        [*_when_where(rep), ("Path", ""), ("Inode", "num"), ("Where", "")],
+        lambda r: (f"<tr>{_when_where_cells(rep, r)}{_path_cell(r)}"
                    f"<td class=\"num\">{_text(r.raw.get('ino'))}</td>"
                    f"<td>{_text(r.reason)}</td></tr>"),
         "integrity failures", "The first ones are shown; <code>cryptfs audit export LOGDIR "

@@ -73,8 +73,8 @@ EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
 NOTICE_EVENTS = frozenset({"mount", "unmount", "unlock", "lock", "log-resumed"})
 
 # The record's fields in the order a person reads them; the rest follow, sorted.
-SD_ORDER = ("seq", "time_ns", "log", "volume", "event", "outcome", "reason", "uid", "user",
-            "pid", "exe", "path", "new_path", "intent", "bytes_read", "bytes_written",
+SD_ORDER = ("seq", "time_ns", "log", "server", "volume", "event", "outcome", "reason", "uid",
+            "user", "pid", "exe", "path", "new_path", "intent", "bytes_read", "bytes_written",
             "duration_ns", "size", "mode", "name")
 
 

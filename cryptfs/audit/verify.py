@@ -40,6 +40,7 @@ class Verdict:
     epochs: int = 0
     last_seal_ns: int | None = None
     problems: list[str] = field(default_factory=list)
+    servers: dict[str, int] = field(default_factory=dict)  # server named -> its records
 
     @property
     def ok(self) -> bool:
@@ -161,5 +162,8 @@ def verify(logdir: str, public: bytes) -> Verdict:
                              "spacing, key order or escapes changed): edited")
             h, seq = claimed or got, obj["seq"]
             pending += 1
+            server = obj.get("server")
+            if isinstance(server, str):  # (older records name none)
+                v.servers[server] = v.servers.get(server, 0) + 1
     v.unsealed = pending
     return v

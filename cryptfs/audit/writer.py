@@ -15,9 +15,11 @@ import logging
 import mmap
 import os
 import pwd
+import re
+import socket
 import stat
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -44,14 +46,47 @@ from cryptfs.errors import BackingIOError, UsageError
 from cryptfs.modes.rand import random_bytes
 
 log = logging.getLogger("cryptfs")
-log = logging.getLogger("cryptfs")
 
 RESERVE = 64 << 10  # room made sure of before a request acts (a record is far smaller)
 LOCK_FILE = "audit.lock"  # flock'ed by the one writer of the moment; holds its pid
 
+# The server a record names (its "server" field): a host name's characters,
+# so that it can also be a syslog HOSTNAME and a CSV cell as it is.
+SERVER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def check_server(name: str, what: str = "--server") -> str:
+    """``name`` if it can name a server in the log (UsageError otherwise)."""
+    if not isinstance(name, str) or not SERVER_RE.fullmatch(name):
+        raise UsageError(f"unusable server name {name!r} ({what}): 1 to 253 letters, digits, "
+                         "'.', '-' or '_', starting with a letter or digit")
+    return name
+
+
+def default_server() -> str:
+    """This machine's host name, as the server of records when none was given."""
+    name = socket.gethostname()
+    try:
+        return check_server(name, "the host name")
+    except UsageError as e:
+        raise UsageError(str(e), hint="name the server: --server NAME") from None
+
+
+class LogTarget(NamedTuple):
+    """The access log a mount writes: where, whether it fails open, and the
+    server name its records carry (None: the log's own, else the host name)."""
+
+    logdir: str
+    fail_open: bool = False
+    server: str | None = None
+
+
 # -- writing ---------------------------------------------------------------------------------------
-def init_log(logdir: str, log_id: str) -> str:
-    """Create a log directory: the epoch-0 key pair; returns the verifier key text."""
+def init_log(logdir: str, log_id: str, server: str | None = None) -> str:
+    """Create a log directory: the epoch-0 key pair; returns the verifier key text.
+    ``server``: the name its records carry unless a writer is given another."""
+    if server is not None:
+        check_server(server)
     try:
         os.makedirs(logdir, mode=0o700, exist_ok=True)
         if any(n == KEY_FILE or SEGMENT_RE.match(n) for n in os.listdir(logdir)):
@@ -60,8 +95,11 @@ def init_log(logdir: str, log_id: str) -> str:
         raise BackingIOError(f"{logdir}: {e.strerror}") from None
     seed = random_bytes(32)
     pub = verifier_text(public_of(seed))
-    _write_state(logdir, {"log": log_id, "epoch": 0, "seed": b64(seed), "segment": 1,
-                          "seq": 0, "h": b64(ZERO)})
+    state: dict[str, Any] = {"log": log_id, "epoch": 0, "seed": b64(seed), "segment": 1,
+                             "seq": 0, "h": b64(ZERO)}
+    if server is not None:
+        state["server"] = server
+    _write_state(logdir, state)
     replace_file(logdir, PUB_NAME, (pub + "\n").encode(), 0o644)
     return pub
 
@@ -143,11 +181,16 @@ def _take_lock(logdir: str, wait: float) -> int:
 
 class AuditLog:
     """The writer.  Not thread-safe; one process at a time writes a log
-    directory (it holds LOGDIR/audit.lock, taken here, for as long as it is open)."""
+    directory (it holds LOGDIR/audit.lock, taken here, for as long as it is open).
+
+    Every record names the server that wrote it (``server``, chained and
+    sealed with the rest): the name given here, which the log then keeps
+    for later writers; else the one it kept; else this machine's host name."""
 
     def __init__(self, logdir: str, seal_every: int = 4096, seal_seconds: float = 60.0,
                  segment_bytes: int = 16 << 20, segment_seconds: float = 86400.0,
-                 clock: Any = time.time_ns, wait: float = 10.0) -> None:
+                 clock: Any = time.time_ns, wait: float = 10.0,
+                 server: str | None = None) -> None:
         self.logdir = logdir
         check_log(logdir)
         self._lock = _take_lock(logdir, wait)
@@ -166,16 +209,26 @@ class AuditLog:
             self.seq: int = st["seq"]
             self.h: bytes = unb64(st["h"])
             self._pending: str | None = st.get("pending")  # a checkpoint signed, not yet written
+            kept = st.get("server")  # (a name given before, kept for later writers)
+            if kept is not None:
+                check_server(kept, KEY_FILE)
             if not (isinstance(self.log_id, str) and isinstance(self.epoch, int)
                     and isinstance(self.segment, int) and isinstance(self.seq, int)
                     and self.seq >= 0 and self.segment >= 1 and len(self._seed) == 32
                     and len(self.h) == 32
                     and (self._pending is None or isinstance(self._pending, str))):
                 raise ValueError("audit.key holds the wrong types")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, UsageError) as e:
             os.close(self._lock)
             raise UsageError(f"{logdir} is not a usable audit log ({getattr(e, 'strerror', e)})",
                              hint="create one with: cryptfs audit init LOGDIR") from None
+        self._server_kept = server is not None or kept is not None
+        try:
+            self.server: str = check_server(server) if server is not None \
+                else kept or default_server()
+        except UsageError:
+            os.close(self._lock)
+            raise
         self._fd = -1
         self._map: mmap.mmap | None = None
         self._seal_failed = False
@@ -294,6 +347,7 @@ class AuditLog:
         if self._pending is not None:
             self._write_pending()
         rec["seq"], rec["time_ns"], rec["log"] = self.seq + 1, self.clock(), self.log_id
+        rec["server"] = self.server
         try:
             body = orjson.dumps(rec, option=orjson.OPT_SORT_KEYS)
         except TypeError:  # text that is not UTF-8 (a lone surrogate): its code as \udNNN
@@ -406,6 +460,8 @@ class AuditLog:
                  "segment": self.segment, "seq": self.seq, "h": b64(self.h)}
         if pending is not None:
             state["pending"] = pending
+        if self._server_kept:
+            state["server"] = self.server
         _write_state(self.logdir, state)
 
     def close(self) -> None:
