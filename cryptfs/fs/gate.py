@@ -229,7 +229,7 @@ class Gate(Core):
         was rotated again after the agent read it): its keys if it descends
         from the agent's generation and a user key this mount holds opens it;
         None if that cannot be told yet (this mount keeps what it has and the
-        agent, which re-reads the config every 2 s, sends the newer key).
+        agent, which re-reads the config every second, sends the newer key).
         CryptfsError if it does not descend from it (put back, forged)."""
         if self.keys is not None and self.keys.key_id >= fresh.key_id:
             return None  # (this mount followed it already; the agent's key is the older one)
