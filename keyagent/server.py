@@ -274,8 +274,8 @@ class Agent:
             keys = follow.reopen(cfg, cfg.volume_id, held_keys, lambda: [
                 (slot_for_uid(cfg, s.uid), s.private) for s in sessions if s.private is not None])
         except CryptfsError as e:
-            log.error("volume %s at %s: its config cannot be used: %s", vol.volume_id,
-                      vol.path, e)
+            log.error("volume %s at %s: its config cannot be used (%s): not followed",
+                      vol.volume_id, vol.path, str(e).removesuffix(": not followed"))
             self._end_volume(vol.key, "the volume's config was replaced")
             return
         finally:
