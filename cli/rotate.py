@@ -153,7 +153,7 @@ def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] 
             break
         except OSError as e:
             # EBUSY: the mount has not got the new key yet (an agent mount gets
-            # it from the agent, which re-reads the config every 2 s).
+            # it from the agent, or reads the config itself, every second).
             if e.errno == errno.EBUSY and not wait:
                 return None
             if e.errno == errno.EBUSY and time.monotonic() < deadline:

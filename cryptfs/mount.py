@@ -195,6 +195,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
             frontend.attach(session, nursery)
             nursery.start_soon(on_signal)
             nursery.start_soon(ops.rotation_worker)
+            nursery.start_soon(ops.config_watch)  # (an idle mount follows admin changes too)
             if ops.audit is not None:
                 nursery.start_soon(ops.audit.sealer)
             for task in side_tasks:

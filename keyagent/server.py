@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from cryptfs import follow
 from cryptfs.audit import Auditor
 from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config_at, user_authority
 from cryptfs.errors import CryptfsError, NotAVolume
@@ -43,7 +44,7 @@ log = logging.getLogger("cryptfs.agent")
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 CONFIRM_WITHIN = 2.0  # seconds to wait for the mounts to apply an unlock or lock
-CONFIG_CHECK_EVERY = 2.0  # seconds between checks of held volumes' configs
+CONFIG_CHECK_EVERY = follow.CHECK_EVERY  # seconds between checks of held volumes' configs
 FS_TIMEOUT = 10.0  # seconds a backing file system has to answer the agent
 FS_PER_UID = 4  # file-system calls one uid's requests may have running at a time
 
@@ -152,7 +153,7 @@ class Agent:
         self._watchers: dict[str, set[_Watcher]] = {}
         self._seq = 0  # number of the last event sent to watchers
         self._acked = trio.Event()  # set (and replaced) whenever a watcher confirms or leaves
-        self._config_stamps: dict[str, tuple[int, ...]] = {}  # volume key -> config stat
+        self._config_stamps: dict[str, follow.Stamp | None] = {}  # volume key -> config stamp
         self._unlocking: set[int] = set()
         self._argon2 = trio.CapacityLimiter(opts.argon2_parallel)
         self.early_signals: list[int] = []  # stops asked for before run() listened for them
@@ -267,21 +268,26 @@ class Agent:
         if cfg.volume_id.hex() != vol.volume_id:
             self._end_volume(vol.key, "the volume's config was replaced")
             return
-        if cfg.key_id != held[1] or not self._authentic(cfg, held[0]):
-            if not self._follow_rotation(vol, cfg):
-                self._end_volume(vol.key, "the volume's config was replaced")
-                return
+        sessions = [s for s in self.store.of_uid(None) if s.volume.key == vol.key]
+        held_keys = VolumeKeys(Secret(held[0].reveal()), held[1])
+        try:  # (the same generation, authenticated; or a rotation, followed: cryptfs.follow)
+            keys = follow.reopen(cfg, cfg.volume_id, held_keys, lambda: [
+                (slot_for_uid(cfg, s.uid), s.private) for s in sessions if s.private is not None])
+        except CryptfsError as e:
+            log.error("volume %s at %s: its config cannot be used (%s): not followed",
+                      vol.volume_id, vol.path, str(e).removesuffix(": not followed"))
+            self._end_volume(vol.key, "the volume's config was replaced")
+            return
+        finally:
+            held_keys.close()
+        try:
+            if keys.key_id != held[1]:
+                self._follow_rotation(vol, cfg, keys)
+        finally:
+            keys.close()
         for s in self.store.of_uid(None):
             if s.volume.key == vol.key and slot_for_uid(cfg, s.uid) is None:
                 self.lock_session(s, "its key slot was removed")
-
-    @staticmethod
-    def _authentic(cfg: Any, master: Secret) -> bool:
-        try:
-            cfg.open_keys(master).close()
-            return True
-        except CryptfsError:
-            return False
 
     def _rotated_unlock(self, key: str, cfg: Any, master: Secret, private: Secret | None
                         ) -> dict[str, Any] | None:
@@ -296,8 +302,8 @@ class Agent:
             return None
         held_keys = VolumeKeys(Secret(held[0].reveal()), held[1])
         try:
-            ok = private is not None and self._chained(cfg, held_keys, master,
-                                                        user_authority(private.reveal()))
+            ok = private is not None and follow.descends(cfg, held_keys, master,
+                                                          user_authority(private.reveal()))
         finally:
             held_keys.close()
         if ok:
@@ -317,50 +323,11 @@ class Agent:
                                        "running agent cannot verify: it was replaced or forged",
                        )
 
-    @staticmethod
-    def _chained(cfg: Any, held: VolumeKeys, master: Secret, authority: bytes) -> bool:
-        """Whether ``master`` authenticates ``cfg`` and a holder of ``held``
-        (the generation this agent holds) made it: a running agent follows only
-        such a rotation, never an older config put back, nor one made by
-        someone who lacks the current master (a removed user)."""
-        try:
-            new = cfg.open_keys(master, authority)
-        except CryptfsError:
-            return False
-        try:
-            return bool(cfg.follows(held, new))
-        finally:
-            new.close()
-
-    def _follow_rotation(self, vol: VolumeRef, cfg: Any) -> bool:
-        """The volume's master key was rotated: open the new one with a session's
-        private key, hold it, and send it to the mounts.  Sessions that cannot
-        follow (a v1 slot, or a slot that no longer holds the new key) end.
-        False if no session can (then the config is treated as replaced)."""
-        held_now = self.store.master(vol.key)
-        if held_now is None:
-            return False
-        held_keys = VolumeKeys(Secret(held_now[0].reveal()), held_now[1])
-        new: Secret | None = None
-        try:
-            for s in self.store.of_uid(None):
-                if s.volume.key != vol.key or s.private is None:
-                    continue
-                slot = slot_for_uid(cfg, s.uid)
-                opened = cfg.slot_master(slot, s.private) if slot is not None else None
-                if opened is None:
-                    continue
-                if self._chained(cfg, held_keys, opened.master, user_authority(s.private.reveal())):
-                    new = opened.master
-                    break
-                opened.master.wipe()
-        finally:
-            held_keys.close()
-        if new is None:
-            log.error("volume %s at %s: its config has a key generation that no holder of the "
-                      "current one made (put back from earlier, or forged): not followed",
-                      vol.volume_id, vol.path)
-            return False
+    def _follow_rotation(self, vol: VolumeRef, cfg: Any, keys: VolumeKeys) -> None:
+        """The volume's master key was rotated and followed (``keys``): hold the
+        new one and send it to the mounts.  Sessions that cannot follow (a v1
+        slot, or a slot that no longer holds the new key) end."""
+        new = Secret(keys.master.reveal())
         self.store.rekey(vol.key, new, cfg.key_id)
         log.info("volume %s at %s: its key was rotated to generation %d; sessions follow",
                  vol.volume_id, vol.path, cfg.key_id)
@@ -380,17 +347,16 @@ class Agent:
             if not follows:
                 self.lock_session(s, "the volume's key was rotated and this session's slot "
                                      "cannot follow: unlock again")
-        return True
 
-    def _read_config(self, vol: VolumeRef, known: tuple[int, ...] | None
-                     ) -> tuple[tuple[int, ...], Any] | None:
-        """(stat, config) of ``vol``'s config, or None if its stat is ``known``."""
+    def _read_config(self, vol: VolumeRef, known: follow.Stamp | None
+                     ) -> tuple[follow.Stamp | None, Any] | None:
+        """(stamp, config) of ``vol``'s config, or None if its stamp is ``known``."""
         dir_fd, directory, real = self._open_trusted(vol.path)
         try:
             if directory != vol.directory:
                 raise CryptfsError("its backing directory was replaced")
             stamp = self._stamp_at(dir_fd, real)
-            if stamp == known:
+            if not follow.changed(known, stamp):
                 return None
             return stamp, load_config_at(dir_fd, real)
         finally:
@@ -604,20 +570,17 @@ class Agent:
                                                  limiter=limiter)
 
     @staticmethod
-    def _stamp_at(dir_fd: int, real: str) -> tuple[int, ...]:
-        """What tells one version of the config file from another (its stat)."""
+    def _stamp_at(dir_fd: int, real: str) -> follow.Stamp:
+        """What tells one version of the config file from another (cryptfs.follow)."""
         try:
-            st = os.stat(CONFIG_NAME, dir_fd=dir_fd, follow_symlinks=False)
+            return follow.stamp_at(dir_fd)
         except FileNotFoundError:
             raise NotAVolume(f"{real} is not a cryptfs volume (no {CONFIG_NAME})") from None
-        # (ctime too: a writer can set the mtime and keep inode and size)
-        return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
 
-    @classmethod
-    def _config_at(cls, dir_fd: int, real: str) -> tuple[tuple[int, ...], VolumeConfig]:
-        """The config and the stat it was read under (taken first, so a change
-        made while it is read shows as a different stat later)."""
-        return cls._stamp_at(dir_fd, real), load_config_at(dir_fd, real)
+    @staticmethod
+    def _config_at(dir_fd: int, real: str) -> tuple[follow.Stamp | None, VolumeConfig]:
+        """The config and the stamp it was read under (cryptfs.follow.read_at)."""
+        return follow.read_at(dir_fd, real)
 
     # -- operations --------------------------------------------------------------------------
     async def _unlock(self, conn: Conn, msg: dict[str, Any], secret: Secret | None

@@ -1,19 +1,19 @@
 """The volume's keys and config as the mount holds them, and the agent-driven
 gate (agent mode): the ``agent_*`` methods the key agent's link calls, the
-roles learned from the config, the unlocked users, config reload and following
-a rotation.
+roles learned from the config, the unlocked users; and what the mount does
+with a config changed underneath it (re-read and followed through
+cryptfs.follow, on requests and every follow.CHECK_EVERY seconds).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import stat
 from typing import Any
 
 import trio
 
-from cryptfs.config import CONFIG_NAME, load_config, user_authority
+from cryptfs import follow
 from cryptfs.errors import CryptfsError, NotAVolume
 from cryptfs.fs.core import (
     _NO_KEYS,
@@ -39,64 +39,67 @@ log = logging.getLogger("cryptfs")
 class Gate(Core):
     """The keys, the config and the agent-driven gate (see the module)."""
 
-    def _stat_config(self) -> tuple[int, int, int, int] | None:
-        try:  # (through a descriptor of the backing directory: no path walk per create)
-            st = os.stat(CONFIG_NAME, dir_fd=self._backing_fd, follow_symlinks=False)
-        except OSError:
-            return None
-        # (ctime too: a writer can set the mtime and keep inode and size)
-        return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
+    def _stat_config(self) -> follow.Stamp | None:
+        # (through a descriptor of the backing directory: no path walk per create)
+        return follow.stamp_or_none(self._backing_fd)
 
-    def _refresh_config(self) -> None:
-        """Use the config again if it changed (a policy set, a user added, a key
-        rotated): authenticated with the held key, or (after a rotation) with
-        the key this mount's user's slot now holds."""
+    def _refresh_config(self) -> set[int]:
+        """Use the config again if it changed (a policy set, a user added or
+        removed, a key rotated; here or on another server): authenticated with
+        the held key, or (after a rotation) followed with a user key this
+        mount holds (cryptfs.follow).  Returns the uids that lost their key
+        slot (gated: no longer served, whatever the agent says)."""
         stamp = self._stat_config()
-        if stamp == self._config_stamp or self.keys is None:
-            return
+        if not follow.changed(self._config_stamp, stamp) or self.keys is None:
+            return set()
         self._config_stamp = stamp
+        keys = self.keys
         try:
-            fresh = load_config(self.vol.backing)
-            if fresh.volume_id != self.config.volume_id:
-                raise CryptfsError("the volume id changed")
-            if fresh.key_id == self.keys.key_id:
-                keys = fresh.open_keys(self.keys.master)
-            else:
-                keys = self._follow_rotation(fresh)
+            _, fresh = follow.read_at(self._backing_fd, self.vol.backing)
+            keys = follow.reopen(fresh, self.config.volume_id, keys, lambda: self._holders(fresh))
             load_policy(fresh, keys)
         except CryptfsError as e:
+            if keys is not self.keys:
+                keys.close()
             log.warning("the volume's config changed but cannot be used: %s", e)
-            return
+            return set()
+        if keys.key_id != self.keys.key_id:
+            log.info("the volume's key was rotated to generation %d: following", keys.key_id)
         self.config = fresh
         self._swap_keys(keys)
+        return self._drop_slotless()
 
-    def _follow_rotation(self, fresh: Any, since: VolumeKeys | None = None) -> VolumeKeys:
-        """The new master of a rotated config, opened with a user key this
-        mount holds: its own user's, or (gated) an unlocked user's; followed
-        only if a holder of ``since`` (default: the keys held) made it,
-        directly or through generations in between (``fresh.follows``)."""
-        held: list[tuple[Any, Secret]] = []
+    def _holders(self, fresh: Any) -> list[follow.Holder]:
+        """The user keys this mount holds, each with its slot in ``fresh``: its
+        own user's (a passphrase mount), and (gated) each unlocked user's."""
+        held: list[follow.Holder] = []
         slot = getattr(self.vol, "slot", None)
         if slot is not None and self._own_private is not None:
             held.append((next((s for s in fresh.slots if s.id == slot.id), None), self._own_private))
         for uid, priv in self._privates.items():
             held.append((slot_for_uid(fresh, uid), priv))
-        since = since if since is not None else self.keys
-        assert since is not None
-        for now, priv in held:
-            opened = fresh.slot_master(now, priv) if now is not None else None
-            if opened is None:
-                continue
-            with opened.master:
-                keys = fresh.open_keys(opened.master, user_authority(priv.reveal()))
-            if not fresh.follows(since, keys):
-                keys.close()
-                raise NotAVolume("its key generation was not made by a holder of the current "
-                                 "one (a config put back from earlier, or forged): not followed")
-            log.info("the volume's key was rotated to generation %d: following", keys.key_id)
-            return keys
-        raise CryptfsError("its key was rotated and no key slot this mount holds a key of "
-                           "has the new one")
+        return held
+
+    def _drop_slotless(self) -> set[int]:
+        """Gated: stop serving the unlocked uids the config has no slot for any
+        more (removed on any server; the agent also locks them at its next
+        check, but the mount does not wait for it)."""
+        gone = {uid for uid in self._unlocked if slot_for_uid(self.config, uid) is None}
+        for uid in gone:
+            self._unlocked.discard(uid)
+            self._forget_privates(uid)
+            log.info("uid %d has no key slot in the volume's config any more: access revoked", uid)
+        return gone
+
+    async def config_watch(self) -> None:
+        """Look at the config every follow.CHECK_EVERY seconds, whatever the
+        requests do: an idle mount follows a change made elsewhere too."""
+        while True:
+            await trio.sleep(follow.CHECK_EVERY)
+            gone = self._refresh_config()
+            if gone:
+                await self._drop_pages({h.inode.ino for h in self._files.values()
+                                        if h.uid in gone and h.readable})
 
     def _learn_roles(self) -> None:
         """On a shared mount, what each unlocked user's role lets them have
@@ -157,27 +160,15 @@ class Gate(Core):
     def _has_slot(self, uid: int) -> bool:
         """Only a uid with a key slot in this volume's (authenticated) config is
         ever served, whatever the agent says.  A uid not in the config the
-        mount knows makes it read the config again (a user added since), and
-        use it if it authenticates under the key it holds."""
+        mount knows makes it read the config again (a user added since, here
+        or on another server), and use it if it authenticates."""
         if slot_for_uid(self.config, uid) is not None:
             return True
         if self.keys is None:
             return False
-        stamp = self._stat_config()
-        try:
-            fresh = load_config(self.vol.backing)
-            keys = fresh.open_keys(self.keys.master)
-            load_policy(fresh, keys)
-        except CryptfsError as e:
-            log.warning("cannot re-read this volume's config: %s", e)
-            return False
-        if fresh.volume_id != self.config.volume_id:
-            keys.close()
-            return False
-        self.config = fresh
-        self._config_stamp = stamp
-        self._swap_keys(keys)
-        return slot_for_uid(fresh, uid) is not None
+        self._config_stamp = None  # (read it now, whatever its stamp says)
+        self._refresh_config()
+        return slot_for_uid(self.config, uid) is not None
 
     def agent_state(self, uids: list[int], master: Secret | None,
                     key_id: int | None = None) -> None:
@@ -200,10 +191,9 @@ class Gate(Core):
         config check) is followed from it if it descends from it, else the
         mount keeps what it has until the agent sends the newer key.  False:
         refused (access stays denied)."""
-        stamp = self._stat_config()
         try:
             try:
-                fresh = load_config(self.vol.backing)
+                stamp, fresh = follow.read_at(self._backing_fd, self.vol.backing)
             except CryptfsError as e:
                 log.warning("cannot re-read this volume's config (%s): using the one read at "
                             "mount time", e)
@@ -230,6 +220,7 @@ class Gate(Core):
             self._swap_keys(keys)  # (a rotation: open files keep working)
         else:
             self._install(keys)
+        self._drop_slotless()
         log.info("volume keys (generation %d) received from the key agent", keys.key_id)
         return True
 
@@ -238,13 +229,15 @@ class Gate(Core):
         was rotated again after the agent read it): its keys if it descends
         from the agent's generation and a user key this mount holds opens it;
         None if that cannot be told yet (this mount keeps what it has and the
-        agent, which re-reads the config every 2 s, sends the newer key).
+        agent, which re-reads the config every second, sends the newer key).
         CryptfsError if it does not descend from it (put back, forged)."""
         if self.keys is not None and self.keys.key_id >= fresh.key_id:
             return None  # (this mount followed it already; the agent's key is the older one)
         since = VolumeKeys(Secret(master.reveal()), key_id)
         try:
-            return self._follow_rotation(fresh, since)
+            keys, _ = follow.follow(fresh, since, self._holders(fresh))
+            log.info("the volume's key was rotated to generation %d: following", keys.key_id)
+            return keys
         except NotAVolume:
             raise  # (forged, or not of its line: fail closed)
         except CryptfsError:  # (no user key this mount holds opens it yet)

@@ -8,10 +8,11 @@ import errno
 import json
 import logging
 import os
+import time
 
 import trio
 
-from cryptfs import rotate
+from cryptfs import follow, rotate
 from cryptfs.content import read_stanzas
 from cryptfs.errors import CryptfsError
 from cryptfs.fs.core import (
@@ -85,6 +86,12 @@ class Rotation(Core):
                         raise CryptfsError("the volume was locked during the rotation")
                     self._rotate_path(rel, prog, keyring)
                     prog.done += 1
+                # Another server sharing the backing storage may still write headers
+                # of the old generation until it follows (within follow.BOUND):
+                # the old keys stay until then, and the final pass finds those.
+                await trio.sleep(max(0.0, prog.started + follow.SETTLE - time.monotonic()))
+                if self.keys is None:
+                    raise CryptfsError("the volume was locked during the rotation")
                 # Files renamed during the walk may have been missed: one pass that
                 # cannot be interrupted checks every header, then the old keys go.
                 self._rotation_final(prog, keyring)
