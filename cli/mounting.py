@@ -41,12 +41,16 @@ from cryptfs.volume import read_volume
 @click.option("--audit-fail-open", is_flag=True,
               help="With --audit-log: if the log cannot be written, serve anyway and raise an "
                    "alarm in the daemon's log (default: refuse).")
+@click.option("--shared-storage", is_flag=True,
+              help="BACKING is shared with other servers' mounts (JuiceFS, NFS, CephFS ...): "
+                   "cache no entry, attribute or page that they could change "
+                   "(docs/MULTISERVER.md).")
 @passphrase_option()
 @reports_errors
 def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
           log_file: str | None, pid_file: str | None, use_agent: bool,
           agent_socket: str | None, audit_log: str | None, audit_fail_open: bool,
-          passphrase_file: str | None) -> None:
+          shared_storage: bool, passphrase_file: str | None) -> None:
     """Unlock BACKING and mount its plaintext view on MOUNTPOINT.
 
     Returns once the filesystem is ready; the filesystem daemon stays in the
@@ -81,7 +85,8 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         extra = [] if "exec" in opts else ["noexec"]
         mount_volume(locked, mountpoint, foreground=foreground,
                      options=[*opts, *extra, "allow_other", "default_permissions"],
-                     log_file=log_file, pid_file=pid_file, side_tasks=[link], audit=audit)
+                     log_file=log_file, pid_file=pid_file, side_tasks=[link], audit=audit,
+                     shared_storage=shared_storage)
         return
     if agent_socket is not None:
         raise UsageError("--agent-socket needs --agent")
@@ -95,7 +100,7 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         vol.close()
         raise
     mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file,
-                 pid_file=pid_file, audit=audit)
+                 pid_file=pid_file, audit=audit, shared_storage=shared_storage)
 
 
 def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool
