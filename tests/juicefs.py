@@ -149,7 +149,8 @@ class JuiceMount:
         cache = self.root / f"{self.name}-cache"
         cache.mkdir(exist_ok=True)
         with open(self.log, "ab") as out:
-            # Foreground (no -d): no supervisor that would restart it after a kill -9.
+            # Foreground (no -d): no daemon that restarts it after a kill -9; the
+            # worker it spawns shares its process group (see kill).
             self.proc = subprocess.Popen(
                 [juicefs_binary(), "mount", self.meta_url, str(self.mnt), "--cache-dir",
                  str(cache), "--cache-size", "256", "--enable-xattr", "--no-usage-report",
@@ -170,9 +171,13 @@ class JuiceMount:
         return self.proc.pid
 
     def kill(self) -> None:
-        """kill -9 the juicefs process (a crashed server's storage client)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """kill -9 the juicefs processes (a crashed server's storage client): the
+        one started and the worker it spawns to serve the mount (one process group)."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait(15)
 
     def stop(self) -> None:

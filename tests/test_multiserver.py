@@ -272,3 +272,111 @@ def test_both_servers_create_rename_delete_in_one_directory(servers: Servers) ->
     assert any(n.startswith(LONG_PREFIX) for d in work_backing for n in os.listdir(d))
     out = fsck_clean(servers)
     assert f"{len(expected) + 1} files" in out, out  # (and "go")
+
+
+# -- faults --------------------------------------------------------------------------------------
+READER = r'''
+import sys, time
+path, want = sys.argv[1], open(sys.argv[2], "rb").read()
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        with open(path, "rb") as f:
+            got = f.read()
+        print("ok" if got == want else "GARBAGE", flush=True)
+    except OSError as e:
+        print("error", e.errno, flush=True)
+    time.sleep(0.05)
+'''
+
+WRITER = r'''
+import os, sys
+path, data = sys.argv[1], open(sys.argv[2], "rb").read()
+try:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    print("synced", flush=True)
+except OSError as e:
+    print("error", e.errno, flush=True)
+'''
+
+
+def _py(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(["/usr/bin/python3", "-c", script, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/")
+
+
+def test_redis_down_requests_wait_or_fail_never_garbage(juice: JuicePair, servers: Servers,
+                                                        tmp_path: Path) -> None:
+    a, b = servers.a, servers.b
+    known, synced, during = os.urandom(3 * BLOCK + 1), os.urandom(2 * BLOCK), os.urandom(BLOCK)
+    write(a.path("known"), known)
+    with open(a.path("synced"), "wb") as f:
+        f.write(synced)
+        f.flush()
+        os.fsync(f.fileno())
+    (tmp_path / "known").write_bytes(known)
+    (tmp_path / "during").write_bytes(during)
+    juice.redis.kill()  # (its append-only file holds what it acknowledged)
+    try:
+        reader = _py(READER, str(b.path("known")), str(tmp_path / "known"), "4")
+        writer = _py(WRITER, str(a.path("during")), str(tmp_path / "during"))
+        time.sleep(3)
+    finally:
+        juice.redis.start()
+    r_out, r_err = reader.communicate(timeout=180)
+    w_out, w_err = writer.communicate(timeout=180)
+    lines = r_out.split()
+    assert "GARBAGE" not in lines and r_err == "", r_out + r_err
+    assert w_out.split()[0] in ("synced", "error"), w_out + w_err
+    # service resumes on both, with everything that was acknowledged
+    for m in (a, b):
+        assert m.path("known").read_bytes() == known
+        assert m.path("synced").read_bytes() == synced
+        if w_out.startswith("synced"):
+            assert m.path("during").read_bytes() == during
+    write(b.path("after"), b"back")
+    assert a.path("after").read_bytes() == b"back"
+    assert "clean" in fsck_clean(servers)
+
+
+def test_one_juicefs_mount_killed_the_other_server_serves(juice: JuicePair,
+                                                          servers: Servers) -> None:
+    a, b = servers.a, servers.b
+    data = os.urandom(2 * BLOCK + 3)
+    write(a.path("f"), data)
+    assert b.path("f").read_bytes() == data
+    juice.a.kill()  # kill -9 of server A's juicefs process
+    try:
+        for cmd in (["cat", str(a.path("f"))], ["touch", str(a.path("new-on-a"))]):
+            res = subprocess.run(cmd, capture_output=True, timeout=60)
+            assert res.returncode != 0 and res.stdout == b"", res
+        assert "Traceback" not in a.log_text()
+        # B is untouched: it reads and writes as before
+        assert b.path("f").read_bytes() == data
+        write(b.path("g"), b"written on B while A's storage is gone")
+        assert b.path("g").read_bytes() == b"written on B while A's storage is gone"
+    finally:
+        a.stop()
+        juice.a.stop()
+        juice.a.start()
+    a.start("-o", "allow_other", "--shared-storage")
+    assert a.path("g").read_bytes() == b"written on B while A's storage is gone"
+    assert a.path("f").read_bytes() == data
+    assert "clean" in fsck_clean(servers)
+
+
+def test_one_cryptfs_daemon_killed_the_other_serves(servers: Servers) -> None:
+    a, b = servers.a, servers.b
+    write(a.path("f"), b"before")
+    a.kill()
+    write(b.path("f"), b"after A's daemon died")
+    assert b.path("f").read_bytes() == b"after A's daemon died"
+    b.path("d").mkdir()
+    write(b.path("d", "x"), b"x")
+    a.start("-o", "allow_other", "--shared-storage")
+    assert a.path("f").read_bytes() == b"after A's daemon died"
+    assert a.path("d", "x").read_bytes() == b"x"
+    assert "clean" in fsck_clean(servers)
