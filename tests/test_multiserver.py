@@ -353,6 +353,7 @@ def test_one_juicefs_mount_killed_the_other_server_serves(juice: JuicePair,
         for cmd in (["cat", str(a.path("f"))], ["touch", str(a.path("new-on-a"))]):
             res = subprocess.run(cmd, capture_output=True, timeout=60)
             assert res.returncode != 0 and res.stdout == b"", res
+            assert b"Transport endpoint is not connected" in res.stderr, res.stderr
         assert "Traceback" not in a.log_text()
         # B is untouched: it reads and writes as before
         assert b.path("f").read_bytes() == data
