@@ -10,6 +10,7 @@ must decrypt on both (docs/MULTISERVER.md, "Coherence").
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -209,6 +210,10 @@ for i in range(rounds):
         pass
     except OSError as e:
         errors.append(f"contest: {errno.errorcode.get(e.errno, e.errno)}")
+    # both sides open the same new name with O_CREAT but no O_EXCL: both succeed
+    touched = f"touch-{LONG}{i}"
+    step("touch", lambda: open(os.path.join(root, touched), "ab").close())
+    kept[touched] = b""
     # list and read everything, as the other side is changing it
     try:
         for n in os.listdir(root):
@@ -381,3 +386,20 @@ def test_one_cryptfs_daemon_killed_the_other_serves(servers: Servers) -> None:
     assert a.path("f").read_bytes() == b"after A's daemon died"
     assert a.path("d", "x").read_bytes() == b"x"
     assert "clean" in fsck_clean(servers)
+
+
+def test_a_create_that_meets_another_servers_file_checks_its_mode() -> None:
+    """The open that a create without O_EXCL becomes when another server made
+    the name first: the kernel checked only the directory, cryptfs checks the file."""
+    from cryptfs.fs.shared import check_open
+    from cryptfs.fuse import FuseError
+
+    st = os.stat_result((0o100640, 0, 0, 1, 1000, 1000, 0, 0, 0, 0))
+    check_open(st, 1000, 1000, os.O_RDWR)  # owner: rw
+    check_open(st, 2000, 1000, os.O_RDONLY)  # group: r
+    check_open(st, 0, 0, os.O_RDWR)  # root
+    for uid, gid, flags in ((2000, 1000, os.O_WRONLY), (2000, 1000, os.O_RDONLY | os.O_TRUNC),
+                            (3000, 3000, os.O_RDONLY)):
+        with pytest.raises(FuseError) as e:
+            check_open(st, uid, gid, flags)
+        assert e.value.errno == errno.EACCES
