@@ -47,12 +47,16 @@ from cryptfs.volume import read_volume
                    "sealed with it), so that an auditor merging several servers' logs sees who "
                    "wrote what (default: the name the log was given before, else this "
                    "machine's host name).")
+@click.option("--shared-storage", is_flag=True,
+              help="BACKING is shared with other servers' mounts (JuiceFS, NFS, CephFS ...): "
+                   "cache no entry, attribute or page that they could change "
+                   "(docs/MULTISERVER.md).")
 @passphrase_option()
 @reports_errors
 def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, ...],
           log_file: str | None, pid_file: str | None, use_agent: bool,
           agent_socket: str | None, audit_log: str | None, audit_fail_open: bool,
-          server: str | None, passphrase_file: str | None) -> None:
+          server: str | None, shared_storage: bool, passphrase_file: str | None) -> None:
     """Unlock BACKING and mount its plaintext view on MOUNTPOINT.
 
     Returns once the filesystem is ready; the filesystem daemon stays in the
@@ -89,7 +93,8 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         extra = [] if "exec" in opts else ["noexec"]
         mount_volume(locked, mountpoint, foreground=foreground,
                      options=[*opts, *extra, "allow_other", "default_permissions"],
-                     log_file=log_file, pid_file=pid_file, side_tasks=[link], audit=audit)
+                     log_file=log_file, pid_file=pid_file, side_tasks=[link], audit=audit,
+                     shared_storage=shared_storage)
         return
     if agent_socket is not None:
         raise UsageError("--agent-socket needs --agent")
@@ -103,7 +108,7 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         vol.close()
         raise
     mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file,
-                 pid_file=pid_file, audit=audit)
+                 pid_file=pid_file, audit=audit, shared_storage=shared_storage)
 
 
 def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool, server: str | None

@@ -55,10 +55,12 @@ def init_options(ops: CryptOperations) -> InitOptions:
     """What this mount asks of the kernel at INIT (docs/FUSE.md says why each)."""
     return InitOptions(
         # Not gated: the kernel may merge writes (as under pyfuse3).  Gated: every
-        # write reaches the daemon and its check at once.
-        writeback_cache=not ops.gated,
+        # write reaches the daemon and its check at once.  Shared storage: the
+        # kernel would keep the size its own and ignore the other server's.
+        writeback_cache=ops.enable_writeback_cache,
         # Gated: a cached target would be served to a user who has since locked.
-        cache_symlinks=not ops.gated,
+        # Shared storage: another server may reuse the inode for another link.
+        cache_symlinks=not (ops.gated or ops.shared_storage),
         readdirplus="always",
         # Off everywhere: MAP_SHARED on a direct-I/O (gated, view, ciphertext)
         # handle would write back through whichever writable handle of the inode

@@ -243,16 +243,21 @@ class NamesCache:
     or unlink changes them), the policy object and the mount's own count of
     the renames, links and removals it made stay the same."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self._names: dict[tuple[int, int], tuple[tuple[int, int, int], Policy, Names]] = {}
+        self._enabled = enabled  # off: every lookup misses (shared storage)
 
     def get(self, st: os.stat_result, policy: Policy, epoch: int) -> Names | None:
+        if not self._enabled:
+            return None
         hit = self._names.get((st.st_dev, st.st_ino))
         if hit is None or hit[0] != (st.st_ctime_ns, st.st_nlink, epoch) or hit[1] is not policy:
             return None
         return hit[2]
 
     def put(self, st: os.stat_result, policy: Policy, epoch: int, names: Names) -> None:
+        if not self._enabled:
+            return
         if len(self._names) >= MAX_REMEMBERED:
             self._names.clear()
         self._names[(st.st_dev, st.st_ino)] = ((st.st_ctime_ns, st.st_nlink, epoch), policy, names)

@@ -120,7 +120,7 @@ def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> list[str]:
 
 def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd: int | None,
           pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
-          audit: LogTarget | None = None) -> int:
+          audit: LogTarget | None = None, shared_storage: bool = False) -> int:
     """Mount, signal readiness on ``ready_fd``, serve until unmounted."""
     import trio
 
@@ -146,7 +146,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
     # The kernel has already applied the caller's umask to every mode it
     # sends; the daemon's own umask must not mask it a second time.
     os.umask(0)
-    ops = CryptOperations(vol)
+    ops = CryptOperations(vol, shared_storage=shared_storage)
     if audit is not None:
         from cryptfs.audit import AuditLog, Auditor
         logdir, fail_open, server = audit
@@ -166,7 +166,8 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
         raise MountError(f"FUSE mount failed: {e}",
                          hint="is the mountpoint busy, or allow_other not permitted "
                               "(user_allow_other in /etc/fuse.conf)?") from None
-    log.info("mounted %s on %s", vol.backing, mnt)
+    log.info("mounted %s on %s%s", vol.backing, mnt,
+             " (shared storage: nothing cached)" if shared_storage else "")
     sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted on {mnt}")
     if pid_file:
         with open(pid_file, "w") as f:
@@ -235,7 +236,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
 def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: bool,
                  options: Iterable[str], log_file: str | None = None,
                  pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
-                 audit: LogTarget | None = None) -> None:
+                 audit: LogTarget | None = None, shared_storage: bool = False) -> None:
     mnt = check_mountpoint(mountpoint)
     opts = fuse_options(vol, options)
     if log_file:
@@ -244,7 +245,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
         pid_file = os.path.abspath(pid_file)
     if foreground:
         setup_logging(log_file, foreground=True)
-        serve(vol, mnt, opts, None, pid_file, side_tasks, audit)
+        serve(vol, mnt, opts, None, pid_file, side_tasks, audit, shared_storage)
         return
 
     r, w = os.pipe()
@@ -259,7 +260,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
-            code = serve(vol, mnt, opts, w, pid_file, side_tasks, audit)
+            code = serve(vol, mnt, opts, w, pid_file, side_tasks, audit, shared_storage)
         except CryptfsError as e:
             os.write(w, f"ERR{e}".encode())
         except BaseException as e:  # report, never a traceback on the user's terminal

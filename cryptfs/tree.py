@@ -82,12 +82,34 @@ def write_long_name(dir_fd: int, backing: str, c_name: str) -> bool:
     return not existed
 
 
-def remove_long_name(dir_fd: int, backing: str) -> None:
+def remove_long_name(dir_fd: int, backing: str, c_name: str | None = None) -> None:
+    """Remove a long-name entry's side file.  Given ``c_name`` (what the side
+    file holds), put it back if the entry exists by then: another mount of
+    the same backing directory (another server) may have made that name
+    meanwhile, and the side file is the same whoever writes it."""
     if backing.startswith(LONG_PREFIX):
         try:
             os.unlink(backing + LONG_SUFFIX, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
+        if c_name is not None:
+            keep_long_name(dir_fd, backing, c_name)
+
+
+def keep_long_name(dir_fd: int, backing: str, c_name: str) -> None:
+    """Write the side file of an existing long-name entry if it is missing.
+
+    With two mounts of one backing directory, every operation that removes a
+    side file checks the entry afterwards and every one that makes an entry
+    checks the side file afterwards: whichever comes last puts it back."""
+    try:
+        os.stat(backing, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    try:
+        os.stat(backing + LONG_SUFFIX, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        write_long_name(dir_fd, backing, c_name)
 
 
 def read_long_name(dir_fd: int, backing: str) -> str:
@@ -148,7 +170,7 @@ def list_entries(list_fd: int) -> list[str]:
 def make_dir(parent_fd: int, backing: str, mode: int, owner: tuple[int, int] | None) -> bytes:
     """Create a directory with its IV, atomically: build it under a temporary
     name, then rename it into place.  Returns the new directory's IV."""
-    tmp = f"{TMP_PREFIX}{random_bytes(8).hex()}"
+    tmp = temp_name()
     os.mkdir(tmp, 0o700, dir_fd=parent_fd)
     try:
         dfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
@@ -159,11 +181,52 @@ def make_dir(parent_fd: int, backing: str, mode: int, owner: tuple[int, int] | N
             os.fchmod(dfd, mode & 0o7777)
         finally:
             os.close(dfd)
-        os.rename(tmp, backing, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        _rename_new(parent_fd, tmp, backing)
     except BaseException:
         remove_empty_dir(parent_fd, tmp)
         raise
     return diriv
+
+
+def temp_name() -> str:
+    """A backing name for an entry under construction (hidden from listings)."""
+    return f"{TMP_PREFIX}{random_bytes(8).hex()}"
+
+
+def _no_noreplace(e: OSError) -> bool:
+    return e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def publish(dir_fd: int, tmp: str, backing: str) -> None:
+    """Give the finished non-directory ``tmp`` its name, never over an entry
+    that appeared meanwhile (another server made the same name): EEXIST then,
+    and ``tmp`` stays for the caller to remove."""
+    try:
+        sysio.renameat2(dir_fd, tmp, dir_fd, backing, sysio.RENAME_NOREPLACE)
+        return
+    except OSError as e:
+        if not _no_noreplace(e):
+            raise
+    # (a backing filesystem without RENAME_NOREPLACE: link(2) never replaces)
+    os.link(tmp, backing, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    os.unlink(tmp, dir_fd=dir_fd)
+
+
+def _rename_new(dir_fd: int, tmp: str, backing: str) -> None:
+    """Rename a new directory into place, never over an entry that appeared
+    meanwhile (another server's mkdir of the same name): EEXIST then."""
+    try:
+        sysio.renameat2(dir_fd, tmp, dir_fd, backing, sysio.RENAME_NOREPLACE)
+        return
+    except OSError as e:
+        if not _no_noreplace(e):
+            raise
+    try:  # (a backing filesystem without RENAME_NOREPLACE)
+        os.rename(tmp, backing, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
+        raise
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from typing import Any
 
 from cryptfs import ownreads, sysio
 from cryptfs.content import plain_size
+from cryptfs.fs import shared
 from cryptfs.fs.audit_hooks import _edge
 from cryptfs.fs.core import (
     ROOT,
@@ -43,14 +44,15 @@ class Attributes(Core):
         # nothing), so its attributes may stay cached: one request less on
         # every path walk, which checks the root's permissions first.
         return EntryOut(inode.ino, attr, self.timeout,
-                        ROOT_ATTR_TIMEOUT if inode.ino == ROOT else self.attr_timeout)
+                        ROOT_ATTR_TIMEOUT if inode.ino == ROOT and not self.shared_storage
+                        else self.attr_timeout)
 
     def _plain_size(self, inode: Inode, st: os.stat_result) -> int:
         if inode.kind == stat.S_IFREG:
             if inode.content is not None:
                 return inode.content.size
             try:
-                if inode.meta is None:
+                if inode.meta is None or self.shared_storage:  # (another server may rotate it)
                     mode, h_len = self._layout(inode)
                     inode.meta = (mode.overhead, h_len)
                 return plain_size(st.st_size, inode.meta[1], inode.meta[0])
@@ -109,6 +111,8 @@ class Attributes(Core):
                 content = self._content(inode, want_write=True, uid=uid)
                 ownreads.changed_by(inode.handles, ctx.uid)
                 content.truncate(attr.st_size)
+                if self.shared_storage:  # (a truncate(2) has no close of its own)
+                    shared.commit(inode.fd)
             finally:
                 self._unload_content(inode)
         if fields.update_mode and inode.kind != stat.S_IFLNK:

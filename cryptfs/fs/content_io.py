@@ -14,6 +14,7 @@ import time
 
 from cryptfs import ownreads, sysio, views
 from cryptfs.content import BlockError, ContentFile, read_stanzas
+from cryptfs.fs import shared
 from cryptfs.fs.audit_hooks import _edge
 from cryptfs.fs.core import (
     Core,
@@ -75,6 +76,10 @@ class ContentIO(Core):
             self._reopen(inode, os.O_RDWR)
         elif inode.access == os.O_PATH:
             self._reopen(inode, os.O_RDONLY)
+        elif self.shared_storage and inode.content is None:
+            # A fresh open of the backing file at each first open: the backing
+            # filesystem's close-to-open then shows what another server closed.
+            self._reopen(inode, inode.access)
         if inode.content is not None and uid is not None:
             self._check_recipient(inode.content, uid)
         if inode.content is None:
@@ -110,9 +115,13 @@ class ContentIO(Core):
                    for st in stanzas if len(st.body) >= 4)
 
     def _unload_content(self, inode: Inode) -> None:
-        """Forget the header once no handle is open: the next open checks it again."""
+        """Forget the header once no handle is open: the next open checks it again.
+        Shared storage: also close the backing file (keep an O_PATH descriptor),
+        so that its attributes come from the backing filesystem again."""
         if not inode.handles:
             inode.content = None
+            if self.shared_storage and inode.access != os.O_PATH:
+                self._reopen(inode, os.O_PATH)
 
     def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0,
                      view: bool = False) -> OpenOut:
@@ -129,7 +138,9 @@ class ContentIO(Core):
         if view or self.gated:
             inode.viewed = inode.viewed or view
             return OpenOut(fh, FOPEN_DIRECT_IO)
-        if inode.viewed:  # (the kernel drops the cached pages of a view at this open)
+        # The kernel drops the cached pages at this open: they held a view, or
+        # (shared storage) what another server may have changed since.
+        if inode.viewed or self.shared_storage:
             inode.viewed = False
             return OpenOut(fh, 0)
         return OpenOut(fh, FOPEN_KEEP_CACHE)
@@ -260,6 +271,12 @@ class ContentIO(Core):
         # Every write is already in the backing file, so there is nothing to
         # do; ENOSYS tells the kernel to stop sending FLUSH (one request less
         # per close).  It still writes its dirty pages back before close returns.
+        # Shared storage: the backing filesystem's client may still hold the
+        # writes; the close(2) that this FLUSH is part of commits them, so the
+        # other servers' next open sees them (RELEASE comes after close returns).
+        if self.shared_storage:
+            shared.commit(self._files[fh].inode.fd)
+            return
         raise FuseError(errno.ENOSYS)
 
     @_edge("fh")

@@ -139,8 +139,12 @@ class Core:
         def _may_rotate(self, uid: int) -> bool: ...
         def _rotation_progress(self) -> bytes: ...
 
-    def __init__(self, vol: Volume | LockedVolume, *, timeout: float = 60.0) -> None:
+    def __init__(self, vol: Volume | LockedVolume, *, timeout: float = 60.0,
+                 shared_storage: bool = False) -> None:
         self.vol = vol
+        # Other mounts (other servers) change the backing directory too: keep
+        # nothing that they could make stale (see below and docs/MULTISERVER.md).
+        self.shared_storage = shared_storage
         self.config = vol.config
         self.gated = vol.keys is None
         self.keys: VolumeKeys | None = None
@@ -161,7 +165,9 @@ class Core:
         self._keyrings: dict[int | None, Keyring] = {}  # by uid (gated) or None: see _keyring
         self._own_private: Secret | None = getattr(vol, "private", None)
         self._plain_paths: dict[str, bytes | None] = {}  # backing dir path -> plaintext path
-        self._names = links.NamesCache()  # every name of hard-linked files (see _names_of)
+        # Every name of hard-linked files (see _names_of); with shared storage
+        # none is kept: another server's renames do not move self._epoch.
+        self._names = links.NamesCache(enabled=not shared_storage)
         self._epoch = 0  # renames, links and removals made here (they may move names)
         self._backing_fd = os.open(vol.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._config_stamp = self._stat_config()
@@ -183,6 +189,14 @@ class Core:
             # reach a cached attribute without such a lookup.
             timeout = 0.0
             self.attr_timeout = GATED_ATTR_TIMEOUT
+            self.enable_writeback_cache = False
+        if shared_storage:
+            # The kernel keeps no entry, no attribute (a size) and, without
+            # the writeback cache, no dirty page of its own; the page cache is
+            # dropped at each open (cryptfs.fs.content_io), so an open sees
+            # what the other server wrote and closed (close-to-open).
+            timeout = 0.0
+            self.attr_timeout = 0.0
             self.enable_writeback_cache = False
         self.timeout = timeout
         self.is_root = os.geteuid() == 0
@@ -254,7 +268,12 @@ class Core:
         inode = self._inodes.get(self._fuse_ino(st.st_ino))
         if inode is None:
             if opened is None:  # (stat again through the descriptor: the entry may have changed)
-                fd, access = self._open_entry(dir_fd, backing, st)
+                if self.shared_storage:
+                    # No backing file held open between opens: the backing
+                    # filesystem's client would keep its attributes (JuiceFS does).
+                    fd, access = os.open(backing, O_PATH_FLAGS, dir_fd=dir_fd), os.O_PATH
+                else:
+                    fd, access = self._open_entry(dir_fd, backing, st)
                 st = os.fstat(fd)
             else:
                 fd, access = opened

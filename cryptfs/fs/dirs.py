@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from cryptfs import sysio, tree
 from cryptfs.content import ContentFile
+from cryptfs.fs import shared
 from cryptfs.fs.audit_hooks import _edge
 from cryptfs.fs.core import (
     ROOT,
@@ -41,14 +42,18 @@ class Directories(Core):
     @contextlib.contextmanager
     def _long_name(self, parent: Inode, backing: str, full: str | None) -> Iterator[None]:
         """Write a long name's side file for the operation inside the block;
-        remove it again if the operation fails and the side file is new."""
+        remove it again if the operation fails and the side file is new.
+        Another mount of the backing directory may make or remove the same
+        name meanwhile: both ends check the other (tree.keep_long_name)."""
         created = full is not None and tree.write_long_name(parent.fd, backing, full)
         try:
             yield
         except BaseException:
             if created:
-                tree.remove_long_name(parent.fd, backing)
+                tree.remove_long_name(parent.fd, backing, full)
             raise
+        if full is not None:
+            tree.keep_long_name(parent.fd, backing, full)
 
     def _diriv(self, inode: Inode) -> bytes:
         if inode.diriv is None:
@@ -199,23 +204,61 @@ class Directories(Core):
         if self._program_rules and self._untrusted(self._plain_dir(parent), ctx.pid):
             raise FuseError(errno.EACCES)
         backing, full = self._backing(parent, name)
+        # Shared storage: made under a temporary name and renamed into place
+        # with its header, so another server never finds it empty (EIO).
+        made = tree.temp_name() if self.shared_storage else backing
         with self._long_name(parent, backing, full):
-            fd = os.open(backing, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         stat.S_IMODE(mode), dir_fd=parent.fd)
             try:
-                owner = self._owner(ctx, parent)
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                content = ContentFile.create(fd, *self._new_file_keys(parent, ctx.uid))
-                self._set_layout_hint(fd, content)
-            except BaseException:
-                os.close(fd)
-                os.unlink(backing, dir_fd=parent.fd)
-                raise
+                fd = os.open(made, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, stat.S_IMODE(mode), dir_fd=parent.fd)
+            except FileExistsError:
+                if flags & os.O_EXCL or made != backing:
+                    raise
+                fd = -1  # made since the kernel's lookup: opened below
+            if fd >= 0:
+                try:
+                    owner = self._owner(ctx, parent)
+                    if owner is not None:
+                        os.fchown(fd, *owner)
+                    content = ContentFile.create(fd, *self._new_file_keys(parent, ctx.uid))
+                    self._set_layout_hint(fd, content)
+                    if made != backing:
+                        tree.publish(parent.fd, made, backing)
+                except BaseException as e:
+                    os.close(fd)
+                    os.unlink(made, dir_fd=parent.fd)
+                    if not isinstance(e, FileExistsError) or flags & os.O_EXCL:
+                        raise
+                    fd = -1
+        if fd < 0:
+            return self._create_existing(parent, backing, flags, ctx)
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
         inode.meta = (content.overhead, content.h_len)
         return self._open_handle(inode, ctx.uid, flags, ctx.pid), self._attr(inode, st)
+
+    def _create_existing(self, parent: Inode, backing: str, flags: int, ctx: Request
+                         ) -> tuple[OpenOut, EntryOut]:
+        """A create without O_EXCL whose name another mount of the backing
+        directory (another server) made after the kernel's lookup found none:
+        open that file, as open(2) does.  The kernel checked only the
+        directory, so the file's mode is checked here (cryptfs.fs.shared)."""
+        st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise FuseError(errno.EEXIST)
+        shared.check_open(st, ctx.uid, ctx.gid, flags)
+        inode, st = self._remember(parent.fd, backing, st)
+        try:
+            fi = self._open_now(inode.ino, flags & ~os.O_CREAT, ctx)
+            if not isinstance(fi, OpenOut):
+                # A large masked view that a create cannot wait for: the
+                # caller's open without O_CREAT can.
+                raise FuseError(errno.EAGAIN)
+        except BaseException:
+            inode.nlookup -= 1
+            self._maybe_drop(inode)
+            raise
+        return fi, self._attr(inode, st)
 
     @_edge("inode", "symlink")
     def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -258,7 +301,7 @@ class Directories(Core):
         os.unlink(backing, dir_fd=parent.fd)
         self._epoch += 1
         if full:
-            tree.remove_long_name(parent.fd, backing)
+            tree.remove_long_name(parent.fd, backing, full)
 
     @_edge("inode", "rmdir")
     def rmdir(self, parent_inode: int, name: bytes, ctx: Request) -> None:
@@ -268,7 +311,7 @@ class Directories(Core):
         tree.remove_empty_dir(parent.fd, backing)
         self._epoch += 1
         if full:
-            tree.remove_long_name(parent.fd, backing)
+            tree.remove_long_name(parent.fd, backing, full)
 
     @_edge("inode", "rename")
     def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -306,7 +349,7 @@ class Directories(Core):
             else:
                 tree.rename_over(old_parent.fd, b_old, new_parent.fd, b_new)
         if full_old and (b_old, old_parent.ino) != (b_new, new_parent.ino):
-            tree.remove_long_name(old_parent.fd, b_old)
+            tree.remove_long_name(old_parent.fd, b_old, full_old)
         if self.audit is not None:  # the moved inode's path, for its later records
             st = os.stat(b_new, dir_fd=new_parent.fd, follow_symlinks=False)
             self._paths[self._fuse_ino(st.st_ino)] = self._name_path(parent_inode_new, name_new)
