@@ -61,7 +61,7 @@ class Op(enum.Enum):
     REPLACE = "replaced"  # ... (another file renamed over it)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Trust:
     """One trusted-programs rule and what the mount established of the
     program asking (cryptfs.programs.Identifier.decide)."""
@@ -72,14 +72,14 @@ class Trust:
     untrusted: str = "deny"  # what the rule gives a program it does not trust: "deny" or "ciphertext"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Who:
     uid: int
     reads: Reads = Reads.PLAINTEXT
     role: str = ""  # the role's name where the mount applies roles (shared mounts)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Where:
     """The rules that apply to the file, as far as the operation needs them."""
 
@@ -90,7 +90,7 @@ class Where:
     leaves_mask: bool = False  # the operation would take it out of its mask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessRequest:
     who: Who
     op: Op
@@ -102,7 +102,7 @@ class AccessRequest:
         return (self.flags & os.O_ACCMODE) != os.O_RDONLY or bool(self.flags & os.O_TRUNC)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     outcome: Outcome
     reason: str = ""  # what the access log records as "decision" ("": nothing to say)
