@@ -1,7 +1,10 @@
-"""Access decisions: the per-user gate of each request, roles, trusted-programs
-rules, the rules a hard link, a new file or a move must keep, and exclusive
-opens.  A refusal is a ``FuseError``; why it was refused is left in
-``_decision`` for the request's record.
+"""Access decisions: the per-user gate of each request, then, for an open, a
+create, a truncate, a link, a rename or a removal, the facts the decision
+needs (who asks, with the program's identity as cryptfs.programs establishes
+it; the trusted-programs rules, masks and names of the file) gathered into a
+cryptfs.decision.AccessRequest, and cryptfs.decision.decide's answer.  The
+handler acts on that Decision.  A refusal is a :class:`Decided` error, which
+carries the Decision to the request's record (cryptfs.fs.audit_hooks).
 """
 
 from __future__ import annotations
@@ -12,13 +15,23 @@ import os
 import posixpath
 import stat
 import time
-from typing import Any
 
 from cryptfs import links
+from cryptfs.decision import (
+    AccessRequest,
+    Decision,
+    Op,
+    Reads,
+    Trust,
+    Where,
+    Who,
+    decide,
+    refused,
+)
 from cryptfs.fs.core import (
     Core,
 )
-from cryptfs.fs.inodes import Inode, _Handle
+from cryptfs.fs.inodes import Inode, PlainHandle
 from cryptfs.fuse import FuseError
 from cryptfs.fuse.requests import Request
 from cryptfs.policy import Rule
@@ -31,48 +44,100 @@ from cryptfs.users import (
 log = logging.getLogger("cryptfs")
 
 
+class Decided(FuseError):
+    """A request refused, or failed after it was decided: the caller's errno,
+    and the Decision the request's record carries."""
+
+    def __init__(self, decision: Decision, err: int | None = None) -> None:
+        super().__init__(err or decision.errno or errno.EACCES)
+        self.decision = decision
+
+
 class Access(Core):
     """Access decisions (see the module)."""
 
-    def _untrusted(self, where: str | None, pid: int) -> Rule | None:
-        """The rule that does not trust the program asking (None: it may open
-        the file).  A rule that names programs lets only those open files."""
-        self._decision = None
-        if where is None:
-            log.error("cannot work out a file's directory for the trusted-programs rule: "
-                      "open refused")
-            raise FuseError(errno.EACCES)
-        rule = self.policy.programs_for(where)
-        return self._untrusted_by([rule] if rule is not None else [], pid)
+    def _who(self, uid: int) -> Who:
+        """Who asks: the uid and what its role reads (roles apply on shared mounts only)."""
+        if uid in self._cipher_only:
+            reads = Reads.CIPHERTEXT
+        elif uid in self._masked:
+            reads = Reads.MASKED
+        elif uid in self._log_only:
+            reads = Reads.LOG_ONLY
+        else:
+            reads = Reads.PLAINTEXT
+        return Who(uid, reads, "" if reads is Reads.PLAINTEXT else self._role_of(uid))
 
-    def _untrusted_by(self, rules: list[Rule], pid: int) -> Rule | None:
-        """Of ``rules`` (every trusted-programs rule that governs a name of the
-        file), one that does not trust the program asking: one that denies
-        rather than one that serves the ciphertext, if any does.  None: every
-        rule trusts it."""
-        self._decision = None
-        refusing: list[tuple[Rule, dict[str, Any]]] = []
-        trusted: dict[str, Any] | None = None
+    def _trust(self, rules: list[Rule], pid: int) -> tuple[Trust, ...]:
+        """What each trusted-programs rule makes of the program asking (reads /proc/PID)."""
+        out = []
         for rule in rules:
             allowed, fields = self._identify.decide(rule, pid)
-            if not allowed:
-                refusing.append((rule, fields))
-            elif trusted is None:
-                trusted = fields
-        if refusing:
-            rule, fields = next(((r, f) for r, f in refusing if r.untrusted != "ciphertext"),
-                                refusing[0])
-            self._decision = fields
-            return rule
-        if trusted is not None:
-            if len(rules) > 1:  # (a hard-linked file: trusted by the rule of every name)
-                trusted["rule"] = ", ".join(r.path for r in rules)
-            self._decision = trusted
-        return None
+            out.append(Trust(rule.path, allowed, fields["decision"], rule.untrusted))
+        return tuple(out)
 
-    def _programs_of(self, inode: Inode) -> list[Rule]:
+    def _check(self, req: AccessRequest) -> Decision:
+        """The decision on ``req``; a refusal is raised (with its decision)."""
+        decision = decide(req)
+        if decision.refused:
+            raise Decided(decision)
+        return decision
+
+    def _decide_open(self, ctx: Request, inode: Inode, flags: int) -> Decision:
+        """How an open is served: plaintext, ciphertext view or masked view (refused: raised)."""
+        who = self._who(ctx.uid)
+        known = True
+        trust: tuple[Trust, ...] = ()
+        mask, problem = None, ""
+        if who.reads is not Reads.CIPHERTEXT:  # (their opens are decided by role alone)
+            if self._program_rules:
+                rules = self._programs_of(inode)
+                if rules is None:
+                    known = False
+                else:
+                    trust = self._trust(rules, ctx.pid)
+            if who.reads is Reads.MASKED and self._mask_rules and inode.kind == stat.S_IFREG:
+                mask, problem = self._find_mask(inode)
+        return self._check(AccessRequest(who, Op.OPEN, Where(known, trust, mask, problem),
+                                         flags))
+
+    def _decide_create(self, ctx: Request, where: str | None) -> Decision:
+        """Whether a new file may be made in directory ``where``."""
+        who = self._who(ctx.uid)
+        known = True
+        trust: tuple[Trust, ...] = ()
+        if self._program_rules and who.reads is not Reads.CIPHERTEXT:
+            if where is None:
+                log.error("cannot work out a file's directory for the trusted-programs rule: "
+                          "open refused")
+                known = False
+            else:
+                rule = self.policy.programs_for(where)
+                trust = self._trust([rule] if rule is not None else [], ctx.pid)
+        return self._check(AccessRequest(who, Op.CREATE, Where(known, trust)))
+
+    def _decide_truncate(self, ctx: Request, inode: Inode, own_handle: bool) -> Decision:
+        """Whether a file may be cut by ``ctx`` (``own_handle``: through a
+        plaintext handle it holds, which its open decided)."""
+        who = self._who(ctx.uid)
+        known = True
+        trust: tuple[Trust, ...] = ()
+        mask, problem = None, ""
+        if who.reads is not Reads.CIPHERTEXT:
+            if self._program_rules:
+                rules = self._programs_of(inode)
+                if rules is None:
+                    known = False
+                else:
+                    trust = self._trust(rules, ctx.pid)
+            if who.reads is Reads.MASKED and self._mask_rules and not own_handle:
+                mask, problem = self._find_mask(inode)
+        return self._check(AccessRequest(who, Op.TRUNCATE, Where(known, trust, mask, problem)))
+
+    def _programs_of(self, inode: Inode) -> list[Rule] | None:
         """The trusted-programs rules that govern a file: of its one name's
-        directory, or (hard links) of every name's (docs/POLICY.md)."""
+        directory, or (hard links) of every name's (docs/POLICY.md); None if
+        its directory cannot be worked out."""
         names = self._other_names(inode)
         if names is not None:
             return names.programs(self.policy)
@@ -80,7 +145,7 @@ class Access(Core):
         if where is None:
             log.error("cannot work out a file's directory for the trusted-programs rule: "
                       "refused")
-            raise FuseError(errno.EACCES)
+            return None
         rule = self.policy.programs_for(where)
         return [rule] if rule is not None else []
 
@@ -126,55 +191,50 @@ class Access(Core):
         out of it; still, an agent may not link a masked file to a name
         another mask or none covers, nor a program a trusted-programs rule
         does not trust link a file out of that rule (as for a rename)."""
-        if dst_dir is None:
-            raise FuseError(errno.EACCES)  # (where it goes is not known: no link)
+        if dst_dir is None:  # (where it goes is not known: no link)
+            self._check(AccessRequest(self._who(ctx.uid), Op.LINK, Where(known=False)))
+            return
+        who = self._who(ctx.uid)
         names = self._names_of(inode)
         p_new = new_name.decode("utf-8", "surrogateescape")
-        if self._mask_rules and ctx.uid in self._masked:
+        leaves = False
+        if self._mask_rules and who.reads is Reads.MASKED:
             masks = names.masks(self.policy)
-            if names.unknown or (masks and self.policy.mask_for(dst_dir, p_new) not in masks):
-                self._decision = {"decision": "masked file: not moved out of its mask"}
-                raise FuseError(errno.EACCES)
+            leaves = bool(names.unknown) or bool(
+                masks and self.policy.mask_for(dst_dir, p_new) not in masks)
+        trust: tuple[Trust, ...] = ()
         if self._program_rules:
             here = self.policy.programs_for(dst_dir)
-            if self._untrusted_by([r for r in names.programs(self.policy) if r != here],
-                                  ctx.pid) is not None:
-                self._decision = {**(self._decision or {}),
-                                  "decision": "not moved out of its trusted-programs rule by a "
-                                              "program it does not trust"}
-                raise FuseError(errno.EACCES)
-            self._decision = None
+            trust = self._trust([r for r in names.programs(self.policy) if r != here], ctx.pid)
+        self._check(AccessRequest(who, Op.LINK, Where(programs=trust, leaves_mask=leaves)))
 
     def _guard_file(self, ctx: Request, where: str | None, p_name: bytes,
-                    st: os.stat_result, what: str) -> None:
+                    st: os.stat_result, op: Op) -> None:
         """A regular file ``p_name`` in directory ``where`` that is about to be
-        renamed, removed or replaced (``what``).  A program that a
+        renamed, removed or replaced (``op``).  A program that a
         trusted-programs rule of any of the file's names does not trust may do
         none of these.  And nobody removes or replaces the last name a mask
         covers while the file keeps other names: that would take it out of
         the mask as a rename would (EACCES, recorded)."""
         if not stat.S_ISREG(st.st_mode):
-            return
+            return  # (the rules govern files)
+        who = self._who(ctx.uid)
         if where is None:
-            self._decision = {"decision": f"not {what}: the file's directory is unknown"}
-            raise FuseError(errno.EACCES)
+            self._check(AccessRequest(who, op, Where(known=False)))
+            return
         name = p_name.decode("utf-8", "surrogateescape")
         names = (self._names_of_stat(st) if st.st_nlink > 1
                  else links.Names(((where, name),)))
+        trust: tuple[Trust, ...] = ()
         if self._program_rules:
-            if self._untrusted_by(names.programs(self.policy), ctx.pid) is not None:
-                self._decision = {**(self._decision or {}),
-                                  "decision": f"not {what} by a program its trusted-programs "
-                                              "rule does not trust"}
-                raise FuseError(errno.EACCES)
-            self._decision = None
-        if self._mask_rules and what != "renamed" and st.st_nlink > 1:
+            trust = self._trust(names.programs(self.policy), ctx.pid)
+        leaves = False
+        if self._mask_rules and op is not Op.RENAME and st.st_nlink > 1:
             mask = self.policy.mask_for(where, name)
             rest = names.without(where, name)
-            if mask is not None and (rest.unknown or mask not in rest.masks(self.policy)):
-                self._decision = {"decision": f"masked file: not {what} while it has hard links "
-                                              "outside its mask (that would move it out)"}
-                raise FuseError(errno.EACCES)
+            leaves = mask is not None and (bool(rest.unknown)
+                                           or mask not in rest.masks(self.policy))
+        self._check(AccessRequest(who, op, Where(programs=trust, leaves_mask=leaves)))
 
     # -- access gate (agent mode) --------------------------------------------------------------
     def _allow(self, uid: int) -> None:
@@ -193,11 +253,10 @@ class Access(Core):
         """A view (masked, or the encrypted bytes) and the plaintext of one file
         are never open at once: the kernel keeps one page cache per inode, and
         a private mmap of either would show the other's pages."""
-        if any((h.view is not None or h.raw >= 0) != view for h in inode.handles):
-            self._decision = {"decision": "refused: open as "
-                              + ("plaintext" if view else "a masked or encrypted view")
-                              + " by someone else (they would share the page cache)"}
-            raise FuseError(errno.EACCES)
+        if any(isinstance(h, PlainHandle) == view for h in inode.handles):
+            raise Decided(refused("refused: open as "
+                                  + ("plaintext" if view else "a masked or encrypted view")
+                                  + " by someone else (they would share the page cache)"))
 
     def _recheck_soon(self) -> None:
         """On a shared mount, reads and writes through open handles also pick
@@ -208,7 +267,7 @@ class Access(Core):
             self._rechecked = now
             self._refresh_config()
 
-    def _still_allowed(self, handle: _Handle) -> None:
+    def _still_allowed(self, handle: PlainHandle) -> None:
         """A handle opened under an older policy or role: what its user may
         have now (a mask set, a role changed since) decides its reads and writes."""
         if handle.uid in self._cipher_only or handle.uid in self._log_only or (
@@ -224,8 +283,11 @@ class Access(Core):
         agents see it through (whoever renames: declassifying is a policy
         change, never a move), or a trusted-programs rule (for a program that
         rule does not trust).  EACCES otherwise."""
+        who = self._who(ctx.uid)
         if src_dir is None or dst_dir is None or src_name is None:
-            raise FuseError(errno.EACCES)  # (where it is is not known: no move)
+            # (where it is is not known: no move)
+            self._check(AccessRequest(who, Op.MOVE, Where(known=False)))
+            return
         name_src = src_name if isinstance(src_name, str) else src_name.decode(
             "utf-8", "surrogateescape")
         name_dst = dst_name if isinstance(dst_name, str) else dst_name.decode(
@@ -236,29 +298,24 @@ class Access(Core):
         # below it nowhere (they stay with the old paths).
         below = [r for p, r in self.policy.rules.items()
                  if is_dir and (p + "/").startswith(src_path + "/")]
+        leaves = False
         if self._mask_rules:
             if is_dir:
-                moved_out = any(r.masks for r in below) or (
+                leaves = any(r.masks for r in below) or bool(
                     self.policy.masks_at(src_path) and (
                         self.policy.masks_at(src_path) != self.policy.masks_at(dst_path)))
             else:
                 mask = self.policy.mask_for(src_dir, name_src)
-                moved_out = mask is not None and mask != self.policy.mask_for(dst_dir, name_dst)
-            if moved_out:
-                self._decision = {"decision": "masked file: not moved out of its mask"}
-                raise FuseError(errno.EACCES)
-        if self._program_rules:
+                leaves = mask is not None and mask != self.policy.mask_for(dst_dir, name_dst)
+        trust: tuple[Trust, ...] = ()
+        if self._program_rules and not leaves:
             rule = self.policy.programs_for(src_path if is_dir else src_dir)
             rules = [r for r in below if r.programs]
             if rule is not None and rule != self.policy.programs_for(
                     dst_path if is_dir else dst_dir):
                 rules.append(rule)
-            for rule in rules:
-                allowed, _ = self._identify.decide(rule, ctx.pid)
-                if not allowed:
-                    self._decision = {"decision": "not moved out of its trusted-programs rule "
-                                                  "by a program it does not trust"}
-                    raise FuseError(errno.EACCES)
+            trust = self._trust(rules, ctx.pid)
+        self._check(AccessRequest(who, Op.MOVE, Where(programs=trust, leaves_mask=leaves)))
 
     def _role_of(self, uid: int) -> str:
         slot = slot_for_uid(self.config, uid)

@@ -19,7 +19,7 @@ from cryptfs.fs.core import (
     ROOT_ATTR_TIMEOUT,
     Core,
 )
-from cryptfs.fs.inodes import Inode
+from cryptfs.fs.inodes import Inode, PlainHandle
 from cryptfs.fuse import EntryOut, FuseError, StatfsOut
 from cryptfs.fuse.replies import Attr
 from cryptfs.fuse.requests import Request
@@ -89,25 +89,16 @@ class Attributes(Core):
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         if fields.update_size:
-            self._plain(ctx.uid)
             self._refresh_config()
             if inode.kind != stat.S_IFREG:
                 raise FuseError(errno.EINVAL)
-            if self._program_rules and self._untrusted_by(self._programs_of(inode),
-                                                          ctx.pid) is not None:
-                self._decision = {**(self._decision or {}),
-                                  "decision": "not truncated by a program its trusted-programs "
-                                              "rule does not trust"}
-                raise FuseError(errno.EACCES)
-            self._decision = None
-            if (ctx.uid in self._masked and self._mask_rules and fh not in self._files
-                    and self._mask_of(inode) is not None):
-                raise FuseError(errno.EACCES)  # (a masked view never cuts the file)
-            if fh is not None and fh in self._files and self._files[fh].view is not None:
-                raise FuseError(errno.EACCES)
+            handle = self._files.get(fh) if fh is not None else None
+            self._decide_truncate(ctx, inode, own_handle=handle is not None)
+            if handle is not None and not isinstance(handle, PlainHandle):
+                raise FuseError(errno.EACCES)  # (a view never cuts the file)
             try:
                 # (an open handle's own truncate needs no new check: drop boxes)
-                uid = None if fh is not None and fh in self._files else ctx.uid
+                uid = None if handle is not None else ctx.uid
                 content = self._content(inode, want_write=True, uid=uid)
                 ownreads.changed_by(inode.handles, ctx.uid)
                 content.truncate(attr.st_size)

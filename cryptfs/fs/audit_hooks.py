@@ -21,11 +21,13 @@ from typing import Any, TypeVar
 
 from cryptfs import views
 from cryptfs.control import AUDIT_XATTR, parse_command_record
+from cryptfs.decision import Decision
+from cryptfs.fs.access import Decided
 from cryptfs.fs.core import (
     ROOT,
     Core,
 )
-from cryptfs.fs.inodes import _Handle
+from cryptfs.fs.inodes import Handle
 from cryptfs.fuse import FuseError
 from cryptfs.fuse.requests import Request
 from cryptfs.modes import IntegrityError
@@ -57,14 +59,15 @@ def _edge(target: str, event: str | None = None) -> Callable[[_F], _F]:
             audit = self.audit
             if isinstance(e, FuseError):
                 if audit is not None:
-                    self._audit_failure(event, name, args, e.errno)
+                    self._audit_failure(event, name, args, e.errno,
+                                        e.decision if isinstance(e, Decided) else None)
                 return e
             if isinstance(e, IntegrityError):
                 self.report_integrity(self.ino_of(target, args), e)
                 return FuseError(errno.EIO)
             if isinstance(e, OSError):
                 if audit is not None:
-                    self._audit_failure(event, name, args, e.errno or errno.EIO)
+                    self._audit_failure(event, name, args, e.errno or errno.EIO, None)
                 return FuseError(e.errno or errno.EIO)
             log.error("internal error in %s (request failed with EIO)", name, exc_info=e)
             return FuseError(errno.EIO)
@@ -72,7 +75,7 @@ def _edge(target: str, event: str | None = None) -> Callable[[_F], _F]:
         def done(self: AuditHooks, args: tuple[Any, ...], result: Any) -> Any:
             # (an open that waits for a masked view is recorded when it is decided)
             if (self.audit is not None and event is not None and result.__class__ is not views.Wanted
-                    and not self._audit(event, args, result, None)):
+                    and not self._audit(event, args, result, None, self._decision_of(event, result))):
                 self._undo(event, result)
                 raise FuseError(errno.EACCES)
             return result
@@ -143,17 +146,26 @@ class AuditHooks(Core):
         n = name.decode("utf-8", "backslashreplace")
         return ("" if base == "/" else base) + "/" + n
 
-    def _audit(self, event: str, args: tuple[Any, ...], result: Any, err: int | None) -> bool:
-        """Write the record of one request (False: it could not be written and
-        the request must fail)."""
+    def _decision_of(self, event: str, result: Any) -> Decision | None:
+        """The decision an open or a create made: on the handle it returns."""
+        if event in ("open", "create"):
+            fi = result[0] if event == "create" else result
+            return self._files[fi.fh].decision
+        return None  # (other requests that succeed record no decision)
+
+    def _audit(self, event: str, args: tuple[Any, ...], result: Any, err: int | None,
+               decision: Decision | None) -> bool:
+        """Write the record of one request with how it was decided (False: it
+        could not be written and the request must fail)."""
         assert self.audit is not None
         try:
-            return self._record(event, args, result, err)
+            return self._record(event, args, result, err, decision)
         except Exception as e:  # (a bug in making the record: still no record, no access)
             log.exception("cannot make the record of %s", event)
             return self.audit._failed(e)
 
-    def _record(self, event: str, args: tuple[Any, ...], result: Any, err: int | None) -> bool:
+    def _record(self, event: str, args: tuple[Any, ...], result: Any, err: int | None,
+                decision: Decision | None) -> bool:
         assert self.audit is not None
         ctx = _ctx(args)
         if ctx is not None:
@@ -216,17 +228,17 @@ class AuditHooks(Core):
         else:
             outcome = "denied" if err in (errno.EACCES, errno.EPERM) else "error"
             fields["reason"] = errno.errorcode.get(err, str(err))
-        if self._decision is not None:
+        if decision is not None:
             # (which rule decided, and how the program was known: the open's,
-            # create's, rename's or link's; never left for a later record)
-            fields.update(self._decision)
-            self._decision = None
+            # create's, or a refusal's)
+            fields.update(decision.fields())
         return self.audit.write(event, outcome, uid, pid, **fields)
 
-    def _audit_failure(self, event: str | None, name: str, args: tuple[Any, ...], err: int) -> None:
+    def _audit_failure(self, event: str | None, name: str, args: tuple[Any, ...], err: int,
+                       decision: Decision | None) -> None:
         """A failed request: recorded if it is an audited event, and every denial."""
         if event is not None or err in (errno.EACCES, errno.EPERM):
-            self._audit(event or name, args, None, err)
+            self._audit(event or name, args, None, err, decision)
 
     def _undo(self, event: str, result: Any) -> None:
         """A handle whose open could not be recorded is not handed out."""
@@ -237,7 +249,7 @@ class AuditHooks(Core):
                 handle.inode.handles.discard(handle)
                 self._unload_content(handle.inode)
 
-    def _audit_close(self, handle: _Handle) -> None:
+    def _audit_close(self, handle: Handle) -> None:
         """The summary of one open file: bytes read and written, how long."""
         if self.audit is not None:
             self.audit.write("close", "allowed", handle.uid, handle.pid, exe=handle.exe,

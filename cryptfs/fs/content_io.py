@@ -14,12 +14,14 @@ import time
 
 from cryptfs import ownreads, sysio, views
 from cryptfs.content import BlockError, ContentFile, read_stanzas
+from cryptfs.decision import Decision, Outcome, refused
 from cryptfs.fs import shared
+from cryptfs.fs.access import Decided
 from cryptfs.fs.audit_hooks import _edge
 from cryptfs.fs.core import (
     Core,
 )
-from cryptfs.fs.inodes import Inode, _Handle
+from cryptfs.fs.inodes import CiphertextView, Handle, Inode, MaskedView, PlainHandle, readable
 from cryptfs.fuse import FuseError, OpenOut
 from cryptfs.fuse.abi import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from cryptfs.fuse.requests import Request
@@ -123,18 +125,20 @@ class ContentIO(Core):
             if self.shared_storage and inode.access != os.O_PATH:
                 self._reopen(inode, os.O_PATH)
 
-    def _open_handle(self, inode: Inode, uid: int, flags: int, pid: int = 0,
-                     view: bool = False) -> OpenOut:
+    def _open_handle(self, handle: Handle, pid: int, decision: Decision) -> OpenOut:
+        """Hand out ``handle`` (of the type its open's ``decision`` chose), and
+        say how the kernel may cache its pages."""
         fh = self._new_fh()
-        handle = _Handle(inode, uid, readable=(flags & os.O_ACCMODE) != os.O_WRONLY)
+        inode = handle.inode
         if self.audit is not None:
             handle.pid, handle.opened = pid, time.monotonic_ns()
             handle.exe = self.audit.exe(pid)  # (at close the process may be gone)
             handle.path = self._paths.get(inode.ino, "?")
+        handle.decision = decision
         self._files[fh] = handle
         inode.handles.add(handle)
         handle.policy = self.policy
-        handle.own_only = not view and uid in self._masked
+        view = not isinstance(handle, PlainHandle)
         if view or self.gated:
             inode.viewed = inode.viewed or view
             return OpenOut(fh, FOPEN_DIRECT_IO)
@@ -145,7 +149,7 @@ class ContentIO(Core):
             return OpenOut(fh, 0)
         return OpenOut(fh, FOPEN_KEEP_CACHE)
 
-    def _own_reads(self, handle: _Handle, inode: Inode) -> None:
+    def _own_reads(self, handle: PlainHandle, inode: Inode) -> None:
         """A plaintext read, refused (EACCES) where it could show a masked role
         what someone else wrote into a file a mask governs (cryptfs.ownreads):
         through that role's own handle, or into the page cache its mapping
@@ -153,26 +157,24 @@ class ContentIO(Core):
         if not (self._mask_rules and ownreads.foreign_held(inode.handles)):
             return
         if self._mask_of(inode) is not None:
-            self._decision = {"decision": ownreads.FOREIGN_READ if handle.foreign
-                              else ownreads.HELD_FOREIGN}
-            raise FuseError(errno.EACCES)
+            raise Decided(refused(ownreads.FOREIGN_READ if handle.foreign
+                                  else ownreads.HELD_FOREIGN))
 
-    def _ciphertext_handle(self, inode: Inode, uid: int, flags: int, pid: int
-                           ) -> OpenOut:
-        """A read-only view of the file's encrypted bytes, for a program the
-        rule does not trust but lets have those.  Direct I/O: its reads
-        neither fill nor use the page cache (which holds plaintext), and go
-        past the plaintext size the file shows."""
+    def _ciphertext_handle(self, inode: Inode, uid: int, flags: int, pid: int,
+                           decision: Decision) -> OpenOut:
+        """A read-only view of the file's encrypted bytes, for a role that
+        reads ciphertext only or a program the rule does not trust but lets
+        have those.  Direct I/O: its reads neither fill nor use the page
+        cache (which holds plaintext), and go past the plaintext size the
+        file shows."""
         self._exclusive(inode, view=True)
         raw = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fi = self._open_handle(inode, uid, flags, pid, view=True)
+            fi = self._open_handle(CiphertextView(inode, uid, readable(flags), raw), pid,
+                                   decision)
         except BaseException:
             os.close(raw)
             raise
-        self._files[fi.fh].raw = raw
-        if self._decision is not None and not self._decision["decision"].endswith("ciphertext"):
-            self._decision["decision"] += ": served the ciphertext"
         return OpenOut(fi.fh, FOPEN_DIRECT_IO)
 
     # -- regular files ------------------------------------------------------------------------
@@ -190,80 +192,87 @@ class ContentIO(Core):
 
     def _open_now(self, inode_no: int, flags: int, ctx: Request,
                   built: views.Built | None = None) -> OpenOut | views.Wanted:
-        """Decide an open and act on it, or say which masked view it needs
-        made first (``built``: the view made since, used only if it was made
-        from what this decision names)."""
+        """Decide an open (cryptfs.decision) and act on it, or say which masked
+        view it needs made first (``built``: the view made since, used only
+        if it was made from what this decision names)."""
         self._allow(ctx.uid)
         inode = self._inode(inode_no)
         self._refresh_config()  # (a stat: a rule set since the mount started applies)
-        want_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        if ctx.uid in self._cipher_only:
-            self._decision = {"decision": f"role {self._role_of(ctx.uid)}: "
-                                          + ("writes no customer data" if want_write
-                                             else "served the ciphertext")}
-            if want_write:
-                raise FuseError(errno.EACCES)
-            return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
-        if self._program_rules:
-            rule = self._untrusted_by(self._programs_of(inode), ctx.pid)
-            if rule is not None:
-                if rule.untrusted != "ciphertext" or want_write:
-                    raise FuseError(errno.EACCES)
-                return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid)
-        if ctx.uid in self._masked and self._mask_rules and inode.kind == stat.S_IFREG:
-            mask = self._mask_of(inode)
-            if mask is not None:
-                return self._masked_handle(inode, mask, ctx.uid, flags, ctx.pid, built)
+        decision = self._decide_open(ctx, inode, flags)
+        try:
+            return self._serve_open(inode, flags, ctx, decision, built)
+        except Decided:
+            raise
+        except (FuseError, OSError) as e:  # (failed after it was decided: the record says how)
+            raise Decided(decision, e.errno or errno.EIO) from e
+
+    def _serve_open(self, inode: Inode, flags: int, ctx: Request, decision: Decision,
+                    built: views.Built | None) -> OpenOut | views.Wanted:
+        """The handle ``decision`` says an open gets."""
+        if decision.outcome is Outcome.CIPHERTEXT:
+            return self._ciphertext_handle(inode, ctx.uid, flags, ctx.pid, decision)
+        if decision.outcome is Outcome.MASKED:
+            assert decision.mask is not None
+            return self._masked_handle(inode, decision.mask, ctx.uid, flags, ctx.pid, decision,
+                                       built)
         self._exclusive(inode, view=False)  # (before O_TRUNC changes anything)
         try:
-            content = self._content(inode, want_write, ctx.uid)
+            content = self._content(inode, (flags & os.O_ACCMODE) != os.O_RDONLY
+                                    or bool(flags & os.O_TRUNC), ctx.uid)
             if flags & os.O_TRUNC:
                 ownreads.changed_by(inode.handles, ctx.uid)
                 content.truncate(0)
         except BaseException:
             self._unload_content(inode)
             raise
-        return self._open_handle(inode, ctx.uid, flags, ctx.pid)
+        return self._open_handle(PlainHandle(inode, ctx.uid, readable(flags),
+                                             own_only=ctx.uid in self._masked),
+                                 ctx.pid, decision)
 
     @_edge("fh")
     def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._files[fh]
         if self.gated:
             self._recheck_soon()
-        if handle.policy is not self.policy and handle.view is None and handle.raw < 0:
-            self._still_allowed(handle)
-        if handle.raw >= 0:
-            self._handle(fh, reading=True)  # (the same gate as any read)
-            data = os.pread(handle.raw, size, off)
-        elif handle.view is not None:
-            self._handle(fh, reading=True)
-            data = handle.view[off:off + size]
-        else:
+        if isinstance(handle, PlainHandle):
+            if handle.policy is not self.policy:
+                self._still_allowed(handle)
             inode = self._handle(fh, reading=True)
             self._own_reads(handle, inode)
             data = self._content(inode, want_write=False).read(off, size)
+        elif isinstance(handle, CiphertextView):
+            self._handle(fh, reading=True)  # (the same gate as any read)
+            data = os.pread(handle.raw, size, off)
+        else:
+            assert isinstance(handle, MaskedView)
+            self._handle(fh, reading=True)
+            data = handle.view[off:off + size]
         if self.audit is not None:  # (counted for the close record only)
-            self._files[fh].nread += len(data)
+            handle.nread += len(data)
         return data
 
     @_edge("fh")
     def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         handle = self._files[fh]
+        if isinstance(handle, CiphertextView):
+            raise FuseError(errno.EBADF)  # (read-only: the kernel sends no write for it)
         if self.gated:
             self._recheck_soon()
-        if handle.policy is not self.policy and handle.view is None:
-            self._still_allowed(handle)
-        elif handle.policy is not self.policy:
-            self._view_still_writable(handle)
+        if handle.policy is not self.policy:
+            if isinstance(handle, PlainHandle):
+                self._still_allowed(handle)
+            else:
+                assert isinstance(handle, MaskedView)
+                self._view_still_writable(handle)
         content = self._content(self._handle(fh), want_write=True)
-        if handle.view is not None and off < content.size:
+        if isinstance(handle, MaskedView) and off < content.size:
             raise FuseError(errno.EACCES)  # (a masked view appends; it never overwrites)
         if handle.uid in self._masked:
             self._mark_agent_rows(handle.inode)
         ownreads.changed_by(handle.inode.handles, handle.uid)
         n = content.write(off, buf)
         if self.audit is not None:
-            self._files[fh].nwritten += n
+            handle.nwritten += n
         return n
 
     @_edge("fh")
@@ -300,13 +309,12 @@ class ContentIO(Core):
         if mode & ~(keep | punch | zero) or (mode & punch and mode != punch | keep):
             raise FuseError(errno.EOPNOTSUPP)
         handle = self._files[fh]
+        if not isinstance(handle, PlainHandle):  # (a masked view only appends rows)
+            raise Decided(refused("no fallocate through a masked or encrypted view"))
         if self.gated:
             self._recheck_soon()
-        if handle.policy is not self.policy and handle.view is None:
+        if handle.policy is not self.policy:
             self._still_allowed(handle)
-        if handle.view is not None or handle.raw >= 0:
-            self._decision = {"decision": "no fallocate through a masked or encrypted view"}
-            raise FuseError(errno.EACCES)  # (a masked view only appends rows)
         content = self._content(self._handle(fh), want_write=True)
         if handle.uid in self._masked:
             self._mark_agent_rows(handle.inode)
@@ -339,7 +347,7 @@ class ContentIO(Core):
     @_edge("fh")
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
-        if handle.raw >= 0:
+        if isinstance(handle, CiphertextView):
             os.close(handle.raw)
         self._audit_close(handle)
         inode = handle.inode

@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterator, Sequence
 
 from cryptfs import sysio, tree
 from cryptfs.content import ContentFile
+from cryptfs.decision import Op
 from cryptfs.fs import shared
 from cryptfs.fs.audit_hooks import _edge
 from cryptfs.fs.core import (
     ROOT,
     Core,
 )
-from cryptfs.fs.inodes import Inode, _Dir
+from cryptfs.fs.inodes import Inode, PlainHandle, _Dir, readable
 from cryptfs.fuse import EntryOut, FuseError, OpenOut
 from cryptfs.fuse.requests import Request
 from cryptfs.names import (
@@ -197,12 +198,9 @@ class Directories(Core):
                      ) -> tuple[OpenOut, EntryOut]:
         self._allow(ctx.uid)
         self._refresh_config()  # (a stat, first: a rule or role set since applies to all below)
-        if ctx.uid in self._cipher_only:
-            self._decision = {"decision": f"role {self._role_of(ctx.uid)}: writes no customer data"}
-            raise FuseError(errno.EACCES)
         parent = self._inode(parent_inode)
-        if self._program_rules and self._untrusted(self._plain_dir(parent), ctx.pid):
-            raise FuseError(errno.EACCES)
+        decision = self._decide_create(
+            ctx, self._plain_dir(parent) if self._program_rules else None)
         backing, full = self._backing(parent, name)
         # Shared storage: made under a temporary name and renamed into place
         # with its header, so another server never finds it empty (EIO).
@@ -235,7 +233,8 @@ class Directories(Core):
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
         inode.meta = (content.overhead, content.h_len)
-        return self._open_handle(inode, ctx.uid, flags, ctx.pid), self._attr(inode, st)
+        handle = PlainHandle(inode, ctx.uid, readable(flags), own_only=ctx.uid in self._masked)
+        return self._open_handle(handle, ctx.pid, decision), self._attr(inode, st)
 
     def _create_existing(self, parent: Inode, backing: str, flags: int, ctx: Request
                          ) -> tuple[OpenOut, EntryOut]:
@@ -297,7 +296,7 @@ class Directories(Core):
         self._refresh_config()  # (a stat: a rule set since the mount started applies)
         if self._mask_rules or self._program_rules:
             self._guard_file(ctx, self._plain_dir(parent), name,
-                             os.stat(backing, dir_fd=parent.fd, follow_symlinks=False), "removed")
+                             os.stat(backing, dir_fd=parent.fd, follow_symlinks=False), Op.REMOVE)
         os.unlink(backing, dir_fd=parent.fd)
         self._epoch += 1
         if full:
@@ -326,7 +325,7 @@ class Directories(Core):
             src, dst = self._plain_dir(old_parent), self._plain_dir(new_parent)
             st_old = os.stat(b_old, dir_fd=old_parent.fd, follow_symlinks=False)
             self._guard_move(ctx, src, name_old, dst, name_new, stat.S_ISDIR(st_old.st_mode))
-            self._guard_file(ctx, src, name_old, st_old, "renamed")
+            self._guard_file(ctx, src, name_old, st_old, Op.RENAME)
             try:
                 st_new: os.stat_result | None = os.stat(b_new, dir_fd=new_parent.fd,
                                                         follow_symlinks=False)
@@ -334,10 +333,10 @@ class Directories(Core):
                 st_new = None
             if st_new is not None and flags & sysio.RENAME_EXCHANGE:
                 self._guard_move(ctx, dst, name_new, src, name_old, stat.S_ISDIR(st_new.st_mode))
-                self._guard_file(ctx, dst, name_new, st_new, "renamed")
+                self._guard_file(ctx, dst, name_new, st_new, Op.RENAME)
             elif st_new is not None and (st_new.st_dev, st_new.st_ino) != (st_old.st_dev,
                                                                           st_old.st_ino):
-                self._guard_file(ctx, dst, name_new, st_new, "replaced")
+                self._guard_file(ctx, dst, name_new, st_new, Op.REPLACE)
         self._epoch += 1  # (before: a failed rename that moved something still counts)
         if flags & sysio.RENAME_EXCHANGE:
             # Each name stays in its directory, so no name is re-encrypted.

@@ -2,7 +2,8 @@
 
 Every inode the kernel knows holds a descriptor of its backing object (see
 cryptfs.fs.core); while any handle of a regular file is open, one
-:class:`ContentFile` per inode serves all handles.
+:class:`ContentFile` per inode serves all handles.  A handle's type says what
+it serves: the plaintext, the encrypted bytes, or a masked view.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from typing import Any
 
 from cryptfs.content import ContentFile
+from cryptfs.decision import ALLOWED, Decision
 
 
 class Inode:
@@ -25,7 +27,7 @@ class Inode:
         self.access = access  # how fd was opened: O_RDWR, O_RDONLY or O_PATH
         self.kind = kind  # stat.S_IFMT bits
         self.nlookup = 0
-        self.handles: set[_Handle] = set()  # its open file handles
+        self.handles: set[Handle] = set()  # its open file handles
         self.diriv: bytes | None = None  # directories
         self.meta: Any = None  # regular: (block overhead, header length); symlink: target
         self.content: ContentFile | None = None  # regular files while open
@@ -33,28 +35,70 @@ class Inode:
         self.agent_rows = False  # marked (AGENT_ROWS_XATTR) as written by a masked role
 
 
-class _Handle:
+def readable(flags: int) -> bool:
+    """Whether an open with these flags can read (a mapping of it can)."""
+    return (flags & os.O_ACCMODE) != os.O_WRONLY
+
+
+class Handle:
     """An open regular file: its inode, who opened it, and whether for reading
-    (only a readable handle can be mapped to read, which matters when gated)."""
+    (only a readable handle can be mapped to read, which matters when gated).
+    What it serves is its type: :class:`PlainHandle`, :class:`CiphertextView`
+    or :class:`MaskedView`."""
 
     __slots__ = ("inode", "uid", "readable", "pid", "exe", "path", "opened", "nread", "nwritten",
-                 "raw", "view", "policy", "own_only", "foreign")
+                 "policy", "decision")
 
-    def __init__(self, inode: Inode, uid: int, readable: bool, pid: int = 0, path: str = "") -> None:
+    # (cryptfs.ownreads asks every handle of a file; only a plaintext handle can be either)
+    own_only: bool = False  # plaintext of a masked role: reads only its own (ownreads)
+    foreign: bool = False  # someone else changed the file's plaintext since it was opened
+
+    def __init__(self, inode: Inode, uid: int, readable: bool) -> None:
         self.inode = inode
         self.uid = uid
         self.readable = readable
-        self.pid = pid  # (for the access log: who opened it, as what path, bytes moved)
+        self.pid = 0  # (for the access log: who opened it, as what path, bytes moved)
         self.exe = ""
-        self.path = path
+        self.path = ""
         self.opened = 0
         self.nread = 0
         self.nwritten = 0
-        self.raw = -1  # a read-only fd of the backing file: a ciphertext view (trusted programs)
-        self.view: bytes | None = None  # a masked view (roles that see masked data)
         self.policy: Any = None  # the policy (and roles) it was opened under
-        self.own_only = False  # plaintext of a masked role: reads only its own (ownreads)
-        self.foreign = False  # someone else changed the file's plaintext since it was opened
+        self.decision: Decision = ALLOWED  # how its open was decided (for the open's record)
+
+
+class PlainHandle(Handle):
+    """The file's plaintext, read and written through the inode's ContentFile."""
+
+    __slots__ = ("own_only", "foreign")
+
+    def __init__(self, inode: Inode, uid: int, readable: bool, own_only: bool = False) -> None:
+        super().__init__(inode, uid, readable)
+        self.own_only = own_only
+        self.foreign = False
+
+
+class CiphertextView(Handle):
+    """A read-only view of the file's encrypted bytes (a role that reads
+    ciphertext only, or a program a rule does not trust but lets have them):
+    reads come from ``raw``, a read-only descriptor of the backing file."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, inode: Inode, uid: int, readable: bool, raw: int) -> None:
+        super().__init__(inode, uid, readable)
+        self.raw = raw
+
+
+class MaskedView(Handle):
+    """A masked view (roles that see masked data): reads come from ``view``,
+    made at open; writes only append rows past the file's end."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, inode: Inode, uid: int, readable: bool, view: bytes) -> None:
+        super().__init__(inode, uid, readable)
+        self.view = view
 
 
 class _Dir:

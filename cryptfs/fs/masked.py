@@ -13,13 +13,14 @@ import os
 
 from cryptfs import tree, views
 from cryptfs.content import ContentFile
+from cryptfs.decision import NO_ORACLE_WRITES, Decision, refused
+from cryptfs.fs.access import Decided
 from cryptfs.fs.core import (
     MAX_MASKED,
-    NO_ORACLE_WRITES,
     Core,
 )
-from cryptfs.fs.inodes import Inode, _Handle
-from cryptfs.fuse import FuseError, OpenOut
+from cryptfs.fs.inodes import Inode, MaskedView, readable
+from cryptfs.fuse import OpenOut
 from cryptfs.fuse.abi import FOPEN_DIRECT_IO
 from cryptfs.fuse.requests import Request
 from cryptfs.header import AGENT_ROWS_XATTR
@@ -41,21 +42,25 @@ def _same_key(a: bytes | None, b: bytes | None) -> bool:
 class MaskedViews(Core):
     """Masked views (see the module)."""
 
-    def _mask_of(self, inode: Inode) -> MaskRule | None:
+    def _find_mask(self, inode: Inode) -> tuple[MaskRule | None, str]:
         """The mask a file is served through to masked roles: of its name, or
-        of any of its hard links' (two different ones: refused)."""
+        of any of its hard links'; or why none can be chosen (a name unknown,
+        two different masks: refused)."""
         names = self._names_of(inode)
         if names.unknown:
-            self._decision = {"decision": "masked view refused: the file's name is unknown"
-                              if not names.found else
-                              "masked view refused: a name of the file (a hard link) is unknown"}
-            raise FuseError(errno.EACCES)
+            return None, ("masked view refused: the file's name is unknown" if not names.found
+                          else "masked view refused: a name of the file (a hard link) is unknown")
         masks = names.masks(self.policy)
         if len(masks) > 1:
-            self._decision = {"decision": "masked view refused: its hard links are under "
-                                          "different masks"}
-            raise FuseError(errno.EACCES)
-        return next(iter(masks), None)
+            return None, "masked view refused: its hard links are under different masks"
+        return next(iter(masks), None), ""
+
+    def _mask_of(self, inode: Inode) -> MaskRule | None:
+        """:meth:`_find_mask`, a file without one mask refused."""
+        mask, problem = self._find_mask(inode)
+        if problem:
+            raise Decided(refused(problem))
+        return mask
 
     def _plain_name_of(self, inode: Inode) -> str | None:
         real = os.readlink(proc_path(inode.fd))
@@ -72,20 +77,17 @@ class MaskedViews(Core):
         return name.decode("utf-8", "surrogateescape")
 
     def _masked_handle(self, inode: Inode, rule: MaskRule, uid: int, flags: int, pid: int,
-                       built: views.Built | None = None) -> OpenOut | views.Wanted:
+                       decision: Decision, built: views.Built | None = None
+                       ) -> OpenOut | views.Wanted:
         """What a role that sees masked data gets of a structured file: reads
         from a masked view made at open (every field its length, so sizes and
         offsets hold); writes only at or past the end (new rows), never over
         the bytes the view masks.  A view larger than views.INLINE_MAX is
         made off the request loop: this returns what to make, and the open
-        comes back with it (``built``) to decide again."""
-        if flags & os.O_TRUNC:
-            self._decision = {"decision": "masked view: no truncating"}
-            raise FuseError(errno.EACCES)
+        comes back with it (``built``) to decide again.  The open was
+        decided already (cryptfs.decision: no truncating, no writes into a
+        file with token columns)."""
         mask = rule.mask()
-        if (flags & os.O_ACCMODE) != os.O_RDONLY and mask.tokenised:
-            self._decision = {"decision": NO_ORACLE_WRITES}
-            raise FuseError(errno.EACCES)
         self._exclusive(inode, view=True)  # (before the view is made)
         content = self._content(inode, False, uid)
         try:
@@ -105,27 +107,23 @@ class MaskedViews(Core):
             elif size <= views.INLINE_MAX:
                 view = make_view(content.read(0, size))
             elif built is not None:
-                self._decision = {"decision": "masked view refused: the file, its rule or the "
-                                              "keys changed while its view was made"}
-                raise FuseError(errno.EACCES)
+                raise Decided(refused("masked view refused: the file, its rule or the keys "
+                                      "changed while its view was made"))
             else:
                 return views.Wanted(stamp, token, content.header, size, make_view)
         except NotStructured as e:
             self._unload_content(inode)
             log.warning("inode %d: masked view refused: %s", inode.ino, e)
-            self._decision = {"decision": f"masked view refused: not {rule.fmt} ({e})"}
-            raise FuseError(errno.EACCES) from None
+            raise Decided(refused(f"masked view refused: not {rule.fmt} ({e})")) from None
         except BaseException:
             self._unload_content(inode)
             raise
         try:
-            fi = self._open_handle(inode, uid, flags, pid, view=True)
+            fi = self._open_handle(MaskedView(inode, uid, readable(flags), view), pid,
+                                   decision)
         except BaseException:
             self._unload_content(inode)
             raise
-        handle = self._files[fi.fh]
-        handle.view = view
-        self._decision = {"decision": f"masked view ({rule.fmt}, {rule.glob})"}
         return OpenOut(fi.fh, FOPEN_DIRECT_IO)
 
     def _token_key(self, inode: Inode, content: ContentFile) -> bytes | None:
@@ -159,18 +157,16 @@ class MaskedViews(Core):
         except OSError as e:
             log.error("inode %d: cannot mark the file as written by a masked role (%s): "
                       "write refused", inode.ino, e.strerror)
-            self._decision = {"decision": "not written: the file cannot be marked as holding "
-                                          "rows of a masked role (its tokens would be an oracle)"}
-            raise FuseError(errno.EACCES) from None
+            raise Decided(refused("not written: the file cannot be marked as holding rows of a "
+                                  "masked role (its tokens would be an oracle)")) from None
         inode.agent_rows = True
 
-    def _view_still_writable(self, handle: _Handle) -> None:
+    def _view_still_writable(self, handle: MaskedView) -> None:
         """A masked view opened for writing under an older policy: no more
         writes once the file's mask has a token column."""
         mask = self._mask_of(handle.inode)
         if mask is not None and mask.mask().tokenised:
-            self._decision = {"decision": NO_ORACLE_WRITES}
-            raise FuseError(errno.EACCES)
+            raise Decided(refused(NO_ORACLE_WRITES))
         handle.policy = self.policy
 
     async def _open_view(self, wanted: views.Wanted, inode_no: int, flags: int,
@@ -180,18 +176,16 @@ class MaskedViews(Core):
         unlocked, role, rules, keys, the file unchanged: see
         ``_masked_handle``); anything changed fails closed."""
         inode = self._inode(inode_no)
-        self._decision = None  # (nothing of this open is left for another request's record)
         try:
             self._views.admit(ctx.uid)
         except views.Busy:
             self._unload_content(inode)
-            self._decision = {"decision": "masked view refused: too many views being made"}
-            raise FuseError(errno.EBUSY) from None
+            raise Decided(refused("masked view refused: too many views being made"),
+                          errno.EBUSY) from None
         # Its own descriptor (the inode's may be reopened meanwhile), and a
         # placeholder view handle: while the view is made, no plaintext open
         # of the file (_exclusive), and the inode and its content stay loaded.
-        hold = _Handle(inode, ctx.uid, readable=False)
-        hold.view = b""
+        hold = MaskedView(inode, ctx.uid, readable=False, view=b"")
         built = views.Built(wanted.stamp, wanted.token)
         try:
             fd = os.open(proc_path(inode.fd), os.O_RDONLY | os.O_CLOEXEC)
@@ -210,7 +204,6 @@ class MaskedViews(Core):
             inode.handles.discard(hold)
             os.close(fd)
             self._views.done(ctx.uid)
-        self._decision = None
         fi = self._open_now(inode_no, flags, ctx, built)
         assert not isinstance(fi, views.Wanted)  # (given ``built``, a view is used or refused)
         return fi
