@@ -7,23 +7,31 @@ rotated) must take effect on B's running mount within ``follow.BOUND``
 seconds, without a remount; a rotation run on A while B writes must leave
 every file B wrote whole, on both servers, and fsck clean.
 
-Where the shared storage comes from is one function, :data:`BACKINGS`: here
-one local directory, which server B sees through a bind mount at its own
-path (as two servers see one distributed file system at two mountpoints).
-A fixture of a real distributed file system (JuiceFS) replaces it there.
+Where the shared storage comes from is the ``storage`` fixture:
+
+- ``juicefs``: one JuiceFS volume in a private redis, mounted twice with
+  separate caches (tests/juicefs.py; one pair serves the module), each
+  server's cryptfs mount with ``--shared-storage`` on its own JuiceFS mount;
+  each test works in a volume directory of its own and removes it;
+- ``local``: one local directory, which B sees through a bind mount at its
+  own path.  Kept where the JuiceFS variant is marked as an expected failure
+  (see ``REWRAP_STALE``), so that what the scenario proves stays proven.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from juicefs import JuicePair, juicefs_pair
 
 from conftest import Mount, require_fuse, run_cli
 from cryptfs.config import load_config
@@ -51,10 +59,30 @@ ALICE, BOB, CAROL = "cfs-alice", "cfs-bob", "cfs-carol"
 SLACK = 2.0  # seconds
 
 
-# -- the shared storage: one function, swapped for a distributed file system -----------------
+# -- the shared storage -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def juice() -> Iterator[JuicePair]:
+    yield from juicefs_pair()
+
+
+_volumes = itertools.count(1)
+
+
+@contextlib.contextmanager
+def juicefs_backings(juice: JuicePair) -> Iterator[tuple[Path, Path]]:
+    """One new backing directory on JuiceFS, as servers A and B name it
+    (through JuiceFS mounts a and b); removed afterwards."""
+    name = f"admin-vol{next(_volumes)}"
+    a, b = juice.a.mnt / name, juice.b.mnt / name
+    try:
+        yield a, b
+    finally:
+        shutil.rmtree(a, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def local_backings(root: Path) -> Iterator[tuple[Path, Path]]:
-    """One backing directory as servers A and B name it: a local directory,
+    """One local backing directory as servers A and B name it: the directory,
     and a bind mount of it at B's own path."""
     a, b = root / "storage-a", root / "storage-b"
     a.mkdir(mode=0o755)
@@ -66,7 +94,38 @@ def local_backings(root: Path) -> Iterator[tuple[Path, Path]]:
         subprocess.run(["umount", "-l", str(b)], capture_output=True)
 
 
-BACKINGS: Callable[[Path], contextlib.AbstractContextManager[tuple[Path, Path]]] = local_backings
+@dataclass
+class Storage:
+    """Where both servers' backing directory comes from, and how they mount it."""
+
+    name: str
+    backings: Callable[[Path], AbstractContextManager[tuple[Path, Path]]]  # (work dir) -> (A's, B's)
+    options: tuple[str, ...]  # cryptfs mount options this storage needs
+
+
+@pytest.fixture
+def storage(request: pytest.FixtureRequest) -> Storage:
+    if request.param == "local":
+        return Storage("local", local_backings, ())
+    juice: JuicePair = request.getfixturevalue("juice")
+    return Storage("juicefs", lambda _root: juicefs_backings(juice), ("--shared-storage",))
+
+
+# A rotation rewrites file headers in place and then sets each file's mtime back
+# (cryptfs.rotate.write_header).  JuiceFS keeps a file's chunk map, and the kernel
+# its pages, across opens for as long as the mtime stays the same
+# (juicefs pkg/meta/openfile.go), so server B goes on reading the header of the
+# old generation, which fails authentication once the walk has forgotten that
+# generation (EIO).  The fix belongs in cryptfs.rotate (owned elsewhere while
+# this was written): the mtime must move.  strict: these turn into failures once
+# it is fixed, so the marks cannot outlive the bug.
+REWRAP_STALE = pytest.mark.xfail(
+    strict=True, raises=(AssertionError, OSError),  # (the old header: EIO on B)
+    reason="a header rewritten in place with the mtime kept is not seen by the other JuiceFS "
+           "client (docs/MULTISERVER.md, Limits)")
+ON_BOTH = pytest.mark.parametrize(
+    "storage", [pytest.param("juicefs", marks=REWRAP_STALE), "local"], indirect=True)
+ON_JUICEFS = pytest.mark.parametrize("storage", ["juicefs"], indirect=True)
 
 
 # -- two servers ---------------------------------------------------------------------------------
@@ -101,13 +160,14 @@ def _make_volume(backing: Path, users: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
-def two_servers(users: tuple[str, ...] = (ALICE, BOB)) -> Iterator[tuple[Path, Server, Server]]:
-    """A volume with root and ``users`` on shared storage, served by A and B."""
+def two_servers(storage: Storage, users: tuple[str, ...] = (ALICE, BOB)
+                ) -> Iterator[tuple[Path, Server, Server]]:
+    """A volume with root and ``users`` on the shared storage, served by A and B."""
     require_fuse()
     root = shared_tempdir("cryptfs-2srv-")
     servers: list[Server] = []
     try:
-        with BACKINGS(root) as (backing_a, backing_b):
+        with storage.backings(root) as (backing_a, backing_b):
             _make_volume(backing_a, users)
             (root / "pass").mkdir(mode=0o755)
             files = {n: passfile(root / "pass", n, s) for n, (_, s) in USERS.items()}
@@ -119,7 +179,7 @@ def two_servers(users: tuple[str, ...] = (ALICE, BOB)) -> Iterator[tuple[Path, S
                                         root / f"mount-{name}.pid", agent=agent)
                     servers.append(Server(name, agent, mount, files))
                     agent.start("--idle-timeout", "0", "--backoff", "0.2", "--backoff-max", "1")
-                    mount.start()
+                    mount.start(*storage.options)
                 yield root, servers[0], servers[1]
             finally:
                 for s in servers:
@@ -159,9 +219,10 @@ def _shared_dirs(s: Server, *names: str) -> None:
 
 
 # -- the tests ----------------------------------------------------------------------------------
+@ON_BOTH
 def test_users_added_revoked_and_policies_set_on_one_server_reach_the_other(
-        tmp_path: Path) -> None:
-    with two_servers() as (root, a, b):
+        storage: Storage) -> None:
+    with two_servers(storage) as (root, a, b):
         _shared_dirs(a, "work", "calls")
         for s in (a, b):
             for u in (ALICE, BOB):
@@ -262,8 +323,9 @@ print("CHECKED", n, flush=True)
 """
 
 
-def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(tmp_path: Path) -> None:
-    with two_servers() as (root, a, b):
+@ON_BOTH
+def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(storage: Storage) -> None:
+    with two_servers(storage) as (root, a, b):
         _shared_dirs(a, "work")
         for s in (a, b):
             assert s.unlock(ALICE).returncode == 0
@@ -301,36 +363,68 @@ def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(tmp_path: P
         assert "clean" in res.stdout, res.stdout + res.stderr
 
 
-def test_an_idle_server_follows_a_rotation_made_on_the_other(tmp_path: Path) -> None:
-    """Nothing asks server B anything: its own timer reads the config (no
-    agent here: two passphrase mounts, so nothing else tells it)."""
+@contextlib.contextmanager
+def two_passphrase_mounts(storage: Storage) -> Iterator[tuple[Path, Mount, Mount]]:
+    """A volume with root only, served by A and B as passphrase mounts (no
+    agent): (the passphrase file, A, B)."""
     require_fuse()
     root = shared_tempdir("cryptfs-2srv-")
     mounts: list[Mount] = []
     try:
-        with BACKINGS(root) as (backing_a, backing_b):
-            _make_volume(backing_a, ())
-            pf = root / "root.pass"
-            pf.write_bytes(ROOT_PASSPHRASE + b"\n")
-            for name, backing in (("a", backing_a), ("b", backing_b)):
-                m = Mount(backing, root / f"mnt-{name}", root / f"mount-{name}.log",
-                          root / f"mount-{name}.pid", pf)
-                mounts.append(m)
-                m.start()
-            a, b = mounts
-            a.path("before.txt").write_bytes(b"generation 1\n")
-            r = _admin("rotate", str(backing_a), "--slots", "--passphrase-file", str(pf))
-            assert r.returncode == 0, r.stdout + r.stderr + a.log_text()
-            _within(BOUND, "B follows by itself",
-                    lambda: "rotated to generation 2: following" in b.log_text(), b.log_text)
-            a.path("after.txt").write_bytes(b"generation 2\n")
-            assert b.path("after.txt").read_bytes() == b"generation 2\n"
-            assert b.path("before.txt").read_bytes() == b"generation 1\n"
-            for m in mounts:
-                m.stop()
-            res = run_cli("fsck", str(backing_a), "--passphrase-file", str(pf))
-            assert "clean" in res.stdout, res.stdout + res.stderr
+        with storage.backings(root) as (backing_a, backing_b):
+            try:
+                _make_volume(backing_a, ())
+                pf = root / "root.pass"
+                pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+                for name, backing in (("a", backing_a), ("b", backing_b)):
+                    m = Mount(backing, root / f"mnt-{name}", root / f"mount-{name}.log",
+                              root / f"mount-{name}.pid", pf)
+                    mounts.append(m)
+                    m.start(*storage.options)
+                yield pf, mounts[0], mounts[1]
+            finally:
+                for m in mounts:  # (before the volume directory goes)
+                    m.stop()
     finally:
-        for m in mounts:
-            m.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _fsck_clean(pf: Path, *mounts: Mount) -> None:
+    for m in mounts:
+        m.stop()
+    res = run_cli("fsck", str(mounts[0].backing), "--passphrase-file", str(pf))
+    assert "clean" in res.stdout, res.stdout + res.stderr
+
+
+@ON_JUICEFS
+def test_an_idle_server_follows_a_rotation_made_on_the_other(storage: Storage) -> None:
+    """Nothing asks server B anything: its own timer reads the config (no
+    agent here: two passphrase mounts, so nothing else tells it)."""
+    with two_passphrase_mounts(storage) as (pf, a, b):
+        a.path("before.txt").write_bytes(b"generation 1\n")
+        r = _admin("rotate", str(a.backing), "--slots", "--passphrase-file", str(pf))
+        assert r.returncode == 0, r.stdout + r.stderr + a.log_text()
+        _within(BOUND, "B follows by itself",
+                lambda: "rotated to generation 2: following" in b.log_text(), b.log_text)
+        a.path("after.txt").write_bytes(b"generation 2\n")
+        assert b.path("after.txt").read_bytes() == b"generation 2\n"
+        assert b.path("before.txt").read_bytes() == b"generation 1\n"
+        _fsck_clean(pf, a, b)
+
+
+@ON_BOTH
+def test_a_header_rewrapped_on_one_server_reads_on_the_other(storage: Storage) -> None:
+    """The smallest form of what REWRAP_STALE names: B has read a file, a
+    --wrap-key rotation on A re-wraps its header (and then forgets the old
+    generation); B's next open must read the file's bytes."""
+    with two_passphrase_mounts(storage) as (pf, a, b):
+        body = bytes(range(256)) * 50
+        a.path("f").write_bytes(body)
+        assert b.path("f").read_bytes() == body  # (B's storage client has seen it)
+        r = _admin("rotate", str(a.backing), "--wrap-key", "--passphrase-file", str(pf))
+        assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr + a.log_text()
+        assert load_config(str(b.backing)).key_id == 2
+        # (an open on B looks at the config first: B holds the finished generation then)
+        assert b.path("f").read_bytes() == body, b.log_text()
+        assert a.path("f").read_bytes() == body
+        _fsck_clean(pf, a, b)
