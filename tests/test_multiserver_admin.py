@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -34,8 +35,10 @@ import pytest
 from juicefs import JuicePair, juicefs_pair
 
 from conftest import Mount, require_fuse, run_cli
-from cryptfs.config import load_config
+from cryptfs.config import config_lock, load_config
 from cryptfs.follow import BOUND
+from cryptfs.header import MAGIC
+from cryptfs.modes.content import XCHACHA20_POLY1305
 from cryptfs.secret import Secret
 from cryptfs.users import add_user, user_fields
 from cryptfs.volume import init_volume
@@ -427,4 +430,54 @@ def test_a_header_rewrapped_on_one_server_reads_on_the_other(storage: Storage) -
         # (an open on B looks at the config first: B holds the finished generation then)
         assert b.path("f").read_bytes() == body, b.log_text()
         assert a.path("f").read_bytes() == body
+        _fsck_clean(pf, a, b)
+
+
+@ON_JUICEFS
+def test_admin_commands_on_both_servers_lose_no_change(storage: Storage) -> None:
+    """Every config change is a read-modify-write under an exclusive flock of
+    cryptfs.conf (config.config_lock), and the file is replaced by rename.
+    The lock must hold across the servers' storage clients: while A holds it,
+    B's command waits (and gives up after CONFIG_LOCK_WAIT); changes made on
+    both at once are all kept, and both servers see all of them."""
+    with two_passphrase_mounts(storage) as (pf, a, b):
+        def policies(m: Mount) -> list[str]:
+            shown = run_cli("policy", "show", str(m.backing), "--passphrase-file", str(pf)).stdout
+            return sorted(line.split(":")[0] for line in shown.splitlines()
+                          if line.startswith(("/a", "/b")))
+
+        def set_rule(m: Mount, directory: str) -> subprocess.CompletedProcess[str]:
+            return _admin("policy", "set", str(m.backing), directory, "--mode",
+                          "xchacha20-poly1305", "--passphrase-file", str(pf))
+
+        with config_lock(str(a.backing)):  # (as a command on A holds it)
+            waited = set_rule(b, "/b-waited")
+        assert waited.returncode != 0 and "Traceback" not in waited.stderr, waited.stderr
+        assert "is being changed by another command" in waited.stderr, waited.stderr
+        assert policies(a) == policies(b) == []
+
+        results: dict[str, list[subprocess.CompletedProcess[str]]] = {"a": [], "b": []}
+
+        def admin(name: str, m: Mount) -> None:
+            for i in range(3):
+                results[name].append(set_rule(m, f"/{name}{i}"))
+
+        workers = [threading.Thread(target=admin, args=(name, m))
+                   for name, m in (("a", a), ("b", b))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(300)
+        for r in results["a"] + results["b"]:
+            assert r.returncode == 0, r.stdout + r.stderr
+        want = [f"/{s}{i}" for s in "ab" for i in range(3)]
+        assert policies(a) == policies(b) == want
+        # and each running mount took them: a file made on B in a directory that a
+        # rule set on A names is encrypted as that rule says
+        b.path("a1").mkdir()
+        b.path("a1", "f").write_bytes(b"ruled by a\n")
+        assert a.path("a1", "f").read_bytes() == b"ruled by a\n"
+        headers = [p.read_bytes()[:8] for p in a.backing.rglob("*")
+                   if p.is_file() and p.read_bytes()[:6] == MAGIC]
+        assert [h[7] for h in headers] == [XCHACHA20_POLY1305.mode_id]  # (the volume's: AES)
         _fsck_clean(pf, a, b)
