@@ -1,8 +1,10 @@
 """The auditor sees one story: two servers' logs merged, each record naming its server.
 
-Two real cryptfs mounts of one backing directory (two "servers", files1 and
-files2: two daemons, two key agents, two logs with the same log id, each
-mount given its own ``--server``), real users working on each.  Then
+Two real cryptfs mounts of one backing directory on JuiceFS (two "servers",
+files1 and files2, each through its own mount of one JuiceFS volume,
+tests/juicefs.py: two daemons with ``--shared-storage``, two key agents,
+two logs with the same log id, each mount given its own ``--server``),
+real users working on each.  Then
 ``audit verify``, ``export``, ``report`` and ``follow`` over both logs, a
 tampered copy of one, and both logs forwarded to one real rsyslogd whose
 file, read back with ``audit export --from-syslog``, gives the same merged
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from juicefs import JuicePair, juicefs_pair
 from test_audit_report import dom, squash, table_rows
 from test_audit_syslog import Forwarder, Rsyslog, wait_until
 from test_cli_errors import assert_one_error, assert_usage_error
@@ -99,10 +102,17 @@ def as_user(user: str, script: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def two() -> Iterator[TwoServers]:
+def juice() -> Iterator[JuicePair]:
+    yield from juicefs_pair()
+
+
+@pytest.fixture(scope="module")
+def two(juice: JuicePair) -> Iterator[TwoServers]:
     require_fuse()
     root = shared_tempdir()
-    make_shared_volume(root / "backing")
+    # One backing directory on the shared storage, as each server names it.
+    backings = {"files1": juice.a.mnt / "audit-vol", "files2": juice.b.mnt / "audit-vol"}
+    make_shared_volume(backings["files1"])
     (root / "pass").mkdir(mode=0o755)
     files = {name: passfile(root / "pass", name, secret) for name, (_, secret) in USERS.items()}
     files["root"] = passfile(root / "pass", "root", ROOT_PASSPHRASE)
@@ -113,13 +123,13 @@ def two() -> Iterator[TwoServers]:
             # The same log id on both: the server, not the log's name, tells them apart.
             pub = run_cli("audit", "init", str(logdir), "--log-id", "calls").stdout.strip()
             agent = AgentProcess(root / f"{name}.sock", root / f"{name}-agent.log")
-            mount = SharedMount(root / "backing", root / f"mnt-{name}", root / f"{name}.log",
+            mount = SharedMount(backings[name], root / f"mnt-{name}", root / f"{name}.log",
                                 root / f"{name}.pid", agent=agent)
             servers[name] = Server(name, agent, mount, logdir, pub)
             agent.start(*AGENT_ARGS)
-            mount.start("--audit-log", str(logdir), "--server", name)
-        vol = json.loads((root / "backing" / "cryptfs.conf").read_text())["volume_id"]
-        t = TwoServers(root, root / "backing", servers, files, vol)
+            mount.start("--shared-storage", "--audit-log", str(logdir), "--server", name)
+        vol = json.loads((backings["files2"] / "cryptfs.conf").read_text())["volume_id"]
+        t = TwoServers(root, backings["files1"], servers, files, vol)
         # root (the admin) makes a directory everyone may write, on files1
         t.unlock("files1", "root")
         res = run_as("root", "mkdir", "-m", "1777", t.path("files1", "calls"))
@@ -145,6 +155,7 @@ def two() -> Iterator[TwoServers]:
             finally:
                 s.agent.stop()
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(backings["files1"], ignore_errors=True)
 
 
 def export(*args: str) -> str:

@@ -75,6 +75,7 @@ def two_servers(juice: JuicePair, *extra: str) -> Iterator[Servers]:
             except Exception:  # noqa: BLE001 - the other must still stop
                 pass
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(juice.a.mnt / name, ignore_errors=True)  # (the pair serves the module)
 
 
 @pytest.fixture
@@ -137,6 +138,22 @@ def test_write_close_then_read_on_the_other(servers: Servers) -> None:
         write(a.path("g"), b"other")
         os.rename(a.path("g"), a.path("f"))
         assert b.path("f").read_bytes() == b"other"
+    assert "clean" in fsck_clean(servers)
+
+
+def test_a_file_still_open_on_one_server_opens_on_the_other(servers: Servers) -> None:
+    """A new file's header is in the storage before its name: while A still
+    has the file open (nothing closed, so its writes are A's storage client's
+    alone), B opens it as an empty file, never as a header-less one (EIO)."""
+    a, b = servers.a, servers.b
+    body = os.urandom(2 * BLOCK + 5)
+    for i in range(3):
+        with open(a.path(f"new-{i}"), "wb") as f:
+            assert b.path(f"new-{i}").read_bytes() == b""
+            assert os.stat(b.path(f"new-{i}")).st_size == 0
+            f.write(body)
+        assert b.path(f"new-{i}").read_bytes() == body
+    assert "integrity failure" not in a.log_text() + b.log_text()
     assert "clean" in fsck_clean(servers)
 
 

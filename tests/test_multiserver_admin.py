@@ -7,27 +7,38 @@ rotated) must take effect on B's running mount within ``follow.BOUND``
 seconds, without a remount; a rotation run on A while B writes must leave
 every file B wrote whole, on both servers, and fsck clean.
 
-Where the shared storage comes from is one function, :data:`BACKINGS`: here
-one local directory, which server B sees through a bind mount at its own
-path (as two servers see one distributed file system at two mountpoints).
-A fixture of a real distributed file system (JuiceFS) replaces it there.
+Where the shared storage comes from is the ``storage`` fixture:
+
+- ``juicefs``: one JuiceFS volume in a private redis, mounted twice with
+  separate caches (tests/juicefs.py; one pair serves the module), each
+  server's cryptfs mount with ``--shared-storage`` on its own JuiceFS mount;
+  each test works in a volume directory of its own and removes it;
+- ``local``: one local directory, which B sees through a bind mount at its
+  own path.  Kept where part of the JuiceFS variant is an expected failure
+  (``rewrap_stale``), so that what the scenario proves stays proven.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from juicefs import JuicePair, juicefs_pair
 
 from conftest import Mount, require_fuse, run_cli
-from cryptfs.config import load_config
+from cryptfs.config import config_lock, load_config
 from cryptfs.follow import BOUND
+from cryptfs.header import MAGIC
+from cryptfs.modes.content import XCHACHA20_POLY1305
 from cryptfs.secret import Secret
 from cryptfs.users import add_user, user_fields
 from cryptfs.volume import init_volume
@@ -51,10 +62,30 @@ ALICE, BOB, CAROL = "cfs-alice", "cfs-bob", "cfs-carol"
 SLACK = 2.0  # seconds
 
 
-# -- the shared storage: one function, swapped for a distributed file system -----------------
+# -- the shared storage -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def juice() -> Iterator[JuicePair]:
+    yield from juicefs_pair()
+
+
+_volumes = itertools.count(1)
+
+
+@contextlib.contextmanager
+def juicefs_backings(juice: JuicePair) -> Iterator[tuple[Path, Path]]:
+    """One new backing directory on JuiceFS, as servers A and B name it
+    (through JuiceFS mounts a and b); removed afterwards."""
+    name = f"admin-vol{next(_volumes)}"
+    a, b = juice.a.mnt / name, juice.b.mnt / name
+    try:
+        yield a, b
+    finally:
+        shutil.rmtree(a, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def local_backings(root: Path) -> Iterator[tuple[Path, Path]]:
-    """One backing directory as servers A and B name it: a local directory,
+    """One local backing directory as servers A and B name it: the directory,
     and a bind mount of it at B's own path."""
     a, b = root / "storage-a", root / "storage-b"
     a.mkdir(mode=0o755)
@@ -66,7 +97,52 @@ def local_backings(root: Path) -> Iterator[tuple[Path, Path]]:
         subprocess.run(["umount", "-l", str(b)], capture_output=True)
 
 
-BACKINGS: Callable[[Path], contextlib.AbstractContextManager[tuple[Path, Path]]] = local_backings
+@dataclass
+class Storage:
+    """Where both servers' backing directory comes from, and how they mount it."""
+
+    name: str
+    backings: Callable[[Path], AbstractContextManager[tuple[Path, Path]]]  # (work dir) -> (A's, B's)
+    options: tuple[str, ...]  # cryptfs mount options this storage needs
+
+
+@pytest.fixture
+def storage(request: pytest.FixtureRequest) -> Storage:
+    if request.param == "local":
+        return Storage("local", local_backings, ())
+    juice: JuicePair = request.getfixturevalue("juice")
+    return Storage("juicefs", lambda _root: juicefs_backings(juice), ("--shared-storage",))
+
+
+# A rotation rewrites file headers in place and then sets each file's mtime back
+# (cryptfs.rotate.write_header).  JuiceFS keeps a file's chunk map, and the kernel
+# its pages, across opens for as long as the mtime stays the same
+# (juicefs pkg/meta/openfile.go), so server B goes on reading the header of the
+# old generation, which fails authentication once the walk has forgotten that
+# generation (EIO).  The fix belongs in cryptfs.rotate (owned elsewhere while
+# this was written): the mtime must move.
+REWRAP_STALE = ("a header rewritten in place with the mtime kept is not seen by the other "
+                "JuiceFS client (docs/MULTISERVER.md, Limits)")
+
+
+@contextlib.contextmanager
+def rewrap_stale(storage: Storage) -> Iterator[None]:
+    """Around the checks that REWRAP_STALE breaks, and only those: on JuiceFS
+    their failure (an assertion, or B's EIO) ends the test as an expected
+    failure; if they pass there, the test fails, so this cannot outlive the
+    bug.  Everything before the block is checked on JuiceFS as everywhere."""
+    if storage.name != "juicefs":
+        yield
+        return
+    try:
+        yield
+    except (AssertionError, OSError) as e:
+        pytest.xfail(f"{REWRAP_STALE}: {str(e)[:300]}")
+    pytest.fail(f"passed on JuiceFS: the bug is fixed, remove rewrap_stale ({REWRAP_STALE})")
+
+
+ON_BOTH = pytest.mark.parametrize("storage", ["juicefs", "local"], indirect=True)
+ON_JUICEFS = pytest.mark.parametrize("storage", ["juicefs"], indirect=True)
 
 
 # -- two servers ---------------------------------------------------------------------------------
@@ -101,13 +177,14 @@ def _make_volume(backing: Path, users: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
-def two_servers(users: tuple[str, ...] = (ALICE, BOB)) -> Iterator[tuple[Path, Server, Server]]:
-    """A volume with root and ``users`` on shared storage, served by A and B."""
+def two_servers(storage: Storage, users: tuple[str, ...] = (ALICE, BOB)
+                ) -> Iterator[tuple[Path, Server, Server]]:
+    """A volume with root and ``users`` on the shared storage, served by A and B."""
     require_fuse()
     root = shared_tempdir("cryptfs-2srv-")
     servers: list[Server] = []
     try:
-        with BACKINGS(root) as (backing_a, backing_b):
+        with storage.backings(root) as (backing_a, backing_b):
             _make_volume(backing_a, users)
             (root / "pass").mkdir(mode=0o755)
             files = {n: passfile(root / "pass", n, s) for n, (_, s) in USERS.items()}
@@ -119,7 +196,7 @@ def two_servers(users: tuple[str, ...] = (ALICE, BOB)) -> Iterator[tuple[Path, S
                                         root / f"mount-{name}.pid", agent=agent)
                     servers.append(Server(name, agent, mount, files))
                     agent.start("--idle-timeout", "0", "--backoff", "0.2", "--backoff-max", "1")
-                    mount.start()
+                    mount.start(*storage.options)
                 yield root, servers[0], servers[1]
             finally:
                 for s in servers:
@@ -159,9 +236,10 @@ def _shared_dirs(s: Server, *names: str) -> None:
 
 
 # -- the tests ----------------------------------------------------------------------------------
+@ON_BOTH
 def test_users_added_revoked_and_policies_set_on_one_server_reach_the_other(
-        tmp_path: Path) -> None:
-    with two_servers() as (root, a, b):
+        storage: Storage) -> None:
+    with two_servers(storage) as (root, a, b):
         _shared_dirs(a, "work", "calls")
         for s in (a, b):
             for u in (ALICE, BOB):
@@ -219,8 +297,11 @@ def test_users_added_revoked_and_policies_set_on_one_server_reach_the_other(
             assert b"Permission denied" in got.stderr and body[:20] not in got.stdout
             res = s.unlock(BOB)
             assert res.returncode == 8 and "no key slot" in res.stderr, res.stderr
-            for u in (ALICE, CAROL) if s is b else (ALICE,):
-                assert _cat(u, p).stdout == body, (s.name, u, s.logs())
+        assert "not followed" not in a.logs() + b.logs()
+        assert _cat(ALICE, a.path("work", "a.txt")).stdout == body, a.logs()
+        with rewrap_stale(storage):  # (B had read a.txt before the revocation re-wrapped it)
+            for u in (ALICE, CAROL):
+                assert _cat(u, on_b).stdout == body, (u, b.logs())
         assert "not followed" not in a.logs() + b.logs()
 
 
@@ -262,8 +343,9 @@ print("CHECKED", n, flush=True)
 """
 
 
-def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(tmp_path: Path) -> None:
-    with two_servers() as (root, a, b):
+@ON_BOTH
+def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(storage: Storage) -> None:
+    with two_servers(storage) as (root, a, b):
         _shared_dirs(a, "work")
         for s in (a, b):
             assert s.unlock(ALICE).returncode == 0
@@ -288,49 +370,137 @@ def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(tmp_path: P
         n = int(out.split()[1])
         assert n > 20, out
         assert load_config(str(a.mount.backing)).key_id == 4
-        for s in (a, b):  # every file B wrote, byte for byte, on both servers
+        logs = a.logs() + b.logs()
+        assert "not followed" not in logs and "cannot be used" not in logs, logs
+
+        def check(s: Server) -> None:  # every file B wrote, byte for byte, on server s
             got = run_as(ALICE, "/usr/bin/python3", "-c", CHECKER, str(s.path("work")), str(n),
                          timeout=120)
             assert got.stdout.decode() == f"CHECKED {n}\n", (s.name, got.stdout[:2000],
                                                              s.logs()[-3000:])
-        logs = a.logs() + b.logs()
-        assert "not followed" not in logs and "cannot be used" not in logs, logs
+
+        check(a)
+        with rewrap_stale(storage):  # (B wrote, so had read, what A's walk re-wrapped)
+            check(b)
         a.mount.stop()
         b.mount.stop()
         res = run_cli("fsck", str(a.mount.backing), "--passphrase-file", str(a.passfiles["root"]))
         assert "clean" in res.stdout, res.stdout + res.stderr
 
 
-def test_an_idle_server_follows_a_rotation_made_on_the_other(tmp_path: Path) -> None:
-    """Nothing asks server B anything: its own timer reads the config (no
-    agent here: two passphrase mounts, so nothing else tells it)."""
+@contextlib.contextmanager
+def two_passphrase_mounts(storage: Storage) -> Iterator[tuple[Path, Mount, Mount]]:
+    """A volume with root only, served by A and B as passphrase mounts (no
+    agent): (the passphrase file, A, B)."""
     require_fuse()
     root = shared_tempdir("cryptfs-2srv-")
     mounts: list[Mount] = []
     try:
-        with BACKINGS(root) as (backing_a, backing_b):
-            _make_volume(backing_a, ())
-            pf = root / "root.pass"
-            pf.write_bytes(ROOT_PASSPHRASE + b"\n")
-            for name, backing in (("a", backing_a), ("b", backing_b)):
-                m = Mount(backing, root / f"mnt-{name}", root / f"mount-{name}.log",
-                          root / f"mount-{name}.pid", pf)
-                mounts.append(m)
-                m.start()
-            a, b = mounts
-            a.path("before.txt").write_bytes(b"generation 1\n")
-            r = _admin("rotate", str(backing_a), "--slots", "--passphrase-file", str(pf))
-            assert r.returncode == 0, r.stdout + r.stderr + a.log_text()
-            _within(BOUND, "B follows by itself",
-                    lambda: "rotated to generation 2: following" in b.log_text(), b.log_text)
-            a.path("after.txt").write_bytes(b"generation 2\n")
-            assert b.path("after.txt").read_bytes() == b"generation 2\n"
-            assert b.path("before.txt").read_bytes() == b"generation 1\n"
-            for m in mounts:
-                m.stop()
-            res = run_cli("fsck", str(backing_a), "--passphrase-file", str(pf))
-            assert "clean" in res.stdout, res.stdout + res.stderr
+        with storage.backings(root) as (backing_a, backing_b):
+            try:
+                _make_volume(backing_a, ())
+                pf = root / "root.pass"
+                pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+                for name, backing in (("a", backing_a), ("b", backing_b)):
+                    m = Mount(backing, root / f"mnt-{name}", root / f"mount-{name}.log",
+                              root / f"mount-{name}.pid", pf)
+                    mounts.append(m)
+                    m.start(*storage.options)
+                yield pf, mounts[0], mounts[1]
+            finally:
+                for m in mounts:  # (before the volume directory goes)
+                    m.stop()
     finally:
-        for m in mounts:
-            m.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _fsck_clean(pf: Path, *mounts: Mount) -> None:
+    for m in mounts:
+        m.stop()
+    res = run_cli("fsck", str(mounts[0].backing), "--passphrase-file", str(pf))
+    assert "clean" in res.stdout, res.stdout + res.stderr
+
+
+@ON_JUICEFS
+def test_an_idle_server_follows_a_rotation_made_on_the_other(storage: Storage) -> None:
+    """Nothing asks server B anything: its own timer reads the config (no
+    agent here: two passphrase mounts, so nothing else tells it)."""
+    with two_passphrase_mounts(storage) as (pf, a, b):
+        a.path("before.txt").write_bytes(b"generation 1\n")
+        r = _admin("rotate", str(a.backing), "--slots", "--passphrase-file", str(pf))
+        assert r.returncode == 0, r.stdout + r.stderr + a.log_text()
+        _within(BOUND, "B follows by itself",
+                lambda: "rotated to generation 2: following" in b.log_text(), b.log_text)
+        a.path("after.txt").write_bytes(b"generation 2\n")
+        assert b.path("after.txt").read_bytes() == b"generation 2\n"
+        assert b.path("before.txt").read_bytes() == b"generation 1\n"
+        _fsck_clean(pf, a, b)
+
+
+@ON_BOTH
+def test_a_header_rewrapped_on_one_server_reads_on_the_other(storage: Storage) -> None:
+    """The smallest form of what ``rewrap_stale`` expects: B has read a file, a
+    --wrap-key rotation on A re-wraps its header (and then forgets the old
+    generation); B's next open must read the file's bytes."""
+    with two_passphrase_mounts(storage) as (pf, a, b):
+        body = bytes(range(256)) * 50
+        a.path("f").write_bytes(body)
+        assert b.path("f").read_bytes() == body  # (B's storage client has seen it)
+        r = _admin("rotate", str(a.backing), "--wrap-key", "--passphrase-file", str(pf))
+        assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr + a.log_text()
+        assert load_config(str(b.backing)).key_id == 2
+        assert a.path("f").read_bytes() == body
+        # (an open on B looks at the config first: B holds the finished generation then)
+        with rewrap_stale(storage):
+            assert b.path("f").read_bytes() == body, b.log_text()
+        _fsck_clean(pf, a, b)
+
+
+@ON_JUICEFS
+def test_admin_commands_on_both_servers_lose_no_change(storage: Storage) -> None:
+    """Every config change is a read-modify-write under an exclusive flock of
+    cryptfs.conf (config.config_lock), and the file is replaced by rename.
+    The lock must hold across the servers' storage clients: while A holds it,
+    B's command waits (and gives up after CONFIG_LOCK_WAIT); changes made on
+    both at once are all kept, and both servers see all of them."""
+    with two_passphrase_mounts(storage) as (pf, a, b):
+        def policies(m: Mount) -> list[str]:
+            shown = run_cli("policy", "show", str(m.backing), "--passphrase-file", str(pf)).stdout
+            return sorted(line.split(":")[0] for line in shown.splitlines()
+                          if line.startswith(("/a", "/b")))
+
+        def set_rule(m: Mount, directory: str) -> subprocess.CompletedProcess[str]:
+            return _admin("policy", "set", str(m.backing), directory, "--mode",
+                          "xchacha20-poly1305", "--passphrase-file", str(pf))
+
+        with config_lock(str(a.backing)):  # (as a command on A holds it)
+            waited = set_rule(b, "/b-waited")
+        assert waited.returncode != 0 and "Traceback" not in waited.stderr, waited.stderr
+        assert "is being changed by another command" in waited.stderr, waited.stderr
+        assert policies(a) == policies(b) == []
+
+        results: dict[str, list[subprocess.CompletedProcess[str]]] = {"a": [], "b": []}
+
+        def admin(name: str, m: Mount) -> None:
+            for i in range(3):
+                results[name].append(set_rule(m, f"/{name}{i}"))
+
+        workers = [threading.Thread(target=admin, args=(name, m))
+                   for name, m in (("a", a), ("b", b))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(300)
+        for r in results["a"] + results["b"]:
+            assert r.returncode == 0, r.stdout + r.stderr
+        want = [f"/{s}{i}" for s in "ab" for i in range(3)]
+        assert policies(a) == policies(b) == want
+        # and each running mount took them: a file made on B in a directory that a
+        # rule set on A names is encrypted as that rule says
+        b.path("a1").mkdir()
+        b.path("a1", "f").write_bytes(b"ruled by a\n")
+        assert a.path("a1", "f").read_bytes() == b"ruled by a\n"
+        headers = [p.read_bytes()[:8] for p in a.backing.rglob("*")
+                   if p.is_file() and p.read_bytes()[:6] == MAGIC]
+        assert [h[7] for h in headers] == [XCHACHA20_POLY1305.mode_id]  # (the volume's: AES)
+        _fsck_clean(pf, a, b)

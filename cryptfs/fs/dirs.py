@@ -221,6 +221,10 @@ class Directories(Core):
                     content = ContentFile.create(fd, *self._new_file_keys(parent, ctx.uid))
                     self._set_layout_hint(fd, content)
                     if made != backing:
+                        # The header must be in the storage before the name is:
+                        # a backing client may hold writes until a close (JuiceFS
+                        # does), and the other server would find the file empty.
+                        shared.commit(fd)
                         tree.publish(parent.fd, made, backing)
                 except BaseException as e:
                     os.close(fd)
