@@ -72,6 +72,7 @@ SEED = 20240611
 BUG_DIR = Path("/tmp/bugs")
 TAR_ROOTS = ["usr/include", "usr/lib/python3.11", "usr/share/perl"]
 TAR_ROOTS_QUICK = ["usr/include/linux"]
+TAR_ROOTS_MEDIUM = ["usr/include/linux", "usr/share/perl"]
 
 
 # -- sizes ---------------------------------------------------------------------------------------
@@ -87,6 +88,13 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(seq_mib=64, rand_mib=32, rand_ops=512, small_files=500,
                    tar_roots=list(TAR_ROOTS_QUICK))
+
+    @classmethod
+    def medium(cls) -> Sizes:
+        """Between the two: where the full sizes take too long (on JuiceFS, about 35 min
+        for one run of its five filesystems on 2 loaded CPUs)."""
+        return cls(seq_mib=256, rand_mib=64, rand_ops=1024, small_files=2000,
+                   tar_roots=list(TAR_ROOTS_MEDIUM))
 
 
 @dataclass(frozen=True)
@@ -1202,7 +1210,7 @@ def markdown_report(res: Results, figs: list[Figure], names: list[str], info: di
 
 def bench(args: argparse.Namespace) -> int:
     started = time.time()
-    sizes = Sizes.quick() if args.quick else Sizes()
+    sizes = Sizes.quick() if args.quick else Sizes.medium() if args.medium else Sizes()
     names = args.fs
     ensure_tools(any(n in PEER_NAMES or n == "gocryptfs-shared" for n in names))
     workdir = Path(tempfile.mkdtemp(prefix="cryptfs-bench-", dir=args.dir))
@@ -1485,6 +1493,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="1 run and small sizes (for development)")
+    p.add_argument("--medium", action="store_true",
+                   help="sizes between --quick and the full run: 256 MiB sequential, 64 MiB "
+                        "file with 1,024 random ops, 2,000 small files, tar of "
+                        "/usr/include/linux and /usr/share/perl")
     p.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
     p.add_argument("--out", default=None,
                    help="Markdown report (a .json of raw values goes beside it; default "
@@ -1516,6 +1528,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     args.workloads_given = args.workloads != ",".join(WORKLOADS)
+    if args.quick and args.medium:
+        p.error("--quick or --medium, not both")
     if args.on_juicefs and args.profile:
         p.error("--on-juicefs runs the comparison, not --profile")
     args.fs = ([n.strip() for n in args.fs.split(",") if n.strip()] if args.fs is not None
