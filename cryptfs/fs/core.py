@@ -24,6 +24,7 @@ from cryptfs import links, rotate, views
 from cryptfs.audit import Auditor
 from cryptfs.content import ContentFile
 from cryptfs.decision import Decision, Op
+from cryptfs.fs.closer import Closer
 from cryptfs.fs.inodes import Handle, Inode, MaskedView, PlainHandle, _Dir
 from cryptfs.fuse import EntryOut, FuseError, OpenOut
 from cryptfs.fuse.abi import ROOT_ID
@@ -146,6 +147,7 @@ class Core:
         # Other mounts (other servers) change the backing directory too: keep
         # nothing that they could make stale (see below and docs/MULTISERVER.md).
         self.shared_storage = shared_storage
+        self._closer = Closer()  # (forgotten inodes' descriptors: cryptfs.fs.closer)
         self.config = vol.config
         self.gated = vol.keys is None
         self.keys: VolumeKeys | None = None
@@ -294,7 +296,10 @@ class Core:
         if inode.nlookup <= 0 and not inode.handles and inode.ino != ROOT:
             del self._inodes[inode.ino]
             self._paths.pop(inode.ino, None)
-            os.close(inode.fd)
+            if self.shared_storage:
+                os.close(inode.fd)
+            else:
+                self._closer.close(inode.fd)
 
     # -- descriptors -----------------------------------------------------------------------
     def _reopen(self, inode: Inode, access: int) -> None:
@@ -330,6 +335,7 @@ class Core:
 
     # -- shutdown -------------------------------------------------------------------------------------
     def close(self) -> None:
+        self._closer.drain()
         for inode in list(self._inodes.values()):
             os.close(inode.fd)
         self._inodes.clear()
