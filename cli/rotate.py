@@ -22,8 +22,9 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
-from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError
+from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError, UsageError
 from cryptfs.mounttable import mount_of_backing
+from cryptfs.presence import ANOTHER_MOUNT
 from cryptfs.recovery import read_key_file, unlock_with_recovery_key
 from cryptfs.secret import Secret
 from cryptfs.volume import UnlockedVolume, Volume
@@ -72,13 +73,19 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
     out: through the mount if the volume is mounted, else here."""
     mnt = mount_of_backing(vol.backing)
     hold = None
+    alone = False
     if mnt is None:
         hold = rot.hold_volume(vol.backing, exclusive=True)
+        alone = True
         done = rot.replay_journal(vol.backing)
         if done:
             click.echo(done)
+    elif rot.reencrypts(vol.config, kind):
+        _hold_alone(mnt)  # (before anything changes)
+        alone = True
+    asked = False
     try:
-        made = rot.begin(vol, kind, new_generation)
+        made = rot.begin(vol, kind, new_generation, alone=alone)
         running = vol.config.rotation["kind"] if vol.config.rotation else kind
         click.echo(("new" if made else "resuming: the unfinished rotation to") +
                    f" key generation {vol.config.key_id} ({running})")
@@ -90,6 +97,7 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
         if mnt is not None:
             # (--slots has nothing to walk: the mount is only told at once, if it
             # can take the new generation now; else it does when a user unlocks.)
+            asked = True
             prog = _through_mount(mnt, meter, wait=running != "slots") or idle
         elif running == "slots":
             prog = idle
@@ -103,6 +111,9 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
     finally:
         if hold is not None:
             os.close(hold)
+        if mnt is not None and alone and not asked:
+            with contextlib.suppress(OSError):
+                control.release_alone(mnt)
     elapsed = time.monotonic() - started
     if running != "slots" or mnt is not None:
         files = int(prog.get("done", 0))
@@ -143,6 +154,29 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
                                   "run the same command again")
 
 
+def _alone_refused(mnt: str, changed: bool) -> UsageError:
+    return UsageError(
+        f"cannot re-encrypt: {ANOTHER_MOUNT}, and a server that has the volume mounted "
+        "would keep the old file keys and write blocks that no longer authenticate: "
+        + ("the rotation is recorded in the config, but no file was re-encrypted" if changed
+           else "nothing was changed"),
+        hint="unmount the volume on every other server, then run the command again here "
+             f"(the mount on {mnt}); --wrap-key is safe while they serve")
+
+
+def _hold_alone(mnt: str) -> None:
+    """Have the mount on ``mnt`` hold the volume alone for a re-encryption."""
+    try:
+        control.hold_alone(mnt)
+    except OSError as e:
+        if e.errno == errno.EUSERS:
+            raise _alone_refused(mnt, changed=False) from None
+        raise MountError(f"the mount on {mnt} cannot hold the volume alone for a "
+                         f"re-encryption: {e.strerror}",
+                         hint="an older cryptfs mount? remount it with this version"
+                         if e.errno == errno.EINVAL else "try again") from None
+
+
 def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] | None:
     """Ask the mount on ``mnt`` to walk its files; follow its progress.  None
     if it does not hold the new generation and ``wait`` is false."""
@@ -159,6 +193,8 @@ def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] 
             if e.errno == errno.EBUSY and time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
+            if e.errno == errno.EUSERS:  # (a walk that re-encrypts, and another server came)
+                raise _alone_refused(mnt, changed=True) from None
             raise MountError(f"the mount on {mnt} refused the rotation: {e.strerror}",
                              hint="is a user with a key slot unlocked there?") from None
     while True:

@@ -26,7 +26,6 @@ next start (mount or rotate) is copied again.  docs/FORMAT.md has the layout.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hmac
 import json
 import os
@@ -37,9 +36,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptfs import presence
 from cryptfs.config import VolumeConfig, config_lock, load_config, save_config, user_authority
 from cryptfs.content import ContentFile, read_stanzas
-from cryptfs.errors import BackingIOError, MountError, NotAVolume, UsageError
+from cryptfs.errors import BackingIOError, NotAVolume, UsageError
 from cryptfs.header import FileHeader
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
 from cryptfs.modes import BLOCK_SIZE as BLOCK
@@ -75,24 +75,11 @@ CHUNK = 1 << 20  # bytes re-encrypted at a time
 
 # -- starting -----------------------------------------------------------------------------
 def hold_volume(backing: str, exclusive: bool) -> int:
-    """A descriptor of the backing directory with a lock on it: shared for a
-    mount, exclusive for an offline rotation (so neither runs under the other).
-    Closing the descriptor (or exiting) releases it."""
-    try:
-        fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise BackingIOError(f"{backing}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        if exclusive:
-            raise UsageError(f"{backing} is in use: mounted, or another rotation runs on it",
-                             hint="rotate a mounted volume with the mount running (cryptfs "
-                                  "rotate asks the mount to do it)") from None
-        raise MountError(f"an offline rotation is running on {backing}: mount it when it "
-                         "has finished") from None
-    return fd
+    """A descriptor of the volume's presence file (cryptfs.presence) with a lock
+    on it: shared for a mount, exclusive for an offline rotation (so neither
+    runs under the other, on this server or another).  Closing the
+    descriptor (or exiting) releases it."""
+    return presence.take(backing) if exclusive else presence.join(backing)
 
 
 def refuse_v1_slots(cfg: VolumeConfig) -> None:
@@ -105,18 +92,32 @@ def refuse_v1_slots(cfg: VolumeConfig) -> None:
                  "or remove them, then rotate")
 
 
-def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False) -> bool:
+def reencrypts(cfg: VolumeConfig, kind: str) -> bool:
+    """Whether a rotation of ``kind`` begun on ``cfg`` walks as a re-encryption
+    (asked for, or an unfinished one that it resumes or continues)."""
+    return kind == "reencrypt" or bool(cfg.rotation and cfg.rotation["kind"] == "reencrypt")
+
+
+def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False,
+          alone: bool | None = None) -> bool:
     """Start a rotation of ``kind``: a new key generation in the config.
 
     If a rotation at least as strong is unfinished, nothing changes (the
     walk resumes it), unless ``new_generation`` (a revocation: the removed
     user knows the current master, so there must be a new one).  Returns
-    whether a new generation was made (and the config saved).
+    whether a new generation was made (and the config saved).  ``alone``
+    False: the caller could not prove that no other mount has the volume
+    (cryptfs.presence), so a rotation that re-encrypts is refused before
+    anything changes (the config on disk decides, under its lock).
     """
     if kind not in KINDS:
         raise UsageError(f"unknown rotation {kind!r}")
     with config_lock(vol.backing):
         _rebase(vol)
+        if alone is False and reencrypts(vol.config, kind):
+            raise UsageError("an unfinished re-encryption of the volume was found (begun by "
+                             "another command meanwhile): nothing was changed",
+                             hint="run the command again")
         return _begin(vol, kind, new_generation)
 
 
