@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs import presence
+from cryptfs import presence, sysio
 from cryptfs.config import VolumeConfig, config_lock, load_config, save_config, user_authority
 from cryptfs.content import ContentFile, read_stanzas
 from cryptfs.errors import BackingIOError, NotAVolume, UsageError
@@ -274,14 +274,33 @@ def fresh_header(hdr: FileHeader, keys: VolumeKeys, cfg: VolumeConfig) -> FileHe
     return FileHeader.new(hdr.mode, RecipientWrapper(publics, spare=room // (3 + X25519_BODY_LEN)))
 
 
+# Local file systems (statfs magic numbers): ext2-4, XFS, Btrfs, tmpfs, F2FS,
+# ZFS, bcachefs, overlayfs, JFS, ReiserFS.
+LOCAL_FS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2FC12FC1,
+                      0xCA451A4E, 0x794C7630, 0x3153464A, 0x52654973})
+MTIME_NUDGE = 1000  # ns a rewritten file's mtime moves on other (shared) storage
+
+
+def put_times_back(fd: int, atime_ns: int, mtime_ns: int) -> None:
+    """A rotation changes no plaintext, so a rewritten file keeps its times
+    (backups and make must not see every file as modified).  But on storage
+    shared by servers (any file system not in LOCAL_FS: JuiceFS, NFS, CephFS,
+    SMB), another server's client decides by the mtime whether what it
+    cached of the file is still good (JuiceFS keeps serving the old blocks
+    for as long as the mtime is the same): there the mtime moves
+    ``MTIME_NUDGE`` ns forward (100 ns is the coarsest unit, SMB's)."""
+    if sysio.fs_type(fd) not in LOCAL_FS:
+        mtime_ns += MTIME_NUDGE
+    os.utime(fd, ns=(atime_ns, mtime_ns))
+
+
 def write_header(fd: int, hdr: FileHeader) -> None:
-    """Rewrite a header in place; the file's times stay (a rotation changes no
-    plaintext: backups and make must not see every file as modified)."""
+    """Rewrite a header in place; the file's times stay (:func:`put_times_back`)."""
     st = os.fstat(fd)
     data = hdr.encode()
     if os.pwrite(fd, data, 0) != len(data):
         raise OSError(errno.EIO, "short header write")
-    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    put_times_back(fd, st.st_atime_ns, st.st_mtime_ns)
 
 
 def reencrypt(fd: int, content: ContentFile, keys: VolumeKeys, cfg: VolumeConfig,
@@ -393,7 +412,7 @@ def _apply(jfd: int, fd: int, length: int, times: tuple[int, int] | None) -> Non
         off = end
     os.ftruncate(fd, length)
     if times is not None:
-        os.utime(fd, ns=times)  # (the file's plaintext did not change)
+        put_times_back(fd, *times)  # (the file's plaintext did not change)
     os.fsync(fd)
 
 
