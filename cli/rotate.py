@@ -81,9 +81,8 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
         if done:
             click.echo(done)
     elif rot.reencrypts(vol.config, kind):
-        _hold_alone(mnt)  # (before anything changes)
+        _hold_alone(mnt, resumes=kind != "reencrypt")  # (before anything changes)
         alone = True
-    asked = False
     try:
         made = rot.begin(vol, kind, new_generation, alone=alone)
         running = vol.config.rotation["kind"] if vol.config.rotation else kind
@@ -97,7 +96,6 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
         if mnt is not None:
             # (--slots has nothing to walk: the mount is only told at once, if it
             # can take the new generation now; else it does when a user unlocks.)
-            asked = True
             prog = _through_mount(mnt, meter, wait=running != "slots") or idle
         elif running == "slots":
             prog = idle
@@ -111,7 +109,10 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
     finally:
         if hold is not None:
             os.close(hold)
-        if mnt is not None and alone and not asked:
+        if mnt is not None and alone:
+            # (ignored by the mount while the walk runs, which gives the volume
+            # back when it ends; a walk that re-encrypts makes the mount hold
+            # it alone again anyway, so this never lets one run unguarded)
             with contextlib.suppress(OSError):
                 control.release_alone(mnt)
     elapsed = time.monotonic() - started
@@ -154,8 +155,10 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
                                   "run the same command again")
 
 
-def _alone_refused(mnt: str, changed: bool) -> UsageError:
+def _alone_refused(mnt: str, changed: bool, resumes: bool = False) -> UsageError:
     return UsageError(
+        ("this command would resume the unfinished re-encryption of the volume, and it "
+         if resumes else "") +
         f"cannot re-encrypt: {ANOTHER_MOUNT}, and a server that has the volume mounted "
         "would keep the old file keys and write blocks that no longer authenticate: "
         + ("the rotation is recorded in the config, but no file was re-encrypted" if changed
@@ -164,13 +167,13 @@ def _alone_refused(mnt: str, changed: bool) -> UsageError:
              f"(the mount on {mnt}); --wrap-key is safe while they serve")
 
 
-def _hold_alone(mnt: str) -> None:
+def _hold_alone(mnt: str, resumes: bool) -> None:
     """Have the mount on ``mnt`` hold the volume alone for a re-encryption."""
     try:
         control.hold_alone(mnt)
     except OSError as e:
         if e.errno == errno.EUSERS:
-            raise _alone_refused(mnt, changed=False) from None
+            raise _alone_refused(mnt, changed=False, resumes=resumes) from None
         raise MountError(f"the mount on {mnt} cannot hold the volume alone for a "
                          f"re-encryption: {e.strerror}",
                          hint="an older cryptfs mount? remount it with this version"

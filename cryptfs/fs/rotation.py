@@ -59,7 +59,7 @@ class Rotation(Core):
             return
         if value == ROTATE_SHARED:
             if not walking:
-                self._end_alone("the command that asked for it gave up")
+                self._end_alone("the command that asked for it is done")
             return
         if value != ROTATE_GO:
             raise FuseError(errno.EINVAL)
