@@ -80,8 +80,10 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
         done = rot.replay_journal(vol.backing)
         if done:
             click.echo(done)
-    elif rot.reencrypts(vol.config, kind):
-        _hold_alone(mnt, resumes=kind != "reencrypt")  # (before anything changes)
+    elif rot.reencrypts(vol.config, kind, new_generation):
+        # (before anything changes; resuming an unfinished re-encryption changes
+        # nothing in the config, and the mount checks for itself when asked to walk)
+        _hold_alone(mnt, continues=kind != "reencrypt")
         alone = True
     try:
         made = rot.begin(vol, kind, new_generation, alone=alone)
@@ -155,25 +157,25 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
                                   "run the same command again")
 
 
-def _alone_refused(mnt: str, changed: bool, resumes: bool = False) -> UsageError:
+def _alone_refused(mnt: str, changed: bool, continues: bool = False) -> UsageError:
     return UsageError(
-        ("this command would resume the unfinished re-encryption of the volume, and it "
-         if resumes else "") +
+        ("this command would continue the unfinished re-encryption of the volume, and it "
+         if continues else "") +
         f"cannot re-encrypt: {ANOTHER_MOUNT}, and a server that has the volume mounted "
         "would keep the old file keys and write blocks that no longer authenticate: "
-        + ("the rotation is recorded in the config, but no file was re-encrypted" if changed
-           else "nothing was changed"),
+        + ("the re-encryption stays recorded as unfinished in the config, and no file was "
+           "re-encrypted" if changed else "nothing was changed"),
         hint="unmount the volume on every other server, then run the command again here "
              f"(the mount on {mnt}); --wrap-key is safe while they serve")
 
 
-def _hold_alone(mnt: str, resumes: bool) -> None:
+def _hold_alone(mnt: str, continues: bool) -> None:
     """Have the mount on ``mnt`` hold the volume alone for a re-encryption."""
     try:
         control.hold_alone(mnt)
     except OSError as e:
         if e.errno == errno.EUSERS:
-            raise _alone_refused(mnt, changed=False, resumes=resumes) from None
+            raise _alone_refused(mnt, changed=False, continues=continues) from None
         raise MountError(f"the mount on {mnt} cannot hold the volume alone for a "
                          f"re-encryption: {e.strerror}",
                          hint="an older cryptfs mount? remount it with this version"

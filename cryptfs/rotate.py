@@ -92,10 +92,14 @@ def refuse_v1_slots(cfg: VolumeConfig) -> None:
                  "or remove them, then rotate")
 
 
-def reencrypts(cfg: VolumeConfig, kind: str) -> bool:
-    """Whether a rotation of ``kind`` begun on ``cfg`` walks as a re-encryption
-    (asked for, or an unfinished one that it resumes or continues)."""
-    return kind == "reencrypt" or bool(cfg.rotation and cfg.rotation["kind"] == "reencrypt")
+def reencrypts(cfg: VolumeConfig, kind: str, new_generation: bool = False) -> bool:
+    """Whether :func:`begin` on ``cfg`` would make a new key generation whose
+    walk re-encrypts (asked for, or an unfinished re-encryption it continues).
+    (Resuming an unfinished rotation changes nothing in the config.)"""
+    running = cfg.rotation["kind"] if cfg.rotation else None
+    if running is not None and STRENGTH[running] >= STRENGTH[kind] and not new_generation:
+        return False
+    return "reencrypt" in (kind, running)
 
 
 def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False,
@@ -114,7 +118,7 @@ def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False,
         raise UsageError(f"unknown rotation {kind!r}")
     with config_lock(vol.backing):
         _rebase(vol)
-        if alone is False and reencrypts(vol.config, kind):
+        if alone is False and reencrypts(vol.config, kind, new_generation):
             raise UsageError("an unfinished re-encryption of the volume was found (begun by "
                              "another command meanwhile): nothing was changed",
                              hint="run the command again")

@@ -305,3 +305,41 @@ def test_a_presence_that_is_not_a_file_is_refused(tmp_path: Path) -> None:
     assert res.returncode == 5 and f"{PRESENCE_NAME} is not a regular file" in res.stderr, \
         res.stderr
     assert not os.path.ismount(m.mnt)
+
+
+def test_an_unfinished_reencryption_is_not_resumed_while_the_other_server_is_mounted(
+        servers: Servers) -> None:
+    """The mount checks for itself when it is asked to walk: a re-encryption
+    recorded as unfinished (begun here by the library, as a walk that failed
+    would leave it) is not resumed while B is mounted, and no file changes."""
+    from cryptfs import rotate as rot
+    from cryptfs.secret import Secret
+    from cryptfs.volume import open_volume
+
+    s = servers
+    expected = {f"f{i}": os.urandom(2 * BLOCK + i) for i in range(4)}
+    for name, data in expected.items():
+        write(s.b.path(name), data)
+    vol = open_volume(str(s.a.backing), Secret(s.passfile.read_bytes().rstrip(b"\n")))
+    try:
+        assert rot.begin(vol, "reencrypt")
+    finally:
+        vol.close()
+    before = headers(s.a.backing)
+    for kind in ("reencrypt", "wrap-key"):
+        res = rotate(s, kind)
+        no_traceback(res)
+        assert res.returncode == 2 and "resuming: the unfinished rotation" in res.stdout, \
+            res.stdout + res.stderr
+        assert "cannot re-encrypt: the volume is mounted elsewhere too" in res.stderr and \
+            "stays recorded as unfinished" in res.stderr, res.stderr
+    assert headers(s.a.backing) == before
+    assert json.loads((s.a.backing / "cryptfs.conf").read_bytes())["rotation"]["kind"] == \
+        "reencrypt"
+    assert_reads(s, expected)
+    s.b.stop()
+    res = rotate(s, "reencrypt")
+    assert res.returncode == 0 and "done" in res.stdout, res.stdout + res.stderr
+    s.b.start("-o", "allow_other", "--shared-storage")
+    assert_reads(s, expected)
+    assert "clean" in fsck_clean(s)
