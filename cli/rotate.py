@@ -22,8 +22,9 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
-from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError
+from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError, UsageError
 from cryptfs.mounttable import mount_of_backing
+from cryptfs.presence import ANOTHER_MOUNT
 from cryptfs.recovery import read_key_file, unlock_with_recovery_key
 from cryptfs.secret import Secret
 from cryptfs.volume import UnlockedVolume, Volume
@@ -72,13 +73,20 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
     out: through the mount if the volume is mounted, else here."""
     mnt = mount_of_backing(vol.backing)
     hold = None
+    alone = False
     if mnt is None:
         hold = rot.hold_volume(vol.backing, exclusive=True)
+        alone = True
         done = rot.replay_journal(vol.backing)
         if done:
             click.echo(done)
+    elif rot.reencrypts(vol.config, kind, new_generation):
+        # (before anything changes; resuming an unfinished re-encryption changes
+        # nothing in the config, and the mount checks for itself when asked to walk)
+        _hold_alone(mnt, continues=kind != "reencrypt")
+        alone = True
     try:
-        made = rot.begin(vol, kind, new_generation)
+        made = rot.begin(vol, kind, new_generation, alone=alone)
         running = vol.config.rotation["kind"] if vol.config.rotation else kind
         click.echo(("new" if made else "resuming: the unfinished rotation to") +
                    f" key generation {vol.config.key_id} ({running})")
@@ -103,6 +111,12 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
     finally:
         if hold is not None:
             os.close(hold)
+        if mnt is not None and alone:
+            # (ignored by the mount while the walk runs, which gives the volume
+            # back when it ends; a walk that re-encrypts makes the mount hold
+            # it alone again anyway, so this never lets one run unguarded)
+            with contextlib.suppress(OSError):
+                control.release_alone(mnt)
     elapsed = time.monotonic() - started
     if running != "slots" or mnt is not None:
         files = int(prog.get("done", 0))
@@ -143,6 +157,31 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
                                   "run the same command again")
 
 
+def _alone_refused(mnt: str, changed: bool, continues: bool = False) -> UsageError:
+    return UsageError(
+        ("this command would continue the unfinished re-encryption of the volume, and it "
+         if continues else "") +
+        f"cannot re-encrypt: {ANOTHER_MOUNT}, and a server that has the volume mounted "
+        "would keep the old file keys and write blocks that no longer authenticate: "
+        + ("the re-encryption stays recorded as unfinished in the config, and no file was "
+           "re-encrypted" if changed else "nothing was changed"),
+        hint="unmount the volume on every other server, then run the command again here "
+             f"(the mount on {mnt}); --wrap-key is safe while they serve")
+
+
+def _hold_alone(mnt: str, continues: bool) -> None:
+    """Have the mount on ``mnt`` hold the volume alone for a re-encryption."""
+    try:
+        control.hold_alone(mnt)
+    except OSError as e:
+        if e.errno == errno.EUSERS:
+            raise _alone_refused(mnt, changed=False, continues=continues) from None
+        raise MountError(f"the mount on {mnt} cannot hold the volume alone for a "
+                         f"re-encryption: {e.strerror}",
+                         hint="an older cryptfs mount? remount it with this version"
+                         if e.errno == errno.EINVAL else "try again") from None
+
+
 def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] | None:
     """Ask the mount on ``mnt`` to walk its files; follow its progress.  None
     if it does not hold the new generation and ``wait`` is false."""
@@ -159,6 +198,8 @@ def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] 
             if e.errno == errno.EBUSY and time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
+            if e.errno == errno.EUSERS:  # (a walk that re-encrypts, and another server came)
+                raise _alone_refused(mnt, changed=True) from None
             raise MountError(f"the mount on {mnt} refused the rotation: {e.strerror}",
                              hint="is a user with a key slot unlocked there?") from None
     while True:

@@ -17,7 +17,12 @@ xattr                where        value
                                   EXDEV: the mount writes another log, or none; EACCES: the claim
                                   was refused (and recorded); EINVAL: malformed.
 ``ROTATE_XATTR``     root, set    ``ROTATE_GO``: walk the files to the newest key generation.
-                                  EBUSY: the mount does not hold that generation yet.
+                                  EBUSY: the mount does not hold that generation yet; EUSERS:
+                                  the walk re-encrypts and another mount has the volume.
+``ROTATE_XATTR``     root, set    ``ROTATE_ALONE``: hold the volume alone (cryptfs.presence
+                                  exclusively) for a re-encryption asked for next; until that
+                                  walk ends, ``ROTATE_SHARED``, or ``ALONE_WAIT`` seconds
+                                  without a walk.  EUSERS: another mount has the volume.
 ``ROTATE_XATTR``     root, get    the walk's progress, one JSON object (``{"state": "idle"}``
                                   before any; see cryptfs.rotate.Progress).
 ``SHARE_XATTR``      file, set    a user name (UTF-8): wrap the hybrid file's key to that user too.
@@ -45,6 +50,9 @@ SHARE_XATTR = b"user.cryptfs.share"
 RECIPIENTS_XATTR = b"user.cryptfs.recipients"
 
 ROTATE_GO = b"go"
+ROTATE_ALONE = b"alone"
+ROTATE_SHARED = b"shared"
+ALONE_WAIT = 60.0  # seconds a mount stays alone waiting for the walk it was asked to hold for
 ROTATION_IDLE = b'{"state": "idle"}'
 
 # What a command may ask a mount to record (anything else is refused there).
@@ -110,6 +118,17 @@ def hand_record(mnt: str, value: bytes) -> bool:
 def start_rotation(mnt: str) -> None:
     """Ask the mount on ``mnt`` to walk its files to the newest key generation."""
     os.setxattr(mnt, ROTATE_XATTR, ROTATE_GO)
+
+
+def hold_alone(mnt: str) -> None:
+    """Ask the mount on ``mnt`` to hold its volume alone for a re-encryption
+    (OSError EUSERS: another mount, here or on another server, has it)."""
+    os.setxattr(mnt, ROTATE_XATTR, ROTATE_ALONE)
+
+
+def release_alone(mnt: str) -> None:
+    """The re-encryption :func:`hold_alone` was for will not be asked for."""
+    os.setxattr(mnt, ROTATE_XATTR, ROTATE_SHARED)
 
 
 def rotation_progress(mnt: str) -> dict[str, Any]:

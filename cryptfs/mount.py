@@ -131,9 +131,11 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
     from cryptfs.ops import CryptOperations
 
     _raise_fd_limit()
-    # Held while mounted: an offline `cryptfs rotate` (which takes it
-    # exclusively) never rewrites files under a live mount, and the reverse.
-    hold = rotate.hold_volume(vol.backing, exclusive=False)  # noqa: F841 - open until exit
+    # Held (shared) while mounted: an offline `cryptfs rotate` (which takes it
+    # exclusively) never rewrites files under a live mount, here or on another
+    # server, and the reverse; a re-encryption holds it exclusively
+    # (cryptfs.presence, cryptfs.fs.rotation).  Open until exit.
+    hold = rotate.hold_volume(vol.backing, exclusive=False)
     try:
         done = rotate.replay_journal(vol.backing)
     except CryptfsError as e:
@@ -147,6 +149,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
     # sends; the daemon's own umask must not mask it a second time.
     os.umask(0)
     ops = CryptOperations(vol, shared_storage=shared_storage)
+    ops.presence = hold
     if audit is not None:
         from cryptfs.audit import AuditLog, Auditor
         logdir, fail_open, server = audit

@@ -26,7 +26,6 @@ next start (mount or rotate) is copied again.  docs/FORMAT.md has the layout.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hmac
 import json
 import os
@@ -37,9 +36,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptfs import presence, sysio
 from cryptfs.config import VolumeConfig, config_lock, load_config, save_config, user_authority
 from cryptfs.content import ContentFile, read_stanzas
-from cryptfs.errors import BackingIOError, MountError, NotAVolume, UsageError
+from cryptfs.errors import BackingIOError, NotAVolume, UsageError
 from cryptfs.header import FileHeader
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
 from cryptfs.modes import BLOCK_SIZE as BLOCK
@@ -75,24 +75,11 @@ CHUNK = 1 << 20  # bytes re-encrypted at a time
 
 # -- starting -----------------------------------------------------------------------------
 def hold_volume(backing: str, exclusive: bool) -> int:
-    """A descriptor of the backing directory with a lock on it: shared for a
-    mount, exclusive for an offline rotation (so neither runs under the other).
-    Closing the descriptor (or exiting) releases it."""
-    try:
-        fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise BackingIOError(f"{backing}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        if exclusive:
-            raise UsageError(f"{backing} is in use: mounted, or another rotation runs on it",
-                             hint="rotate a mounted volume with the mount running (cryptfs "
-                                  "rotate asks the mount to do it)") from None
-        raise MountError(f"an offline rotation is running on {backing}: mount it when it "
-                         "has finished") from None
-    return fd
+    """A descriptor of the volume's presence file (cryptfs.presence) with a lock
+    on it: shared for a mount, exclusive for an offline rotation (so neither
+    runs under the other, on this server or another).  Closing the
+    descriptor (or exiting) releases it."""
+    return presence.take(backing) if exclusive else presence.join(backing)
 
 
 def refuse_v1_slots(cfg: VolumeConfig) -> None:
@@ -105,18 +92,36 @@ def refuse_v1_slots(cfg: VolumeConfig) -> None:
                  "or remove them, then rotate")
 
 
-def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False) -> bool:
+def reencrypts(cfg: VolumeConfig, kind: str, new_generation: bool = False) -> bool:
+    """Whether :func:`begin` on ``cfg`` would make a new key generation whose
+    walk re-encrypts (asked for, or an unfinished re-encryption it continues).
+    (Resuming an unfinished rotation changes nothing in the config.)"""
+    running = cfg.rotation["kind"] if cfg.rotation else None
+    if running is not None and STRENGTH[running] >= STRENGTH[kind] and not new_generation:
+        return False
+    return "reencrypt" in (kind, running)
+
+
+def begin(vol: UnlockedVolume, kind: str, new_generation: bool = False,
+          alone: bool | None = None) -> bool:
     """Start a rotation of ``kind``: a new key generation in the config.
 
     If a rotation at least as strong is unfinished, nothing changes (the
     walk resumes it), unless ``new_generation`` (a revocation: the removed
     user knows the current master, so there must be a new one).  Returns
-    whether a new generation was made (and the config saved).
+    whether a new generation was made (and the config saved).  ``alone``
+    False: the caller could not prove that no other mount has the volume
+    (cryptfs.presence), so a rotation that re-encrypts is refused before
+    anything changes (the config on disk decides, under its lock).
     """
     if kind not in KINDS:
         raise UsageError(f"unknown rotation {kind!r}")
     with config_lock(vol.backing):
         _rebase(vol)
+        if alone is False and reencrypts(vol.config, kind, new_generation):
+            raise UsageError("an unfinished re-encryption of the volume was found (begun by "
+                             "another command meanwhile): nothing was changed",
+                             hint="run the command again")
         return _begin(vol, kind, new_generation)
 
 
@@ -273,14 +278,33 @@ def fresh_header(hdr: FileHeader, keys: VolumeKeys, cfg: VolumeConfig) -> FileHe
     return FileHeader.new(hdr.mode, RecipientWrapper(publics, spare=room // (3 + X25519_BODY_LEN)))
 
 
+# Local file systems (statfs magic numbers): ext2-4, XFS, Btrfs, tmpfs, F2FS,
+# ZFS, bcachefs, overlayfs, JFS, ReiserFS.
+LOCAL_FS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2FC12FC1,
+                      0xCA451A4E, 0x794C7630, 0x3153464A, 0x52654973})
+MTIME_NUDGE = 1000  # ns a rewritten file's mtime moves on other (shared) storage
+
+
+def put_times_back(fd: int, atime_ns: int, mtime_ns: int) -> None:
+    """A rotation changes no plaintext, so a rewritten file keeps its times
+    (backups and make must not see every file as modified).  But on storage
+    shared by servers (any file system not in LOCAL_FS: JuiceFS, NFS, CephFS,
+    SMB), another server's client decides by the mtime whether what it
+    cached of the file is still good (JuiceFS keeps serving the old blocks
+    for as long as the mtime is the same): there the mtime moves
+    ``MTIME_NUDGE`` ns forward (100 ns is the coarsest unit, SMB's)."""
+    if sysio.fs_type(fd) not in LOCAL_FS:
+        mtime_ns += MTIME_NUDGE
+    os.utime(fd, ns=(atime_ns, mtime_ns))
+
+
 def write_header(fd: int, hdr: FileHeader) -> None:
-    """Rewrite a header in place; the file's times stay (a rotation changes no
-    plaintext: backups and make must not see every file as modified)."""
+    """Rewrite a header in place; the file's times stay (:func:`put_times_back`)."""
     st = os.fstat(fd)
     data = hdr.encode()
     if os.pwrite(fd, data, 0) != len(data):
         raise OSError(errno.EIO, "short header write")
-    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    put_times_back(fd, st.st_atime_ns, st.st_mtime_ns)
 
 
 def reencrypt(fd: int, content: ContentFile, keys: VolumeKeys, cfg: VolumeConfig,
@@ -392,7 +416,7 @@ def _apply(jfd: int, fd: int, length: int, times: tuple[int, int] | None) -> Non
         off = end
     os.ftruncate(fd, length)
     if times is not None:
-        os.utime(fd, ns=times)  # (the file's plaintext did not change)
+        put_times_back(fd, *times)  # (the file's plaintext did not change)
     os.fsync(fd)
 
 

@@ -1,7 +1,7 @@
 """The few Linux system calls that Python's os module lacks.
 
 ``renameat2`` (RENAME_NOREPLACE, RENAME_EXCHANGE), ``fallocate`` with its
-modes, and the ``AT_EMPTY_PATH``
+modes, ``fstatfs``'s file system type, and the ``AT_EMPTY_PATH``
 forms of ``fchownat``/``utimensat``, which act on an O_PATH descriptor
 itself (needed for symlinks, which cannot be opened any other way); and one
 small composite, :func:`replace_file_at`.
@@ -35,6 +35,17 @@ def _check(res: int, what: str) -> None:
     if res != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class _Statfs(ctypes.Structure):  # struct statfs (64-bit Linux); only f_type is read
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+
+def fs_type(fd: int) -> int:
+    """The magic number of the file system ``fd`` is on (``fstatfs``'s f_type)."""
+    buf = _Statfs()
+    _check(_libc.fstatfs(fd, ctypes.byref(buf)), "fstatfs")
+    return int(buf.f_type) & 0xFFFFFFFF
 
 
 def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cryptfs import tree
+from cryptfs import presence, tree
 from cryptfs.config import (
     TREE_NAME,
     Kdf,
@@ -185,6 +185,7 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
             tree.write_diriv(dfd)
         finally:
             os.close(dfd)
+        presence.create(backing)  # (what every mount holds: cryptfs.presence)
     except OSError as e:
         raise BackingIOError(f"cannot create the volume tree: {e.strerror}") from None
     save_config(backing, cfg)

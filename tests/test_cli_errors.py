@@ -361,7 +361,7 @@ def test_init_over_an_existing_volume(backing: Path, passfile: Path) -> None:
                   check=False)
     assert_one_error(res, 2, f"{backing} is already a cryptfs volume")
     assert (backing / "cryptfs.conf").read_bytes() == conf
-    assert sorted(os.listdir(backing)) == ["cryptfs.conf", "tree"]
+    assert sorted(os.listdir(backing)) == ["cryptfs.conf", "cryptfs.presence", "tree"]
 
 
 def test_unknown_mode_exit_2(tmp_path: Path, passfile: Path) -> None:

@@ -14,8 +14,8 @@ Where the shared storage comes from is the ``storage`` fixture:
   server's cryptfs mount with ``--shared-storage`` on its own JuiceFS mount;
   each test works in a volume directory of its own and removes it;
 - ``local``: one local directory, which B sees through a bind mount at its
-  own path.  Kept where part of the JuiceFS variant is an expected failure
-  (``rewrap_stale``), so that what the scenario proves stays proven.
+  own path (where a scenario also runs there: the mounts then keep their
+  caches, without ``--shared-storage``).
 """
 
 from __future__ import annotations
@@ -114,33 +114,6 @@ def storage(request: pytest.FixtureRequest) -> Storage:
     return Storage("juicefs", lambda _root: juicefs_backings(juice), ("--shared-storage",))
 
 
-# A rotation rewrites file headers in place and then sets each file's mtime back
-# (cryptfs.rotate.write_header).  JuiceFS keeps a file's chunk map, and the kernel
-# its pages, across opens for as long as the mtime stays the same
-# (juicefs pkg/meta/openfile.go), so server B goes on reading the header of the
-# old generation, which fails authentication once the walk has forgotten that
-# generation (EIO).  The fix belongs in cryptfs.rotate (owned elsewhere while
-# this was written): the mtime must move.
-REWRAP_STALE = ("a header rewritten in place with the mtime kept is not seen by the other "
-                "JuiceFS client (docs/MULTISERVER.md, Limits)")
-
-
-@contextlib.contextmanager
-def rewrap_stale(storage: Storage) -> Iterator[None]:
-    """Around the checks that REWRAP_STALE breaks, and only those: on JuiceFS
-    their failure (an assertion, or B's EIO) ends the test as an expected
-    failure; if they pass there, the test fails, so this cannot outlive the
-    bug.  Everything before the block is checked on JuiceFS as everywhere."""
-    if storage.name != "juicefs":
-        yield
-        return
-    try:
-        yield
-    except (AssertionError, OSError) as e:
-        pytest.xfail(f"{REWRAP_STALE}: {str(e)[:300]}")
-    pytest.fail(f"passed on JuiceFS: the bug is fixed, remove rewrap_stale ({REWRAP_STALE})")
-
-
 ON_BOTH = pytest.mark.parametrize("storage", ["juicefs", "local"], indirect=True)
 ON_JUICEFS = pytest.mark.parametrize("storage", ["juicefs"], indirect=True)
 
@@ -236,7 +209,7 @@ def _shared_dirs(s: Server, *names: str) -> None:
 
 
 # -- the tests ----------------------------------------------------------------------------------
-@ON_BOTH
+@ON_JUICEFS
 def test_users_added_revoked_and_policies_set_on_one_server_reach_the_other(
         storage: Storage) -> None:
     with two_servers(storage) as (root, a, b):
@@ -299,9 +272,8 @@ def test_users_added_revoked_and_policies_set_on_one_server_reach_the_other(
             assert res.returncode == 8 and "no key slot" in res.stderr, res.stderr
         assert "not followed" not in a.logs() + b.logs()
         assert _cat(ALICE, a.path("work", "a.txt")).stdout == body, a.logs()
-        with rewrap_stale(storage):  # (B had read a.txt before the revocation re-wrapped it)
-            for u in (ALICE, CAROL):
-                assert _cat(u, on_b).stdout == body, (u, b.logs())
+        for u in (ALICE, CAROL):
+            assert _cat(u, on_b).stdout == body, (u, b.logs())
         assert "not followed" not in a.logs() + b.logs()
 
 
@@ -343,7 +315,7 @@ print("CHECKED", n, flush=True)
 """
 
 
-@ON_BOTH
+@ON_JUICEFS
 def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(storage: Storage) -> None:
     with two_servers(storage) as (root, a, b):
         _shared_dirs(a, "work")
@@ -380,8 +352,7 @@ def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(storage: St
                                                              s.logs()[-3000:])
 
         check(a)
-        with rewrap_stale(storage):  # (B wrote, so had read, what A's walk re-wrapped)
-            check(b)
+        check(b)
         a.mount.stop()
         b.mount.stop()
         res = run_cli("fsck", str(a.mount.backing), "--passphrase-file", str(a.passfiles["root"]))
@@ -439,9 +410,10 @@ def test_an_idle_server_follows_a_rotation_made_on_the_other(storage: Storage) -
 
 @ON_BOTH
 def test_a_header_rewrapped_on_one_server_reads_on_the_other(storage: Storage) -> None:
-    """The smallest form of what ``rewrap_stale`` expects: B has read a file, a
-    --wrap-key rotation on A re-wraps its header (and then forgets the old
-    generation); B's next open must read the file's bytes."""
+    """A rotation's smallest form: B has read a file, a --wrap-key rotation on
+    A re-wraps its header (and then forgets the old generation); B's next open
+    must read the file's bytes.  On JuiceFS this needs the walk to move the
+    file's mtime (JuiceFS tells a changed file by it: docs/MULTISERVER.md)."""
     with two_passphrase_mounts(storage) as (pf, a, b):
         body = bytes(range(256)) * 50
         a.path("f").write_bytes(body)
@@ -451,8 +423,7 @@ def test_a_header_rewrapped_on_one_server_reads_on_the_other(storage: Storage) -
         assert load_config(str(b.backing)).key_id == 2
         assert a.path("f").read_bytes() == body
         # (an open on B looks at the config first: B holds the finished generation then)
-        with rewrap_stale(storage):
-            assert b.path("f").read_bytes() == body, b.log_text()
+        assert b.path("f").read_bytes() == body, b.log_text()
         _fsck_clean(pf, a, b)
 
 
