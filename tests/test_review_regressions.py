@@ -25,6 +25,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -56,6 +57,7 @@ from cryptfs.volume import open_volume
 from multiuser import (
     ROOT_PASSPHRASE,
     USERS,
+    AgentProcess,
     Shared,
     backing_of,
     cli_as,
@@ -389,19 +391,28 @@ def test_agent_does_not_follow_a_removed_users_forgery_or_an_old_config() -> Non
         put_conf(s.backing, real)
 
 
-def _overwrite_keeping_stamp(backing: Path, data: bytes) -> None:
+def _overwrite_keeping_stamp(backing: Path, data: bytes, agent: AgentProcess) -> None:
     """Rewrite cryptfs.conf in place with the same inode, size and mtime (what the agent's
-    and the mount's config watch compare), padding ``data`` with JSON whitespace."""
+    and the mount's config watch compare), padding ``data`` with JSON whitespace.
+
+    Between the write and the utime the file has a new mtime: the agent is stopped
+    (SIGSTOP) meanwhile, else its watch may see that stamp, judge the forged config
+    (ending every session) and leave nothing held to check the unlock against."""
     p = backing / "cryptfs.conf"
     st = os.stat(p)
     assert len(data) <= st.st_size, (len(data), st.st_size)
-    fd = os.open(p, os.O_WRONLY)
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGSTOP)
     try:
-        os.pwrite(fd, data + b" " * (st.st_size - len(data)), 0)
-        os.fsync(fd)
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data + b" " * (st.st_size - len(data)), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
     finally:
-        os.close(fd)
-    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        agent.proc.send_signal(signal.SIGCONT)
     now = os.stat(p)
     assert (now.st_ino, now.st_mtime_ns, now.st_size) == (st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -420,7 +431,7 @@ def test_agent_unlock_does_not_switch_a_held_volume_to_an_unchained_generation()
                 "--passphrase-file", str(s.passfiles["root"]))
         assert wait_for(lambda: "rotated to generation 2; sessions follow" in s.agent.log_text(), 8)
         forged, _, _ = forge_as_former_user(s.backing, kept, USERS[BOB][1], BOB, shrink=True)
-        _overwrite_keeping_stamp(s.backing, compact_bytes(forged))
+        _overwrite_keeping_stamp(s.backing, compact_bytes(forged), s.agent)
         bob = s.unlock(BOB)
         bob_write = _write_as(BOB, shared / "bob.txt", b"bob is back\n")
         time.sleep(3)  # more than one config-watch period
