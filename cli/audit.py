@@ -214,9 +214,12 @@ def export(logdirs: tuple[str, ...], syslog_file: str | None, fmt: str, since: s
     and seq), each naming its server.  --from-syslog FILE reads a collector's
     copy of the same records instead.
 
-    Exporting does not verify: run `cryptfs audit verify` for that.
+    Exporting does not verify: run `cryptfs audit verify` for that.  From a
+    collector, a record that two different messages claim (same server, log
+    and seq) is exported twice, with a warning, and the exit status is 6.
     """
     flt = make_filter(since, until, user, path_glob, events)
+    conflicts: list[tuple[str, str, int]] = []
     if syslog_file is not None:
         if logdirs:
             raise UsageError("give LOGDIRs or --from-syslog FILE, not both")
@@ -225,6 +228,15 @@ def export(logdirs: tuple[str, ...], syslog_file: str | None, fmt: str, since: s
             click.echo(f"cryptfs: warning: {got.damaged} cryptfs message(s) in {syslog_file} hold "
                        "no usable record (cut by the collector, or edited): left out", err=True)
         source: Iterable[dict[str, Any]] = got.records
+        conflicts = got.conflicts
+        if conflicts:
+            shown = ", ".join(f"{srv or '-'}/{log or '-'} seq {seq}"
+                              for srv, log, seq in got.conflicts[:5])
+            more = f" and {len(got.conflicts) - 5} more" if len(got.conflicts) > 5 else ""
+            click.echo(f"cryptfs: warning: {len(got.conflicts)} record(s) in {syslog_file} are "
+                       f"claimed by two different messages ({shown}{more}): both are exported; "
+                       "one was not written by that log (run `cryptfs audit verify` on the "
+                       "server's own log)", err=True)
     elif not logdirs:
         raise UsageError("give a LOGDIR (or several), or --from-syslog FILE")
     elif len(logdirs) == 1:
@@ -236,6 +248,10 @@ def export(logdirs: tuple[str, ...], syslog_file: str | None, fmt: str, since: s
     _tolerant_stdout()  # `| head` ends it quietly, as with cat
     for chunk in WRITERS[fmt](r for r in source if flt(r)):
         sys.stdout.write(chunk)
+    if conflicts:
+        sys.stdout.flush()
+        raise LogDamaged(f"{syslog_file} holds conflicting copies of {len(conflicts)} "
+                         "record(s)")
 
 
 @audit.command("follow")

@@ -390,6 +390,24 @@ def test_the_collectors_merged_export_matches_the_logs(two: TwoServers, tmp_path
     got = jsonl(want)
     assert {r["server"] for r in got} == set(NAMES)
 
+    # Whoever can send to the collector can send a record under another's name: a
+    # message claiming a (server, log, seq) already held, with other content, is not
+    # taken for a repeat; both are exported, with a warning, and the exit status is 6.
+    target = next(x for x in held if b'"event": "open"' in x or b'"event":"open"' in x)
+    forged = target.replace(b'"outcome": "allowed"', b'"outcome": "denied"').replace(
+        b'"outcome":"allowed"', b'"outcome":"denied"')
+    assert forged != target
+    copy = tmp_path / "collector-copy.log"
+    copy.write_bytes(b"\n".join([*held, target, forged]) + b"\n")  # a repeat, and a forgery
+    res = run_cli("audit", "export", "--from-syslog", str(copy), check=False)
+    assert res.returncode == 6 and "Traceback" not in res.stderr, res.stderr
+    assert "1 record(s)" in res.stderr and "claimed by two different messages" in res.stderr
+    out = jsonl(res.stdout)
+    assert len(out) == len(got) + 1  # the repeat dropped, the forgery kept beside the original
+    seq_of = json.loads(target[target.index(b"{"):])
+    twins = [r for r in out if (r["server"], r["seq"]) == (seq_of["server"], seq_of["seq"])]
+    assert sorted(r["outcome"] for r in twins) == ["allowed", "denied"]
+
 
 # -- bad input -------------------------------------------------------------------------------------
 def test_bad_input(two: TwoServers, tmp_path: Path) -> None:

@@ -9,8 +9,11 @@ docs/AUDIT.md)::
 MSG is the record itself as JSON (ASCII): that, not the structured data
 (which a collector may re-escape), is what is read.  Lines of other programs
 are passed over.  Delivery is at least once, so a record may be there twice:
-a record whose server, log, seq and hash are those of one already read is
-dropped.  Each log's records are then put in ``seq`` order (a resend after a
+a message whose MSG is byte for byte one already read is dropped.  Two
+different messages that claim the same server, log and seq are both kept and
+counted as a conflict (one of them was not written by that log: whoever
+could send to the collector may have forged it; `cryptfs audit verify` on the
+server's own log tells which).  Each log's records are then put in ``seq`` order (a resend after a
 reconnect may have come late) and the logs merged as
 :func:`cryptfs.audit.merge.merged` merges log directories: the same records
 give the same story, whichever copy they were read from.
@@ -39,6 +42,8 @@ class CollectorFile:
     others: int = 0  # lines that are not cryptfs messages
     damaged: int = 0  # cryptfs messages whose MSG is not a record
     repeated: int = 0  # records that arrived more than once
+    conflicts: list[tuple[str, str, int]] = field(default_factory=list)
+    # (server, log, seq) claimed by two different messages
 
 
 def _after_sd(line: bytes, pos: int) -> int | None:
@@ -82,7 +87,8 @@ def read_collector(path: str) -> CollectorFile:
     whole file is read: it must fit in memory)."""
     out = CollectorFile()
     logs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    seen: set[tuple[str, str, int, str]] = set()
+    seen: set[bytes] = set()
+    claimed: set[tuple[str, str, int]] = set()
     try:
         with open(path, "rb") as f:
             for line in f:
@@ -90,17 +96,20 @@ def read_collector(path: str) -> CollectorFile:
                 if got is None or got[0] != APP_NAME:
                     out.others += 1
                     continue
+                if got[1] in seen:
+                    out.repeated += 1
+                    continue
                 recs = list(records_in([got[1]]))
                 if not recs:
                     out.damaged += 1
                     continue
+                seen.add(got[1])
                 r = recs[0]
                 log_id = r["log"] if isinstance(r.get("log"), str) else ""
-                key = (server_of(r), log_id, int(r["seq"]), str(r.get("h")))
-                if key in seen:
-                    out.repeated += 1
-                    continue
-                seen.add(key)
+                key = (server_of(r), log_id, int(r["seq"]))
+                if key in claimed:
+                    out.conflicts.append(key)
+                claimed.add(key)
                 logs.setdefault((key[0], key[1]), []).append(r)
     except OSError as e:
         raise BackingIOError(f"cannot read {path}: {e.strerror}") from None
