@@ -14,6 +14,7 @@ reaches another connection.  Every request must arrive whole within
 from __future__ import annotations
 
 import errno
+import hashlib
 import hmac
 import logging
 import math
@@ -63,6 +64,11 @@ class AgentOptions:
 
 class Denied(Exception):
     pass
+
+
+def _commitment(master: Secret) -> bytes:
+    """A one-way commitment to a master key: tells the same key again, opens nothing."""
+    return hashlib.sha256(b"cryptfs agent: a generation it verified\0" + master.reveal()).digest()
 
 
 def _no_slot(uid: int, real: str, has_no: str = "has no") -> dict[str, Any]:
@@ -154,6 +160,9 @@ class Agent:
         self._seq = 0  # number of the last event sent to watchers
         self._acked = trio.Event()  # set (and replaced) whenever a watcher confirms or leaves
         self._config_stamps: dict[str, follow.Stamp | None] = {}  # volume key -> config stamp
+        # volume key -> (generation, commitment) last verified, for a volume whose
+        # config this agent refused as not descending from it (see _distrusted_unlock)
+        self._distrusted: dict[str, tuple[int, bytes]] = {}
         self._unlocking: set[int] = set()
         self._argon2 = trio.CapacityLimiter(opts.argon2_parallel)
         self.early_signals: list[int] = []  # stops asked for before run() listened for them
@@ -276,6 +285,7 @@ class Agent:
         except CryptfsError as e:
             log.error("volume %s at %s: its config cannot be used (%s): not followed",
                       vol.volume_id, vol.path, str(e).removesuffix(": not followed"))
+            self._distrust(vol.key, held[1], held[0])
             self._end_volume(vol.key, "the volume's config was replaced")
             return
         finally:
@@ -317,11 +327,40 @@ class Agent:
         log.error("volume %s: an unlock opened a key generation that no holder of the current "
                   "one made (a config put back from earlier, or forged): not followed, the "
                   "unlock is refused", cfg.volume_id.hex())
+        self._distrust(key, held[1], held[0])
         self._end_volume(key, "its config has a key generation that was not made by a holder "
                               "of the current one")
         return p.error(p.NOT_A_VOLUME, "the volume's config has a key generation that the "
                                        "running agent cannot verify: it was replaced or forged",
                        )
+
+    def _distrust(self, key: str, key_id: int, master: Secret) -> None:
+        """Remember the generation held for volume ``key`` when its config was
+        refused (put back, or forged): its number and a one-way commitment to
+        its master, not the master, which is wiped with the sessions."""
+        self._distrusted[key] = (key_id, _commitment(master))
+
+    def _distrusted_unlock(self, key: str, cfg: Any, master: Secret) -> dict[str, Any] | None:
+        """An unlock of a volume whose config this agent refused: once every
+        session ended, nothing held could check the config's chain, and a cold
+        unlock would take the very config just refused.  Until the agent
+        restarts, only the generation it last verified (the real config put
+        back) is unlocked, which lifts the distrust.  None: go on."""
+        want = self._distrusted.get(key)
+        if want is None or self.store.master(key) is not None:
+            return None
+        if want[0] == cfg.key_id and hmac.compare_digest(want[1], _commitment(master)):
+            del self._distrusted[key]
+            log.info("volume %s: its config is again the generation (%d) this agent last "
+                     "verified: unlocks are allowed again", cfg.volume_id.hex(), cfg.key_id)
+            return None
+        log.error("volume %s: an unlock opened key generation %d, but this agent refused the "
+                  "volume's config earlier and last verified generation %d: the unlock is "
+                  "refused (put the real config back; after a legitimate change made meanwhile, "
+                  "restart the agent)", cfg.volume_id.hex(), cfg.key_id, want[0])
+        return p.error(p.NOT_A_VOLUME, "the volume's config was refused by the running agent as "
+                                       "put back or forged, and this is not the generation it "
+                                       "last verified: ask an administrator")
 
     def _follow_rotation(self, vol: VolumeRef, cfg: Any, keys: VolumeKeys) -> None:
         """The volume's master key was rotated and followed (``keys``): hold the
@@ -684,7 +723,8 @@ class Agent:
         finally:
             if keys is not None:
                 keys.close()
-        refused = self._rotated_unlock(key, cfg, master, private)
+        refused = (self._distrusted_unlock(key, cfg, master)
+                   or self._rotated_unlock(key, cfg, master, private))
         if refused is not None:
             wipe()
             return refused

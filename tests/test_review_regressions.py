@@ -25,7 +25,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import struct
 import subprocess
 import time
@@ -57,7 +56,6 @@ from cryptfs.volume import open_volume
 from multiuser import (
     ROOT_PASSPHRASE,
     USERS,
-    AgentProcess,
     Shared,
     backing_of,
     cli_as,
@@ -381,47 +379,47 @@ def test_agent_does_not_follow_a_removed_users_forgery_or_an_old_config() -> Non
         assert wait_for(lambda: s.agent.log_text().count("not followed") >= 2, 8)
         res = run_as(ALICE, "cat", str(before))
         assert res.returncode != 0 and CSV not in res.stdout
-        # The documented limit: a cold unlock accepts the old config (no chain to check)...
-        _unlock_ok(s, BOB)
-        # ...but it holds generation 1, which opens nothing the revocation re-wrapped.
+        # Every session ended, so nothing held can check a chain; but the agent that
+        # refused this config does not take it from a cold unlock either.
+        res = s.unlock(BOB)
+        assert res.returncode != 0 and "refused by the running agent" in res.stderr, \
+            res.stdout + res.stderr
+        assert "this agent refused the volume's config earlier and last verified generation " \
+            "2" in s.agent.log_text()
         res = run_as(BOB, "cat", str(before))
         assert res.returncode != 0 and CSV not in res.stdout
         for line in s.agent.log_text().splitlines():
             assert "rotated to generation 1" not in line and "rotated to generation 3" not in line
+        # The generation it last verified, put back, is unlocked again (and lifts that).
         put_conf(s.backing, real)
+        _unlock_ok(s, ALICE)
+        assert run_as(ALICE, "cat", str(before)).stdout == CSV
+        assert "unlocks are allowed again" in s.agent.log_text()
 
 
-def _overwrite_keeping_stamp(backing: Path, data: bytes, agent: AgentProcess) -> None:
-    """Rewrite cryptfs.conf in place with the same inode, size and mtime (what the agent's
-    and the mount's config watch compare), padding ``data`` with JSON whitespace.
-
-    Between the write and the utime the file has a new mtime: the agent is stopped
-    (SIGSTOP) meanwhile, else its watch may see that stamp, judge the forged config
-    (ending every session) and leave nothing held to check the unlock against."""
+def _overwrite_keeping_stamp(backing: Path, data: bytes) -> None:
+    """Rewrite cryptfs.conf in place with the same inode, size and mtime, padding ``data``
+    with JSON whitespace (the ctime changes: the config watches see it within a period)."""
     p = backing / "cryptfs.conf"
     st = os.stat(p)
     assert len(data) <= st.st_size, (len(data), st.st_size)
-    assert agent.proc is not None
-    agent.proc.send_signal(signal.SIGSTOP)
+    fd = os.open(p, os.O_WRONLY)
     try:
-        fd = os.open(p, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data + b" " * (st.st_size - len(data)), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.pwrite(fd, data + b" " * (st.st_size - len(data)), 0)
+        os.fsync(fd)
     finally:
-        agent.proc.send_signal(signal.SIGCONT)
+        os.close(fd)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
     now = os.stat(p)
     assert (now.st_ino, now.st_mtime_ns, now.st_size) == (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def test_agent_unlock_does_not_switch_a_held_volume_to_an_unchained_generation() -> None:
-    """The removed user unlocks *before* the config watch has judged the forged config
-    (here made certain by keeping the file's stat, which is all the watch compares).
-    ``Store.open`` then replaces the held master with the forged one, evicts every other
-    session and sends it to the mount: no chain check, no error logged."""
+    """The removed user unlocks as the config watch judges the forged config, before or
+    after it (the file keeps its inode, size and mtime; its ctime tells the watch).
+    Before: the unlock's own chain check refuses it (``Store.open`` once replaced the
+    held master with the forged one, silently).  After: every session has ended and
+    the unlock is a cold one, which the agent that refused this config refuses too."""
     require_fuse()
     with shared_scenario() as s:
         shared = _root_unlocked_shared_dir(s)
@@ -431,8 +429,9 @@ def test_agent_unlock_does_not_switch_a_held_volume_to_an_unchained_generation()
                 "--passphrase-file", str(s.passfiles["root"]))
         assert wait_for(lambda: "rotated to generation 2; sessions follow" in s.agent.log_text(), 8)
         forged, _, _ = forge_as_former_user(s.backing, kept, USERS[BOB][1], BOB, shrink=True)
-        _overwrite_keeping_stamp(s.backing, compact_bytes(forged), s.agent)
+        _overwrite_keeping_stamp(s.backing, compact_bytes(forged))
         bob = s.unlock(BOB)
+        assert bob.returncode != 0, bob.stdout + bob.stderr
         bob_write = _write_as(BOB, shared / "bob.txt", b"bob is back\n")
         time.sleep(3)  # more than one config-watch period
         # Either refusal is fine (refuse bob's unlock, or end the sessions as the config
