@@ -88,6 +88,8 @@ def remove_long_name(dir_fd: int, backing: str, c_name: str | None = None) -> No
     the same backing directory (another server) may have made that name
     meanwhile, and the side file is the same whoever writes it."""
     if backing.startswith(LONG_PREFIX):
+        if c_name is not None and _exists(dir_fd, backing):
+            return  # (made again by another mount already: the side file is its)
         try:
             os.unlink(backing + LONG_SUFFIX, dir_fd=dir_fd)
         except FileNotFoundError:
@@ -96,19 +98,21 @@ def remove_long_name(dir_fd: int, backing: str, c_name: str | None = None) -> No
             keep_long_name(dir_fd, backing, c_name)
 
 
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def keep_long_name(dir_fd: int, backing: str, c_name: str) -> None:
     """Write the side file of an existing long-name entry if it is missing.
 
     With two mounts of one backing directory, every operation that removes a
     side file checks the entry afterwards and every one that makes an entry
     checks the side file afterwards: whichever comes last puts it back."""
-    try:
-        os.stat(backing, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    try:
-        os.stat(backing + LONG_SUFFIX, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
+    if _exists(dir_fd, backing) and not _exists(dir_fd, backing + LONG_SUFFIX):
         write_long_name(dir_fd, backing, c_name)
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from pathlib import Path
 import pytest
 from juicefs import JuicePair, juicefs_pair
 
-from conftest import PASSPHRASE, Mount, make_volume, run_cli
-from cryptfs.names import LONG_PREFIX
+from conftest import PASSPHRASE, Mount, make_volume, new_mount, require_fuse, run_cli
+from cryptfs import tree
+from cryptfs.names import LONG_PREFIX, LONG_SUFFIX, long_name
 from multiuser import ensure_users, shared_tempdir
 
 BLOCK = 4096  # bytes of plaintext per cryptfs block
@@ -420,3 +422,68 @@ def test_a_create_that_meets_another_servers_file_checks_its_mode() -> None:
         with pytest.raises(FuseError) as e:
             check_open(st, uid, gid, flags)
         assert e.value.errno == errno.EACCES
+
+
+def test_a_long_names_side_file_missing_for_an_instant_is_waited_for(
+        tmp_path: Path, backing: Path, passfile: Path) -> None:
+    """A long name is two backing names (the entry, and its side file holding the whole
+    encrypted name); another server making or removing the same name can leave the
+    entry without its side file for an instant (it puts it back: tree.keep_long_name).
+    A listing on shared storage waits for it rather than hide the name as damaged;
+    a side file missing for good is still reported."""
+    require_fuse()
+    m = new_mount(tmp_path, backing, passfile)
+    m.start("--shared-storage")
+    try:
+        name = "n" * 200
+        write(m.path(name), b"kept")
+        tree_dir = backing / "tree"
+        side = next(p for p in tree_dir.iterdir() if p.name.endswith(LONG_SUFFIX))
+        entry = tree_dir / side.name.removesuffix(LONG_SUFFIX)
+        assert entry.name.startswith(LONG_PREFIX) and entry.exists()
+        held = side.read_bytes()
+        side.unlink()
+        # another server's keep_long_name puts it back 30 ms later, atomically
+        staged = tmp_path / "staged"
+        staged.write_bytes(held)
+        back = threading.Timer(0.03, os.rename, (staged, side))
+        back.start()
+        try:
+            assert os.listdir(m.mnt) == [name]
+        finally:
+            back.join()
+        assert m.path(name).read_bytes() == b"kept"
+        assert "do not decrypt" not in m.log_text(), m.log_text()
+        # gone for good: hidden, and said so
+        side.unlink()
+        assert os.listdir(m.mnt) == []
+        assert "1 entries that do not decrypt are hidden" in m.log_text()
+        side.write_bytes(held)
+        assert os.listdir(m.mnt) == [name]
+    finally:
+        m.stop()
+
+
+def test_a_failed_create_leaves_another_servers_side_file(tmp_path: Path) -> None:
+    """The create that loses a race for a long name (EEXIST) removes the side file it
+    wrote only if the entry is not there: the winner's entry needs that side file."""
+    d = tmp_path / "dir"
+    d.mkdir()
+    c_name = "c" * 300
+    backing = long_name(c_name)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert tree.write_long_name(fd, backing, c_name)  # written by the loser...
+        (d / backing).write_bytes(b"")  # ...as the winner publishes the entry
+        witness = tmp_path / "witness"  # (a second link: its inode cannot be reused)
+        os.link(d / (backing + LONG_SUFFIX), witness)
+        ino = witness.stat().st_ino
+        tree.remove_long_name(fd, backing, c_name)  # the loser's EEXIST clean-up
+        # never removed (not even put back after: the winner's listing would miss it)
+        assert (d / (backing + LONG_SUFFIX)).stat().st_ino == ino
+        assert (d / (backing + LONG_SUFFIX)).read_text() == c_name
+        (d / backing).unlink()  # an unlink: the side file goes with the entry
+        tree.remove_long_name(fd, backing, c_name)
+        assert sorted(os.listdir(d)) == []
+    finally:
+        os.close(fd)

@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from cryptfs import sysio, tree
@@ -23,7 +24,9 @@ from cryptfs.fs.core import (
 from cryptfs.fs.inodes import Inode, PlainHandle, _Dir, readable
 from cryptfs.fuse import EntryOut, FuseError, OpenOut
 from cryptfs.fuse.requests import Request
+from cryptfs.modes.errors import IntegrityError
 from cryptfs.names import (
+    LONG_PREFIX,
     MAX_SYMLINK_TARGET,
     NAME_MAX,
 )
@@ -50,7 +53,7 @@ class Directories(Core):
         try:
             yield
         except BaseException:
-            if created:
+            if created:  # (unless another mount made the entry meanwhile: see there)
                 tree.remove_long_name(parent.fd, backing, full)
             raise
         if full is not None:
@@ -377,13 +380,36 @@ class Directories(Core):
         bad = 0
         for backing in names:
             try:
-                entries.append((tree.decrypt_entry(inode.fd, backing, diriv, self.codec), backing))
+                plain = self._decrypt_entry(inode, backing, diriv)
             except Exception:  # noqa: BLE001 - one bad entry must not hide the directory
                 bad += 1
+                continue
+            if plain is not None:
+                entries.append((plain, backing))
         if bad:
             log.warning("directory inode %d: %d entries that do not decrypt are hidden",
                         inode.ino, bad)
         return entries
+
+    def _decrypt_entry(self, inode: Inode, backing: str, diriv: bytes) -> bytes | None:
+        """An entry's plaintext name (None: it was removed meanwhile).  On shared
+        storage, a long name whose side file is missing may be one that another
+        server is making or removing this instant (the entry and its side file
+        are two names, and each side puts back what the other's race took:
+        cryptfs.tree.keep_long_name), so it is read again a few times before it
+        counts as damaged."""
+        for wait in (0.01, 0.05, 0.2, None) if self.shared_storage else (None,):
+            try:
+                return tree.decrypt_entry(inode.fd, backing, diriv, self.codec)
+            except IntegrityError:
+                if wait is None or not backing.startswith(LONG_PREFIX):
+                    raise
+                time.sleep(wait)
+                try:
+                    os.stat(backing, dir_fd=inode.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return None
+        raise AssertionError("unreachable")
 
     @_edge("dir")
     def readdir(self, fh: int, start_id: int, token: Callable[[bytes, EntryOut, int], bool]
