@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -27,7 +28,7 @@ from test_multiserver import BLOCK, Servers, fsck_clean, two_servers, write
 from conftest import CRYPTFS, make_volume, new_mount, run_cli
 from cryptfs import control
 from cryptfs.presence import PRESENCE_NAME
-from multiuser import ensure_users
+from multiuser import ensure_users, shared_tempdir
 
 JOURNAL = "cryptfs.rotate.journal"
 
@@ -343,3 +344,47 @@ def test_an_unfinished_reencryption_is_not_resumed_while_the_other_server_is_mou
     s.b.start("-o", "allow_other", "--shared-storage")
     assert_reads(s, expected)
     assert "clean" in fsck_clean(s)
+
+
+HOLD = r'''
+import errno, os, sys
+try:
+    os.setxattr(sys.argv[1], b"user.cryptfs.rotate", b"alone")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+else:
+    print("held")
+'''
+
+
+def test_only_root_or_the_owner_may_hold_a_passphrase_mount_alone() -> None:
+    """Holding the volume alone keeps every other server from mounting it; on a
+    passphrase mount that others may use (allow_other), any user who reaches the
+    mount could otherwise do that to every server."""
+    users = ensure_users()
+    root = shared_tempdir()
+    pf = root / "pass"
+    pf.write_bytes(b"correct horse battery staple\n")
+    backing = make_volume(root / "backing")
+    m = new_mount(root, backing, pf)
+    m.start("-o", "allow_other", "--shared-storage")
+    try:
+        os.chmod(m.mnt, 0o777)  # (the kernel lets alice set a user xattr on it: cryptfs decides)
+        pw = users["cfs-alice"]
+        res = subprocess.run(["/usr/bin/python3", "-c", HOLD, str(m.mnt)], user=pw.pw_uid,
+                             group=pw.pw_gid, extra_groups=[], capture_output=True, text=True,
+                             cwd="/", timeout=60)
+        assert res.stdout.strip() == "EACCES", res.stdout + res.stderr
+        # the hold was not taken: another mount of the volume still starts
+        other = new_mount(root, backing, pf, "mnt2")
+        other.start("--shared-storage")
+        other.stop()
+        # root (the mount's owner here) may
+        control.hold_alone(str(m.mnt))
+        res = run_cli("mount", str(backing), str(other.mnt), "--passphrase-file", str(pf),
+                      "--shared-storage", check=False)
+        assert res.returncode == 5 and "re-encrypts every file" in res.stderr, res.stderr
+        control.release_alone(str(m.mnt))
+    finally:
+        m.stop()
+        shutil.rmtree(root, ignore_errors=True)

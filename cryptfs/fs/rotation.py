@@ -129,10 +129,12 @@ class Rotation(Core):
 
     def _may_hold_alone(self, uid: int) -> bool:
         """Holding the volume alone keeps every other server from mounting it:
-        root, the mount's owner, or an unlocked user whose role may rotate."""
-        if uid in (0, self._euid) or not self.gated:
+        root, the mount's owner, or (a shared mount) an unlocked user whose
+        role may rotate.  Not any user a passphrase mount lets in (allow_other):
+        they hold no passphrase of the volume."""
+        if uid in (0, self._euid):
             return True
-        return uid in self._unlocked and any(
+        return self.gated and uid in self._unlocked and any(
             s.extra.get("uid") == uid and slot_role(s) in ROTATORS for s in self.config.slots)
 
     def _rotation_progress(self) -> bytes:
