@@ -170,3 +170,43 @@ def test_failed_create_of_a_long_name_leaves_no_side_file(tmp_path) -> None:
             vol.close()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_config_that_could_not_be_read_is_tried_again(ops, backing, caplog) -> None:
+    """A re-read of the config that fails for a while (here: out of descriptors, as a
+    storage outage would make it fail) is tried again at the next look; a change made
+    meanwhile is not left unseen until the config changes once more."""
+    import resource
+    import time
+
+    from cryptfs import follow
+
+    vol = unlock(backing)
+    try:
+        vol.update_config(lambda c: setattr(c.slots[0], "label", "changed"))
+    finally:
+        vol.close()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+    try:
+        while True:
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError as e:
+                assert e.errno == errno.EMFILE
+                break
+        with caplog.at_level(logging.WARNING, logger="cryptfs"):
+            assert ops._refresh_config() == set()  # the stat works, the read does not
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "the volume's config changed but cannot be used" in caplog.text
+    assert ops.config.slots[0].label == "owner"
+    ops._refresh_config()  # at once: not read on every request while it fails
+    assert ops.config.slots[0].label == "owner"
+    time.sleep(follow.CHECK_EVERY)
+    ops._refresh_config()
+    assert ops.config.slots[0].label == "changed"
+    assert caplog.text.count("cannot be used") == 1

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cryptfs import links, rotate, views
+from cryptfs import follow, links, rotate, views
 from cryptfs.audit import Auditor
 from cryptfs.content import ContentFile
 from cryptfs.decision import Decision, Op
@@ -173,6 +173,9 @@ class Core:
         self._epoch = 0  # renames, links and removals made here (they may move names)
         self._backing_fd = os.open(vol.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._config_stamp = self._stat_config()
+        # (stamp, when) of the last re-read that failed: tried again every
+        # follow.CHECK_EVERY, not on every request (cryptfs.fs.gate)
+        self._config_failed: tuple[follow.Stamp | None, float] | None = None
         self._rotation: rotate.Progress | None = None
         self.audit: Auditor | None = None  # the access log, if the mount keeps one
         self._paths: dict[int, str] = {ROOT: "/"}  # (audit) last known plaintext path by inode

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import time
 from typing import Any
 
 import trio
@@ -52,7 +53,10 @@ class Gate(Core):
         stamp = self._stat_config()
         if not follow.changed(self._config_stamp, stamp) or self.keys is None:
             return set()
-        self._config_stamp = stamp
+        failed = self._config_failed
+        now = time.monotonic()
+        if failed is not None and failed[0] == stamp and now - failed[1] < follow.CHECK_EVERY:
+            return set()  # (it failed a moment ago: tried again at the next look)
         keys = self.keys
         try:
             _, fresh = follow.read_at(self._backing_fd, self.vol.backing)
@@ -61,8 +65,15 @@ class Gate(Core):
         except CryptfsError as e:
             if keys is not self.keys:
                 keys.close()
-            log.warning("the volume's config changed but cannot be used: %s", e)
+            # The stamp is not taken as known: a read that failed for a while (the
+            # storage, a rotation not yet followable) is tried again, else a change
+            # made then would stay unseen until the next one.
+            self._config_failed = (stamp, now)
+            if failed is None or failed[0] != stamp:
+                log.warning("the volume's config changed but cannot be used: %s", e)
             return set()
+        self._config_failed = None
+        self._config_stamp = stamp
         if keys.key_id != self.keys.key_id:
             log.info("the volume's key was rotated to generation %d: following", keys.key_id)
         self.config = fresh
@@ -166,7 +177,7 @@ class Gate(Core):
             return True
         if self.keys is None:
             return False
-        self._config_stamp = None  # (read it now, whatever its stamp says)
+        self._config_stamp = self._config_failed = None  # (read it now, whatever its stamp says)
         self._refresh_config()
         return slot_for_uid(self.config, uid) is not None
 
