@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Requests per small file and daemon CPU per request, on cryptfs itself.
+"""Requests per small file and daemon CPU per request: cryptfs, beside gocryptfs and securefs.
 
 Run as root, from the repository::
 
@@ -18,7 +18,8 @@ root and a supervisor; passphrase with an access log) it
 * times ``statx(AT_STATX_FORCE_SYNC)`` on an open file, which makes the kernel ask
   the daemon every time: one GETATTR round trip per call.
 
-The machine is shared: read these as one run's figures, not as a benchmark of record.
+gocryptfs and securefs are measured the same way, CPU and time only (they do not
+count their requests).  The machine is shared: read these as one run's figures, not as a benchmark of record.
 """
 
 from __future__ import annotations
