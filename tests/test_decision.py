@@ -166,6 +166,24 @@ OTHER_CASES = [
      refused("masked file: not replaced while it has hard links outside its mask "
              "(that would move it out)")),
     (SUPERVISOR, Op.RENAME, Where(leaves_mask=True), ALLOWED),  # (a move decides that)
+    # a role that reads ciphertext writes no content, but names are not content
+    (TECHNICIAN, Op.LINK, NONE, ALLOWED),
+    (TECHNICIAN, Op.LINK, Where(programs=(DENIES,)), refused(NOT_OUT_OF_PROGRAMS, "/calls")),
+    (TECHNICIAN, Op.REMOVE, NONE, ALLOWED),
+    (TECHNICIAN, Op.RENAME, Where(leaves_mask=True), ALLOWED),
+    # an agent's names: a move out of a mask is refused to everyone, agents included
+    (AGENT, Op.MOVE, Where(leaves_mask=True), refused(NOT_OUT_OF_MASK)),
+    (AGENT, Op.MOVE, NONE, ALLOWED),
+    (AGENT, Op.REMOVE, Where(leaves_mask=True),
+     refused("masked file: not removed while it has hard links outside its mask "
+             "(that would move it out)")),
+    (AGENT, Op.RENAME, NONE, ALLOWED),
+    (AGENT, Op.REPLACE, Where(programs=(CIPHER,)),
+     refused("not replaced by a program its trusted-programs rule does not trust", "/calls")),
+    # an auditor: nothing through the mount, whatever the operation or the rules
+    *((AUDITOR, op, where, refused("role auditor: reads the access log only"))
+      for op in (Op.TRUNCATE, Op.LINK, Op.MOVE, Op.RENAME, Op.REMOVE, Op.REPLACE)
+      for where in (NONE, Where(programs=(TRUSTED,)))),
 ]
 
 
@@ -175,11 +193,11 @@ def test_other_operations(who: Who, op: Op, where: Where, expected: Decision) ->
 
 
 def test_every_operation_and_role_is_decided() -> None:
-    """No operation or role falls through the table untested."""
+    """No pair of role and operation falls through the table untested."""
     seen = {(w.reads, Op.OPEN) for w, _, _, _ in OPEN_CASES}
     seen |= {(w.reads, op) for w, op, _, _ in OTHER_CASES}
-    assert {op for _, op in seen} == set(Op)
-    assert {r for r, _ in seen} == set(Reads)
+    missing = {(r, op) for r in Reads for op in Op} - seen
+    assert not missing, sorted((r.name, op.name) for r, op in missing)
 
 
 def test_record_fields() -> None:
