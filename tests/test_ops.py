@@ -210,3 +210,40 @@ def test_a_config_that_could_not_be_read_is_tried_again(ops, backing, caplog) ->
     ops._refresh_config()
     assert ops.config.slots[0].label == "changed"
     assert caplog.text.count("cannot be used") == 1
+
+
+def _ctx(uid: int) -> EmptyIn:
+    c = EmptyIn()
+    c.uid = c.gid = uid
+    c.pid = 0
+    return c
+
+
+def test_a_create_that_meets_another_servers_file_opens_it_by_its_mode(backing) -> None:
+    """Two servers' mounts of one backing directory: server A's create without
+    O_EXCL finds the name that server B made after A's lookup (the publish meets
+    EEXIST).  A opens B's file as open(2) would, after checking the file's mode
+    itself (the kernel checked only the directory); O_EXCL stays EEXIST."""
+    vols = [unlock(backing), unlock(backing)]
+    a, b = (CryptOperations(v, shared_storage=True) for v in vols)
+    try:
+        fi, _ = run(b.create, ROOT, b"x", stat.S_IFREG | 0o600, os.O_RDWR, _ctx(1000))
+        run(b.write, fi.fh, 0, b"written on server B")
+        run(b.release, fi.fh)
+        with pytest.raises(FuseError) as e:  # not the owner: 0600 keeps it out
+            run(a.create, ROOT, b"x", stat.S_IFREG | 0o666, os.O_RDWR, _ctx(2000))
+        assert e.value.errno == errno.EACCES
+        with pytest.raises(FuseError) as e:
+            run(a.create, ROOT, b"x", stat.S_IFREG | 0o600, os.O_RDWR | os.O_EXCL, _ctx(1000))
+        assert e.value.errno == errno.EEXIST
+        fi, attr = run(a.create, ROOT, b"x", stat.S_IFREG | 0o666, os.O_RDWR, _ctx(1000))
+        assert stat.S_IMODE(attr.attr.mode) == 0o600 and attr.attr.uid == 1000  # B's file
+        assert run(a.read, fi.fh, 0, 100) == b"written on server B"  # not a new, empty one
+        run(a.release, fi.fh)
+        names = [n for n in os.listdir(backing / "tree") if not n.startswith(".")]
+        assert len(names) == 1  # and no temporary of A's left beside it
+    finally:
+        a.close()
+        b.close()
+        for v in vols:
+            v.close()
