@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
 import subprocess
 import threading
@@ -524,3 +525,57 @@ def test_redis_down_under_agent_mounts_never_serves_garbage_and_resumes(
 
             _within(30, f"alice reads on {s.name} again", reads, s.logs)
         assert "Traceback" not in a.logs() + b.logs()
+
+
+@ON_BOTH
+@pytest.mark.parametrize("revoke", [False, True], ids=["removed", "revoked"])
+def test_a_passphrase_mount_whose_user_is_removed_on_the_other_server_stops(
+        storage: Storage, revoke: bool) -> None:
+    """Server B runs a passphrase mount unlocked with bob's passphrase; bob is
+    removed on server A (the same key generation: B's key authenticates the new
+    config), or revoked (a new generation that B cannot open).  Either way B
+    stops serving within the bound, open files included; A serves on."""
+    require_fuse()
+    root = shared_tempdir("cryptfs-2srv-")
+    mounts: list[Mount] = []
+    try:
+        with storage.backings(root) as (backing_a, backing_b):
+            try:
+                _make_volume(backing_a, (BOB,))
+                pf = root / "root.pass"
+                pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+                bob_pf = root / "bob.pass"
+                bob_pf.write_bytes(USERS[BOB][1] + b"\n")
+                a = Mount(backing_a, root / "mnt-a", root / "mount-a.log", root / "mount-a.pid",
+                          pf)
+                b = Mount(backing_b, root / "mnt-b", root / "mount-b.log", root / "mount-b.pid",
+                          bob_pf)
+                for m in (a, b):
+                    mounts.append(m)
+                    m.start(*storage.options)
+                body = b"call notes\n" * 1000
+                a.path("f").write_bytes(body)
+                assert b.path("f").read_bytes() == body
+                with open(b.path("f"), "rb") as held:  # a file B has open meanwhile
+                    assert held.read(4) == b"call"
+                    r = _admin("user", "remove", str(backing_a), BOB, "--passphrase-file",
+                               str(pf), *(["--revoke"] if revoke else []))
+                    assert r.returncode == 0, r.stdout + r.stderr
+                    _within(BOUND, "B stops serving",
+                            lambda: "access revoked, nothing more is served" in b.log_text(),
+                            b.log_text)
+                    time.sleep(2 * 1.0)  # (the watch drops the open file's pages next)
+                    with pytest.raises(PermissionError):
+                        os.pread(held.fileno(), 100, 0)
+                for what in (lambda: b.path("f").read_bytes(), lambda: os.listdir(b.mnt),
+                             lambda: b.path("new").write_bytes(b"x")):
+                    with pytest.raises(PermissionError):
+                        what()
+                assert a.path("f").read_bytes() == body  # A serves on
+                assert not any(n == "new" for n in os.listdir(a.mnt))
+                assert "Traceback" not in b.log_text() + a.log_text()
+            finally:
+                for m in mounts:
+                    m.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -242,6 +242,8 @@ class Access(Core):
             if uid not in self._unlocked or self.keys is None or uid in self._log_only:
                 raise FuseError(errno.EACCES)
             self._seen.add(uid)
+        elif self._own_slot_gone:
+            raise FuseError(errno.EACCES)  # (a passphrase mount whose user was removed)
 
     def _plain(self, uid: int) -> None:
         """Refuse (EACCES) a user whose role reads no customer plaintext: the

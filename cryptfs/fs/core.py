@@ -176,6 +176,10 @@ class Core:
         # (stamp, when) of the last re-read that failed: tried again every
         # follow.CHECK_EVERY, not on every request (cryptfs.fs.gate)
         self._config_failed: tuple[follow.Stamp | None, float] | None = None
+        # A passphrase mount whose own key slot left the config (cryptfs.fs.gate):
+        # serves nothing more; the open files' pages are still to be dropped.
+        self._own_slot_gone = False
+        self._drop_all_pages = False
         self._rotation: rotate.Progress | None = None
         self.audit: Auditor | None = None  # the access log, if the mount keeps one
         self._paths: dict[int, str] = {ROOT: "/"}  # (audit) last known plaintext path by inode
@@ -334,6 +338,8 @@ class Core:
                             log.info("inode %d: reads refused while uid %d, now locked, still "
                                      "has it open", inode.ino, other.uid)
                         raise FuseError(errno.EACCES)
+        elif self._own_slot_gone:
+            raise FuseError(errno.EACCES)  # (its user was removed: cryptfs.fs.gate)
         return inode
 
     # -- shutdown -------------------------------------------------------------------------------------

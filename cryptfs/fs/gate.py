@@ -58,6 +58,7 @@ class Gate(Core):
         if failed is not None and failed[0] == stamp and now - failed[1] < follow.CHECK_EVERY:
             return set()  # (it failed a moment ago: tried again at the next look)
         keys = self.keys
+        fresh = None
         try:
             _, fresh = follow.read_at(self._backing_fd, self.vol.backing)
             keys = follow.reopen(fresh, self.config.volume_id, keys, lambda: self._holders(fresh))
@@ -65,6 +66,8 @@ class Gate(Core):
         except CryptfsError as e:
             if keys is not self.keys:
                 keys.close()
+            if fresh is not None and self._lost_own_slot(fresh):
+                return set()
             # The stamp is not taken as known: a read that failed for a while (the
             # storage, a rotation not yet followable) is tried again, else a change
             # made then would stay unseen until the next one.
@@ -74,11 +77,38 @@ class Gate(Core):
             return set()
         self._config_failed = None
         self._config_stamp = stamp
+        if self._lost_own_slot(fresh):
+            keys.close()
+            return set()
         if keys.key_id != self.keys.key_id:
             log.info("the volume's key was rotated to generation %d: following", keys.key_id)
         self.config = fresh
         self._swap_keys(keys)
         return self._drop_slotless()
+
+    def _lost_own_slot(self, fresh: Any) -> bool:
+        """A passphrase mount serves its own user, through the key slot it was
+        unlocked with: if that slot is no longer in the config (the user was
+        removed, or revoked and the key rotated, on this server or another),
+        the mount stops serving and forgets the keys.  Whether or not the held
+        key authenticates ``fresh`` (after a revocation it cannot), it fails
+        closed: whoever can write the config can remove the files too."""
+        slot = getattr(self.vol, "slot", None)
+        if self.gated or slot is None or any(  # (a passphrase reset keeps the slot's id and user)
+                s.id == slot.id and (s.extra.get("user"), s.extra.get("uid"))
+                == (slot.extra.get("user"), slot.extra.get("uid")) for s in fresh.slots):
+            return False
+        log.error("this mount's key slot %d (%s) is no longer in the volume's config: its user "
+                  "was removed or revoked (here or on another server); access revoked, nothing "
+                  "more is served (unmount it)", slot.id, slot.label)
+        self._own_slot_gone = True
+        self._drop_all_pages = True
+        self._drop_keys()
+        self._forget_privates()
+        if self._own_private is not None:
+            self._own_private.wipe()
+            self._own_private = None
+        return True
 
     def _holders(self, fresh: Any) -> list[follow.Holder]:
         """The user keys this mount holds, each with its slot in ``fresh``: its
@@ -108,9 +138,10 @@ class Gate(Core):
         while True:
             await trio.sleep(follow.CHECK_EVERY)
             gone = self._refresh_config()
-            if gone:
+            everyone, self._drop_all_pages = self._drop_all_pages, False
+            if gone or everyone:
                 await self._drop_pages({h.inode.ino for h in self._files.values()
-                                        if h.uid in gone and h.readable})
+                                        if (everyone or h.uid in gone) and h.readable})
 
     def _learn_roles(self) -> None:
         """On a shared mount, what each unlocked user's role lets them have
