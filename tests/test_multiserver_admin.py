@@ -579,3 +579,37 @@ def test_a_passphrase_mount_whose_user_is_removed_on_the_other_server_stops(
                     m.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@ON_JUICEFS
+def test_a_long_redis_outage_ends_agent_sessions_and_users_unlock_again(
+        storage: Storage, juice: JuicePair) -> None:
+    """Longer than the key agent gives a backing file system to answer (10 s): each
+    server's agent ends the volume's sessions (fail closed: it cannot tell whether
+    the config changed meanwhile), its mount refuses alice afterwards, and once
+    Redis is back she unlocks again and reads what was fsync'ed."""
+    with two_servers(storage) as (root, a, b):
+        _shared_dirs(a, "work")
+        for s in (a, b):
+            assert s.unlock(ALICE).returncode == 0
+        body = b"".join(b"line %05d of a call transcript\n" % i for i in range(2000))
+        assert run_as(ALICE, "/usr/bin/python3", "-c",
+                      "import os,sys\nf=open(sys.argv[1],'wb')\nf.write(sys.stdin.buffer.read())\n"
+                      "f.flush()\nos.fsync(f.fileno())\n", str(a.path("work", "kept")),
+                      input=body).returncode == 0
+        juice.redis.kill()
+        try:
+            for s in (a, b):
+                _within(15, f"{s.name}'s agent gives up on the storage",
+                        lambda s=s: "did not answer in 10 s" in s.agent.log_text(), s.logs)
+        finally:
+            juice.redis.start()
+        for s in (a, b):
+            def locked(s: Server = s) -> bool:
+                got = _cat(ALICE, s.path("work", "kept"))
+                assert got.stdout in (b"", body), got  # (never other bytes)
+                return got.returncode != 0 and b"Permission denied" in got.stderr
+            _within(60, f"alice refused on {s.name} once it answers again", locked, s.logs)
+            assert s.unlock(ALICE).returncode == 0
+            assert _cat(ALICE, s.path("work", "kept")).stdout == body
+        assert "Traceback" not in a.logs() + b.logs()

@@ -13,8 +13,8 @@ a message whose MSG is byte for byte one already read is dropped.  Two
 different messages that claim the same server, log and seq are both kept and
 counted as a conflict (one of them was not written by that log: whoever
 could send to the collector may have forged it; `cryptfs audit verify` on the
-server's own log tells which).  Each log's records are then put in ``seq`` order (a resend after a
-reconnect may have come late) and the logs merged as
+server's own log tells which).  Each log's records are then put in ``seq``
+order (a resend after a reconnect may have come late) and the logs merged as
 :func:`cryptfs.audit.merge.merged` merges log directories: the same records
 give the same story, whichever copy they were read from.
 """
