@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -527,6 +528,19 @@ def test_redis_down_under_agent_mounts_never_serves_garbage_and_resumes(
         assert "Traceback" not in a.logs() + b.logs()
 
 
+MAPPER = r'''
+import mmap, os, sys, time
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+f.close()  # (the mapping keeps the file open)
+assert m[:4] == b"call"
+print("mapped", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+print("read", bytes(m[8192:8202]), flush=True)
+'''
+
+
 @ON_BOTH
 @pytest.mark.parametrize("revoke", [False, True], ids=["removed", "revoked"])
 def test_a_passphrase_mount_whose_user_is_removed_on_the_other_server_stops(
@@ -556,6 +570,10 @@ def test_a_passphrase_mount_whose_user_is_removed_on_the_other_server_stops(
                 body = b"call notes\n" * 1000
                 a.path("f").write_bytes(body)
                 assert b.path("f").read_bytes() == body
+                go = root / "go"
+                mapper = subprocess.Popen(["/usr/bin/python3", "-c", MAPPER, str(b.path("f")),
+                                           str(go)], stdout=subprocess.PIPE, text=True)
+                assert mapper.stdout is not None and mapper.stdout.readline() == "mapped\n"
                 with open(b.path("f"), "rb") as held:  # a file B has open meanwhile
                     assert held.read(4) == b"call"
                     r = _admin("user", "remove", str(backing_a), BOB, "--passphrase-file",
@@ -567,6 +585,11 @@ def test_a_passphrase_mount_whose_user_is_removed_on_the_other_server_stops(
                     time.sleep(2 * 1.0)  # (the watch drops the open file's pages next)
                     with pytest.raises(PermissionError):
                         os.pread(held.fileno(), 100, 0)
+                # a mapping made before (its descriptor closed since): its pages were
+                # dropped, and touching them faults to the daemon, which refuses (SIGBUS)
+                go.touch()
+                out, _ = mapper.communicate(timeout=30)
+                assert mapper.returncode == -signal.SIGBUS and "read" not in out, out
                 for what in (lambda: b.path("f").read_bytes(), lambda: os.listdir(b.mnt),
                              lambda: b.path("new").write_bytes(b"x")):
                     with pytest.raises(PermissionError):
