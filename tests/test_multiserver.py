@@ -94,9 +94,12 @@ def fsck_clean(s: Servers) -> str:
     return res.stdout
 
 
-def write(path: Path, data: bytes) -> None:
+def write(path: Path, data: bytes, sync: bool = False) -> None:
     with open(path, "wb") as f:
         f.write(data)
+        if sync:  # (acknowledged: on the storage before this returns)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # -- coherence: what one server writes and closes, the other reads --------------------------
@@ -338,10 +341,7 @@ def test_redis_down_requests_wait_or_fail_never_garbage(juice: JuicePair, server
     a, b = servers.a, servers.b
     known, synced, during = os.urandom(3 * BLOCK + 1), os.urandom(2 * BLOCK), os.urandom(BLOCK)
     write(a.path("known"), known)
-    with open(a.path("synced"), "wb") as f:
-        f.write(synced)
-        f.flush()
-        os.fsync(f.fileno())
+    write(a.path("synced"), synced, sync=True)
     (tmp_path / "known").write_bytes(known)
     (tmp_path / "during").write_bytes(during)
     juice.redis.kill()  # (its append-only file holds what it acknowledged)
@@ -375,10 +375,7 @@ def test_a_long_redis_outage_fails_requests_with_an_error_and_service_resumes(
     Redis is back, on both servers."""
     a, b = servers.a, servers.b
     known = os.urandom(2 * BLOCK + 5)
-    with open(a.path("known"), "wb") as f:
-        f.write(known)
-        f.flush()
-        os.fsync(f.fileno())
+    write(a.path("known"), known, sync=True)
     juice.redis.kill()
     try:
         res = subprocess.run(["/usr/bin/python3", "-c",

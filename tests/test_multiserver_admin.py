@@ -196,6 +196,15 @@ def _cat(user: str, path: Path, prog: str = "cat") -> subprocess.CompletedProces
     return run_as(user, prog, str(path))
 
 
+def _write_synced_as(user: str, path: Path, data: bytes) -> None:
+    """``data`` written to ``path`` by ``user`` and fsync'ed (acknowledged)."""
+    res = run_as(user, "/usr/bin/python3", "-c",
+                 "import os, sys\nwith open(sys.argv[1], 'wb') as f:\n"
+                 "    f.write(sys.stdin.buffer.read())\n    f.flush()\n    os.fsync(f.fileno())\n",
+                 str(path), input=data)
+    assert res.returncode == 0, res.stderr
+
+
 def _admin(*args: str) -> subprocess.CompletedProcess[str]:
     return run_cli(*args, check=False, timeout=180)
 
@@ -492,10 +501,7 @@ def test_redis_down_under_agent_mounts_never_serves_garbage_and_resumes(
         for s in (a, b):
             assert s.unlock(ALICE).returncode == 0
         body = b"".join(b"row %06d of a call record\n" % i for i in range(3000))
-        assert run_as(ALICE, "/usr/bin/python3", "-c",
-                      "import os,sys\nf=open(sys.argv[1],'wb')\nf.write(sys.stdin.buffer.read())\n"
-                      "f.flush()\nos.fsync(f.fileno())\n", str(a.path("work", "synced")),
-                      input=body).returncode == 0
+        _write_synced_as(ALICE, a.path("work", "synced"), body)
         assert _cat(ALICE, b.path("work", "synced")).stdout == body
         results: list[subprocess.CompletedProcess[bytes]] = []
 
@@ -616,10 +622,7 @@ def test_a_long_redis_outage_ends_agent_sessions_and_users_unlock_again(
         for s in (a, b):
             assert s.unlock(ALICE).returncode == 0
         body = b"".join(b"line %05d of a call transcript\n" % i for i in range(2000))
-        assert run_as(ALICE, "/usr/bin/python3", "-c",
-                      "import os,sys\nf=open(sys.argv[1],'wb')\nf.write(sys.stdin.buffer.read())\n"
-                      "f.flush()\nos.fsync(f.fileno())\n", str(a.path("work", "kept")),
-                      input=body).returncode == 0
+        _write_synced_as(ALICE, a.path("work", "kept"), body)
         juice.redis.kill()
         try:
             for s in (a, b):
