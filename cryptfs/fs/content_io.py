@@ -93,8 +93,7 @@ class ContentIO(Core):
                         raise
                     # Rotated by someone else (another mount, another namespace):
                     # follow it through a slot key this mount holds, then retry.
-                    self._config_stamp = self._config_failed = None
-                    self._refresh_config()
+                    self._reread_config()
                     content = ContentFile.load(inode.fd, self._keyring(uid))
             except NotARecipient:
                 raise FuseError(errno.EACCES) from None

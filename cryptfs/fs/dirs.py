@@ -398,18 +398,18 @@ class Directories(Core):
         are two names, and each side puts back what the other's race took:
         cryptfs.tree.keep_long_name), so it is read again a few times before it
         counts as damaged."""
-        for wait in (0.01, 0.05, 0.2, None) if self.shared_storage else (None,):
+        waits = (0.01, 0.05, 0.2) if self.shared_storage and backing.startswith(LONG_PREFIX) \
+            else ()
+        for wait in waits:
             try:
                 return tree.decrypt_entry(inode.fd, backing, diriv, self.codec)
             except IntegrityError:
-                if wait is None or not backing.startswith(LONG_PREFIX):
-                    raise
                 time.sleep(wait)
                 try:
                     os.stat(backing, dir_fd=inode.fd, follow_symlinks=False)
                 except FileNotFoundError:
                     return None
-        raise AssertionError("unreachable")
+        return tree.decrypt_entry(inode.fd, backing, diriv, self.codec)
 
     @_edge("dir")
     def readdir(self, fh: int, start_id: int, token: Callable[[bytes, EntryOut, int], bool]

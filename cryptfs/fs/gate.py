@@ -86,6 +86,12 @@ class Gate(Core):
         self._swap_keys(keys)
         return self._drop_slotless()
 
+    def _reread_config(self) -> set[int]:
+        """:meth:`_refresh_config` now, whatever the stamp says or a read that
+        failed a moment ago (a request that needs the newest config)."""
+        self._config_stamp = self._config_failed = None
+        return self._refresh_config()
+
     def _lost_own_slot(self, fresh: Any) -> bool:
         """A passphrase mount serves its own user, through the key slot it was
         unlocked with: if that slot is no longer in the config (the user was
@@ -208,8 +214,7 @@ class Gate(Core):
             return True
         if self.keys is None:
             return False
-        self._config_stamp = self._config_failed = None  # (read it now, whatever its stamp says)
-        self._refresh_config()
+        self._reread_config()
         return slot_for_uid(self.config, uid) is not None
 
     def agent_state(self, uids: list[int], master: Secret | None,

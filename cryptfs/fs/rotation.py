@@ -63,8 +63,7 @@ class Rotation(Core):
             return
         if value != ROTATE_GO:
             raise FuseError(errno.EINVAL)
-        self._config_stamp = self._config_failed = None
-        self._refresh_config()
+        self._reread_config()
         if self.keys is None or self.keys.key_id != self.config.key_id:
             log.warning("rotation requested, but this mount does not hold the new key "
                         "generation (yet)")
