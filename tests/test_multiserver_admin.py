@@ -196,6 +196,13 @@ def _cat(user: str, path: Path, prog: str = "cat") -> subprocess.CompletedProces
     return run_as(user, prog, str(path))
 
 
+def _alice_works_on_both(a: Server, b: Server) -> None:
+    """A shared directory "work" (made on ``a``), and alice unlocked on both servers."""
+    _shared_dirs(a, "work")
+    for s in (a, b):
+        assert s.unlock(ALICE).returncode == 0, (s.name, s.logs())
+
+
 def _write_synced_as(user: str, path: Path, data: bytes) -> None:
     """``data`` written to ``path`` by ``user`` and fsync'ed (acknowledged)."""
     res = run_as(user, "/usr/bin/python3", "-c",
@@ -329,9 +336,7 @@ print("CHECKED", n, flush=True)
 @ON_JUICEFS
 def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(storage: Storage) -> None:
     with two_servers(storage) as (root, a, b):
-        _shared_dirs(a, "work")
-        for s in (a, b):
-            assert s.unlock(ALICE).returncode == 0
+        _alice_works_on_both(a, b)
         stop = root / "stop"
         writer = subprocess.Popen(
             ["/usr/bin/python3", "-c", WRITER, str(b.path("work")), str(stop)],
@@ -371,21 +376,28 @@ def test_a_rotation_on_one_server_leaves_what_the_other_writes_whole(storage: St
 
 
 @contextlib.contextmanager
-def two_passphrase_mounts(storage: Storage) -> Iterator[tuple[Path, Mount, Mount]]:
-    """A volume with root only, served by A and B as passphrase mounts (no
-    agent): (the passphrase file, A, B)."""
+def two_passphrase_mounts(storage: Storage, b_user: str | None = None
+                          ) -> Iterator[tuple[Path, Mount, Mount]]:
+    """A volume served by A and B as passphrase mounts (no agent): (root's
+    passphrase file, A, B).  A is root's mount; so is B, unless ``b_user`` is
+    given: then the volume has that user too, and B is unlocked with their
+    passphrase."""
     require_fuse()
     root = shared_tempdir("cryptfs-2srv-")
     mounts: list[Mount] = []
     try:
         with storage.backings(root) as (backing_a, backing_b):
             try:
-                _make_volume(backing_a, ())
+                _make_volume(backing_a, (b_user,) if b_user else ())
                 pf = root / "root.pass"
                 pf.write_bytes(ROOT_PASSPHRASE + b"\n")
-                for name, backing in (("a", backing_a), ("b", backing_b)):
+                b_pf = pf
+                if b_user is not None:
+                    b_pf = root / f"{b_user}.pass"
+                    b_pf.write_bytes(USERS[b_user][1] + b"\n")
+                for name, backing, passes in (("a", backing_a, pf), ("b", backing_b, b_pf)):
                     m = Mount(backing, root / f"mnt-{name}", root / f"mount-{name}.log",
-                              root / f"mount-{name}.pid", pf)
+                              root / f"mount-{name}.pid", passes)
                     mounts.append(m)
                     m.start(*storage.options)
                 yield pf, mounts[0], mounts[1]
@@ -497,9 +509,7 @@ def test_redis_down_under_agent_mounts_never_serves_garbage_and_resumes(
     outage; if an agent's config check did not get an answer in time it ended
     them instead, logged so, and she unlocks again: fail closed)."""
     with two_servers(storage) as (root, a, b):
-        _shared_dirs(a, "work")
-        for s in (a, b):
-            assert s.unlock(ALICE).returncode == 0
+        _alice_works_on_both(a, b)
         body = b"".join(b"row %06d of a call record\n" % i for i in range(3000))
         _write_synced_as(ALICE, a.path("work", "synced"), body)
         assert _cat(ALICE, b.path("work", "synced")).stdout == body
@@ -541,7 +551,8 @@ m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 f.close()  # (the mapping keeps the file open)
 assert m[:4] == b"call"
 print("mapped", flush=True)
-while not os.path.exists(sys.argv[2]):
+end = time.monotonic() + 60  # (a test that failed before saying "go" leaves no process)
+while not os.path.exists(sys.argv[2]) and time.monotonic() < end:
     time.sleep(0.05)
 print("read", bytes(m[8192:8202]), flush=True)
 '''
@@ -555,59 +566,37 @@ def test_a_passphrase_mount_whose_user_is_removed_on_the_other_server_stops(
     removed on server A (the same key generation: B's key authenticates the new
     config), or revoked (a new generation that B cannot open).  Either way B
     stops serving within the bound, open files included; A serves on."""
-    require_fuse()
-    root = shared_tempdir("cryptfs-2srv-")
-    mounts: list[Mount] = []
-    try:
-        with storage.backings(root) as (backing_a, backing_b):
-            try:
-                _make_volume(backing_a, (BOB,))
-                pf = root / "root.pass"
-                pf.write_bytes(ROOT_PASSPHRASE + b"\n")
-                bob_pf = root / "bob.pass"
-                bob_pf.write_bytes(USERS[BOB][1] + b"\n")
-                a = Mount(backing_a, root / "mnt-a", root / "mount-a.log", root / "mount-a.pid",
-                          pf)
-                b = Mount(backing_b, root / "mnt-b", root / "mount-b.log", root / "mount-b.pid",
-                          bob_pf)
-                for m in (a, b):
-                    mounts.append(m)
-                    m.start(*storage.options)
-                body = b"call notes\n" * 1000
-                a.path("f").write_bytes(body)
-                assert b.path("f").read_bytes() == body
-                go = root / "go"
-                mapper = subprocess.Popen(["/usr/bin/python3", "-c", MAPPER, str(b.path("f")),
-                                           str(go)], stdout=subprocess.PIPE, text=True)
-                assert mapper.stdout is not None and mapper.stdout.readline() == "mapped\n"
-                with open(b.path("f"), "rb") as held:  # a file B has open meanwhile
-                    assert held.read(4) == b"call"
-                    r = _admin("user", "remove", str(backing_a), BOB, "--passphrase-file",
-                               str(pf), *(["--revoke"] if revoke else []))
-                    assert r.returncode == 0, r.stdout + r.stderr
-                    _within(BOUND, "B stops serving",
-                            lambda: "access revoked, nothing more is served" in b.log_text(),
-                            b.log_text)
-                    time.sleep(2 * 1.0)  # (the watch drops the open file's pages next)
-                    with pytest.raises(PermissionError):
-                        os.pread(held.fileno(), 100, 0)
-                # a mapping made before (its descriptor closed since): its pages were
-                # dropped, and touching them faults to the daemon, which refuses (SIGBUS)
-                go.touch()
-                out, _ = mapper.communicate(timeout=30)
-                assert mapper.returncode == -signal.SIGBUS and "read" not in out, out
-                for what in (lambda: b.path("f").read_bytes(), lambda: os.listdir(b.mnt),
-                             lambda: b.path("new").write_bytes(b"x")):
-                    with pytest.raises(PermissionError):
-                        what()
-                assert a.path("f").read_bytes() == body  # A serves on
-                assert not any(n == "new" for n in os.listdir(a.mnt))
-                assert "Traceback" not in b.log_text() + a.log_text()
-            finally:
-                for m in mounts:
-                    m.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with two_passphrase_mounts(storage, BOB) as (pf, a, b):
+        body = b"call notes\n" * 1000
+        a.path("f").write_bytes(body)
+        assert b.path("f").read_bytes() == body
+        go = pf.parent / "go"
+        mapper = subprocess.Popen(["/usr/bin/python3", "-c", MAPPER, str(b.path("f")),
+                                   str(go)], stdout=subprocess.PIPE, text=True)
+        assert mapper.stdout is not None and mapper.stdout.readline() == "mapped\n"
+        with open(b.path("f"), "rb") as held:  # a file B has open meanwhile
+            assert held.read(4) == b"call"
+            r = _admin("user", "remove", str(a.backing), BOB, "--passphrase-file",
+                       str(pf), *(["--revoke"] if revoke else []))
+            assert r.returncode == 0, r.stdout + r.stderr
+            _within(BOUND, "B stops serving",
+                    lambda: "access revoked, nothing more is served" in b.log_text(),
+                    b.log_text)
+            time.sleep(2 * 1.0)  # (the watch drops the open file's pages next)
+            with pytest.raises(PermissionError):
+                os.pread(held.fileno(), 100, 0)
+        # a mapping made before (its descriptor closed since): its pages were
+        # dropped, and touching them faults to the daemon, which refuses (SIGBUS)
+        go.touch()
+        out, _ = mapper.communicate(timeout=30)
+        assert mapper.returncode == -signal.SIGBUS and "read" not in out, out
+        for what in (lambda: b.path("f").read_bytes(), lambda: os.listdir(b.mnt),
+                     lambda: b.path("new").write_bytes(b"x")):
+            with pytest.raises(PermissionError):
+                what()
+        assert a.path("f").read_bytes() == body  # A serves on
+        assert not any(n == "new" for n in os.listdir(a.mnt))
+        assert "Traceback" not in b.log_text() + a.log_text()
 
 
 @ON_JUICEFS
@@ -618,9 +607,7 @@ def test_a_long_redis_outage_ends_agent_sessions_and_users_unlock_again(
     the config changed meanwhile), its mount refuses alice afterwards, and once
     Redis is back she unlocks again and reads what was fsync'ed."""
     with two_servers(storage) as (root, a, b):
-        _shared_dirs(a, "work")
-        for s in (a, b):
-            assert s.unlock(ALICE).returncode == 0
+        _alice_works_on_both(a, b)
         body = b"".join(b"line %05d of a call transcript\n" % i for i in range(2000))
         _write_synced_as(ALICE, a.path("work", "kept"), body)
         juice.redis.kill()
