@@ -120,14 +120,17 @@ def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> list[str]:
 
 def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd: int | None,
           pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
-          audit: LogTarget | None = None, shared_storage: bool = False) -> int:
-    """Mount, signal readiness on ``ready_fd``, serve until unmounted."""
+          audit: LogTarget | None = None, shared_storage: bool = False,
+          poll_us: int | None = None) -> int:
+    """Mount, signal readiness on ``ready_fd``, serve until unmounted (polling for
+    the next request for ``poll_us`` before sleeping; None: cryptfs.fuse.session.POLL_NS)."""
     import trio
 
     from cryptfs.frontend import Frontend, init_options
     from cryptfs.fuse import MountError as FuseMountError
     from cryptfs.fuse import Session
     from cryptfs.fuse.mountpoint import unmount_quietly
+    from cryptfs.fuse.session import POLL_NS
     from cryptfs.ops import CryptOperations
 
     _raise_fd_limit()
@@ -162,7 +165,8 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
     session = Session(frontend, mnt, init_options(ops),
                       fsname=f"{FSNAME}:{os.path.realpath(vol.backing)}", subtype=FSNAME,
                       allow_other="allow_other" in options, default_permissions=True,
-                      mount_options=[o for o in options if o not in _FUSE_OPTIONS])
+                      mount_options=[o for o in options if o not in _FUSE_OPTIONS],
+                      poll_ns=POLL_NS if poll_us is None else poll_us * 1000)
     try:
         session.mount()
     except (FuseMountError, OSError) as e:
@@ -227,6 +231,8 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
         served = session.served()
         log.info("served %d requests: %s", sum(served.values()),
                  ", ".join(f"{name} {n}" for name, n in served.items()) or "none")
+        log.info("request loop: %d requests found by polling, %d polls ran out, slept %d times",
+                 session.polled, session.missed, session.sleeps)
         if ops.audit is not None:
             ops.audit.write("unmount", "allowed", os.getuid(), os.getpid(), path=mnt)
             ops.audit.close()
@@ -239,7 +245,8 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
 def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: bool,
                  options: Iterable[str], log_file: str | None = None,
                  pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
-                 audit: LogTarget | None = None, shared_storage: bool = False) -> None:
+                 audit: LogTarget | None = None, shared_storage: bool = False,
+                 poll_us: int | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
     opts = fuse_options(vol, options)
     if log_file:
@@ -248,7 +255,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
         pid_file = os.path.abspath(pid_file)
     if foreground:
         setup_logging(log_file, foreground=True)
-        serve(vol, mnt, opts, None, pid_file, side_tasks, audit, shared_storage)
+        serve(vol, mnt, opts, None, pid_file, side_tasks, audit, shared_storage, poll_us)
         return
 
     r, w = os.pipe()
@@ -263,7 +270,8 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
-            code = serve(vol, mnt, opts, w, pid_file, side_tasks, audit, shared_storage)
+            code = serve(vol, mnt, opts, w, pid_file, side_tasks, audit, shared_storage,
+                         poll_us)
         except CryptfsError as e:
             os.write(w, f"ERR{e}".encode())
         except BaseException as e:  # report, never a traceback on the user's terminal

@@ -424,3 +424,96 @@ def test_init_refuses_an_old_protocol(looped: tuple[socket.socket, Session, thre
     assert ask(sock, header(abi.INIT, 2, body))[:2] == (2, -errno.EPROTO)
     thread.join(5)
     assert not thread.is_alive()
+
+
+# --- the trio loop: polling for the next request before sleeping ---------------------------
+def trio_looped(poll_ns: int) -> tuple[socket.socket, Session, threading.Thread, list[bool]]:
+    """``serve_trio`` in its own thread, beside a trio task that notes each time it ran."""
+    import trio
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fs = Recorder()
+    session = Session(fs, "/nonexistent", poll_ns=poll_ns)
+    fs.session, fs.pending = session, []
+    session.fd = theirs.fileno()
+    session.peer = theirs  # type: ignore[attr-defined]  # (kept open as long as the session)
+    ticks: list[bool] = []
+
+    async def main() -> None:
+        async def other_task() -> None:
+            while True:
+                ticks.append(True)
+                await trio.sleep(0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)
+            await session.serve_trio(batch=8)
+            nursery.cancel_scope.cancel()
+
+    t = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    t.start()
+    return ours, session, t, ticks
+
+
+CLIENT = r"""
+import socket, struct, sys, time
+sock = socket.socket(fileno=int(sys.argv[1]))
+first, count, pause = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+body = struct.pack("=IIQ", 0, 0, 0)
+for unique in range(first, first + 2 * count, 2):
+    sock.send(struct.pack("=IIQQIIIHH", 40 + len(body), 3, unique, 7, 0, 0, 0, 0, 0) + body)
+    length, error, got = struct.unpack_from("=IiQ", sock.recv(4096))
+    if (error, got) != (0, unique):
+        sys.exit(f"request {unique}: answer {got} with error {error}")
+    time.sleep(pause)
+"""
+
+
+def client(sock: socket.socket, first: int, count: int, pause: float) -> None:
+    """``count`` GETATTRs from another process (no GIL shared with the loop), each
+    sent ``pause`` seconds after the last reply came."""
+    res = subprocess.run([os.sys.executable, "-c", CLIENT, str(sock.fileno()), str(first),
+                          str(count), str(pause)], pass_fds=[sock.fileno()],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_the_loop_polls_while_requests_follow_each_other_closely() -> None:
+    sock, session, thread, ticks = trio_looped(poll_ns=2_000_000_000)
+    try:
+        time.sleep(2.5)                      # the first poll (from the start) runs out
+        client(sock, 2, 200, 0)              # each sent as soon as the last reply is in
+        # The loop slept before the first request and, that gap having been long, once
+        # more before the second; it found the others by polling (or already there).
+        assert session.sleeps == 2 and session.polled >= 150, (session.sleeps, session.polled)
+        assert ticks                         # the other trio task still ran (every 8 requests)
+    finally:
+        sock.close()
+        thread.join(5)
+    assert not thread.is_alive()             # the peer's end ends the loop even mid-poll
+
+
+def test_the_loop_stops_polling_for_a_client_that_pauses_longer() -> None:
+    sock, session, thread, _ = trio_looped(poll_ns=20_000_000)   # 20 ms
+    try:
+        time.sleep(0.1)
+        client(sock, 2, 5, 0.15)             # five requests, 150 ms apart
+        # The loop polled (in vain) only before the first; then each gap was known to be
+        # long and it slept at once: before each request and after the last, nothing
+        # found by polling.
+        assert (session.polled, session.missed, session.sleeps) == (0, 1, 6)
+        client(sock, 12, 200, 0)             # back to back again: two sleeps, then polling
+        assert session.sleeps <= 9 and session.polled >= 150, (session.sleeps, session.polled)
+    finally:
+        sock.close()
+        thread.join(5)
+
+
+def test_no_polling_when_it_is_off() -> None:
+    sock, session, thread, _ = trio_looped(poll_ns=0)
+    try:
+        client(sock, 2, 100, 0)
+        assert session.polled == session.missed == 0 and session.sleeps >= 50, session.sleeps
+    finally:
+        sock.close()
+        thread.join(5)

@@ -46,3 +46,41 @@ def test_unmount_logs_the_requests_served_by_opcode(mount: Mount) -> None:
     assert counts["create"] == 25 and counts["unlink"] == 10, counts
     assert counts["init"] == 1
     assert sum(counts.values()) == int(total)
+
+
+def _loop_line(mount: Mount) -> tuple[int, int, int]:
+    found = re.findall(r"request loop: (\d+) requests found by polling, (\d+) polls ran out, "
+                       r"slept (\d+) times", mount.log_text())
+    assert found, mount.log_text()
+    polled, missed, sleeps = (int(x) for x in found[-1])
+    return polled, missed, sleeps
+
+
+def test_the_daemon_polls_for_requests_unless_told_not_to(mount: Mount) -> None:
+    """Default: a program working through files finds the daemon polling (docs/FUSE.md,
+    "Polling for the next request"); --idle-poll 0: it sleeps after every answer."""
+    for i in range(200):
+        mount.path(f"f{i}").write_bytes(b"x" * 100)
+    mount.stop()
+    polled, _, sleeps = _loop_line(mount)
+    assert polled > 200 and polled > sleeps, (polled, sleeps)
+    mount.start("--idle-poll", "0")
+    for i in range(200):
+        assert mount.path(f"f{i}").read_bytes() == b"x" * 100
+    mount.stop()
+    polled, missed, sleeps = _loop_line(mount)
+    assert polled == missed == 0 and sleeps > 200, (polled, missed, sleeps)
+
+
+def test_idle_poll_out_of_range_is_refused(mount: Mount) -> None:
+    mount.stop()
+    res = run_cli("mount", str(mount.backing), str(mount.mnt), *mount.mount_args(),
+                  "--idle-poll", "20000", check=False)
+    assert res.returncode == 2 and "--idle-poll" in res.stderr and "10000" in res.stderr
+    assert "Traceback" not in res.stderr and not mount.mnt.is_mount()
+
+
+def test_the_help_names_the_loops_own_default() -> None:
+    from cryptfs.fuse.session import POLL_NS
+    res = run_cli("mount", "--help")
+    assert f"(default {POLL_NS // 1000};" in " ".join(res.stdout.split())

@@ -43,6 +43,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,15 @@ log = logging.getLogger("cryptfs.fuse")
 _OUT = abi.OUT_HEADER.st
 _OUT_SIZE = abi.OUT_HEADER.size
 _NO_REPLY = frozenset((abi.FORGET, abi.BATCH_FORGET, abi.INTERRUPT, abi.NOTIFY_REPLY))
+
+#: How long the loop polls for the next request before it sleeps (``serve_trio``).
+#: A program working through files sends its next request within tens of
+#: microseconds of the last reply; if the daemon's CPU went idle meanwhile, waking
+#: it costs more than serving the request (on a virtual machine an idle CPU halts,
+#: and waking it takes an interrupt through the host).  Polling keeps that CPU
+#: awake while requests keep coming, as go-fuse's goroutines do by spinning
+#: before they park.  docs/FUSE.md has the measurements.
+POLL_NS = 200_000
 
 
 @dataclass
@@ -229,7 +239,8 @@ class Session:
 
     def __init__(self, fs: object, mountpoint_: str, options: InitOptions | None = None,
                  fsname: str = "cryptfs", subtype: str = "cryptfs", allow_other: bool = False,
-                 default_permissions: bool = False, mount_options: Sequence[str] = ()) -> None:
+                 default_permissions: bool = False, mount_options: Sequence[str] = (),
+                 poll_ns: int = POLL_NS) -> None:
         self.fs = fs
         self.mountpoint = os.path.abspath(mountpoint_)
         self.options = options or InitOptions()
@@ -248,6 +259,10 @@ class Session:
             handler = getattr(fs, abi.OPCODE_NAMES[opcode], None) or _DEFAULTS.get(opcode, _enosys)
             self._table[opcode] = (handler, enc)
         self._ended = False
+        self.poll_ns = poll_ns
+        self.polled = 0   # requests the loop found by polling (serve_trio)
+        self.missed = 0   # polls that ran out
+        self.sleeps = 0   # times it slept for want of a request (serve_trio)
         # Requests served, by opcode (a list index per request: cheap enough to
         # keep always; the mount logs it at unmount, the benchmark reads it).
         self.counts = [0] * len(self._table)
@@ -298,27 +313,46 @@ class Session:
         read and answered until EAGAIN, then the task waits for the descriptor to
         become readable.  Handlers run on the trio thread, so they share it with
         the program's other trio tasks without locks; every ``batch`` requests
-        the task yields once, so a steady stream of requests never starves them."""
+        the task yields once, so a steady stream of requests never starves them.
+
+        Before it sleeps, the loop polls for the next request for up to
+        ``poll_ns`` (:data:`POLL_NS`; 0: never), as long as the last idle gap was
+        that short: waking a sleeping CPU costs more than the whole request."""
         import trio
 
-        buf = self._buf
+        bufs = [self._buf]
         fd = self.fd
         readv = os.readv
+        budget = self.poll_ns
+        clock = time.monotonic_ns
         os.set_blocking(fd, False)
         served = 0
+        poll_next = budget > 0
+        idle_since = 0
         while not self._ended:
             try:
-                n = readv(fd, [buf])
-            except BlockingIOError:
-                served = 0
-                await trio.lowlevel.wait_readable(fd)
-                continue
+                try:
+                    n = readv(fd, bufs)
+                except BlockingIOError:
+                    idle_since = clock()
+                    n = self._poll(bufs, idle_since + budget) if poll_next else -1
+                    if poll_next:
+                        self.polled += n > 0
+                        self.missed += n < 0
             except OSError as e:
                 if e.errno == errno.ENODEV:
                     break
                 if e.errno in (errno.EINTR, errno.ENOENT):
                     continue
                 raise
+            if n < 0:  # nothing came: sleep until the kernel has a request
+                served = 0
+                self.sleeps += 1
+                await trio.lowlevel.wait_readable(fd)
+                # Poll next time only if this gap was short after all: a client that
+                # pauses longer than the budget is not polled for in vain again and again.
+                poll_next = budget > 0 and clock() - idle_since < budget
+                continue
             if n == 0:
                 break
             self.handle(n)
@@ -326,6 +360,22 @@ class Session:
             if served >= batch:
                 served = 0
                 await trio.lowlevel.checkpoint()
+
+    def _poll(self, bufs: list[bytearray], until_ns: int) -> int:
+        """readv until a request comes (its length) or the clock reaches ``until_ns``
+        (-1).  Each miss yields the CPU first, so that a client waiting to run on
+        this CPU goes before the poll."""
+        fd = self.fd
+        readv = os.readv
+        yield_cpu = os.sched_yield
+        clock = time.monotonic_ns
+        while clock() < until_ns:
+            yield_cpu()
+            try:
+                return readv(fd, bufs)
+            except BlockingIOError:
+                pass
+        return -1
 
     def serve(self) -> None:
         """Answer requests until the mount goes away (ENODEV) or DESTROY."""
