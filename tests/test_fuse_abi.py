@@ -484,8 +484,9 @@ def test_the_loop_polls_while_requests_follow_each_other_closely() -> None:
         time.sleep(2.5)                      # the first poll (from the start) runs out
         client(sock, 2, 200, 0)              # each sent as soon as the last reply is in
         # The loop slept before the first request and, that gap having been long, once
-        # more before the second; it found the others by polling (or already there).
-        assert session.sleeps == 2 and session.polled >= 150, (session.sleeps, session.polled)
+        # more before the second (fewer if its thread started late); it found the
+        # others by polling (or already there).
+        assert session.sleeps <= 2 and session.polled >= 150, (session.sleeps, session.polled)
         assert ticks                         # the other trio task still ran (every 8 requests)
     finally:
         sock.close()
@@ -498,10 +499,11 @@ def test_the_loop_stops_polling_for_a_client_that_pauses_longer() -> None:
     try:
         time.sleep(0.1)
         client(sock, 2, 5, 0.15)             # five requests, 150 ms apart
-        # The loop polled (in vain) only before the first; then each gap was known to be
-        # long and it slept at once: before each request and after the last, nothing
-        # found by polling.
-        assert (session.polled, session.missed, session.sleeps) == (0, 1, 6)
+        # The loop polled (in vain) only once, at the start; then each gap was known to
+        # be long and it slept at once: before each request and after the last (5 if
+        # its thread started so late that the first request was already there).
+        assert (session.polled, session.missed) == (0, 1) and session.sleeps in (5, 6), \
+            (session.polled, session.missed, session.sleeps)
         client(sock, 12, 200, 0)             # back to back again: two sleeps, then polling
         assert session.sleeps <= 9 and session.polled >= 150, (session.sleeps, session.polled)
     finally:
