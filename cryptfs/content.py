@@ -41,6 +41,11 @@ BS = BLOCK_SIZE
 _RUN_MAX = 512  # blocks per pwritev: two pieces each, IOV_MAX is 1024
 _ZERO_PLAIN = bytes(BS)
 _ZERO_CHUNK = 256 * BS  # plaintext bytes of zeros written per step (zero, punch)
+# Backing bytes a sequential reader is fetched ahead (POSIX_FADV_WILLNEED): the disk
+# works on them while this one thread decrypts and answers the read before.  The
+# kernel's own read-ahead of the backing file did not keep up (docs/PERFORMANCE.md).
+READ_AHEAD = 2 << 20
+_READ_AHEAD_FROM = 64 << 10  # (smaller sequential reads: the kernel's read-ahead keeps up)
 
 
 class BlockError(IntegrityError):
@@ -127,6 +132,8 @@ class ContentFile:
         self._zero_block = bytes(self.c_block)
         self._tail: tuple[int, bytes] | None = None  # (block_no, plaintext) of the final block
         self.changes = 0  # writes and truncates made through it (what a view was made from)
+        self._seq_end = 0   # where the last read ended (the next one there is sequential)
+        self._advised = 0   # backing offset up to which read-ahead was asked
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -220,7 +227,26 @@ class ContentFile:
         end = min(self.size, p_off + length)
         first, last = p_off // BS, (end - 1) // BS
         data = b"".join(self._read_blocks(first, last))
+        if p_off != self._seq_end:
+            self._advised = 0  # (a new sequential run asks for its own read-ahead)
+        elif end - p_off >= _READ_AHEAD_FROM and end < self.size:
+            self._read_ahead(end)
+        self._seq_end = end
         return data[p_off - first * BS : end - first * BS]
+
+    def _read_ahead(self, p_end: int) -> None:
+        """Ask the kernel to fetch the backing bytes from plaintext offset ``p_end``
+        on to READ_AHEAD, past what was asked before: one hint per read, each for
+        the bytes the reader will want a few reads later."""
+        c_from = self._c_off(p_end // BS)
+        start, stop = max(self._advised, c_from), c_from + READ_AHEAD
+        if start >= stop:
+            return
+        try:
+            os.posix_fadvise(self.fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return  # a hint only (a backing filesystem may not take it)
+        self._advised = stop
 
     def write(self, p_off: int, data: bytes | memoryview) -> int:
         length = len(data)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cryptfs.content import BS, BlockError, ContentFile, backing_size, n_blocks, plain_size
+from cryptfs.content import (
+    BS,
+    READ_AHEAD,
+    BlockError,
+    ContentFile,
+    backing_size,
+    n_blocks,
+    plain_size,
+)
 from cryptfs.header import FileHeader
 from cryptfs.modes import CONTENT_MODES, IntegrityError
 from cryptfs.modes.wrap import SymmetricWrapper
@@ -198,3 +207,73 @@ def test_disk_full_keeps_the_old_content(tiny_fs, mode) -> None:
     assert e.value.errno == errno.ENOSPC
     assert cf.size == len(original)
     assert ContentFile.load(cf.fd, WRAPPER).read(0, 1 << 20) == original
+
+
+# --- read-ahead of the backing file for a sequential reader ----------------------------------
+def _resident(fd: int, off: int, length: int) -> float:
+    """The share of the backing file's pages in [off, off + length) that are in the page
+    cache (mincore(2) on a read-only mapping, which touches none of them)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = off // page * page
+    n = (off + length - start + page - 1) // page
+    addr = libc.mmap(None, n * page, 1, 1, fd, start)  # PROT_READ, MAP_SHARED
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vec = (ctypes.c_ubyte * n)()
+        assert libc.mincore(addr, n * page, vec) == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec) / n
+    finally:
+        libc.munmap(addr, n * page)
+
+
+def _cold(cf: ContentFile) -> None:
+    os.fsync(cf.fd)
+    os.posix_fadvise(cf.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert _resident(cf.fd, 0, os.fstat(cf.fd).st_size) < 0.05
+
+
+def _eventually_resident(fd: int, off: int, length: int) -> float:
+    deadline = time.monotonic() + 5
+    while (share := _resident(fd, off, length)) < 0.9 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return share
+
+
+def test_a_sequential_reader_gets_the_backing_file_read_ahead(tmp_path, mode) -> None:
+    """Reads of 128 KiB one after the other (as the kernel's read-ahead sends them): the
+    backing bytes up to READ_AHEAD past the last read are asked for (POSIX_FADV_WILLNEED),
+    so the disk works on them while the daemon decrypts; a reader that jumps asks for
+    nothing ahead."""
+    cf = new_file(tmp_path, mode)
+    data = random.Random(7).randbytes(8 << 20)
+    cf.write(0, data)
+    chunk = 128 << 10
+    _cold(cf)
+    # The first read of a file counts as sequential (it starts where a new reader is).
+    # The kernel's own read-ahead of that pread reaches about 1 MiB; the hint reaches
+    # READ_AHEAD (2 MiB) past the read.
+    assert cf.read(0, chunk) == data[:chunk]
+    far = cf._c_off(chunk // BS) + READ_AHEAD - (256 << 10)
+    assert _eventually_resident(cf.fd, far, 128 << 10) > 0.9
+    assert cf.read(chunk, chunk) == data[chunk:2 * chunk]       # the next one asks further
+    assert _eventually_resident(cf.fd, far + chunk, 128 << 10) > 0.9
+    _cold(cf)
+    for off in (5 << 20, 3 << 20):               # jumps: never where the last read ended
+        assert cf.read(off, chunk) == data[off:off + chunk]
+    time.sleep(0.3)
+    assert _resident(cf.fd, cf._c_off(((3 << 20) + chunk) // BS) + (1 << 20), 128 << 10) == 0
+    # small sequential reads leave read-ahead to the kernel; none past the end of the file
+    _cold(cf)
+    for off in range(0, 8 * 4096, 4096):
+        assert cf.read(off, 4096) == data[off:off + 4096]
+    time.sleep(0.3)
+    assert _resident(cf.fd, cf._c_off(64) + (1 << 20), 128 << 10) == 0
+    assert cf.read((8 << 20) - chunk, chunk) == data[-chunk:]   # the end: nothing to ask
