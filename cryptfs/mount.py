@@ -188,9 +188,11 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            async def on_signal() -> None:
+            async def on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                ) -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
                                                signal.SIGHUP) as signals:
+                    task_status.started()
                     async for signum in signals:
                         log.info("signal %d: unmounting", signum)
                         # From a thread, while the loop still answers: the kernel
@@ -201,7 +203,10 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
                         return
 
             frontend.attach(session, nursery)
-            nursery.start_soon(on_signal)
+            # Started before serving: the request loop may answer a stream of
+            # requests without yielding to trio (it polls for the next one), and a
+            # SIGTERM before this receiver exists would kill the daemon mid-mount.
+            await nursery.start(on_signal)
             nursery.start_soon(ops.rotation_worker)
             nursery.start_soon(ops.config_watch)  # (an idle mount follows admin changes too)
             if ops.audit is not None:
