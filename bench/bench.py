@@ -53,7 +53,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -509,6 +509,18 @@ class Cryptfs(Target):
             raise RuntimeError(f"{self.name}: daemon {self.pid} died")
 
 
+class CryptfsNoPoll(Cryptfs):
+    """The passphrase mount with ``--idle-poll 0``: the request loop sleeps in the kernel
+    after every answer instead of polling /dev/fuse for the next request."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base, "aes-256-gcm")
+        self.name = "cryptfs-nopoll"
+
+    def mount_args(self) -> list[str]:
+        return super().mount_args() + ["--idle-poll", "0"]
+
+
 class CryptfsShared(Cryptfs):
     """cryptfs aes-256-gcm with ``--shared-storage`` (docs/MULTISERVER.md: the coherence rule
     for a backing directory that other servers mount too)."""
@@ -656,6 +668,7 @@ TARGETS: dict[str, Callable[[Path], Target]] = {
     "cryptfs-xchacha20-poly1305": lambda b: Cryptfs(b, "xchacha20-poly1305"),
     "cryptfs-agent": CryptfsAgent,
     "cryptfs-audit": CryptfsAudit,
+    "cryptfs-nopoll": CryptfsNoPoll,
     "gocryptfs": Gocryptfs,
     "securefs": Securefs,
     "cryptfs-shared": CryptfsShared,
@@ -663,13 +676,13 @@ TARGETS: dict[str, Callable[[Path], Target]] = {
 }
 SHORT = {"plain": "plain", "cryptfs-aes-256-gcm": "cryptfs aes", "cryptfs-xchacha20-poly1305":
          "cryptfs xchacha", "cryptfs-agent": "cryptfs agent", "cryptfs-audit": "cryptfs audit",
-         "gocryptfs": "gocryptfs",
+         "cryptfs-nopoll": "cryptfs no-poll", "gocryptfs": "gocryptfs",
          "securefs": "securefs", "cryptfs-shared": "cryptfs shared",
          "gocryptfs-shared": "gocryptfs shared"}
 CRYPTFS_NAMES = [n for n in TARGETS if n.startswith("cryptfs")]
 PEER_NAMES = ["gocryptfs", "securefs"]
 # what runs without --fs: the local comparison, or the one on JuiceFS
-DEFAULT_FS = [n for n in TARGETS if not n.endswith("-shared")]
+DEFAULT_FS = [n for n in TARGETS if not n.endswith("-shared") and n != "cryptfs-nopoll"]
 JUICEFS_FS = ["plain", "gocryptfs", "gocryptfs-shared", "cryptfs-aes-256-gcm", "cryptfs-shared"]
 
 
@@ -730,6 +743,42 @@ def unjournaled_ext4(path: Path) -> bool:
         return Path(f"/sys/fs/ext4/{dev}/journal_task").read_text().strip() == "<none>"
     except OSError:
         return False
+
+
+# The size of the scratch filesystem (--scratch): a sparse file, so only what the run
+# writes takes room.  Every target runs (and is removed) in turn: the largest need is
+# one target's 512 MiB sequential file plus the extracted tarball.
+SCRATCH_GIB = 16
+
+
+@contextlib.contextmanager
+def scratch_ext4(parent: Path) -> Iterator[tuple[Path, str]]:
+    """A new ext4 with its journal (mkfs's defaults) on a loop device over a sparse file
+    in ``parent``, mounted for the run and removed after it: every target starts on the
+    same empty filesystem, whatever the machine's own is (this VM's root is ext4 without
+    a journal, where a create right after mass deletions costs up to 0.8 ms: see
+    DELETE_SETTLE_S).  The loop device does direct I/O, so the page cache holds each
+    block once.  Yields the mount point and a description for the machine line."""
+    image = parent / "scratch.img"
+    mnt = parent / "scratch"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(SCRATCH_GIB * 2**30)
+    dev = ""
+    mounted = False
+    try:
+        dev = run(["losetup", "--find", "--show", "--direct-io=on", str(image)]).stdout.strip()
+        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev])
+        run(["mount", dev, str(mnt)])
+        mounted = True
+        yield mnt, (f"ext4 with journal, new for this run ({SCRATCH_GIB} GiB sparse file "
+                    f"on a loop device with direct I/O; --no-scratch: the directory as is)")
+    finally:
+        if mounted:
+            run(["umount", str(mnt)], check=False)
+        if dev:
+            run(["losetup", "-d", dev], check=False)
+        image.unlink(missing_ok=True)
 
 
 def settle_deletions(c: Ctx) -> None:
@@ -962,6 +1011,15 @@ def ensure_tools(need_peers: bool) -> None:
         run(["apt-get", "install", "-y", "-q", *missing], env=env, timeout=900)
 
 
+def fuse_wake_here() -> str:
+    """The kernel's ``fuse.wake_here`` parameter, where it has one (docs/FUSE.md: whether a
+    reply wakes the waiting process on the replying CPU); every mount of a run shares it."""
+    try:
+        return Path("/sys/module/fuse/parameters/wake_here").read_text().strip()
+    except OSError:
+        return "(no such parameter)"
+
+
 def machine_info() -> dict[str, str]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -998,6 +1056,7 @@ def machine_info() -> dict[str, str]:
         "libfuse3": deb_version("libfuse3-3"),
         "backing filesystem": version_of(["findmnt", "-no", "FSTYPE,SOURCE", "-T",
                                           tempfile.gettempdir()]),
+        "kernel fuse wake_here": fuse_wake_here(),
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "tmp free": f"{st.f_bavail * st.f_frsize / 2**30:.0f} GiB",
     }
@@ -1253,12 +1312,21 @@ def bench(args: argparse.Namespace) -> int:
     res = Results()
     tar_desc = "(not run)"
     ctx = Ctx(sizes, Pattern(SEED), Pattern(SEED + 100))
-    if not args.on_juicefs and unjournaled_ext4(workdir):
-        ctx.settle = DELETE_SETTLE_S
     figs = figures(sizes, "of the tarball" if "tar" in args.workloads else "")
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # (runs last)
         storage: JuiceStorage | None = None
         info = machine_info()
+        rundir = workdir
+        if args.scratch and not args.on_juicefs:
+            try:
+                rundir, about = stack.enter_context(scratch_ext4(workdir))
+            except BaseException:
+                os.chdir("/")
+                raise
+            info["backing filesystem"] = about
+        elif not args.on_juicefs and unjournaled_ext4(workdir):
+            ctx.settle = DELETE_SETTLE_S
         if args.on_juicefs:
             from juicefs_mode import juicefs_storage  # imports pytest (tests/juicefs.py)
 
@@ -1266,7 +1334,6 @@ def bench(args: argparse.Namespace) -> int:
                 storage, about = stack.enter_context(juicefs_storage(args.dir))
             except BaseException:
                 os.chdir("/")
-                shutil.rmtree(workdir, ignore_errors=True)
                 raise
             info.update(about)
         if ctx.settle:
@@ -1281,7 +1348,7 @@ def bench(args: argparse.Namespace) -> int:
             for r in range(args.runs):
                 k = r % len(names)
                 for name in names[k:] + names[:k]:
-                    run_one(name, workdir / f"run{r}-{name}", ctx, args.workloads, res, r + 1,
+                    run_one(name, rundir / f"run{r}-{name}", ctx, args.workloads, res, r + 1,
                             storage.dir if storage else None)
                     if storage is not None and not storage.alive():
                         res.errors.append(f"run {r + 1} {name}: the JuiceFS mount died:\n"
@@ -1293,7 +1360,9 @@ def bench(args: argparse.Namespace) -> int:
                 if mp.startswith(str(workdir) + "/"):
                     fuse_unmount(Path(mp))
             os.chdir("/")
-            shutil.rmtree(workdir, ignore_errors=True)
+            # (the scratch ext4 is unmounted next, by the stack: then the rest)
+            for d in rundir.iterdir() if rundir != workdir else ():
+                shutil.rmtree(d, ignore_errors=True)
 
     if git("rev-parse", "HEAD") != head_at_start:
         note = (f"the repository's HEAD moved during the run ({head_at_start[:9]} -> "
@@ -1541,6 +1610,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "bench/results/latest.md, with --on-juicefs bench/results/juicefs.md)")
     p.add_argument("--dir", default=None,
                    help="parent of the throw-away directories (default /tmp)")
+    p.add_argument("--no-scratch", dest="scratch", action="store_false",
+                   help="run in --dir's own filesystem instead of a new ext4 (with its "
+                        "journal) made on a loop device for the run")
     p.add_argument("--fs", default=None,
                    help=f"comma-separated filesystems of {','.join(TARGETS)} (default: "
                         f"{','.join(DEFAULT_FS)}; with --on-juicefs {','.join(JUICEFS_FS)})")
