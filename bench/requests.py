@@ -10,22 +10,26 @@ For each kind of mount (passphrase; passphrase without polling for requests, who
 CPU time is the handlers' work alone; shared ``--agent`` mount with two users unlocked,
 root and a supervisor; passphrase with an access log) it
 
-* counts the requests the kernel sends for one small file's life: create + write
-  1,000 bytes + close, stat, open + read + close, unlink.  The counts are the
-  daemon's own (``served N requests: ...``, logged at unmount), minus those of a
-  mount that did nothing;
-* reads the daemon's CPU time (``/proc/PID/stat``, user + system) around the same
-  work, so the per-file figure is the daemon's alone, not the benchmark's;
+* counts the requests the kernel sends for one small file's life, phase by phase:
+  create + write 1,000 bytes + close, stat, open + read + close, unlink (``os.open``,
+  as bench/bench.py does: Python's ``open()`` would add an ioctl(TCGETS) per open).
+  The counts are the kernel's own, from its ``fuse:fuse_request_send`` trace event for
+  that mount's connection, so every filesystem is counted the same way (FORGETs are
+  queued apart from requests and not counted);
+* reads the daemon's CPU time (its process CPU clock) around the same work, so the
+  per-file figure is the daemon's alone, not the benchmark's;
 * times ``statx(AT_STATX_FORCE_SYNC)`` on an open file, which makes the kernel ask
   the daemon every time: one GETATTR round trip per call.
 
-gocryptfs and securefs are measured the same way, CPU and time only (they do not
-count their requests).  The machine is shared: read these as one run's figures, not as a benchmark of record.
+Every volume lives on a new ext4 with a journal made for the run (bench/bench.py's
+scratch filesystem), unless ``--workdir`` is given.  The machine is shared: read these
+as one run's figures, not as a benchmark of record.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import re
@@ -43,11 +47,13 @@ from bench import (  # noqa: E402
     Cryptfs,
     CryptfsAgent,
     CryptfsAudit,
+    CryptfsNoPoll,
     Gocryptfs,
     Securefs,
     Target,
     cryptfs_cmd,
     run,
+    scratch_ext4,
 )
 
 SECOND_USER = "cryptfs-bench"
@@ -65,19 +71,6 @@ cryptfs.cli.main.main()
 """
 
 
-class CryptfsNoPoll(Cryptfs):
-    """The passphrase mount with ``--idle-poll 0``: the loop sleeps after every answer,
-    so the daemon's CPU time is its work alone.  (With polling, CPU time also counts
-    the polling, which runs while the client works: CPU then tracks wall time.)"""
-
-    def __init__(self, base: Path) -> None:
-        super().__init__(base, "aes-256-gcm")
-        self.name = "cryptfs-aes-256-gcm, --idle-poll 0"
-
-    def mount_args(self) -> list[str]:
-        return super().mount_args() + ["--idle-poll", "0"]
-
-
 def statx_sync(fd: int, buf: ctypes.Array[ctypes.c_char]) -> None:
     if _libc.statx(fd, b"", AT_EMPTY_PATH | AT_STATX_FORCE_SYNC, STATX_BASIC_STATS, buf) != 0:
         e = ctypes.get_errno()
@@ -88,19 +81,6 @@ def daemon_cpu(pid: int) -> float:
     """User + system CPU seconds of ``pid`` so far (its CPU-time clock:
     nanoseconds, where /proc/PID/stat counts 10 ms ticks)."""
     return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
-
-
-def served(logfile: Path) -> Counter[str]:
-    """The request counts of the last unmount logged in ``logfile``."""
-    lines = re.findall(r"served \d+ requests: (.*)", logfile.read_text())
-    if not lines:
-        raise RuntimeError(f"no request counts in {logfile}")
-    counts: Counter[str] = Counter()
-    for part in lines[-1].split(", "):
-        if part != "none":
-            name, n = part.rsplit(" ", 1)
-            counts[name.upper()] = int(n)
-    return counts
 
 
 class AgentTwoUsers(CryptfsAgent):
@@ -138,19 +118,67 @@ class AgentTwoUsers(CryptfsAgent):
             time.sleep(0.02)
 
 
-def small_files(root: Path, n: int) -> None:
+TRACING = Path("/sys/kernel/tracing")
+SEND_EVENT = TRACING / "events/fuse/fuse_request_send"
+PHASES = ("create", "stat", "read", "unlink")
+
+
+class KernelCount:
+    """The requests the kernel sends to one FUSE connection, by opcode, from its
+    ``fuse:fuse_request_send`` trace event (Linux 6.12 and later)."""
+
+    def __init__(self, mnt: Path) -> None:
+        if not SEND_EVENT.is_dir():
+            if not TRACING.joinpath("events").is_dir():
+                run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=False)
+            if not SEND_EVENT.is_dir():
+                raise RuntimeError("this kernel has no fuse:fuse_request_send trace event")
+        # (the event's connection is the kernel's dev_t of the mount: an anonymous
+        # device, major 0, so its minor number)
+        self.filter = f"connection == {os.minor(os.stat(mnt).st_dev)}"
+
+    def __enter__(self) -> Counter[str]:
+        self.counts: Counter[str] = Counter()
+        (SEND_EVENT / "enable").write_text("0")
+        (TRACING / "buffer_size_kb").write_text("65536")
+        (TRACING / "trace").write_text("")
+        (SEND_EVENT / "filter").write_text(self.filter)
+        (SEND_EVENT / "enable").write_text("1")
+        return self.counts
+
+    def __exit__(self, *exc: object) -> None:
+        (SEND_EVENT / "enable").write_text("0")
+        (SEND_EVENT / "filter").write_text("0")
+        text = (TRACING / "trace").read_text()
+        seen = re.search(r"entries-in-buffer/entries-written: (\d+)/(\d+)", text)
+        if seen is None or seen[1] != seen[2]:
+            raise RuntimeError("the trace buffer lost events: " + (seen[0] if seen else "?"))
+        self.counts.update(re.findall(r"opcode \d+ \(FUSE_(\w+)\)", text))
+
+
+def small_files(root: Path, n: int, count: KernelCount) -> dict[str, Counter[str]]:
+    """One small file's life, ``n`` times, phase by phase; the kernel's requests of each."""
     data = os.urandom(1000)
-    names = [root / f"f{i:05d}" for i in range(n)]
-    for p in names:
-        with open(p, "wb") as f:
-            f.write(data)
-    for p in names:
-        os.stat(p)
-    for p in names:
-        with open(p, "rb") as f:
-            assert f.read() == data
-    for p in names:
-        os.unlink(p)
+    names = [str(root / f"f{i:05d}") for i in range(n)]
+    phases: dict[str, Counter[str]] = {}
+    with count as phases["create"]:
+        for p in names:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.write(fd, data)
+            os.close(fd)
+    with count as phases["stat"]:
+        for p in names:
+            os.stat(p)
+    with count as phases["read"]:
+        for p in names:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            if os.read(fd, 4096) != data:
+                raise RuntimeError(f"{p}: read back wrong")
+            os.close(fd)
+    with count as phases["unlink"]:
+        for p in names:
+            os.unlink(p)
+    return phases
 
 
 def daemon_pid(target: Target) -> int:
@@ -165,36 +193,25 @@ def daemon_pid(target: Target) -> int:
 
 
 def measure(target: Target, files: int, getattrs: int) -> dict[str, object]:
-    counted = isinstance(target, Cryptfs)  # (peers do not report their requests)
     target.create()
     try:
-        idle: Counter[str] = Counter()
-        if counted:
-            target.mount()
-            target.unmount()
-            idle = served(target.logfile)
-
         target.mount()
         pid = daemon_pid(target)
+        count = KernelCount(target.mnt)
         cpu0, t0 = daemon_cpu(pid), time.perf_counter()
-        small_files(target.mnt, files)
+        phases = small_files(target.mnt, files, count)
         cpu1, t1 = daemon_cpu(pid), time.perf_counter()
-        target.unmount()
-        work = served(target.logfile) - idle if counted else Counter()
 
-        target.mount()
-        pid = daemon_pid(target)
         (target.mnt / "g").write_bytes(b"x")
         fd = os.open(target.mnt / "g", os.O_RDONLY)
         buf = ctypes.create_string_buffer(256)
         statx_sync(fd, buf)
-        cpu2, t2 = daemon_cpu(pid), time.perf_counter()
-        for _ in range(getattrs):
-            statx_sync(fd, buf)
-        cpu3, t3 = daemon_cpu(pid), time.perf_counter()
+        with count as ga:
+            cpu2, t2 = daemon_cpu(pid), time.perf_counter()
+            for _ in range(getattrs):
+                statx_sync(fd, buf)
+            cpu3, t3 = daemon_cpu(pid), time.perf_counter()
         os.close(fd)
-        target.unmount()
-        ga = served(target.logfile)["GETATTR"] if counted else 0
     finally:
         try:
             target.unmount()
@@ -202,11 +219,11 @@ def measure(target: Target, files: int, getattrs: int) -> dict[str, object]:
             target.destroy()
     return {
         "name": target.name,
-        "per_file": {k: v / files for k, v in sorted(work.items(), key=lambda kv: -kv[1])},
-        "requests_per_file": sum(work.values()) / files if counted else None,
+        "phases": {ph: {k: v / files for k, v in c.most_common()} for ph, c in phases.items()},
+        "requests_per_file": sum(sum(c.values()) for c in phases.values()) / files,
         "cpu_us_per_file": (cpu1 - cpu0) / files * 1e6,
         "wall_us_per_file": (t1 - t0) / files * 1e6,
-        "getattr_seen": ga,
+        "getattr_seen": ga["GETATTR"],
         "cpu_us_per_getattr": (cpu3 - cpu2) / getattrs * 1e6,
         "wall_us_per_getattr": (t3 - t2) / getattrs * 1e6,
     }
@@ -223,41 +240,55 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/requests.py: run as root (it mounts, adds a system user, drops caches)")
-    work = Path(tempfile.mkdtemp(prefix="cryptfs-requests-", dir=args.workdir))
-    os.chmod(work, 0o755)
+    top = Path(tempfile.mkdtemp(prefix="cryptfs-requests-", dir=args.workdir))
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     results = []
     try:
-        kinds = {"passphrase": lambda: Cryptfs(work / "passphrase", "aes-256-gcm"),
-                 "nopoll": lambda: CryptfsNoPoll(work / "nopoll"),
-                 "agent": lambda: AgentTwoUsers(work / "agent"),
-                 "audit": lambda: CryptfsAudit(work / "audit"),
-                 "gocryptfs": lambda: Gocryptfs(work / "gocryptfs"),
-                 "securefs": lambda: Securefs(work / "securefs")}
-        for kind in args.only.split(","):
-            if kind not in kinds:
-                sys.exit(f"bench/requests.py: --only: no mount kind {kind!r} "
-                         f"(choose from {', '.join(kinds)})")
-            results.append(measure(kinds[kind](), args.files, args.getattrs))
+        with contextlib.ExitStack() as stack:
+            work = top
+            if args.workdir is None:
+                work, about = stack.enter_context(scratch_ext4(top))
+                print(f"backing filesystem: {about}")
+            os.chmod(work, 0o755)
+            kinds = {"passphrase": lambda: Cryptfs(work / "passphrase", "aes-256-gcm"),
+                     "nopoll": lambda: CryptfsNoPoll(work / "nopoll"),
+                     "agent": lambda: AgentTwoUsers(work / "agent"),
+                     "audit": lambda: CryptfsAudit(work / "audit"),
+                     "gocryptfs": lambda: Gocryptfs(work / "gocryptfs"),
+                     "securefs": lambda: Securefs(work / "securefs")}
+            for kind in args.only.split(","):
+                if kind not in kinds:
+                    sys.exit(f"bench/requests.py: --only: no mount kind {kind!r} "
+                             f"(choose from {', '.join(kinds)})")
+                results.append(measure(kinds[kind](), args.files, args.getattrs))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)
     print(f"load average at end: {os.getloadavg()[0]:.2f}\n")
     print("| mount | requests per small file | daemon CPU µs per file | wall µs per file "
           "| daemon CPU µs per GETATTR | wall µs per GETATTR |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
-        rpf = r["requests_per_file"]
-        print(f"| {r['name']} | {'–' if rpf is None else f'{rpf:.1f}'} | {r['cpu_us_per_file']:.0f} "
+        print(f"| {r['name']} | {r['requests_per_file']:.1f} | {r['cpu_us_per_file']:.0f} "
               f"| {r['wall_us_per_file']:.0f} | {r['cpu_us_per_getattr']:.1f} "
               f"| {r['wall_us_per_getattr']:.1f} |")
     print()
+    print("Requests per file, phase by phase (the kernel's count; FORGETs not included):\n")
+    print("| mount | " + " | ".join(PHASES) + " |")
+    print("|---|" + "---|" * len(PHASES))
     for r in results:
-        if r["requests_per_file"] is None:
-            continue
-        per = r["per_file"]
-        assert isinstance(per, dict)
-        print(f"{r['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
-        print(f"  (GETATTR requests seen in the statx phase: {r['getattr_seen']})")
+        phases = r["phases"]
+        assert isinstance(phases, dict)
+        cells = []
+        for ph in PHASES:
+            per = phases[ph]
+            cells.append(f"{sum(per.values()):.0f}: " + ", ".join(
+                f"{k}" if round(v, 2) == 1 else f"{k} ×{v:.2f}" for k, v in per.items()
+                if v >= 0.01) if per else "0")
+        print(f"| {r['name']} | " + " | ".join(cells) + " |")
+    print()
+    for r in results:
+        print(f"{r['name']}: GETATTR requests seen in the {args.getattrs} statx calls: "
+              f"{r['getattr_seen']}")
 
 
 if __name__ == "__main__":
