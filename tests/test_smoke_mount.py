@@ -31,9 +31,10 @@ def test_fsck_clean_after_use(mount: Mount, passfile: Path) -> None:
 
 
 def test_unmount_logs_the_requests_served_by_opcode(mount: Mount) -> None:
-    """The daemon's own count of what the kernel asked (the benchmark's
-    bench/requests.py reads this line): one CREATE per new file, one UNLINK per
-    removal, and a total that is the sum of its parts."""
+    """The daemon's own count of what the kernel asked, logged at unmount (for an
+    operator; bench/requests.py counts with the kernel's trace event, for every
+    filesystem): one CREATE per new file, one UNLINK per removal, and a total
+    that is the sum of its parts."""
     for i in range(25):
         mount.path(f"f{i}").write_bytes(b"x" * 100)
     for i in range(10):
