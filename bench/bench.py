@@ -1321,6 +1321,10 @@ def bench(args: argparse.Namespace) -> int:
         if args.scratch and not args.on_juicefs:
             try:
                 rundir, about = stack.enter_context(scratch_ext4(workdir))
+            except (RuntimeError, OSError) as e:  # (no loop device or mkfs here, say)
+                os.chdir("/")
+                raise SystemExit(f"bench.py: cannot make the scratch ext4 for the run: {e}\n"
+                                 f"(--no-scratch runs in --dir's own filesystem)") from None
             except BaseException:
                 os.chdir("/")
                 raise
