@@ -238,6 +238,11 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
                  ", ".join(f"{name} {n}" for name, n in served.items()) or "none")
         log.info("request loop: %d requests found by polling, %d polls ran out, slept %d times",
                  session.polled, session.missed, session.sleeps)
+        busy = session.busy()
+        if busy:
+            log.info("time per request, decode to reply written: %s",
+                     ", ".join(f"{name} {us:.1f} us ({share:.0%})"
+                               for name, (us, share) in busy.items()))
         if ops.audit is not None:
             ops.audit.write("unmount", "allowed", os.getuid(), os.getpid(), path=mnt)
             ops.audit.close()

@@ -291,6 +291,8 @@ class Recorder:
         return replies.AttrOut(replies.Attr(ino=req.nodeid, mode=0o100600), 1.0)
 
     def getxattr(self, req: rq.GetxattrIn) -> bytes:
+        if req.name == b"user.slow":
+            time.sleep(0.1)                # (a handler that takes 100 ms)
         return b"0123456789"
 
     def readlink(self, req: rq.EmptyIn) -> object:
@@ -366,6 +368,25 @@ def test_xattr_size_probe_and_erange(looped: tuple[socket.socket, Session, threa
     assert ask(sock, small)[:2] == (42, -errno.ERANGE)
     exact = header(abi.GETXATTR, 44, abi.GETXATTR_IN.st.pack(10, 0) + b"user.a\0")
     assert ask(sock, exact) == (44, 0, b"0123456789")
+
+
+def test_the_loop_times_each_kind_of_request(
+        looped: tuple[socket.socket, Session, threading.Thread]) -> None:
+    """The loop's time per request, by opcode (logged at unmount): a 100 ms handler
+    shows as such, beside GETATTRs that take microseconds."""
+    sock, session, _ = looped
+    for unique in range(50, 56, 2):
+        slow = header(abi.GETXATTR, unique, abi.GETXATTR_IN.st.pack(10, 0) + b"user.slow\0")
+        assert ask(sock, slow) == (unique, 0, b"0123456789")
+    for unique in range(60, 80, 2):
+        assert ask(sock, getattr_msg(unique, 7))[:2] == (unique, 0)
+    busy = session.busy()
+    assert list(busy) == ["getxattr", "getattr"], busy   # the largest share first
+    (slow_us, slow_share), (fast_us, fast_share) = busy["getxattr"], busy["getattr"]
+    assert 100_000 <= slow_us < 10_000_000, slow_us
+    assert 0 < fast_us < slow_us / 10, (fast_us, slow_us)
+    assert slow_share > 0.9 and abs(slow_share + fast_share - 1) < 1e-9, busy
+    assert session.served() == {"getattr": 10, "getxattr": 3}
 
 
 def test_deferred_replies_come_from_another_thread_once(

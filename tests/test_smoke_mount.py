@@ -47,6 +47,16 @@ def test_unmount_logs_the_requests_served_by_opcode(mount: Mount) -> None:
     assert counts["create"] == 25 and counts["unlink"] == 10, counts
     assert counts["init"] == 1
     assert sum(counts.values()) == int(total)
+    # Beside it, the loop's time per request of each kind, the largest share first.
+    timed = re.findall(r"time per request, decode to reply written: (.*)", mount.log_text())
+    assert timed, mount.log_text()
+    per = {name: (float(us), int(share)) for name, us, share in
+           re.findall(r"([a-z_]+) ([\d.]+) us \((\d+)%\)", timed[-1])}
+    assert set(per) == set(counts), (per, counts)
+    assert all(us > 0 for us, _ in per.values()), per
+    shares = [share for _, share in per.values()]
+    assert shares == sorted(shares, reverse=True)
+    assert abs(sum(shares) - 100) <= len(shares), shares   # (each rounded to a percent)
 
 
 def _loop_line(mount: Mount) -> tuple[int, int, int]:

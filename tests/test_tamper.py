@@ -469,7 +469,9 @@ def test_log_holds_only_integrity_lines_and_no_secrets(tampered: Tampered) -> No
             assert (msg.startswith("mounted ") or msg.startswith("unmounted ")
                     or re.fullmatch(r"served \d+ requests: [a-z_]+ \d+(, [a-z_]+ \d+)*", msg)
                     or re.fullmatch(r"request loop: \d+ requests found by polling, \d+ polls "
-                                    r"ran out, slept \d+ times", msg)), msg
+                                    r"ran out, slept \d+ times", msg)
+                    or re.fullmatch(r"time per request, decode to reply written: [a-z_]+ "
+                                    r"[\d.]+ us \(\d+%\)(, [a-z_]+ [\d.]+ us \(\d+%\))*", msg)), msg
             continue
         assert level == "ERROR", msg
         hit = INTEGRITY.match(msg)

@@ -263,14 +263,26 @@ class Session:
         self.polled = 0   # requests the loop found by polling (serve_trio)
         self.missed = 0   # polls that ran out
         self.sleeps = 0   # times it slept for want of a request (serve_trio)
-        # Requests served, by opcode (a list index per request: cheap enough to
-        # keep always; the mount logs it at unmount, the benchmark reads it).
+        # Requests served, by opcode, and the loop's time in each kind (decode,
+        # handler, reply: two clock reads and two list indexes per request, cheap
+        # enough to keep always; the mount logs both at unmount).
         self.counts = [0] * len(self._table)
+        self.busy_ns = [0] * len(self._table)
+        self._op = 0  # (the opcode handle() decoded last; 0: none)
 
     def served(self) -> dict[str, int]:
         """Requests decoded so far, by opcode name (most first)."""
         named = {abi.OPCODE_NAMES.get(op, str(op)): n for op, n in enumerate(self.counts) if n}
         return dict(sorted(named.items(), key=lambda kv: -kv[1]))
+
+    def busy(self) -> dict[str, tuple[float, float]]:
+        """By opcode name: (microseconds per request, share of all the loop's time in
+        requests), the largest share first.  The time runs from the request's first
+        byte decoded to its reply written (a deferred request: until it deferred)."""
+        total = sum(self.busy_ns) or 1
+        named = {abi.OPCODE_NAMES.get(op, str(op)): (ns / n / 1000, ns / total)
+                 for op, (n, ns) in enumerate(zip(self.counts, self.busy_ns, strict=True)) if n}
+        return dict(sorted(named.items(), key=lambda kv: -kv[1][1]))
 
     # --- mount / unmount ------------------------------------------------------------------
     def mount(self) -> None:
@@ -355,7 +367,10 @@ class Session:
                 continue
             if n == 0:
                 break
+            t0 = clock()
+            self._op = 0
             self.handle(n)
+            self.busy_ns[self._op] += clock() - t0
             served += 1
             if served >= batch:
                 served = 0
@@ -393,7 +408,10 @@ class Session:
                 raise
             if n == 0:  # never from /dev/fuse; the other end of a test socket closed
                 break
+            t0 = time.monotonic_ns()
+            self._op = 0
             self.handle(n)
+            self.busy_ns[self._op] += time.monotonic_ns() - t0
 
     def handle(self, n: int) -> None:
         """Decode and answer the request in the first ``n`` bytes of the buffer."""
@@ -409,7 +427,7 @@ class Session:
             if head is not None and head[0] not in _NO_REPLY:
                 self._send(head[1], -errno.EINVAL, b"")
             return
-        opcode = req.opcode
+        opcode = self._op = req.opcode
         self.counts[opcode] += 1
         entry = self._table[opcode]
         if entry is None:
