@@ -248,6 +248,7 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench/requests.py: run as root (it mounts, adds a system user, drops caches)")
     top = Path(tempfile.mkdtemp(prefix="cryptfs-requests-", dir=args.workdir))
+    os.chmod(top, 0o755)  # (the agent mount's second user reaches its socket below)
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     results = []
     try:
