@@ -722,13 +722,16 @@ class Ctx:
 
 
 # ext4 without a journal (this VM's root filesystem: /sys/fs/ext4/DEV/journal_task reads
-# "<none>") does not give out again an inode freed less than 5 s ago (35 s while its
-# inode table block is dirty): ext4's recently_deleted() check.  A new inode's allocation
-# then walks past every such inode of its block group, one inode table lookup each, so
-# right after thousands of deletions (a delete phase, rm -rf, often of the target that
-# ran just before) a create cost up to 0.8 ms instead of 15 µs, whichever filesystem was
-# being measured (perf: find_inode_bit -> recently_deleted under ext4_create).  Every
-# timed create phase therefore starts after a sync and this long.
+# "<none>") does not give out again an inode freed less than 60 s ago (360 s while its
+# inode table block is dirty and cached): ext4's recently_deleted(), RECENTCY_MIN and
+# RECENTCY_DIRTY.  A new inode's allocation then walks past every such inode of its
+# block group, one inode table lookup each, so right after thousands of deletions (a
+# delete phase, rm -rf, often of the target that ran just before) a create cost up to
+# 0.8 ms instead of 15 µs, whichever filesystem was being measured (perf: find_inode_bit
+# -> recently_deleted under ext4_create).  With --no-scratch every timed create phase
+# therefore starts after a sync and this long: the sync makes the blocks clean, and a
+# block no longer cached counts as written back.  It helps, but does not remove the
+# walk; the default (a new journaled ext4 per run, scratch_ext4) does.
 DELETE_SETTLE_S = 6.0
 
 
@@ -1012,8 +1015,9 @@ def ensure_tools(need_peers: bool) -> None:
 
 
 def fuse_wake_here() -> str:
-    """The kernel's ``fuse.wake_here`` parameter, where it has one (docs/FUSE.md: whether a
-    reply wakes the waiting process on the replying CPU); every mount of a run shares it."""
+    """The kernel's ``fuse.wake_here`` parameter, where it has one (docs/PERFORMANCE.md: its
+    effect fits a reply that wakes the waiting process on the replying CPU); every mount
+    of a run shares it."""
     try:
         return Path("/sys/module/fuse/parameters/wake_here").read_text().strip()
     except OSError:
