@@ -127,14 +127,19 @@ PHASES = ("create", "stat", "read", "unlink")
 
 class KernelCount:
     """The requests the kernel sends to one FUSE connection, by opcode, from its
-    ``fuse:fuse_request_send`` trace event (Linux 6.12 and later)."""
+    ``fuse:fuse_request_send`` trace event (recent kernels have it: 6.18 here)."""
+
+    @staticmethod
+    def available() -> str | None:
+        """None if the event can be used (tracefs mounted here if need be), else why not."""
+        if not SEND_EVENT.is_dir() and not TRACING.joinpath("events").is_dir():
+            run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=False)
+        if not SEND_EVENT.is_dir():
+            return (f"this kernel has no fuse:fuse_request_send trace event ({SEND_EVENT} "
+                    f"is missing: an older kernel)")
+        return None
 
     def __init__(self, mnt: Path) -> None:
-        if not SEND_EVENT.is_dir():
-            if not TRACING.joinpath("events").is_dir():
-                run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=False)
-            if not SEND_EVENT.is_dir():
-                raise RuntimeError("this kernel has no fuse:fuse_request_send trace event")
         # (the event's connection is the kernel's dev_t of the mount: an anonymous
         # device, major 0, so its minor number)
         self.filter = f"connection == {os.minor(os.stat(mnt).st_dev)}"
@@ -247,6 +252,9 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/requests.py: run as root (it mounts, adds a system user, drops caches)")
+    why_not = KernelCount.available()
+    if why_not is not None:
+        sys.exit(f"bench/requests.py: cannot count requests: {why_not}")
     top = Path(tempfile.mkdtemp(prefix="cryptfs-requests-", dir=args.workdir))
     os.chmod(top, 0o755)  # (the agent mount's second user reaches its socket below)
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
@@ -255,7 +263,11 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             work = top
             if args.workdir is None:
-                work, about = stack.enter_context(scratch_ext4(top))
+                try:
+                    work, about = stack.enter_context(scratch_ext4(top))
+                except (RuntimeError, OSError) as e:
+                    sys.exit(f"bench/requests.py: cannot make the scratch ext4: {e}\n"
+                             f"(--workdir DIR runs in that directory's own filesystem)")
                 print(f"backing filesystem: {about}")
             os.chmod(work, 0o755)
             kinds = {"passphrase": lambda: Cryptfs(work / "passphrase", "aes-256-gcm"),
