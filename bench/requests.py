@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -144,10 +145,23 @@ class KernelCount:
         # device, major 0, so its minor number)
         self.filter = f"connection == {os.minor(os.stat(mnt).st_dev)}"
 
+    @staticmethod
+    @contextlib.contextmanager
+    def buffer(kib: int = 65536) -> Iterator[None]:
+        """The trace buffer at ``kib`` per CPU (a small file's life fits many times
+        over), put back as it was after."""
+        size = TRACING / "buffer_size_kb"
+        before = size.read_text().split()[0]  # (e.g. "7 (expanded: 1408)": the first)
+        size.write_text(str(kib))
+        try:
+            yield
+        finally:
+            (TRACING / "trace").write_text("")
+            size.write_text(before)
+
     def __enter__(self) -> Counter[str]:
         self.counts: Counter[str] = Counter()
         (SEND_EVENT / "enable").write_text("0")
-        (TRACING / "buffer_size_kb").write_text("65536")
         (TRACING / "trace").write_text("")
         (SEND_EVENT / "filter").write_text(self.filter)
         (SEND_EVENT / "enable").write_text("1")
@@ -270,6 +284,7 @@ def main() -> None:
                              f"(--workdir DIR runs in that directory's own filesystem)")
                 print(f"backing filesystem: {about}")
             os.chmod(work, 0o755)
+            stack.enter_context(KernelCount.buffer())
             kinds = {"passphrase": lambda: Cryptfs(work / "passphrase", "aes-256-gcm"),
                      "nopoll": lambda: CryptfsNoPoll(work / "nopoll"),
                      "agent": lambda: AgentTwoUsers(work / "agent"),
