@@ -268,7 +268,6 @@ class Session:
         # enough to keep always; the mount logs both at unmount).
         self.counts = [0] * len(self._table)
         self.busy_ns = [0] * len(self._table)
-        self._op = 0  # (the opcode handle() decoded last; 0: none)
 
     def served(self) -> dict[str, int]:
         """Requests decoded so far, by opcode name (most first)."""
@@ -367,10 +366,7 @@ class Session:
                 continue
             if n == 0:
                 break
-            t0 = clock()
-            self._op = 0
             self.handle(n)
-            self.busy_ns[self._op] += clock() - t0
             served += 1
             if served >= batch:
                 served = 0
@@ -408,50 +404,55 @@ class Session:
                 raise
             if n == 0:  # never from /dev/fuse; the other end of a test socket closed
                 break
-            t0 = time.monotonic_ns()
-            self._op = 0
             self.handle(n)
-            self.busy_ns[self._op] += time.monotonic_ns() - t0
 
     def handle(self, n: int) -> None:
-        """Decode and answer the request in the first ``n`` bytes of the buffer."""
+        """Decode and answer the request in the first ``n`` bytes of the buffer, and
+        add the time it took to its opcode's (0: a request that did not decode)."""
+        t0 = time.monotonic_ns()
+        opcode = self._answer(n)
+        self.busy_ns[opcode] += time.monotonic_ns() - t0
+
+    def _answer(self, n: int) -> int:
+        """``handle`` without the clock; the opcode decoded (0: none)."""
         try:
             req = decode(self._buf, n, self._ops)
         except UnknownOpcode as e:
             log.warning("fuse: unknown opcode %d", e.opcode)
             self._send(e.unique, -errno.ENOSYS, b"")
-            return
+            return 0
         except MalformedRequest as e:
             log.warning("fuse: %s", e)
             head = peek_header(self._buf, n)
             if head is not None and head[0] not in _NO_REPLY:
                 self._send(head[1], -errno.EINVAL, b"")
-            return
-        opcode = self._op = req.opcode
+            return 0
+        opcode = req.opcode
         self.counts[opcode] += 1
         entry = self._table[opcode]
         if entry is None:
             self._special(req)
-            return
+            return opcode
         handler, encode = entry
         try:
             result = handler(req)
             if result.__class__ is Deferred:
-                return  # registered by defer(); answered from elsewhere
+                return opcode  # registered by defer(); answered from elsewhere
             body = encode(req, result)
         except FuseError as e:
             self._fail(req.unique, e.errno)
-            return
+            return opcode
         except OSError as e:
             self._fail(req.unique, e.errno or errno.EIO)
-            return
+            return opcode
         except Exception as e:  # the _edge rule: nothing but an errno leaves a handler
             frame = traceback.extract_tb(e.__traceback__)[-1]
             log.error("fuse: %s failed with %s at %s:%d", abi.OPCODE_NAMES[opcode],
                       type(e).__name__, os.path.basename(frame.filename), frame.lineno or 0)
             self._fail(req.unique, errno.EIO)
-            return
+            return opcode
         self._send(req.unique, 0, body)
+        return opcode
 
     def _fail(self, unique: int, err: int) -> None:
         # A handler that deferred and then raised: the error is the one answer.
