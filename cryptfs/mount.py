@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptfs import rotate
 from cryptfs.errors import CryptfsError, MountError, UsageError
+from cryptfs.logfile import log_file_handler
 from cryptfs.mounttable import is_fuse_mount, mounts
 from cryptfs.volume import LockedVolume, Volume
 
@@ -50,13 +51,17 @@ def check_mountpoint(mountpoint: str) -> str:
     return mnt
 
 
-def setup_logging(log_file: str | None, foreground: bool, verbose: bool = False) -> None:
+def setup_logging(log_file: logging.FileHandler | None, foreground: bool,
+                  verbose: bool = False) -> None:
+    """Send the ``cryptfs`` logger to ``log_file`` (made by :func:`log_file_handler`
+    before the daemon forks, so a bad path is the user's error, not the daemon's),
+    else stderr in the foreground, else syslog."""
     root = logging.getLogger("cryptfs")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.handlers.clear()
     handler: logging.Handler
     if log_file:
-        handler = logging.FileHandler(log_file)
+        handler = log_file
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d] "
                                                "%(levelname)s: %(message)s"))
     elif foreground:
@@ -259,12 +264,11 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
                  poll_us: int | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
     opts = fuse_options(vol, options)
-    if log_file:
-        log_file = os.path.abspath(log_file)
+    log_handler = log_file_handler(os.path.abspath(log_file)) if log_file else None
     if pid_file:
         pid_file = os.path.abspath(pid_file)
     if foreground:
-        setup_logging(log_file, foreground=True)
+        setup_logging(log_handler, foreground=True)
         serve(vol, mnt, opts, None, pid_file, side_tasks, audit, shared_storage, poll_us)
         return
 
@@ -276,7 +280,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
         try:
             os.setsid()
             os.chdir("/")
-            setup_logging(log_file, foreground=False)
+            setup_logging(log_handler, foreground=False)
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
@@ -292,6 +296,8 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
         finally:
             os._exit(code)
     os.close(w)
+    if log_handler:
+        log_handler.close()  # the daemon holds its own copy of the descriptor
     msg = b""
     while chunk := os.read(r, 4096):
         msg += chunk

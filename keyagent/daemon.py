@@ -16,8 +16,10 @@ import sys
 import click
 import trio
 
+from cryptfs.errors import CryptfsError
 from cryptfs.keyagent.client import DEFAULT_SOCKET
 from cryptfs.keyagent.server import Agent, AgentOptions
+from cryptfs.logfile import log_file_handler
 
 log = logging.getLogger("cryptfs.agent")
 
@@ -130,8 +132,14 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
     (under systemd, normally socket-activated); SIGTERM locks every session
     and stops it.  The protocol is described in docs/AGENT.md.
     """
-    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
-                                else logging.StreamHandler(sys.stderr))
+    handler: logging.Handler
+    if log_file:
+        try:
+            handler = log_file_handler(log_file)
+        except CryptfsError as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s cryptfs-agent[%(process)d] "
                                            "%(levelname)s: %(message)s"))
     root = logging.getLogger("cryptfs")
@@ -168,7 +176,6 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
     auditor = None
     if audit_log is not None:
         from cryptfs.audit import AuditLog, Auditor
-        from cryptfs.errors import CryptfsError
         try:
             auditor = Auditor(AuditLog(audit_log), "")
         except CryptfsError as e:

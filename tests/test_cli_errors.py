@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from conftest import CRYPTFS, TEST_KDF, Mount, make_volume, run_cli, unlock
 from cryptfs.config import save_config
 from cryptfs.errors import EXIT_CODES
 from cryptfs.secret import Secret
+from multiuser import AgentProcess
 
 SECOND_PASSPHRASE = b"a second, different passphrase"
 
@@ -394,3 +397,73 @@ def test_init_wants_a_recovery_key_decision(tmp_path: Path, passfile: Path) -> N
                   "--recovery-key", str(tmp_path / "k"), "--no-recovery-key", check=False)
     assert_one_error(res, 2, "exclude each other")
     assert not (tmp_path / "v").exists() and not (tmp_path / "k").exists()
+
+
+# --- the daemons' --log-file ------------------------------------------------------------------
+def _mount_once(backing: Path, mnt: Path, passfile: Path, log: Path) -> None:
+    run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+            "--log-file", str(log))
+    run_cli("unmount", str(mnt))
+
+
+def test_a_new_log_file_is_private_and_an_admins_mode_is_kept(backing: Path, tmp_path: Path,
+                                                              passfile: Path) -> None:
+    """The log names mount points, inodes and integrity failures: a log the mount
+    creates is 0600 whatever the umask; one an admin made 0640 stays 0640."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    new, kept = tmp_path / "new.log", tmp_path / "kept.log"
+    kept.write_text("an admin's first line\n")
+    kept.chmod(0o640)
+    old_umask = os.umask(0o022)
+    try:
+        _mount_once(backing, mnt, passfile, new)
+        _mount_once(backing, mnt, passfile, kept)
+    finally:
+        os.umask(old_umask)
+    assert new.stat().st_mode & 0o777 == 0o600
+    assert kept.stat().st_mode & 0o777 == 0o640
+    assert kept.read_text().startswith("an admin's first line\n")  # appended, not replaced
+    for log in (new, kept):
+        deadline = time.monotonic() + 10  # the daemon writes its last line as it exits
+        while "unmounted" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"mounted {backing} on {mnt}" in log.read_text()
+        assert f"unmounted {mnt}" in log.read_text()
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_an_unwritable_log_file_is_a_usage_error(foreground: bool, backing: Path, tmp_path: Path,
+                                                 passfile: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "no" / "such" / "dir" / "cryptfs.log"
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  "--log-file", str(log), *(["-f"] if foreground else []), check=False)
+    assert_one_error(res, 2, f"cannot write the log file {log}: No such file or directory")
+    assert not os.path.ismount(mnt) and not log.parent.exists()
+
+
+def test_the_agent_says_why_it_cannot_write_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "missing" / "agent.log"
+    res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket",
+                          str(tmp_path / "agent.sock"), "--log-file", str(log)],
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 1
+    assert f"cannot write the log file {log}: No such file or directory" in res.stderr
+    assert not (tmp_path / "agent.sock").exists()
+
+
+def test_the_agents_new_log_file_is_private(tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path / "agent.sock", tmp_path / "agent.log")
+    old_umask = os.umask(0o022)
+    try:
+        agent.start()
+    finally:
+        os.umask(old_umask)
+    try:
+        assert agent.log.stat().st_mode & 0o777 == 0o600
+        assert f"listening on {agent.socket}" in agent.log_text()
+    finally:
+        assert agent.stop() == 0
