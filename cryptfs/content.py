@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from collections.abc import Sequence
 
 from cryptfs import sysio
@@ -34,7 +35,7 @@ from cryptfs.header import (
     peek,
 )
 from cryptfs.modes import BLOCK_SIZE, IntegrityError
-from cryptfs.modes.content import ContentMode
+from cryptfs.modes.content import ContentCipher, ContentMode
 from cryptfs.modes.wrap import Stanza, decode_stanzas
 
 BS = BLOCK_SIZE
@@ -114,6 +115,36 @@ def read_stanzas(fd: int) -> list[Stanza]:
     return stanzas
 
 
+class CheckedHeader:
+    """A header this process authenticated, or made, with ``wrapper``: its exact
+    bytes on disk, parsed, and its cipher.
+
+    Kept on the inode between opens (cryptfs.fs.content_io), so that the next
+    open can compare bytes instead of deriving, unwrapping and MACing again.
+    It is tied to the wrapper *object*, and holds it weakly: a mount makes new
+    keyrings whenever keys, users or roles change, and a header checked under
+    the old ones never matches again, nor keeps an old keyring (a user's
+    private key) alive."""
+
+    __slots__ = ("raw", "_wrapper", "header", "cipher")
+
+    def __init__(self, raw: bytes, wrapper: KeyUnwrapper, header: FileHeader,
+                 cipher: ContentCipher) -> None:
+        self.raw = raw
+        self._wrapper = weakref.ref(wrapper)
+        self.header = header
+        self.cipher = cipher
+
+    def checked_by(self, wrapper: KeyUnwrapper) -> bool:
+        return self._wrapper() is wrapper
+
+    def matches(self, buf: bytes) -> bool:
+        """Whether ``buf`` (which may run past the header) starts with exactly
+        this header."""
+        n = len(self.raw)
+        return len(buf) >= n and buf[:n] == self.raw
+
+
 class ContentFile:
     """Read, write and truncate one file's plaintext through its backing fd.
 
@@ -121,10 +152,11 @@ class ContentFile:
     block, so every change of the backing file must go through it.
     """
 
-    def __init__(self, fd: int, header: FileHeader, p_size: int) -> None:
+    def __init__(self, fd: int, header: FileHeader, p_size: int,
+                 cipher: ContentCipher | None = None) -> None:
         self.fd = fd
         self.header = header
-        self.cipher = header.cipher()
+        self.cipher = cipher if cipher is not None else header.cipher()
         self.h_len = header.length
         self.overhead = header.mode.overhead
         self.c_block = BS + self.overhead
@@ -134,29 +166,55 @@ class ContentFile:
         self.changes = 0  # writes and truncates made through it (what a view was made from)
         self._seq_end = 0   # where the last read ended (the next one there is sequential)
         self._advised = 0   # backing offset up to which read-ahead was asked
+        self.checked: CheckedHeader | None = None  # (set by load)
 
     # -- construction ------------------------------------------------------------
     @classmethod
     def create(cls, fd: int, mode: ContentMode, wrapper: KeyWrapper,
-               header: FileHeader | None = None) -> ContentFile:
+               header: FileHeader | None = None, opener: KeyUnwrapper | None = None
+               ) -> ContentFile:
         """Initialise an empty backing file: header (a new one, or ``header``)
-        plus one empty final block."""
+        plus one empty final block.
+
+        ``opener``, when given, is a keyring that opens this header (the
+        volume's keys, for a header wrapped to the volume key alone): the header
+        is then known to it as checked (:class:`CheckedHeader`)."""
         hdr = header or FileHeader.new(mode, wrapper)
         cf = cls(fd, hdr, 0)
-        pwrite_all(fd, [hdr.encode(), cf.cipher.seal(0, b"", True)], 0)
+        raw = hdr.encode()
+        pwrite_all(fd, [raw, cf.cipher.seal(0, b"", True)], 0)
         cf._tail = (0, b"")
+        if opener is not None and not hdr.hybrid:
+            cf.checked = CheckedHeader(raw, opener, hdr, cf.cipher)
         return cf
 
     @classmethod
-    def load(cls, fd: int, wrapper: KeyUnwrapper) -> ContentFile:
+    def load(cls, fd: int, wrapper: KeyUnwrapper, known: CheckedHeader | None = None
+             ) -> ContentFile:
+        """The file's content engine, its header read and checked now.
+
+        ``known`` is a header this process already authenticated (or made) for
+        the same ``wrapper`` object: if the header on disk is that one byte for
+        byte, its parsed form is taken as it is, which is what authenticating
+        those bytes again with those keys would give.  Anything else is decoded
+        and authenticated in full."""
         c_size = os.fstat(fd).st_size
         if c_size == 0:
             raise BlockError(None, "empty backing file (header missing)")
         try:
-            hdr = FileHeader.decode(read_header_bytes(fd), wrapper)
+            raw = read_header_bytes(fd)
+            if known is not None and known.checked_by(wrapper) and known.matches(raw):
+                hdr, cipher = known.header, known.cipher
+            else:
+                hdr, cipher = FileHeader.decode(raw, wrapper), None
         except IntegrityError:
             raise BlockError(None, "header failed authentication") from None
-        return cls(fd, hdr, plain_size(c_size, hdr.length, hdr.mode.overhead))
+        cf = cls(fd, hdr, plain_size(c_size, hdr.length, hdr.mode.overhead), cipher)
+        if known is None or cipher is None:
+            cf.checked = CheckedHeader(raw[:hdr.length], wrapper, hdr, cf.cipher)
+        else:
+            cf.checked = known
+        return cf
 
     # -- block helpers -------------------------------------------------------------
     def _c_off(self, block: int) -> int:

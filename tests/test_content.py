@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import time
+import weakref
 
 import pytest
 from hypothesis import given, settings
@@ -20,8 +22,8 @@ from cryptfs.content import (
     plain_size,
 )
 from cryptfs.header import FileHeader
-from cryptfs.modes import CONTENT_MODES, IntegrityError
-from cryptfs.modes.wrap import SymmetricWrapper
+from cryptfs.modes import CONTENT_MODES, IntegrityError, x25519
+from cryptfs.modes.wrap import Keyring, RecipientWrapper, SymmetricWrapper
 
 WRAPPER = SymmetricWrapper(bytes(range(32)), key_id=1)
 MODES = list(CONTENT_MODES.values())
@@ -277,3 +279,72 @@ def test_a_sequential_reader_gets_the_backing_file_read_ahead(tmp_path, mode) ->
     time.sleep(0.3)
     assert _resident(cf.fd, cf._c_off(64) + (1 << 20), 128 << 10) == 0
     assert cf.read((8 << 20) - chunk, chunk) == data[-chunk:]   # the end: nothing to ask
+
+
+# --- a header checked once, compared at the next load (CheckedHeader) ---------------------------
+class CountingKeyring(Keyring):
+    """The real keyring; it counts the unwraps, i.e. the full header checks."""
+
+    def __init__(self) -> None:
+        super().__init__({WRAPPER.key_id: WRAPPER})
+        self.unwraps = 0
+
+    def unwrap(self, stanzas, ad):
+        self.unwraps += 1
+        return super().unwrap(stanzas, ad)
+
+
+def test_a_header_made_or_checked_here_is_compared_not_checked_again(tmp_path, mode) -> None:
+    ring = CountingKeyring()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    made = ContentFile.create(fd, mode, WRAPPER, opener=ring)
+    made.write(0, b"x" * 5000)
+    again = ContentFile.load(fd, ring, made.checked)
+    assert ring.unwraps == 0 and again.header is made.header
+    assert again.size == 5000 and again.read(0, 6000) == b"x" * 5000
+    # without what was kept, or with another keyring object: the full check
+    loaded = ContentFile.load(fd, ring)
+    assert ring.unwraps == 1 and loaded.header is not made.header
+    other = CountingKeyring()
+    ContentFile.load(fd, other, loaded.checked)
+    assert other.unwraps == 1
+    # what a load checked is kept for the next load with the same keyring
+    assert ContentFile.load(fd, ring, loaded.checked).header is loaded.header
+    assert ring.unwraps == 1
+
+
+def test_a_header_changed_on_disk_is_checked_in_full(tmp_path, mode) -> None:
+    ring = CountingKeyring()
+    cf = new_file(tmp_path, mode)
+    cf.write(0, b"y" * 100)
+    kept = ContentFile.load(cf.fd, ring).checked
+    raw = os.pread(cf.fd, cf.h_len, 0)
+    for pos in range(cf.h_len):  # every byte of the header, one at a time
+        os.pwrite(cf.fd, bytes([raw[pos] ^ 0x40]), pos)
+        with pytest.raises(BlockError):
+            ContentFile.load(cf.fd, ring, kept)
+        os.pwrite(cf.fd, raw[pos : pos + 1], pos)
+    assert ContentFile.load(cf.fd, ring, kept).read(0, 100) == b"y" * 100
+
+
+def test_a_header_kept_does_not_outlive_its_keyring(tmp_path, mode) -> None:
+    """Kept headers hold their keyring weakly: once a mount drops a keyring (keys,
+    users or roles changed), nothing matches it and it is not kept alive."""
+    ring = CountingKeyring()
+    cf = new_file(tmp_path, mode)
+    kept = ContentFile.load(cf.fd, ring).checked
+    assert kept.checked_by(ring)
+    gone = weakref.ref(ring)
+    del ring
+    gc.collect()
+    assert gone() is None
+    assert not kept.checked_by(CountingKeyring())
+
+
+def test_a_hybrid_header_is_not_taken_as_known_at_creation(tmp_path) -> None:
+    """Only the recipients' keys open a hybrid header: what it was made with says
+    nothing about the keyring that will open it, so the first load checks it."""
+    hybrid = RecipientWrapper([x25519.public_key(x25519.new_private_key())])
+    fd = os.open(tmp_path / "h", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    cf = ContentFile.create(fd, MODES[0], hybrid, opener=CountingKeyring())
+    assert cf.header.hybrid and cf.checked is None

@@ -482,3 +482,44 @@ def test_log_holds_only_integrity_lines_and_no_secrets(tampered: Tampered) -> No
     assert MARK not in raw
     for secret in tampered.secrets:
         assert secret not in raw
+
+
+# --- a header changed while the volume is mounted ------------------------------------------------
+# The mount keeps the header it last checked after the last close (cryptfs.content's
+# CheckedHeader), so the next open can compare bytes instead of authenticating again.
+# These cases change the backing header between two opens of one mount: any change
+# must be authenticated in full (EIO and a log line), never served from what was kept.
+@pytest.mark.parametrize("where", ["magic", "length", "file_id", "wrapped", "mac", "foreign"])
+def test_a_header_changed_between_opens_of_one_mount_fails(where: str, mount: Mount) -> None:
+    content = plaintext("victim", 3 * BS + 5)
+    mount.path("victim").write_bytes(content)
+    mount.path("donor").write_bytes(plaintext("donor", 100))
+    assert mount.path("victim").read_bytes() == content  # checked, closed, kept
+    by_ino = backing_by_inode(mount.backing)
+    victim = by_ino[os.stat(mount.path("victim")).st_ino]
+    raw = bytearray(victim.read_bytes())
+    pos = {"magic": 2, "length": 11, "file_id": 20, "wrapped": 70, "mac": HEADER_LEN - 1}
+    if where == "foreign":  # another file's header: valid, authentic, the wrong key
+        donor = by_ino[os.stat(mount.path("donor")).st_ino].read_bytes()
+        changed = donor[:HEADER_LEN] + raw[HEADER_LEN:]
+    else:
+        changed = bytearray(raw)
+        changed[pos[where]] ^= 0x01
+    with open(victim, "r+b") as f:
+        f.write(changed[:HEADER_LEN])
+    if where == "foreign":
+        # the header authenticates (it is the donor's), so open works; no block does
+        fd = os.open(mount.path("victim"), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (pages the write left)
+            assert_eio(lambda: os.pread(fd, 100, 0))
+        finally:
+            os.close(fd)
+        assert "integrity failure: inode" in mount.log_text()
+    else:
+        assert_eio(lambda: open(mount.path("victim"), "rb"))
+        assert re.search(r"integrity failure: inode \d+ header: ", mount.log_text())
+    # put back as it was: the same mount reads it again
+    with open(victim, "r+b") as f:
+        f.write(raw[:HEADER_LEN])
+    assert mount.path("victim").read_bytes() == content

@@ -87,7 +87,7 @@ class ContentIO(Core):
         if inode.content is None:
             try:
                 try:
-                    content = ContentFile.load(inode.fd, self._keyring(uid))
+                    content = ContentFile.load(inode.fd, self._keyring(uid), inode.checked)
                 except BlockError:
                     if not self._newer_generation(inode.fd):
                         raise
@@ -101,6 +101,7 @@ class ContentIO(Core):
                 log.warning("inode %d: layout hint disagrees with the header; header used",
                             inode.ino)
             inode.content = content
+            inode.checked = content.checked
             inode.meta = (content.overhead, content.h_len)
         return inode.content
 
@@ -116,7 +117,9 @@ class ContentIO(Core):
                    for st in stanzas if len(st.body) >= 4)
 
     def _unload_content(self, inode: Inode) -> None:
-        """Forget the header once no handle is open: the next open checks it again.
+        """Forget the content engine once no handle is open: the next open reads
+        the header again and checks it (comparing its bytes with the header kept
+        in ``inode.checked``, or authenticating it in full if they differ).
         Shared storage: also close the backing file (keep an O_PATH descriptor),
         so that its attributes come from the backing filesystem again."""
         if not inode.handles:

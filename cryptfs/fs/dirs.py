@@ -221,7 +221,8 @@ class Directories(Core):
                     owner = self._owner(ctx, parent)
                     if owner is not None:
                         os.fchown(fd, *owner)
-                    content = ContentFile.create(fd, *self._new_file_keys(parent, ctx.uid))
+                    content = ContentFile.create(fd, *self._new_file_keys(parent, ctx.uid),
+                                                 opener=self._made_keyring(ctx.uid))
                     self._set_layout_hint(fd, content)
                     if made != backing:
                         # The header must be in the storage before the name is:
@@ -239,6 +240,7 @@ class Directories(Core):
             return self._create_existing(parent, backing, flags, ctx)
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
+        inode.checked = content.checked
         inode.meta = (content.overhead, content.h_len)
         handle = PlainHandle(inode, ctx.uid, readable(flags), own_only=ctx.uid in self._masked)
         return self._open_handle(handle, ctx.pid, decision), self._attr(inode, st)

@@ -202,6 +202,7 @@ class Gate(Core):
         self._names.clear()
         for inode in self._inodes.values():
             inode.content = None  # reloaded (header checked again) at the next use
+            inode.checked = None  # (and no key of the old keyrings stays held)
             if inode.kind == stat.S_IFLNK:
                 inode.meta = None  # a decrypted symlink target
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cryptfs.content import ContentFile
+from cryptfs.content import CheckedHeader, ContentFile
 from cryptfs.decision import ALLOWED, Decision
 
 
@@ -19,7 +19,7 @@ class Inode:
     """What the filesystem holds for one inode the kernel has looked up."""
 
     __slots__ = ("ino", "fd", "access", "kind", "nlookup", "handles", "diriv", "meta", "content",
-                 "viewed", "agent_rows")
+                 "checked", "viewed", "agent_rows")
 
     def __init__(self, ino: int, fd: int, kind: int, access: int = os.O_PATH) -> None:
         self.ino = ino
@@ -31,6 +31,9 @@ class Inode:
         self.diriv: bytes | None = None  # directories
         self.meta: Any = None  # regular: (block overhead, header length); symlink: target
         self.content: ContentFile | None = None  # regular files while open
+        # Regular files: the header last checked, kept after the last close so the
+        # next open compares bytes instead of authenticating again (CheckedHeader).
+        self.checked: CheckedHeader | None = None
         self.viewed = False  # a masked or encrypted view was served: its pages may be cached
         self.agent_rows = False  # marked (AGENT_ROWS_XATTR) as written by a masked role
 
