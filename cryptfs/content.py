@@ -176,9 +176,10 @@ class ContentFile:
         """Initialise an empty backing file: header (a new one, or ``header``)
         plus one empty final block.
 
-        ``opener``, when given, is a keyring that opens this header (the
-        volume's keys, for a header wrapped to the volume key alone): the header
-        is then known to it as checked (:class:`CheckedHeader`)."""
+        ``opener``, when given, is the keyring the creator's next open will use
+        (the mount's; it holds the volume's keys): a symmetric header is then
+        known to it as checked (:class:`CheckedHeader`).  A hybrid one is not:
+        only its recipients' keys open it, whatever it was made with."""
         hdr = header or FileHeader.new(mode, wrapper)
         cf = cls(fd, hdr, 0)
         raw = hdr.encode()

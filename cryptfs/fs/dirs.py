@@ -222,7 +222,7 @@ class Directories(Core):
                     if owner is not None:
                         os.fchown(fd, *owner)
                     content = ContentFile.create(fd, *self._new_file_keys(parent, ctx.uid),
-                                                 opener=self._made_keyring(ctx.uid))
+                                                 opener=self._keyring(ctx.uid))
                     self._set_layout_hint(fd, content)
                     if made != backing:
                         # The header must be in the storage before the name is:

@@ -94,11 +94,6 @@ class FileKeys(Core):
             self._keyrings[key] = ring
         return ring
 
-    def _made_keyring(self, uid: int) -> Keyring | None:
-        """The keyring ``uid``'s next open will use, if it is made already (a
-        new file's header is then known to it as checked: ContentFile.create)."""
-        return self._keyrings.get(uid if self.gated else None)
-
     def _check_recipient(self, content: ContentFile, uid: int) -> None:
         """A hybrid file's key already in memory is still only for its recipients."""
         hdr = content.header
