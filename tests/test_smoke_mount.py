@@ -74,7 +74,10 @@ def test_the_daemon_polls_for_requests_unless_told_not_to(mount: Mount) -> None:
         mount.path(f"f{i}").write_bytes(b"x" * 100)
     mount.stop()
     polled, _, sleeps = _loop_line(mount)
-    assert polled > 200 and polled > sleeps, (polled, sleeps)
+    # About 1,400 requests.  How many arrive within the poll window depends on the
+    # host's scheduling: 351-1,372 found by polling in 30 runs here (once fewer than
+    # the sleeps), so the bound is one that only a loop that does not poll misses.
+    assert polled >= 100, (polled, sleeps)
     mount.start("--idle-poll", "0")
     for i in range(200):
         assert mount.path(f"f{i}").read_bytes() == b"x" * 100
