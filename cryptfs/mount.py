@@ -37,7 +37,9 @@ FSNAME = "cryptfs"
 
 
 def check_mountpoint(mountpoint: str) -> str:
-    mnt = os.path.abspath(mountpoint)
+    # (resolved now, while nothing is mounted there: the kernel lists the mount
+    # under this path, and resolving it later would stat the mount itself)
+    mnt = os.path.realpath(mountpoint)
     if not os.path.exists(mnt):
         raise MountError(f"mountpoint {mnt} does not exist", hint=f"mkdir -p {mnt}")
     if not os.path.isdir(mnt):
@@ -178,18 +180,27 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
         raise MountError(f"FUSE mount failed: {e}",
                          hint="is the mountpoint busy, or allow_other not permitted "
                               "(user_allow_other in /etc/fuse.conf)?") from None
-    log.info("mounted %s on %s%s", vol.backing, mnt,
-             " (shared storage: nothing cached)" if shared_storage else "")
-    sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted on {mnt}")
-    if pid_file:
-        with open(pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    if ready_fd is not None:
-        os.write(ready_fd, b"OK")
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 2)  # (messages go to the log from here on)
-        os.dup2(null, ready_fd)  # (the parent has its answer: a later failure goes to the log)
-        os.close(null)
+
+    def ready() -> None:
+        # (inside the try below: a pid file that cannot be written unmounts
+        # again, rather than leave a mount behind a failed command)
+        if pid_file:
+            try:
+                with open(pid_file, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as e:
+                raise MountError(f"cannot write the pid file {pid_file}: {e.strerror or e}",
+                                 hint="nothing stays mounted; give --pid-file a writable path"
+                                 ) from None
+        log.info("mounted %s on %s%s", vol.backing, mnt,
+                 " (shared storage: nothing cached)" if shared_storage else "")
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=mounted on {mnt}")
+        if ready_fd is not None:
+            os.write(ready_fd, b"OK")
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 2)  # (messages go to the log from here on)
+            os.dup2(null, ready_fd)  # (the parent has its answer: a later failure goes to the log)
+            os.close(null)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -225,9 +236,12 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
             nursery.cancel_scope.cancel()
 
     try:
+        ready()
         trio.run(run)
     except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):
+        if isinstance(e, CryptfsError):
+            log.error("%s: unmounting", e)
+        elif not isinstance(e, KeyboardInterrupt):
             log.exception("the filesystem daemon failed: unmounting")
         raise
     finally:
@@ -267,6 +281,9 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
     log_handler = log_file_handler(os.path.abspath(log_file)) if log_file else None
     if pid_file:
         pid_file = os.path.abspath(pid_file)
+        if not os.path.isdir(os.path.dirname(pid_file)):
+            raise UsageError(f"cannot write the pid file {pid_file}: "
+                             f"{os.path.dirname(pid_file)} is not a directory")
     if foreground:
         setup_logging(log_handler, foreground=True)
         serve(vol, mnt, opts, None, pid_file, side_tasks, audit, shared_storage, poll_us)

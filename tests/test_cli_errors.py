@@ -15,14 +15,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import CRYPTFS, TEST_KDF, Mount, make_volume, run_cli, unlock
+from conftest import CRYPTFS, TEST_KDF, Mount, _fuse_listed, make_volume, run_cli, unlock
 from cryptfs.config import save_config
 from cryptfs.errors import EXIT_CODES
 from cryptfs.secret import Secret
@@ -467,3 +467,46 @@ def test_the_agents_new_log_file_is_private(tmp_path: Path) -> None:
         assert f"listening on {agent.socket}" in agent.log_text()
     finally:
         assert agent.stop() == 0
+
+
+def test_a_pid_file_in_no_directory_is_a_usage_error(backing: Path, tmp_path: Path,
+                                                     passfile: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pid = tmp_path / "no" / "such" / "daemon.pid"
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  "--pid-file", str(pid), check=False)
+    assert_one_error(res, 2, f"cannot write the pid file {pid}: {pid.parent} is not a directory")
+    assert not os.path.ismount(mnt)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], check=True)
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_a_pid_file_that_cannot_be_written_leaves_nothing_mounted(
+        foreground: bool, backing: Path, tmp_path: Path, passfile: Path,
+        read_only_dir: Path) -> None:
+    """The pid file is written once the volume is mounted (it says the mount is ready):
+    if that fails, the mount goes again before the command fails.  (It used to stay,
+    and the daemon hung on it, stat'ing the mount whose INIT nobody would answer.)"""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pid, log = read_only_dir / "daemon.pid", tmp_path / "daemon.log"
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  "--pid-file", str(pid), "--log-file", str(log),
+                  *(["-f"] if foreground else []), check=False)
+    assert_one_error(res, 5, f"cannot write the pid file {pid}: Read-only file system")
+    assert not os.path.ismount(mnt) and not _fuse_listed(mnt)
+    assert os.listdir(mnt) == []  # the directory itself, answering at once
+    text = log.read_text()
+    assert f"cannot write the pid file {pid}: Read-only file system: unmounting" in text
+    assert text.rstrip().endswith(f"unmounted {mnt}")

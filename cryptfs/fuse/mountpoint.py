@@ -148,13 +148,16 @@ def is_mounted(mountpoint: str) -> bool:
     """Whether ``mountpoint`` is a mount point in this mount namespace.  Unlike
     os.path.ismount this is also true for a FUSE mount whose daemon died (stat fails
     there with ENOTCONN)."""
-    target = os.path.realpath(mountpoint)
+    listed = set()
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            field = line.split(b" ", 5)[4]
-            if _unescape(field) == target:
-                return True
-    return False
+            listed.add(_unescape(line.split(b" ", 5)[4]))
+    # The path as given first: resolving it stats the mount's root, which for a
+    # FUSE mount whose INIT is not answered yet (a failure between mount and
+    # serving) blocks until someone answers -- here, nobody.
+    if os.path.abspath(mountpoint) in listed:
+        return True
+    return os.path.realpath(mountpoint) in listed
 
 
 def _unescape(field: bytes) -> str:
