@@ -6,6 +6,7 @@ Mount tests need root and /dev/fuse.  Where they cannot get them they fail
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -131,6 +132,17 @@ class Mount:
 
     def path(self, *parts: str) -> Path:
         return self.mnt.joinpath(*parts)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs on a new directory ``where`` (``-o options``), unmounted after."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _fuse_listed(mnt: Path) -> bool:

@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 
-from conftest import CRYPTFS, TEST_KDF, Mount, _fuse_listed, make_volume, run_cli, unlock
+from conftest import (
+    CRYPTFS,
+    TEST_KDF,
+    Mount,
+    _fuse_listed,
+    make_volume,
+    run_cli,
+    tmpfs,
+    unlock,
+)
 from cryptfs.config import save_config
 from cryptfs.errors import EXIT_CODES
 from cryptfs.secret import Secret
@@ -482,13 +491,8 @@ def test_a_pid_file_in_no_directory_is_a_usage_error(backing: Path, tmp_path: Pa
 
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], check=True)
-    try:
+    with tmpfs(tmp_path / "ro", "ro") as ro:
         yield ro
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
 
 
 @pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])

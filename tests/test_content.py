@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import tmpfs
 from cryptfs.content import (
     BS,
     READ_AHEAD,
@@ -174,15 +175,8 @@ def test_blocks_swapped_or_copied_between_files_fail(tmp_path, mode) -> None:
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A real 256 KiB tmpfs, to run out of space on."""
-    import subprocess
-
-    d = tmp_path / "tiny"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], check=True)
-    try:
+    with tmpfs(tmp_path / "tiny", "size=256k") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def test_disk_full_keeps_the_old_content(tiny_fs, mode) -> None:
