@@ -247,3 +247,29 @@ def test_a_create_that_meets_another_servers_file_opens_it_by_its_mode(backing) 
         b.close()
         for v in vols:
             v.close()
+
+
+def test_only_the_most_recent_headers_are_kept_between_opens(ops, monkeypatch) -> None:
+    """A header kept between opens costs about 2.4 KB: beyond KEPT_HEADERS the one
+    kept longest ago goes (that file's next open authenticates it in full); a
+    forgotten inode keeps none; dropping the keys drops them all."""
+    import cryptfs.fs.core as core
+
+    monkeypatch.setattr(core, "KEPT_HEADERS", 3)
+    made = []
+    for i in range(5):
+        fi, entry = run(ops.create, ROOT, f"f{i}".encode(), stat.S_IFREG | 0o600, os.O_RDWR, CTX)
+        assert run(ops.write, fi.fh, 0, f"content {i}".encode()) == 9
+        run(ops.release, fi.fh)
+        made.append(ops._inodes[entry.nodeid])
+    assert [i.checked is not None for i in made] == [False, False, True, True, True]
+    assert list(ops._kept) == made[2:]
+    # the oldest file opens (its header authenticated in full) and is kept again
+    fi = run(ops.open, made[0].ino, os.O_RDONLY, CTX)
+    assert run(ops.read, fi.fh, 0, 100) == b"content 0"
+    run(ops.release, fi.fh)
+    assert list(ops._kept) == [made[3], made[4], made[0]] and made[2].checked is None
+    run(ops.forget, [(made[4].ino, 1)])
+    assert made[4].ino not in ops._inodes and list(ops._kept) == [made[3], made[0]]
+    ops._drop_keys()
+    assert not ops._kept and all(i.checked is None for i in made)

@@ -101,7 +101,7 @@ class ContentIO(Core):
                 log.warning("inode %d: layout hint disagrees with the header; header used",
                             inode.ino)
             inode.content = content
-            inode.checked = content.checked
+            self._keep_checked(inode, content.checked)
             inode.meta = (content.overhead, content.h_len)
         return inode.content
 

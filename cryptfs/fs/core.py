@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ import trio
 
 from cryptfs import follow, links, rotate, views
 from cryptfs.audit import Auditor
-from cryptfs.content import ContentFile
+from cryptfs.content import CheckedHeader, ContentFile
 from cryptfs.decision import Decision, Op
 from cryptfs.fs.closer import Closer
 from cryptfs.fs.inodes import Handle, Inode, MaskedView, PlainHandle, _Dir
@@ -49,6 +50,9 @@ log = logging.getLogger("cryptfs")
 ROOT = ROOT_ID
 ROOT_ATTR_TIMEOUT = 60.0  # seconds
 HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
+# Headers kept between opens (CheckedHeader, about 2.4 KB each with its cipher):
+# the most recently checked ones, so a tree of 100,000 files costs ~10 MB, not 240.
+KEPT_HEADERS = 4096
 MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view (memory)
 GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 
@@ -219,6 +223,7 @@ class Core:
         root = Inode(ROOT, root_fd, stat.S_IFDIR)
         root.nlookup = 1
         self._inodes: dict[int, Inode] = {ROOT: root}
+        self._kept: OrderedDict[Inode, None] = OrderedDict()  # inodes with .checked, oldest first
         self._files: dict[int, Handle] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
@@ -300,9 +305,31 @@ class Core:
         inode.nlookup += count
         return inode, st
 
+    def _keep_checked(self, inode: Inode, checked: CheckedHeader | None) -> None:
+        """Keep ``checked`` on the inode for its next open, forgetting the header
+        kept longest ago beyond KEPT_HEADERS (that file's next open authenticates
+        its header in full again)."""
+        inode.checked = checked
+        kept = self._kept
+        if checked is None:
+            kept.pop(inode, None)
+            return
+        kept[inode] = None
+        kept.move_to_end(inode)
+        if len(kept) > KEPT_HEADERS:
+            kept.popitem(last=False)[0].checked = None
+
+    def _forget_checked(self) -> None:
+        """Drop every kept header (the keys they were checked with are gone)."""
+        for inode in self._kept:
+            inode.checked = None
+        self._kept.clear()
+
     def _maybe_drop(self, inode: Inode) -> None:
         if inode.nlookup <= 0 and not inode.handles and inode.ino != ROOT:
             del self._inodes[inode.ino]
+            if inode.checked is not None:
+                self._keep_checked(inode, None)
             self._paths.pop(inode.ino, None)
             if self.shared_storage:
                 os.close(inode.fd)

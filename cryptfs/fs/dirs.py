@@ -240,7 +240,7 @@ class Directories(Core):
             return self._create_existing(parent, backing, flags, ctx)
         inode, st = self._remember(parent.fd, backing, os.fstat(fd), opened=(fd, os.O_RDWR))
         inode.content = content
-        inode.checked = content.checked
+        self._keep_checked(inode, content.checked)
         inode.meta = (content.overhead, content.h_len)
         handle = PlainHandle(inode, ctx.uid, readable(flags), own_only=ctx.uid in self._masked)
         return self._open_handle(handle, ctx.pid, decision), self._attr(inode, st)

@@ -200,9 +200,9 @@ class Gate(Core):
         self._program_rules = False
         self._plain_paths.clear()
         self._names.clear()
+        self._forget_checked()  # (no file key of the old keys stays held)
         for inode in self._inodes.values():
             inode.content = None  # reloaded (header checked again) at the next use
-            inode.checked = None  # (and no key of the old keyrings stays held)
             if inode.kind == stat.S_IFLNK:
                 inode.meta = None  # a decrypted symlink target
 

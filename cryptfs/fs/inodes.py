@@ -32,7 +32,8 @@ class Inode:
         self.meta: Any = None  # regular: (block overhead, header length); symlink: target
         self.content: ContentFile | None = None  # regular files while open
         # Regular files: the header last checked, kept after the last close so the
-        # next open compares bytes instead of authenticating again (CheckedHeader).
+        # next open compares bytes instead of authenticating again (CheckedHeader;
+        # set through Core._keep_checked, which bounds how many are kept).
         self.checked: CheckedHeader | None = None
         self.viewed = False  # a masked or encrypted view was served: its pages may be cached
         self.agent_rows = False  # marked (AGENT_ROWS_XATTR) as written by a masked role
