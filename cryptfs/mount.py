@@ -271,6 +271,18 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
     return 0
 
 
+def _outside_volume(vol: Volume | LockedVolume, mnt: str, what: str, path: str) -> None:
+    """Refuse a daemon's own file inside the backing directory (it would replace
+    or append to the volume's files: its config, say) or inside the mount (the
+    daemon would wait on itself)."""
+    where = os.path.realpath(path)
+    for top, name in ((os.path.realpath(vol.backing), "the volume's backing directory"),
+                      (mnt, "the mountpoint")):
+        if where == top or where.startswith(top.rstrip(os.sep) + os.sep):
+            raise UsageError(f"the {what} {path} is inside {name} {top}",
+                             hint="put it outside both, e.g. under /var/log or /run")
+
+
 def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: bool,
                  options: Iterable[str], log_file: str | None = None,
                  pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
@@ -278,6 +290,9 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
                  poll_us: int | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
     opts = fuse_options(vol, options)
+    for what, path in (("log file", log_file), ("pid file", pid_file)):
+        if path:
+            _outside_volume(vol, mnt, what, path)
     log_handler = log_file_handler(os.path.abspath(log_file)) if log_file else None
     if pid_file:
         pid_file = os.path.abspath(pid_file)

@@ -34,6 +34,7 @@ from cryptfs.errors import BackingIOError, NotAVolume, UsageError, WrongPassphra
 from cryptfs.fsck import Checker, Problem
 from cryptfs.keys import VolumeKeys
 from cryptfs.modes import IntegrityError, NotForMe, x25519
+from cryptfs.mounttable import mounts
 from cryptfs.secret import Secret
 from cryptfs.volume import RecoveredVolume, Volume
 
@@ -309,10 +310,27 @@ class Extractor(Checker):
                 os.unlink(tmp)
 
 
+def _refuse_inside_volume(backing: str, out: str) -> None:
+    """Plaintext never goes into the volume it comes from: inside the backing
+    directory it would lie unencrypted among the ciphertext (and read as damage);
+    inside a mount of the volume the walk would find what it writes, without end."""
+    where = os.path.realpath(out)
+    top = os.path.realpath(backing)
+    if where == top or where.startswith(top.rstrip(os.sep) + os.sep):
+        raise UsageError(f"{out} is inside the volume's backing directory {top}",
+                         hint="recover into a directory outside the volume")
+    for mp, fstype, source in mounts():
+        if (fstype.startswith("fuse") and source == "cryptfs:" + top
+                and (where == mp or where.startswith(mp.rstrip(os.sep) + os.sep))):
+            raise UsageError(f"{out} is inside {mp}, a mount of the volume being recovered",
+                             hint="recover into a directory outside the volume")
+
+
 def extract(vol: RecoveredVolume, out: str, only: list[bytes],
             on_problem: Callable[[Problem], None] | None = None,
             on_file: Callable[[str], None] | None = None) -> Extracted:
     """Write the plaintext of the volume (or of the paths in ``only``) under ``out``."""
+    _refuse_inside_volume(vol.backing, out)
     try:
         os.makedirs(out, exist_ok=True)
         if os.listdir(out):

@@ -74,6 +74,10 @@ def bind_socket(path: str) -> socket.socket:
         raise click.ClickException(f"{directory} must be owned by uid {os.geteuid()} and "
                                    "writable by it alone")
     if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            # (only a stale socket is removed: never a file someone named by mistake)
+            raise click.ClickException(f"{path} exists and is not a socket: "
+                                       "name a new path, or remove it first")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)

@@ -514,3 +514,37 @@ def test_a_pid_file_that_cannot_be_written_leaves_nothing_mounted(
     text = log.read_text()
     assert f"cannot write the pid file {pid}: Read-only file system: unmounting" in text
     assert text.rstrip().endswith(f"unmounted {mnt}")
+
+
+def test_the_agent_never_removes_a_file_that_is_not_a_socket(tmp_path: Path) -> None:
+    """--socket naming an existing regular file by mistake: refused, the file kept
+    (only a stale socket of an agent that is gone is replaced)."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("an admin's notes\n")
+    res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket",
+                          str(victim)], capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 1 and f"{victim} exists and is not a socket" in res.stderr
+    assert victim.read_text() == "an admin's notes\n"
+
+
+@pytest.mark.parametrize("option,where", [
+    ("--pid-file", "backing/cryptfs.conf"), ("--log-file", "backing/cryptfs.conf"),
+    ("--pid-file", "backing/tree/x"), ("--log-file", "mnt/daemon.log")])
+def test_a_daemon_file_inside_the_volume_or_its_mount_is_refused(
+        option: str, where: str, backing: Path, tmp_path: Path, passfile: Path) -> None:
+    """A pid file over the config replaced the volume's key slots; a log inside the
+    mount would make the daemon wait on itself."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    config = (backing / "cryptfs.conf").read_bytes()
+    target = tmp_path / where
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  option, str(target), check=False)
+    top, name = (mnt, "the mountpoint") if where.startswith("mnt") else (
+        backing, "the volume's backing directory")
+    assert_one_error(res, 2, f"the {option[2:].replace('-', ' ')} {target} is inside "
+                             f"{name} {top}")
+    assert (backing / "cryptfs.conf").read_bytes() == config
+    assert not os.path.ismount(mnt) and not (backing / "tree" / "x").exists()

@@ -230,3 +230,30 @@ def test_init_never_overwrites_a_key_file_and_leaves_none_on_failure(tmp_path: P
                   str(tmp_path / "new.key"), *FAST, check=False)
     assert res.returncode == 2 and "not empty" in res.stderr
     assert not (tmp_path / "new.key").exists()
+
+
+def test_plaintext_is_never_recovered_into_the_volume_itself(tmp_path: Path,
+                                                             passfile: Path) -> None:
+    """--out inside the backing directory put plaintext among the ciphertext (and fsck
+    then found damage); inside a mount of the volume the walk found what it wrote
+    and recursed until Python gave up, leaving hundreds of nested copies."""
+    backing, key, files = _populated(tmp_path, passfile, "aes-256-gcm")
+    before = sorted(p.relative_to(backing) for p in backing.rglob("*"))
+    m = new_mount(tmp_path, backing, passfile, "mnt2")
+    m.start()
+    try:
+        seen = sorted(p.relative_to(m.mnt) for p in m.mnt.rglob("*"))
+        for out, where in ((backing / "tree" / "plain", "the volume's backing directory"),
+                           (backing, "the volume's backing directory"),
+                           (m.mnt / "recovered", "a mount of the volume being recovered")):
+            res = run_cli("recover", str(backing), "--recovery-key", str(key), "--out",
+                          str(out), check=False)
+            assert res.returncode == 2, res.stderr
+            assert "cryptfs: error: " in res.stderr and where in res.stderr
+            assert "Traceback" not in res.stderr
+            assert out == backing or not out.exists()
+        assert sorted(p.relative_to(m.mnt) for p in m.mnt.rglob("*")) == seen
+    finally:
+        m.stop()
+    assert sorted(p.relative_to(backing) for p in backing.rglob("*")) == before
+    assert run_cli("fsck", str(backing), "--passphrase-file", str(passfile)).returncode == 0

@@ -162,7 +162,7 @@ def parse_time(text: str) -> int:
     """ns since the epoch from ISO 8601 (naive means UTC) or a number of seconds."""
     try:
         return int(decimal.Decimal(text) * 10**9)  # (exact: a float loses the nanoseconds)
-    except (decimal.InvalidOperation, ValueError):
+    except (decimal.InvalidOperation, ValueError, OverflowError):  # (inf, nan: not a time)
         pass
     try:
         dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
