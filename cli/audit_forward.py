@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -11,6 +12,7 @@ import click
 from cryptfs.audit import syslog
 from cryptfs.cli.audit import audit, make_filter, selection_options
 from cryptfs.cli.common import reports_errors
+from cryptfs.errors import UsageError
 
 
 @audit.command("forward")
@@ -59,6 +61,8 @@ def forward(logdir: str, target: str, state: str | None, from_start: bool, facil
     the collector cannot be reached at start.
     """
     host, port = syslog.parse_target(target)
+    if state is not None:
+        _state_outside_the_log(logdir, state)
     if hostname is not None:
         syslog.check_hostname(hostname)
     stopping: list[int] = []
@@ -82,3 +86,14 @@ def forward(logdir: str, target: str, state: str | None, from_start: bool, facil
         for s, old in previous.items():
             signal.signal(s, old)
         logger.removeHandler(handler)
+
+
+def _state_outside_the_log(logdir: str, state: str) -> None:
+    """A state file may live in LOGDIR (the default does) under a ``.cursor`` name
+    only: any other name there may be one of the log's own files (audit.key holds
+    JSON with a seq too, and was once taken for a state file and overwritten)."""
+    where = os.path.realpath(state)
+    top = os.path.realpath(logdir)
+    if where.startswith(top.rstrip(os.sep) + os.sep) and not where.endswith(".cursor"):
+        raise UsageError(f"--state {state} is inside the log directory {logdir}",
+                         hint="name it *.cursor there, or put it elsewhere")

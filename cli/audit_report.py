@@ -73,6 +73,14 @@ def report(logdirs: tuple[str, ...], out: str, keys: tuple[str, ...], since: str
       cryptfs audit report /var/log/cryptfs/customers /var/log/cryptfs/agent \\
           --key customers.pub --key agent.pub --since 2026-11-01 --html report.html
     """
+    where = os.path.realpath(out)
+    for logdir in logdirs:
+        top = os.path.realpath(logdir)
+        if where.startswith(top.rstrip(os.sep) + os.sep):
+            # (it would replace a segment or the key if it named one: the log is not
+            # a place for anything but the log)
+            raise UsageError(f"--html {out} is inside the log directory {logdir}",
+                             hint="write the report outside the log")
     sources = _sources(logdirs, keys)
     check_together(list(logdirs))
     rep = write_report(sources, out, since=parse_time(since) if since else None,

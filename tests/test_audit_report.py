@@ -305,6 +305,18 @@ def tampered(logs: Logs) -> Rendered:
     return Rendered(out, dom(chromium("--dump-dom", out.as_uri())), res)
 
 
+def test_the_report_is_never_written_into_a_log(logs: Logs) -> None:
+    """--html naming one of the log's files replaced a segment (or the key) with the
+    page; anything inside a LOGDIR is refused, and the log stays as it was."""
+    own = {p.name: p.read_bytes() for p in logs.customers.iterdir()}
+    for name in [*own, "report.html"]:
+        out = logs.customers / name
+        res = run_cli("audit", "report", str(logs.customers), "--html", str(out), check=False)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"--html {out} is inside the log directory {logs.customers}" in res.stderr
+    assert {p.name: p.read_bytes() for p in logs.customers.iterdir()} == own
+
+
 # -- what the page shows -------------------------------------------------------------------------
 def test_sections_in_order_verdict_first(good: Rendered) -> None:
     assert good.cli.returncode == 0, good.cli.stderr

@@ -527,6 +527,13 @@ def test_refusals(tmp_path: Path, logdir: Path) -> None:
                      "record 2 in")
     res = forward(str(tmp_path / "missing"), "--to", to)
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    # The log's own files are never taken for a state file (audit.key is JSON with a
+    # seq too, and was once overwritten by a forwarder that could not connect).
+    own = {p.name: p.read_bytes() for p in logdir.iterdir()}
+    for name in (n for n in own if not n.endswith(".cursor")):  # (a cursor may live there)
+        assert_one_error(forward(str(logdir), "--to", to, "--state", str(logdir / name)), 2,
+                         f"--state {logdir / name} is inside the log directory {logdir}")
+    assert {p.name: p.read_bytes() for p in logdir.iterdir()} == own
 
 
 def test_a_log_it_cannot_read() -> None:
