@@ -16,7 +16,7 @@ from cryptfs.audit.chain import parse_verifier
 from cryptfs.audit.collector import read_collector
 from cryptfs.audit.export import FORMATS, WRITERS, Filter, parse_time, records
 from cryptfs.audit.export import follow as follow_records
-from cryptfs.audit.merge import check_together, follow_many, merged
+from cryptfs.audit.merge import check_together, follow_many, holds_log, merged
 from cryptfs.audit.verify import Verdict
 from cryptfs.audit.verify import verify as verify_log
 from cryptfs.audit.writer import init_log
@@ -100,6 +100,8 @@ def verify(logdirs: tuple[str, ...], keys: tuple[str, ...], max_age: float | Non
         raise UsageError(f"{len(keys)} --key for {len(logdirs)} LOGDIR: give one per LOGDIR, in "
                          "the same order")
     publics = [_read_key(k) for k in keys]
+    for logdir in logdirs:
+        holds_log(logdir)  # (an empty or wrong directory is not a valid log)
     check_together(list(logdirs))
     if len(logdirs) == 1:
         v = _verify_one(logdirs[0], publics[0], max_age)
@@ -150,7 +152,9 @@ def _verify_one(logdir: str, public: bytes, max_age: float | None) -> Verdict:
         click.echo(f"first bad: {v.first_bad}")
     if v.ok:
         click.echo("verdict: valid" + (f" ({v.unsealed} record(s) after the last seal are not "
-                                       "proven yet)" if v.unsealed else ""))
+                                       "proven yet)" if v.unsealed else "")
+                   + ("; it holds no record: new, or every segment removed (--max-age "
+                      "tells them apart)" if not v.segments else ""))
     return v
 
 

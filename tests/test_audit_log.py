@@ -163,6 +163,23 @@ def test_a_cut_tail_inside_a_record_is_found(log: tuple[Path, str]) -> None:
     assert not v.ok and v.modified >= 1
 
 
+@pytest.mark.parametrize("which", [0, -1], ids=["closed segment", "last segment"])
+def test_a_nul_written_into_a_segment_hides_nothing(log: tuple[Path, str], which: int) -> None:
+    """Readers stop at the first NUL (a live segment's reserved tail), so one NUL
+    written before a segment's records hid them all and the log still verified."""
+    d, pub = log
+    seg = segments(d)[which]
+    raw = seg.read_bytes()
+    at = raw.index(b"\n") + 1  # the first record, after the segment's header
+    seg.write_bytes(raw[:at] + b"\0" + raw[at + 1:])
+    v = verdict(d, pub)
+    assert not v.ok and v.modified >= 1
+    assert any(f"{seg.name}: bytes other than NUL after the NUL bytes at offset {at}" in p
+               for p in v.problems), v.problems
+    seg.write_bytes(raw)  # put back: whole again, and a crashed writer's NUL tail is fine
+    assert verdict(d, pub).ok
+
+
 def test_a_cut_tail_shows_as_a_stale_last_seal(tmp_path: Path) -> None:
     """Whole records and seals cut from the end leave a valid prefix: what gives
     it away is the time of its last seal (the writer seals at least every
@@ -226,6 +243,15 @@ def test_cli_verify_reports_and_exits(log: tuple[Path, str]) -> None:
     assert res.stderr.startswith("cryptfs: error: the access log") and "Traceback" not in res.stderr
     res = run_cli("audit", "verify", str(d), "--key", "not-a-key", check=False)
     assert res.returncode == 2 and "not an audit verifier key" in res.stderr
+    empty = d.parent / "not-a-log"
+    empty.mkdir()
+    res = run_cli("audit", "verify", str(empty), "--key", pub, check=False)
+    assert res.returncode == 2 and f"{empty} holds no access log" in res.stderr
+    assert "verdict" not in res.stdout and "Traceback" not in res.stderr
+    for seg in segments(d):  # every segment removed: valid, but it says what it saw
+        seg.unlink()
+    res = run_cli("audit", "verify", str(d), "--key", pub)
+    assert "verdict: valid; it holds no record: new, or every segment removed" in res.stdout
 
 
 def test_cli_init_refuses_an_existing_log(log: tuple[Path, str]) -> None:

@@ -249,6 +249,11 @@ def raw_lines_of(path: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
     a line that is not a JSON object)."""
     with open(path, "rb") as f:
         data = f.read()  # (one copy: a live segment changes under a reader)
+    return parsed_lines(data)
+
+
+def parsed_lines(data: bytes) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """:func:`raw_lines_of` for a segment's bytes already read."""
     for raw in segment_lines(data)[0]:
         try:
             obj = json.loads(raw)

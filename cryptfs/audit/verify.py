@@ -18,7 +18,7 @@ from cryptfs.audit.chain import (
     b64,
     canonical,
     is_seq,
-    raw_lines_of,
+    parsed_lines,
     unb64,
     written_form,
 )
@@ -53,6 +53,27 @@ class Verdict:
             self.first_bad = f"{where}: {what}"
 
 
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BackingIOError(f"{path}: {e.strerror}") from None
+
+
+def _after_the_nuls(data: bytes) -> int | None:
+    """Where the NUL bytes start, if anything but NUL follows them.
+
+    Readers stop at the first NUL: a segment being written ends with reserved
+    NUL bytes (cryptfs.audit.writer), and one a crash left open may too.  But
+    nothing the writer does puts other bytes after them, so a NUL written into a
+    segment would hide every record after it -- unless this says so."""
+    nul = data.find(b"\0")
+    if nul < 0 or not data[nul:].strip(b"\0"):
+        return None
+    return nul
+
+
 def verify(logdir: str, public: bytes) -> Verdict:
     """Check a log directory with the epoch-0 public key alone."""
     v = Verdict()
@@ -75,7 +96,17 @@ def verify(logdir: str, public: bytes) -> Verdict:
             v.bad(name, f"segment {expected_index} is missing (the next present is {index})")
         expected_index = index + 1
         first = True
-        for line_no, (raw, obj) in enumerate(raw_lines_of(os.path.join(logdir, name)), 1):
+        data = _read(os.path.join(logdir, name))
+        hidden = _after_the_nuls(data)
+        if hidden is not None and name == names[-1]:
+            # (the live segment: a record may have been copied in while it was read)
+            data = _read(os.path.join(logdir, name))
+            hidden = _after_the_nuls(data)
+        if hidden is not None:
+            v.modified += 1
+            v.bad(name, f"bytes other than NUL after the NUL bytes at offset {hidden}: what "
+                        "follows is hidden from readers (overwritten, or a torn write)")
+        for line_no, (raw, obj) in enumerate(parsed_lines(data), 1):
             where = f"{name} line {line_no} (seq {obj.get('seq', '?')})"
             if "_unparsable" in obj:
                 v.modified += 1
