@@ -243,11 +243,14 @@ def export(logdirs: tuple[str, ...], syslog_file: str | None, fmt: str, since: s
                        "server's own log)", err=True)
     elif not logdirs:
         raise UsageError("give a LOGDIR (or several), or --from-syslog FILE")
-    elif len(logdirs) == 1:
-        source = records(logdirs[0])
     else:
-        check_together(list(logdirs))
-        source = merged(records(d) for d in logdirs)
+        for logdir in logdirs:
+            holds_log(logdir)  # (an empty or wrong directory printed nothing, exit 0)
+        if len(logdirs) == 1:
+            source = records(logdirs[0])
+        else:
+            check_together(list(logdirs))
+            source = merged(records(d) for d in logdirs)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _tolerant_stdout()  # `| head` ends it quietly, as with cat
     for chunk in WRITERS[fmt](r for r in source if flt(r)):
@@ -276,6 +279,8 @@ def follow(logdirs: tuple[str, ...], from_start: bool, fmt: str, since: str | No
     Ctrl-C stops it.  The csv header is printed once.
     """
     flt = make_filter(since, until, user, path_glob, events)
+    for logdir in logdirs:
+        holds_log(logdir)  # (else it would wait for a log that never comes)
     if len(logdirs) > 1:
         check_together(list(logdirs))
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)

@@ -93,6 +93,9 @@ def passphrase_option(name: str = "--passphrase-file", help_text: str | None = N
     )
 
 
+MAX_PASSPHRASE_LINE = 64 * 1024  # bytes of a passphrase file's first line, LF included
+
+
 def read_passphrase(path: str | None, prompt: str, confirm: bool = False) -> Secret:
     """From a file (first line), else from the terminal (twice if ``confirm``).
 
@@ -103,12 +106,16 @@ def read_passphrase(path: str | None, prompt: str, confirm: bool = False) -> Sec
     if path is not None:
         try:
             if path == "-":
-                line = sys.stdin.buffer.readline()
+                line = sys.stdin.buffer.readline(MAX_PASSPHRASE_LINE + 1)
             else:
                 with open(path, "rb") as f:
-                    line = f.readline()
+                    line = f.readline(MAX_PASSPHRASE_LINE + 1)
         except OSError as e:
             raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from None
+        if len(line) > MAX_PASSPHRASE_LINE:
+            # (/dev/zero, a disk image, a log named by mistake: never read to its end)
+            raise UsageError(f"the first line of passphrase file {path} is longer than "
+                             f"{MAX_PASSPHRASE_LINE} bytes: not a passphrase file")
         value = line.removesuffix(b"\n").removesuffix(b"\r")
     else:
         if not (sys.stdin.isatty() and os.isatty(sys.stderr.fileno())):

@@ -31,9 +31,9 @@ from cryptfs.policy import (
     Rule,
     load_policy,
     mode_choices,
-    normalise,
     parse_mode,
     store_policy,
+    volume_dir,
 )
 from cryptfs.volume import Volume
 
@@ -116,7 +116,7 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
         if (recipients or dropbox) and not hybrid:
             raise UsageError("--recipient and --dropbox need a hybrid mode",
                              hint="e.g. --mode hybrid")
-        rule = Rule(normalise(directory), name, hybrid, tuple(dict.fromkeys(recipients)), dropbox,
+        rule = Rule(volume_dir(directory), name, hybrid, tuple(dict.fromkeys(recipients)), dropbox,
                     trusted, untrusted, masks)
 
         def change(cfg: VolumeConfig) -> None:  # (on the config as it is now: see update_config)
@@ -238,7 +238,7 @@ def unset(backing: str, directory: str, passphrase_file: str | None) -> None:
     vol = _open(backing, passphrase_file)
     try:
         require_role(backing, vol, "policy-unset", "change the policy")
-        path = normalise(directory)
+        path = volume_dir(directory)
 
         def change(cfg: VolumeConfig) -> None:  # (on the config as it is now: see update_config)
             rules = load_policy(cfg, vol.keys)

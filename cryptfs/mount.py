@@ -289,8 +289,14 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
                  audit: LogTarget | None = None, shared_storage: bool = False,
                  poll_us: int | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
+    backing = os.path.realpath(vol.backing)
+    if mnt == backing or mnt.startswith(backing.rstrip(os.sep) + os.sep):
+        raise UsageError(f"the mountpoint {mnt} is inside the volume's backing directory "
+                         f"{backing}", hint="mount it elsewhere: the mount would hide the "
+                                            "ciphertext it serves, or serve it to itself")
     opts = fuse_options(vol, options)
-    for what, path in (("log file", log_file), ("pid file", pid_file)):
+    for what, path in (("log file", log_file), ("pid file", pid_file),
+                       ("access log", audit[0] if audit is not None else None)):
         if path:
             _outside_volume(vol, mnt, what, path)
     log_handler = log_file_handler(os.path.abspath(log_file)) if log_file else None

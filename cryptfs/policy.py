@@ -169,6 +169,15 @@ def normalise(path: str) -> str:
     return "/" + p.lstrip("/")
 
 
+def volume_dir(path: str) -> str:
+    """A directory of the volume as a user names it, normalised; ``..`` refused
+    (it named the volume's root: "../.." set the rule of the whole volume)."""
+    if ".." in path.strip().split("/"):
+        raise UsageError(f"{path!r}: a path inside the volume has no '..'",
+                         hint="name the directory from the volume's root, e.g. /customers")
+    return normalise(path)
+
+
 def parse_mode(mode: str, default: str) -> tuple[str, bool]:
     """(content mode, hybrid) from a MODE: a content mode, ``hybrid`` (with the
     volume's default content mode) or ``hybrid-<content mode>``."""

@@ -548,3 +548,45 @@ def test_a_daemon_file_inside_the_volume_or_its_mount_is_refused(
                              f"{name} {top}")
     assert (backing / "cryptfs.conf").read_bytes() == config
     assert not os.path.ismount(mnt) and not (backing / "tree" / "x").exists()
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "long"])
+def test_a_passphrase_file_without_a_short_first_line_is_refused(source: str,
+                                                                 tmp_path: Path) -> None:
+    """/dev/zero was read until memory ran out (the command hung)."""
+    path = Path(source)
+    if source == "long":
+        path = tmp_path / "long"
+        path.write_bytes(b"x" * (64 * 1024 + 1) + b"\n")
+    res = run_cli("init", str(tmp_path / "vol"), "--passphrase-file", str(path),
+                  "--no-recovery-key", check=False, timeout=30)
+    assert_one_error(res, 2, f"the first line of passphrase file {path} is longer than 65536 "
+                             "bytes")
+    assert not (tmp_path / "vol").exists()
+
+
+@pytest.mark.parametrize("where", [".", "tree/sub"])
+def test_a_mountpoint_inside_the_backing_directory_is_refused(
+        where: str, backing: Path, passfile: Path) -> None:
+    """`mount VOL VOL` hid the ciphertext behind the plaintext it served."""
+    mnt = (backing / where).resolve()
+    mnt.mkdir(exist_ok=True)
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  check=False)
+    assert_one_error(res, 2, f"the mountpoint {mnt} is inside the volume's backing directory "
+                             f"{backing.resolve()}")
+    assert not os.path.ismount(mnt) and not _fuse_listed(mnt)
+
+
+def test_an_access_log_inside_the_backing_directory_is_refused(backing: Path, tmp_path: Path,
+                                                               passfile: Path) -> None:
+    logdir = backing / "audit"
+    run_cli("audit", "init", str(logdir))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  "--audit-log", str(logdir), check=False)
+    assert_one_error(res, 2, f"the access log {logdir} is inside the volume's backing "
+                             f"directory {backing.resolve()}")
+    assert not os.path.ismount(mnt)
+    assert sorted(p.name for p in logdir.iterdir()) == ["audit.key", "audit.pub"]

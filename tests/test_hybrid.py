@@ -839,3 +839,16 @@ def test_a_hand_edited_policy_is_refused(vol: tuple[Path, Path], tmp_path: Path)
     res = run_cli("mount", str(backing), str(m.mnt), "--passphrase-file", str(pw), check=False)
     assert res.returncode == 4 and "failed authentication" in res.stderr
     assert not os.path.ismount(m.mnt)
+
+
+@pytest.mark.parametrize("where", ["../..", "/h/../..", "h/..", ".."])
+def test_a_policy_path_with_dotdot_is_refused(vol: tuple[Path, Path], where: str) -> None:
+    """'../..' was taken for the volume's root: `policy set` changed the rule of
+    every new file of the volume, and `policy unset` removed it."""
+    conf = vol[0] / "cryptfs.conf"
+    before = conf.read_bytes()
+    for args in (("set", where, "--mode", "hybrid"), ("unset", where)):
+        res = _policy(vol, *args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"{where!r}: a path inside the volume has no '..'" in res.stderr
+    assert conf.read_bytes() == before
