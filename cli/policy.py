@@ -309,6 +309,8 @@ def share(path: str, with_: tuple[str, ...], list_: bool) -> None:
     """
     if not with_ and not list_:
         raise UsageError("name a user: --with USER (or --list)")
+    if with_ and list_:  # (--list says 'only list': it shared the file all the same)
+        raise UsageError("--list only lists: give it without --with")
     if volume_of_path(path) is None:
         raise UsageError(f"{path} is not on a mounted cryptfs volume")
     if not os.path.isfile(path):

@@ -216,20 +216,20 @@ def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] 
 
 @click.command()
 @click.argument("backing", type=click.Path(file_okay=False))
-@click.option("--slots", "kind", flag_value="slots",
+@click.option("--slots", "kinds", flag_value="slots", multiple=True,
               help="New master key for every key slot and the recovery key (O(users)); "
                    "existing files keep the old generation.")
-@click.option("--wrap-key", "kind", flag_value="wrap-key",
+@click.option("--wrap-key", "kinds", flag_value="wrap-key", multiple=True,
               help="New master key, and every file header re-wrapped under it; no content "
                    "is rewritten.  Afterwards an old master opens no file key.")
-@click.option("--reencrypt", "kind", flag_value="reencrypt",
+@click.option("--reencrypt", "kinds", flag_value="reencrypt", multiple=True,
               help="New master key and a new key for every file: every block is rewritten.")
 @click.option("--recovery-key", "recovery_key", type=click.Path(dir_okay=False), metavar="FILE",
               help="The recovery key file: lets an offline rotation open hybrid files that "
                    "your user is not a recipient of.")
 @passphrase_option()
 @reports_errors
-def rotate(backing: str, kind: str | None, recovery_key: str | None,
+def rotate(backing: str, kinds: tuple[str, ...], recovery_key: str | None,
            passphrase_file: str | None) -> None:
     """Rotate the keys of the volume in BACKING.
 
@@ -238,8 +238,9 @@ def rotate(backing: str, kind: str | None, recovery_key: str | None,
     run that is interrupted (even by SIGKILL) loses nothing; running the same
     command again finishes it.  Shows progress with an ETA on a terminal.
     """
-    if kind is None:
+    if len(set(kinds)) != 1:  # (none, or two: the last one given used to win silently)
         raise click.UsageError("choose one of --slots, --wrap-key, --reencrypt")
+    kind = kinds[0]
     with opened_for_rotation(backing, passphrase_file, "Passphrase", recovery_key) as (vol, recovery):
         require_role(backing, vol, "rotation", "rotate keys")
         with recorded(backing, vol.config, "rotation", kind=kind):

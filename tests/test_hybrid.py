@@ -590,6 +590,12 @@ def test_share_refused_for_want_of_write_permission_says_so(hy: Hybrid) -> None:
     assert res.returncode == 2
     assert "not one of its recipients" not in res.stderr
     assert "permission" in res.stderr.lower()
+    # --list with --with: refused, nothing shared (it shared, although --list "only lists")
+    run_as(ALICE, "chmod", "644", str(f), check=True)
+    before = hy.share(ALICE, "h/ro.txt", "--list").stdout
+    res = hy.share(ALICE, "h/ro.txt", "--with", CAROL, "--list")
+    assert res.returncode == 2 and "--list only lists: give it without --with" in res.stderr
+    assert hy.share(ALICE, "h/ro.txt", "--list").stdout == before and CAROL not in before
 
 
 # -- a passphrase (non-agent) mount ---------------------------------------------------------------
