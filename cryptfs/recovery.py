@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import errno
 import os
+import posixpath
 import re
 import secrets
 import stat
@@ -214,7 +215,7 @@ class Extractor(Checker):
                  on_file: Callable[[str], None] | None = None) -> None:
         super().__init__(vol, on_problem)
         self.out = os.fsencode(os.path.abspath(out))
-        self.only = [b"/" + p.strip(b"/") for p in only]
+        self.only = _volume_paths(only)
         self.done = Extracted(problems=self.report.problems)
         self.on_file = on_file
 
@@ -310,6 +311,23 @@ class Extractor(Checker):
                 os.unlink(tmp)
 
 
+def _volume_paths(only: list[bytes]) -> list[bytes]:
+    """PATHs of the volume as ``/a/b``; empty (the whole volume) if one of them
+    is the root ("/", "." or "": each recovered nothing before).  '..' refused."""
+    out = []
+    for p in only:
+        if b".." in p.split(b"/"):
+            raise UsageError(f"{os.fsdecode(p)!r}: a path inside the volume has no '..'",
+                             hint="name it from the volume's root, e.g. calls/2026")
+        norm = posixpath.normpath(b"/" + p)
+        if norm.startswith(b"//"):  # (normpath keeps a leading // as it is)
+            norm = b"/" + norm.lstrip(b"/")
+        if norm == b"/":
+            return []
+        out.append(norm)
+    return out
+
+
 def _refuse_inside_volume(backing: str, out: str) -> None:
     """Plaintext never goes into the volume it comes from: inside the backing
     directory it would lie unencrypted among the ciphertext (and read as damage);
@@ -331,6 +349,7 @@ def extract(vol: RecoveredVolume, out: str, only: list[bytes],
             on_file: Callable[[str], None] | None = None) -> Extracted:
     """Write the plaintext of the volume (or of the paths in ``only``) under ``out``."""
     _refuse_inside_volume(vol.backing, out)
+    _volume_paths(only)  # (a bad PATH is refused before anything is made)
     try:
         os.makedirs(out, exist_ok=True)
         if os.listdir(out):

@@ -257,3 +257,24 @@ def test_plaintext_is_never_recovered_into_the_volume_itself(tmp_path: Path,
         m.stop()
     assert sorted(p.relative_to(backing) for p in backing.rglob("*")) == before
     assert run_cli("fsck", str(backing), "--passphrase-file", str(passfile)).returncode == 0
+
+
+@pytest.mark.parametrize("root", ["/", ".", "", "//"])
+def test_the_root_as_path_recovers_the_whole_volume(root: str, tmp_path: Path,
+                                                    passfile: Path) -> None:
+    """`recover VOL /` recovered 0 files with exit 0."""
+    backing, key, files = _populated(tmp_path, passfile, "aes-256-gcm")
+    out = tmp_path / "out"
+    res = run_cli("recover", str(backing), root, "--recovery-key", str(key), "--out", str(out))
+    assert f"recovered {len(files)} files" in res.stdout
+    assert (out / "calls/2026/note.txt").read_bytes() == files["calls/2026/note.txt"]
+
+
+def test_a_path_with_dotdot_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                  passfile: Path) -> None:
+    backing, key, _ = _populated(tmp_path, passfile, "aes-256-gcm")
+    out = tmp_path / "out"
+    res = run_cli("recover", str(backing), "calls/../customers.csv", "--recovery-key", str(key),
+                  "--out", str(out), check=False)
+    assert res.returncode == 2 and "a path inside the volume has no '..'" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
