@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from cryptfs import __version__
 from cryptfs.cli import agent, audit, mounting, policy, rotate, users, volume
 from cryptfs.cli.common import EXIT_CODE_HELP
+from cryptfs.errors import BackingIOError
 
 
 @click.group(epilog=EXIT_CODE_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +30,27 @@ for command in (volume.init, mounting.mount, mounting.unmount, agent.unlock, age
 
 
 def main() -> None:
-    cli(prog_name="cryptfs")
+    try:
+        cli(prog_name="cryptfs", standalone_mode=True)
+        # (what a command printed is flushed here, where a failure can still be
+        # told: at the interpreter's exit a full disk was silently ignored)
+        sys.stdout.flush()
+    except OSError as e:  # --help or --version onto a full disk, or a late flush
+        _stdout_failed(e)
+    except SystemExit as e:
+        try:
+            sys.stdout.flush()
+        except OSError as e2:
+            _stdout_failed(e2)
+        raise e
+
+
+def _stdout_failed(e: OSError) -> None:
+    try:
+        sys.stderr.write(f"cryptfs: error: cannot write standard output: {e.strerror or e}\n")
+    except OSError:
+        pass
+    os._exit(BackingIOError.exit_code)  # (no second flush of the same full buffer)
 
 
 if __name__ == "__main__":

@@ -87,11 +87,40 @@ def export(path: str, recipients: list[pyrage.x25519.Recipient], out: str | None
         return st.st_size
 
 
+class _Checked:
+    """``dst`` as pyrage writes to it, remembering a failed write: pyrage drops
+    an error that its writer raises (to a full disk, a small file's age output
+    vanished with exit 0)."""
+
+    def __init__(self, dst: BinaryIO) -> None:
+        self.dst = dst
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.dst.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.dst.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
 def _encrypt(src: BinaryIO, dst: BinaryIO, recipients: list[pyrage.x25519.Recipient],
              path: str) -> None:
+    out = _Checked(dst)
     try:
-        pyrage.encrypt_io(src, dst, recipients)
+        pyrage.encrypt_io(src, out, recipients)
+        out.flush()
     except OSError as e:
-        raise BackingIOError(f"{path}: {e.strerror or e}") from None
+        raise BackingIOError(f"{path}: {out.error.strerror if out.error else e.strerror or e}"
+                             ) from None
     except pyrage.EncryptError as e:
         raise BackingIOError(f"age encryption failed: {e}") from None
+    if out.error is not None:
+        raise BackingIOError(f"cannot write the age file: {out.error.strerror or out.error}")

@@ -130,3 +130,12 @@ def test_unmount_command_ends_the_daemon(mount: Mount) -> None:
         time.sleep(0.02)
     assert not Path(f"/proc/{pid}").exists()
     assert "unmounted" in mount.log_text()
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["info", "--help"]])
+def test_output_onto_a_full_disk_is_an_error_not_a_traceback(args: list[str]) -> None:
+    with open("/dev/full", "wb") as full:
+        res = subprocess.run(CRYPTFS + args, stdout=full, stderr=subprocess.PIPE, text=True,
+                             timeout=60)
+    assert res.returncode == 7 and "Traceback" not in res.stderr
+    assert res.stderr == "cryptfs: error: cannot write standard output: No space left on device\n"
