@@ -18,6 +18,7 @@ from cryptfs.cli.common import (
 )
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
+from cryptfs.mounttable import within
 
 
 @audit.command("attach")
@@ -43,7 +44,7 @@ def attach(backing: str, logdir: str, passphrase_file: str | None) -> None:
         raise UsageError(f"cannot read {os.path.join(logdir, PUB_NAME)}: "
                          f"{getattr(e, 'strerror', e)}") from None
     where = os.path.realpath(logdir)
-    if os.path.commonpath([where, os.path.realpath(backing)]) == os.path.realpath(backing):
+    if within(where, backing):
         raise UsageError("the access log cannot live inside the volume's backing directory")
     with read_passphrase(passphrase_file, "Passphrase") as pw:
         vol = unlock_recorded(backing, pw)

@@ -13,6 +13,7 @@ from cryptfs.audit import syslog
 from cryptfs.cli.audit import audit, make_filter, selection_options
 from cryptfs.cli.common import reports_errors
 from cryptfs.errors import UsageError
+from cryptfs.mounttable import within
 
 
 @audit.command("forward")
@@ -92,8 +93,6 @@ def _state_outside_the_log(logdir: str, state: str) -> None:
     """A state file may live in LOGDIR (the default does) under a ``.cursor`` name
     only: any other name there may be one of the log's own files (audit.key holds
     JSON with a seq too, and was once taken for a state file and overwritten)."""
-    where = os.path.realpath(state)
-    top = os.path.realpath(logdir)
-    if where.startswith(top.rstrip(os.sep) + os.sep) and not where.endswith(".cursor"):
+    if within(state, logdir) and not os.path.realpath(state).endswith(".cursor"):
         raise UsageError(f"--state {state} is inside the log directory {logdir}",
                          hint="name it *.cursor there, or put it elsewhere")

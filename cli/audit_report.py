@@ -13,6 +13,7 @@ from cryptfs.audit.report import LogSource, verdict_text, write_report
 from cryptfs.cli.audit import LogDamaged, _read_key, audit
 from cryptfs.cli.common import reports_errors
 from cryptfs.errors import UsageError
+from cryptfs.mounttable import within
 
 
 def _sources(logdirs: tuple[str, ...], keys: tuple[str, ...]) -> list[LogSource]:
@@ -73,10 +74,8 @@ def report(logdirs: tuple[str, ...], out: str, keys: tuple[str, ...], since: str
       cryptfs audit report /var/log/cryptfs/customers /var/log/cryptfs/agent \\
           --key customers.pub --key agent.pub --since 2026-11-01 --html report.html
     """
-    where = os.path.realpath(out)
     for logdir in logdirs:
-        top = os.path.realpath(logdir)
-        if where.startswith(top.rstrip(os.sep) + os.sep):
+        if within(out, logdir):
             # (it would replace a segment or the key if it named one: the log is not
             # a place for anything but the log)
             raise UsageError(f"--html {out} is inside the log directory {logdir}",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from cryptfs import rotate
 from cryptfs.errors import CryptfsError, MountError, UsageError
 from cryptfs.logfile import log_file_handler
-from cryptfs.mounttable import is_fuse_mount, mounts
+from cryptfs.mounttable import is_fuse_mount, mounts, within
 from cryptfs.volume import LockedVolume, Volume
 
 if TYPE_CHECKING:
@@ -275,10 +275,9 @@ def _outside_volume(vol: Volume | LockedVolume, mnt: str, what: str, path: str) 
     """Refuse a daemon's own file inside the backing directory (it would replace
     or append to the volume's files: its config, say) or inside the mount (the
     daemon would wait on itself)."""
-    where = os.path.realpath(path)
     for top, name in ((os.path.realpath(vol.backing), "the volume's backing directory"),
                       (mnt, "the mountpoint")):
-        if where == top or where.startswith(top.rstrip(os.sep) + os.sep):
+        if within(path, top):
             raise UsageError(f"the {what} {path} is inside {name} {top}",
                              hint="put it outside both, e.g. under /var/log or /run")
 
@@ -289,11 +288,11 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
                  audit: LogTarget | None = None, shared_storage: bool = False,
                  poll_us: int | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
-    backing = os.path.realpath(vol.backing)
-    if mnt == backing or mnt.startswith(backing.rstrip(os.sep) + os.sep):
+    if within(mnt, vol.backing):
         raise UsageError(f"the mountpoint {mnt} is inside the volume's backing directory "
-                         f"{backing}", hint="mount it elsewhere: the mount would hide the "
-                                            "ciphertext it serves, or serve it to itself")
+                         f"{os.path.realpath(vol.backing)}",
+                         hint="mount it elsewhere: the mount would hide the ciphertext it "
+                              "serves, or serve it to itself")
     opts = fuse_options(vol, options)
     for what, path in (("log file", log_file), ("pid file", pid_file),
                        ("access log", audit[0] if audit is not None else None)):

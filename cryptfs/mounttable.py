@@ -47,6 +47,12 @@ def mount_of_backing(backing: str) -> str | None:
     return found[0] if found else None
 
 
+def within(path: str, top: str) -> bool:
+    """Whether ``path`` is ``top`` or below it, both resolved (symlinks, '..')."""
+    where, top = os.path.realpath(path), os.path.realpath(top)
+    return where == top or where.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def volume_of_path(path: str) -> tuple[str, str] | None:
     """(mountpoint, path inside the volume) of a path on a cryptfs mount, or
     None if it is on none."""
@@ -55,7 +61,7 @@ def volume_of_path(path: str) -> tuple[str, str] | None:
     for mp, fstype, source in mounts():
         if not (fstype.startswith("fuse") and source.startswith("cryptfs:")):
             continue
-        if where == mp or where.startswith(mp.rstrip("/") + "/"):
+        if within(where, mp):
             if best is None or len(mp) > len(best[0]):
                 best = (mp, source)
     if best is None:

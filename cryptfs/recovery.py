@@ -35,7 +35,7 @@ from cryptfs.errors import BackingIOError, NotAVolume, UsageError, WrongPassphra
 from cryptfs.fsck import Checker, Problem
 from cryptfs.keys import VolumeKeys
 from cryptfs.modes import IntegrityError, NotForMe, x25519
-from cryptfs.mounttable import mounts
+from cryptfs.mounttable import mounts, within
 from cryptfs.secret import Secret
 from cryptfs.volume import RecoveredVolume, Volume
 
@@ -332,14 +332,12 @@ def _refuse_inside_volume(backing: str, out: str) -> None:
     """Plaintext never goes into the volume it comes from: inside the backing
     directory it would lie unencrypted among the ciphertext (and read as damage);
     inside a mount of the volume the walk would find what it writes, without end."""
-    where = os.path.realpath(out)
     top = os.path.realpath(backing)
-    if where == top or where.startswith(top.rstrip(os.sep) + os.sep):
+    if within(out, top):
         raise UsageError(f"{out} is inside the volume's backing directory {top}",
                          hint="recover into a directory outside the volume")
     for mp, fstype, source in mounts():
-        if (fstype.startswith("fuse") and source == "cryptfs:" + top
-                and (where == mp or where.startswith(mp.rstrip(os.sep) + os.sep))):
+        if fstype.startswith("fuse") and source == "cryptfs:" + top and within(out, mp):
             raise UsageError(f"{out} is inside {mp}, a mount of the volume being recovered",
                              hint="recover into a directory outside the volume")
 
