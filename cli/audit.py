@@ -21,6 +21,7 @@ from cryptfs.audit.verify import Verdict
 from cryptfs.audit.verify import verify as verify_log
 from cryptfs.audit.writer import init_log
 from cryptfs.cli.common import reports_errors
+from cryptfs.cli.params import Seconds
 from cryptfs.errors import CryptfsError, UsageError
 
 
@@ -81,7 +82,7 @@ def _read_key(key: str) -> bytes:
               help="The log's verifier key (cryptfs-audit+...), or a file holding it "
                    "(LOGDIR/audit.pub, from a copy kept elsewhere).  With several LOGDIRs, "
                    "once per LOGDIR, in the same order.")
-@click.option("--max-age", type=float, default=None, metavar="SECONDS",
+@click.option("--max-age", type=Seconds(0, min_open=True), default=None, metavar="SECONDS",
               help="Also fail if the last seal is older than this (a live log is sealed at "
                    "least every minute: an old last seal means a cut tail).")
 @reports_errors

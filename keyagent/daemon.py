@@ -16,6 +16,7 @@ import sys
 import click
 import trio
 
+from cryptfs.cli.params import Seconds
 from cryptfs.errors import CryptfsError
 from cryptfs.keyagent.client import DEFAULT_SOCKET
 from cryptfs.keyagent.server import Agent, AgentOptions
@@ -103,14 +104,14 @@ def bind_socket(path: str) -> socket.socket:
 @click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True,
               envvar="CRYPTFS_AGENT_SOCKET", metavar="PATH",
               help="Unix socket to listen on (ignored when systemd passes one).")
-@click.option("--idle-timeout", type=click.FloatRange(0), default=900, show_default=True,
+@click.option("--idle-timeout", type=Seconds(0), default=900, show_default=True,
               metavar="SECONDS", help="Lock a session after this long without use (0: never).")
-@click.option("--request-timeout", type=click.FloatRange(0.1), default=10, show_default=True,
+@click.option("--request-timeout", type=Seconds(0.1), default=10, show_default=True,
               metavar="SECONDS", help="Close a connection whose request does not arrive in time.")
-@click.option("--backoff", type=click.FloatRange(0), default=1, show_default=True,
+@click.option("--backoff", type=Seconds(0), default=1, show_default=True,
               metavar="SECONDS", help="Wait after a failed unlock; doubles with each failure "
               "in a row.")
-@click.option("--backoff-max", type=click.FloatRange(0), default=300, show_default=True,
+@click.option("--backoff-max", type=Seconds(0), default=300, show_default=True,
               metavar="SECONDS", help="Longest wait between failed unlocks.")
 @click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True,
               metavar="N", help="Answer \"busy\" to connections beyond this many at a time.")

@@ -243,6 +243,9 @@ def test_cli_verify_reports_and_exits(log: tuple[Path, str]) -> None:
     assert res.stderr.startswith("cryptfs: error: the access log") and "Traceback" not in res.stderr
     res = run_cli("audit", "verify", str(d), "--key", "not-a-key", check=False)
     assert res.returncode == 2 and "not an audit verifier key" in res.stderr
+    for age in ("nan", "inf", "-5", "0"):  # (nan passed click's range check: never failed)
+        res = run_cli("audit", "verify", str(d), "--key", pub, "--max-age", age, check=False)
+        assert res.returncode == 2 and "Invalid value for '--max-age'" in res.stderr, age
     empty = d.parent / "not-a-log"
     empty.mkdir()
     for cmd in (["verify", str(empty), "--key", pub], ["export", str(empty)],

@@ -590,3 +590,16 @@ def test_an_access_log_inside_the_backing_directory_is_refused(backing: Path, tm
                              f"directory {backing.resolve()}")
     assert not os.path.ismount(mnt)
     assert sorted(p.name for p in logdir.iterdir()) == ["audit.key", "audit.pub"]
+
+
+@pytest.mark.parametrize("option", ["--idle-timeout", "--request-timeout", "--backoff",
+                                    "--backoff-max"])
+def test_the_agent_wants_numbers_of_seconds(option: str, tmp_path: Path) -> None:
+    """'nan' passed click's range check (every comparison with it is false)."""
+    for value in ("nan", "inf"):
+        res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket",
+                              str(tmp_path / "agent.sock"), option, value],
+                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert f"Invalid value for '{option}': '{value}' is not a number of seconds" in res.stderr
+        assert not (tmp_path / "agent.sock").exists()

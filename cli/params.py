@@ -1,0 +1,22 @@
+"""Option types shared by the commands and the key agent."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+
+class Seconds(click.FloatRange):
+    """A duration in seconds within a range, and a number: click's FloatRange lets
+    ``nan`` through (every comparison with it is false) and ``inf`` above no max."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return number
