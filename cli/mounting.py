@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 
 import click
 
@@ -89,9 +90,15 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
             raise UsageError("--agent mounts take no passphrase: users unlock with cryptfs unlock")
         if os.geteuid() != 0:
             raise UsageError("a shared --agent mount must be started by root")
+        agent_at = os.path.abspath(socket_path(agent_socket))
+        if os.path.exists(agent_at) and not stat.S_ISSOCK(os.stat(agent_at).st_mode):
+            # (a missing socket is waited for: the agent may start later; a file
+            # there never answers, and every request would be refused)
+            raise UsageError(f"{agent_at} is not a socket: give the key agent's socket "
+                             "(--agent-socket)")
         locked = read_volume(backing)
         audit = _audit_for(locked.config, audit_log, audit_fail_open, server)
-        link = functools.partial(watch_agent, os.path.abspath(socket_path(agent_socket)),
+        link = functools.partial(watch_agent, agent_at,
                                  locked.backing, locked.config.volume_id.hex())
         # noexec unless asked otherwise: programs are not run from customer
         # data, and one user's lock may withdraw the pages of a file that

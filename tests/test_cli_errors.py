@@ -603,3 +603,15 @@ def test_the_agent_wants_numbers_of_seconds(option: str, tmp_path: Path) -> None
         assert res.returncode == 2 and "Traceback" not in res.stderr
         assert f"Invalid value for '{option}': '{value}' is not a number of seconds" in res.stderr
         assert not (tmp_path / "agent.sock").exists()
+
+
+def test_an_agent_socket_that_is_a_regular_file_is_refused(backing: Path, tmp_path: Path) -> None:
+    """It was accepted, and every request of every user was then refused."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    not_a_socket = tmp_path / "agent.sock"
+    not_a_socket.write_text("")
+    res = run_cli("mount", str(backing), str(mnt), "--agent", "--agent-socket",
+                  str(not_a_socket), check=False)
+    assert_one_error(res, 2, f"{not_a_socket} is not a socket")
+    assert not os.path.ismount(mnt)
