@@ -44,7 +44,7 @@ def attach(backing: str, logdir: str, passphrase_file: str | None) -> None:
         raise UsageError(f"cannot read {os.path.join(logdir, PUB_NAME)}: "
                          f"{getattr(e, 'strerror', e)}") from None
     where = os.path.realpath(logdir)
-    if within(where, backing):
+    if within(where, os.path.realpath(backing)):
         raise UsageError("the access log cannot live inside the volume's backing directory")
     with read_passphrase(passphrase_file, "Passphrase") as pw:
         vol = unlock_recorded(backing, pw)

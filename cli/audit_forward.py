@@ -93,6 +93,7 @@ def _state_outside_the_log(logdir: str, state: str) -> None:
     """A state file may live in LOGDIR (the default does) under a ``.cursor`` name
     only: any other name there may be one of the log's own files (audit.key holds
     JSON with a seq too, and was once taken for a state file and overwritten)."""
-    if within(state, logdir) and not os.path.realpath(state).endswith(".cursor"):
+    where = os.path.realpath(state)
+    if within(where, os.path.realpath(logdir)) and not where.endswith(".cursor"):
         raise UsageError(f"--state {state} is inside the log directory {logdir}",
                          hint="name it *.cursor there, or put it elsewhere")

@@ -74,8 +74,9 @@ def report(logdirs: tuple[str, ...], out: str, keys: tuple[str, ...], since: str
       cryptfs audit report /var/log/cryptfs/customers /var/log/cryptfs/agent \\
           --key customers.pub --key agent.pub --since 2026-11-01 --html report.html
     """
+    where = os.path.realpath(out)
     for logdir in logdirs:
-        if within(out, logdir):
+        if within(where, os.path.realpath(logdir)):
             # (it would replace a segment or the key if it named one: the log is not
             # a place for anything but the log)
             raise UsageError(f"--html {out} is inside the log directory {logdir}",

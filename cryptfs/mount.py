@@ -277,7 +277,7 @@ def _outside_volume(vol: Volume | LockedVolume, mnt: str, what: str, path: str) 
     daemon would wait on itself)."""
     for top, name in ((os.path.realpath(vol.backing), "the volume's backing directory"),
                       (mnt, "the mountpoint")):
-        if within(path, top):
+        if within(os.path.realpath(path), top):
             raise UsageError(f"the {what} {path} is inside {name} {top}",
                              hint="put it outside both, e.g. under /var/log or /run")
 
@@ -288,7 +288,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
                  audit: LogTarget | None = None, shared_storage: bool = False,
                  poll_us: int | None = None) -> None:
     mnt = check_mountpoint(mountpoint)
-    if within(mnt, vol.backing):
+    if within(mnt, os.path.realpath(vol.backing)):
         raise UsageError(f"the mountpoint {mnt} is inside the volume's backing directory "
                          f"{os.path.realpath(vol.backing)}",
                          hint="mount it elsewhere: the mount would hide the ciphertext it "

@@ -48,9 +48,10 @@ def mount_of_backing(backing: str) -> str | None:
 
 
 def within(path: str, top: str) -> bool:
-    """Whether ``path`` is ``top`` or below it, both resolved (symlinks, '..')."""
-    where, top = os.path.realpath(path), os.path.realpath(top)
-    return where == top or where.startswith(top.rstrip(os.sep) + os.sep)
+    """Whether ``path`` is ``top`` or below it.  Both must be resolved already
+    (os.path.realpath): resolving here would stat every mount point a caller
+    loops over, and a FUSE mount nobody answers would hang it."""
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def volume_of_path(path: str) -> tuple[str, str] | None:

@@ -332,12 +332,12 @@ def _refuse_inside_volume(backing: str, out: str) -> None:
     """Plaintext never goes into the volume it comes from: inside the backing
     directory it would lie unencrypted among the ciphertext (and read as damage);
     inside a mount of the volume the walk would find what it writes, without end."""
-    top = os.path.realpath(backing)
-    if within(out, top):
+    where, top = os.path.realpath(out), os.path.realpath(backing)
+    if within(where, top):
         raise UsageError(f"{out} is inside the volume's backing directory {top}",
                          hint="recover into a directory outside the volume")
     for mp, fstype, source in mounts():
-        if fstype.startswith("fuse") and source == "cryptfs:" + top and within(out, mp):
+        if fstype.startswith("fuse") and source == "cryptfs:" + top and within(where, mp):
             raise UsageError(f"{out} is inside {mp}, a mount of the volume being recovered",
                              hint="recover into a directory outside the volume")
 
