@@ -83,9 +83,10 @@ def test_the_daemon_polls_for_requests_unless_told_not_to(mount: Mount) -> None:
         assert mount.path(f"f{i}").read_bytes() == b"x" * 100
     mount.stop()
     polled, missed, sleeps = _loop_line(mount)
-    # (the loop sleeps whenever it finds no request: at least about once per file
-    # read, whose client waits for each answer; 196 times in one run, here half)
-    assert polled == missed == 0 and sleeps >= 100, (polled, missed, sleeps)
+    # Never polls.  It sleeps whenever it finds no request: about once per file read
+    # when quiet (196 in one run), fewer under load, where the next request is often
+    # queued already (a RELEASE does not make close(2) wait): 99 in one CI run.
+    assert polled == missed == 0 and sleeps >= 20, (polled, missed, sleeps)
 
 
 def test_idle_poll_out_of_range_is_refused(mount: Mount) -> None:
