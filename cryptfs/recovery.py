@@ -348,6 +348,7 @@ def extract(vol: RecoveredVolume, out: str, only: list[bytes],
     """Write the plaintext of the volume (or of the paths in ``only``) under ``out``."""
     _refuse_inside_volume(vol.backing, out)
     _volume_paths(only)  # (a bad PATH is refused before anything is made)
+    made = not os.path.lexists(out)
     try:
         os.makedirs(out, exist_ok=True)
         if os.listdir(out):
@@ -364,5 +365,7 @@ def extract(vol: RecoveredVolume, out: str, only: list[bytes],
         shown = p.decode("utf-8", "backslashreplace")
         if not os.path.lexists(ex._target(p)) and shown not in reported:
             ex.problem(shown, "no such path in the volume")
+    if made and not os.listdir(out):  # (nothing recovered: no empty directory left behind)
+        os.rmdir(out)
     return ex.done
 

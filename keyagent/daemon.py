@@ -69,7 +69,14 @@ def bind_socket(path: str) -> socket.socket:
     """Listen on ``path`` (mode 0666: the kernel's peer credentials, not the
     file mode, decide what a caller may do); refuse if an agent answers there."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    try:  # (its own directory, e.g. /run/cryptfs, is made; never a chain of them)
+        os.mkdir(directory, mode=0o755)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise click.ClickException(f"cannot make {directory} for the socket: {e.strerror}"
+                                   + (" (its parent does not exist)"
+                                      if e.errno == errno.ENOENT else "")) from None
     st = os.lstat(directory)
     if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise click.ClickException(f"{directory} must be owned by uid {os.geteuid()} and "

@@ -529,6 +529,19 @@ def test_the_agent_never_removes_a_file_that_is_not_a_socket(tmp_path: Path) -> 
     assert victim.read_text() == "an admin's notes\n"
 
 
+def test_the_agent_makes_its_socket_directory_but_no_chain_of_them(tmp_path: Path) -> None:
+    """The socket's own directory (like /run/cryptfs) is made; a path whose
+    parent is missing too (a typo) is refused, and nothing is made."""
+    res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket",
+                          str(tmp_path / "typo" / "cryptfs" / "agent.sock")],
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 1, res.stderr
+    assert f"cannot make {tmp_path}/typo/cryptfs for the socket" in res.stderr
+    assert "its parent does not exist" in res.stderr
+    assert not (tmp_path / "typo").exists()
+
+
 @pytest.mark.parametrize("option,where", [
     ("--pid-file", "backing/cryptfs.conf"), ("--log-file", "backing/cryptfs.conf"),
     ("--pid-file", "backing/tree/x"), ("--log-file", "mnt/daemon.log")])
@@ -581,7 +594,8 @@ def test_a_mountpoint_inside_the_backing_directory_is_refused(
 def test_an_access_log_inside_the_backing_directory_is_refused(backing: Path, tmp_path: Path,
                                                                passfile: Path) -> None:
     logdir = backing / "audit"
-    run_cli("audit", "init", str(logdir))
+    run_cli("audit", "init", str(tmp_path / "audit"))
+    os.rename(tmp_path / "audit", logdir)  # (audit init refuses to make it there: below)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
@@ -590,6 +604,25 @@ def test_an_access_log_inside_the_backing_directory_is_refused(backing: Path, tm
                              f"directory {backing.resolve()}")
     assert not os.path.ismount(mnt)
     assert sorted(p.name for p in logdir.iterdir()) == ["audit.key", "audit.pub"]
+
+
+def test_audit_init_refuses_a_log_inside_a_volume(mount: Mount, tmp_path: Path) -> None:
+    """Neither among a volume's ciphertext (at any depth) nor inside a mount of
+    one (the mount would write its records into itself)."""
+    for logdir in (mount.backing / "audit", mount.backing / "deep" / "er" / "audit"):
+        res = run_cli("audit", "init", str(logdir), check=False)
+        assert_one_error(res, 2, f"{logdir} is inside the backing directory of the volume "
+                                 f"{mount.backing.resolve()}")
+    assert not (mount.backing / "audit").exists() and not (mount.backing / "deep").exists()
+    res = run_cli("audit", "init", str(mount.mnt / "audit"), check=False)
+    assert_one_error(res, 2, f"{mount.mnt / 'audit'} is inside {mount.mnt.resolve()}, a mounted "
+                             "cryptfs volume")
+    assert not (mount.mnt / "audit").exists()
+    # A file of the config's name that is no volume's config does not make a volume.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "cryptfs.conf").write_text("# an unrelated program's settings\n")
+    res = run_cli("audit", "init", str(tmp_path / "other" / "audit"))
+    assert res.stdout.startswith("cryptfs-audit+")
 
 
 @pytest.mark.parametrize("option", ["--idle-timeout", "--request-timeout", "--backoff",

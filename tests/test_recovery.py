@@ -131,6 +131,11 @@ def test_recover_selected_paths(tmp_path: Path, passfile: Path) -> None:
     res = run_cli("recover", str(backing), "no/such/file", "--recovery-key", str(key), "--out",
                   str(tmp_path / "out2"), check=False)
     assert res.returncode == 6 and "/no/such/file: no such path in the volume" in res.stderr
+    assert not (tmp_path / "out2").exists()  # (nothing recovered: no empty --out left behind)
+    (tmp_path / "out3").mkdir()  # (but an empty directory the admin made stays)
+    res = run_cli("recover", str(backing), "no/such/file", "--recovery-key", str(key), "--out",
+                  str(tmp_path / "out3"), check=False)
+    assert res.returncode == 6 and (tmp_path / "out3").is_dir()
 
 
 def test_a_damaged_file_is_reported_and_not_written(tmp_path: Path, passfile: Path) -> None:
