@@ -7,7 +7,7 @@ import socket
 import time
 from typing import Any
 
-from cryptfs.errors import CryptfsError, UsageError, WrongPassphrase
+from cryptfs.errors import CryptfsError, NotAVolume, UsageError, WrongPassphrase
 from cryptfs.keyagent import protocol as p
 from cryptfs.secret import Secret
 
@@ -110,6 +110,8 @@ class AgentClient:
             if code == p.WRONG_PASSPHRASE:
                 err: CryptfsError = WrongPassphrase(text + _retry_hint(answer))
                 raise err
+            if code == p.NOT_A_VOLUME:  # (the exit code a command run without the agent gives)
+                raise NotAVolume(text)
             raise AgentError(text, code=code, reply=answer)
         return answer
 

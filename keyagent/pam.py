@@ -32,7 +32,7 @@ import syslog
 import click
 
 from cryptfs.cli.common import error_boundary
-from cryptfs.errors import CryptfsError, UsageError, WrongPassphrase
+from cryptfs.errors import CryptfsError, NotAVolume, UsageError, WrongPassphrase
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.client import AgentClient, AgentError
 from cryptfs.secret import Secret
@@ -157,7 +157,8 @@ def unlock(backings: tuple[str, ...], agent_socket: str | None) -> None:
     opens the volume (PCI DSS 3.5.1.3 forbids that for disk-level
     encryption).  A volume in which the user has no key slot is skipped.
     Exits 0 if every volume with a slot was unlocked and there was one; 3 on a
-    wrong password; 8 if the agent is unreachable or refused.
+    wrong password; 4 if a DIR is no volume; 8 if the agent is unreachable or
+    refused.
 
     \b
     PAM line (auth stack, after the module that checks the password):
@@ -177,6 +178,8 @@ def unlock(backings: tuple[str, ...], agent_socket: str | None) -> None:
                                         password)
             except WrongPassphrase as e:
                 failures.append(WrongPassphrase(f"{path}: {e}"))
+            except NotAVolume as e:
+                failures.append(NotAVolume(f"{path}: {e}"))
             except AgentError as e:
                 if e.code == p.NO_SLOT:
                     _syslog(syslog.LOG_INFO, f"{user.pw_name} has no key slot in {path}")

@@ -478,6 +478,28 @@ def test_the_agents_new_log_file_is_private(tmp_path: Path) -> None:
         assert agent.stop() == 0
 
 
+def test_unlocking_no_volume_through_the_agent_is_exit_4(tmp_path: Path, passfile: Path) -> None:
+    """The exit code the same mistake gives without the agent (it was 8, "the
+    agent refused"), for the CLI and for the PAM helper."""
+    other = tmp_path / "other"
+    other.mkdir()
+    agent = AgentProcess(tmp_path / "agent.sock", tmp_path / "agent.log")
+    agent.start()
+    try:
+        for args in (["--check"], ["--passphrase-file", str(passfile)]):
+            res = run_cli("unlock", str(other), "--agent-socket", str(agent.socket), *args,
+                          check=False)
+            assert_one_error(res, 4, f"{other} is not a cryptfs volume (no cryptfs.conf)")
+        res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.pam", "unlock", "--backing",
+                              str(other), "--agent-socket", str(agent.socket)],
+                             input=b"secret\n", capture_output=True, timeout=30,
+                             env={**os.environ, "PAM_USER": "root", "PAM_TYPE": "auth"})
+        assert b"Traceback" not in res.stderr, res.stderr
+        assert res.returncode == 4 and b"is not a cryptfs volume" in res.stderr, res.stderr
+    finally:
+        assert agent.stop() == 0
+
+
 def test_a_pid_file_in_no_directory_is_a_usage_error(backing: Path, tmp_path: Path,
                                                      passfile: Path) -> None:
     mnt = tmp_path / "mnt"
