@@ -14,6 +14,7 @@ import click
 
 from cryptfs.audit.chain import parse_verifier
 from cryptfs.audit.collector import read_collector
+from cryptfs.audit.events import EVENTS, unknown_events
 from cryptfs.audit.export import FORMATS, WRITERS, Filter, parse_time, records
 from cryptfs.audit.export import follow as follow_records
 from cryptfs.audit.merge import check_together, follow_many, holds_log, merged
@@ -221,6 +222,10 @@ def _tolerant_stdout() -> None:
 
 def make_filter(since: str | None, until: str | None, user: str | None, path_glob: str | None,
             events: tuple[str, ...]) -> Filter:
+    unknown = unknown_events(events)
+    if unknown:
+        raise UsageError(f"no record carries the event {unknown[0]!r}",
+                         hint="the events are " + ", ".join(sorted(EVENTS)) + " (docs/AUDIT.md)")
     return Filter(since=parse_time(since) if since else None,
                      until=parse_time(until) if until else None,
                      user=user, path=path_glob, event=events)

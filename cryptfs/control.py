@@ -44,6 +44,8 @@ import json
 import os
 from typing import Any
 
+from cryptfs.audit.events import COMMAND_EVENTS  # (what a command may ask a mount to record)
+
 AUDIT_XATTR = b"user.cryptfs.audit"
 ROTATE_XATTR = b"user.cryptfs.rotate"
 SHARE_XATTR = b"user.cryptfs.share"
@@ -55,11 +57,6 @@ ROTATE_SHARED = b"shared"
 ALONE_WAIT = 60.0  # seconds a mount stays alone waiting for the walk it was asked to hold for
 ROTATION_IDLE = b'{"state": "idle"}'
 
-# What a command may ask a mount to record (anything else is refused there).
-COMMAND_EVENTS = frozenset({
-    "export", "recovery", "rotation", "user-add", "user-remove", "passwd",
-    "policy-set", "policy-unset", "audit-attach", "audit-detach", "unlock",
-})
 COMMAND_FIELDS = frozenset({
     "command", "backing", "path", "target", "role", "kind", "mode", "recipients", "dropbox",
     "revoke", "out", "reason", "logdir", "programs",

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import new_mount, run_cli
 from cryptfs.audit.chain import data_end, parse_verifier
+from cryptfs.audit.events import EVENTS
 from cryptfs.audit.export import follow
 from cryptfs.audit.verify import verify
 from cryptfs.audit.writer import AuditLog, init_log
@@ -138,6 +139,35 @@ def test_filters(logdir: Path) -> None:
         res = run_cli("audit", "export", str(logdir), "--since", bad, check=False)
         assert res.returncode == 2 and f"not a time: {bad!r}" in res.stderr, (bad, res.stderr)
         assert "Traceback" not in res.stderr and res.stdout == ""
+    # Every event a record of this log carries is a known one; a misspelt one is refused
+    # (it printed nothing, as if no such records existed), by every command that selects.
+    assert {r["event"] for r in allrows} <= EVENTS
+    for cmd in (["export"], ["follow"], ["forward", "--to", "127.0.0.1:9"]):
+        res = run_cli("audit", *cmd, str(logdir), "--event", "open", "--event", "opne",
+                      check=False)
+        assert res.returncode == 2 and "no record carries the event 'opne'" in res.stderr, res
+        assert "hint: the events are " in res.stderr and "Traceback" not in res.stderr
+        assert res.stdout == ""
+
+
+def test_every_event_written_is_in_the_one_list() -> None:
+    """Records written by name in the code (the mount, the agent, the log) and the
+    mount's request handlers (checked as they are defined) carry listed events."""
+    root = Path(__file__).resolve().parent.parent
+    written = set()
+    for src in [*root.glob("cryptfs/*.py"), *root.glob("cryptfs/*/*.py"),
+                *root.glob("keyagent/*.py"), *root.glob("cli/*.py")]:
+        written |= set(re.findall(r"\.write\(\s*\"([a-z-]+)\"", src.read_text()))
+        written |= set(re.findall(r"\brecord\([^\"]*?\"([a-z-]+)\", \"(?:allowed|denied|error)\"",
+                                  src.read_text()))
+        written |= set(re.findall(r"\brecorded\([^\"]*?\"([a-z-]+)\"", src.read_text()))
+    assert {"mount", "unmount", "close", "lock", "unlock", "integrity-failure", "recovery",
+            "rotation"} <= written
+    assert written <= EVENTS, written - EVENTS
+    from cryptfs.fs.audit_hooks import _edge
+
+    with pytest.raises(ValueError, match="'renmae' is not in cryptfs.audit.events"):
+        _edge("inode", "renmae")(lambda self: None)
 
 
 def test_follow_prints_records_as_they_are_written(tmp_path: Path) -> None:

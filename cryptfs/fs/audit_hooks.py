@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cryptfs import views
+from cryptfs.audit.events import EVENTS
 from cryptfs.control import AUDIT_XATTR, parse_command_record
 from cryptfs.decision import Decision
 from cryptfs.fs.access import Decided
@@ -53,6 +54,8 @@ def _edge(target: str, event: str | None = None) -> Callable[[_F], _F]:
 
     def deco(fn: _F) -> _F:
         name = fn.__name__
+        if (event or name) not in EVENTS:  # (at import: the one list of events knows every one)
+            raise ValueError(f"handler {name}: {event or name!r} is not in cryptfs.audit.events")
         unchecked = name in ("forget", "release", "releasedir", "statfs", "getattr")
 
         def failed(self: AuditHooks, args: tuple[Any, ...], e: Exception) -> FuseError:
