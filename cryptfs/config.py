@@ -377,6 +377,10 @@ class VolumeConfig:
         if not isinstance(d, dict) or "cryptfs" not in d:
             raise NotAVolume("volume config is not a cryptfs config")
         version = d["cryptfs"]
+        if type(version) is not int:  # (a "2" would read as "version '2' ... reads 1, 2")
+            raise NotAVolume(f"volume config's format version {json.dumps(version)[:40]} is not "
+                             "a whole number: it was edited or damaged",
+                             hint="restore cryptfs.conf from a backup")
         if version not in READ_VERSIONS:
             raise NotAVolume(
                 f"volume format version {version!r} is not supported by this cryptfs "
