@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -169,13 +170,20 @@ def normalise(path: str) -> str:
     return "/" + p.lstrip("/")
 
 
+def volume_path(path: bytes, example: str = "/customers") -> bytes:
+    """A path inside the volume as a user names it, in ``/a/b`` form (bytes: a
+    name need not be UTF-8); "", "." and "/" are the root.  ``..`` is refused:
+    it named the root ("../.." set the rule of the whole volume) or nothing."""
+    if b".." in path.split(b"/"):
+        raise UsageError(f"{os.fsdecode(path)!r}: a path inside the volume has no '..'",
+                         hint=f"name it from the volume's root, e.g. {example}")
+    return b"/" + posixpath.normpath(b"/" + path).lstrip(b"/")  # (normpath keeps a leading //)
+
+
 def volume_dir(path: str) -> str:
-    """A directory of the volume as a user names it, normalised; ``..`` refused
-    (it named the volume's root: "../.." set the rule of the whole volume)."""
-    if ".." in path.strip().split("/"):
-        raise UsageError(f"{path!r}: a path inside the volume has no '..'",
-                         hint="name the directory from the volume's root, e.g. /customers")
-    return normalise(path)
+    """A directory of the volume as a policy command names it (spaces around it
+    dropped), normalised; ``..`` refused."""
+    return os.fsdecode(volume_path(os.fsencode(path.strip())))
 
 
 def parse_mode(mode: str, default: str) -> tuple[str, bool]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import errno
 import os
-import posixpath
 import re
 import secrets
 import stat
@@ -36,6 +35,7 @@ from cryptfs.fsck import Checker, Problem
 from cryptfs.keys import VolumeKeys
 from cryptfs.modes import IntegrityError, NotForMe, x25519
 from cryptfs.mounttable import mounts, within
+from cryptfs.policy import volume_path
 from cryptfs.secret import Secret
 from cryptfs.volume import RecoveredVolume, Volume
 
@@ -314,18 +314,8 @@ class Extractor(Checker):
 def _volume_paths(only: list[bytes]) -> list[bytes]:
     """PATHs of the volume as ``/a/b``; empty (the whole volume) if one of them
     is the root ("/", "." or "": each recovered nothing before).  '..' refused."""
-    out = []
-    for p in only:
-        if b".." in p.split(b"/"):
-            raise UsageError(f"{os.fsdecode(p)!r}: a path inside the volume has no '..'",
-                             hint="name it from the volume's root, e.g. calls/2026")
-        norm = posixpath.normpath(b"/" + p)
-        if norm.startswith(b"//"):  # (normpath keeps a leading // as it is)
-            norm = b"/" + norm.lstrip(b"/")
-        if norm == b"/":
-            return []
-        out.append(norm)
-    return out
+    out = [volume_path(p, example="calls/2026") for p in only]
+    return [] if b"/" in out else out
 
 
 def _refuse_inside_volume(backing: str, out: str) -> None:
