@@ -16,13 +16,25 @@ import sys
 import click
 import trio
 
+from cryptfs.cli.common import error_boundary
 from cryptfs.cli.params import Seconds
-from cryptfs.errors import CryptfsError
+from cryptfs.errors import BackingIOError, UsageError
 from cryptfs.keyagent.client import DEFAULT_SOCKET
 from cryptfs.keyagent.server import Agent, AgentOptions
 from cryptfs.logfile import log_file_handler
 
 log = logging.getLogger("cryptfs.agent")
+
+
+def _fail(message: str, code: int, hint: str | None = None) -> None:
+    click.echo(f"cryptfs-agent: error: {message}", err=True)
+    if hint:
+        click.echo(f"cryptfs-agent: hint: {hint}", err=True)
+    sys.exit(code)
+
+
+# Every failure is a line on stderr and the exit code of docs (2 usage, 7 I/O ...); no traceback.
+_reports_errors = error_boundary(_fail)
 
 _PR_SET_DUMPABLE = 4
 _SD_LISTEN_FDS_START = 3
@@ -74,22 +86,23 @@ def bind_socket(path: str) -> socket.socket:
     except FileExistsError:
         pass
     except OSError as e:
-        raise click.ClickException(f"cannot make {directory} for the socket: {e.strerror}"
-                                   + (" (its parent does not exist)"
-                                      if e.errno == errno.ENOENT else "")) from None
+        raise UsageError(f"cannot make {directory} for the socket: {e.strerror}"
+                         + (" (its parent does not exist)" if e.errno == errno.ENOENT else ""),
+                         hint="give --socket a path in an existing directory") from None
     st = os.lstat(directory)
     if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise click.ClickException(f"{directory} must be owned by uid {os.geteuid()} and "
-                                   "writable by it alone")
+        raise UsageError(f"{directory} must be owned by uid {os.geteuid()} and writable by it "
+                         "alone", hint="anyone who may write there could replace the socket")
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             # (only a stale socket is removed: never a file someone named by mistake)
-            raise click.ClickException(f"{path} exists and is not a socket: "
-                                       "name a new path, or remove it first")
+            raise UsageError(f"{path} exists and is not a socket",
+                             hint="name a new path, or remove it first")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
-            raise click.ClickException(f"an agent is already listening on {path}")
+            raise UsageError(f"an agent is already listening on {path}",
+                             hint="stop it first, or give another --socket")
         except OSError as e:
             if e.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
                 raise
@@ -134,6 +147,7 @@ def bind_socket(path: str) -> socket.socket:
               help="Record every unlock, failed unlock and lock in this access log (made by "
                    "`cryptfs audit init`); an unlock that cannot be recorded is refused.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
+@_reports_errors
 def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff: float,
          backoff_max: float, max_connections: int, max_per_user: int, service_user: str | None,
          log_file: str | None, audit_log: str | None, verbose: bool) -> None:
@@ -146,10 +160,7 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
     """
     handler: logging.Handler
     if log_file:
-        try:
-            handler = log_file_handler(log_file)
-        except CryptfsError as e:
-            raise click.ClickException(str(e)) from None
+        handler = log_file_handler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s cryptfs-agent[%(process)d] "
@@ -163,7 +174,7 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
         try:
             service_uid = pwd.getpwnam(service_user).pw_uid
         except KeyError:
-            raise click.ClickException(f"--service-user {service_user!r} is not a user") from None
+            raise UsageError(f"--service-user {service_user!r} is not a user") from None
     for problem in harden():
         log.warning("hardening: %s", problem)
     _raise_fd_limit()
@@ -177,7 +188,7 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
         try:
             sock = bind_socket(socket_path)
         except OSError as e:
-            raise click.ClickException(f"cannot listen on {socket_path}: {e.strerror}") from None
+            raise BackingIOError(f"cannot listen on {socket_path}: {e.strerror}") from None
         log.info("listening on %s", socket_path)
     else:
         log.info("listening on the socket passed by systemd")
@@ -188,10 +199,7 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
     auditor = None
     if audit_log is not None:
         from cryptfs.audit import AuditLog, Auditor
-        try:
-            auditor = Auditor(AuditLog(audit_log), "")
-        except CryptfsError as e:
-            raise click.ClickException(str(e)) from None
+        auditor = Auditor(AuditLog(audit_log), "")
     agent = Agent(opts, auditor)
     agent.early_signals = early
     trio_sock = trio.socket.from_stdlib_socket(sock)
@@ -199,6 +207,9 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
         trio.run(agent.run, trio_sock)
     except KeyboardInterrupt:
         pass
+    except Exception:  # (a bug: its traceback goes to the log; stderr gets one line)
+        log.exception("the agent stopped on an internal error")
+        raise
     finally:
         agent.store.close_all()
         if auditor is not None:

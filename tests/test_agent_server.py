@@ -849,7 +849,8 @@ def test_an_unknown_service_user_is_refused_at_start() -> None:
     d = shared_tempdir("cryptfs-agent-")
     try:
         a = AgentProcess(d / "agent.sock", d / "agent.log")
-        with pytest.raises(AssertionError, match="is not a user"):
+        with pytest.raises(AssertionError, match=r"agent exited \(2\): cryptfs-agent: error: "
+                           r"--service-user .cfs-nobody-like-this. is not a user"):
             a.start("--service-user", "cfs-nobody-like-this")
         a.stop()
     finally:

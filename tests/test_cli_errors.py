@@ -463,8 +463,9 @@ def test_the_agent_says_why_it_cannot_write_its_log(tmp_path: Path) -> None:
                           str(tmp_path / "agent.sock"), "--log-file", str(log)],
                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert "Traceback" not in res.stderr, res.stderr
-    assert res.returncode == 1
-    assert f"cannot write the log file {log}: No such file or directory" in res.stderr
+    assert res.returncode == 2, res.stderr
+    assert f"cryptfs-agent: error: cannot write the log file {log}: No such file or directory" \
+        in res.stderr
     assert not (tmp_path / "agent.sock").exists()
 
 
@@ -551,7 +552,7 @@ def test_the_agent_never_removes_a_file_that_is_not_a_socket(tmp_path: Path) -> 
                           str(victim)], capture_output=True, text=True, timeout=30,
                          stdin=subprocess.DEVNULL)
     assert "Traceback" not in res.stderr, res.stderr
-    assert res.returncode == 1 and f"{victim} exists and is not a socket" in res.stderr
+    assert res.returncode == 2 and f"{victim} exists and is not a socket" in res.stderr
     assert victim.read_text() == "an admin's notes\n"
 
 
@@ -562,8 +563,9 @@ def test_the_agent_makes_its_socket_directory_but_no_chain_of_them(tmp_path: Pat
                           str(tmp_path / "typo" / "cryptfs" / "agent.sock")],
                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert "Traceback" not in res.stderr, res.stderr
-    assert res.returncode == 1, res.stderr
-    assert f"cannot make {tmp_path}/typo/cryptfs for the socket" in res.stderr
+    assert res.returncode == 2, res.stderr
+    assert f"cryptfs-agent: error: cannot make {tmp_path}/typo/cryptfs for the socket" in res.stderr
+    assert "cryptfs-agent: hint: give --socket a path in an existing directory" in res.stderr
     assert "its parent does not exist" in res.stderr
     assert not (tmp_path / "typo").exists()
 
