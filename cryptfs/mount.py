@@ -282,6 +282,19 @@ def _outside_volume(vol: Volume | LockedVolume, mnt: str, what: str, path: str) 
                              hint="put it outside both, e.g. under /var/log or /run")
 
 
+def _not_mounted_already(backing: str) -> None:
+    """Two mounts of one backing directory each cache sizes, pages and names the
+    other changes: each then serves, and writes back, stale data.  Only mounts
+    that both run with --shared-storage (which caches nothing) may share one."""
+    want = "cryptfs:" + os.path.realpath(backing)
+    for mp, fstype, source in mounts():
+        if source == want and fstype.startswith("fuse"):
+            raise UsageError(f"{backing} is already mounted on {mp}",
+                             hint="unmount it first; two mounts of one volume serve each other "
+                                  "stale data unless both run with --shared-storage "
+                                  "(docs/MULTISERVER.md)")
+
+
 def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: bool,
                  options: Iterable[str], log_file: str | None = None,
                  pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
@@ -293,6 +306,8 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
                          f"{os.path.realpath(vol.backing)}",
                          hint="mount it elsewhere: the mount would hide the ciphertext it "
                               "serves, or serve it to itself")
+    if not shared_storage:
+        _not_mounted_already(vol.backing)
     opts = fuse_options(vol, options)
     for what, path in (("log file", log_file), ("pid file", pid_file),
                        ("access log", audit[0] if audit is not None else None)):

@@ -303,6 +303,29 @@ def test_not_a_volume_exit_4(tmp_path: Path, passfile: Path) -> None:
     assert os.listdir(other) == ["photo.jpg"] and not (tmp_path / "nonexistent").exists()
 
 
+def test_a_second_mount_of_one_backing_needs_shared_storage(mount: Mount, tmp_path: Path,
+                                                           passfile: Path) -> None:
+    """Two mounts of one volume each cache what the other changes (docs/MULTISERVER.md
+    shows the stale reads): a second one is refused, by whatever path it names the
+    backing, unless it caches nothing (--shared-storage)."""
+    (mount.mnt / "f").write_bytes(b"first")
+    second = tmp_path / "second"
+    second.mkdir()
+    (tmp_path / "link").symlink_to(mount.backing)
+    for name in (mount.backing, tmp_path / "link"):
+        res = run_cli("mount", str(name), str(second), "--passphrase-file", str(passfile),
+                      check=False)
+        assert_one_error(res, 2, f"{name} is already mounted on {mount.mnt.resolve()}")
+        assert "unless both run with --shared-storage" in res.stderr
+        assert not os.path.ismount(second) and not _fuse_listed(second)
+    run_cli("mount", str(mount.backing), str(second), "--passphrase-file", str(passfile),
+            "--shared-storage")
+    try:
+        assert (second / "f").read_bytes() == b"first"
+    finally:
+        run_cli("unmount", str(second))
+
+
 def test_mountpoint_missing_exit_5(backing: Path, tmp_path: Path, passfile: Path) -> None:
     mnt = tmp_path / "no" / "such" / "dir"
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
