@@ -21,11 +21,9 @@ from cryptfs.audit.merge import check_together, follow_many, holds_log, merged
 from cryptfs.audit.verify import Verdict
 from cryptfs.audit.verify import verify as verify_log
 from cryptfs.audit.writer import init_log
-from cryptfs.cli.common import reports_errors
+from cryptfs.cli.common import refuse_inside_a_volume, reports_errors
 from cryptfs.cli.params import Seconds
-from cryptfs.config import CONFIG_NAME, load_config
 from cryptfs.errors import CryptfsError, UsageError
-from cryptfs.mounttable import volume_of_path
 
 
 class LogDamaged(CryptfsError):
@@ -62,33 +60,9 @@ def init(logdir: str, log_id: str | None, server: str | None) -> None:
     name = log_id or os.path.basename(os.path.abspath(logdir))
     if not name or any(c.isspace() or c == "/" for c in name):
         raise UsageError(f"unusable log name {name!r}: no spaces or slashes")
-    _refuse_inside_a_volume(logdir)
+    refuse_inside_a_volume(logdir, "the access log")
     pub = init_log(logdir, name, server)
     click.echo(pub)
-
-
-def _refuse_inside_a_volume(logdir: str) -> None:
-    """A log inside a volume's backing directory would lie among its ciphertext
-    (and `mount --audit-log` and `audit attach` refuse to use it there); inside
-    a mount of a volume, the mount would write its records into itself."""
-    on = volume_of_path(logdir)
-    if on is not None:
-        raise UsageError(f"{logdir} is inside {on[0]}, a mounted cryptfs volume",
-                         hint="keep the access log outside every volume, e.g. under /var/log")
-    d = os.path.realpath(logdir)
-    while True:
-        if os.path.isfile(os.path.join(d, CONFIG_NAME)):
-            try:
-                load_config(d)
-            except CryptfsError:
-                pass  # (a file of that name that is no volume's config)
-            else:
-                raise UsageError(f"{logdir} is inside the backing directory of the volume {d}",
-                                 hint="keep the access log outside every volume, e.g. under "
-                                      "/var/log")
-        if d == "/":
-            return
-        d = os.path.dirname(d)
 
 
 def _read_key(key: str) -> bytes:

@@ -11,7 +11,7 @@ from cryptfs.audit.export import parse_time
 from cryptfs.audit.merge import check_together
 from cryptfs.audit.report import LogSource, verdict_text, write_report
 from cryptfs.cli.audit import LogDamaged, _read_key, audit
-from cryptfs.cli.common import reports_errors
+from cryptfs.cli.common import refuse_inside_a_volume, reports_errors
 from cryptfs.errors import UsageError
 from cryptfs.mounttable import within
 
@@ -81,6 +81,7 @@ def report(logdirs: tuple[str, ...], out: str, keys: tuple[str, ...], since: str
             # a place for anything but the log)
             raise UsageError(f"--html {out} is inside the log directory {logdir}",
                              hint="write the report outside the log")
+    refuse_inside_a_volume(out, "the report", mounted_too=False)
     sources = _sources(logdirs, keys)
     check_together(list(logdirs))
     rep = write_report(sources, out, since=parse_time(since) if since else None,

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from cryptfs.audit import commands
-from cryptfs.config import VolumeConfig, load_config
+from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config
 from cryptfs.errors import (
     EXIT_CODES,
     BackingIOError,
@@ -22,6 +22,7 @@ from cryptfs.errors import (
     UsageError,
     WrongPassphrase,
 )
+from cryptfs.mounttable import volume_of_path
 from cryptfs.roles import allowed_roles, may_run, slot_role
 from cryptfs.secret import Secret
 from cryptfs.volume import Volume, open_volume
@@ -38,6 +39,31 @@ def fail(message: str, code: int = 1, hint: str | None = None) -> None:
     if hint:
         click.echo(f"cryptfs: hint: {hint}", err=True)
     sys.exit(code)
+
+
+def refuse_inside_a_volume(path: str, what: str, mounted_too: bool = True) -> None:
+    """Refuse ``path`` inside a volume's backing directory, at any depth (it
+    would lie among the ciphertext, or replace a file of the volume); and with
+    ``mounted_too`` inside a mounted volume (a log there: the mount would write
+    its records into itself)."""
+    if mounted_too:
+        on = volume_of_path(path)
+        if on is not None:
+            raise UsageError(f"{path} is inside {on[0]}, a mounted cryptfs volume",
+                             hint=f"keep {what} outside every volume, e.g. under /var/log")
+    d = os.path.realpath(path)
+    while True:
+        if os.path.isfile(os.path.join(d, CONFIG_NAME)):
+            try:
+                load_config(d)
+            except CryptfsError:
+                pass  # (a file of that name that is no volume's config)
+            else:
+                raise UsageError(f"{path} is inside the backing directory of the volume {d}",
+                                 hint=f"keep {what} outside every volume, e.g. under /var/log")
+        if d == "/":
+            return
+        d = os.path.dirname(d)
 
 
 def error_boundary(fail_with: Callable[[str, int, str | None], None],

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CRYPTFS, new_mount, run_cli
+from conftest import CRYPTFS, make_volume, new_mount, run_cli
 from cryptfs.audit import report
 from cryptfs.audit.chain import parse_verifier
 from cryptfs.audit.writer import AuditLog, init_log
@@ -315,6 +315,41 @@ def test_the_report_is_never_written_into_a_log(logs: Logs) -> None:
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert f"--html {out} is inside the log directory {logs.customers}" in res.stderr
     assert {p.name: p.read_bytes() for p in logs.customers.iterdir()} == own
+
+
+def test_the_report_replaces_only_an_earlier_report(logs: Logs, tmp_path: Path) -> None:
+    """--html /dev/full replaced the device with a page, and --html BACKING/cryptfs.conf
+    a volume's config; a page now replaces nothing but an earlier page."""
+    args = ["audit", "report", str(logs.customers), "--html"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("an admin's notes\n")
+    link = tmp_path / "link.html"
+    link.symlink_to(notes)
+    for out, msg in ((notes, "exists and is not a page of `cryptfs audit report`"),
+                     (link, "exists and is not a regular file"),
+                     (Path("/dev/full"), "exists and is not a regular file")):
+        res = run_cli(*args, str(out), check=False)
+        assert res.returncode == 2 and f"cryptfs: error: {out} {msg}" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and "cryptfs: hint: " in res.stderr
+    assert notes.read_text() == "an admin's notes\n" and link.is_symlink()
+    assert Path("/dev/full").is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "notes.txt"]
+    # Not among a volume's ciphertext either, even as a new file.
+    backing = tmp_path / "vol"
+    make_volume(backing)
+    conf = (backing / "cryptfs.conf").read_bytes()
+    for out in (backing / "cryptfs.conf", backing / "tree" / "r.html"):
+        res = run_cli(*args, str(out), check=False)
+        assert res.returncode == 2, res.stderr
+        assert f"{out} is inside the backing directory of the volume {backing}" in res.stderr
+    assert (backing / "cryptfs.conf").read_bytes() == conf
+    # An earlier page is replaced whole.
+    page = tmp_path / "r.html"
+    run_cli(*args, str(page))
+    first = page.read_text()
+    run_cli(*args, str(page))
+    assert page.read_text().count(report.TITLE) == 1 and first.count(report.TITLE) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "notes.txt", "r.html", "vol"]
 
 
 # -- what the page shows -------------------------------------------------------------------------

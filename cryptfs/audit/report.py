@@ -21,6 +21,7 @@ import heapq
 import html
 import json
 import os
+import stat
 import time
 import unicodedata
 from collections import Counter
@@ -288,18 +289,46 @@ def write_report(sources: list[LogSource], out: str, since: int | None = None,
             raise UsageError(f"time out of range: {t / 1e9:g} s since 1970 (1970 to 9999)")
     if since is not None and until is not None and since > until:
         raise UsageError("--since is after --until")
+    _replaceable(out)
     rep = collect(sources, since, until)
     page = render(rep, time.time_ns() if now_ns is None else now_ns)
     tmp = f"{out}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o666)
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(page)
         os.replace(tmp, out)
     except OSError as e:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise BackingIOError(f"cannot write the report {out}: {e.strerror or e}") from None
     return rep
+
+
+TITLE = "<title>cryptfs access report</title>"
+
+
+def _replaceable(out: str) -> None:
+    """The page replaces only an earlier page: never a device, a link or
+    someone's file (a volume's config, once) that --html named by mistake."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise BackingIOError(f"cannot write the report {out}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{out} exists and is not a regular file",
+                         hint="name a new file for the report")
+    try:
+        with open(out, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise BackingIOError(f"cannot read {out}: {e.strerror}") from None
+    if TITLE.encode() not in head:
+        raise UsageError(f"{out} exists and is not a page of `cryptfs audit report`",
+                         hint="a report replaces only an earlier report: name a new file")
 
 
 # -- showing untrusted text ------------------------------------------------------------------------
@@ -431,7 +460,7 @@ def render(rep: Report, now_ns: int) -> str:
         # No script may run and nothing may be fetched, whatever a log holds.
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
         "style-src 'unsafe-inline'\">\n",
-        "<title>cryptfs access report</title>\n<style>", CSS, "</style>\n</head>\n<body>\n<main>\n",
+        TITLE, "\n<style>", CSS, "</style>\n</head>\n<body>\n<main>\n",
         _header(rep, now_ns),
         _verification(rep),
         _summary(rep),
