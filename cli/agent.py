@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.cli.params import PathArg
 from cryptfs.errors import UsageError
 from cryptfs.keyagent.client import AgentClient
 from cryptfs.mounttable import backing_of
@@ -18,13 +19,13 @@ def _as_uid(user: str | None) -> dict[str, int]:
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False, readable=False))
+@click.argument("backing", type=PathArg(file_okay=False, readable=False))
 @passphrase_option()
 @click.option("--user", metavar="NAME", help="Unlock for another user (root only; needs "
               "that user's passphrase). Default: yourself.")
 @click.option("--check", is_flag=True, help="Only check that you have a key slot there "
               "(exit 0) or not (exit 8); ask for nothing.")
-@click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
+@click.option("--agent-socket", metavar="PATH", type=PathArg(dir_okay=False), help=SOCKET_HELP)
 @reports_errors
 def unlock(backing: str, passphrase_file: str | None, user: str | None, check: bool,
            agent_socket: str | None) -> None:
@@ -50,9 +51,9 @@ def unlock(backing: str, passphrase_file: str | None, user: str | None, check: b
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False, readable=False), required=False)
+@click.argument("backing", type=PathArg(file_okay=False, readable=False), required=False)
 @click.option("--user", metavar="NAME", help="Lock another user's sessions (root only).")
-@click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
+@click.option("--agent-socket", metavar="PATH", type=PathArg(dir_okay=False), help=SOCKET_HELP)
 @reports_errors
 def lock(backing: str | None, user: str | None, agent_socket: str | None) -> None:
     """End your session for BACKING (all your sessions if BACKING is omitted).
@@ -73,7 +74,7 @@ def lock(backing: str | None, user: str | None, agent_socket: str | None) -> Non
 @click.command()
 @click.option("--all", "all_users", is_flag=True, help="Every user's sessions (root only).")
 @click.option("--user", metavar="NAME", help="Another user's sessions (root only).")
-@click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
+@click.option("--agent-socket", metavar="PATH", type=PathArg(dir_okay=False), help=SOCKET_HELP)
 @reports_errors
 def status(all_users: bool, user: str | None, agent_socket: str | None) -> None:
     """Show your unlocked sessions and how long until each locks when idle.

@@ -22,7 +22,7 @@ from cryptfs.audit.verify import Verdict
 from cryptfs.audit.verify import verify as verify_log
 from cryptfs.audit.writer import init_log
 from cryptfs.cli.common import refuse_inside_a_volume, reports_errors
-from cryptfs.cli.params import Seconds
+from cryptfs.cli.params import PathArg, Seconds
 from cryptfs.errors import CryptfsError, UsageError
 
 
@@ -42,7 +42,7 @@ def audit() -> None:
 
 
 @audit.command("init")
-@click.argument("logdir", type=click.Path(file_okay=False))
+@click.argument("logdir", type=PathArg(file_okay=False))
 @click.option("--log-id", default=None, metavar="NAME",
               help="Name of the log in its checkpoints (default: the directory's name).")
 @click.option("--server", default=None, metavar="NAME",
@@ -79,7 +79,7 @@ def _read_key(key: str) -> bytes:
 
 @audit.command("verify")
 @click.argument("logdirs", nargs=-1, required=True, metavar="LOGDIR...",
-                type=click.Path(file_okay=False, exists=True))
+                type=PathArg(file_okay=False, exists=True))
 @click.option("--key", "keys", required=True, multiple=True, metavar="PUB",
               help="The log's verifier key (cryptfs-audit+...), or a file holding it "
                    "(LOGDIR/audit.pub, from a copy kept elsewhere).  With several LOGDIRs, "
@@ -207,9 +207,9 @@ def make_filter(since: str | None, until: str | None, user: str | None, path_glo
 
 @audit.command("export")
 @click.argument("logdirs", nargs=-1, metavar="LOGDIR...",
-                type=click.Path(file_okay=False, exists=True))
+                type=PathArg(file_okay=False, exists=True))
 @click.option("--from-syslog", "syslog_file", metavar="FILE",
-              type=click.Path(dir_okay=False, exists=True),
+              type=PathArg(dir_okay=False, exists=True),
               help="Instead of LOGDIRs: read the records from a syslog collector's file, which "
                    "`cryptfs audit forward` fed (one RFC 5424 message a line, as received), "
                    "each record once, merged by time as LOGDIRs are.")
@@ -270,7 +270,7 @@ def export(logdirs: tuple[str, ...], syslog_file: str | None, fmt: str, since: s
 
 @audit.command("follow")
 @click.argument("logdirs", nargs=-1, required=True, metavar="LOGDIR...",
-                type=click.Path(file_okay=False, exists=True))
+                type=PathArg(file_okay=False, exists=True))
 @click.option("--from-start", is_flag=True, help="Print the records already there first.")
 @record_filters
 @reports_errors

@@ -16,14 +16,15 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
+from cryptfs.cli.params import PathArg
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
 from cryptfs.mounttable import within
 
 
 @audit.command("attach")
-@click.argument("backing", type=click.Path(file_okay=False, exists=True))
-@click.argument("logdir", type=click.Path(file_okay=False, exists=True))
+@click.argument("backing", type=PathArg(file_okay=False, exists=True))
+@click.argument("logdir", type=PathArg(file_okay=False, exists=True))
 @passphrase_option()
 @reports_errors
 def attach(backing: str, logdir: str, passphrase_file: str | None) -> None:
@@ -67,7 +68,7 @@ def attach(backing: str, logdir: str, passphrase_file: str | None) -> None:
 
 
 @audit.command("detach")
-@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.argument("backing", type=PathArg(file_okay=False, exists=True))
 @click.option("--force", is_flag=True,
               help="Detach even if the log cannot be written (it is lost or damaged): the "
                    "detach itself is then not recorded.")

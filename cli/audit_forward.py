@@ -12,17 +12,18 @@ import click
 from cryptfs.audit import syslog
 from cryptfs.cli.audit import audit, make_filter, selection_options
 from cryptfs.cli.common import reports_errors
+from cryptfs.cli.params import PathArg
 from cryptfs.errors import UsageError
 from cryptfs.mounttable import within
 
 
 @audit.command("forward")
-@click.argument("logdir", type=click.Path(file_okay=False, exists=True))
+@click.argument("logdir", type=PathArg(file_okay=False, exists=True))
 @click.option("--to", "target", required=True, metavar="HOST:PORT",
               help="The collector: a syslog server taking RFC 5424 over TCP with octet-counted "
                    "framing (rsyslog imtcp, syslog-ng syslog(), ...). [IPv6]:PORT for an "
                    "IPv6 address.")
-@click.option("--state", type=click.Path(dir_okay=False), metavar="FILE",
+@click.option("--state", type=PathArg(dir_okay=False), metavar="FILE",
               help="Where to keep the number of the last record delivered, so that a restart "
                    "goes on where it stopped (default: LOGDIR/forward-HOST-PORT.cursor).")
 @click.option("--from-start", is_flag=True,

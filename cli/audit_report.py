@@ -12,6 +12,7 @@ from cryptfs.audit.merge import check_together
 from cryptfs.audit.report import LogSource, verdict_text, write_report
 from cryptfs.cli.audit import LogDamaged, _read_key, audit
 from cryptfs.cli.common import refuse_inside_a_volume, reports_errors
+from cryptfs.cli.params import PathArg
 from cryptfs.errors import UsageError
 from cryptfs.mounttable import within
 
@@ -41,9 +42,9 @@ def _sources(logdirs: tuple[str, ...], keys: tuple[str, ...]) -> list[LogSource]
 
 @audit.command("report")
 @click.argument("logdirs", nargs=-1, required=True, metavar="LOGDIR...",
-                type=click.Path(file_okay=False, exists=True))
+                type=PathArg(file_okay=False, exists=True))
 @click.option("--html", "out", required=True, metavar="OUT",
-              type=click.Path(dir_okay=False, writable=True),
+              type=PathArg(dir_okay=False, writable=True),
               help="Write the page to this file (one self-contained HTML file).")
 @click.option("--key", "keys", multiple=True, metavar="PUB",
               help="The verifier key (cryptfs-audit+...) of each LOGDIR, or a file holding it; "

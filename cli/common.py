@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from cryptfs.audit import commands
+from cryptfs.cli.params import PathArg
 from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config
 from cryptfs.errors import (
     EXIT_CODES,
@@ -111,7 +112,7 @@ def passphrase_option(name: str = "--passphrase-file", help_text: str | None = N
                       ) -> Callable[[F], F]:
     return click.option(
         name,
-        type=click.Path(dir_okay=False, allow_dash=True),
+        type=PathArg(dir_okay=False, allow_dash=True),
         default=None,
         help=help_text or "Read the passphrase from this file's first line "
         "('-' for standard input) instead of prompting: its bytes as they are, "

@@ -12,6 +12,7 @@ from cryptfs.audit import check_log
 from cryptfs.audit.commands import bound_log
 from cryptfs.audit.writer import LogTarget, check_server
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors, unlock_recorded
+from cryptfs.cli.params import PathArg
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
 from cryptfs.keyagent.client import socket_path
@@ -20,15 +21,15 @@ from cryptfs.volume import read_volume
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False))
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
+@click.argument("mountpoint", type=PathArg(file_okay=False))
 @click.option("-f", "--foreground", is_flag=True,
               help="Stay attached; Ctrl-C (SIGINT) or SIGTERM unmounts.")
 @click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
               help="FUSE mount options, e.g. allow_other,ro.")
-@click.option("--log-file", type=click.Path(dir_okay=False),
+@click.option("--log-file", type=PathArg(dir_okay=False),
               help="Write the daemon's log here (default: syslog; stderr in --foreground).")
-@click.option("--pid-file", type=click.Path(dir_okay=False),
+@click.option("--pid-file", type=PathArg(dir_okay=False),
               help="Write the daemon's process id here once it is ready.")
 @click.option("--agent", "use_agent", is_flag=True,
               help="Shared mount for many users (root only): hold no passphrase, serve each "
@@ -36,7 +37,7 @@ from cryptfs.volume import read_volume
 @click.option("--agent-socket", metavar="PATH",
               help="The key agent's socket (default: $CRYPTFS_AGENT_SOCKET or "
               "/run/cryptfs/agent.sock).")
-@click.option("--audit-log", "audit_log", type=click.Path(file_okay=False), metavar="LOGDIR",
+@click.option("--audit-log", "audit_log", type=PathArg(file_okay=False), metavar="LOGDIR",
               help="Record every access in this access log (made by `cryptfs audit init`).  "
                    "An access that cannot be recorded is refused.  A volume bound to a log "
                    "(cryptfs audit attach) always uses that one.")
@@ -144,7 +145,7 @@ def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool, server
 
 
 @click.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=PathArg(file_okay=False))
 @click.option("-z", "--lazy", is_flag=True,
               help="Detach now even if files are open; finish when they close.")
 @reports_errors

@@ -20,3 +20,15 @@ class Seconds(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         return number
+
+
+class PathArg(click.Path):
+    """click.Path that refuses an empty name: "" named the current directory
+    (mount over it, fsck it), the default (a socket, a state file), or nothing
+    (an error message with no path in it), whichever the code under it did."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        if value == "" or value == b"":
+            self.fail("an empty path names nothing", param, ctx)
+        return super().convert(value, param, ctx)

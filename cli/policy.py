@@ -18,6 +18,7 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
+from cryptfs.cli.params import PathArg
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
 from cryptfs.links import Straddler, straddling
@@ -59,7 +60,7 @@ def policy() -> None:
 
 
 @policy.command("set")
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @click.argument("directory")
 @click.option("--mode", "mode", required=True, type=click.Choice(mode_choices()),
               help="aes-256-gcm or xchacha20-poly1305: symmetric, every unlocked user reads "
@@ -229,7 +230,7 @@ def _programs(paths: tuple[str, ...], pin: bool, any_program: bool
 
 
 @policy.command("unset")
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @click.argument("directory")
 @passphrase_option(help_text=AUTH_HELP)
 @reports_errors
@@ -255,7 +256,7 @@ def unset(backing: str, directory: str, passphrase_file: str | None) -> None:
 
 
 @policy.command("show")
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @passphrase_option(help_text=AUTH_HELP)
 @reports_errors
 def show(backing: str, passphrase_file: str | None) -> None:
@@ -294,7 +295,7 @@ def _describe(rule: Rule, recovery: bool) -> str:
 
 
 @click.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=PathArg(dir_okay=False))
 @click.option("--with", "with_", multiple=True, metavar="USER",
               help="The user to add as a recipient (repeatable).")
 @click.option("--list", "list_", is_flag=True, help="Only list the file's recipients.")

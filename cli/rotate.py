@@ -22,6 +22,7 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
+from cryptfs.cli.params import PathArg
 from cryptfs.errors import BackingIOError, CryptfsError, DamageFound, MountError, UsageError
 from cryptfs.mounttable import mount_of_backing
 from cryptfs.presence import ANOTHER_MOUNT
@@ -215,7 +216,7 @@ def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] 
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @click.option("--slots", "kinds", flag_value="slots", multiple=True,
               help="New master key for every key slot and the recovery key (O(users)); "
                    "existing files keep the old generation.")
@@ -224,7 +225,7 @@ def _through_mount(mnt: str, meter: Meter, wait: bool = True) -> dict[str, Any] 
                    "is rewritten.  Afterwards an old master opens no file key.")
 @click.option("--reencrypt", "kinds", flag_value="reencrypt", multiple=True,
               help="New master key and a new key for every file: every block is rewritten.")
-@click.option("--recovery-key", "recovery_key", type=click.Path(dir_okay=False), metavar="FILE",
+@click.option("--recovery-key", "recovery_key", type=PathArg(dir_okay=False), metavar="FILE",
               help="The recovery key file: lets an offline rotation open hybrid files that "
                    "your user is not a recipient of.")
 @passphrase_option()

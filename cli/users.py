@@ -15,6 +15,7 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
+from cryptfs.cli.params import PathArg
 from cryptfs.cli.rotate import opened_for_rotation, run_rotation
 from cryptfs.cli.volume import kdf_options
 from cryptfs.config import Kdf, load_config
@@ -36,7 +37,7 @@ def user() -> None:
 
 
 @user.command("add")
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @click.argument("name")
 @click.option("--role", type=click.Choice(ROLES), default="agent", show_default=True,
               help="What the user does (later policy decides what each role sees).")
@@ -62,12 +63,12 @@ def add(backing: str, name: str, role: str, passphrase_file: str | None,
 
 
 @user.command("remove")
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @click.argument("name")
 @click.option("--revoke", is_flag=True,
               help="Also rotate the wrapping key (as `cryptfs rotate --wrap-key`): a copy of "
                    "the old config plus NAME's old passphrase then opens no file key.")
-@click.option("--recovery-key", "recovery_key", type=click.Path(dir_okay=False), metavar="FILE",
+@click.option("--recovery-key", "recovery_key", type=PathArg(dir_okay=False), metavar="FILE",
               help="With --revoke offline: the recovery key, to remove NAME from hybrid files "
                    "your user cannot open.")
 @passphrase_option(help_text=AUTH_HELP)
@@ -94,7 +95,7 @@ def remove(backing: str, name: str, revoke: bool, recovery_key: str | None,
 
 
 @user.command("list")
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @reports_errors
 def list_(backing: str) -> None:
     """List the users of BACKING: name, uid, role, when added, last unlock.
@@ -111,7 +112,7 @@ def list_(backing: str) -> None:
 
 
 @user.command("passwd")
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @click.argument("name", required=False)
 @passphrase_option(help_text="Read the current passphrase from this file ('-': stdin): NAME's "
                    "own, or any user's to reset NAME's.")

@@ -18,6 +18,7 @@ from cryptfs.cli.common import (
     reports_errors,
     unlock_recorded,
 )
+from cryptfs.cli.params import PathArg
 from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, Kdf, load_config
 from cryptfs.errors import DamageFound, UsageError
 from cryptfs.export import export as export_file
@@ -41,7 +42,7 @@ def kdf_options(fn):  # type: ignore[no-untyped-def]
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @click.option("--mode", type=click.Choice(MODE_NAMES), default="aes-256-gcm", show_default=True,
               help="Default content cipher for new files.")
 @click.option("--user", "first_user", metavar="NAME",
@@ -49,7 +50,7 @@ def kdf_options(fn):  # type: ignore[no-untyped-def]
               "sudo).")
 @click.option("--role", type=click.Choice(ROLES), default="admin", show_default=True,
               help="Role of the first user.")
-@click.option("--recovery-key", "recovery_key", type=click.Path(dir_okay=False), metavar="FILE",
+@click.option("--recovery-key", "recovery_key", type=PathArg(dir_okay=False), metavar="FILE",
               help="Write the private half of the volume's recovery key to FILE (a new file, "
               "mode 0600), for the data owner to keep offline: with it alone, "
               "`cryptfs recover` decrypts the whole volume, hybrid files included.")
@@ -102,7 +103,7 @@ def init(backing: str, mode: str, first_user: str | None, role: str, recovery_ke
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @reports_errors
 def info(backing: str) -> None:
     """Show a volume's format, mode, key slots and KDF cost (no secrets).
@@ -134,7 +135,7 @@ def info(backing: str) -> None:
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @passphrase_option(help_text="Read the current passphrase from this file ('-': stdin).")
 @passphrase_option("--new-passphrase-file",
                    help_text="Read the new passphrase from this file ('-': stdin).")
@@ -157,7 +158,7 @@ def passwd(backing: str, passphrase_file: str | None, new_passphrase_file: str |
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @passphrase_option()
 @reports_errors
 def fsck(backing: str, passphrase_file: str | None) -> None:
@@ -184,11 +185,11 @@ def fsck(backing: str, passphrase_file: str | None) -> None:
 
 
 @click.command()
-@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("backing", type=PathArg(file_okay=False))
 @click.argument("paths", nargs=-1, metavar="[PATH]...")
-@click.option("--recovery-key", "recovery_key", required=True, type=click.Path(dir_okay=False),
+@click.option("--recovery-key", "recovery_key", required=True, type=PathArg(dir_okay=False),
               metavar="FILE", help="The recovery key file that `cryptfs init --recovery-key` wrote.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=PathArg(file_okay=False),
               help="Write the plaintext here (a new or empty directory).")
 @reports_errors
 def recover(backing: str, paths: tuple[str, ...], recovery_key: str, out: str) -> None:
@@ -214,12 +215,12 @@ def recover(backing: str, paths: tuple[str, ...], recovery_key: str, out: str) -
 
 
 @click.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=PathArg(dir_okay=False))
 @click.option("--to", "to", multiple=True, metavar="RECIPIENT",
               help="An age X25519 recipient (age1...); repeat for several.")
-@click.option("-R", "--recipients-file", "recipients_file", type=click.Path(dir_okay=False),
+@click.option("-R", "--recipients-file", "recipients_file", type=PathArg(dir_okay=False),
               help="Recipients, one per line (as age -R).")
-@click.option("--out", type=click.Path(dir_okay=False),
+@click.option("--out", type=PathArg(dir_okay=False),
               help="Write the age file here (a new file); default: standard output.")
 @reports_errors
 def export(path: str, to: tuple[str, ...], recipients_file: str | None, out: str | None) -> None:

@@ -17,7 +17,7 @@ import click
 import trio
 
 from cryptfs.cli.common import error_boundary
-from cryptfs.cli.params import Seconds
+from cryptfs.cli.params import PathArg, Seconds
 from cryptfs.errors import BackingIOError, UsageError
 from cryptfs.keyagent.client import DEFAULT_SOCKET
 from cryptfs.keyagent.server import Agent, AgentOptions
@@ -141,9 +141,9 @@ def bind_socket(path: str) -> socket.socket:
 @click.option("--service-user", metavar="NAME",
               help="A user besides root that may watch volumes and act for others "
               "(for a mount service that does not run as root).")
-@click.option("--log-file", type=click.Path(dir_okay=False),
+@click.option("--log-file", type=PathArg(dir_okay=False),
               help="Append the log here (default: standard error, which systemd keeps).")
-@click.option("--audit-log", "audit_log", type=click.Path(file_okay=False), metavar="LOGDIR",
+@click.option("--audit-log", "audit_log", type=PathArg(file_okay=False), metavar="LOGDIR",
               help="Record every unlock, failed unlock and lock in this access log (made by "
                    "`cryptfs audit init`); an unlock that cannot be recorded is refused.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")

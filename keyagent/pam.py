@@ -32,6 +32,7 @@ import syslog
 import click
 
 from cryptfs.cli.common import error_boundary
+from cryptfs.cli.params import PathArg
 from cryptfs.errors import CryptfsError, NotAVolume, UsageError, WrongPassphrase
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.client import AgentClient, AgentError
@@ -125,7 +126,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
+@click.option("--agent-socket", metavar="PATH", type=PathArg(dir_okay=False), help=SOCKET_HELP)
 @_reports_errors
 def lock(agent_socket: str | None) -> None:
     """Lock every session PAM_USER has in the key agent (at logout).
@@ -146,9 +147,9 @@ def lock(agent_socket: str | None) -> None:
 
 @main.command()
 @click.option("--backing", "backings", multiple=True, required=True, metavar="DIR",
-              type=click.Path(file_okay=False),
+              type=PathArg(file_okay=False),
               help="Backing directory of a volume to unlock (repeat for several).")
-@click.option("--agent-socket", metavar="PATH", help=SOCKET_HELP)
+@click.option("--agent-socket", metavar="PATH", type=PathArg(dir_okay=False), help=SOCKET_HELP)
 @_reports_errors
 def unlock(backings: tuple[str, ...], agent_socket: str | None) -> None:
     """Unlock PAM_USER's key slot of each DIR with the password on standard input.

@@ -326,6 +326,28 @@ def test_a_second_mount_of_one_backing_needs_shared_storage(mount: Mount, tmp_pa
         run_cli("unmount", str(second))
 
 
+@pytest.mark.parametrize("args", [
+    ["info", ""], ["fsck", ""], ["mount", "{backing}", ""], ["mount", "", "{mnt}"],
+    ["mount", "{backing}", "{mnt}", "--pid-file", ""], ["init", "{tmp}/v", "--recovery-key", ""],
+    ["recover", "{backing}", "--recovery-key", "{tmp}/k", "--out", ""], ["audit", "init", ""],
+    ["audit", "forward", "{tmp}/log", "--to", "127.0.0.1:9", "--state", ""],
+    ["unlock", "{backing}", "--agent-socket", ""]])
+def test_an_empty_path_is_refused(args: list[str], backing: Path, tmp_path: Path,
+                                  passfile: Path) -> None:
+    """"" was the current directory (mount over it, fsck it), a default (the socket,
+    the state file, no recovery key at all: a volume made without one), or a message
+    with no path in it."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = sorted(os.listdir(tmp_path))
+    given = [a.format(backing=backing, mnt=mnt, tmp=tmp_path) for a in args]
+    res = run_cli(*given, "--passphrase-file", str(passfile), check=False) \
+        if given[0] in ("fsck", "mount", "init") else run_cli(*given, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "an empty path names nothing" in res.stderr and res.stdout == ""
+    assert sorted(os.listdir(tmp_path)) == before and not os.path.ismount(mnt)
+
+
 def test_mountpoint_missing_exit_5(backing: Path, tmp_path: Path, passfile: Path) -> None:
     mnt = tmp_path / "no" / "such" / "dir"
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
