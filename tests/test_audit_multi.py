@@ -439,6 +439,16 @@ def test_bad_input(two: TwoServers, tmp_path: Path) -> None:
     assert_one_error(run_cli("audit", "export", log1, "--from-syslog", str(SAMPLE / "audit.pub"),
                              check=False), 2, "not both")
     assert_one_error(run_cli("audit", "export", check=False), 2, "give a LOGDIR")
+    # A collector's file is a regular file (/dev/zero was one endless line), and one
+    # with lines but none of cryptfs's is no collector's file of cryptfs.
+    assert_one_error(run_cli("audit", "export", "--from-syslog", "/dev/zero", check=False), 2,
+                     "/dev/zero is not a regular file")
+    assert_one_error(run_cli("audit", "export", "--from-syslog", "/etc/passwd", check=False), 2,
+                     "/etc/passwd holds no message of cryptfs")
+    long_line = tmp_path / "long.log"
+    long_line.write_bytes(b"x" * (3 << 20) + b"\n" + b"y\n")
+    assert_one_error(run_cli("audit", "export", "--from-syslog", str(long_line), check=False), 2,
+                     "holds no message of cryptfs (2 line(s) of other programs or formats)")
     (tmp_path / "mnt").mkdir()
     assert_one_error(run_cli("mount", str(two.backing), str(tmp_path / "mnt"), "--agent",
                              "--audit-log", log1, "--server", "files 1", check=False), 2,

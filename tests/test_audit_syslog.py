@@ -511,6 +511,18 @@ def test_refusals(tmp_path: Path, logdir: Path) -> None:
     assert json.loads((logdir / f"forward-127.0.0.1-{port}.cursor").read_text())["seq"] == 3
     assert_one_error(forward(str(logdir), "--to", "nowhere.invalid:514"), 2,
                      "cannot resolve nowhere.invalid")
+    assert not (logdir / "forward-nowhere.invalid-514.cursor").exists()  # (a typo leaves nothing)
+    # An existing state file wins over --from-start, and says so.
+    res = forward(str(logdir), "--to", to, "--from-start")
+    assert res.returncode == 7 and "--from-start has no effect: " in res.stderr
+    assert f"forward-127.0.0.1-{port}.cursor says records up to 3 were forwarded" in res.stderr
+    # A state file is a short regular file: /dev/full was read until memory ran out.
+    assert_one_error(forward(str(logdir), "--to", to, "--state", "/dev/full"), 2,
+                     "the state file /dev/full is not a regular file")
+    big = tmp_path / "big.cursor"
+    big.write_bytes(b" " * 10_000 + b'{"seq": 1, "h": null}')
+    assert_one_error(forward(str(logdir), "--to", to, "--state", str(big)), 2,
+                     "not a forwarder state file")
     assert_one_error(forward(str(logdir), "--to", to, "--hostname", "a b"), 2, "--hostname")
     (tmp_path / "empty").mkdir()
     assert_one_error(forward(str(tmp_path / "empty"), "--to", to), 2, "holds no access log")

@@ -21,14 +21,17 @@ give the same story, whichever copy they were read from.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptfs.audit.export import records_in
 from cryptfs.audit.merge import is_int, merged, server_of
 from cryptfs.audit.syslog import APP_NAME
-from cryptfs.errors import BackingIOError
+from cryptfs.errors import BackingIOError, UsageError
 
 # PRI VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP (RFC 5424 §6)
 _HEADER = re.compile(rb"<\d{1,3}>1 \S+ \S+ (\S+) \S+ \S+ ")
@@ -82,6 +85,21 @@ def message_record(line: bytes) -> tuple[str, bytes] | None:
     return m.group(1).decode("ascii", "replace"), msg.strip(b"\r\n")
 
 
+MAX_LINE = 1 << 20  # bytes: a longer line is no message of cryptfs (its records are far shorter)
+
+
+def _lines(f: BinaryIO) -> Iterator[bytes]:
+    """The file's lines, each at most MAX_LINE bytes long: the rest of a longer
+    one is read and dropped (it would be held whole in memory)."""
+    while line := f.readline(MAX_LINE):
+        if len(line) == MAX_LINE and not line.endswith(b"\n"):
+            while (rest := f.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+                pass
+            yield b""  # (counted as a line of another program)
+            continue
+        yield line
+
+
 def read_collector(path: str) -> CollectorFile:
     """The records in a collector's file, each once, merged by time (the
     whole file is read: it must fit in memory)."""
@@ -91,7 +109,11 @@ def read_collector(path: str) -> CollectorFile:
     claimed: set[tuple[str, str, int]] = set()
     try:
         with open(path, "rb") as f:
-            for line in f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                # (/dev/zero was read as one endless line, until memory ran out)
+                raise UsageError(f"{path} is not a regular file: give the file the collector "
+                                 "wrote")
+            for line in _lines(f):
                 got = message_record(line.rstrip(b"\n"))
                 if got is None or got[0] != APP_NAME:
                     out.others += 1
@@ -113,6 +135,10 @@ def read_collector(path: str) -> CollectorFile:
                 logs.setdefault((key[0], key[1]), []).append(r)
     except OSError as e:
         raise BackingIOError(f"cannot read {path}: {e.strerror}") from None
+    if not logs and out.others:
+        raise UsageError(f"{path} holds no message of cryptfs ({out.others} line(s) of other "
+                         "programs or formats)", hint="give the file the syslog collector "
+                                                      "writes cryptfs's messages to")
     for recs in logs.values():
         recs.sort(key=lambda r: r["seq"] if is_int(r["seq"]) else 0)
     out.records = list(merged(logs[k] for k in sorted(logs)))

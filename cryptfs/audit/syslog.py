@@ -44,6 +44,7 @@ import os
 import re
 import select
 import socket
+import stat
 import struct
 import termios
 import time
@@ -195,14 +196,22 @@ class Cursor:
     h: str | None = None
 
 
+MAX_CURSOR = 4096  # bytes of a state file (one short JSON line)
+
+
 def load_cursor(path: str) -> Cursor | None:
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UsageError(f"the state file {path} is not a regular file",
+                                 hint="name a file of its own with --state")
+            raw = f.read(MAX_CURSOR + 1)  # (it is a line: /dev/full was read until memory ran out)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise BackingIOError(f"cannot read the state file {path}: {e.strerror}") from None
+    try:
+        obj = json.loads(raw) if len(raw) <= MAX_CURSOR else None
     except ValueError:
         obj = None
     seq, h = (obj.get("seq"), obj.get("h")) if isinstance(obj, dict) else (None, None)
@@ -218,7 +227,10 @@ def save_cursor(path: str, cursor: Cursor, target: str) -> None:
     """Atomically: a new file, fsync, rename (never half a cursor after a crash)."""
     data = json.dumps({"seq": cursor.seq, "h": cursor.h, "to": target}, sort_keys=True) + "\n"
     directory, name = os.path.split(os.path.abspath(path))
-    replace_file(directory, name, data.encode(), 0o600)  # (the log's own atomic replace)
+    try:
+        replace_file(directory, name, data.encode(), 0o600)  # (the log's own atomic replace)
+    except OSError as e:  # (its error names the temporary file, not the state file)
+        raise BackingIOError(f"cannot write the state file {path}: {e.strerror or e}") from None
 
 
 # -- the forwarder --------------------------------------------------------------------------------
@@ -295,6 +307,9 @@ class Forwarder:
                 at = r
         if saved is None:
             return last
+        if self.from_start:
+            log.warning("--from-start has no effect: %s says records up to %d were forwarded "
+                        "(remove it to send the whole log again)", self.state, saved.seq)
         if saved.seq > last.seq:
             raise UsageError(
                 f"{self.state} says records up to {saved.seq} were forwarded, but the log in "
@@ -313,6 +328,10 @@ class Forwarder:
         """Forward until stopped.  Raises before forwarding anything if the
         state file or the log is unusable or the collector cannot be reached."""
         self.examined = self.start_position()
+        try:  # (a name that does not resolve is a typo: no state file is left for it)
+            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise UsageError(f"cannot resolve {self.host}: {e.strerror}") from None
         # (saved first: started again after the collector could not be reached,
         # it still sends what was written in between)
         self._save(force=True)
