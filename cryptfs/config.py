@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs import lineage
+from cryptfs import lineage, sysio
 from cryptfs.errors import BackingIOError, NotAVolume, WrongPassphrase
 from cryptfs.keys import MASTER_KEY_LEN, VolumeKeys
 from cryptfs.lineage import Link
@@ -771,10 +771,16 @@ def save_config(backing: str, cfg: VolumeConfig) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
+            # (an unchecked write cut short by a full disk, renamed over the config,
+            # would have lost every key slot)
+            sysio.write_all(fd, data)
             os.fsync(fd)
-        finally:
+        except OSError:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
         os.replace(tmp, path)
         dfd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptfs import sysio
 from cryptfs.config import Recovery, VolumeConfig, load_config
 from cryptfs.content import BlockError
 from cryptfs.errors import BackingIOError, NotAVolume, UsageError, WrongPassphrase
@@ -290,7 +291,7 @@ class Extractor(Checker):
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 for p_off in range(0, cf.size, CHUNK):
-                    os.write(out, cf.read(p_off, CHUNK))
+                    sysio.write_all(out, cf.read(p_off, CHUNK))
                 self._restore_xattrs(fd, out, shown)
                 if os.geteuid() == 0:
                     os.fchown(out, st.st_uid, st.st_gid)
@@ -305,6 +306,9 @@ class Extractor(Checker):
                 self.on_file(shown)
         except BlockError as e:
             self.problem(shown, f"block {e.block}: {e} (not written)")
+        except OSError as e:  # (the disk of --out full, say: which file, and that it is not there)
+            raise BackingIOError(f"recovery stopped at {shown} (not written): "
+                                 f"{e.strerror or e}") from None
         finally:
             os.close(fd)
             if os.path.lexists(tmp):

@@ -94,6 +94,18 @@ def link_empty(fd: int, new_dir_fd: int, new_name: str) -> None:
     os.link(f"/proc/self/fd/{fd}", new_name, dst_dir_fd=new_dir_fd, follow_symlinks=True)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """write(2) until all of ``data`` is written: a short write (a disk that
+    fills up) goes on, and one that writes nothing is ENOSPC.  An unchecked
+    os.write could leave a file cut short under its real name."""
+    rest = memoryview(data)
+    while rest:
+        n = os.write(fd, rest)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        rest = rest[n:]
+
+
 def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int, tmp: str) -> None:
     """Give ``name`` in ``dir_fd`` the content ``data``, atomically: write a new
     file ``tmp`` (O_EXCL, never through a planted symlink; a short write is
@@ -102,8 +114,7 @@ def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int, tmp: str) ->
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      mode, dir_fd=dir_fd)
         try:
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            write_all(fd, data)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

@@ -44,7 +44,7 @@ def write_diriv(dir_fd: int, diriv: bytes | None = None) -> bytes:
     fd = os.open(DIRIV_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444,
                  dir_fd=dir_fd)
     try:
-        os.write(fd, diriv)
+        sysio.write_all(fd, diriv)
     finally:
         os.close(fd)
     return diriv

@@ -348,6 +348,43 @@ def test_an_empty_path_is_refused(args: list[str], backing: Path, tmp_path: Path
     assert sorted(os.listdir(tmp_path)) == before and not os.path.ismount(mnt)
 
 
+def test_a_config_change_on_a_full_disk_keeps_the_config(tmp_path: Path, passfile: Path) -> None:
+    """A short write of the new config (a disk with one page left) was not checked:
+    the config cut short was renamed over the good one, and every key slot was gone."""
+    from cryptfs.users import add_user
+
+    newpass = tmp_path / "new"
+    newpass.write_text("uucp's passphrase\n")
+    with tmpfs(tmp_path / "small", "size=1m") as small:
+        backing = make_volume(small / "backing")
+        vol = unlock(backing)
+        try:
+            for name in ("daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news"):
+                add_user(vol, name, "agent", Secret(b"x"), TEST_KDF)
+        finally:
+            vol.close()
+        conf = (backing / "cryptfs.conf").read_bytes()
+        assert len(conf) > 4096 + 1024  # (the new config needs two pages; one is left)
+        filler = small / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        os.truncate(filler, filler.stat().st_size - 4096)
+        names = sorted(os.listdir(backing))
+        res = run_cli("user", "add", str(backing), "uucp", "--passphrase-file", str(passfile),
+                      "--new-passphrase-file", str(newpass), "--kdf-memory", "8",
+                      "--kdf-iterations", "1", check=False)
+        assert res.returncode == 7 and "No space left on device" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert (backing / "cryptfs.conf").read_bytes() == conf
+        assert sorted(os.listdir(backing)) == names  # (no temporary file left)
+        filler.unlink()
+        assert "slot 9: news (" in run_cli("info", str(backing)).stdout
+
+
 def test_mountpoint_missing_exit_5(backing: Path, tmp_path: Path, passfile: Path) -> None:
     mnt = tmp_path / "no" / "such" / "dir"
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount, new_mount, run_cli
+from conftest import Mount, new_mount, run_cli, tmpfs
 from cryptfs.modes import IntegrityError, NotForMe, x25519
 
 FAST = ("--kdf-memory", "8", "--kdf-iterations", "1")
@@ -136,6 +136,26 @@ def test_recover_selected_paths(tmp_path: Path, passfile: Path) -> None:
     res = run_cli("recover", str(backing), "no/such/file", "--recovery-key", str(key), "--out",
                   str(tmp_path / "out3"), check=False)
     assert res.returncode == 6 and (tmp_path / "out3").is_dir()
+
+
+def test_a_full_disk_stops_recovery_with_no_file_cut_short(tmp_path: Path, passfile: Path
+                                                           ) -> None:
+    """A short write on a filling disk was not checked: a plaintext file cut short
+    was left under its real name. Now the file that did not fit is named, and it
+    is not there at all (nor any temporary file)."""
+    backing, key = _volume(tmp_path, passfile, "aes-256-gcm")
+    m = new_mount(tmp_path, backing, passfile)
+    m.start()
+    try:
+        (m.mnt / "big").write_bytes(os.urandom(400 * 1024))
+    finally:
+        m.stop()
+    with tmpfs(tmp_path / "small", "size=200k") as small:
+        res = run_cli("recover", str(backing), "--recovery-key", str(key), "--out",
+                      str(small / "out"), check=False)
+        assert res.returncode == 7 and "Traceback" not in res.stderr, res.stderr
+        assert "recovery stopped at /big (not written): No space left on device" in res.stderr
+        assert sorted(os.listdir(small / "out")) == []
 
 
 def test_a_damaged_file_is_reported_and_not_written(tmp_path: Path, passfile: Path) -> None:
