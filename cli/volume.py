@@ -27,7 +27,7 @@ from cryptfs.modes import CONTENT_MODES
 from cryptfs.mounttable import volume_of_path
 from cryptfs.recovery import add_recovery, create_key_file, extract, open_for_recovery
 from cryptfs.users import ROLES, set_passphrase, user_fields
-from cryptfs.volume import init_volume, open_volume
+from cryptfs.volume import discard_new_volume, init_volume, open_volume
 
 MODE_NAMES = [m.name for m in CONTENT_MODES.values()]
 
@@ -81,11 +81,15 @@ def init(backing: str, mode: str, first_user: str | None, role: str, recovery_ke
     pw = read_passphrase(passphrase_file, "New volume passphrase", confirm=True)
     key_fd = create_key_file(recovery_key) if recovery_key else None
     try:
+        made = not os.path.lexists(backing)
         with pw:
             vol = init_volume(backing, mode, pw, Kdf(kdf_iterations, kdf_memory * 1024), fields)
         try:
             if key_fd is not None:
                 add_recovery(vol, key_fd)
+        except BaseException:
+            discard_new_volume(vol.backing, made)  # (no volume without the key it was promised)
+            raise
         finally:
             vol.close()
     except BaseException:

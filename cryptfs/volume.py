@@ -8,6 +8,7 @@ Backing layout::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 from cryptfs import presence, tree
 from cryptfs.config import (
+    CONFIG_NAME,
     TREE_NAME,
     Kdf,
     Slot,
@@ -159,6 +161,7 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
     """
     backing = os.path.abspath(backing)
     content_mode_by_name(mode)
+    made = not os.path.lexists(backing)
     try:
         os.makedirs(backing, mode=0o700, exist_ok=True)
         if not stat.S_ISDIR(os.stat(backing).st_mode):
@@ -179,17 +182,37 @@ def init_volume(backing: str, mode: str, passphrase: Secret, kdf: Kdf,
     user_key = Secret(private + keys.authority)
     cfg.seal(keys)
     try:
-        os.mkdir(os.path.join(backing, TREE_NAME), 0o755)
-        dfd = os.open(os.path.join(backing, TREE_NAME), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            tree.write_diriv(dfd)
-        finally:
-            os.close(dfd)
-        presence.create(backing)  # (what every mount holds: cryptfs.presence)
-    except OSError as e:
-        raise BackingIOError(f"cannot create the volume tree: {e.strerror}") from None
-    save_config(backing, cfg)
+            os.mkdir(os.path.join(backing, TREE_NAME), 0o755)
+            dfd = os.open(os.path.join(backing, TREE_NAME), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                tree.write_diriv(dfd)
+            finally:
+                os.close(dfd)
+            presence.create(backing)  # (what every mount holds: cryptfs.presence)
+        except OSError as e:
+            raise BackingIOError(f"cannot create the volume tree in {backing}: {e.strerror}") \
+                from None
+        save_config(backing, cfg)
+    except BaseException:
+        discard_new_volume(backing, made)  # (half a volume would make the next init fail)
+        raise
     return Volume(backing, cfg, keys, cfg.slots[0], user_key)
+
+
+def discard_new_volume(backing: str, made: bool) -> None:
+    """Remove what init_volume put in ``backing`` (which was empty or new), and
+    the directory itself if it was new: a volume that holds nothing yet."""
+    for name in (CONFIG_NAME, CONFIG_NAME + ".tmp", presence.PRESENCE_NAME,
+                 os.path.join(TREE_NAME, tree.DIRIV_NAME), TREE_NAME):
+        with contextlib.suppress(OSError):
+            if name == TREE_NAME:
+                os.rmdir(os.path.join(backing, name))
+            else:
+                os.unlink(os.path.join(backing, name))
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(backing)
 
 
 def read_volume(backing: str) -> LockedVolume:

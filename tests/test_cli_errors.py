@@ -385,6 +385,30 @@ def test_a_config_change_on_a_full_disk_keeps_the_config(tmp_path: Path, passfil
         assert "slot 9: news (" in run_cli("info", str(backing)).stdout
 
 
+def test_init_on_a_full_disk_leaves_no_half_volume(tmp_path: Path, passfile: Path) -> None:
+    """It left tree/.diriv behind, and the same init then failed with 'not empty'."""
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        filler = small / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        (small / "empty").mkdir()
+        args = ["--passphrase-file", str(passfile), "--no-recovery-key", "--kdf-memory", "8",
+                "--kdf-iterations", "1"]
+        for target in (small / "new", small / "empty"):
+            res = run_cli("init", str(target), *args, check=False)
+            assert res.returncode == 7 and "No space left on device" in res.stderr, res.stderr
+            assert "Traceback" not in res.stderr
+        assert not (small / "new").exists() and os.listdir(small / "empty") == []
+        filler.unlink()
+        for target in (small / "new", small / "empty"):
+            assert "created cryptfs volume" in run_cli("init", str(target), *args).stdout
+            assert "key slots:     1" in run_cli("info", str(target)).stdout
+
+
 def test_mountpoint_missing_exit_5(backing: Path, tmp_path: Path, passfile: Path) -> None:
     mnt = tmp_path / "no" / "such" / "dir"
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
