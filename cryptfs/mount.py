@@ -7,12 +7,14 @@ receives SIGINT/SIGTERM, then unmounts cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
 import resource
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -58,6 +60,9 @@ def setup_logging(log_file: logging.FileHandler | None, foreground: bool,
     """Send the ``cryptfs`` logger to ``log_file`` (made by :func:`log_file_handler`
     before the daemon forks, so a bad path is the user's error, not the daemon's),
     else stderr in the foreground, else syslog."""
+    # A log line that cannot be written (--log-file on a full disk) is lost, not a
+    # traceback on the user's terminal from every request that logs.
+    logging.raiseExceptions = False
     root = logging.getLogger("cryptfs")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.handlers.clear()
@@ -267,6 +272,8 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
             ops.audit.close()
         ops.close()
         vol.close()
+        if pid_file:
+            _remove_pid_file(pid_file)
         log.info("unmounted %s", mnt)
     return 0
 
@@ -280,6 +287,33 @@ def _outside_volume(vol: Volume | LockedVolume, mnt: str, what: str, path: str) 
         if within(os.path.realpath(path), top):
             raise UsageError(f"the {what} {path} is inside {name} {top}",
                              hint="put it outside both, e.g. under /var/log or /run")
+
+
+def _pid_file_or_nothing(path: str) -> None:
+    """A pid file replaces only a pid file (a number on a line, as a daemon left
+    it): --pid-file naming someone's file by mistake replaced it with a pid."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"cannot use the pid file {path}: {e.strerror}") from None
+    text = b""
+    if stat.S_ISREG(st.st_mode) and st.st_size <= 32:
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            text = f.read(33)
+    if not (text.strip().isdigit() or (stat.S_ISREG(st.st_mode) and st.st_size == 0)):
+        raise UsageError(f"{path} exists and is not a pid file",
+                         hint="name a new file (or an old pid file) for --pid-file")
+
+
+def _remove_pid_file(path: str) -> None:
+    """At exit: the pid file goes, if it still names this daemon."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            mine = f.read(33).strip() == str(os.getpid()).encode()
+        if mine:
+            os.unlink(path)
 
 
 def _not_mounted_already(backing: str) -> None:
@@ -319,6 +353,7 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
         if not os.path.isdir(os.path.dirname(pid_file)):
             raise UsageError(f"cannot write the pid file {pid_file}: "
                              f"{os.path.dirname(pid_file)} is not a directory")
+        _pid_file_or_nothing(pid_file)
     if foreground:
         setup_logging(log_handler, foreground=True)
         serve(vol, mnt, opts, None, pid_file, side_tasks, audit, shared_storage, poll_us)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -165,6 +166,7 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s cryptfs-agent[%(process)d] "
                                            "%(levelname)s: %(message)s"))
+    logging.raiseExceptions = False  # (a line that cannot be written is lost, not a traceback)
     root = logging.getLogger("cryptfs")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -183,12 +185,24 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
     early: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda n, _frame: early.append(n))
+    auditor = None
+    if audit_log is not None:  # (before the socket: a log it cannot use leaves no socket)
+        from cryptfs.audit import AuditLog, Auditor
+        auditor = Auditor(AuditLog(audit_log), "")
+    bound = None  # (the socket file this agent made, removed as it stops)
     sock = activated_socket()
     if sock is None:
         try:
             sock = bind_socket(socket_path)
         except OSError as e:
-            raise BackingIOError(f"cannot listen on {socket_path}: {e.strerror}") from None
+            if auditor is not None:
+                auditor.close()
+            raise BackingIOError(f"cannot listen on {socket_path}: {e.strerror or e}") from None
+        except BaseException:
+            if auditor is not None:
+                auditor.close()
+            raise
+        bound = (socket_path, os.stat(socket_path).st_ino)
         log.info("listening on %s", socket_path)
     else:
         log.info("listening on the socket passed by systemd")
@@ -196,10 +210,6 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
                         backoff_base=backoff, backoff_max=backoff_max,
                         max_connections=max_connections, max_per_uid=max_per_user,
                         service_uid=service_uid)
-    auditor = None
-    if audit_log is not None:
-        from cryptfs.audit import AuditLog, Auditor
-        auditor = Auditor(AuditLog(audit_log), "")
     agent = Agent(opts, auditor)
     agent.early_signals = early
     trio_sock = trio.socket.from_stdlib_socket(sock)
@@ -214,6 +224,10 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
         agent.store.close_all()
         if auditor is not None:
             auditor.close()  # (seals the tail)
+        if bound is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(bound[0]).st_ino == bound[1]:  # (not another agent's since)
+                    os.unlink(bound[0])
         log.info("agent stopped; every session is locked")
 
 

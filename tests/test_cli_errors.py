@@ -611,6 +611,29 @@ def test_unlocking_no_volume_through_the_agent_is_exit_4(tmp_path: Path, passfil
         assert agent.stop() == 0
 
 
+def test_a_pid_file_replaces_only_a_pid_file_and_goes_at_unmount(backing: Path, tmp_path: Path,
+                                                               passfile: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    notes = tmp_path / "notes.conf"
+    notes.write_text("an admin's settings\n")
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  "--pid-file", str(notes), check=False)
+    assert_one_error(res, 2, f"{notes} exists and is not a pid file")
+    assert notes.read_text() == "an admin's settings\n" and not os.path.ismount(mnt)
+    pid = tmp_path / "daemon.pid"
+    pid.write_text("12345\n")  # (a daemon's old pid file is replaced)
+    run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+            "--pid-file", str(pid))
+    daemon = int(pid.read_text())
+    assert daemon != 12345 and os.path.ismount(mnt)
+    run_cli("unmount", str(mnt))
+    deadline = time.monotonic() + 10
+    while pid.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid.exists()  # (no stale pid once the daemon is gone)
+
+
 def test_a_pid_file_in_no_directory_is_a_usage_error(backing: Path, tmp_path: Path,
                                                      passfile: Path) -> None:
     mnt = tmp_path / "mnt"
@@ -660,6 +683,24 @@ def test_the_agent_never_removes_a_file_that_is_not_a_socket(tmp_path: Path) -> 
     assert "Traceback" not in res.stderr, res.stderr
     assert res.returncode == 2 and f"{victim} exists and is not a socket" in res.stderr
     assert victim.read_text() == "an admin's notes\n"
+
+
+def test_the_agent_leaves_no_socket_behind(tmp_path: Path) -> None:
+    """A stopped agent removed nothing (only the next one replaced the stale socket),
+    and one whose access log was unusable had bound its socket (and said it was
+    listening) before it found out."""
+    sock = tmp_path / "agent.sock"
+    (tmp_path / "notalog").mkdir()
+    res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket", str(sock),
+                          "--audit-log", str(tmp_path / "notalog")], capture_output=True,
+                         text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2 and "holds no access log" in res.stderr, res.stderr
+    assert "listening" not in res.stderr and not sock.exists()
+    agent = AgentProcess(sock, tmp_path / "agent.log")
+    agent.start()
+    assert sock.is_socket()
+    assert agent.stop() == 0
+    assert not sock.exists() and "agent stopped" in agent.log_text()
 
 
 def test_the_agent_makes_its_socket_directory_but_no_chain_of_them(tmp_path: Path) -> None:
