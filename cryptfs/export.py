@@ -117,10 +117,13 @@ def _encrypt(src: BinaryIO, dst: BinaryIO, recipients: list[pyrage.x25519.Recipi
     try:
         pyrage.encrypt_io(src, out, recipients)
         out.flush()
-    except OSError as e:
-        raise BackingIOError(f"{path}: {out.error.strerror if out.error else e.strerror or e}"
-                             ) from None
-    except pyrage.EncryptError as e:
+    except (OSError, pyrage.EncryptError) as e:
+        # (pyrage wraps its writer's error in its own, with Python's repr in the text)
+        if out.error is not None:
+            raise BackingIOError(f"cannot write the age file: {out.error.strerror or out.error}"
+                                 ) from None
+        if isinstance(e, OSError):
+            raise BackingIOError(f"{path}: {e.strerror or e}") from None
         raise BackingIOError(f"age encryption failed: {e}") from None
     if out.error is not None:
         raise BackingIOError(f"cannot write the age file: {out.error.strerror or out.error}")
