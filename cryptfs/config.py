@@ -38,6 +38,7 @@ from cryptfs.modes.errors import IntegrityError
 from cryptfs.modes.kdf import ARGON2_SALT_LEN, MIN_MEM_KIB, MIN_OPS, argon2id, hkdf
 from cryptfs.modes.rand import random_bytes
 from cryptfs.modes.seal import OVERHEAD, Seal
+from cryptfs.roles import ROLES
 from cryptfs.secret import Secret
 
 CONFIG_NAME = "cryptfs.conf"
@@ -217,6 +218,13 @@ class Slot:
         kdf = Kdf.from_json(d.get("kdf"))
         if not kdf.salt:
             raise ValueError("slot kdf without salt")
+        user, uid, role = d.get("user", ""), d.get("uid", 0), d.get("role", ROLES[0])
+        if not (isinstance(user, str) and ("user" not in d or user)):
+            raise ValueError(f"slot {sid}: user is not a name")
+        if not (type(uid) is int and 0 <= uid < 1 << 32):
+            raise ValueError(f"slot {sid}: uid is not a user id")
+        if role not in ROLES:
+            raise ValueError(f"slot {sid}: role is none of {', '.join(ROLES)}")
         return cls(sid, label, kdf, wrapped, created, extra, public, master)
 
 
@@ -444,8 +452,13 @@ class VolumeConfig:
             raise NotAVolume(f"volume config: {e}",
                              hint="use the cryptfs release that wrote it, or restore "
                                   "cryptfs.conf from a backup") from None
-        except (KeyError, TypeError, ValueError, binascii.Error) as e:
-            raise NotAVolume(f"volume config is malformed ({type(e).__name__}: {e})") from None
+        except KeyError as e:
+            raise NotAVolume(f"volume config is malformed: the field {e.args[0]} is missing",
+                             hint="restore cryptfs.conf from a backup") from None
+        except (TypeError, ValueError, binascii.Error) as e:
+            raise NotAVolume(f"volume config is malformed: a value is not of the kind or form "
+                             f"this release writes ({str(e)[:100]})",
+                             hint="restore cryptfs.conf from a backup") from None
 
     # -- keys ------------------------------------------------------------------
     def open_keys(self, master: Secret, authority: bytes | None = None) -> VolumeKeys:

@@ -16,9 +16,10 @@ can still be managed.  ``cryptfs init`` gives the first slot a role
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptfs.config import Slot
+if TYPE_CHECKING:  # (config checks a slot's role against ROLES)
+    from cryptfs.config import Slot
 
 ROLES = ("agent", "supervisor", "technician", "admin", "auditor")
 DEFAULT_ROLE = "agent"  # a user's slot without a (known) role

@@ -94,6 +94,12 @@ def raw_edit(fn: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     return edit
 
 
+def slot_field(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(d: dict[str, Any]) -> None:
+        d["slots"][0][key] = value
+    return edit
+
+
 def slot_kdf(field: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def fn(d: dict[str, Any]) -> None:
         d["slots"][0]["kdf"][field] = value
@@ -155,6 +161,15 @@ CONF_EDITS = [
              4, (MALFORMED, "salt"), 4, (MALFORMED, "salt")),
     ConfEdit("slot_salt_not_base64", json_edit(slot_kdf("salt", "not base64!")),
              4, MALFORMED, 4, MALFORMED),
+    # a slot's user fields are checked as they are read (info showed user=None, role=god)
+    ConfEdit("slot_user_null", json_edit(slot_field("user", None)), 4,
+             (MALFORMED, "slot 0: user is not a name"), 4, (MALFORMED, "user is not a name")),
+    ConfEdit("slot_uid_huge", json_edit(slot_field("uid", 10**30)), 4,
+             (MALFORMED, "slot 0: uid is not a user id"), 4, "uid is not a user id"),
+    ConfEdit("slot_uid_text", json_edit(slot_field("uid", "zero")), 4, MALFORMED, 4,
+             "uid is not a user id"),
+    ConfEdit("slot_role_unknown", json_edit(slot_field("role", "god")), 4,
+             (MALFORMED, "slot 0: role is none of agent, supervisor"), 4, "role is none of"),
     ConfEdit("slot_copy_added", json_edit(duplicate_slot), 4, AUTH, 0, "key slots:     3"),
     ConfEdit("slot_removed", json_edit(remove_second_slot), 4, AUTH, 0, "key slots:     1"),
     ConfEdit("slot_ids_duplicate", json_edit(duplicate_slot_id), 4, MALFORMED, 4, MALFORMED),
