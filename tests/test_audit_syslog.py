@@ -343,6 +343,7 @@ def check_content(got: dict[str, Any], r: dict[str, Any]) -> None:
 
 
 # -- forwarding ------------------------------------------------------------------------------------
+@pytest.mark.serial
 def test_records_arrive_once_in_order_and_in_real_time(logdir: Path, rsyslog: Rsyslog,
                                                        forwarder: Forwarder) -> None:
     log = AuditLog(str(logdir))

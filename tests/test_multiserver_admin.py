@@ -57,7 +57,7 @@ from multiuser import (
     shared_tempdir,
 )
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.serial]  # (bounds in seconds: alone)
 
 ALICE, BOB, CAROL = "cfs-alice", "cfs-bob", "cfs-carol"
 # What a loaded test machine adds to the documented bound (docs/MULTISERVER.md).

@@ -38,7 +38,8 @@ import pytest
 from systemd_harness import Manager, missing_tools
 
 from cryptfs.config import Kdf
-from cryptfs.keyagent.client import AgentClient, AgentError
+from cryptfs.errors import NotAVolume
+from cryptfs.keyagent.client import AgentClient
 from cryptfs.secret import Secret
 from cryptfs.users import user_fields
 from cryptfs.volume import init_volume
@@ -390,7 +391,7 @@ def test_agent_unit_under_systemd(manager: Manager) -> None:
         tmp = shared_tempdir()
         try:
             shutil.move(in_tmp, tmp / "backing")
-            with pytest.raises(AgentError, match="No such file or directory"):
+            with pytest.raises(NotAVolume, match="No such file or directory"):
                 client.request({"op": "unlock", "backing": str(tmp / "backing"), "uid": 0},
                                secret=Secret(ROOT_PASSPHRASE))
         finally:

@@ -162,9 +162,10 @@ def mtimes(root: Path) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def mounted(tmp_path: Path, backing: Path, pf: Path, name: str = "check") -> Iterator[Mount]:
+def mounted(tmp_path: Path, backing: Path, pf: Path, name: str = "check", *extra: str
+            ) -> Iterator[Mount]:
     m = new_mount(tmp_path, backing, pf, name)
-    m.start()
+    m.start(*extra)
     try:
         yield m
     finally:
@@ -940,6 +941,7 @@ def _enough(history: list[tuple[str, int, bool, bool]]) -> bool:
     return killed >= 4 and mid_walk >= 2
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("kind", ["wrap-key", "reencrypt"])
 def test_offline_rotation_killed_at_random_moments(kind: str, tmp_path: Path,
                                                    big_template: tuple[Path, Path, dict[str, Any]]
@@ -1453,11 +1455,13 @@ def test_an_offline_rotation_holds_off_mounts_and_other_rotations(
 def test_rotation_refuses_a_volume_mounted_twice(template: tuple[Path, Path, dict[str, Any]],
                                                  tmp_path: Path) -> None:
     """Only one mount can walk the files; another would keep old keys and file
-    keys (it served EIO for every file once: /tmp/bugs/rotate-two-mounts.md)."""
+    keys (it served EIO for every file once: /tmp/bugs/rotate-two-mounts.md).
+    (A second plain mount is refused at mount time: both share storage here.)"""
     src, pf, snap = template
     backing = copy_volume(src, tmp_path / "backing")
     before = (backing / "cryptfs.conf").read_bytes()
-    with mounted(tmp_path, backing, pf, "one") as one, mounted(tmp_path, backing, pf, "two") as two:
+    with mounted(tmp_path, backing, pf, "one", "--shared-storage") as one, \
+            mounted(tmp_path, backing, pf, "two", "--shared-storage") as two:
         for kind in ("slots", "reencrypt"):
             res = run_cli("rotate", str(backing), f"--{kind}", "--passphrase-file", str(pf),
                           check=False)

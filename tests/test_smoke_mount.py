@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import Mount, run_cli
 
 
@@ -67,6 +69,7 @@ def _loop_line(mount: Mount) -> tuple[int, int, int]:
     return polled, missed, sleeps
 
 
+@pytest.mark.serial
 def test_the_daemon_polls_for_requests_unless_told_not_to(mount: Mount) -> None:
     """Default: a program working through files finds the daemon polling (docs/FUSE.md,
     "Polling for the next request"); --idle-poll 0: it sleeps after every answer."""

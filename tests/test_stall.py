@@ -23,6 +23,8 @@ from cryptfs.secret import Secret
 from cryptfs.views import MAX_WAITING, PER_UID, Busy, ViewMaker
 from multiuser import ROOT_PASSPHRASE, Shared, cli_as, run_as
 
+pytestmark = pytest.mark.serial  # (it measures how long others wait: alone)
+
 COLUMNS = ["surname=surname", "gender=keep", "phone=first:3,last:4", "card=first:6,last:4"]
 HEAD = b"surname,gender,phone,card,address\n"
 ROW = '王小明,女,13812341234,6222021234567890123,"北京市朝阳区, 1号"\n'.encode()
