@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from cryptfs.audit.chain import parse_verifier
+from cryptfs.audit.chain import KEY_NAME, parse_verifier
 from cryptfs.audit.collector import read_collector
 from cryptfs.audit.events import EVENTS, unknown_events
 from cryptfs.audit.export import FORMATS, WRITERS, Filter, parse_time, records
@@ -74,6 +74,10 @@ def _read_key(key: str) -> bytes:
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the verifier key {key}: {getattr(e, 'strerror', e)}") \
                 from None
+    elif not key.startswith(KEY_NAME + "+"):
+        raise UsageError(f"--key {key}: no such file, and not a verifier key (cryptfs-audit+...)",
+                         hint="give the key's text, or the file holding it (LOGDIR/audit.pub "
+                              "as it was made, kept elsewhere)")
     return parse_verifier(text)
 
 

@@ -237,12 +237,22 @@ def test_cli_verify_reports_and_exits(log: tuple[Path, str]) -> None:
     assert "valid: 45  modified: 0  missing: 0  reordered: 0  gaps: 0  bad seals: 0  " \
            "unsealed tail: 2" in res.stdout
     assert "verdict: valid (2 record(s) after the last seal are not proven yet)" in res.stdout
+    # The key of another log: said so, with both key ids (the first seal checks it).
+    init_log(str(d.parent / "other"), "other")
+    other = (d.parent / "other" / "audit.pub").read_text().strip()
+    res = run_cli("audit", "verify", str(d), "--key", other, check=False)
+    assert res.returncode == 6, res.stdout + res.stderr
+    assert f"the first seal is signed by the key with id {pub.split('+')[1]}, not by " \
+           f"{other.split('+')[1]}, the key given: the key of another log" in res.stdout
     segments(d)[0].write_text(segments(d)[0].read_text().replace("/customers/001", "/customers/999"))
     res = run_cli("audit", "verify", str(d), "--key", str(d / "audit.pub"), check=False)
     assert res.returncode == 6 and "modified: 1" in res.stdout and "first bad:" in res.stdout
     assert res.stderr.startswith("cryptfs: error: the access log") and "Traceback" not in res.stderr
-    res = run_cli("audit", "verify", str(d), "--key", "not-a-key", check=False)
+    res = run_cli("audit", "verify", str(d), "--key", "cryptfs-audit+not-a-key", check=False)
     assert res.returncode == 2 and "not an audit verifier key" in res.stderr
+    res = run_cli("audit", "verify", str(d), "--key", str(d / "nosuch.pub"), check=False)
+    assert res.returncode == 2, res.stderr
+    assert f"--key {d / 'nosuch.pub'}: no such file, and not a verifier key" in res.stderr
     for age in ("nan", "inf", "-5", "0"):  # (nan passed click's range check: never failed)
         res = run_cli("audit", "verify", str(d), "--key", pub, "--max-age", age, check=False)
         assert res.returncode == 2 and "Invalid value for '--max-age'" in res.stderr, age

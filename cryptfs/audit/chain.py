@@ -166,8 +166,11 @@ class Checkpoint:
             raise ValueError("not a signed note")
         name, _, sig_b64 = sigline.strip().partition(" ")
         raw = unb64(sig_b64)
-        if name != KEY_NAME or len(raw) != 68 or raw[:4] != key_hash(public):
-            raise ValueError("signed by another key")
+        if name != KEY_NAME or len(raw) != 68:
+            raise ValueError("not a signature of a cryptfs log")
+        if raw[:4] != key_hash(public):
+            raise ValueError(f"signed by the key with id {raw[:4].hex()}, not by "
+                             f"{key_hash(public).hex()}")
         try:
             nacl.signing.VerifyKey(public).verify(body.encode(), raw[4:])
         except nacl.exceptions.BadSignatureError:

@@ -139,8 +139,14 @@ def verify(logdir: str, public: bytes) -> Verdict:
                     cp = Checkpoint.open(obj["checkpoint"], key)
                 except (ValueError, TypeError) as e:
                     v.bad_seals += 1
-                    v.bad(name, f"checkpoint of epoch {epoch} does not verify ({e}): re-sealed "
-                                "or edited")
+                    if epoch == 0 and str(e).startswith("signed by the key with id"):
+                        # (the key given checks the first seal only: the usual cause is
+                        # the verifier key of another log)
+                        v.bad(name, f"the first seal is {e}, the key given: the key of "
+                                    "another log, or this log was re-sealed")
+                    else:
+                        v.bad(name, f"checkpoint of epoch {epoch} does not verify ({e}): "
+                                    "re-sealed or edited")
                     continue
                 if cp.epoch != epoch or cp.size != seq or cp.root != h:
                     v.bad_seals += 1
