@@ -215,7 +215,12 @@ def recover(backing: str, paths: tuple[str, ...], recovery_key: str, out: str) -
                f"{done.symlinks} symlinks into {out}"
                + (f"; {len(done.problems)} problem(s)" if done.problems else ""))
     if done.problems:
-        raise DamageFound(f"{len(done.problems)} item(s) could not be recovered")
+        raise DamageFound(f"{len(done.problems)} item(s) could not be recovered"
+                          + (f"; no such path in the volume: {', '.join(done.missing)}"
+                             if done.missing else ""))
+    if done.missing:
+        raise UsageError(f"no such path in the volume: {', '.join(done.missing)}",
+                         hint="PATHs are named from the volume's root, e.g. calls/2026")
 
 
 @click.command()

@@ -202,6 +202,7 @@ class Extracted:
     symlinks: int = 0
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # PATHs asked for that the volume lacks
 
 
 class Extractor(Checker):
@@ -358,7 +359,7 @@ def extract(vol: RecoveredVolume, out: str, only: list[bytes],
     for p in ex.only:
         shown = p.decode("utf-8", "backslashreplace")
         if not os.path.lexists(ex._target(p)) and shown not in reported:
-            ex.problem(shown, "no such path in the volume")
+            ex.done.missing.append(shown)  # (a typo, most likely: not damage)
     if made and not os.listdir(out):  # (nothing recovered: no empty directory left behind)
         os.rmdir(out)
     return ex.done

@@ -130,12 +130,16 @@ def test_recover_selected_paths(tmp_path: Path, passfile: Path) -> None:
     assert (out / "calls/2026/note.txt").read_bytes() == files["calls/2026/note.txt"]
     res = run_cli("recover", str(backing), "no/such/file", "--recovery-key", str(key), "--out",
                   str(tmp_path / "out2"), check=False)
-    assert res.returncode == 6 and "/no/such/file: no such path in the volume" in res.stderr
+    # A PATH the volume lacks is a usage error (it was reported as damage, exit 6).
+    assert res.returncode == 2, res.stderr
+    assert "cryptfs: error: no such path in the volume: /no/such/file" in res.stderr
+    assert "damaged" not in res.stderr
     assert not (tmp_path / "out2").exists()  # (nothing recovered: no empty --out left behind)
     (tmp_path / "out3").mkdir()  # (but an empty directory the admin made stays)
-    res = run_cli("recover", str(backing), "no/such/file", "--recovery-key", str(key), "--out",
-                  str(tmp_path / "out3"), check=False)
-    assert res.returncode == 6 and (tmp_path / "out3").is_dir()
+    res = run_cli("recover", str(backing), "no/such/file", "customers.csv", "--recovery-key",
+                  str(key), "--out", str(tmp_path / "out3"), check=False)
+    assert res.returncode == 2 and "recovered 1 files" in res.stdout
+    assert (tmp_path / "out3" / "customers.csv").read_bytes() == files["customers.csv"]
 
 
 def test_a_full_disk_stops_recovery_with_no_file_cut_short(tmp_path: Path, passfile: Path
