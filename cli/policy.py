@@ -6,6 +6,7 @@ import copy
 import errno
 import hashlib
 import os
+import stat
 
 import click
 
@@ -314,8 +315,16 @@ def share(path: str, with_: tuple[str, ...], list_: bool) -> None:
         raise UsageError("--list only lists: give it without --with")
     if volume_of_path(path) is None:
         raise UsageError(f"{path} is not on a mounted cryptfs volume")
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file")
+    try:  # (os.path.isfile said "no such file" for one the mount refused: locked, say)
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}",
+                         hint="unlock the volume first (cryptfs unlock)"
+                         if e.errno in (errno.EACCES, errno.EPERM) else None) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is not a regular file")
     if with_ and not os.access(path, os.W_OK):
         raise UsageError(f"cannot share {path}: you may not write it (sharing rewrites the "
                          "file's header, so it needs write permission)")

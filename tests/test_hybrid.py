@@ -596,6 +596,15 @@ def test_share_refused_for_want_of_write_permission_says_so(hy: Hybrid) -> None:
     res = hy.share(ALICE, "h/ro.txt", "--with", CAROL, "--list")
     assert res.returncode == 2 and "--list only lists: give it without --with" in res.stderr
     assert hy.share(ALICE, "h/ro.txt", "--list").stdout == before and CAROL not in before
+    # Locked, she is refused by the mount: said so ("no such file" before, for a file there).
+    assert cli_as(ALICE, "lock", env=hy.agent.env).returncode == 0
+    try:
+        res = hy.share(ALICE, "h/ro.txt", "--list")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"{f}: Permission denied" in res.stderr and "no such file" not in res.stderr
+        assert "hint: unlock the volume first" in res.stderr
+    finally:
+        hy.unlock_ok(ALICE)
 
 
 # -- a passphrase (non-agent) mount ---------------------------------------------------------------
