@@ -200,13 +200,14 @@ def _tolerant_stdout() -> None:
 
 def make_filter(since: str | None, until: str | None, user: str | None, path_glob: str | None,
             events: tuple[str, ...]) -> Filter:
+    first, last = (parse_time(since) if since else None), (parse_time(until) if until else None)
+    if first is not None and last is not None and first > last:
+        raise UsageError("--since is after --until: no record could be selected")
     unknown = unknown_events(events)
     if unknown:
         raise UsageError(f"no record carries the event {unknown[0]!r}",
                          hint="the events are " + ", ".join(sorted(EVENTS)) + " (docs/AUDIT.md)")
-    return Filter(since=parse_time(since) if since else None,
-                     until=parse_time(until) if until else None,
-                     user=user, path=path_glob, event=events)
+    return Filter(since=first, until=last, user=user, path=path_glob, event=events)
 
 
 @audit.command("export")

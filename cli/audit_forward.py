@@ -12,7 +12,7 @@ import click
 from cryptfs.audit import syslog
 from cryptfs.cli.audit import audit, make_filter, selection_options
 from cryptfs.cli.common import reports_errors
-from cryptfs.cli.params import PathArg
+from cryptfs.cli.params import PathArg, Seconds
 from cryptfs.errors import UsageError
 from cryptfs.mounttable import within
 
@@ -33,11 +33,11 @@ from cryptfs.mounttable import within
               show_default=True, help="The syslog facility of the messages.")
 @click.option("--hostname", metavar="NAME",
               help="The HOSTNAME field (default: this machine's host name).")
-@click.option("--enterprise-id", type=click.IntRange(1), default=syslog.EXAMPLE_PEN,
+@click.option("--enterprise-id", type=click.IntRange(1, 2**32 - 1), default=syslog.EXAMPLE_PEN,
               show_default=True, metavar="PEN",
               help="The IANA enterprise number in the SD-ID cryptfs@PEN (the default is the "
                    "one reserved for documentation; use your organisation's if it has one).")
-@click.option("--retry-max", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
+@click.option("--retry-max", type=Seconds(0.1, 3600), default=30.0, show_default=True,
               metavar="SECONDS", help="Longest wait between attempts to reconnect.")
 @selection_options
 @reports_errors

@@ -139,6 +139,13 @@ def test_filters(logdir: Path) -> None:
         res = run_cli("audit", "export", str(logdir), "--since", bad, check=False)
         assert res.returncode == 2 and f"not a time: {bad!r}" in res.stderr, (bad, res.stderr)
         assert "Traceback" not in res.stderr and res.stdout == ""
+    for bad in ("1e400", "99999999999999999999", "-1", "0001-01-01"):  # (taken: matched nothing)
+        res = run_cli("audit", "export", str(logdir), "--since", bad, check=False)
+        assert res.returncode == 2 and f"time out of range: {bad!r} (1970 to 9999)" in res.stderr
+    for cmd in (["export"], ["follow", "--from-start"], ["forward", "--to", "127.0.0.1:9"]):
+        res = run_cli("audit", *cmd, str(logdir), "--since", "2026-12-08", "--until",
+                      "2026-12-01", check=False, timeout=30)  # (follow waited forever)
+        assert res.returncode == 2 and "--since is after --until" in res.stderr, (cmd, res)
     # Every event a record of this log carries is a known one; a misspelt one is refused
     # (it printed nothing, as if no such records existed), by every command that selects.
     assert {r["event"] for r in allrows} <= EVENTS

@@ -158,20 +158,29 @@ def iso(time_ns: int) -> str:
         f".{ns:09d}Z"
 
 
+LATEST = 253402300799 * 10**9  # ns: 9999-12-31T23:59:59Z, the last time ISO 8601 writes
+
+
 def parse_time(text: str) -> int:
-    """ns since the epoch from ISO 8601 (naive means UTC) or a number of seconds."""
+    """ns since the epoch from ISO 8601 (naive means UTC) or a number of seconds,
+    from 1970 to the end of 9999 (1e400 was taken, and matched nothing)."""
+    t: int | None = None
     try:
-        return int(decimal.Decimal(text) * 10**9)  # (exact: a float loses the nanoseconds)
+        t = int(decimal.Decimal(text) * 10**9)  # (exact: a float loses the nanoseconds)
     except (decimal.InvalidOperation, ValueError, OverflowError):  # (inf, nan: not a time)
         pass
-    try:
-        dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"not a time: {text!r} (ISO 8601, e.g. 2026-11-29T08:00:00Z, or "
-                         "seconds since 1970)") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.UTC)
-    return int(dt.timestamp()) * 10**9 + dt.microsecond * 1000
+    if t is None:
+        try:
+            dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(f"not a time: {text!r} (ISO 8601, e.g. 2026-11-29T08:00:00Z, or "
+                             "seconds since 1970)") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.UTC)
+        t = int(dt.timestamp()) * 10**9 + dt.microsecond * 1000
+    if not 0 <= t <= LATEST:
+        raise UsageError(f"time out of range: {text!r} (1970 to 9999)")
+    return t
 
 
 @dataclass

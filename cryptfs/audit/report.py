@@ -31,7 +31,7 @@ from typing import Any
 
 from cryptfs import __version__
 from cryptfs.audit.chain import PUB_NAME, verifier_text
-from cryptfs.audit.export import iso, records
+from cryptfs.audit.export import LATEST, iso, records
 from cryptfs.audit.merge import merge_key
 from cryptfs.audit.verify import Verdict, verify
 from cryptfs.errors import BackingIOError, UsageError
@@ -53,7 +53,6 @@ NOT_ACCESS = frozenset({"mount", "unmount", "log-resumed", "integrity-failure", 
 # at one width add up exactly into the next (then doubling: :func:`_width`).
 WIDTHS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400,
           14 * 86400, 28 * 86400)
-LATEST = 253402300799 * 10**9  # ns: 9999-12-31T23:59:59Z, the last time ISO 8601 writes
 PALETTE = ("#3b6ea8", "#e8871e", "#4c9a52", "#d64545", "#6bb5b0", "#c9a227", "#9467bd",
            "#e377c2")
 OTHERS_COLOUR = "#a9a9a9"
