@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
-from cryptfs.cli.params import PathArg
+from cryptfs.cli.params import PathArg, UserName
 from cryptfs.errors import UsageError
 from cryptfs.keyagent.client import AgentClient
 from cryptfs.mounttable import backing_of
@@ -21,7 +21,7 @@ def _as_uid(user: str | None) -> dict[str, int]:
 @click.command()
 @click.argument("backing", type=PathArg(file_okay=False, readable=False))
 @passphrase_option()
-@click.option("--user", metavar="NAME", help="Unlock for another user (root only; needs "
+@click.option("--user", metavar="NAME", type=UserName(), help="Unlock for another user (root only; needs "
               "that user's passphrase). Default: yourself.")
 @click.option("--check", is_flag=True, help="Only check that you have a key slot there "
               "(exit 0) or not (exit 8); ask for nothing.")
@@ -35,6 +35,9 @@ def unlock(backing: str, passphrase_file: str | None, user: str | None, check: b
     shared (--agent) mount.  From then on that mount serves you, until
     `cryptfs lock`, the agent's idle timeout, or the agent stops.
     """
+    if check and passphrase_file is not None:  # (it was read by nothing)
+        raise click.UsageError("--check asks for no passphrase: give it without "
+                               "--passphrase-file")
     target = backing_of(backing)
     client = AgentClient(agent_socket)
     who = _as_uid(user)
@@ -52,7 +55,7 @@ def unlock(backing: str, passphrase_file: str | None, user: str | None, check: b
 
 @click.command()
 @click.argument("backing", type=PathArg(file_okay=False, readable=False), required=False)
-@click.option("--user", metavar="NAME", help="Lock another user's sessions (root only).")
+@click.option("--user", metavar="NAME", type=UserName(), help="Lock another user's sessions (root only).")
 @click.option("--agent-socket", metavar="PATH", type=PathArg(dir_okay=False), help=SOCKET_HELP)
 @reports_errors
 def lock(backing: str | None, user: str | None, agent_socket: str | None) -> None:
@@ -73,7 +76,7 @@ def lock(backing: str | None, user: str | None, agent_socket: str | None) -> Non
 
 @click.command()
 @click.option("--all", "all_users", is_flag=True, help="Every user's sessions (root only).")
-@click.option("--user", metavar="NAME", help="Another user's sessions (root only).")
+@click.option("--user", metavar="NAME", type=UserName(), help="Another user's sessions (root only).")
 @click.option("--agent-socket", metavar="PATH", type=PathArg(dir_okay=False), help=SOCKET_HELP)
 @reports_errors
 def status(all_users: bool, user: str | None, agent_socket: str | None) -> None:

@@ -32,3 +32,19 @@ class PathArg(click.Path):
         if value == "" or value == b"":
             self.fail("an empty path names nothing", param, ctx)
         return super().convert(value, param, ctx)
+
+
+class UserName(click.ParamType):
+    """A system user's name as given on the command line: "" stood for the
+    invoking user (`user passwd VOL ""` changed root's own passphrase)."""
+
+    name = "user"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        if not isinstance(value, str):
+            return value
+        if not value or len(value) > 256 or any(c.isspace() or not c.isprintable()
+                                                  for c in value):
+            self.fail(f"{value[:40]!r} is not a user name", param, ctx)
+        return value

@@ -19,7 +19,7 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
-from cryptfs.cli.params import PathArg
+from cryptfs.cli.params import PathArg, UserName
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
 from cryptfs.links import Straddler, straddling
@@ -67,7 +67,7 @@ def policy() -> None:
               help="aes-256-gcm or xchacha20-poly1305: symmetric, every unlocked user reads "
                    "the files.  hybrid[-CIPHER]: each file key is wrapped to its recipients "
                    "only (its creator, the --recipient users, the recovery key).")
-@click.option("--recipient", "recipients", multiple=True, metavar="USER",
+@click.option("--recipient", "recipients", multiple=True, metavar="USER", type=UserName(),
               help="A user whose key every new file is also wrapped to (hybrid; repeatable).")
 @click.option("--dropbox", is_flag=True,
               help="Write-only for everyone else: the creator is not a recipient, so a writer "
@@ -110,6 +110,10 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
     trusted = _programs(programs, pin, any_program)
     if untrusted != "deny" and not programs:
         raise UsageError("--untrusted goes with --program")
+    fmt_given = (click.get_current_context().get_parameter_source("mask_format")
+                 == click.core.ParameterSource.COMMANDLINE)
+    if fmt_given and mask_glob is None:  # (it was taken, and did nothing)
+        raise UsageError("--mask-format goes with --mask")
     masks = _masks(mask_glob, mask_format, columns, no_masks)
     vol = _open(backing, passphrase_file)
     try:
@@ -297,7 +301,7 @@ def _describe(rule: Rule, recovery: bool) -> str:
 
 @click.command()
 @click.argument("path", type=PathArg(dir_okay=False))
-@click.option("--with", "with_", multiple=True, metavar="USER",
+@click.option("--with", "with_", multiple=True, metavar="USER", type=UserName(),
               help="The user to add as a recipient (repeatable).")
 @click.option("--list", "list_", is_flag=True, help="Only list the file's recipients.")
 @reports_errors

@@ -242,6 +242,9 @@ def rotate(backing: str, kinds: tuple[str, ...], recovery_key: str | None,
     if len(set(kinds)) != 1:  # (none, or two: the last one given used to win silently)
         raise click.UsageError("choose one of --slots, --wrap-key, --reencrypt")
     kind = kinds[0]
+    if kind == "slots" and recovery_key is not None:  # (it had no effect)
+        raise click.UsageError("--recovery-key serves a rotation that walks the files "
+                               "(--wrap-key, --reencrypt), not --slots")
     with opened_for_rotation(backing, passphrase_file, "Passphrase", recovery_key) as (vol, recovery):
         require_role(backing, vol, "rotation", "rotate keys")
         with recorded(backing, vol.config, "rotation", kind=kind):

@@ -15,7 +15,7 @@ from cryptfs.cli.common import (
     require_role,
     unlock_recorded,
 )
-from cryptfs.cli.params import PathArg
+from cryptfs.cli.params import PathArg, UserName
 from cryptfs.cli.rotate import opened_for_rotation, run_rotation
 from cryptfs.cli.volume import kdf_options
 from cryptfs.config import Kdf, load_config
@@ -38,7 +38,7 @@ def user() -> None:
 
 @user.command("add")
 @click.argument("backing", type=PathArg(file_okay=False))
-@click.argument("name")
+@click.argument("name", type=UserName())
 @click.option("--role", type=click.Choice(ROLES), default="agent", show_default=True,
               help="What the user does (later policy decides what each role sees).")
 @passphrase_option(help_text=AUTH_HELP)
@@ -64,7 +64,7 @@ def add(backing: str, name: str, role: str, passphrase_file: str | None,
 
 @user.command("remove")
 @click.argument("backing", type=PathArg(file_okay=False))
-@click.argument("name")
+@click.argument("name", type=UserName())
 @click.option("--revoke", is_flag=True,
               help="Also rotate the wrapping key (as `cryptfs rotate --wrap-key`): a copy of "
                    "the old config plus NAME's old passphrase then opens no file key.")
@@ -113,7 +113,7 @@ def list_(backing: str) -> None:
 
 @user.command("passwd")
 @click.argument("backing", type=PathArg(file_okay=False))
-@click.argument("name", required=False)
+@click.argument("name", required=False, type=UserName())
 @passphrase_option(help_text="Read the current passphrase from this file ('-': stdin): NAME's "
                    "own, or any user's to reset NAME's.")
 @passphrase_option("--new-passphrase-file", help_text=NEW_HELP)

@@ -18,7 +18,7 @@ from cryptfs.cli.common import (
     reports_errors,
     unlock_recorded,
 )
-from cryptfs.cli.params import PathArg
+from cryptfs.cli.params import PathArg, UserName
 from cryptfs.config import DEFAULT_MEM_KIB, DEFAULT_OPS, Kdf, load_config
 from cryptfs.errors import DamageFound, UsageError
 from cryptfs.export import export as export_file
@@ -45,7 +45,7 @@ def kdf_options(fn):  # type: ignore[no-untyped-def]
 @click.argument("backing", type=PathArg(file_okay=False))
 @click.option("--mode", type=click.Choice(MODE_NAMES), default="aes-256-gcm", show_default=True,
               help="Default content cipher for new files.")
-@click.option("--user", "first_user", metavar="NAME",
+@click.option("--user", "first_user", metavar="NAME", type=UserName(),
               help="System user who owns the first key slot (default: you; $SUDO_USER under "
               "sudo).")
 @click.option("--role", type=click.Choice(ROLES), default="admin", show_default=True,

@@ -18,7 +18,7 @@ import click
 import trio
 
 from cryptfs.cli.common import error_boundary
-from cryptfs.cli.params import PathArg, Seconds
+from cryptfs.cli.params import PathArg, Seconds, UserName
 from cryptfs.errors import BackingIOError, UsageError
 from cryptfs.keyagent.client import DEFAULT_SOCKET
 from cryptfs.keyagent.server import Agent, AgentOptions
@@ -139,7 +139,7 @@ def bind_socket(path: str) -> socket.socket:
 @click.option("--max-per-user", type=click.IntRange(1), default=64, show_default=True,
               metavar="N", help="Connections one user may hold at a time (root and the "
               "service user: no limit), so one user cannot crowd out the others.")
-@click.option("--service-user", metavar="NAME",
+@click.option("--service-user", metavar="NAME", type=UserName(),
               help="A user besides root that may watch volumes and act for others "
               "(for a mount service that does not run as root).")
 @click.option("--log-file", type=PathArg(dir_okay=False),
@@ -159,6 +159,8 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
     (under systemd, normally socket-activated); SIGTERM locks every session
     and stops it.  The protocol is described in docs/AGENT.md.
     """
+    if backoff > backoff_max:  # (the doubling would start above its own cap)
+        raise UsageError(f"--backoff {backoff:g} is above --backoff-max {backoff_max:g}")
     handler: logging.Handler
     if log_file:
         handler = log_file_handler(log_file)

@@ -424,6 +424,37 @@ def test_init_on_a_full_disk_leaves_no_half_volume(tmp_path: Path, passfile: Pat
             assert "key slots:     1" in run_cli("info", str(target)).stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["user", "passwd", "{backing}", ""], "'' is not a user name"),  # (changed root's own)
+    (["init", "{tmp}/v", "--user", "", "--no-recovery-key"], "'' is not a user name"),
+    (["user", "add", "{backing}", "a\nb"], "is not a user name"),
+    (["rotate", "{backing}", "--slots", "--recovery-key", "{tmp}/k"],
+     "--recovery-key serves a rotation that walks the files"),
+    (["unlock", "{backing}", "--check"], "--check asks for no passphrase"),
+    (["policy", "set", "{backing}", "/d", "--mode", "hybrid", "--mask-format", "tsv"],
+     "--mask-format goes with --mask"),
+    (["policy", "set", "{backing}", "/d", "--mode", "hybrid", "--no-masks", "--mask-format",
+      "jsonl"],
+     "--mask-format goes with --mask"),
+])
+def test_options_that_did_nothing_or_the_wrong_thing_are_refused(
+        args: list[str], message: str, backing: Path, tmp_path: Path, passfile: Path) -> None:
+    conf = (backing / "cryptfs.conf").read_bytes()
+    given = [a.format(backing=backing, tmp=tmp_path) for a in args]
+    res = run_cli(*given, "--passphrase-file", str(passfile), check=False)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert (backing / "cryptfs.conf").read_bytes() == conf and not (tmp_path / "v").exists()
+
+
+def test_the_agents_backoff_starts_below_its_cap(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket",
+                          str(tmp_path / "agent.sock"), "--backoff", "10", "--backoff-max", "1"],
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2 and "--backoff 10 is above --backoff-max 1" in res.stderr
+    assert not (tmp_path / "agent.sock").exists()
+
+
 def test_mountpoint_missing_exit_5(backing: Path, tmp_path: Path, passfile: Path) -> None:
     mnt = tmp_path / "no" / "such" / "dir"
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
