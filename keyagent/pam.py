@@ -178,14 +178,14 @@ def unlock(backings: tuple[str, ...], agent_socket: str | None) -> None:
                 answer = client.request({"op": "unlock", "backing": path, "uid": user.pw_uid},
                                         password)
             except WrongPassphrase as e:
-                failures.append(WrongPassphrase(f"{path}: {e}"))
+                failures.append(WrongPassphrase(_about(path, e)))
             except NotAVolume as e:
-                failures.append(NotAVolume(f"{path}: {e}"))
+                failures.append(NotAVolume(_about(path, e)))
             except AgentError as e:
                 if e.code == p.NO_SLOT:
                     _syslog(syslog.LOG_INFO, f"{user.pw_name} has no key slot in {path}")
                     continue
-                failures.append(AgentError(f"{path}: {e}", e.code, e.hint))
+                failures.append(AgentError(_about(path, e), e.code, e.hint))
             else:
                 unlocked.append(path)
                 _syslog(syslog.LOG_INFO, f"login of {user.pw_name}: unlocked {path} "
@@ -199,8 +199,14 @@ def unlock(backings: tuple[str, ...], agent_socket: str | None) -> None:
         raise failures[-1]
     if not unlocked:
         raise AgentError(f"{user.pw_name} has no key slot in "
-                         + ("that volume" if len(backings) == 1 else "any of those volumes"),
+                         + (os.path.abspath(backings[0]) if len(backings) == 1
+                            else "any of " + ", ".join(map(os.path.abspath, backings))),
                          code=p.NO_SLOT)
+
+
+def _about(path: str, e: Exception) -> str:
+    """The error, with the volume's path in front unless it names it already."""
+    return str(e) if path in str(e) else f"{path}: {e}"
 
 
 if __name__ == "__main__":

@@ -653,6 +653,7 @@ def test_unlocking_no_volume_through_the_agent_is_exit_4(tmp_path: Path, passfil
                              env={**os.environ, "PAM_USER": "root", "PAM_TYPE": "auth"})
         assert b"Traceback" not in res.stderr, res.stderr
         assert res.returncode == 4 and b"is not a cryptfs volume" in res.stderr, res.stderr
+        assert res.stderr.count(os.fsencode(other)) == 1, res.stderr  # (it was said twice)
     finally:
         assert agent.stop() == 0
 

@@ -231,7 +231,8 @@ def test_helper_bad_input(setup: Setup) -> None:
     one_error_line(helper("unlock", "--backing", str(setup.backing), "--agent-socket", sock,
                           env=alice, stdin=b"x" * 5000), 2, "longer than 4096 bytes")
     one_error_line(helper("unlock", "--backing", str(setup.roots_only), "--agent-socket", sock,
-                          env=alice, stdin=ALICE_PW + b"\0"), 8, "has no key slot")
+                          env=alice, stdin=ALICE_PW + b"\0"), 8,
+                   f"cfs-alice has no key slot in {setup.roots_only}")  # (it said "that volume")
     res = helper("unlock", "--backing", str(setup.backing), "--agent-socket", sock, env=alice,
                  stdin=b"not alices password\0")
     one_error_line(res, 3, "wrong passphrase")
