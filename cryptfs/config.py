@@ -698,7 +698,8 @@ def config_path(backing: str) -> str:
 
 def load_config(backing: str) -> VolumeConfig:
     if not os.path.isdir(backing):
-        raise NotAVolume(f"{backing}: no such directory")
+        raise NotAVolume(f"{backing} is not a directory" if os.path.lexists(backing)
+                         else f"{backing}: no such directory")
     path = config_path(backing)
     try:
         with open(path, "rb") as f:

@@ -350,9 +350,11 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
     log_handler = log_file_handler(os.path.abspath(log_file)) if log_file else None
     if pid_file:
         pid_file = os.path.abspath(pid_file)
-        if not os.path.isdir(os.path.dirname(pid_file)):
-            raise UsageError(f"cannot write the pid file {pid_file}: "
-                             f"{os.path.dirname(pid_file)} is not a directory")
+        where = os.path.dirname(pid_file)
+        if not os.path.isdir(where):
+            raise UsageError(f"cannot write the pid file {pid_file}: {where} "
+                             + ("is not a directory" if os.path.lexists(where)
+                                else "does not exist"))
         _pid_file_or_nothing(pid_file)
     if foreground:
         setup_logging(log_handler, foreground=True)

@@ -688,8 +688,19 @@ def test_a_pid_file_in_no_directory_is_a_usage_error(backing: Path, tmp_path: Pa
     pid = tmp_path / "no" / "such" / "daemon.pid"
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
                   "--pid-file", str(pid), check=False)
+    assert_one_error(res, 2, f"cannot write the pid file {pid}: {pid.parent} does not exist")
+    (tmp_path / "file").write_text("")
+    pid = tmp_path / "file" / "daemon.pid"
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  "--pid-file", str(pid), check=False)
     assert_one_error(res, 2, f"cannot write the pid file {pid}: {pid.parent} is not a directory")
     assert not os.path.ismount(mnt)
+    for cmd in ("info", "fsck"):  # (a file named for the volume: "no such directory" before)
+        res = run_cli(cmd, str(tmp_path / "file"), "--passphrase-file", str(passfile),
+                      check=False) if cmd == "fsck" else run_cli(cmd, str(tmp_path / "file"),
+                                                                 check=False)
+        assert res.returncode in (2, 4), res.stderr
+        assert "no such directory" not in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.fixture
