@@ -97,6 +97,9 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
             # there never answers, and every request would be refused)
             raise UsageError(f"{agent_at} is not a socket: give the key agent's socket "
                              "(--agent-socket)")
+        if not os.path.exists(agent_at):  # (waited for, but a typo would look like an outage)
+            click.echo(f"cryptfs: warning: no key agent listens on {agent_at} yet: the mount "
+                       "serves no one until one does", err=True)
         locked = read_volume(backing)
         audit = _audit_for(locked.config, audit_log, audit_fail_open, server)
         link = functools.partial(watch_agent, agent_at,

@@ -881,3 +881,13 @@ def test_an_agent_socket_that_is_a_regular_file_is_refused(backing: Path, tmp_pa
                   str(not_a_socket), check=False)
     assert_one_error(res, 2, f"{not_a_socket} is not a socket")
     assert not os.path.ismount(mnt)
+    # A socket not there yet is waited for (the agent may start later), with a warning:
+    # a typo in --agent-socket looked exactly like an agent that is down.
+    missing = tmp_path / "typo.sock"
+    res = run_cli("mount", str(backing), str(mnt), "--agent", "--agent-socket", str(missing))
+    try:
+        assert res.stderr == (f"cryptfs: warning: no key agent listens on {missing} yet: the "
+                              "mount serves no one until one does\n")
+        assert os.path.ismount(mnt)
+    finally:
+        run_cli("unmount", str(mnt))
