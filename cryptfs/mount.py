@@ -127,6 +127,10 @@ def fuse_options(vol: Volume | LockedVolume, extra: Iterable[str]) -> list[str]:
                              hint="generic options: ro, rw, noexec, exec, nosuid, nodev, sync, "
                                   "dirsync, noatime, nodiratime; and allow_other")
         opts.append(o)
+    for a, b in (("ro", "rw"), ("exec", "noexec"), ("suid", "nosuid"), ("dev", "nodev"),
+                 ("atime", "noatime")):
+        if a in opts and b in opts:  # (the last one won, silently: -o rw,ro mounted read-only)
+            raise UsageError(f"-o {a} and -o {b} contradict each other: give one")
     return opts
 
 

@@ -455,6 +455,21 @@ def test_the_agents_backoff_starts_below_its_cap(tmp_path: Path) -> None:
     assert not (tmp_path / "agent.sock").exists()
 
 
+@pytest.mark.parametrize("opts, message", [
+    ("rw,ro", "-o ro and -o rw contradict each other"),
+    ("noexec,exec", "-o exec and -o noexec contradict each other"),
+    ("bogus", "unknown mount option 'bogus'"),
+])
+def test_mount_options_that_contradict_or_are_unknown(opts: str, message: str, backing: Path,
+                                                      tmp_path: Path, passfile: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile), "-o", opts,
+                  check=False)
+    assert_one_error(res, 2, message)
+    assert not os.path.ismount(mnt)
+
+
 def test_mountpoint_missing_exit_5(backing: Path, tmp_path: Path, passfile: Path) -> None:
     mnt = tmp_path / "no" / "such" / "dir"
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
