@@ -239,7 +239,8 @@ def export(path: str, to: tuple[str, ...], recipients_file: str | None, out: str
     KEY FILE`) decrypts it with the recipient's key.  The file is read
     through the mount, so its access rules apply to whoever exports.
     """
-    texts = list(to) + (recipients_from_file(recipients_file) if recipients_file else [])
+    texts = list(dict.fromkeys(  # (one recipient given twice counted twice)
+        list(to) + (recipients_from_file(recipients_file) if recipients_file else [])))
     recipients = parse_recipients(texts)
     if out is None and sys.stdout.isatty():
         raise UsageError("the age file is binary: give --out FILE or redirect standard output")

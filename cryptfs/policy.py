@@ -170,6 +170,9 @@ def normalise(path: str) -> str:
     return "/" + p.lstrip("/")
 
 
+NAME_MAX = 255  # bytes of one name in a volume, as in the filesystems under it
+
+
 def volume_path(path: bytes, example: str = "/customers") -> bytes:
     """A path inside the volume as a user names it, in ``/a/b`` form (bytes: a
     name need not be UTF-8); "", "." and "/" are the root.  ``..`` is refused:
@@ -177,6 +180,9 @@ def volume_path(path: bytes, example: str = "/customers") -> bytes:
     if b".." in path.split(b"/"):
         raise UsageError(f"{os.fsdecode(path)!r}: a path inside the volume has no '..'",
                          hint=f"name it from the volume's root, e.g. {example}")
+    if any(len(part) > NAME_MAX for part in path.split(b"/")):  # (no such name can exist)
+        raise UsageError(f"{os.fsdecode(path)[:60]!r}...: a name in it is longer than "
+                         f"{NAME_MAX} bytes")
     return b"/" + posixpath.normpath(b"/" + path).lstrip(b"/")  # (normpath keeps a leading //)
 
 

@@ -433,6 +433,8 @@ def test_init_on_a_full_disk_leaves_no_half_volume(tmp_path: Path, passfile: Pat
     (["unlock", "{backing}", "--check"], "--check asks for no passphrase"),
     (["policy", "set", "{backing}", "/d", "--mode", "hybrid", "--mask-format", "tsv"],
      "--mask-format goes with --mask"),
+    (["policy", "set", "{backing}", "/d/" + "a" * 256, "--mode", "hybrid"],  # (can never exist)
+     "a name in it is longer than 255 bytes"),
     (["policy", "set", "{backing}", "/d", "--mode", "hybrid", "--no-masks", "--mask-format",
       "jsonl"],
      "--mask-format goes with --mask"),
