@@ -20,7 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cryptfs import rotate
+from cryptfs import rotate, sysio
 from cryptfs.errors import CryptfsError, MountError, UsageError
 from cryptfs.logfile import log_file_handler
 from cryptfs.mounttable import is_fuse_mount, mounts, within
@@ -52,7 +52,23 @@ def check_mountpoint(mountpoint: str) -> str:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: the fuse kernel module is not loaded",
                          hint="modprobe fuse (or run where FUSE is available)")
+    try:
+        fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            kind = sysio.fs_type(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise MountError(f"mountpoint {mnt}: {e.strerror}") from None
+    if kind in _KERNEL_FILESYSTEMS:  # (/proc/self named this process's directory: gone at exit)
+        raise MountError(f"mountpoint {mnt} is in {_KERNEL_FILESYSTEMS[kind]}, which the kernel "
+                         "makes up: mount on a directory of a real filesystem")
     return mnt
+
+
+_KERNEL_FILESYSTEMS = {0x9FA0: "/proc", 0x62656572: "/sys", 0x1CD1: "a devpts",
+                       0x73636673: "securityfs", 0x27E0EB: "a cgroup filesystem",
+                       0x63677270: "a cgroup filesystem"}
 
 
 def setup_logging(log_file: logging.FileHandler | None, foreground: bool,

@@ -472,6 +472,17 @@ def test_mount_options_that_contradict_or_are_unknown(opts: str, message: str, b
     assert not os.path.ismount(mnt)
 
 
+def test_a_mountpoint_in_proc_or_sys_is_refused(backing: Path, passfile: Path) -> None:
+    """/proc/self named the command's own /proc directory: mounted, and gone as it exited."""
+    for where, shown in (("/proc/self", "/proc/"), ("/sys/kernel", "/sys/kernel")):
+        res = run_cli("mount", str(backing), where, "--passphrase-file", str(passfile),
+                      check=False)
+        assert_one_error(res, 5, f"mountpoint {shown}")
+        assert "which the kernel makes up" in res.stderr
+    assert not any(" fuse.cryptfs " in line and (" /proc/" in line or " /sys/" in line)
+                   for line in Path("/proc/mounts").read_text().splitlines())
+
+
 def test_mountpoint_missing_exit_5(backing: Path, tmp_path: Path, passfile: Path) -> None:
     mnt = tmp_path / "no" / "such" / "dir"
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
