@@ -145,6 +145,19 @@ def tmpfs(where: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+def fill(fs: Path) -> Path:
+    """Fill the filesystem of directory ``fs`` to the last page with a file
+    (returned: unlink it, or truncate it, to make room)."""
+    filler = fs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
 def _fuse_listed(mnt: Path) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == str(mnt) for line in f)

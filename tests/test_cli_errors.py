@@ -27,6 +27,7 @@ from conftest import (
     TEST_KDF,
     Mount,
     _fuse_listed,
+    fill,
     make_volume,
     run_cli,
     tmpfs,
@@ -380,13 +381,7 @@ def test_a_config_change_on_a_full_disk_keeps_the_config(tmp_path: Path, passfil
             vol.close()
         conf = (backing / "cryptfs.conf").read_bytes()
         assert len(conf) > 4096 + 1024  # (the new config needs two pages; one is left)
-        filler = small / "filler"
-        with open(filler, "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
+        filler = fill(small)
         os.truncate(filler, filler.stat().st_size - 4096)
         names = sorted(os.listdir(backing))
         res = run_cli("user", "add", str(backing), "uucp", "--passphrase-file", str(passfile),
@@ -403,13 +398,7 @@ def test_a_config_change_on_a_full_disk_keeps_the_config(tmp_path: Path, passfil
 def test_init_on_a_full_disk_leaves_no_half_volume(tmp_path: Path, passfile: Path) -> None:
     """It left tree/.diriv behind, and the same init then failed with 'not empty'."""
     with tmpfs(tmp_path / "small", "size=64k") as small:
-        filler = small / "filler"
-        with open(filler, "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
+        filler = fill(small)
         (small / "empty").mkdir()
         args = ["--passphrase-file", str(passfile), "--no-recovery-key", "--kdf-memory", "8",
                 "--kdf-iterations", "1"]
