@@ -238,6 +238,49 @@ def test_a_masked_file_is_not_moved_or_linked_out_of_its_mask(shared: Shared) ->
         os.rename(shared.path("calls", "d.csv"), shared.path("open", "d.csv"))
 
 
+EXCHANGE = ("import ctypes, os, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "r = libc.renameat2(-100, os.fsencode(sys.argv[1]), -100, os.fsencode(sys.argv[2]), 2)\n"
+            "sys.exit(0 if r == 0 else ctypes.get_errno())\n")  # (RENAME_EXCHANGE)
+
+
+def test_a_tree_moved_over_a_deeper_rule_does_not_lift_its_mask(shared: Shared) -> None:
+    """Review finding: only the rules at the two ends and below the source were
+    compared, not those below the destination. A tree of the same shape, built
+    under the mask and moved (or exchanged) onto a directory whose subdirectory
+    has --no-masks, put a masked file there: the agent read it in clear."""
+    for who in ("root", "cfs-alice"):
+        assert shared.unlock(who).returncode == 0
+    pf = shared.root / "root.pass"
+    pf.write_bytes(ROOT_PASSPHRASE + b"\n")
+    for d in ("crm", "crm/team1", "crm/team1/shared", "crm/mine", "crm/mine/shared",
+              "crm/t", "crm/t/shared"):
+        shared.path(*d.split("/")).mkdir(mode=0o777)
+        os.chmod(shared.path(*d.split("/")), 0o777)
+    for f in ("crm/mine/shared/c.csv", "crm/t/shared/c.csv"):
+        shared.path(*f.split("/")).write_bytes(CUSTOMERS)
+        os.chmod(shared.path(*f.split("/")), 0o666)
+    masks = [x for c in COLUMNS for x in ("--column", c)]
+    run_cli("policy", "set", str(shared.backing), "/crm", "--mode", "aes-256-gcm", "--mask",
+            "*.csv", *masks, "--passphrase-file", str(pf))
+    for d in ("/crm/team1/shared", "/crm/archive/shared"):  # (the second one not made yet)
+        run_cli("policy", "set", str(shared.backing), d, "--mode", "aes-256-gcm", "--no-masks",
+                "--passphrase-file", str(pf))
+    masked = Mask("csv", parse_columns(COLUMNS)).view(CUSTOMERS, b"")
+    crm = shared.path("crm")
+    # The exchange, and a plain rename onto a path not made yet: both refused.
+    res = run_as("cfs-alice", "python3", "-c", EXCHANGE, str(crm / "mine"), str(crm / "team1"))
+    assert res.returncode == 13, res  # EACCES
+    res = run_as("cfs-alice", "mv", str(crm / "t"), str(crm / "archive"))
+    assert res.returncode != 0 and b"Permission denied" in res.stderr
+    for f in ("mine/shared/c.csv", "t/shared/c.csv"):
+        assert run_as("cfs-alice", "cat", str(crm / f)).stdout == masked, f
+    assert not (crm / "team1" / "shared" / "c.csv").exists() and not (crm / "archive").exists()
+    # A move that keeps every place under the same rule is still allowed.
+    assert run_as("cfs-alice", "mv", str(crm / "t"), str(crm / "t2")).returncode == 0
+    assert run_as("cfs-alice", "cat", str(crm / "t2" / "shared" / "c.csv")).stdout == masked
+
+
 MMAP_READ = ("import mmap, os, sys\n"
              "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
              "m = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)\n"

@@ -4,6 +4,8 @@ untrusted copy of the same binary elsewhere), a real mount, the access log."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import subprocess
@@ -228,6 +230,34 @@ def test_an_untrusted_program_cannot_move_a_file_out_of_its_rule(
     renamed = "not renamed by a program its trusted-programs rule does not trust"
     assert recs == [("rename", "denied", moved), ("link", "denied", moved),
                     ("rename", "denied", renamed), ("open", "allowed", "trusted program (by path)")]
+
+
+def test_a_tree_moved_over_an_any_program_rule_stays_under_its_programs(
+        guarded: tuple[Mount, Path, Path]) -> None:
+    """Review finding: a directory moved onto a place whose subdirectory has
+    --any-program took its files out of the trusted-programs rule (only the
+    rules below the source were looked at). Here, by a program the rule does
+    not trust (this test's python), a plain rename and an exchange."""
+    m, _, bins = guarded
+    trusted = bins / "trusted" / "cat"
+    for d in ("team1", "team2", "t", "t/public"):
+        m.path("calls", *d.split("/")).mkdir()
+    m.path("calls", "team2", "notes.txt").write_bytes(SECRET)
+    m.path("calls", "t", "public", "n.txt").write_bytes(SECRET)
+    _set(m, "/calls", "--mode", "aes-256-gcm", "--program", str(trusted))
+    for d in ("/calls/team1/public", "/calls/archive/public"):
+        _set(m, d, "--mode", "aes-256-gcm", "--any-program")
+    with pytest.raises(PermissionError):
+        os.rename(m.path("calls", "t"), m.path("calls", "archive"))
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.rename(m.path("calls", "team2"), m.path("calls", "t", "x"))  # (under one rule: allowed)
+    assert libc.renameat2(-100, os.fsencode(m.path("calls", "t")), -100,
+                          os.fsencode(m.path("calls", "team1")), 2) == -1  # RENAME_EXCHANGE
+    assert ctypes.get_errno() == errno.EACCES
+    res = _cat(bins / "untrusted" / "cat", m.path("calls", "t", "public", "n.txt"))
+    assert res.returncode != 0 and not res.stdout
+    assert _cat(trusted, m.path("calls", "t", "x", "notes.txt")).stdout == SECRET
+    assert not m.path("calls", "archive").exists() and not m.path("calls", "team1", "public").exists()
 
 
 MMAP_READ = ("import mmap, os, sys\n"

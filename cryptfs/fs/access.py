@@ -297,25 +297,36 @@ class Access(Core):
         src_path = posixpath.join(src_dir, name_src)
         dst_path = posixpath.join(dst_dir, name_dst)
         # Rules name paths: a directory moved takes the rules of directories
-        # below it nowhere (they stay with the old paths).
+        # below it nowhere (they stay with the old paths), and takes on those
+        # below its new path.  So every place in the moved tree where a rule
+        # starts, at either end, is compared: what covers it there before the
+        # move and after (a rule two levels under the destination was missed:
+        # a tree of the same shape moved over it lifted masks and program rules).
         below = [r for p, r in self.policy.rules.items()
                  if is_dir and (p + "/").startswith(src_path + "/")]
+        places = [(src_path if is_dir else src_dir, dst_path if is_dir else dst_dir)]
+        if is_dir:
+            for p in self.policy.rules:
+                for top in (src_path, dst_path):
+                    if p != top and p.startswith(top.rstrip("/") + "/"):
+                        rel = p[len(top.rstrip("/")):]
+                        places.append((src_path.rstrip("/") + rel, dst_path.rstrip("/") + rel))
         leaves = False
         if self._mask_rules:
             if is_dir:
-                leaves = any(r.masks for r in below) or bool(
-                    self.policy.masks_at(src_path) and (
-                        self.policy.masks_at(src_path) != self.policy.masks_at(dst_path)))
+                leaves = any(r.masks for r in below) or any(
+                    self.policy.masks_at(a) and self.policy.masks_at(a) != self.policy.masks_at(b)
+                    for a, b in places)
             else:
                 mask = self.policy.mask_for(src_dir, name_src)
                 leaves = mask is not None and mask != self.policy.mask_for(dst_dir, name_dst)
         trust: tuple[Trust, ...] = ()
         if self._program_rules and not leaves:
-            rule = self.policy.programs_for(src_path if is_dir else src_dir)
             rules = [r for r in below if r.programs]
-            if rule is not None and rule != self.policy.programs_for(
-                    dst_path if is_dir else dst_dir):
-                rules.append(rule)
+            for a, b in places:
+                rule = self.policy.programs_for(a)
+                if rule is not None and rule != self.policy.programs_for(b) and rule not in rules:
+                    rules.append(rule)
             trust = self._trust(rules, ctx.pid)
         self._check(AccessRequest(who, Op.MOVE, Where(programs=trust, leaves_mask=leaves)))
 
