@@ -19,6 +19,12 @@ such a read brings into the kernel's one page cache of the file (reads of a
 mapping are the daemon's only sight of it).  Another handle of the same uid
 changes nothing: its own writes are its own to read.
 
+The same holds for the one plaintext handle a user gets of a hybrid file
+they are not a recipient of: a drop-box writer's create handle.  The file
+key is in memory for the writes; what a recipient writes into the file while
+that handle is open is not the writer's to read, and the handle is foreign
+from then on, whatever the masks.
+
 Pure: the state lives on the mount's handles; the mount asks the questions.
 """
 
@@ -32,12 +38,17 @@ FOREIGN_READ = ("plaintext handle of a masked role: someone else changed the fil
                 "was opened (a masked view shows it)")
 HELD_FOREIGN = ("refused while a masked role holds a plaintext handle of the file that someone "
                 "else changed (its private mapping would see these pages)")
+DROPBOX_READ = ("a writer who is not a recipient: a recipient changed the file since it was "
+                "created (the writer reads back only its own writes)")
+HELD_DROPBOX = ("refused while a writer who is not a recipient holds the file open, and a "
+                "recipient changed it (the writer's mapping would see these pages)")
 
 
 class Watched(Protocol):
     uid: int
     readable: bool
-    own_only: bool  # a plaintext handle of a masked role
+    own_only: bool  # a plaintext handle of a masked role (or of a writer, not a recipient)
+    not_recipient: bool  # the create handle of a writer who is not a recipient
     foreign: bool  # someone else changed the file's plaintext while it was open
 
 
@@ -52,3 +63,9 @@ def changed_by(handles: Iterable[Watched], uid: int) -> None:
 def foreign_held(handles: Iterable[Watched]) -> bool:
     """Whether a foreign handle that can read is open on the file."""
     return any(h.foreign and h.readable for h in handles)
+
+
+def keyless_foreign_held(handles: Iterable[Watched]) -> bool:
+    """Whether a writer who is not a recipient holds the file open for reading
+    since someone else changed it."""
+    return any(h.foreign and h.readable and h.not_recipient for h in handles)

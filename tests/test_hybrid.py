@@ -445,6 +445,43 @@ def test_drop_box_writer_cannot_read_back(hy: Hybrid) -> None:
     assert mode == MODE_XCHACHA and types(stanzas) == [X25519, X25519, PADDING]
 
 
+HOLD_CREATED = ("import os, sys\n"
+                "fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)\n"
+                "os.fchmod(fd, 0o666)\n"
+                "os.write(fd, b'alice\\n')\n"
+                "print(os.pread(fd, 100, 0), flush=True)\n"
+                "sys.stdin.readline()\n"
+                "try:\n"
+                "    print(os.pread(fd, 100, 0), flush=True)\n"
+                "except OSError as e:\n"
+                "    print('errno', e.errno, flush=True)\n")
+
+
+def test_a_drop_box_writer_reads_back_only_its_own_writes(hy: Hybrid) -> None:
+    """Review finding: through the create handle it held open, the writer (no
+    recipient) read what a recipient appended meanwhile. That handle now reads
+    nothing once someone else changed the file, and while it is open nobody's
+    read brings those bytes into the page cache its mapping would see."""
+    hy.unlock_ok(ALICE, BOB)
+    f = hy.path("drop", "planted.txt")
+    alice = pwd.getpwnam(ALICE)
+    writer = subprocess.Popen(["python3", "-c", HOLD_CREATED, str(f)], user=alice.pw_uid,
+                              group=alice.pw_gid, extra_groups=[], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline() == "b'alice\\n'\n"  # (its own writes: as ever)
+        assert run_as(BOB, "sh", "-c", f"echo 'SECRET 4111111111111111' >> {f}").returncode == 0
+        assert denied(cat(BOB, f))  # (held: the writer's mapping would see the pages)
+        writer.stdin.write("\n")
+        writer.stdin.close()
+        assert writer.stdout.readline() == f"errno {errno.EACCES}\n"
+    finally:
+        writer.wait(10)
+    assert cat(BOB, f).stdout == b"alice\nSECRET 4111111111111111\n"  # (closed: as before)
+    assert denied(cat(ALICE, f))
+
+
 # -- a volume of several modes --------------------------------------------------------------------
 
 def _tag(public: bytes) -> bytes:

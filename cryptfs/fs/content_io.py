@@ -156,9 +156,12 @@ class ContentIO(Core):
         what someone else wrote into a file a mask governs (cryptfs.ownreads):
         through that role's own handle, or into the page cache its mapping
         shares.  Costs nothing until someone else changes such a file."""
-        if not (self._mask_rules and ownreads.foreign_held(inode.handles)):
+        if not (self.policy.rules and ownreads.foreign_held(inode.handles)):
             return
-        if self._mask_of(inode) is not None:
+        if ownreads.keyless_foreign_held(inode.handles):  # (a drop box: no mask needed)
+            raise Decided(refused(ownreads.DROPBOX_READ if handle.not_recipient and handle.foreign
+                                  else ownreads.HELD_DROPBOX))
+        if self._mask_rules and self._mask_of(inode) is not None:
             raise Decided(refused(ownreads.FOREIGN_READ if handle.foreign
                                   else ownreads.HELD_FOREIGN))
 

@@ -242,8 +242,20 @@ class Directories(Core):
         inode.content = content
         self._keep_checked(inode, content.checked)
         inode.meta = (content.overhead, content.h_len)
-        handle = PlainHandle(inode, ctx.uid, readable(flags), own_only=ctx.uid in self._masked)
+        handle = PlainHandle(inode, ctx.uid, readable(flags), own_only=ctx.uid in self._masked,
+                             not_recipient=self._not_a_recipient(content, ctx.uid))
         return self._open_handle(handle, ctx.pid, decision), self._attr(inode, st)
+
+    def _not_a_recipient(self, content: ContentFile, uid: int) -> bool:
+        """Whether ``uid`` made a hybrid file it is no recipient of (a drop box):
+        its create handle then reads back only its own writes (cryptfs.ownreads)."""
+        if not content.header.hybrid:
+            return False
+        try:
+            self._check_recipient(content, uid)
+        except FuseError:
+            return True
+        return False
 
     def _create_existing(self, parent: Inode, backing: str, flags: int, ctx: Request
                          ) -> tuple[OpenOut, EntryOut]:

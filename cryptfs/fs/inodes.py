@@ -54,7 +54,8 @@ class Handle:
                  "policy", "decision")
 
     # (cryptfs.ownreads asks every handle of a file; only a plaintext handle can be either)
-    own_only: bool = False  # plaintext of a masked role: reads only its own (ownreads)
+    own_only: bool = False  # reads only its own writes (ownreads): a masked role's plaintext,
+    not_recipient: bool = False  # or the create handle of a writer who is not a recipient
     foreign: bool = False  # someone else changed the file's plaintext since it was opened
 
     def __init__(self, inode: Inode, uid: int, readable: bool) -> None:
@@ -74,11 +75,13 @@ class Handle:
 class PlainHandle(Handle):
     """The file's plaintext, read and written through the inode's ContentFile."""
 
-    __slots__ = ("own_only", "foreign")
+    __slots__ = ("own_only", "not_recipient", "foreign")
 
-    def __init__(self, inode: Inode, uid: int, readable: bool, own_only: bool = False) -> None:
+    def __init__(self, inode: Inode, uid: int, readable: bool, own_only: bool = False,
+                 not_recipient: bool = False) -> None:
         super().__init__(inode, uid, readable)
-        self.own_only = own_only
+        self.own_only = own_only or not_recipient
+        self.not_recipient = not_recipient
         self.foreign = False
 
 
