@@ -25,6 +25,7 @@ from cryptfs.fs.inodes import Inode, PlainHandle, _Dir, readable
 from cryptfs.fuse import EntryOut, FuseError, OpenOut
 from cryptfs.fuse.requests import Request
 from cryptfs.modes.errors import IntegrityError
+from cryptfs.modes.wrap import RecipientWrapper
 from cryptfs.names import (
     LONG_PREFIX,
     MAX_SYMLINK_TARGET,
@@ -221,7 +222,8 @@ class Directories(Core):
                     owner = self._owner(ctx, parent)
                     if owner is not None:
                         os.fchown(fd, *owner)
-                    content = ContentFile.create(fd, *self._new_file_keys(parent, ctx.uid),
+                    mode_, wrapper = self._new_file_keys(parent, ctx.uid)
+                    content = ContentFile.create(fd, mode_, wrapper,
                                                  opener=self._keyring(ctx.uid))
                     self._set_layout_hint(fd, content)
                     if made != backing:
@@ -242,20 +244,13 @@ class Directories(Core):
         inode.content = content
         self._keep_checked(inode, content.checked)
         inode.meta = (content.overhead, content.h_len)
+        # A hybrid file its creator is no recipient of (a drop box): the create
+        # handle reads back only its own writes (cryptfs.ownreads).
+        not_recipient = (isinstance(wrapper, RecipientWrapper)
+                         and self._public_of(ctx.uid) not in wrapper.publics)
         handle = PlainHandle(inode, ctx.uid, readable(flags), own_only=ctx.uid in self._masked,
-                             not_recipient=self._not_a_recipient(content, ctx.uid))
+                             not_recipient=not_recipient)
         return self._open_handle(handle, ctx.pid, decision), self._attr(inode, st)
-
-    def _not_a_recipient(self, content: ContentFile, uid: int) -> bool:
-        """Whether ``uid`` made a hybrid file it is no recipient of (a drop box):
-        its create handle then reads back only its own writes (cryptfs.ownreads)."""
-        if not content.header.hybrid:
-            return False
-        try:
-            self._check_recipient(content, uid)
-        except FuseError:
-            return True
-        return False
 
     def _create_existing(self, parent: Inode, backing: str, flags: int, ctx: Request
                          ) -> tuple[OpenOut, EntryOut]:
