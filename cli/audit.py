@@ -57,6 +57,8 @@ def init(logdir: str, log_id: str | None, server: str | None) -> None:
     a copy away from the machine: with it alone, `cryptfs audit verify`
     proves that sealed records were not changed.
     """
+    if log_id == "":  # (it fell back to the directory's name, where --server "" is refused)
+        raise UsageError("--log-id names the log: give a name, or leave the option out")
     name = log_id or os.path.basename(os.path.abspath(logdir))
     if not name or any(c.isspace() or c == "/" for c in name):
         raise UsageError(f"unusable log name {name!r}: no spaces or slashes")

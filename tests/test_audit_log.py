@@ -275,6 +275,10 @@ def test_cli_init_refuses_an_existing_log(log: tuple[Path, str]) -> None:
     d, _ = log
     res = run_cli("audit", "init", str(d), check=False)
     assert res.returncode == 2 and "already holds an audit log" in res.stderr
+    for opt in ("--log-id", "--server"):  # (--log-id "" fell back to the directory's name)
+        res = run_cli("audit", "init", str(d.parent / "new"), opt, "", check=False)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert not (d.parent / "new").exists()
 
 
 def test_a_seal_that_finds_the_disk_full_is_made_later(tmp_path: Path) -> None:
