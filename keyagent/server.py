@@ -562,17 +562,20 @@ class Agent:
         path: str = p.field(msg, "backing", str, required=True)
         if not os.path.isabs(path) or "\0" in path or len(path) > 4096:
             raise p.ProtocolError(p.BAD_REQUEST, "backing must be an absolute path")
+        try:
+            path.encode()
+        except UnicodeEncodeError:  # (a lone surrogate: a traceback per request, once)
+            raise p.ProtocolError(p.BAD_REQUEST, "backing is not a UTF-8 path") from None
         return path
 
     @staticmethod
     def _identify(path: str) -> tuple[str, str]:
         """The identity ("dev:ino") and real path of a directory (no trust needed:
         it only names a volume, e.g. to lock its sessions)."""
-        real = os.path.realpath(path)
-        st = os.stat(real)
+        st = os.stat(path)
         if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", real)
-        return f"{st.st_dev}:{st.st_ino}", real
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
+        return f"{st.st_dev}:{st.st_ino}", os.path.realpath(path)
 
     @staticmethod
     def _open_trusted(path: str) -> tuple[int, str, str]:
@@ -582,15 +585,23 @@ class Agent:
         only a directory owned by root (or the agent's own uid) and writable
         by that owner alone: nobody else can plant a symlink, a FIFO or a
         forged config in it.  Everything afterwards goes through the
-        descriptor, so swapping path components later changes nothing.
+        descriptor, so swapping path components later changes nothing; and the
+        path kept for it is where the opened directory is (the kernel's name of
+        the descriptor), not a resolution made before the open that a caller
+        could race with a symlink of its own.  Messages name the path as the
+        caller gave it: resolving it (/proc/PID/cwd) with root's rights must
+        not tell the caller where another user's process works.
         """
-        real = os.path.realpath(path)
-        fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        st = os.fstat(fd)
-        if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise CryptfsError(f"{path} is not owned by root, or others may write to it: "
+                                   "the agent serves only volumes that root controls")
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except BaseException:
             os.close(fd)
-            raise CryptfsError(f"{real} is not owned by root, or others may write to it: the "
-                               "agent serves only volumes that root controls")
+            raise
         return fd, f"{st.st_dev}:{st.st_ino}", real
 
     async def _volume(self, uid: int, path: str) -> tuple[str, str]:
@@ -646,25 +657,27 @@ class Agent:
             except OSError as e:
                 return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
             try:
-                return await self._unlock_at(conn, uid, dir_fd, key, real, secret)
+                return await self._unlock_at(conn, uid, dir_fd, key, real, secret, path)
             finally:
                 os.close(dir_fd)
         finally:
             self._unlocking.discard(uid)
 
     async def _unlock_at(self, conn: Conn, uid: int, dir_fd: int, directory: str, real: str,
-                         secret: Secret) -> dict[str, Any]:
+                         secret: Secret, shown: str) -> dict[str, Any]:
+        """``real``: where the volume is (kept, logged); ``shown``: the path the
+        caller gave (in the answers: see _open_trusted)."""
         who = f"uid {uid} ({user_name_of(uid)}), pid {conn.pid}"
         try:
-            stamp, cfg = await self._fs(uid, self._config_at, dir_fd, real)
+            stamp, cfg = await self._fs(uid, self._config_at, dir_fd, shown)
         except CryptfsError as e:
             return p.error(p.NOT_A_VOLUME, str(e))
         except OSError as e:
-            return p.error(p.NOT_A_VOLUME, f"{real}: {e.strerror or e}")
+            return p.error(p.NOT_A_VOLUME, f"{shown}: {e.strerror or e}")
         key = f"{directory}:{cfg.volume_id.hex()}"
         slot = slot_for_uid(cfg, uid)
         if slot is None:
-            return _no_slot(uid, real)
+            return _no_slot(uid, shown)
         try:
             async with self._argon2:
                 opened = await trio.to_thread.run_sync(cfg.try_slot, slot, secret)
@@ -695,12 +708,12 @@ class Agent:
             keys = cfg.open_keys(master, user_authority(private.reveal()) if private else None)
             # Argon2id took a while: if the config changed meanwhile (this
             # user removed?), decide by the config as it is now.
-            if await self._fs(uid, self._stamp_at, dir_fd, real) != stamp:
-                _, cfg = await self._fs(uid, self._config_at, dir_fd, real)
+            if await self._fs(uid, self._stamp_at, dir_fd, shown) != stamp:
+                _, cfg = await self._fs(uid, self._config_at, dir_fd, shown)
                 now = slot_for_uid(cfg, uid)
                 if cfg.volume_id.hex() != key.rsplit(":", 1)[1] or now is None:
                     wipe()
-                    return _no_slot(uid, real, "no longer has a")
+                    return _no_slot(uid, shown, "no longer has a")
                 if cfg.key_id != keys.key_id:  # rotated meanwhile: follow with the user's key
                     fresh = cfg.slot_master(now, private) if private is not None else None
                     if fresh is None:
@@ -716,7 +729,7 @@ class Agent:
             return p.error(p.NOT_A_VOLUME, str(e))
         except OSError as e:
             wipe()
-            return p.error(p.NOT_A_VOLUME, f"{real}: {e.strerror or e}")
+            return p.error(p.NOT_A_VOLUME, f"{shown}: {e.strerror or e}")
         except trio.TooSlowError:
             wipe()
             raise
@@ -769,7 +782,7 @@ class Agent:
         def work() -> tuple[str, Any]:
             dir_fd, _, real = self._open_trusted(path)
             try:
-                return real, load_config_at(dir_fd, real)
+                return real, load_config_at(dir_fd, path)  # (messages: as the caller named it)
             finally:
                 os.close(dir_fd)
 
@@ -781,7 +794,7 @@ class Agent:
             return p.error(p.NOT_A_VOLUME, f"{path}: {e.strerror or e}")
         slot = slot_for_uid(cfg, uid)
         if slot is None:
-            return _no_slot(uid, real)
+            return _no_slot(uid, path)
         return p.reply(backing=real, volume_id=cfg.volume_id.hex(), slot=slot.id)
 
     async def _lock(self, conn: Conn, msg: dict[str, Any]) -> dict[str, Any]:

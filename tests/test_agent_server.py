@@ -1241,6 +1241,74 @@ def test_a_fifo_config_does_not_hang_the_agent(agent: AgentProcess, vol: Vol) ->
     assert agent.stop() == 0
 
 
+SWAPPER = ("import ctypes, os, sys\n"
+           "d = sys.argv[1]\n"
+           "os.mkdir(d + '/v')\n"
+           "os.symlink(sys.argv[2], d + '/w')\n"
+           "libc = ctypes.CDLL(None)\n"
+           "v, w = (d + '/v').encode(), (d + '/w').encode()\n"
+           "while True:\n"
+           "    libc.renameat2(-100, v, -100, w, 2)\n")  # (RENAME_EXCHANGE, in a loop)
+
+
+def test_a_path_the_caller_swaps_is_never_kept_as_the_volumes(agent: AgentProcess,
+                                                              vol: Vol) -> None:
+    """Review finding: the agent resolved the path, then opened what it had resolved.
+    Alice, swapping a directory and a symlink to the volume under that name, won the
+    race within about 25 unlocks: the agent kept her path as the volume's, and when
+    she removed it, every user's session of the volume ended. The path kept is now
+    the opened directory's own."""
+    alice = pwd.getpwnam("cfs-alice")
+    d = vol.root / "alice-swaps"
+    d.mkdir()
+    os.chown(d, alice.pw_uid, alice.pw_gid)
+    swapper = subprocess.Popen(["/usr/bin/python3", "-c", SWAPPER, str(d), str(vol.backing)],
+                               user=alice.pw_uid, group=alice.pw_gid, extra_groups=[])
+    kept = []
+    try:
+        for _ in range(80):
+            r = user_request("cfs-alice", agent, {"op": "unlock", "backing": str(d / "v")},
+                             PASS["cfs-alice"])
+            if r.get("ok"):
+                kept.append(r["backing"])
+            else:  # (it opened her own directory: refused as not root's)
+                assert r["code"] == "not-a-volume", r
+    finally:
+        swapper.kill()
+        swapper.wait(10)
+        user_request("cfs-alice", agent, {"op": "lock"})
+        shutil.rmtree(d, ignore_errors=True)
+    assert kept and set(kept) == {os.path.realpath(vol.backing)}, kept
+    assert_healthy(agent)
+
+
+def test_answers_do_not_resolve_a_path_for_the_caller(agent: AgentProcess, vol: Vol) -> None:
+    """Review finding: probe /proc/PID/cwd of another user's process answered with
+    where that process works, in a directory the caller may not list; and a path
+    that is no UTF-8 (a lone surrogate) logged a traceback per request."""
+    bob = pwd.getpwnam("cfs-bob")
+    private = vol.root / "bob-private"
+    (private / "Project-Titan").mkdir(parents=True)
+    os.chown(private, bob.pw_uid, bob.pw_gid)
+    private.chmod(0o700)
+    sleeper = subprocess.Popen(["sleep", "60"], user=bob.pw_uid, group=bob.pw_gid,
+                               extra_groups=[], cwd=private / "Project-Titan")
+    try:
+        for op in ("probe", "unlock"):
+            r = user_request("cfs-alice", agent, {"op": op, "backing": f"/proc/{sleeper.pid}/cwd"},
+                             PASS["cfs-alice"] if op == "unlock" else None)
+            assert r["ok"] is False and "Titan" not in r["message"], r
+            assert f"/proc/{sleeper.pid}/cwd" in r["message"], r
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+        shutil.rmtree(private, ignore_errors=True)
+    r = user_request("cfs-alice", agent, {"op": "probe", "backing": "/\ud800"})
+    assert r["code"] == "bad-request" and "not a UTF-8 path" in r["message"], r
+    assert "Traceback" not in agent.log_text()
+    assert_healthy(agent)
+
+
 @pytest.mark.xfail(strict=True, reason="known limitation (docs/AGENT.md): the agent resolves "
                    "a caller's path with root's rights")
 def test_the_agent_does_not_reveal_paths_the_caller_cannot_reach(agent: AgentProcess,
