@@ -35,9 +35,9 @@ from cryptfs.config import CONFIG_NAME, VolumeConfig, load_config_at, user_autho
 from cryptfs.errors import CryptfsError, NotAVolume
 from cryptfs.keyagent import protocol as p
 from cryptfs.keyagent.liveness import LoopClock, Silence
-from cryptfs.keyagent.refusals import RefusalLog
 from cryptfs.keyagent.store import Session, Store, VolumeRef
 from cryptfs.keys import VolumeKeys
+from cryptfs.refusals import RefusalLog
 from cryptfs.secret import Secret
 from cryptfs.users import record_unlock, slot_for_uid, user_name_of
 
@@ -168,7 +168,7 @@ class Agent:
         self.early_signals: list[int] = []  # stops asked for before run() listened for them
         self._fs_limiters: dict[int, trio.CapacityLimiter] = {}
         self.clock = LoopClock()  # how long this loop was stalled (a watch's silence excludes it)
-        self._refusals = RefusalLog()  # log lines of refused unlocks: the first few per uid
+        self._refusals: RefusalLog[int] = RefusalLog()  # (log lines of refused unlocks: per uid)
 
     # -- running ---------------------------------------------------------------------
     async def run(self, listener: trio.socket.SocketType,

@@ -953,7 +953,7 @@ def test_concurrent_unlocks_of_one_user(start_agent: Callable[..., AgentProcess]
 
 
 def test_refusal_windows_by_the_clock() -> None:
-    from cryptfs.keyagent.refusals import RefusalLog
+    from cryptfs.refusals import RefusalLog
 
     now = [0.0]
     r = RefusalLog(first=2, window=60.0, clock=lambda: now[0])

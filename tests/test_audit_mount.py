@@ -197,6 +197,47 @@ def test_the_agent_records_unlocks_failed_unlocks_and_locks(tmp_path: Path) -> N
     assert v.ok and v.unsealed == 0  # the agent seals its log when it stops
 
 
+FLOOD = ("import os, sys\n"
+         "for i in range(int(sys.argv[2])):\n"
+         "    try:\n"
+         "        os.stat(os.path.join(sys.argv[1], 'x' * 200 + str(i)))\n"
+         "    except OSError:\n"
+         "        pass\n")
+
+
+def test_a_flood_of_refusals_is_counted_not_recorded_one_by_one() -> None:
+    """Review finding: a user the mount serves nothing (no session) wrote a record
+    per refused request, 19 MB in 3 s; a full log disk then stops a fail-closed
+    mount for everyone. Beyond the first few a minute per user and request, the
+    refusals are counted and summed up in one record (at the seal, or unmount)."""
+    import pwd
+
+    from cryptfs.audit import Auditor
+    from multiuser import bind_log, run_as, shared_scenario
+
+    n = 300
+    with shared_scenario() as s:
+        logdir = bind_log(s)
+        assert s.unlock("cfs-alice").returncode == 0
+        run_as("cfs-bob", "python3", "-c", FLOOD, str(s.mount.mnt), str(n))  # (not unlocked)
+        res = run_as("cfs-alice", "ls", str(s.mount.mnt))  # (served, as ever)
+        assert res.returncode == 0, res
+        s.mount.stop()
+        recs = records(logdir)  # (the scenario's directory goes at its end)
+        v = verify(str(logdir), parse_verifier((logdir / "audit.pub").read_text()))
+    bob = pwd.getpwnam("cfs-bob").pw_uid
+    one_by_one = [r for r in recs if r["uid"] == bob and r["event"] == "lookup"]
+    assert len(one_by_one) == Auditor.DENIALS_FIRST
+    assert all(r["outcome"] == "denied" for r in one_by_one)
+    held = [r for r in recs if r["event"] == "refusals-held" and r["uid"] == bob]
+    counted = sum(r["count"] for r in held if r["refused"] == "lookup")
+    assert counted + len(one_by_one) >= n, held  # (each stat: at least one LOOKUP)
+    assert all(r["user"] == "cfs-bob" and r["outcome"] == "denied" and "counted" in r["reason"]
+               for r in held)
+    assert not any(r["user"] == "cfs-alice" and r["outcome"] != "allowed" for r in recs)
+    assert v.ok and v.modified == 0
+
+
 def test_a_program_whose_path_is_not_utf8_is_recorded(logged: tuple[Mount, Path],
                                                       tmp_path: Path) -> None:
     """/proc/PID/exe is bytes: a program under a name that is not UTF-8 is

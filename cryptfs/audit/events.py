@@ -18,6 +18,7 @@ MOUNT_EVENTS = frozenset({
     "rmdir", "truncate", "chmod", "chown", "utimes", "setxattr", "removexattr",
     "integrity-failure", "log-resumed",
     "command-record",  # (a command's record the mount refused to write for it)
+    "refusals-held",  # (how many refusals of one user and request were counted, not recorded)
 })
 
 # Requests the mount records only when they are refused or fail, under their own

@@ -44,6 +44,7 @@ from cryptfs.audit.chain import (
 )
 from cryptfs.errors import BackingIOError, UsageError
 from cryptfs.modes.rand import random_bytes
+from cryptfs.refusals import RefusalLog
 
 log = logging.getLogger("cryptfs")
 
@@ -495,6 +496,7 @@ class Auditor:
     """
 
     RETRY_EVERY = 1.0  # seconds between attempts while broken
+    DENIALS_FIRST = 20  # refused requests of one uid and event recorded one by one a minute
 
     def __init__(self, log: AuditLog, volume_id: str, fail_open: bool = False) -> None:
         self.log = log
@@ -503,6 +505,11 @@ class Auditor:
         self.broken = False
         self._users: dict[int, str] = {}
         self._last_try = 0.0
+        # A user (even one with no key slot) who keeps asking for what is refused
+        # wrote a record per request (19 MB in 3 s): a full log disk then stops
+        # a fail-closed mount for everyone.  So refusals are counted per uid and
+        # event beyond the first few of a minute, and summed up in one record.
+        self._denials: RefusalLog[tuple[int, str]] = RefusalLog(self.DENIALS_FIRST)
 
     def user(self, uid: int) -> str:
         name = self._users.get(uid)
@@ -520,6 +527,30 @@ class Auditor:
         a process already gone, or another namespace).  Read for every record,
         never remembered: a process may exec another program under the same pid."""
         return process.exe(pid) or ""
+
+    def refused(self, event: str, uid: int, pid: int, **fields: Any) -> bool:
+        """Record a request refused to ``uid``: one by one up to DENIALS_FIRST a
+        minute for that uid and event, then counted (see :meth:`held`).  False
+        if it could not be written (the request is refused all the same)."""
+        record, ended = self._denials.admit((uid, event))
+        if ended is not None:
+            self._summary((uid, event), *ended)
+        if not record:
+            return True
+        return self.write(event, "denied", uid, pid, **fields)
+
+    def held(self, everything: bool = False) -> None:
+        """One record for each uid and event whose refusals were counted, not
+        recorded, in a window that has ended (``everything``: in every window)."""
+        for key, count, seconds in self._denials.ended(everything):
+            self._summary(key, count, seconds)
+
+    def _summary(self, key: tuple[int, str], count: int, seconds: float) -> None:
+        uid, event = key
+        self.write("refusals-held", "denied", uid, 0, refused=event, count=count,
+                   seconds=round(seconds, 1),
+                   reason=f"{count} more refused {event} requests of this user in "
+                          f"{seconds:.0f} s, counted, not recorded one by one")
 
     def write(self, event: str, outcome: str, uid: int, pid: int, **fields: Any) -> bool:
         """Record an event; False if it could not be written and the access
@@ -552,7 +583,9 @@ class Auditor:
         return self.fail_open
 
     def tick(self) -> None:
-        """The timer's seal (see :meth:`AuditLog.tick`); a failure raises the alarm."""
+        """The timer's seal (see :meth:`AuditLog.tick`), after the sums of
+        refusals whose minute ended; a failure raises the alarm."""
+        self.held()
         try:
             self.log.tick()
         except OSError as e:
@@ -593,6 +626,7 @@ class Auditor:
         return self.write("log-resumed", "allowed", os.geteuid(), 0) or self.fail_open
 
     def close(self) -> None:
+        self.held(everything=True)
         try:
             self.log.close()
         except OSError:

@@ -235,6 +235,8 @@ class AuditHooks(Core):
             # (which rule decided, and how the program was known: the open's,
             # create's, or a refusal's)
             fields.update(decision.fields())
+        if outcome == "denied":  # (a flood of them is counted: Auditor.refused)
+            return self.audit.refused(event, uid, pid, **fields)
         return self.audit.write(event, outcome, uid, pid, **fields)
 
     def _audit_failure(self, event: str | None, name: str, args: tuple[Any, ...], err: int,
