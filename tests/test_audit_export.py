@@ -157,6 +157,22 @@ def test_filters(logdir: Path) -> None:
         assert res.stdout == ""
 
 
+def test_csv_shows_control_characters_rather_than_sending_them(tmp_path: Path) -> None:
+    """Review finding: a file name with ESC sequences, a CR and U+202E reached the
+    auditor's terminal raw from `audit export --format csv`, able to erase or
+    overwrite lines already printed."""
+    init_log(str(tmp_path / "log"), "log")
+    w = AuditLog(str(tmp_path / "log"))
+    name = "/pub/x\x1b[2A\x1b[2K\r\u202evsc.ecnahc"
+    w.record(event="create", outcome="allowed", uid=1001, user="alice", pid=7, exe="/bin/sh",
+             volume="ab" * 16, path=name)
+    w.close()
+    out = export(tmp_path / "log", "--format", "csv")
+    assert not any(c in out for c in "\x1b\r\u202e")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rows[0]["path"] == "/pub/x\\u001b[2A\\u001b[2K\\u000d\\u202evsc.ecnahc"
+
+
 def test_every_event_written_is_in_the_one_list() -> None:
     """Records written by name in the code (the mount, the agent, the log) and the
     mount's request handlers (checked as they are defined) carry listed events."""

@@ -18,6 +18,7 @@ import fnmatch
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -217,12 +218,21 @@ def as_jsonl(rs: Iterable[dict[str, Any]]) -> Iterator[str]:
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may evaluate (OWASP)
 
 
+# Characters a terminal acts on rather than shows (C0, DEL, C1) and those that
+# reorder what follows them (bidirectional controls): in a file name, a path
+# could move the cursor, erase lines already printed, or read backwards.
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def csv_cell(v: object) -> object:
-    """A CSV cell no spreadsheet evaluates: text that starts like a formula
-    gets a leading ``'`` (OWASP's rule for CSV injection); numbers stay numbers."""
-    if isinstance(v, str) and v.startswith(FORMULA_START):
-        return "'" + v
-    return v
+    """A CSV cell no spreadsheet evaluates and no terminal acts on: text that
+    starts like a formula gets a leading ``'`` (OWASP's rule for CSV injection),
+    and control characters are written as ``\\uXXXX``; numbers stay numbers."""
+    if not isinstance(v, str):
+        return v
+    if v.startswith(FORMULA_START):
+        v = "'" + v
+    return _UNSHOWN.sub(lambda m: f"\\u{ord(m.group()):04x}", v)
 
 
 def as_csv(rs: Iterable[dict[str, Any]]) -> Iterator[str]:
