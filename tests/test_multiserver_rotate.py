@@ -349,7 +349,7 @@ def test_an_unfinished_reencryption_is_not_resumed_while_the_other_server_is_mou
 HOLD = r'''
 import errno, os, sys
 try:
-    os.setxattr(sys.argv[1], b"user.cryptfs.rotate", b"alone")
+    os.setxattr(sys.argv[1], b"user.cryptfs.rotate", sys.argv[2].encode())
 except OSError as e:
     print(errno.errorcode[e.errno])
 else:
@@ -371,9 +371,9 @@ def test_only_root_or_the_owner_may_hold_a_passphrase_mount_alone() -> None:
     try:
         os.chmod(m.mnt, 0o777)  # (the kernel lets alice set a user xattr on it: cryptfs decides)
         pw = users["cfs-alice"]
-        res = subprocess.run(["/usr/bin/python3", "-c", HOLD, str(m.mnt)], user=pw.pw_uid,
-                             group=pw.pw_gid, extra_groups=[], capture_output=True, text=True,
-                             cwd="/", timeout=60)
+        res = subprocess.run(["/usr/bin/python3", "-c", HOLD, str(m.mnt), "alone"],
+                             user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                             capture_output=True, text=True, cwd="/", timeout=60)
         assert res.stdout.strip() == "EACCES", res.stdout + res.stderr
         # the hold was not taken: another mount of the volume still starts
         other = new_mount(root, backing, pf, "mnt2")
@@ -384,6 +384,15 @@ def test_only_root_or_the_owner_may_hold_a_passphrase_mount_alone() -> None:
         res = run_cli("mount", str(backing), str(other.mnt), "--passphrase-file", str(pf),
                       "--shared-storage", check=False)
         assert res.returncode == 5 and "re-encrypts every file" in res.stderr, res.stderr
+        # and only who may hold it may end the hold (any user who may write the root
+        # could end a re-encryption's hold between its two steps)
+        res = subprocess.run(["/usr/bin/python3", "-c", HOLD, str(m.mnt), "shared"],
+                             user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                             capture_output=True, text=True, cwd="/", timeout=60)
+        assert res.stdout.strip() == "EACCES", res.stdout + res.stderr
+        res = run_cli("mount", str(backing), str(other.mnt), "--passphrase-file", str(pf),
+                      "--shared-storage", check=False)
+        assert res.returncode == 5, res.stderr  # (still held)
         control.release_alone(str(m.mnt))
     finally:
         m.stop()

@@ -156,7 +156,7 @@ class ContentIO(Core):
         what someone else wrote into a file a mask governs (cryptfs.ownreads):
         through that role's own handle, or into the page cache its mapping
         shares.  Costs nothing until someone else changes such a file."""
-        if not (self.policy.rules and ownreads.foreign_held(inode.handles)):
+        if not ownreads.foreign_held(inode.handles):  # (even with no rule left: unset since)
             return
         if ownreads.keyless_foreign_held(inode.handles):  # (a drop box: no mask needed)
             raise Decided(refused(ownreads.DROPBOX_READ if handle.not_recipient and handle.foreign

@@ -58,6 +58,10 @@ class Rotation(Core):
             self._hold_alone(walking)
             return
         if value == ROTATE_SHARED:
+            # (only who may ask for the hold may end it: else any user who may
+            # write the root could end a re-encryption's hold between its steps)
+            if not self._may_hold_alone(uid):
+                raise FuseError(errno.EACCES)
             if not walking:
                 self._end_alone("the command that asked for it is done")
             return
