@@ -194,8 +194,9 @@ def record_unlock(dir_fd: int, slot_id: int) -> None:
     """
     d = read_lastuse(dir_fd)
     d[str(slot_id)] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # (0600: who unlocked when is as private as the config; it was 0644)
     sysio.replace_file_at(dir_fd, LASTUSE_NAME, (json.dumps(d, sort_keys=True) + "\n").encode(),
-                          0o644, f"{LASTUSE_NAME}.{secrets.token_hex(8)}.tmp")
+                          0o600, f"{LASTUSE_NAME}.{secrets.token_hex(8)}.tmp")
 
 
 def list_users(cfg: VolumeConfig, backing: str) -> list[UserInfo]:

@@ -384,7 +384,8 @@ def test_agent_unit_under_systemd(manager: Manager) -> None:
                      str(alice_pass), "--agent-socket", str(sock))
         assert res.returncode == 0, res.stdout + res.stderr + m.log_text()
         lastuse = (private / "backing" / "cryptfs.lastuse").stat()
-        assert (lastuse.st_uid, lastuse.st_mode & 0o777) == (0, 0o644)
+        # (who unlocked when: private, as the config is)
+        assert (lastuse.st_uid, lastuse.st_mode & 0o777) == (0, 0o600)
         res = cli_as("cfs-alice", "status", "--agent-socket", str(sock))
         assert f"cfs-alice (uid {alice.pw_uid}): {private / 'backing'}" in res.stdout
         # Its /tmp is its own: a volume in the machine's /tmp does not exist for it.
