@@ -6,6 +6,7 @@ users and real programs (cat, head, grep, python's csv)."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -279,6 +280,47 @@ def test_a_tree_moved_over_a_deeper_rule_does_not_lift_its_mask(shared: Shared) 
     # A move that keeps every place under the same rule is still allowed.
     assert run_as("cfs-alice", "mv", str(crm / "t"), str(crm / "t2")).returncode == 0
     assert run_as("cfs-alice", "cat", str(crm / "t2" / "shared" / "c.csv")).stdout == masked
+
+
+HOLD_VIEWS = ("import os, sys\n"
+              "fds = []\n"
+              "for i in range(int(sys.argv[2])):\n"
+              "    try:\n"
+              "        fds.append(os.open(sys.argv[1], os.O_RDONLY))\n"
+              "    except OSError as e:\n"
+              "        print('errno', e.errno)\n"
+              "        break\n"
+              "print(len(fds), 'open')\n")
+
+
+def test_the_views_one_user_holds_open_have_a_memory_budget(shared: Shared) -> None:
+    """Review finding: open views had no bound (12 opens of a 2 MiB file took the
+    mount from 37 to 118 MiB). Beyond the budget (256 MiB by default; here 1 MiB,
+    from the mount's environment) an open of a view fails with EMFILE, recorded;
+    closing them gives the budget back, and other users have their own."""
+    for who in ("root", "cfs-alice", "cfs-bob"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    os.chmod(shared.path("calls"), 0o777)
+    row = "王小明,女,13812341234,6222021234567890123,北京\n"
+    data = ("surname,gender,phone,card,address\n" + row * 8000).encode()  # (~400 KB)
+    shared.path("calls", "c.csv").write_bytes(data)
+    os.chmod(shared.path("calls", "c.csv"), 0o644)
+    _policy(shared, "--mask", "*.csv", *(x for c in COLUMNS for x in ("--column", c)))
+    shared.mount.stop()
+    os.environ["CRYPTFS_VIEW_MEMORY_MIB"] = "1"
+    try:
+        shared.mount.start()
+    finally:
+        del os.environ["CRYPTFS_VIEW_MEMORY_MIB"]
+    f = str(shared.path("calls", "c.csv"))
+    got = run_as("cfs-alice", "python3", "-c", HOLD_VIEWS, f, "5").stdout.decode()
+    assert got == f"errno {errno.EMFILE}\n2 open\n", got  # (two views of ~400 KB fit in 1 MiB)
+    got = run_as("cfs-alice", "python3", "-c", HOLD_VIEWS, f, "2").stdout.decode()
+    assert got == "2 open\n", got  # (closed: the budget is back)
+    assert run_as("cfs-bob", "python3", "-c", HOLD_VIEWS, f, "2").stdout == b"2 open\n"
+    assert "masked view refused: " in shared.mount.log_text() and \
+        "bytes of views open already" in shared.mount.log_text()
 
 
 MMAP_READ = ("import mmap, os, sys\n"

@@ -354,6 +354,12 @@ class ContentIO(Core):
         handle = self._files.pop(fh)
         if isinstance(handle, CiphertextView):
             os.close(handle.raw)
+        elif isinstance(handle, MaskedView):
+            left = self._view_bytes.get(handle.uid, 0) - len(handle.view)
+            if left > 0:
+                self._view_bytes[handle.uid] = left
+            else:
+                self._view_bytes.pop(handle.uid, None)
         self._audit_close(handle)
         inode = handle.inode
         inode.handles.discard(handle)

@@ -54,6 +54,21 @@ HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
 # the most recently checked ones, so a tree of 100,000 files costs ~10 MB, not 240.
 KEPT_HEADERS = 4096
 MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view (memory)
+VIEW_BYTES_PER_UID = 256 << 20  # masked views one user may hold open at once (memory)
+
+
+def view_budget() -> int:
+    """Bytes of masked views one user may hold open: VIEW_BYTES_PER_UID, or
+    CRYPTFS_VIEW_MEMORY_MIB in the mount's environment (a systemd unit's
+    Environment=); at least 1 MiB."""
+    text = os.environ.get("CRYPTFS_VIEW_MEMORY_MIB", "")
+    try:
+        mib = int(text) if text else VIEW_BYTES_PER_UID >> 20
+    except ValueError:
+        log.warning("CRYPTFS_VIEW_MEMORY_MIB=%r is not a number of MiB: %d used", text,
+                    VIEW_BYTES_PER_UID >> 20)
+        mib = VIEW_BYTES_PER_UID >> 20
+    return max(mib << 20, 1 << 20)
 GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 
 
@@ -164,6 +179,8 @@ class Core:
         self._log_only: set[int] = set()  # uids whose role reads the access log only
         self._cipher_only: set[int] = set()  # uids whose role reads ciphertext only
         self._masked: set[int] = set()  # uids whose role sees structured files masked
+        self._view_bytes: dict[int, int] = {}  # bytes of masked views each uid holds open
+        self._view_budget = view_budget()
         self._mask_rules = False  # (whether a rule names masks)
         self._rechecked = 0.0  # when reads last looked at the config
         self._identify = Identifier()  # which program asks (trusted-programs rules)
