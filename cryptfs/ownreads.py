@@ -52,12 +52,15 @@ class Watched(Protocol):
     foreign: bool  # someone else changed the file's plaintext while it was open
 
 
-def changed_by(handles: Iterable[Watched], uid: int) -> None:
+def changed_by(handles: Iterable[Watched], uid: int) -> bool:
     """``uid`` is about to change the file's plaintext: every plaintext
-    handle of a masked role held by another uid becomes foreign."""
+    handle of a masked role held by another uid becomes foreign (True if
+    one did)."""
+    marked = False
     for h in handles:
         if h.own_only and h.uid != uid:
-            h.foreign = True
+            h.foreign = marked = True
+    return marked
 
 
 def foreign_held(handles: Iterable[Watched]) -> bool:

@@ -10,7 +10,7 @@ import os
 import stat
 from typing import Any
 
-from cryptfs import ownreads, sysio
+from cryptfs import sysio
 from cryptfs.content import plain_size
 from cryptfs.fs import shared
 from cryptfs.fs.audit_hooks import _edge
@@ -100,7 +100,7 @@ class Attributes(Core):
                 # (an open handle's own truncate needs no new check: drop boxes)
                 uid = None if handle is not None else ctx.uid
                 content = self._content(inode, want_write=True, uid=uid)
-                ownreads.changed_by(inode.handles, ctx.uid)
+                self._changed_by(inode.handles, ctx.uid)
                 content.truncate(attr.st_size)
                 if self.shared_storage:  # (a truncate(2) has no close of its own)
                     shared.commit(inode.fd)

@@ -156,7 +156,8 @@ class ContentIO(Core):
         what someone else wrote into a file a mask governs (cryptfs.ownreads):
         through that role's own handle, or into the page cache its mapping
         shares.  Costs nothing until someone else changes such a file."""
-        if not ownreads.foreign_held(inode.handles):  # (even with no rule left: unset since)
+        # (asked only once some handle became foreign, even with no rule left since)
+        if not (self._foreign_seen and ownreads.foreign_held(inode.handles)):
             return
         if ownreads.keyless_foreign_held(inode.handles):  # (a drop box: no mask needed)
             raise Decided(refused(ownreads.DROPBOX_READ if handle.not_recipient and handle.foreign
@@ -225,7 +226,7 @@ class ContentIO(Core):
             content = self._content(inode, (flags & os.O_ACCMODE) != os.O_RDONLY
                                     or bool(flags & os.O_TRUNC), ctx.uid)
             if flags & os.O_TRUNC:
-                ownreads.changed_by(inode.handles, ctx.uid)
+                self._changed_by(inode.handles, ctx.uid)
                 content.truncate(0)
         except BaseException:
             self._unload_content(inode)
@@ -274,7 +275,7 @@ class ContentIO(Core):
             raise FuseError(errno.EACCES)  # (a masked view appends; it never overwrites)
         if handle.uid in self._masked:
             self._mark_agent_rows(handle.inode)
-        ownreads.changed_by(handle.inode.handles, handle.uid)
+        self._changed_by(handle.inode.handles, handle.uid)
         n = content.write(off, buf)
         if self.audit is not None:
             handle.nwritten += n
@@ -323,7 +324,7 @@ class ContentIO(Core):
         content = self._content(self._handle(fh), want_write=True)
         if handle.uid in self._masked:
             self._mark_agent_rows(handle.inode)
-        ownreads.changed_by(handle.inode.handles, handle.uid)
+        self._changed_by(handle.inode.handles, handle.uid)
         end = off + length
         if mode & punch:
             content.punch(off, length)

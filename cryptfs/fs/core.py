@@ -16,12 +16,12 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cryptfs import follow, links, rotate, views
+from cryptfs import follow, links, ownreads, rotate, views
 from cryptfs.audit import Auditor
 from cryptfs.content import CheckedHeader, ContentFile
 from cryptfs.decision import Decision, Op
@@ -55,6 +55,7 @@ HYBRID_SPARE = 4  # recipients a hybrid file has room to be shared with later
 KEPT_HEADERS = 4096
 MAX_MASKED = 64 << 20  # a structured file larger than this gets no masked view (memory)
 VIEW_BYTES_PER_UID = 256 << 20  # masked views one user may hold open at once (memory)
+GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 
 
 def view_budget() -> int:
@@ -69,7 +70,6 @@ def view_budget() -> int:
                     VIEW_BYTES_PER_UID >> 20)
         mib = VIEW_BYTES_PER_UID >> 20
     return max(mib << 20, 1 << 20)
-GATED_ATTR_TIMEOUT = 0.001  # seconds: one kernel clock tick (1-4 ms)
 
 
 class _NoKeys:
@@ -180,6 +180,7 @@ class Core:
         self._cipher_only: set[int] = set()  # uids whose role reads ciphertext only
         self._masked: set[int] = set()  # uids whose role sees structured files masked
         self._view_bytes: dict[int, int] = {}  # bytes of masked views each uid holds open
+        self._foreign_seen = False  # a handle became foreign once (cryptfs.ownreads): reads ask
         self._view_budget = view_budget()
         self._mask_rules = False  # (whether a rule names masks)
         self._rechecked = 0.0  # when reads last looked at the config
@@ -322,6 +323,12 @@ class Core:
             os.close(opened[0])
         inode.nlookup += count
         return inode, st
+
+    def _changed_by(self, handles: Iterable[Handle], uid: int) -> None:
+        """``uid`` is about to change a file's plaintext (cryptfs.ownreads); until
+        a handle first becomes foreign, a read asks nothing of its file's handles."""
+        if ownreads.changed_by(handles, uid):
+            self._foreign_seen = True
 
     def _keep_checked(self, inode: Inode, checked: CheckedHeader | None) -> None:
         """Keep ``checked`` on the inode for its next open, forgetting the header
