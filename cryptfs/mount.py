@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from cryptfs import rotate, sysio
 from cryptfs.errors import CryptfsError, MountError, UsageError
 from cryptfs.logfile import log_file_handler
-from cryptfs.mounttable import is_fuse_mount, mounts, within
+from cryptfs.mounttable import is_fuse_mount, mounts, mounts_of_backing, within
 from cryptfs.volume import LockedVolume, Volume
 
 if TYPE_CHECKING:
@@ -340,13 +340,12 @@ def _not_mounted_already(backing: str) -> None:
     """Two mounts of one backing directory each cache sizes, pages and names the
     other changes: each then serves, and writes back, stale data.  Only mounts
     that both run with --shared-storage (which caches nothing) may share one."""
-    want = "cryptfs:" + os.path.realpath(backing)
-    for mp, fstype, source in mounts():
-        if source == want and fstype.startswith("fuse"):
-            raise UsageError(f"{backing} is already mounted on {mp}",
-                             hint="unmount it first; two mounts of one volume serve each other "
-                                  "stale data unless both run with --shared-storage "
-                                  "(docs/MULTISERVER.md)")
+    mounted = mounts_of_backing(backing)
+    if mounted:
+        raise UsageError(f"{backing} is already mounted on {mounted[0]}",
+                         hint="unmount it first; two mounts of one volume serve each other "
+                              "stale data unless both run with --shared-storage "
+                              "(docs/MULTISERVER.md)")
 
 
 def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: bool,

@@ -34,13 +34,18 @@ def mounts() -> list[tuple[str, str, str]]:
     return out
 
 
-def mount_of_backing(backing: str) -> str | None:
-    """The mountpoint where ``backing`` is mounted by cryptfs, if it is (by its
-    real path, whatever path names it).  Refused if it is mounted more than
-    once: only one mount can walk the files, and the others would keep old
-    keys and file keys."""
+def mounts_of_backing(backing: str) -> list[str]:
+    """The mountpoints where cryptfs mounts ``backing`` on this host (found by its
+    real path, whatever path names it)."""
     want = "cryptfs:" + os.path.realpath(backing)
-    found = [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
+    return [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
+
+
+def mount_of_backing(backing: str) -> str | None:
+    """The mountpoint where ``backing`` is mounted by cryptfs, if it is.  Refused
+    if it is mounted more than once: only one mount can walk the files, and the
+    others would keep old keys and file keys."""
+    found = mounts_of_backing(backing)
     if len(found) > 1:
         raise UsageError(f"{backing} is mounted {len(found)} times ({', '.join(found)}): "
                          "unmount all but one, then rotate")

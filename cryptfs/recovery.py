@@ -35,7 +35,7 @@ from cryptfs.errors import BackingIOError, NotAVolume, UsageError, WrongPassphra
 from cryptfs.fsck import Checker, Problem
 from cryptfs.keys import VolumeKeys
 from cryptfs.modes import IntegrityError, NotForMe, x25519
-from cryptfs.mounttable import mounts, within
+from cryptfs.mounttable import mounts_of_backing, within
 from cryptfs.policy import volume_path
 from cryptfs.secret import Secret
 from cryptfs.volume import RecoveredVolume, Volume
@@ -331,8 +331,8 @@ def _refuse_inside_volume(backing: str, out: str) -> None:
     if within(where, top):
         raise UsageError(f"{out} is inside the volume's backing directory {top}",
                          hint="recover into a directory outside the volume")
-    for mp, fstype, source in mounts():
-        if fstype.startswith("fuse") and source == "cryptfs:" + top and within(where, mp):
+    for mp in mounts_of_backing(top):
+        if within(where, mp):
             raise UsageError(f"{out} is inside {mp}, a mount of the volume being recovered",
                              hint="recover into a directory outside the volume")
 
