@@ -35,11 +35,18 @@ EXIT_CODE_HELP = "Exit codes:\n\n\b\n" + "\n".join(
 )
 
 
-def fail(message: str, code: int = 1, hint: str | None = None) -> None:
-    click.echo(f"cryptfs: error: {message}", err=True)
-    if hint:
-        click.echo(f"cryptfs: hint: {hint}", err=True)
-    sys.exit(code)
+def failing(prog: str) -> Callable[[str, int, str | None], None]:
+    """What reports a failure of command ``prog``: a line on stderr, a hint
+    line if there is one, and the exit code."""
+    def fail(message: str, code: int = 1, hint: str | None = None) -> None:
+        click.echo(f"{prog}: error: {message}", err=True)
+        if hint:
+            click.echo(f"{prog}: hint: {hint}", err=True)
+        sys.exit(code)
+    return fail
+
+
+fail = failing("cryptfs")
 
 
 def refuse_inside_a_volume(path: str, what: str, mounted_too: bool = True) -> None:

@@ -17,7 +17,7 @@ import sys
 import click
 import trio
 
-from cryptfs.cli.common import error_boundary
+from cryptfs.cli.common import error_boundary, failing
 from cryptfs.cli.params import PathArg, Seconds, UserName
 from cryptfs.errors import BackingIOError, UsageError
 from cryptfs.keyagent.client import DEFAULT_SOCKET
@@ -27,15 +27,8 @@ from cryptfs.logfile import log_file_handler
 log = logging.getLogger("cryptfs.agent")
 
 
-def _fail(message: str, code: int, hint: str | None = None) -> None:
-    click.echo(f"cryptfs-agent: error: {message}", err=True)
-    if hint:
-        click.echo(f"cryptfs-agent: hint: {hint}", err=True)
-    sys.exit(code)
-
-
 # Every failure is a line on stderr and the exit code of docs (2 usage, 7 I/O ...); no traceback.
-_reports_errors = error_boundary(_fail)
+_reports_errors = error_boundary(failing("cryptfs-agent"))
 
 _PR_SET_DUMPABLE = 4
 _SD_LISTEN_FDS_START = 3
@@ -196,13 +189,12 @@ def main(socket_path: str, idle_timeout: float, request_timeout: float, backoff:
     if sock is None:
         try:
             sock = bind_socket(socket_path)
-        except OSError as e:
+        except BaseException as e:
             if auditor is not None:
                 auditor.close()
-            raise BackingIOError(f"cannot listen on {socket_path}: {e.strerror or e}") from None
-        except BaseException:
-            if auditor is not None:
-                auditor.close()
+            if isinstance(e, OSError):
+                raise BackingIOError(f"cannot listen on {socket_path}: {e.strerror or e}") \
+                    from None
             raise
         bound = (socket_path, os.stat(socket_path).st_ino)
         log.info("listening on %s", socket_path)
