@@ -696,14 +696,29 @@ def config_path(backing: str) -> str:
     return os.path.join(backing, CONFIG_NAME)
 
 
+CONFIG_RENAME_TRIES = 5  # opens of a config that vanished, 50 ms apart (load_config)
+
+
 def load_config(backing: str) -> VolumeConfig:
     if not os.path.isdir(backing):
         raise NotAVolume(f"{backing} is not a directory" if os.path.lexists(backing)
                          else f"{backing}: no such directory")
     path = config_path(backing)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(1 << 20)
+        for attempt in range(CONFIG_RENAME_TRIES):
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read(1 << 20)
+                break
+            except FileNotFoundError:
+                # On shared storage another server's rename of a new config over
+                # this one can make the name vanish for an instant to this client
+                # (JuiceFS: its cached entry names the replaced file); a volume's
+                # tree says the config is coming back.
+                if attempt == CONFIG_RENAME_TRIES - 1 or not os.path.isdir(
+                        os.path.join(backing, TREE_NAME)):
+                    raise
+                time.sleep(0.05)
     except FileNotFoundError:
         raise NotAVolume(f"{backing} is not a cryptfs volume (no {CONFIG_NAME})",
                          hint="create one with: cryptfs init " + backing) from None

@@ -122,3 +122,31 @@ def test_a_writer_whose_authorising_slot_was_removed_meanwhile_stops(
     assert "changed by another command" in err and "Traceback" not in err
     assert (backing / "cryptfs.conf").read_bytes() == before
     assert [s["user"] for s in json.loads(before)["slots"]] == ["cfs-bob"]
+
+
+def test_a_config_that_vanishes_for_an_instant_is_read_again(tmp_path: Path) -> None:
+    """CI, two JuiceFS servers: a `policy set` on one read the config in the
+    instant the other renamed a new one over it, and said the volume was none
+    (its client's cached entry named the replaced file). A config missing
+    beside a volume's tree is looked for again for a moment; one that stays
+    missing is still no volume."""
+    from conftest import make_volume
+    from cryptfs.config import load_config
+    from cryptfs.errors import NotAVolume
+
+    backing = make_volume(tmp_path / "backing")
+    conf, away = backing / "cryptfs.conf", tmp_path / "conf.away"
+    want = load_config(str(backing)).volume_id
+    os.rename(conf, away)
+    back = threading.Timer(0.08, os.rename, (away, conf))
+    back.start()
+    try:
+        assert load_config(str(backing)).volume_id == want
+    finally:
+        back.join()
+    os.rename(conf, away)
+    with pytest.raises(NotAVolume, match="is not a cryptfs volume"):
+        load_config(str(backing))
+    (tmp_path / "plain").mkdir()  # (no tree: no waiting)
+    with pytest.raises(NotAVolume, match="is not a cryptfs volume"):
+        load_config(str(tmp_path / "plain"))
