@@ -770,7 +770,14 @@ def config_lock(backing: str) -> Iterator[None]:
             except PermissionError:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise NotAVolume(f"{backing} is not a cryptfs volume (no {CONFIG_NAME})") from None
+            # (replaced by another server's rename this instant, as its holder let
+            # go: a volume's tree says it is coming back; see load_config)
+            if time.monotonic() > deadline or not os.path.isdir(
+                    os.path.join(backing, TREE_NAME)):
+                raise NotAVolume(f"{backing} is not a cryptfs volume (no {CONFIG_NAME})") \
+                    from None
+            time.sleep(0.01)
+            continue
         except OSError as e:
             raise BackingIOError(f"{path}: {e.strerror}") from None
         try:

@@ -131,7 +131,7 @@ def test_a_config_that_vanishes_for_an_instant_is_read_again(tmp_path: Path) -> 
     beside a volume's tree is looked for again for a moment; one that stays
     missing is still no volume."""
     from conftest import make_volume
-    from cryptfs.config import load_config
+    from cryptfs.config import config_lock, load_config
     from cryptfs.errors import NotAVolume
 
     backing = make_volume(tmp_path / "backing")
@@ -142,6 +142,15 @@ def test_a_config_that_vanishes_for_an_instant_is_read_again(tmp_path: Path) -> 
     back.start()
     try:
         assert load_config(str(backing)).volume_id == want
+    finally:
+        back.join()
+    # Nor does taking the config's lock give up on it (where the CI run failed).
+    os.rename(conf, away)
+    back = threading.Timer(0.08, os.rename, (away, conf))
+    back.start()
+    try:
+        with config_lock(str(backing)):
+            assert conf.exists()
     finally:
         back.join()
     os.rename(conf, away)
