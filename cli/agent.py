@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
-from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors
+from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors, say
 from cryptfs.cli.params import PathArg, UserName
-from cryptfs.errors import UsageError
+from cryptfs.config import CONFIG_NAME
+from cryptfs.errors import NotAVolume, UsageError
 from cryptfs.keyagent.client import AgentClient
 from cryptfs.mounttable import backing_of
 from cryptfs.users import system_user
@@ -43,14 +46,14 @@ def unlock(backing: str, passphrase_file: str | None, user: str | None, check: b
     who = _as_uid(user)
     probe = client.request({"op": "probe", "backing": target, **who})  # no slot: ask nothing
     if check:
-        click.echo(f"key slot {probe.get('slot')} in {probe.get('backing')}")
+        say(f"key slot {probe.get('slot')} in {probe.get('backing')}")
         return
     pw = read_passphrase(passphrase_file, f"Passphrase for {target}")
     with pw:
         answer = client.request({"op": "unlock", "backing": target, **who}, pw)
     idle = answer.get("idle_timeout") or 0
-    click.echo(f"unlocked {answer.get('backing')} (volume {answer.get('volume_id')}, key slot "
-               f"{answer.get('slot')})" + (f"; locks after {idle:g} s idle" if idle else ""))
+    say(f"unlocked {answer.get('backing')} (volume {answer.get('volume_id')}, key slot "
+        f"{answer.get('slot')})" + (f"; locks after {idle:g} s idle" if idle else ""))
 
 
 @click.command()
@@ -68,10 +71,27 @@ def lock(backing: str | None, user: str | None, agent_socket: str | None) -> Non
     if backing is not None:
         msg["backing"] = backing_of(backing)
     answer = AgentClient(agent_socket).request(msg)
+    if backing is not None and not answer.get("locked"):
+        _refuse_no_volume(backing)
     if answer.get("unconfirmed"):
-        click.echo(f"cryptfs: warning: {answer.get('message')}", err=True)
+        say(f"cryptfs: warning: {answer.get('message')}", err=True)
     else:
-        click.echo(answer.get("message") or "locked")
+        say(answer.get("message") or "locked")
+
+
+def _refuse_no_volume(backing: str) -> None:
+    """Nothing was locked for ``backing``: if the caller can see that it is no
+    volume at all (a typo, the mountpoint of nothing), say so rather than
+    "locked 0 session(s)".  The check runs with the caller's own rights, not
+    the agent's: it must not tell what lies in a directory the caller cannot
+    search (then nothing is said)."""
+    try:
+        os.stat(os.path.join(backing_of(backing), CONFIG_NAME))
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotAVolume(f"{backing} is not a cryptfs volume, nor the mountpoint of one: "
+                         "nothing to lock") from None
+    except OSError:
+        pass
 
 
 @click.command()
@@ -96,6 +116,6 @@ def status(all_users: bool, user: str | None, agent_socket: str | None) -> None:
     for s in sessions:
         left = s.get("idle_left")
         idle = "never locks when idle" if left is None else f"locks in {left:.0f} s if idle"
-        click.echo(f"{s.get('user')} (uid {s.get('uid')}): {s.get('backing')} "
-                   f"[volume {s.get('volume_id')}, slot {s.get('slot')}] unlocked "
-                   f"{s.get('unlocked_at')}, {idle}")
+        say(f"{s.get('user')} (uid {s.get('uid')}): {s.get('backing')} "
+            f"[volume {s.get('volume_id')}, slot {s.get('slot')}] unlocked "
+            f"{s.get('unlocked_at')}, {idle}")

@@ -21,7 +21,7 @@ from cryptfs.audit.merge import check_together, follow_many, holds_log, merged
 from cryptfs.audit.verify import Verdict
 from cryptfs.audit.verify import verify as verify_log
 from cryptfs.audit.writer import init_log
-from cryptfs.cli.common import refuse_inside_a_volume, reports_errors
+from cryptfs.cli.common import refuse_inside_a_volume, reports_errors, say
 from cryptfs.cli.params import PathArg, Seconds
 from cryptfs.errors import CryptfsError, UsageError
 
@@ -120,7 +120,7 @@ def verify(logdirs: tuple[str, ...], keys: tuple[str, ...], max_age: float | Non
         return
     bad = []
     for logdir, public in zip(logdirs, publics, strict=True):
-        click.echo(f"== {logdir}")
+        say(f"== {logdir}")
         v = _verify_one(logdir, public, max_age)
         if not v.ok:
             click.echo(f"verdict: DOES NOT VERIFY ({len(v.problems)} problem(s))")
@@ -243,18 +243,18 @@ def export(logdirs: tuple[str, ...], syslog_file: str | None, fmt: str, since: s
             raise UsageError("give LOGDIRs or --from-syslog FILE, not both")
         got = read_collector(syslog_file)
         if got.damaged:
-            click.echo(f"cryptfs: warning: {got.damaged} cryptfs message(s) in {syslog_file} hold "
-                       "no usable record (cut by the collector, or edited): left out", err=True)
+            say(f"cryptfs: warning: {got.damaged} cryptfs message(s) in {syslog_file} hold "
+                "no usable record (cut by the collector, or edited): left out", err=True)
         source: Iterable[dict[str, Any]] = got.records
         conflicts = got.conflicts
         if conflicts:
             shown = ", ".join(f"{srv or '-'}/{log or '-'} seq {seq}"
                               for srv, log, seq in got.conflicts[:5])
             more = f" and {len(got.conflicts) - 5} more" if len(got.conflicts) > 5 else ""
-            click.echo(f"cryptfs: warning: {len(got.conflicts)} record(s) in {syslog_file} are "
-                       f"claimed by two different messages ({shown}{more}): both are exported; "
-                       "one was not written by that log (run `cryptfs audit verify` on the "
-                       "server's own log)", err=True)
+            say(f"cryptfs: warning: {len(got.conflicts)} record(s) in {syslog_file} are "
+                f"claimed by two different messages ({shown}{more}): both are exported; "
+                "one was not written by that log (run `cryptfs audit verify` on the "
+                "server's own log)", err=True)
     elif not logdirs:
         raise UsageError("give a LOGDIR (or several), or --from-syslog FILE")
     else:

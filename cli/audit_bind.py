@@ -14,6 +14,7 @@ from cryptfs.cli.common import (
     read_passphrase,
     reports_errors,
     require_role,
+    say,
     unlock_recorded,
 )
 from cryptfs.cli.params import PathArg
@@ -64,7 +65,7 @@ def attach(backing: str, logdir: str, passphrase_file: str | None) -> None:
             vol.update_config(change)
     finally:
         vol.close()
-    click.echo(f"{backing} now records every access in {where}")
+    say(f"{backing} now records every access in {where}")
 
 
 @audit.command("detach")
@@ -107,4 +108,4 @@ def detach(backing: str, force: bool, passphrase_file: str | None) -> None:
         vol.update_config(detached)
     finally:
         vol.close()
-    click.echo(f"{backing} no longer records its accesses in {where}")
+    say(f"{backing} no longer records its accesses in {where}")

@@ -24,6 +24,7 @@ from cryptfs.errors import (
     WrongPassphrase,
 )
 from cryptfs.mounttable import volume_of_path
+from cryptfs.printable import shown
 from cryptfs.roles import allowed_roles, may_run, slot_role
 from cryptfs.secret import Secret
 from cryptfs.volume import Volume, open_volume
@@ -39,11 +40,17 @@ def failing(prog: str) -> Callable[[str, int, str | None], None]:
     """What reports a failure of command ``prog``: a line on stderr, a hint
     line if there is one, and the exit code."""
     def fail(message: str, code: int = 1, hint: str | None = None) -> None:
-        click.echo(f"{prog}: error: {message}", err=True)
+        click.echo(f"{prog}: error: {shown(message)}", err=True)
         if hint:
-            click.echo(f"{prog}: hint: {hint}", err=True)
+            click.echo(f"{prog}: hint: {shown(hint)}", err=True)
         sys.exit(code)
     return fail
+
+
+def say(line: str, err: bool = False) -> None:
+    """Print one line of a command's output; names in it (paths, file and user
+    names) come out as one printable line (cryptfs.printable)."""
+    click.echo(shown(line), err=err)
 
 
 fail = failing("cryptfs")

@@ -11,7 +11,13 @@ import click
 from cryptfs.audit import check_log
 from cryptfs.audit.commands import bound_log
 from cryptfs.audit.writer import LogTarget, check_server
-from cryptfs.cli.common import passphrase_option, read_passphrase, reports_errors, unlock_recorded
+from cryptfs.cli.common import (
+    passphrase_option,
+    read_passphrase,
+    reports_errors,
+    say,
+    unlock_recorded,
+)
 from cryptfs.cli.params import PathArg
 from cryptfs.config import VolumeConfig
 from cryptfs.errors import UsageError
@@ -98,8 +104,8 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
             raise UsageError(f"{agent_at} is not a socket: give the key agent's socket "
                              "(--agent-socket)")
         if not os.path.exists(agent_at):  # (waited for, but a typo would look like an outage)
-            click.echo(f"cryptfs: warning: no key agent listens on {agent_at} yet: the mount "
-                       "serves no one until one does", err=True)
+            say(f"cryptfs: warning: no key agent listens on {agent_at} yet: the mount "
+                "serves no one until one does", err=True)
         locked = read_volume(backing)
         audit = _audit_for(locked.config, audit_log, audit_fail_open, server)
         link = functools.partial(watch_agent, agent_at,
@@ -111,7 +117,7 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         mount_volume(locked, mountpoint, foreground=foreground,
                      options=[*opts, *extra, "allow_other", "default_permissions"],
                      log_file=log_file, pid_file=pid_file, side_tasks=[link], audit=audit,
-                     shared_storage=shared_storage, poll_us=idle_poll)
+                     shared_storage=shared_storage, poll_us=idle_poll, warn=_warn)
         return
     if agent_socket is not None:
         raise UsageError("--agent-socket needs --agent")
@@ -125,7 +131,8 @@ def mount(backing: str, mountpoint: str, foreground: bool, options: tuple[str, .
         vol.close()
         raise
     mount_volume(vol, mountpoint, foreground=foreground, options=opts, log_file=log_file,
-                 pid_file=pid_file, audit=audit, shared_storage=shared_storage, poll_us=idle_poll)
+                 pid_file=pid_file, audit=audit, shared_storage=shared_storage, poll_us=idle_poll,
+                 warn=_warn)
 
 
 def _audit_for(cfg: VolumeConfig, audit_log: str | None, fail_open: bool, server: str | None
@@ -157,3 +164,8 @@ def unmount(mountpoint: str, lazy: bool) -> None:
     from cryptfs.mount import unmount as do_unmount
 
     do_unmount(mountpoint, lazy=lazy)
+
+
+
+def _warn(message: str) -> None:
+    say(f"cryptfs: warning: {message}", err=True)

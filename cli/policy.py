@@ -17,6 +17,7 @@ from cryptfs.cli.common import (
     recorded,
     reports_errors,
     require_role,
+    say,
     unlock_recorded,
 )
 from cryptfs.cli.params import PathArg, UserName
@@ -37,6 +38,7 @@ from cryptfs.policy import (
     store_policy,
     volume_dir,
 )
+from cryptfs.printable import shown
 from cryptfs.volume import Volume
 
 AUTH_HELP = "Read the passphrase of a user of the volume from this file ('-': stdin)."
@@ -147,7 +149,7 @@ def set_(backing: str, directory: str, mode: str, recipients: tuple[str, ...], d
         straddlers = _straddlers(vol, rule)
     finally:
         vol.close()
-    click.echo(f"{rule.path}: {_describe(rule, recovery)}")
+    say(f"{rule.path}: {_describe(rule, recovery)}")
     _warn_straddlers(rule.path, straddlers)
 
 
@@ -164,25 +166,19 @@ def _straddlers(vol: Volume, rule: Rule) -> list[Straddler] | str:
 
 def _warn_straddlers(path: str, found: list[Straddler] | str) -> None:
     if isinstance(found, str):
-        click.echo(f"cryptfs: warning: cannot look for hard-linked files across {path} "
-                   f"({found}): a file with names inside and outside it is protected under "
-                   "every name", err=True)
+        say(f"cryptfs: warning: cannot look for hard-linked files across {path} "
+            f"({found}): a file with names inside and outside it is protected under "
+            "every name", err=True)
         return
     if not found:
         return
-    click.echo(f"cryptfs: warning: {len(found)} file(s) with hard links both inside and outside "
-               f"{path}: each is now protected by this rule under every one of its names "
-               "(docs/POLICY.md, hard links):", err=True)
+    say(f"cryptfs: warning: {len(found)} file(s) with hard links both inside and outside "
+        f"{path}: each is now protected by this rule under every one of its names "
+        "(docs/POLICY.md, hard links):", err=True)
     for s in found:
         more = f" (and {s.missing} name(s) outside the tree or that do not decrypt)" \
             if s.missing else ""
-        click.echo("cryptfs: warning:   " + " = ".join(map(_shown, s.names)) + more, err=True)
-
-
-def _shown(path: str) -> str:
-    """A plaintext path as one printable line (names may hold any byte but / and NUL)."""
-    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        say("cryptfs: warning:   " + " = ".join(map(shown, s.names)) + more, err=True)
 
 
 def _masks(glob: str | None, fmt: str, columns: tuple[str, ...], none: bool
@@ -257,7 +253,7 @@ def unset(backing: str, directory: str, passphrase_file: str | None) -> None:
             vol.update_config(change)
     finally:
         vol.close()
-    click.echo(f"{path}: rule removed")
+    say(f"{path}: rule removed")
 
 
 @policy.command("show")
@@ -273,9 +269,9 @@ def show(backing: str, passphrase_file: str | None) -> None:
         recovery = vol.config.recovery is not None
     finally:
         vol.close()
-    click.echo(f"/ (default): {default}" + (" (no rule)" if "/" not in rules.rules else ""))
+    say(f"/ (default): {default}" + (" (no rule)" if "/" not in rules.rules else ""))
     for path, rule in sorted(rules.rules.items()):
-        click.echo(f"{path}: {_describe(rule, recovery)}")
+        say(f"{path}: {_describe(rule, recovery)}")
 
 
 def _describe(rule: Rule, recovery: bool) -> str:
@@ -344,11 +340,11 @@ def share(path: str, with_: tuple[str, ...], list_: bool) -> None:
                               "to re-create it with the directory's recipients)",
             }.get(e.errno or 0, e.strerror or str(e))
             raise UsageError(f"cannot share {path} with {name}: {why}") from None
-        click.echo(f"shared {path} with {name}")
+        say(f"shared {path} with {name}")
     try:
         names = control.recipients(path)
     except OSError as e:
         raise UsageError(f"cannot read the recipients of {path}: {e.strerror}") from None
     if list_:
-        click.echo("\n".join(names) if names else "(symmetric: every unlocked user)")
+        click.echo("\n".join(map(shown, names)) if names else "(symmetric: every unlocked user)")
 

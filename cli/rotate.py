@@ -20,6 +20,7 @@ from cryptfs.cli.common import (
     recorded,
     reports_errors,
     require_role,
+    say,
     unlock_recorded,
 )
 from cryptfs.cli.params import PathArg
@@ -80,7 +81,7 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
         alone = True
         done = rot.replay_journal(vol.backing)
         if done:
-            click.echo(done)
+            say(done)
     elif rot.reencrypts(vol.config, kind, new_generation):
         # (before anything changes; resuming an unfinished re-encryption changes
         # nothing in the config, and the mount checks for itself when asked to walk)
@@ -146,7 +147,7 @@ def run_rotation(vol: UnlockedVolume, kind: str, recovery: Secret | None,
                 if prog.get("forgotten") else
                 "not finished: the old key generations are kept until it is:"), err=True)
     for e in prog.get("examples") or []:
-        click.echo(f"  not done: {e}", err=True)
+        say(f"  not done: {e}", err=True)
     if int(prog.get("failed", 0)):
         raise BackingIOError(f"rotation incomplete: {prog.get('message')}")
     if int(prog.get("damaged", 0)):

@@ -13,6 +13,7 @@ from cryptfs.cli.common import (
     recorded,
     reports_errors,
     require_role,
+    say,
     unlock_recorded,
 )
 from cryptfs.cli.params import PathArg, UserName
@@ -59,7 +60,7 @@ def add(backing: str, name: str, role: str, passphrase_file: str | None,
             slot = add_user(vol, name, role, new, Kdf(kdf_iterations, kdf_memory * 1024))
     finally:
         vol.close()
-    click.echo(f"added {name} (uid {slot.extra['uid']}, role {role}) in key slot {slot.id}")
+    say(f"added {name} (uid {slot.extra['uid']}, role {role}) in key slot {slot.id}")
 
 
 @user.command("remove")
@@ -91,7 +92,7 @@ def remove(backing: str, name: str, revoke: bool, recovery_key: str | None,
             if revoke:
                 # The slot goes with the new key generation, in one config write.
                 run_rotation(vol, "wrap-key", recovery, new_generation=True)
-    click.echo(f"removed {name} (key slot {slot.id})" + (", access revoked" if revoke else ""))
+    say(f"removed {name} (key slot {slot.id})" + (", access revoked" if revoke else ""))
 
 
 @user.command("list")
@@ -107,8 +108,8 @@ def list_(backing: str) -> None:
     click.echo(f"{'SLOT':>4}  {'USER':<16} {'UID':>6}  {'ROLE':<10} {'ADDED':<20} LAST UNLOCK")
     for u in users:
         uid = "-" if u.uid is None else str(u.uid)
-        click.echo(f"{u.slot_id:>4}  {u.name:<16} {uid:>6}  {u.role:<10} {u.added:<20} "
-                   f"{u.last_unlock or 'never'}")
+        say(f"{u.slot_id:>4}  {u.name:<16} {uid:>6}  {u.role:<10} {u.added:<20} "
+            f"{u.last_unlock or 'never'}")
 
 
 @user.command("passwd")
@@ -147,4 +148,4 @@ def passwd(backing: str, name: str | None, passphrase_file: str | None,
                                    Kdf(kdf_iterations, kdf_memory * 1024))
     finally:
         vol.close()
-    click.echo(f"passphrase of {who} (key slot {fresh.id}) changed")
+    say(f"passphrase of {who} (key slot {fresh.id}) changed")

@@ -16,6 +16,7 @@ from cryptfs.cli.common import (
     read_passphrase,
     recorded,
     reports_errors,
+    say,
     unlock_recorded,
 )
 from cryptfs.cli.params import PathArg, UserName
@@ -99,11 +100,11 @@ def init(backing: str, mode: str, first_user: str | None, role: str, recovery_ke
     finally:
         if key_fd is not None:
             os.close(key_fd)
-    click.echo(f"created cryptfs volume {vol.config.volume_id.hex()} in {backing} "
-               f"(mode {mode}; key slot 0 for {fields['user']}, role {role})")
+    say(f"created cryptfs volume {vol.config.volume_id.hex()} in {backing} "
+        f"(mode {mode}; key slot 0 for {fields['user']}, role {role})")
     if recovery_key:
-        click.echo(f"recovery key written to {recovery_key}: keep it offline, apart from the "
-                   "volume")
+        say(f"recovery key written to {recovery_key}: keep it offline, apart from the "
+            "volume")
 
 
 @click.command()
@@ -132,10 +133,10 @@ def info(backing: str) -> None:
     click.echo(f"key slots:     {len(cfg.slots)}")
     for s in cfg.slots:
         extra = "".join(f", {k}={v}" for k, v in sorted(s.extra.items()))
-        click.echo(f"  slot {s.id}: {s.label} (created {s.created}; argon2id {s.kdf.ops} passes, "
-                   f"{s.kdf.mem_kib // 1024} MiB{extra}; "
-                   + ("user key pair" if s.v2 else "v1: no key pair, cannot follow a rotation")
-                   + ")")
+        say(f"  slot {s.id}: {s.label} (created {s.created}; argon2id {s.kdf.ops} passes, "
+            f"{s.kdf.mem_kib // 1024} MiB{extra}; "
+            + ("user key pair" if s.v2 else "v1: no key pair, cannot follow a rotation")
+            + ")")
 
 
 @click.command()
@@ -156,7 +157,7 @@ def passwd(backing: str, passphrase_file: str | None, new_passphrase_file: str |
         new = read_passphrase(new_passphrase_file, "New passphrase", confirm=True)
         with new, recorded(backing, vol.config, "passwd", target=vol.slot.label):
             set_passphrase(vol, vol.slot, new)
-        click.echo(f"passphrase of key slot {vol.slot.id} ({vol.slot.label}) changed")
+        say(f"passphrase of key slot {vol.slot.id} ({vol.slot.label}) changed")
     finally:
         vol.close()
 
@@ -175,7 +176,7 @@ def fsck(backing: str, passphrase_file: str | None) -> None:
     with pw:
         vol = open_volume(backing, pw)
     try:
-        report = fsck_mod.check(vol, on_problem=lambda p: click.echo(f"damaged: {p}"))
+        report = fsck_mod.check(vol, on_problem=lambda p: say(f"damaged: {p}"))
     finally:
         vol.close()
     click.echo(f"checked {report.dirs} directories, {report.files} files "
@@ -208,12 +209,12 @@ def recover(backing: str, paths: tuple[str, ...], recovery_key: str, out: str) -
         with recorded(backing, vol.config, "recovery", path=list(paths) or ["/"],
                       out=os.path.abspath(out)):
             done = extract(vol, out, [os.fsencode(p) for p in paths],
-                           on_problem=lambda p: click.echo(f"damaged: {p}", err=True))
+                           on_problem=lambda p: say(f"damaged: {p}", err=True))
     finally:
         vol.close()
-    click.echo(f"recovered {done.files} files ({done.bytes} bytes), {done.dirs} directories, "
-               f"{done.symlinks} symlinks into {out}"
-               + (f"; {len(done.problems)} problem(s)" if done.problems else ""))
+    say(f"recovered {done.files} files ({done.bytes} bytes), {done.dirs} directories, "
+        f"{done.symlinks} symlinks into {out}"
+        + (f"; {len(done.problems)} problem(s)" if done.problems else ""))
     if done.problems:
         raise DamageFound(f"{len(done.problems)} item(s) could not be recovered"
                           + (f"; no such path in the volume: {', '.join(done.missing)}"
@@ -253,4 +254,4 @@ def export(path: str, to: tuple[str, ...], recipients_file: str | None, out: str
                                    command=command_name())
     size = export_file(path, recipients, out, sys.stdout.buffer)
     if out is not None:
-        click.echo(f"exported {path} ({size} bytes) to {out} for {len(recipients)} recipient(s)")
+        say(f"exported {path} ({size} bytes) to {out} for {len(recipients)} recipient(s)")

@@ -66,6 +66,16 @@ def check_mountpoint(mountpoint: str) -> str:
     return mnt
 
 
+def _holds_something(directory: str) -> bool:
+    """Whether the directory has an entry (FUSE mounts over one without a word:
+    the files are hidden, not encrypted)."""
+    try:
+        with os.scandir(directory) as it:
+            return next(it, None) is not None
+    except OSError:
+        return False  # (check_mountpoint has reported what matters)
+
+
 _KERNEL_FILESYSTEMS = {0x9FA0: "/proc", 0x62656572: "/sys", 0x1CD1: "a devpts",
                        0x73636673: "securityfs", 0x27E0EB: "a cgroup filesystem",
                        0x63677270: "a cgroup filesystem"}
@@ -352,7 +362,11 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
                  options: Iterable[str], log_file: str | None = None,
                  pid_file: str | None = None, side_tasks: Sequence[SideTask] = (),
                  audit: LogTarget | None = None, shared_storage: bool = False,
-                 poll_us: int | None = None) -> None:
+                 poll_us: int | None = None, warn: Callable[[str], None] | None = None
+                 ) -> None:
+    """Mount ``vol`` on ``mountpoint`` (in a daemon unless ``foreground``) once
+    every check has passed; ``warn`` is told what the user should know but
+    does not stop the mount."""
     mnt = check_mountpoint(mountpoint)
     if within(mnt, os.path.realpath(vol.backing)):
         raise UsageError(f"the mountpoint {mnt} is inside the volume's backing directory "
@@ -375,6 +389,9 @@ def mount_volume(vol: Volume | LockedVolume, mountpoint: str, *, foreground: boo
                              + ("is not a directory" if os.path.lexists(where)
                                 else "does not exist"))
         _pid_file_or_nothing(pid_file)
+    if warn is not None and _holds_something(mnt):
+        warn(f"mountpoint {mnt} is not empty: what it holds is hidden while the volume is "
+             "mounted, and stays unencrypted on the disk (move it into the volume to encrypt it)")
     if foreground:
         setup_logging(log_handler, foreground=True)
         serve(vol, mnt, opts, None, pid_file, side_tasks, audit, shared_storage, poll_us)

@@ -908,3 +908,56 @@ def test_an_agent_socket_that_is_a_regular_file_is_refused(backing: Path, tmp_pa
         assert os.path.ismount(mnt)
     finally:
         run_cli("unmount", str(mnt))
+
+
+def test_names_with_control_characters_are_shown_escaped(tmp_path: Path, passfile: Path) -> None:
+    """A line break, an ESC sequence or a right-to-left override in a directory's
+    name reached the terminal raw: it split the message in two, could recolour or
+    erase what was printed, or make the path read backwards."""
+    odd = tmp_path / "a\nb\x1b[2Kc\u202etxt.exe"
+    res = run_cli("init", str(odd), "--passphrase-file", str(passfile), "--no-recovery-key",
+                  "--kdf-memory", "8", "--kdf-iterations", "1")
+    assert res.stdout.count("\n") == 1, res.stdout
+    assert f"in {tmp_path}/a\\nb\\x1b[2Kc\\u202etxt.exe (mode" in res.stdout, res.stdout
+    assert (odd / "cryptfs.conf").is_file()  # (the directory itself keeps its name)
+    res = run_cli("init", str(odd), "--passphrase-file", str(passfile), "--no-recovery-key",
+                  check=False)
+    assert_one_error(res, 2, f"{tmp_path}/a\\nb\\x1b[2Kc\\u202etxt.exe")
+    assert "\x1b" not in res.stderr and "\u202e" not in res.stderr
+
+
+def test_locking_what_is_no_volume_says_so(tmp_path: Path, backing: Path) -> None:
+    """`cryptfs lock DIR` of a directory that is no volume said "locked 0
+    session(s)" and exited 0, so a typo looked like a lock that worked."""
+    agent = AgentProcess(tmp_path / "agent.sock", tmp_path / "agent.log")
+    agent.start()
+    try:
+        other = tmp_path / "not-a-volume"
+        other.mkdir()
+        res = run_cli("lock", str(other), "--agent-socket", str(agent.socket), check=False)
+        assert_one_error(res, 4, f"{other} is not a cryptfs volume, nor the mountpoint of one")
+        # a volume where the caller has no session: nothing to do, and that is no error
+        res = run_cli("lock", str(backing), "--agent-socket", str(agent.socket))
+        assert res.stdout == "locked 0 session(s)\n"
+    finally:
+        assert agent.stop() == 0
+
+
+def test_mounting_over_files_warns_that_they_stay_in_clear(backing: Path, tmp_path: Path,
+                                                          passfile: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "customers.csv").write_text("left here in clear\n")
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile))
+    try:
+        assert ("cryptfs: warning: mountpoint " + str(mnt) + " is not empty: what it holds is "
+                "hidden while the volume is mounted, and stays unencrypted") in res.stderr
+        assert os.listdir(mnt) == []
+    finally:
+        run_cli("unmount", str(mnt))
+    assert (mnt / "customers.csv").read_text() == "left here in clear\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run_cli("mount", str(backing), str(empty), "--passphrase-file", str(passfile))
+    run_cli("unmount", str(empty))
+    assert "warning" not in res.stderr, res.stderr
