@@ -75,6 +75,28 @@ def test_a_session_of_work_records_exactly_what_happened(logged: tuple[Mount, Pa
     assert v.ok and v.valid == len(recs) and v.unsealed == 0  # unmount seals the tail
 
 
+def test_an_open_of_a_hard_linked_file_says_how_many_names_it_has(
+        logged: tuple[Mount, Path]) -> None:
+    """The kernel tells the mount which file is opened, not by which name: for a
+    file with several names the record's path is one of them, and the record
+    says so with the count of names."""
+    m, logdir = logged
+    os.mkdir(m.path("crm"))
+    os.mkdir(m.path("pub"))
+    m.path("crm", "h.csv").write_bytes(b"ACME;0123\n")
+    m.path("pub", "solo.txt").write_bytes(b"one name\n")
+    os.link(m.path("crm", "h.csv"), m.path("pub", "x.txt"))
+    assert m.path("pub", "x.txt").read_bytes() == b"ACME;0123\n"
+    assert m.path("pub", "solo.txt").read_bytes() == b"one name\n"
+    os.unlink(m.path("pub", "x.txt"))
+    assert m.path("crm", "h.csv").read_bytes() == b"ACME;0123\n"
+    m.stop()
+    opens = [(r["path"], r.get("links")) for r in records(logdir) if r["event"] == "open"]
+    assert [links for _, links in opens] == [2, None, None], opens
+    assert opens[0][0] in ("/pub/x.txt", "/crm/h.csv") and opens[1:] == [
+        ("/pub/solo.txt", None), ("/crm/h.csv", None)], opens
+
+
 def test_denials_and_errors_are_recorded(logged: tuple[Mount, Path]) -> None:
     m, logdir = logged
     with pytest.raises(FileNotFoundError):

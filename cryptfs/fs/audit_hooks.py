@@ -28,7 +28,7 @@ from cryptfs.fs.core import (
     ROOT,
     Core,
 )
-from cryptfs.fs.inodes import Handle
+from cryptfs.fs.inodes import Handle, Inode
 from cryptfs.fuse import FuseError
 from cryptfs.fuse.requests import Request
 from cryptfs.modes import IntegrityError
@@ -156,6 +156,14 @@ class AuditHooks(Core):
             return self._files[fi.fh].decision
         return None  # (other requests that succeed record no decision)
 
+    @staticmethod
+    def _links_of(inode: Inode) -> int:
+        """How many names the file has now (0 if that cannot be read)."""
+        try:
+            return os.fstat(inode.fd).st_nlink
+        except OSError:
+            return 0
+
     def _audit(self, event: str, args: tuple[Any, ...], result: Any, err: int | None,
                decision: Decision | None) -> bool:
         """Write the record of one request with how it was decided (False: it
@@ -201,6 +209,10 @@ class AuditHooks(Core):
             fi = result[0] if event == "create" else result
             fields["exe"] = self._files[fi.fh].exe  # (read once for the handle)
         if event == "open":
+            if err is None:
+                links = self._links_of(self._files[result.fh].inode)
+                if links > 1:  # (`path` is the name last looked up: one of several)
+                    fields["links"] = links
             acc = args[1] & os.O_ACCMODE
             fields["intent"] = ("read" if acc == os.O_RDONLY else "write" if acc == os.O_WRONLY
                                 else "read-write") + (",truncate" if args[1] & os.O_TRUNC else "")
