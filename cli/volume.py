@@ -195,7 +195,8 @@ def fsck(backing: str, passphrase_file: str | None) -> None:
 @click.option("--recovery-key", "recovery_key", required=True, type=PathArg(dir_okay=False),
               metavar="FILE", help="The recovery key file that `cryptfs init --recovery-key` wrote.")
 @click.option("--out", required=True, type=PathArg(file_okay=False),
-              help="Write the plaintext here (a new or empty directory).")
+              help="Write the plaintext here: a new directory (made 0700), or an empty one of "
+                   "yours that no one else may enter.")
 @reports_errors
 def recover(backing: str, paths: tuple[str, ...], recovery_key: str, out: str) -> None:
     """Decrypt the volume in BACKING (or only PATHs in it) with its recovery key.

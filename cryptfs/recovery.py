@@ -206,20 +206,24 @@ class Extracted:
 
 
 class Extractor(Checker):
-    """Walks the volume as fsck does, writing what decrypts to ``out``.
+    """Walks the volume as fsck does, writing what decrypts under the directory
+    ``out_fd`` (an open descriptor of --out, see :func:`open_out`).
 
     A file with a damaged header or block is reported and not written (no
     partial plaintext with holes where data should be); everything else is.
+    Everything is written through directory descriptors, none of them
+    followed through a symlink: whatever another user renames or plants
+    meanwhile, the plaintext goes nowhere but into --out.
     """
 
-    def __init__(self, vol: RecoveredVolume, out: str, only: list[bytes],
+    def __init__(self, vol: RecoveredVolume, out_fd: int, only: list[bytes],
                  on_problem: Callable[[Problem], None] | None = None,
                  on_file: Callable[[str], None] | None = None) -> None:
         super().__init__(vol, on_problem)
-        self.out = os.fsencode(os.path.abspath(out))
         self.only = _volume_paths(only)
         self.done = Extracted(problems=self.report.problems)
         self.on_file = on_file
+        self._outs = {b"/": out_fd}  # plaintext directory -> its output directory, open
 
     def _wanted(self, p_path: bytes) -> tuple[bool, bool]:
         """(write this entry, descend into it)."""
@@ -229,39 +233,54 @@ class Extractor(Checker):
         above = any(o.startswith(p_path.rstrip(b"/") + b"/") for o in self.only)
         return inside, inside or above
 
-    def _target(self, p_path: bytes) -> bytes:
-        return os.path.join(self.out, p_path.lstrip(b"/"))
+    def written(self, p_path: bytes) -> bool:
+        """Whether ``p_path`` (``/a/b``) is there under --out."""
+        try:
+            os.stat(p_path.lstrip(b"/"), dir_fd=self._outs[b"/"], follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     def _entry(self, dfd: int, n: str, p_path: bytes, c_path: str) -> None:
         write, descend = self._wanted(p_path)
         if not descend:
             return
         st = os.stat(n, dir_fd=dfd, follow_symlinks=False)
-        target = self._target(p_path)
+        parent_p, name = p_path.rsplit(b"/", 1)
+        out = self._outs[parent_p or b"/"]
         shown = p_path.decode("utf-8", "backslashreplace")
         if stat.S_ISDIR(st.st_mode):
-            os.makedirs(target, exist_ok=True)
-            if write:
-                self.done.dirs += 1
-            sub = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                          dir_fd=dfd)
             try:
-                self._dir(sub, p_path, c_path)
+                os.mkdir(name, 0o700, dir_fd=out)
+            except FileExistsError:
+                pass  # (made as the way to a PATH asked for, or by an earlier run)
+            sub_out = os.open(name, _OUT_DIR, dir_fd=out)
+            try:
+                if write:
+                    self.done.dirs += 1
+                sub = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                              dir_fd=dfd)
+                self._outs[p_path] = sub_out
+                try:
+                    self._dir(sub, p_path, c_path)
+                finally:
+                    del self._outs[p_path]
+                    os.close(sub)
+                if write:
+                    if os.geteuid() == 0:
+                        os.fchown(sub_out, st.st_uid, st.st_gid)
+                    os.fchmod(sub_out, stat.S_IMODE(st.st_mode))
             finally:
-                os.close(sub)
-            if write:
-                if os.geteuid() == 0:
-                    os.lchown(target, st.st_uid, st.st_gid)
-                os.chmod(target, stat.S_IMODE(st.st_mode))
+                os.close(sub_out)
         elif not write:
             return
         elif stat.S_ISREG(st.st_mode):
-            self._extract_file(dfd, n, target, shown, st)
+            self._extract_file(dfd, n, out, name, shown, st)
         elif stat.S_ISLNK(st.st_mode):
             try:
-                os.symlink(self.codec.open_target(os.readlink(n, dir_fd=dfd)), target)
+                os.symlink(self.codec.open_target(os.readlink(n, dir_fd=dfd)), name, dir_fd=out)
                 if os.geteuid() == 0:
-                    os.lchown(target, st.st_uid, st.st_gid)
+                    os.chown(name, st.st_uid, st.st_gid, dir_fd=out, follow_symlinks=False)
                 self.done.symlinks += 1
             except IntegrityError:
                 self.problem(shown, "symlink target does not decrypt (not written)")
@@ -280,16 +299,18 @@ class Extractor(Checker):
                 continue
             os.setxattr(dst_fd, name, value)
 
-    def _extract_file(self, dfd: int, n: str, target: bytes, shown: str, st: os.stat_result
-                      ) -> None:
+    def _extract_file(self, dfd: int, n: str, out_dir: int, name: bytes, shown: str,
+                      st: os.stat_result) -> None:
         fd = os.open(n, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
-        tmp = os.path.join(os.path.dirname(target),
-                           b".cryptfs-recover-" + secrets.token_hex(6).encode() + b".tmp")
+        tmp = b".cryptfs-recover-" + secrets.token_hex(6).encode() + b".tmp"
+        made = False
         try:
             cf = self._load(fd, shown, " (not written)")
             if cf is None:
                 return
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                          0o600, dir_fd=out_dir)
+            made = True
             try:
                 for p_off in range(0, cf.size, CHUNK):
                     sysio.write_all(out, cf.read(p_off, CHUNK))
@@ -300,7 +321,8 @@ class Extractor(Checker):
                 os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(out)
-            os.replace(tmp, target)
+            os.replace(tmp, name, src_dir_fd=out_dir, dst_dir_fd=out_dir)
+            made = False
             self.done.files += 1
             self.done.bytes += cf.size
             if self.on_file:
@@ -312,8 +334,52 @@ class Extractor(Checker):
                                  f"{e.strerror or e}") from None
         finally:
             os.close(fd)
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+            if made:
+                os.unlink(tmp, dir_fd=out_dir)
+
+
+_OUT_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_out(out: str) -> tuple[int, bool]:
+    """Open --out for writing plaintext into: (its descriptor, whether it was made now).
+
+    A missing --out is made, mode 0700.  One that exists must be an empty
+    directory (not a symlink to one) of the caller's own, that nobody else may
+    enter: recovered files keep their volume's modes, and inside a directory
+    others can search they could read them (a mask does not apply here); inside
+    one others can write they could plant a symlink for the recovery to write
+    through, with root's rights."""
+    made = not os.path.lexists(out)
+    try:
+        if made:
+            parent = os.path.dirname(os.path.abspath(out))
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(out, 0o700)
+        fd = os.open(out, _OUT_DIR)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UsageError(f"{out} is not a directory (a symlink is not followed)",
+                             hint="recover into a new directory") from None
+        raise BackingIOError(f"{out}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise UsageError(f"{out} belongs to uid {st.st_uid}, not to you: its owner could "
+                             "read the plaintext, or redirect it, while it is written",
+                             hint="recover into a new directory")
+        if os.listdir(fd):
+            raise UsageError(f"{out} is not empty", hint="recover into a new or empty directory")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise UsageError(f"{out} is open to others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                             "they could read the plaintext recovered into it",
+                             hint=f"chmod 700 {out}, or recover into a new directory")
+    except BaseException:
+        os.close(fd)
+        if made:
+            os.rmdir(out)
+        raise
+    return fd, made
 
 
 def _volume_paths(only: list[bytes]) -> list[bytes]:
@@ -343,24 +409,22 @@ def extract(vol: RecoveredVolume, out: str, only: list[bytes],
     """Write the plaintext of the volume (or of the paths in ``only``) under ``out``."""
     _refuse_inside_volume(vol.backing, out)
     _volume_paths(only)  # (a bad PATH is refused before anything is made)
-    made = not os.path.lexists(out)
+    out_fd, made = open_out(out)
     try:
-        os.makedirs(out, exist_ok=True)
-        if os.listdir(out):
-            raise UsageError(f"{out} is not empty", hint="recover into a new or empty directory")
-    except OSError as e:
-        raise BackingIOError(f"{out}: {e.strerror}") from None
-    ex = Extractor(vol, out, only, on_problem, on_file)
-    try:
-        ex.run()
-    except OSError as e:
-        raise BackingIOError(f"recovery stopped: {e.strerror or e}") from None
-    reported = {p.path for p in ex.done.problems}
-    for p in ex.only:
-        shown = p.decode("utf-8", "backslashreplace")
-        if not os.path.lexists(ex._target(p)) and shown not in reported:
-            ex.done.missing.append(shown)  # (a typo, most likely: not damage)
-    if made and not os.listdir(out):  # (nothing recovered: no empty directory left behind)
+        ex = Extractor(vol, out_fd, only, on_problem, on_file)
+        try:
+            ex.run()
+        except OSError as e:
+            raise BackingIOError(f"recovery stopped: {e.strerror or e}") from None
+        reported = {p.path for p in ex.done.problems}
+        for p in ex.only:
+            shown = p.decode("utf-8", "backslashreplace")
+            if not ex.written(p) and shown not in reported:
+                ex.done.missing.append(shown)  # (a typo, most likely: not damage)
+        empty = not os.listdir(out_fd)
+    finally:
+        os.close(out_fd)
+    if made and empty:  # (nothing recovered: no empty directory left behind)
         os.rmdir(out)
     return ex.done
 

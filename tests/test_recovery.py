@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,7 @@ def test_recover_the_whole_volume_with_the_recovery_key_alone(tmp_path: Path, pa
         assert (out / rel).read_bytes() == data, rel
     assert os.readlink(out / "latest-note") == "calls/2026/note.txt"
     assert stat.S_IMODE((out / "customers.csv").stat().st_mode) == 0o640
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700  # (no one else reaches the plaintext)
     assert os.getxattr(out / "customers.csv", "user.origin") == b"crm export"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         {rel.split("/")[0] for rel in files} | {"latest-note"})
@@ -135,7 +137,7 @@ def test_recover_selected_paths(tmp_path: Path, passfile: Path) -> None:
     assert "cryptfs: error: no such path in the volume: /no/such/file" in res.stderr
     assert "damaged" not in res.stderr
     assert not (tmp_path / "out2").exists()  # (nothing recovered: no empty --out left behind)
-    (tmp_path / "out3").mkdir()  # (but an empty directory the admin made stays)
+    (tmp_path / "out3").mkdir(mode=0o700)  # (but an empty directory the admin made stays)
     res = run_cli("recover", str(backing), "no/such/file", "customers.csv", "--recovery-key",
                   str(key), "--out", str(tmp_path / "out3"), check=False)
     assert res.returncode == 2 and "recovered 1 files" in res.stdout
@@ -307,3 +309,45 @@ def test_a_path_with_dotdot_is_refused_before_anything_is_written(tmp_path: Path
                   "--out", str(out), check=False)
     assert res.returncode == 2 and "a path inside the volume has no '..'" in res.stderr
     assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_recovered_plaintext_goes_only_where_no_one_else_can_reach_it(tmp_path: Path,
+                                                                      passfile: Path) -> None:
+    """Root's recovery into a directory an agent could enter or change: an agent
+    read the unmasked plaintext (the files keep the volume's modes), or planted
+    a symlink in it for root to write and chmod through. --out must now be a
+    new directory (made 0700) or an empty one of the caller's that no one else
+    may enter, never reached through a symlink."""
+    backing, key, files = _populated(tmp_path, passfile, "aes-256-gcm")
+
+    def recover(out: Path) -> subprocess.CompletedProcess[str]:
+        return run_cli("recover", str(backing), "--recovery-key", str(key), "--out", str(out),
+                       check=False)
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    res = recover(shared)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert (f"cryptfs: error: {shared} is open to others (mode 0755): they could read the "
+            "plaintext recovered into it") in res.stderr
+    assert f"chmod 700 {shared}" in res.stderr and os.listdir(shared) == []
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    res = recover(theirs)
+    assert res.returncode == 2 and f"{theirs} belongs to uid 65534, not to you" in res.stderr
+    assert os.listdir(theirs) == []
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    res = recover(link)
+    assert res.returncode == 2 and f"{link} is not a directory (a symlink is not followed)" \
+        in res.stderr, res.stderr
+    assert os.listdir(target) == []
+    shared.chmod(0o700)  # (as the hint says)
+    res = recover(shared)
+    assert res.returncode == 0, res.stderr
+    for rel, data in files.items():
+        assert (shared / rel).read_bytes() == data, rel
