@@ -81,7 +81,7 @@ _KERNEL_FILESYSTEMS = {0x9FA0: "/proc", 0x62656572: "/sys", 0x1CD1: "a devpts",
                        0x63677270: "a cgroup filesystem"}
 
 
-def setup_logging(log_file: logging.FileHandler | None, foreground: bool,
+def setup_logging(log_file: logging.Handler | None, foreground: bool,
                   verbose: bool = False) -> None:
     """Send the ``cryptfs`` logger to ``log_file`` (made by :func:`log_file_handler`
     before the daemon forks, so a bad path is the user's error, not the daemon's),
@@ -221,8 +221,7 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
         # again, rather than leave a mount behind a failed command)
         if pid_file:
             try:
-                with open(pid_file, "w") as f:
-                    f.write(f"{os.getpid()}\n")
+                _write_pid_file(pid_file)
             except OSError as e:
                 raise MountError(f"cannot write the pid file {pid_file}: {e.strerror or e}",
                                  hint="nothing stays mounted; give --pid-file a writable path"
@@ -330,18 +329,39 @@ def _pid_file_or_nothing(path: str) -> None:
         raise UsageError(f"cannot use the pid file {path}: {e.strerror}") from None
     text = b""
     if stat.S_ISREG(st.st_mode) and st.st_size <= 32:
-        with contextlib.suppress(OSError), open(path, "rb") as f:
-            text = f.read(33)
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                text = os.read(fd, 33)
+            finally:
+                os.close(fd)
     if not (text.strip().isdigit() or (stat.S_ISREG(st.st_mode) and st.st_size == 0)):
         raise UsageError(f"{path} exists and is not a pid file",
                          hint="name a new file (or an old pid file) for --pid-file")
 
 
+def _write_pid_file(path: str) -> None:
+    """This daemon's pid in ``path``: a new file renamed over the name, so a
+    symlink or a hard link planted there since the check (in a directory others
+    may write) is replaced, never written through."""
+    where, name = os.path.split(path)
+    dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sysio.replace_file_at(dfd, name, f"{os.getpid()}\n".encode(), 0o644,
+                              f".{name}.{os.getpid()}.tmp")
+    finally:
+        os.close(dfd)
+
+
 def _remove_pid_file(path: str) -> None:
     """At exit: the pid file goes, if it still names this daemon."""
     with contextlib.suppress(OSError):
-        with open(path, "rb") as f:
-            mine = f.read(33).strip() == str(os.getpid()).encode()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:  # (never through a symlink, nor blocked by a FIFO put there)
+            mine = (stat.S_ISREG(os.fstat(fd).st_mode)
+                    and os.read(fd, 33).strip() == str(os.getpid()).encode())
+        finally:
+            os.close(fd)
         if mine:
             os.unlink(path)
 

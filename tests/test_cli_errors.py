@@ -626,6 +626,71 @@ def test_an_unwritable_log_file_is_a_usage_error(foreground: bool, backing: Path
     assert not os.path.ismount(mnt) and not log.parent.exists()
 
 
+def test_a_log_file_is_never_written_through_a_link_or_into_someone_elses_file(
+        backing: Path, tmp_path: Path, passfile: Path) -> None:
+    """The daemons run as root: a --log-file in a directory others may write was
+    opened by name, following a symlink an agent planted there (the mount then
+    appended its lines to a root-only file), and a file of the agent's own got
+    every line. Now only a regular file with one name, root's own, is appended to,
+    and the handler keeps the descriptor it checked."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    precious = tmp_path / "precious.conf"
+    precious.write_text("root's settings\n")
+    precious.chmod(0o600)
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o777)
+    spool.chmod(0o777)
+    link, hard, theirs = spool / "via-symlink.log", spool / "via-hardlink.log", spool / "theirs.log"
+    link.symlink_to(precious)
+    os.link(precious, hard)
+    theirs.write_text("")
+    os.chown(theirs, 65534, 65534)
+    for log, why in ((link, "it is a symlink (not followed)"),
+                     (hard, "it has 2 names (hard links)"),
+                     (theirs, "it belongs to uid 65534, who would read every line logged"),
+                     (Path("/dev/null"), "it is not a regular file")):
+        res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                      "--log-file", str(log), check=False)
+        assert_one_error(res, 2, f"cannot write the log file {log}: {why}")
+        assert not os.path.ismount(mnt)
+    assert precious.read_text() == "root's settings\n" and theirs.read_text() == ""
+    res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket",
+                          str(tmp_path / "agent.sock"), "--log-file", str(link)],
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2 and "it is a symlink (not followed)" in res.stderr, res.stderr
+    assert precious.read_text() == "root's settings\n"
+
+
+def test_a_pid_file_is_replaced_never_written_through(backing: Path, tmp_path: Path,
+                                                      passfile: Path) -> None:
+    """The daemon wrote its pid by name after the check: a symlink planted in
+    between (in a directory others may write) made it overwrite any file.  The
+    pid now goes into a new file renamed over the name; a planted link is
+    replaced, its target untouched."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    precious = tmp_path / "shadow"
+    precious.write_text("root:$y$...\n")
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o777)
+    spool.chmod(0o777)
+    pid = spool / "cryptfs.pid"
+    pid.write_text("4242\n")  # (an old pid file: accepted by the check) ...
+    os.unlink(pid)
+    os.link(precious, pid)  # ... then swapped for a hard link before the daemon writes
+    res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
+                  "--pid-file", str(pid), check=False)
+    assert res.returncode == 2 and "exists and is not a pid file" in res.stderr  # (checked)
+    from cryptfs.mount import _write_pid_file
+    pid.unlink()
+    pid.symlink_to(precious)
+    _write_pid_file(str(pid))  # (what the daemon does once mounted)
+    assert precious.read_text() == "root:$y$...\n"
+    assert not pid.is_symlink() and pid.read_text() == f"{os.getpid()}\n"
+    assert sorted(os.listdir(spool)) == ["cryptfs.pid"]  # (no temporary file left)
+
+
 def test_the_agent_says_why_it_cannot_write_its_log(tmp_path: Path) -> None:
     log = tmp_path / "missing" / "agent.log"
     res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket",
