@@ -34,11 +34,45 @@ def mounts() -> list[tuple[str, str, str]]:
     return out
 
 
+_USER_ID = re.compile(rb"(?:^|,)user_id=(\d+)(?:,|$)")
+
+
+def _fuse_owners() -> dict[str, int]:
+    """mountpoint -> the uid that made each FUSE mount (its ``user_id=`` super
+    option: the kernel's, which no mount can choose for itself)."""
+    out = {}
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.partition(b" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) >= 5 and len(rfields) >= 3 and rfields[0].startswith(b"fuse"):
+                m = _USER_ID.search(rfields[2])
+                if m:
+                    out[_unescape(fields[4])] = int(m.group(1))
+    return out
+
+
 def mounts_of_backing(backing: str) -> list[str]:
     """The mountpoints where cryptfs mounts ``backing`` on this host (found by its
-    real path, whatever path names it)."""
-    want = "cryptfs:" + os.path.realpath(backing)
-    return [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
+    real path, whatever path names it).
+
+    The source field names the backing directory, but any user may mount a
+    FUSE filesystem of their own that names any directory there
+    (``fusermount3 -o fsname=cryptfs:/srv/backing``): such a mount would make
+    root's commands refuse the real mount, or talk to it instead.  So only a
+    mount made by root, or by the owner of the backing directory (who may
+    mount it), counts."""
+    real = os.path.realpath(backing)
+    want = "cryptfs:" + real
+    found = [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
+    if not found:
+        return found
+    try:
+        owner = os.stat(real).st_uid
+    except OSError:
+        owner = 0
+    made_by = _fuse_owners()
+    return [mp for mp in found if made_by.get(mp) in (0, owner)]
 
 
 def mount_of_backing(backing: str) -> str | None:

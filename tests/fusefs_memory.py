@@ -524,6 +524,8 @@ def main() -> None:
     p.add_argument("--no-readdirplus", action="store_true")
     p.add_argument("--no-dio-mmap", action="store_true")
     p.add_argument("--user", help="serve as this user (mounts through fusermount3)")
+    p.add_argument("--fsname", default="memfs", help="the mount's source field")
+    p.add_argument("--subtype", default="memfs", help="fuse.SUBTYPE as the mount's type")
     args = p.parse_args()
     if args.user:
         import pwd
@@ -535,7 +537,7 @@ def main() -> None:
     opts = InitOptions(writeback_cache=args.writeback,
                        readdirplus="off" if args.no_readdirplus else "auto",
                        direct_io_allow_mmap=not args.no_dio_mmap)
-    session = Session(fs, args.mountpoint, opts, fsname="memfs", subtype="memfs",
+    session = Session(fs, args.mountpoint, opts, fsname=args.fsname, subtype=args.subtype,
                       allow_other=args.allow_other, default_permissions=True)
     fs.session = session
     session.mount()

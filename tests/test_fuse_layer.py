@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_fuse
+from conftest import make_volume, require_fuse, run_cli
 from cryptfs.fuse import is_mounted
 from cryptfs.fuse.mountpoint import unmount_quietly
+from cryptfs.mounttable import mounts_of_backing
 from cryptfs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from multiuser import ensure_user, run_as, shared_tempdir
 
@@ -320,6 +321,46 @@ def test_a_blocked_read_is_interrupted_by_a_signal(memfs: MemFS) -> None:
     assert time.monotonic() - started < 5
     assert memfs.ctl("stats")["interrupts"] == 1
     assert os.listdir(memfs.mnt) == ["block"]   # the loop kept serving
+
+
+def test_a_users_mount_that_names_a_volume_is_not_taken_for_it(tmp_path: Path,
+                                                                 passfile: Path) -> None:
+    """Any user may mount a FUSE filesystem of their own whose source field
+    names a root-owned volume (fsname=cryptfs:/srv/backing): root's mount of
+    that volume was then refused as "already mounted", and rotate and
+    recover took the user's mount for the volume's.  Only a mount made by
+    root, or by the backing directory's owner, counts now."""
+    require_fuse()
+    user = "cfs-alice"
+    pw = ensure_user(user)
+    backing = make_volume(tmp_path / "backing")
+    base = shared_tempdir("cryptfs-fuse-")
+    fake = base / "fake"
+    fake.mkdir()
+    os.chown(fake, pw.pw_uid, pw.pw_gid)
+    fs = MemFS(fake, "--user", user, "--fsname", f"cryptfs:{backing.resolve()}",
+               "--subtype", "cryptfs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        fs.start()
+        line = next(ln for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if f" {fake} " in ln)
+        assert f"fuse.cryptfs cryptfs:{backing.resolve()}" in line, line  # (the forgery holds)
+        assert mounts_of_backing(str(backing)) == []
+        run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile))
+        try:
+            assert mounts_of_backing(str(backing)) == [str(mnt)]
+            (mnt / "f").write_text("served by the real mount")
+        finally:
+            run_cli("unmount", str(mnt))
+        assert mounts_of_backing(str(backing)) == []
+        # the owner of a backing directory may mount it: theirs counts
+        os.chown(backing, pw.pw_uid, pw.pw_gid)
+        assert mounts_of_backing(str(backing)) == [str(fake)]
+    finally:
+        fs.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_unprivileged_mount_through_fusermount3() -> None:
