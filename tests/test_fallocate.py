@@ -116,6 +116,38 @@ def test_zero_range_inside_and_past_the_end(mount: Mount) -> None:
     fsck_clean(mount)
 
 
+def _written_by(pid: int) -> int:
+    """Bytes the process has passed to write(2) and friends (/proc/PID/io wchar)."""
+    io = dict(ln.split(": ") for ln in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(io["wchar"])
+
+
+def test_a_large_zero_range_writes_no_zeros(mount: Mount) -> None:
+    """A zero range was written as sealed blocks of zeros, one after another on
+    the request loop: a user's ZERO_RANGE of 3 GiB over a file grown sparse held
+    every other user of a shared mount for 3.6 s.  Whole blocks now become
+    holes, as for PUNCH_HOLE, and are reserved again."""
+    p = mount.path("disk.img")
+    data = bytearray(pattern("disk", 3 * BS + 10))
+    p.write_bytes(data)
+    os.truncate(p, 256 * MiB)  # (cheap: the file grows sparse)
+    data += bytes(256 * MiB - len(data))
+    before = _written_by(mount.pid)
+    res = fallocate("-z", "-o", 1000, "-l", 256 * MiB - 2000, p)
+    assert res.returncode == 0, res.stderr
+    assert _written_by(mount.pid) - before < 64 * 1024  # (the two edge blocks, the header)
+    data[1000:256 * MiB - 1000] = bytes(256 * MiB - 2000)
+    assert os.stat(p).st_size == 256 * MiB
+    assert os.stat(backing_file(mount)).st_blocks * 512 >= 250 * MiB  # (space stays allocated)
+    with open(p, "rb") as f:
+        assert f.read(3 * BS + 10) == bytes(data[:3 * BS + 10])
+        f.seek(256 * MiB - 5000)
+        assert f.read() == bytes(data[-5000:])
+    remount(mount)
+    check_content(p, bytes(data))
+    fsck_clean(mount)
+
+
 def test_modes_it_cannot_do_are_refused_and_change_nothing(mount: Mount) -> None:
     p = mount.path("f")
     data = pattern("f", 8 * BS)

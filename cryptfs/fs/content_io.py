@@ -308,8 +308,12 @@ class ContentIO(Core):
         reserves backing space for the range and extends the file (zeros) if it
         ends past the end; KEEP_SIZE only reserves; PUNCH_HOLE|KEEP_SIZE makes the
         range read as zeros (whole blocks become holes: ContentFile.punch);
-        ZERO_RANGE writes zeros (space stays allocated) and, without KEEP_SIZE,
-        extends as mode 0 does.  Other modes (collapse, insert, unshare): EOPNOTSUPP."""
+        ZERO_RANGE does the same and then reserves the range again (space stays
+        allocated), and without KEEP_SIZE extends as mode 0 does.  Neither writes
+        zeros block by block, but for the partial blocks at the ends: a user's
+        zero range of gigabytes would hold the request loop, and every user of a
+        shared mount, for seconds.  Other modes (collapse, insert, unshare):
+        EOPNOTSUPP."""
         keep, punch, zero = sysio.FALLOC_FL_KEEP_SIZE, sysio.FALLOC_FL_PUNCH_HOLE, \
             sysio.FALLOC_FL_ZERO_RANGE
         if mode & ~(keep | punch | zero) or (mode & punch and mode != punch | keep):
@@ -330,7 +334,8 @@ class ContentIO(Core):
             content.punch(off, length)
             return
         if mode & zero:
-            content.zero(off, length)
+            content.punch(off, length)
+            content.reserve(off, min(end, content.size) - off)
         if end > content.size and not mode & keep:
             content.reserve(content.size, end - content.size)
             content.truncate(end)
