@@ -555,6 +555,7 @@ def test_large_logs_give_a_bounded_page(tmp_path: Path) -> None:
     assert "2,975 more files not shown." in squash(doc.text())
     assert "33 other users" in squash(doc.find("ul", "legend")[0].text())
     assert out.stat().st_size < 300_000
+    assert out.stat().st_mode & 0o777 == 0o600  # (it names users and files, as the log does)
 
 
 def test_control_and_bidi_characters_are_shown_as_escapes(tmp_path: Path) -> None:

@@ -520,6 +520,15 @@ def test_refusals(tmp_path: Path, logdir: Path) -> None:
     # A state file is a short regular file: /dev/full was read until memory ran out.
     assert_one_error(forward(str(logdir), "--to", to, "--state", "/dev/full"), 2,
                      "the state file /dev/full is not a regular file")
+    # A FIFO there blocked the forwarder for good (SIGTERM did not end it), and a
+    # symlink was followed: both refused now, at once.
+    fifo, link = tmp_path / "fifo.cursor", tmp_path / "link.cursor"
+    os.mkfifo(fifo)
+    link.symlink_to(logdir / f"forward-127.0.0.1-{port}.cursor")
+    assert_one_error(forward(str(logdir), "--to", to, "--state", str(fifo)), 2,
+                     f"the state file {fifo} is not a regular file")
+    assert_one_error(forward(str(logdir), "--to", to, "--state", str(link)), 2,
+                     f"the state file {link} is a symlink (not followed)")
     big = tmp_path / "big.cursor"
     big.write_bytes(b" " * 10_000 + b'{"seq": 1, "h": null}')
     assert_one_error(forward(str(logdir), "--to", to, "--state", str(big)), 2,

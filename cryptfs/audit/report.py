@@ -293,8 +293,9 @@ def write_report(sources: list[LogSource], out: str, since: int | None = None,
     page = render(rep, time.time_ns() if now_ns is None else now_ns)
     tmp = f"{out}.tmp{os.getpid()}"
     try:
+        # 0600: the page names users, files and programs, as the log it reads
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o666)
+                     0o600)
         with open(fd, "w", encoding="utf-8") as f:
             f.write(page)
         os.replace(tmp, out)
@@ -320,9 +321,10 @@ def _replaceable(out: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{out} exists and is not a regular file",
                          hint="name a new file for the report")
-    try:
-        with open(out, "rb") as f:
-            head = f.read(4096)
+    try:  # (not through a link, nor blocked by a FIFO swapped in since the lstat)
+        fd = os.open(out, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            head = f.read(4096) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
     except OSError as e:
         raise BackingIOError(f"cannot read {out}: {e.strerror}") from None
     if TITLE.encode() not in head:

@@ -201,7 +201,10 @@ MAX_CURSOR = 4096  # bytes of a state file (one short JSON line)
 
 def load_cursor(path: str) -> Cursor | None:
     try:
-        with open(path, "rb") as f:
+        # (O_NONBLOCK: a FIFO put there is refused below, rather than wait for a
+        # writer forever; O_NOFOLLOW: the forwarder's own file, not a link's target)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise UsageError(f"the state file {path} is not a regular file",
                                  hint="name a file of its own with --state")
@@ -209,6 +212,9 @@ def load_cursor(path: str) -> Cursor | None:
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"the state file {path} is a symlink (not followed)",
+                             hint="name a file of its own with --state") from None
         raise BackingIOError(f"cannot read the state file {path}: {e.strerror}") from None
     try:
         obj = json.loads(raw) if len(raw) <= MAX_CURSOR else None
