@@ -41,6 +41,7 @@ from cryptfs.modes.wrap import Stanza, decode_stanzas
 BS = BLOCK_SIZE
 _RUN_MAX = 512  # blocks per pwritev: two pieces each, IOV_MAX is 1024
 _ZERO_PLAIN = bytes(BS)
+MAX_OFF = 2**63 - 1  # the largest file offset (off_t)
 _ZERO_CHUNK = 256 * BS  # plaintext bytes of zeros written per step (zero, punch)
 # Backing bytes a sequential reader is fetched ahead (POSIX_FADV_WILLNEED): the disk
 # works on them while this one thread decrypts and answers the read before.  The
@@ -162,6 +163,10 @@ class ContentFile:
         self.c_block = BS + self.overhead
         self.size = p_size
         self._zero_block = bytes(self.c_block)
+        # The largest plaintext size whose ciphertext offsets fit in off_t
+        # (2**63 - 1): the kernel lets a FUSE file grow to 2**63 - 1 plaintext
+        # bytes, and the block overhead pushes the ciphertext past that.
+        self.max_size = (MAX_OFF - self.h_len) // self.c_block * BS
         self._tail: tuple[int, bytes] | None = None  # (block_no, plaintext) of the final block
         self.changes = 0  # writes and truncates made through it (what a view was made from)
         self._seq_end = 0   # where the last read ended (the next one there is sequential)
@@ -307,10 +312,18 @@ class ContentFile:
             return  # a hint only (a backing filesystem may not take it)
         self._advised = stop
 
+    def _fits(self, end: int) -> None:
+        """EFBIG, as for a file past the backing filesystem's limit, if plaintext
+        up to ``end`` would not fit (:attr:`max_size`)."""
+        if end > self.max_size:
+            raise OSError(errno.EFBIG, f"past the largest size of an encrypted file "
+                                       f"({self.max_size} bytes)")
+
     def write(self, p_off: int, data: bytes | memoryview) -> int:
         length = len(data)
         if length == 0:
             return 0
+        self._fits(p_off + length)
         self.changes += 1
         end = p_off + length
         old_size = self.size
@@ -356,7 +369,7 @@ class ContentFile:
         the file keeps its old size and content instead of a damaged tail."""
         try:
             self._write_blocks(blocks, final)
-        except OSError:
+        except BaseException:  # (ENOSPC most often; whatever stopped it, the file is put back)
             self._tail = None  # the disk may no longer hold what the cache says
             if final_pt is not None:
                 self._roll_back(old_size, final_pt)
@@ -377,6 +390,7 @@ class ContentFile:
         old_size = self.size
         if new_size == old_size:
             return
+        self._fits(new_size)
         self.changes += 1
         old_final = n_blocks(old_size) - 1
         new_final = n_blocks(new_size) - 1
@@ -405,6 +419,7 @@ class ContentFile:
         in place with the same length, so its reserved space is the space it uses."""
         if length <= 0:
             return
+        self._fits(p_off + length)
         first, last = p_off // BS, (p_off + length - 1) // BS
         c_start = self._c_off(first)
         sysio.fallocate(self.fd, sysio.FALLOC_FL_KEEP_SIZE, c_start,

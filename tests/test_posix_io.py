@@ -11,6 +11,7 @@ from the backing file), not from pages the kernel still holds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_posix import (
     backing_names,
     check_backing_layout,
@@ -343,6 +345,37 @@ def test_file_over_4gib_written_sparsely(mount: Mount) -> None:
     assert read_direct(p, 2**32 - 3, 100) == b"ABCD"
     os.truncate(p, 10_000)
     check_content(p, b"start" + bytes(10_000 - 5))
+    fsck_clean(mount)
+
+
+def test_a_file_cannot_grow_past_what_its_ciphertext_can_hold(mount: Mount) -> None:
+    """The kernel lets a FUSE file reach 2**63 - 1 bytes, but the block
+    overhead puts such a file's ciphertext past the largest offset: a write
+    near 2**63 logged an internal error (OverflowError) and gave EIO. It is
+    EFBIG now, as a file too large for its filesystem, and nothing is lost."""
+    largest = 2**63 - 1  # (off_t)
+    p = mount.path("edge")
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        assert os.pwrite(fd, b"far but fine", 2**40) == 12  # (ext4 stops at 16 TiB)
+        os.fsync(fd)
+        os.pwrite(fd, b"x" * 100, largest - 4096)  # (the page cache takes it ...)
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)  # (... the mount refuses it)
+        assert e.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as e:
+            os.ftruncate(fd, largest)
+        assert e.value.errno == errno.EFBIG
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    remount(mount)
+    assert os.stat(p).st_size == 2**40 + 12
+    with open(p, "rb") as f:
+        f.seek(2**40 - 4)
+        assert f.read(100) == bytes(4) + b"far but fine"
+    log = mount.log.read_text()
+    assert "internal error" not in log and "Traceback" not in log, log
     fsck_clean(mount)
 
 
