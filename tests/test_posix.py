@@ -482,6 +482,15 @@ def test_renameat2_noreplace(mount: Mount) -> None:
     fsck_clean(mount)
 
 
+def test_renameat2_whiteout_is_refused_not_taken_for_a_plain_rename(mount: Mount) -> None:
+    """RENAME_WHITEOUT (4, overlayfs's) leaves a whiteout where the source was;
+    cryptfs cannot, and did a plain rename instead. Root may ask for it (it
+    needs CAP_MKNOD): the answer is EINVAL, as from a filesystem without it."""
+    mount.path("a").write_bytes(b"stays")
+    assert errno_of(renameat2, mount.path("a"), mount.path("b"), 4) == errno.EINVAL
+    assert mount.path("a").read_bytes() == b"stays" and not mount.path("b").exists()
+
+
 def test_renameat2_exchange(mount: Mount) -> None:
     os.mkdir(mount.path("d1"))
     os.mkdir(mount.path("d2"))

@@ -332,6 +332,10 @@ class Directories(Core):
     def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Request) -> None:
         self._allow(ctx.uid)
+        if flags & ~(sysio.RENAME_NOREPLACE | sysio.RENAME_EXCHANGE):
+            # RENAME_WHITEOUT (overlayfs) or a flag this code does not know: it
+            # must not pass for a plain rename
+            raise FuseError(errno.EINVAL)
         old_parent = self._inode(parent_inode_old)
         new_parent = self._inode(parent_inode_new)
         b_old, full_old = self._backing(old_parent, name_old)
