@@ -137,9 +137,23 @@ class Checker:
         """A hybrid file this key cannot open (not a problem: the cryptography
         says so; its blocks cannot be checked without a recipient's key)."""
 
+    def _open_file(self, dfd: int, n: str, shown: str, note: str = "") -> int | None:
+        """The backing file ``n`` opened for reading, or None (and a problem) if
+        it is no longer a regular file: on a live mount a user may replace it
+        by a FIFO between the walk's stat and this open, which must not hold
+        root's walk forever (O_NONBLOCK), nor lead it anywhere (O_NOFOLLOW)."""
+        fd = os.open(n, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        self.problem(shown, f"replaced by something that is not a file during the walk{note}")
+        return None
+
     def _file(self, dfd: int, n: str, shown: str) -> None:
         self.report.files += 1
-        fd = os.open(n, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
+        fd = self._open_file(dfd, n, shown)
+        if fd is None:
+            return
         try:
             cf = self._load(fd, shown)
             if cf is None:

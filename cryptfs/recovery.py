@@ -301,7 +301,9 @@ class Extractor(Checker):
 
     def _extract_file(self, dfd: int, n: str, out_dir: int, name: bytes, shown: str,
                       st: os.stat_result) -> None:
-        fd = os.open(n, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
+        fd = self._open_file(dfd, n, shown, " (not written)")
+        if fd is None:
+            return
         tmp = b".cryptfs-recover-" + secrets.token_hex(6).encode() + b".tmp"
         made = False
         try:

@@ -351,3 +351,34 @@ def test_recovered_plaintext_goes_only_where_no_one_else_can_reach_it(tmp_path: 
     assert res.returncode == 0, res.stderr
     for rel, data in files.items():
         assert (shared / rel).read_bytes() == data, rel
+
+
+def test_a_file_swapped_for_a_fifo_mid_walk_does_not_hold_the_walk(tmp_path: Path) -> None:
+    """fsck and recover stat a backing entry, then open it: on a live mount a
+    user may rename a FIFO (made through the mount) over the file in between,
+    and root's open then waited for a writer forever.  The open no longer
+    blocks, and what it finds is reported, not read."""
+    import threading
+
+    from conftest import make_volume, unlock
+    from cryptfs.fsck import Checker
+
+    vol = unlock(make_volume(tmp_path / "backing"))
+    try:
+        checker = Checker(vol)
+        where = tmp_path / "dir"
+        where.mkdir()
+        os.mkfifo(where / "swapped")
+        dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+        got: list[int | None] = []
+        t = threading.Thread(target=lambda: got.append(checker._open_file(dfd, "swapped", "/f")),
+                             daemon=True)
+        t.start()
+        t.join(10)
+        os.close(dfd)
+        assert not t.is_alive(), "the open of a FIFO blocked the walk"
+        assert got == [None]
+        assert [(p.path, p.what) for p in checker.report.problems] == [
+            ("/f", "replaced by something that is not a file during the walk")]
+    finally:
+        vol.close()
