@@ -119,6 +119,8 @@ class Frontend:
         self.session = session
         self.nursery = nursery
         self.ops.invalidate_inode = session.notify_inval_inode
+        self.ops.shedder.invalidate_entry = session.notify_inval_entry
+        self.ops.shedder.prune = session.notify_prune
 
     # -- names and attributes -------------------------------------------------------------
     def lookup(self, req: rq.NameIn) -> EntryOut:

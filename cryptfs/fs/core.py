@@ -27,6 +27,7 @@ from cryptfs.content import CheckedHeader, ContentFile
 from cryptfs.decision import Decision, Op
 from cryptfs.fs.closer import Closer
 from cryptfs.fs.inodes import Handle, Inode, MaskedView, PlainHandle, _Dir
+from cryptfs.fs.shedder import Shedder
 from cryptfs.fuse import EntryOut, FuseError, OpenOut
 from cryptfs.fuse.abi import ROOT_ID
 from cryptfs.fuse.requests import Request
@@ -242,6 +243,9 @@ class Core:
         root = Inode(ROOT, root_fd, stat.S_IFDIR)
         root.nlookup = 1
         self._inodes: dict[int, Inode] = {ROOT: root}
+        # Hands old, unused inodes back to the kernel before their descriptors
+        # reach the limit (cryptfs.fs.shedder; the frontend gives it the session).
+        self.shedder = Shedder(self._inodes, ROOT, self._fuse_ino, lambda: self.codec)
         self._kept: OrderedDict[Inode, None] = OrderedDict()  # inodes with .checked, oldest first
         self._files: dict[int, Handle] = {}
         self._dirs: dict[int, _Dir] = {}
@@ -301,6 +305,12 @@ class Core:
             raise FuseError(errno.EXDEV)
         inode = self._inodes.get(self._fuse_ino(st.st_ino))
         if inode is None:
+            if opened is None and len(self._inodes) >= self.shedder.cap:
+                # (the last descriptors stay for handles and for the shedder,
+                # which is asking the kernel to let go of old inodes meanwhile;
+                # a descriptor the caller holds already is kept)
+                self.shedder.note(len(self._inodes))
+                raise OSError(errno.EMFILE, "too many inodes held at once")
             if opened is None:  # (stat again through the descriptor: the entry may have changed)
                 if self.shared_storage:
                     # No backing file held open between opens: the backing
@@ -317,6 +327,7 @@ class Core:
                 kind = stat.S_IFMT(st.st_mode)
                 inode = Inode(ino, fd, kind, access if kind == stat.S_IFREG else os.O_PATH)
                 self._inodes[ino] = inode
+                self.shedder.note(len(self._inodes))
             else:
                 os.close(fd)
         elif opened:

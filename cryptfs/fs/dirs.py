@@ -22,7 +22,7 @@ from cryptfs.fs.core import (
     Core,
 )
 from cryptfs.fs.inodes import Inode, PlainHandle, _Dir, readable
-from cryptfs.fuse import EntryOut, FuseError, OpenOut
+from cryptfs.fuse import Attr, EntryOut, FuseError, OpenOut
 from cryptfs.fuse.requests import Request
 from cryptfs.modes.errors import IntegrityError
 from cryptfs.modes.wrap import RecipientWrapper
@@ -451,22 +451,39 @@ class Directories(Core):
                 # reply, whose lookup counts the kernel would never give back.
                 try:
                     st = os.stat(backing, dir_fd=inode.fd, follow_symlinks=False)
-                    child, st = self._remember(inode.fd, backing, st, count=0)
-                    attr = self._attr(child, st)
+                    if len(self._inodes) < self.shedder.high:
+                        child, st = self._remember(inode.fd, backing, st, count=0)
+                        attr = self._attr(child, st)
+                    else:  # (past the high-water mark a listing leaves lookups to LOOKUP)
+                        self.shedder.note(len(self._inodes))
+                        attr = self._unlinked_entry(st)
                 except FileNotFoundError:
                     continue
                 except (OSError, FuseError) as e:
                     if child is not None:
                         self._maybe_drop(child)
-                    log.warning("directory inode %d: an entry is hidden (%s)", inode.ino,
-                                os.strerror(e.errno) if e.errno else type(e).__name__)
-                    continue
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        # Out of descriptors (cryptfs.fs.shedder is handing old
+                        # ones back): listed without a lookup, never hidden; the
+                        # kernel looks the name up when it is used.
+                        child, attr = None, self._unlinked_entry(st)
+                    else:
+                        log.warning("directory inode %d: an entry is hidden (%s)", inode.ino,
+                                    os.strerror(e.errno) if e.errno else type(e).__name__)
+                        continue
             if not token(p_name, attr, i + 1):
                 if child is not None:
                     self._maybe_drop(child)
                 break
             if child is not None:
                 child.nlookup += 1
+
+    def _unlinked_entry(self, st: os.stat_result) -> EntryOut:
+        """A directory entry that carries no lookup (node id 0): the kernel lists
+        its name and type and asks for the rest when the name is used."""
+        attr = Attr(self._fuse_ino(st.st_ino), st.st_mode, st.st_nlink, st.st_uid, st.st_gid, 0,
+                    0, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev, 65536)
+        return EntryOut(0, attr, 0.0, 0.0)
 
     @_edge("dir")
     def releasedir(self, fh: int) -> None:

@@ -155,6 +155,8 @@ NOTIFY_INVAL_INODE_OUT = CStruct("fuse_notify_inval_inode_out", "u64 ino; i64 of
 NOTIFY_INVAL_ENTRY_OUT = CStruct("fuse_notify_inval_entry_out", "u64 parent; u32 namelen; u32 flags")
 NOTIFY_DELETE_OUT = CStruct("fuse_notify_delete_out", "u64 parent; u64 child; u32 namelen; "
                             "u32 padding")
+# 7.45, not in Debian's header: followed by ``count`` u64 node ids
+NOTIFY_PRUNE_OUT = CStruct("fuse_notify_prune_out", "u32 count; u32 padding; u64 spare")
 
 ALL_STRUCTS = [v for v in list(globals().values()) if isinstance(v, CStruct)]
 
@@ -164,7 +166,7 @@ ALL_STRUCTS = [v for v in list(globals().values()) if isinstance(v, CStruct)]
 NEWER_FIELDS = {("fuse_open_out", "backing_id"): "padding",
                 ("fuse_init_out", "max_stack_depth"): "unused[0]",
                 ("fuse_init_out", "unused"): "unused[1]"}
-NEWER_STRUCTS = {"fuse_statx_in"}
+NEWER_STRUCTS = {"fuse_statx_in", "fuse_notify_prune_out"}
 INLINED = {"fuse_lk_in": {"start": "lk.start", "end": "lk.end", "type": "lk.type", "pid": "lk.pid"},
            "fuse_lk_out": {"start": "lk.start", "end": "lk.end", "type": "lk.type", "pid": "lk.pid"}}
 # fuse_entry_out / fuse_attr_out as declared above stop where struct fuse_attr begins.
@@ -237,6 +239,7 @@ NOTIFY_STORE = 4
 NOTIFY_RETRIEVE = 5
 NOTIFY_DELETE = 6
 NOTIFY_RESEND = 7  # 7.40
+NOTIFY_PRUNE = 9  # 7.45: drop the kernel's unused dentries of these inodes (then FORGETs follow)
 
 # --- INIT flags (flags | flags2 << 32) ---------------------------------------------------
 ASYNC_READ = 1 << 0

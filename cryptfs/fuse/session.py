@@ -42,6 +42,7 @@ import errno
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 import traceback
@@ -569,6 +570,20 @@ class Session:
         flags = abi.EXPIRE_ONLY if expire_only else 0
         return self._notify(abi.NOTIFY_INVAL_ENTRY,
                             abi.NOTIFY_INVAL_ENTRY_OUT.st.pack(parent, len(name), flags), name, b"\0")
+
+    def notify_prune(self, nodeids: Sequence[int]) -> bool | None:
+        """Ask the kernel to drop its unused dentries of these inodes, so that it
+        forgets them (FORGETs follow).  Takes no directory lock, unlike
+        inval_entry.  None if the kernel does not know the notification (before
+        7.45: EINVAL)."""
+        try:
+            return self._notify(abi.NOTIFY_PRUNE,
+                                abi.NOTIFY_PRUNE_OUT.st.pack(len(nodeids), 0, 0),
+                                struct.pack(f"={len(nodeids)}Q", *nodeids))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS):
+                return None
+            raise
 
     def notify_delete(self, parent: int, child: int, name: bytes) -> bool:
         """Tell the kernel ``name`` (inode ``child``) left ``parent``."""
