@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -523,3 +524,43 @@ def test_a_header_changed_between_opens_of_one_mount_fails(where: str, mount: Mo
     with open(victim, "r+b") as f:
         f.write(raw[:HEADER_LEN])
     assert mount.path("victim").read_bytes() == content
+
+
+def test_a_forged_layout_hint_gives_eio_once_never_a_wrong_size(tmp_path: Path, backing: Path,
+                                                                passfile: Path) -> None:
+    """The layout hint (an unauthenticated xattr of the backing file) gives the
+    size a mount reports before it reads the header. A storage admin raised its
+    header length by two blocks: a passphrase mount then reported 3,008 bytes
+    of an 11,200-byte file, `cat` and `cp` stopped there without an error (the
+    writeback cache keeps that size), and `>>` wrote into the middle of the
+    file. Now the open that finds the disagreement fails with EIO (an integrity
+    failure in the log), the hint is put right, and the next open reads all of
+    it, with appends at the true end."""
+    m = new_mount(tmp_path, backing, passfile)
+    m.start()
+    data = b"".join(b"line %05d of the real file\n" % i for i in range(400))
+    m.path("data.txt").write_bytes(data)
+    m.stop()
+    (f,) = [p for p in (backing / "tree").iterdir() if p.is_file() and not p.name.startswith(".")]
+    mode_id, h_len = struct.unpack(">BH", os.getxattr(f, "user.cryptfs-layout"))
+    os.setxattr(f, "user.cryptfs-layout", struct.pack(">BH", mode_id, h_len + 2 * 4124))
+    m.start()
+    try:
+        assert os.stat(m.path("data.txt")).st_size == len(data) - 2 * 4096  # (the forged size)
+        with pytest.raises(OSError) as e:
+            m.path("data.txt").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert os.getxattr(f, "user.cryptfs-layout") == struct.pack(">BH", mode_id, h_len)
+        deadline = time.monotonic() + 10  # (the kernel forgets the inode, then looks it up anew)
+        while os.stat(m.path("data.txt")).st_size != len(data) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.stat(m.path("data.txt")).st_size == len(data)
+        assert m.path("data.txt").read_bytes() == data
+        with open(m.path("data.txt"), "ab") as out:
+            out.write(b"APPENDED\n")
+        assert m.path("data.txt").read_bytes() == data + b"APPENDED\n"
+    finally:
+        m.stop()
+    log = m.log.read_text()
+    assert "integrity failure" in log and "the layout hint disagrees with the header" in log, log
+    assert fsck(backing, passfile)[0] == 0

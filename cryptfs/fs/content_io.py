@@ -98,12 +98,25 @@ class ContentIO(Core):
             except NotARecipient:
                 raise FuseError(errno.EACCES) from None
             if inode.meta is not None and inode.meta != (content.overhead, content.h_len):
-                log.warning("inode %d: layout hint disagrees with the header; header used",
-                            inode.ino)
+                self._hint_disagrees(inode, content)
             inode.content = content
             self._keep_checked(inode, content.checked)
             inode.meta = (content.overhead, content.h_len)
         return inode.content
+
+    def _hint_disagrees(self, inode: Inode, content: ContentFile) -> None:
+        """The layout hint, which the size the kernel was given came from, is
+        not what the authenticated header says: someone changed it on the
+        backing store.  The kernel keeps that size (under the writeback cache it
+        never takes another for a file it knows), and would cut reads short and
+        put appends inside the file.  So the hint is put right, the kernel is
+        asked to forget the inode once this open has failed (EIO, recorded as
+        an integrity failure), and the next open starts with the true size."""
+        self._set_layout_hint(inode.fd, content)
+        inode.meta = (content.overhead, content.h_len)
+        self.shedder.forget_soon(inode.ino)
+        raise BlockError(None, "the layout hint disagrees with the header (changed on the "
+                               "backing store): put right; the next open sees the true size")
 
     def _newer_generation(self, fd: int) -> bool:
         """Whether the file's header names a key generation newer than this

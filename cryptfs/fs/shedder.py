@@ -87,6 +87,7 @@ class Shedder:
         self.prune: Callable[[list[int]], bool | None] | None = None  # (None: not known)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wanted: set[int] = set()  # inodes to be forgotten soon (forget_soon)
         self.rounds = 0  # (how often it ran, and how many names it handed back)
         self.sent = 0
 
@@ -94,17 +95,29 @@ class Shedder:
         """The table holds ``count`` inodes now: past the high-water mark, wake
         the thread (cheap enough for every new inode)."""
         if count > self.high and self.invalidate_entry is not None:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="cryptfs-shedder",
-                                                daemon=True)
-                self._thread.start()
-            self._wake.set()
+            self._start()
+
+    def forget_soon(self, ino: int) -> None:
+        """Have the kernel forget inode ``ino`` as soon as nothing uses it (its
+        cached attributes are wrong and it keeps them: a size under the
+        writeback cache), so that the next lookup starts afresh."""
+        if self.invalidate_entry is not None:
+            self._wanted.add(ino)
+            self._start()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cryptfs-shedder",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
 
     def _run(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
             try:
+                self._forget_wanted()
                 self.shed()
             except Exception:  # (a bug must not end the thread: the next round tries again)
                 log.exception("handing old inodes back to the kernel failed")
@@ -140,6 +153,20 @@ class Shedder:
                 "%d of the oldest unused%s", len(table), self.high, sent,
                 "" if self.rounds > 1 else " (said once: the next rounds are logged at debug level)")
         return sent
+
+    def _forget_wanted(self) -> None:
+        wanted, self._wanted = self._wanted, set()
+        if not wanted:
+            return
+        time.sleep(PAUSE)  # (the request that asked is answered first: then nothing uses it)
+        if self.prune is not None and self.prune(sorted(wanted)) is not None:
+            return
+        self.prune = None
+        for ino in wanted:
+            inode = self._inodes.get(ino)
+            entry = self._entry_of(inode) if inode is not None else None
+            if entry is not None and self.invalidate_entry is not None:
+                self.invalidate_entry(*entry)
 
     def _oldest_unused(self, table: Iterable[Inode], n: int, dirs: bool) -> list[Inode]:
         out = []
