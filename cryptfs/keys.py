@@ -15,7 +15,8 @@
       |- HKDF "cryptfs/v1/xattr"     -> AES-256-GCM key for user.* xattr values
       |- HKDF "cryptfs/v2/policy"    -> AES-256-GCM key for the directory policy (config)
       |- HKDF "cryptfs/v2/mask-token" -> mask-token key; per file (masked views' token
-      |      columns): HKDF(it, "cryptfs/v2/mask-token/file" || file id) -> 32 B HMAC key
+      |      columns): HKDF(it, "cryptfs/v2/mask-token/file" || file id || SHA-256(file key))
+      |      -> 32 B HMAC key
       '- HKDF "cryptfs/v2/authority" -> the authority key: in every v2 slot and the
                                         recovery key file; binds the wraps of the master
 
@@ -28,6 +29,8 @@ Per file (see cryptfs.header):
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
@@ -76,15 +79,19 @@ class VolumeKeys:
         # Signs (Ed25519 seed) the lineage link to the next generation (cryptfs.lineage).
         self.lineage_seed = hkdf(m, b"cryptfs/v2/lineage")
 
-    def mask_token_key(self, file_id: bytes) -> bytes:
+    def mask_token_key(self, file_id: bytes, file_key: bytes) -> bytes:
         """The HMAC key of the ``token`` columns in one file's masked views.
 
-        Bound to the file's random id (from its authenticated header): the
-        tokens an agent sees of rows it wrote into a file of its own say
-        nothing of the tokens of any other file."""
+        Bound to the file's random id and to its file key (both from its
+        authenticated header): the tokens an agent sees of rows it wrote into
+        a file of its own say nothing of the tokens of any other file.  The id
+        alone is not enough: anyone with the users' public keys can make a
+        hybrid header, and so one that carries another file's id; the other
+        file's key is what such a header cannot carry."""
         if len(file_id) != FILE_ID_LEN:
             raise ValueError("a file id has 16 bytes")
-        return hkdf(self.mask_token, b"cryptfs/v2/mask-token/file" + file_id)
+        return hkdf(self.mask_token, b"cryptfs/v2/mask-token/file" + file_id
+                    + hashlib.sha256(file_key).digest())
 
     def keyring(self, privates: list[bytes] | tuple[bytes, ...] = ()) -> Keyring:
         """What opens file headers: these wrap keys, plus the given X25519 keys

@@ -13,7 +13,7 @@ A mask names, per column (CSV, TSV with a header row) a function:
 - ``token``: a keyed hash (HMAC-SHA-256) of the value, in hex, cut to the
   value's length: within one file the same value always gives the same
   token, which does not reveal it.  The caller gives the key, one per file
-  (cryptfs.keys: ``mask_token_key(file_id)``), so that tokens an agent
+  (cryptfs.keys: ``mask_token_key(file_id, file_key)``), so that tokens an agent
   sees of values it chose (rows of a file of its own) are no dictionary
   for any other file; or no key, and token columns are masked as ``mask``.
 

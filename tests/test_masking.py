@@ -429,13 +429,19 @@ def test_a_token_depends_on_the_file_and_masking_stays_pure() -> None:
     from cryptfs.secret import Secret
 
     keys = VolumeKeys(Secret(b"m" * 32), 1)
-    one, two = keys.mask_token_key(b"\x01" * 16), keys.mask_token_key(b"\x02" * 16)
-    assert one == keys.mask_token_key(b"\x01" * 16) and one != two != keys.mask_token
+    fk = b"k" * 32
+    one, two = keys.mask_token_key(b"\x01" * 16, fk), keys.mask_token_key(b"\x02" * 16, fk)
+    assert one == keys.mask_token_key(b"\x01" * 16, fk) and one != two != keys.mask_token
+    # The same id with another file key (a planted header that copies a real file's
+    # id cannot copy its key) is another token key.
+    assert keys.mask_token_key(b"\x01" * 16, b"j" * 32) != one
     with pytest.raises(ValueError):
-        keys.mask_token_key(b"short")
+        keys.mask_token_key(b"short", fk)
+    import hashlib
+
     from cryptfs.modes.kdf import hkdf  # (as docs/FORMAT.md, Keys, writes it)
     assert one == hkdf(hkdf(b"m" * 32, b"cryptfs/v2/mask-token"),
-                       b"cryptfs/v2/mask-token/file" + b"\x01" * 16)
+                       b"cryptfs/v2/mask-token/file" + b"\x01" * 16 + hashlib.sha256(fk).digest())
     mask = Mask("csv", parse_columns(["id=token", "surname=surname"]))
     data = b"id,surname\nCUST-00000234,Wang\nCUST-00000234,Li\n"
     rows_one = list(csv.reader(io.StringIO(mask.view(data, one).decode())))
@@ -811,3 +817,67 @@ def test_an_agents_private_mapping_sees_no_page_another_read_brings_in(shared: S
              for r in records(logdir) if r["event"] == "read"]
     assert ("cfs-carol", "denied", HELD_FOREIGN) in reads
     assert ("cfs-alice", "denied", FOREIGN_READ) in reads
+
+
+def test_a_planted_header_with_a_real_files_id_inverts_no_tokens(shared: Shared) -> None:
+    """The fourth security review's attack: a storage admin (the backing
+    directory, no key) reads a real tokenised file's id from its header and the
+    agent's public key from the config, and replaces another file a supervisor
+    owns with a hybrid file of his making: the real file's id, a file key of his
+    choice, wrapped to the agent, 10,000 candidate ids as rows. Tokens were keyed
+    by the id alone, so the agent's view of it was a dictionary of the real
+    file's tokens. They are keyed by the file key too now: the planted file's
+    tokens match none of the real ones."""
+    from cryptfs.config import load_config
+    from cryptfs.content import ContentFile
+    from cryptfs.header import LAYOUT_XATTR, FileHeader, layout_hint
+    from cryptfs.modes import content_mode_by_name
+    from cryptfs.modes.rand import random_bytes
+    from cryptfs.modes.wrap import RecipientWrapper
+
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    shared.path("calls").mkdir(mode=0o777)
+    os.chmod(shared.path("calls"), 0o777)
+    _policy(shared, "--mask", "*.csv", *(x for c in TOKEN_COLUMNS for x in ("--column", c)))
+    real, other = shared.path("calls", "customers.csv"), shared.path("calls", "other.csv")
+    assert run_as("cfs-carol", "sh", "-c", f"printf '{REAL}' > {real} && "
+                  f"printf 'customer_id,pin,surname\\nCUST-0,0000,X\\n' > {other}").returncode == 0
+    real_rows = _rows(run_as("cfs-alice", "cat", str(real)).stdout)
+    assert real_rows[0][2] == "Wang" and real_rows[0][0] != "CUST-00000234"  # (tokens shown)
+
+    # The storage admin, on the backing directory alone.
+    by_ino = {os.lstat(os.path.join(top, f)).st_ino: os.path.join(top, f)
+              for top, _d, files in os.walk(shared.backing / "tree") for f in files}
+    real_b, other_b = by_ino[os.stat(real).st_ino], by_ino[os.stat(other).st_ino]
+    with open(real_b, "rb") as f:
+        real_id = f.read(28)[12:28]
+    mode = content_mode_by_name("aes-256-gcm")
+    file_key = random_bytes(32)
+    wrapper = RecipientWrapper([load_config(str(shared.backing)).publics()["cfs-alice"]])
+    forged = FileHeader(mode, 0, real_id, tuple(wrapper.wrap(file_key, FileHeader.wrap_ad(
+        mode, real_id))), file_key)
+    rows = "customer_id,pin,surname\n" + "".join(
+        f"CUST-{n:08d},{n % 10000:04d},X\n" for n in range(10000))
+    st = os.stat(other_b)
+    fd = os.open(other_b + ".x", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        ContentFile.create(fd, mode, wrapper, header=forged).write(0, rows.encode())
+    finally:
+        os.close(fd)
+    os.setxattr(other_b + ".x", LAYOUT_XATTR, layout_hint(mode, forged.length))
+    os.chown(other_b + ".x", st.st_uid, st.st_gid)
+    os.chmod(other_b + ".x", st.st_mode & 0o7777)
+    os.rename(other_b + ".x", other_b)
+    time.sleep(1.5)  # (attributes the mount may still hold)
+
+    planted = _rows(run_as("cfs-alice", "cat", str(other)).stdout)
+    assert len(planted) == 10000  # (the agent reads it: it is a recipient)
+    id_tokens = {row[0] for row in planted}
+    assert len(id_tokens) == 10000 and all(len(t) == 13 for t in id_tokens)  # (tokens, not masks)
+    # An id's token has 52 bits: with the real file's key, CUST-00000234 and
+    # CUST-00007310 (both among the candidates) would give the real tokens.
+    assert not {real_rows[0][0], real_rows[1][0]} & id_tokens
+    # A PIN's has 16: some candidate matches by chance, but not the true PIN.
+    guessed = {row[1]: n for n, row in enumerate(planted)}
+    assert guessed.get(real_rows[0][1]) != 4821 and guessed.get(real_rows[1][1]) != 90

@@ -153,7 +153,7 @@ class MaskedViews(Core):
         except OSError as e:
             if e.errno != errno.ENODATA:
                 return None  # (cannot tell: no tokens)
-        return self.keys.mask_token_key(content.header.file_id)
+        return self.keys.mask_token_key(content.header.file_id, content.header.file_key)
 
     def _mark_agent_rows(self, inode: Inode) -> None:
         """Before a masked role's first write into a file: mark it, so that its
