@@ -297,6 +297,14 @@ class Extractor(Checker):
                 self.problem(shown, f"extended attribute {c_name[:40]}... does not decrypt "
                                     "(not written)")
                 continue
+            if not name.startswith(b"user."):
+                # (the mount stores user.* alone: a system.posix_acl_access or a
+                # security.* here was put in by hand, and would grant or change
+                # what the recovered file's owner never asked for)
+                shown_name = name[:40].decode("utf-8", "backslashreplace")
+                self.problem(shown, f"extended attribute {shown_name} is not a user attribute "
+                                    "(not written)")
+                continue
             os.setxattr(dst_fd, name, value)
 
     def _extract_file(self, dfd: int, n: str, out_dir: int, name: bytes, shown: str,

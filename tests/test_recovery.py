@@ -382,3 +382,35 @@ def test_a_file_swapped_for_a_fifo_mid_walk_does_not_hold_the_walk(tmp_path: Pat
             ("/f", "replaced by something that is not a file during the walk")]
     finally:
         vol.close()
+
+
+def test_only_user_attributes_are_restored(tmp_path: Path, passfile: Path) -> None:
+    """Whoever holds the name keys (any user, or a revoked one with an old
+    config) and can write the backing store could store an encrypted
+    `system.posix_acl_access`: root's recovery applied it, so the recovered
+    file granted `nobody` a read. The mount stores user.* alone, and recover
+    now restores user.* alone, and names the rest."""
+    from conftest import unlock
+
+    backing, key, files = _populated(tmp_path, passfile, "aes-256-gcm")
+    vol = unlock(backing)
+    try:
+        codec = vol.codec()
+        acl = (b"\x02\x00\x00\x00" + b"\x01\x00\x06\x00\xff\xff\xff\xff"
+               + b"\x02\x00\x04\x00\xfe\xff\x00\x00" + b"\x04\x00\x04\x00\xff\xff\xff\xff"
+               + b"\x10\x00\x04\x00\xff\xff\xff\xff" + b"\x20\x00\x04\x00\xff\xff\xff\xff")
+        c_name = codec.xattr_name(b"system.posix_acl_access")
+        target = next(p for p in (backing / "tree").iterdir()
+                      if p.is_file() and "user.cryptfs-layout" in os.listxattr(p)
+                      and any(n.startswith("user.cryptfs.") for n in os.listxattr(p)))
+        os.setxattr(target, c_name, codec.seal_xattr(c_name, acl))
+    finally:
+        vol.close()
+    out = tmp_path / "out"
+    res = run_cli("recover", str(backing), "--recovery-key", str(key), "--out", str(out),
+                  check=False)
+    assert res.returncode == 6, res.stderr
+    assert ("damaged: /customers.csv: extended attribute system.posix_acl_access is not a user "
+            "attribute (not written)") in res.stderr
+    assert (out / "customers.csv").read_bytes() == files["customers.csv"]
+    assert os.listxattr(out / "customers.csv") == ["user.origin"]
