@@ -262,6 +262,16 @@ class NamesCache:
             self._names.clear()
         self._names[(st.st_dev, st.st_ino)] = ((st.st_ctime_ns, st.st_nlink, epoch), policy, names)
 
+    def restamp(self, before: os.stat_result, after: os.stat_result, policy: Policy,
+                epoch: int) -> None:
+        """The file's times were set (its ctime moved, its names did not): what
+        was known of its names under ``before`` holds under ``after``.  The
+        writeback cache writes times back after every rename and write, which
+        would otherwise make each next guard walk the tree again."""
+        names = self.get(before, policy, epoch)
+        if names is not None and after.st_nlink == before.st_nlink:
+            self.put(after, policy, epoch, names)
+
     def clear(self) -> None:
         self._names.clear()
 

@@ -291,6 +291,8 @@ def serve(vol: Volume | LockedVolume, mnt: str, options: Sequence[str], ready_fd
                  ", ".join(f"{name} {n}" for name, n in served.items()) or "none")
         log.info("request loop: %d requests found by polling, %d polls ran out, slept %d times",
                  session.polled, session.missed, session.sleeps)
+        if ops.names_walks:
+            log.info("tree walks for the names of hard-linked files: %d", ops.names_walks)
         busy = session.busy()
         if busy:
             log.info("time per request, decode to reply written: %s",

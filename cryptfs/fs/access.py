@@ -169,6 +169,7 @@ class Access(Core):
             return links.Names((), unknown=1)  # (removed, and reopened: its place is unknown)
         names = self._names.get(st, self.policy, self._epoch)
         if names is None:
+            self.names_walks += 1
             names = links.find_names(self._tree_root, self.codec, st, self.policy)
             self._names.put(st, self.policy, self._epoch, names)
         return names

@@ -112,11 +112,17 @@ class Attributes(Core):
             sysio.fchown_empty(inode.fd, attr.st_uid if fields.update_uid else -1,
                                attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
+            before = (os.fstat(inode.fd) if inode.kind == stat.S_IFREG
+                      and (self._mask_rules or self._program_rules) else None)
             sysio.utimens_empty(
                 inode.fd,
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
+            if before is not None and before.st_nlink > 1:
+                after = os.fstat(inode.fd)
+                self._names.restamp(before, after, self.policy, self._epoch)
+                return self._attr(inode, after)
         return self._attr(inode, os.fstat(inode.fd))
 
     @_edge("none")

@@ -195,7 +195,8 @@ class Core:
         # Every name of hard-linked files (see _names_of); with shared storage
         # none is kept: another server's renames do not move self._epoch.
         self._names = links.NamesCache(enabled=not shared_storage)
-        self._epoch = 0  # renames, links and removals made here (they may move names)
+        self._epoch = 0  # renames made here that may move other files' names
+        self.names_walks = 0  # (how often those names were looked for in the tree)
         self._backing_fd = os.open(vol.backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._config_stamp = self._stat_config()
         # (stamp, when) of the last re-read that failed: tried again every

@@ -8,11 +8,12 @@ import contextlib
 import errno
 import logging
 import os
+import posixpath
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from cryptfs import sysio, tree
+from cryptfs import links, sysio, tree
 from cryptfs.content import ContentFile
 from cryptfs.decision import Op
 from cryptfs.fs import shared
@@ -299,7 +300,8 @@ class Directories(Core):
         backing, full = self._backing(parent, new_name)
         with self._long_name(parent, backing, full):
             sysio.link_empty(inode.fd, parent.fd, backing)
-        self._epoch += 1
+        # (no self._epoch += 1: only this file's link count moved, which
+        # its cached names are checked against)
         st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         inode.nlookup += 1
         return self._attr(inode, st)
@@ -314,7 +316,8 @@ class Directories(Core):
             self._guard_file(ctx, self._plain_dir(parent), name,
                              os.stat(backing, dir_fd=parent.fd, follow_symlinks=False), Op.REMOVE)
         os.unlink(backing, dir_fd=parent.fd)
-        self._epoch += 1
+        # (no self._epoch += 1: only this file's link count moved, which
+        # its cached names are checked against)
         if full:
             tree.remove_long_name(parent.fd, backing, full)
 
@@ -324,7 +327,7 @@ class Directories(Core):
         parent = self._inode(parent_inode)
         backing, full = self._backing(parent, name)
         tree.remove_empty_dir(parent.fd, backing)
-        self._epoch += 1
+        # (no self._epoch += 1: an empty directory takes no file's name with it)
         if full:
             tree.remove_long_name(parent.fd, backing, full)
 
@@ -341,6 +344,8 @@ class Directories(Core):
         b_old, full_old = self._backing(old_parent, name_old)
         b_new, full_new = self._backing(new_parent, name_new)
         self._refresh_config()  # (a stat: a rule set since the mount started applies)
+        moves_names = True  # (whether other files' names may move: see below)
+        kept: links.Names | None = None
         if self._mask_rules or self._program_rules:
             src, dst = self._plain_dir(old_parent), self._plain_dir(new_parent)
             st_old = os.stat(b_old, dir_fd=old_parent.fd, follow_symlinks=False)
@@ -357,7 +362,21 @@ class Directories(Core):
             elif st_new is not None and (st_new.st_dev, st_new.st_ino) != (st_old.st_dev,
                                                                           st_old.st_ino):
                 self._guard_file(ctx, dst, name_new, st_new, Op.REPLACE)
-        self._epoch += 1  # (before: a failed rename that moved something still counts)
+            moves_names = (bool(flags & sysio.RENAME_EXCHANGE) or src is None or dst is None
+                           or (stat.S_ISDIR(st_old.st_mode)
+                               and self._touches_restricted(src, name_old, dst)))
+            if (stat.S_ISREG(st_old.st_mode) and st_old.st_nlink > 1 and not moves_names
+                    and st_new is None):  # (onto another of its own names, nothing moves)
+                kept = self._names.get(st_old, self.policy, self._epoch)
+        # The cached names of hard-linked files (cryptfs.links.NamesCache) are
+        # dropped when a rename may move names of files other than the one
+        # renamed: a directory moved from, into or over a restricting rule's
+        # territory, an exchange, or a move whose places are unknown.  A file's
+        # own renames, links and removals change its link count or are put
+        # right below, so a user renaming a hard-linked file in a loop does not
+        # make the mount walk the tree each time.
+        if moves_names:
+            self._epoch += 1  # (before: a failed rename that moved something still counts)
         if flags & sysio.RENAME_EXCHANGE:
             # Each name stays in its directory, so no name is re-encrypted.
             sysio.renameat2(old_parent.fd, b_old, new_parent.fd, b_new, sysio.RENAME_EXCHANGE)
@@ -369,9 +388,34 @@ class Directories(Core):
                 tree.rename_over(old_parent.fd, b_old, new_parent.fd, b_new)
         if full_old and (b_old, old_parent.ino) != (b_new, new_parent.ino):
             tree.remove_long_name(old_parent.fd, b_old, full_old)
+        if kept is not None:
+            self._renamed_names(kept, st_old, src, name_old, dst, name_new, new_parent, b_new)
         if self.audit is not None:  # the moved inode's path, for its later records
             st = os.stat(b_new, dir_fd=new_parent.fd, follow_symlinks=False)
             self._paths[self._fuse_ino(st.st_ino)] = self._name_path(parent_inode_new, name_new)
+
+    def _touches_restricted(self, src: str, name: bytes, dst: str) -> bool:
+        """Whether moving directory ``name`` from ``src`` to ``dst`` moves names
+        into, out of or within a restricting rule's directory, or a rule's
+        directory itself."""
+        moved = posixpath.join(src, name.decode("utf-8", "surrogateescape"))
+        return any(links.under(src, d) or links.under(dst, d) or links.under(d, moved)
+                   for d in links.restricting_dirs(self.policy))
+
+    def _renamed_names(self, before: links.Names, st_old: os.stat_result, src: str | None,
+                       name_old: bytes, dst: str | None, name_new: bytes, new_parent: Inode,
+                       b_new: str) -> None:
+        """The names of a hard-linked file just renamed, from those it had: one
+        moved, the others did not.  Kept for its new stat (its ctime moved)."""
+        assert src is not None and dst is not None
+        st = os.stat(b_new, dir_fd=new_parent.fd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino, st.st_nlink) != (st_old.st_dev, st_old.st_ino, st_old.st_nlink):
+            return  # (changed meanwhile: the next guard finds its names afresh)
+        after = before.without(src, name_old.decode("utf-8", "surrogateescape"))
+        if any(links.under(dst, d) for d in links.restricting_dirs(self.policy)):
+            after = links.Names(after.found + ((dst, name_new.decode("utf-8", "surrogateescape")),),
+                                after.unknown)
+        self._names.put(st, self.policy, self._epoch, after)
 
     # -- directories -----------------------------------------------------------------------------
     @_edge("inode")
