@@ -513,3 +513,26 @@ def test_renaming_a_hard_linked_file_again_and_again_walks_the_tree_once(
         m.stop()
     walks = [ln for ln in m.log.read_text().splitlines() if "tree walks for the names" in ln]
     assert walks and int(walks[-1].rsplit(" ", 1)[1]) <= 2, walks
+
+
+@pytest.mark.parametrize("crm_exists", [False, True], ids=["rule-dir-missing", "rule-dir-empty"])
+def test_a_directory_moved_onto_a_rule_directory_brings_its_links_under_the_mask(
+        shared: Shared, crm_exists: bool) -> None:
+    """A review of the names cache found it: a directory staged outside a mask
+    and moved onto the mask's directory (a rule may be set before its
+    directory exists) left the cached names of a hard-linked file in it as
+    they were, and an agent read the file in clear under both names. Every
+    directory move drops the cached names now."""
+    for who in ("root", "cfs-alice", "cfs-carol"):
+        assert shared.unlock(who).returncode == 0
+    _dirs(shared, "pub", "pub/x", *(["crm"] if crm_exists else []))
+    shared.path("pub", "x", "h.csv").write_bytes(CUSTOMERS)
+    os.chmod(shared.path("pub", "x", "h.csv"), 0o666)
+    os.link(shared.path("pub", "x", "h.csv"), shared.path("pub", "h.txt"))
+    _mask_crm(shared)
+    pub = str(shared.path("pub", "h.txt"))
+    assert run_as("cfs-alice", "cat", pub).stdout == CUSTOMERS  # (no name under /crm yet)
+    os.rename(shared.path("pub", "x"), shared.path("crm"))  # (the admin puts it in place)
+    for p in (str(shared.path("crm", "h.csv")), pub):
+        got = run_as("cfs-alice", "cat", p)
+        assert got.stdout == MASKED and b"13812341234" not in got.stdout, (p, got)

@@ -8,7 +8,6 @@ import contextlib
 import errno
 import logging
 import os
-import posixpath
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -363,18 +362,18 @@ class Directories(Core):
                                                                           st_old.st_ino):
                 self._guard_file(ctx, dst, name_new, st_new, Op.REPLACE)
             moves_names = (bool(flags & sysio.RENAME_EXCHANGE) or src is None or dst is None
-                           or (stat.S_ISDIR(st_old.st_mode)
-                               and self._touches_restricted(src, name_old, dst)))
+                           or not stat.S_ISREG(st_old.st_mode))
             if (stat.S_ISREG(st_old.st_mode) and st_old.st_nlink > 1 and not moves_names
                     and st_new is None):  # (onto another of its own names, nothing moves)
                 kept = self._names.get(st_old, self.policy, self._epoch)
         # The cached names of hard-linked files (cryptfs.links.NamesCache) are
         # dropped when a rename may move names of files other than the one
-        # renamed: a directory moved from, into or over a restricting rule's
-        # territory, an exchange, or a move whose places are unknown.  A file's
-        # own renames, links and removals change its link count or are put
-        # right below, so a user renaming a hard-linked file in a loop does not
-        # make the mount walk the tree each time.
+        # renamed: a directory moved (wherever: a directory moved onto a rule's
+        # directory brings names under it), an exchange, or a move whose places
+        # are unknown.  A regular file's own renames, links and removals change
+        # its link count or are put right below, so a user renaming a
+        # hard-linked file in a loop does not make the mount walk the tree each
+        # time.
         if moves_names:
             self._epoch += 1  # (before: a failed rename that moved something still counts)
         if flags & sysio.RENAME_EXCHANGE:
@@ -393,14 +392,6 @@ class Directories(Core):
         if self.audit is not None:  # the moved inode's path, for its later records
             st = os.stat(b_new, dir_fd=new_parent.fd, follow_symlinks=False)
             self._paths[self._fuse_ino(st.st_ino)] = self._name_path(parent_inode_new, name_new)
-
-    def _touches_restricted(self, src: str, name: bytes, dst: str) -> bool:
-        """Whether moving directory ``name`` from ``src`` to ``dst`` moves names
-        into, out of or within a restricting rule's directory, or a rule's
-        directory itself."""
-        moved = posixpath.join(src, name.decode("utf-8", "surrogateescape"))
-        return any(links.under(src, d) or links.under(dst, d) or links.under(d, moved)
-                   for d in links.restricting_dirs(self.policy))
 
     def _renamed_names(self, before: links.Names, st_old: os.stat_result, src: str | None,
                        name_old: bytes, dst: str | None, name_new: bytes, new_parent: Inode,
