@@ -85,6 +85,9 @@ class ContentIO(Core):
         if inode.content is not None and uid is not None:
             self._check_recipient(inode.content, uid)
         if inode.content is None:
+            if inode.wrong_size:
+                raise BlockError(None, "the kernel still holds the size a forged layout hint "
+                                       "gave: refused until it forgets the file")
             try:
                 try:
                     content = ContentFile.load(inode.fd, self._keyring(uid), inode.checked)
@@ -109,11 +112,13 @@ class ContentIO(Core):
         not what the authenticated header says: someone changed it on the
         backing store.  The kernel keeps that size (under the writeback cache it
         never takes another for a file it knows), and would cut reads short and
-        put appends inside the file.  So the hint is put right, the kernel is
-        asked to forget the inode once this open has failed (EIO, recorded as
-        an integrity failure), and the next open starts with the true size."""
+        put appends inside the file.  So the hint is put right, every open of
+        the inode fails (EIO, recorded as an integrity failure) until the kernel
+        has forgotten it, which it is asked to do again and again meanwhile, and
+        the next lookup starts with the true size."""
         self._set_layout_hint(inode.fd, content)
         inode.meta = (content.overhead, content.h_len)
+        inode.wrong_size = True
         self.shedder.forget_soon(inode.ino)
         raise BlockError(None, "the layout hint disagrees with the header (changed on the "
                                "backing store): put right; the next open sees the true size")

@@ -19,7 +19,7 @@ class Inode:
     """What the filesystem holds for one inode the kernel has looked up."""
 
     __slots__ = ("ino", "fd", "access", "kind", "nlookup", "handles", "diriv", "meta", "content",
-                 "checked", "viewed", "agent_rows")
+                 "checked", "viewed", "agent_rows", "wrong_size")
 
     def __init__(self, ino: int, fd: int, kind: int, access: int = os.O_PATH) -> None:
         self.ino = ino
@@ -37,6 +37,9 @@ class Inode:
         self.checked: CheckedHeader | None = None
         self.viewed = False  # a masked or encrypted view was served: its pages may be cached
         self.agent_rows = False  # marked (AGENT_ROWS_XATTR) as written by a masked role
+        # The kernel was given a size from a layout hint that the header then
+        # contradicted: every open fails until the kernel forgets this inode.
+        self.wrong_size = False
 
 
 def readable(flags: int) -> bool:

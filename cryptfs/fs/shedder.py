@@ -57,6 +57,7 @@ log = logging.getLogger("cryptfs")
 RESERVED = 256
 PAUSE = 0.02  # seconds between two rounds
 PRUNE_BATCH = 512  # node ids per FUSE_NOTIFY_PRUNE
+RETRY = 0.5  # seconds between two requests to forget an inode still wanted gone
 
 
 def descriptor_limit() -> int:
@@ -88,6 +89,7 @@ class Shedder:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._wanted: set[int] = set()  # inodes to be forgotten soon (forget_soon)
+        self._lock = threading.Lock()  # (for _wanted: the loop adds, this thread prunes)
         self.rounds = 0  # (how often it ran, and how many names it handed back)
         self.sent = 0
 
@@ -100,9 +102,12 @@ class Shedder:
     def forget_soon(self, ino: int) -> None:
         """Have the kernel forget inode ``ino`` as soon as nothing uses it (its
         cached attributes are wrong and it keeps them: a size under the
-        writeback cache), so that the next lookup starts afresh."""
+        writeback cache), so that the next lookup starts afresh.  Asked again
+        every RETRY seconds while the inode is in the table, marked
+        ``wrong_size``."""
         if self.invalidate_entry is not None:
-            self._wanted.add(ino)
+            with self._lock:
+                self._wanted.add(ino)
             self._start()
 
     def _start(self) -> None:
@@ -114,7 +119,7 @@ class Shedder:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            self._wake.wait(RETRY if self._wanted else None)
             self._wake.clear()
             try:
                 self._forget_wanted()
@@ -155,11 +160,17 @@ class Shedder:
         return sent
 
     def _forget_wanted(self) -> None:
-        wanted, self._wanted = self._wanted, set()
+        """Ask again for each inode still wanted gone: while a process holds it
+        (open, mapped, a working directory, a watch), the kernel cannot let go,
+        and asking once would leave it be for good."""
+        with self._lock:
+            self._wanted = {i for i in self._wanted
+                            if (inode := self._inodes.get(i)) is not None and inode.wrong_size}
+            wanted = sorted(self._wanted)
         if not wanted:
             return
         time.sleep(PAUSE)  # (the request that asked is answered first: then nothing uses it)
-        if self.prune is not None and self.prune(sorted(wanted)) is not None:
+        if self.prune is not None and self.prune(wanted) is not None:
             return
         self.prune = None
         for ino in wanted:
