@@ -272,6 +272,10 @@ class NamesCache:
         if names is not None and after.st_nlink == before.st_nlink:
             self.put(after, policy, epoch, names)
 
+    def drop(self, st: os.stat_result) -> None:
+        """Forget what was known of the names of the file ``st``."""
+        self._names.pop((st.st_dev, st.st_ino), None)
+
     def clear(self) -> None:
         self._names.clear()
 

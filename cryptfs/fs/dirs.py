@@ -312,11 +312,13 @@ class Directories(Core):
         backing, full = self._backing(parent, name)
         self._refresh_config()  # (a stat: a rule set since the mount started applies)
         if self._mask_rules or self._program_rules:
-            self._guard_file(ctx, self._plain_dir(parent), name,
-                             os.stat(backing, dir_fd=parent.fd, follow_symlinks=False), Op.REMOVE)
+            st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
+            self._guard_file(ctx, self._plain_dir(parent), name, st, Op.REMOVE)
+            # (what was known of its names goes: its inode number may come back
+            # for another file, within the same tick of a coarse ctime)
+            self._names.drop(st)
         os.unlink(backing, dir_fd=parent.fd)
-        # (no self._epoch += 1: only this file's link count moved, which
-        # its cached names are checked against)
+        # (no self._epoch += 1: only this file's names changed)
         if full:
             tree.remove_long_name(parent.fd, backing, full)
 
@@ -361,6 +363,7 @@ class Directories(Core):
             elif st_new is not None and (st_new.st_dev, st_new.st_ino) != (st_old.st_dev,
                                                                           st_old.st_ino):
                 self._guard_file(ctx, dst, name_new, st_new, Op.REPLACE)
+                self._names.drop(st_new)  # (it loses a name: see unlink)
             moves_names = (bool(flags & sysio.RENAME_EXCHANGE) or src is None or dst is None
                            or not stat.S_ISREG(st_old.st_mode))
             if (stat.S_ISREG(st_old.st_mode) and st_old.st_nlink > 1 and not moves_names
