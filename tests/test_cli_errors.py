@@ -652,8 +652,10 @@ def test_a_log_file_is_never_written_through_a_link_or_into_someone_elses_file(
                      (Path("/dev/null"), "it is not a regular file")):
         res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
                       "--log-file", str(log), check=False)
+        if os.path.ismount(mnt):  # (a failure must not leave a mount behind for later tests)
+            run_cli("unmount", str(mnt))
+            raise AssertionError(f"mounted with --log-file {log}: {res.stderr}")
         assert_one_error(res, 2, f"cannot write the log file {log}: {why}")
-        assert not os.path.ismount(mnt)
     assert precious.read_text() == "root's settings\n" and theirs.read_text() == ""
     res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.daemon", "--socket",
                           str(tmp_path / "agent.sock"), "--log-file", str(link)],
@@ -681,6 +683,8 @@ def test_a_pid_file_is_replaced_never_written_through(backing: Path, tmp_path: P
     os.link(precious, pid)  # ... then swapped for a hard link before the daemon writes
     res = run_cli("mount", str(backing), str(mnt), "--passphrase-file", str(passfile),
                   "--pid-file", str(pid), check=False)
+    if os.path.ismount(mnt):
+        run_cli("unmount", str(mnt))
     assert res.returncode == 2 and "exists and is not a pid file" in res.stderr  # (checked)
     from cryptfs.mount import _write_pid_file
     pid.unlink()
