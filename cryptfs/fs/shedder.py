@@ -137,20 +137,8 @@ class Shedder:
         excess = len(table) - self.low
         if excess <= 0 or self.invalidate_entry is None:
             return 0
-        sent = 0
-        if self.prune is not None:
-            old = [i.ino for i in self._oldest_unused(table, excess, dirs=True)]
-            for at in range(0, len(old), PRUNE_BATCH):
-                done = self.prune(old[at:at + PRUNE_BATCH])
-                if done is None:  # (a kernel before 7.45: names, one by one)
-                    self.prune = None
-                    break
-                sent += len(old[at:at + PRUNE_BATCH])
-        if self.prune is None:
-            for inode in self._oldest_unused(table, excess, dirs=False):
-                entry = self._entry_of(inode)
-                if entry is not None and self.invalidate_entry(*entry):
-                    sent += 1
+        # (by names, directories are left out: pick among the rest)
+        sent = self._hand_back(self._oldest_unused(table, excess, dirs=self.prune is not None))
         self.rounds += 1
         self.sent += sent
         log.log(logging.INFO if self.rounds == 1 else logging.DEBUG,
@@ -170,14 +158,28 @@ class Shedder:
         if not wanted:
             return
         time.sleep(PAUSE)  # (the request that asked is answered first: then nothing uses it)
-        if self.prune is not None and self.prune(wanted) is not None:
-            return
-        self.prune = None
-        for ino in wanted:
-            inode = self._inodes.get(ino)
-            entry = self._entry_of(inode) if inode is not None else None
-            if entry is not None and self.invalidate_entry is not None:
-                self.invalidate_entry(*entry)
+        self._hand_back([inode for i in wanted if (inode := self._inodes.get(i)) is not None])
+
+    def _hand_back(self, inodes: list[Inode]) -> int:
+        """Ask the kernel to forget these inodes: by node id (prune), or on a
+        kernel before 7.45 by one name each, directories left out (see the
+        module); how many were asked for."""
+        if self.prune is not None:
+            ids = [inode.ino for inode in inodes]
+            for at in range(0, len(ids), PRUNE_BATCH):
+                if self.prune(ids[at:at + PRUNE_BATCH]) is None:
+                    self.prune = None  # (a kernel before 7.45: names, one by one)
+                    break
+            else:
+                return len(ids)
+        sent = 0
+        for inode in inodes:
+            if inode.kind == stat.S_IFDIR or self.invalidate_entry is None:
+                continue
+            entry = self._entry_of(inode)
+            if entry is not None and self.invalidate_entry(*entry):
+                sent += 1
+        return sent
 
     def _oldest_unused(self, table: Iterable[Inode], n: int, dirs: bool) -> list[Inode]:
         out = []
