@@ -67,6 +67,15 @@ class Names:
             rest.remove((directory, name))
         return Names(tuple(rest), self.unknown)
 
+    def renamed(self, src: str, old: str, dst: str, new: str, policy: Policy) -> Names:
+        """These names after ``src/old`` became ``dst/new``: the new one is
+        among them if a restricting rule may govern it (as :func:`find_names`
+        would have found it)."""
+        after = self.without(src, old)
+        if any(under(dst, d) for d in restricting_dirs(policy)):
+            return Names(after.found + ((dst, new),), after.unknown)
+        return after
+
 
 def restricting_dirs(policy: Policy) -> list[str]:
     """The topmost directories of rules that restrict (masks or programs):

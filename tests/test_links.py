@@ -161,6 +161,12 @@ def test_what_a_set_of_names_is_governed_by() -> None:
                                           CALLS)) == ["/calls", "/crm"]
     assert links.restricting_dirs(_policy(Rule("/", "aes-256-gcm", programs=(Program("/a"),)),
                                           CRM)) == ["/"]
+    # A rename moves one name: out of a rule's reach, into it, or within it.
+    one = links.Names((("/crm", "a.csv"),), unknown=1)
+    assert one.renamed("/crm", "a.csv", "/pub", "b.txt", policy) == links.Names((), 1)
+    back = links.Names((), 1).renamed("/pub", "b.txt", "/crm/sub", "c.csv", policy)
+    assert back == links.Names((("/crm/sub", "c.csv"),), 1)
+    assert back.masks(policy) == {MASK}
 
 
 def test_straddling_files_are_found_for_policy_set(built: Tree) -> None:

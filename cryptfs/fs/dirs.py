@@ -405,10 +405,8 @@ class Directories(Core):
         st = os.stat(b_new, dir_fd=new_parent.fd, follow_symlinks=False)
         if (st.st_dev, st.st_ino, st.st_nlink) != (st_old.st_dev, st_old.st_ino, st_old.st_nlink):
             return  # (changed meanwhile: the next guard finds its names afresh)
-        after = before.without(src, name_old.decode("utf-8", "surrogateescape"))
-        if any(links.under(dst, d) for d in links.restricting_dirs(self.policy)):
-            after = links.Names(after.found + ((dst, name_new.decode("utf-8", "surrogateescape")),),
-                                after.unknown)
+        after = before.renamed(src, name_old.decode("utf-8", "surrogateescape"),
+                               dst, name_new.decode("utf-8", "surrogateescape"), self.policy)
         self._names.put(st, self.policy, self._epoch, after)
 
     # -- directories -----------------------------------------------------------------------------
