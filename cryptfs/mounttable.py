@@ -21,35 +21,32 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
 
 
-def mounts() -> list[tuple[str, str, str]]:
-    """(mountpoint, fstype, source) from /proc/self/mountinfo."""
+_USER_ID = re.compile(rb"(?:^|,)user_id=(\d+)(?:,|$)")
+
+
+def _mountinfo() -> list[tuple[str, str, str, int | None]]:
+    """(mountpoint, fstype, source, maker) of every mount in /proc/self/mountinfo;
+    ``maker`` is the uid that made a FUSE mount (its ``user_id=`` super option:
+    the kernel's, which no mount can choose for itself), None for the others."""
     out = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             left, _, right = line.partition(b" - ")
-            fields = left.split()
-            rfields = right.split()
-            if len(fields) >= 5 and len(rfields) >= 2:
-                out.append((_unescape(fields[4]), os.fsdecode(rfields[0]), _unescape(rfields[1])))
-    return out
-
-
-_USER_ID = re.compile(rb"(?:^|,)user_id=(\d+)(?:,|$)")
-
-
-def _fuse_owners() -> dict[str, int]:
-    """mountpoint -> the uid that made each FUSE mount (its ``user_id=`` super
-    option: the kernel's, which no mount can choose for itself)."""
-    out = {}
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            left, _, right = line.partition(b" - ")
             fields, rfields = left.split(), right.split()
-            if len(fields) >= 5 and len(rfields) >= 3 and rfields[0].startswith(b"fuse"):
+            if len(fields) < 5 or len(rfields) < 2:
+                continue
+            maker = None
+            if rfields[0].startswith(b"fuse") and len(rfields) >= 3:
                 m = _USER_ID.search(rfields[2])
-                if m:
-                    out[_unescape(fields[4])] = int(m.group(1))
+                maker = int(m.group(1)) if m else None
+            out.append((_unescape(fields[4]), os.fsdecode(rfields[0]), _unescape(rfields[1]),
+                        maker))
     return out
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, source) from /proc/self/mountinfo."""
+    return [(mp, fstype, source) for mp, fstype, source, _ in _mountinfo()]
 
 
 def mounts_of_backing(backing: str) -> list[str]:
@@ -64,15 +61,15 @@ def mounts_of_backing(backing: str) -> list[str]:
     mount it), counts."""
     real = os.path.realpath(backing)
     want = "cryptfs:" + real
-    found = [mp for mp, fstype, source in mounts() if source == want and fstype.startswith("fuse")]
+    found = [(mp, maker) for mp, fstype, source, maker in _mountinfo()
+             if source == want and fstype.startswith("fuse")]
     if not found:
-        return found
+        return []
     try:
         owner = os.stat(real).st_uid
     except OSError:
         owner = 0
-    made_by = _fuse_owners()
-    return [mp for mp in found if made_by.get(mp) in (0, owner)]
+    return [mp for mp, maker in found if maker in (0, owner)]
 
 
 def mount_of_backing(backing: str) -> str | None:
