@@ -721,27 +721,34 @@ def test_the_agents_new_log_file_is_private(tmp_path: Path) -> None:
         assert agent.stop() == 0
 
 
-def test_unlocking_no_volume_through_the_agent_is_exit_4(tmp_path: Path, passfile: Path) -> None:
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    """A key agent of its own for the test; it must stop cleanly (exit 0)."""
+    a = AgentProcess(tmp_path / "agent.sock", tmp_path / "agent.log")
+    a.start()
+    try:
+        yield a
+    finally:
+        assert a.stop() == 0
+
+
+def test_unlocking_no_volume_through_the_agent_is_exit_4(tmp_path: Path, passfile: Path,
+                                                         agent: AgentProcess) -> None:
     """The exit code the same mistake gives without the agent (it was 8, "the
     agent refused"), for the CLI and for the PAM helper."""
     other = tmp_path / "other"
     other.mkdir()
-    agent = AgentProcess(tmp_path / "agent.sock", tmp_path / "agent.log")
-    agent.start()
-    try:
-        for args in (["--check"], ["--passphrase-file", str(passfile)]):
-            res = run_cli("unlock", str(other), "--agent-socket", str(agent.socket), *args,
-                          check=False)
-            assert_one_error(res, 4, f"{other} is not a cryptfs volume (no cryptfs.conf)")
-        res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.pam", "unlock", "--backing",
-                              str(other), "--agent-socket", str(agent.socket)],
-                             input=b"secret\n", capture_output=True, timeout=30,
-                             env={**os.environ, "PAM_USER": "root", "PAM_TYPE": "auth"})
-        assert b"Traceback" not in res.stderr, res.stderr
-        assert res.returncode == 4 and b"is not a cryptfs volume" in res.stderr, res.stderr
-        assert res.stderr.count(os.fsencode(other)) == 1, res.stderr  # (it was said twice)
-    finally:
-        assert agent.stop() == 0
+    for args in (["--check"], ["--passphrase-file", str(passfile)]):
+        res = run_cli("unlock", str(other), "--agent-socket", str(agent.socket), *args,
+                      check=False)
+        assert_one_error(res, 4, f"{other} is not a cryptfs volume (no cryptfs.conf)")
+    res = subprocess.run([sys.executable, "-m", "cryptfs.keyagent.pam", "unlock", "--backing",
+                          str(other), "--agent-socket", str(agent.socket)],
+                         input=b"secret\n", capture_output=True, timeout=30,
+                         env={**os.environ, "PAM_USER": "root", "PAM_TYPE": "auth"})
+    assert b"Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 4 and b"is not a cryptfs volume" in res.stderr, res.stderr
+    assert res.stderr.count(os.fsencode(other)) == 1, res.stderr  # (it was said twice)
 
 
 def test_a_pid_file_replaces_only_a_pid_file_and_goes_at_unmount(backing: Path, tmp_path: Path,
@@ -995,21 +1002,17 @@ def test_names_with_control_characters_are_shown_escaped(tmp_path: Path, passfil
     assert "\x1b" not in res.stderr and "\u202e" not in res.stderr
 
 
-def test_locking_what_is_no_volume_says_so(tmp_path: Path, backing: Path) -> None:
+def test_locking_what_is_no_volume_says_so(tmp_path: Path, backing: Path,
+                                           agent: AgentProcess) -> None:
     """`cryptfs lock DIR` of a directory that is no volume said "locked 0
     session(s)" and exited 0, so a typo looked like a lock that worked."""
-    agent = AgentProcess(tmp_path / "agent.sock", tmp_path / "agent.log")
-    agent.start()
-    try:
-        other = tmp_path / "not-a-volume"
-        other.mkdir()
-        res = run_cli("lock", str(other), "--agent-socket", str(agent.socket), check=False)
-        assert_one_error(res, 4, f"{other} is not a cryptfs volume, nor the mountpoint of one")
-        # a volume where the caller has no session: nothing to do, and that is no error
-        res = run_cli("lock", str(backing), "--agent-socket", str(agent.socket))
-        assert res.stdout == "locked 0 session(s)\n"
-    finally:
-        assert agent.stop() == 0
+    other = tmp_path / "not-a-volume"
+    other.mkdir()
+    res = run_cli("lock", str(other), "--agent-socket", str(agent.socket), check=False)
+    assert_one_error(res, 4, f"{other} is not a cryptfs volume, nor the mountpoint of one")
+    # a volume where the caller has no session: nothing to do, and that is no error
+    res = run_cli("lock", str(backing), "--agent-socket", str(agent.socket))
+    assert res.stdout == "locked 0 session(s)\n"
 
 
 def test_mounting_over_files_warns_that_they_stay_in_clear(backing: Path, tmp_path: Path,
